@@ -1,0 +1,170 @@
+/* Shared layouts of the microseg classifier: maps' keys and values and the flow event.
+ *
+ * streamer/datapath.py mirrors every struct here with ctypes or struct formats; a test checks
+ * sizes and offsets against this file (compiled by bcc), so change both together and bump
+ * MS_LAYOUT_VERSION whenever a pinned map's layout changes (the agent then starts fresh maps
+ * instead of adopting ones it cannot read).
+ */
+#ifndef MICROSEG_CLASSIFIER_H
+#define MICROSEG_CLASSIFIER_H
+
+#define MS_LAYOUT_VERSION 1
+
+/* Verdicts: the same numbers as streamer.reference.Verdict. */
+#define MS_ALLOW 0
+#define MS_DENY 1
+#define MS_LOG 2
+#define MS_PASS_L2 3
+#define MS_DROP_PARSE 4
+#define MS_DROP_FRAGMENT 5
+
+#define MS_DIR_INGRESS 1
+#define MS_DIR_EGRESS 2
+
+/* Per-CPU counters, one struct per CPU (index 0 of `counters`). */
+enum ms_counter {
+    C_TOTAL = 0,
+    C_ALLOWED,         /* passed by an allow verdict */
+    C_DENIED,          /* dropped by a deny verdict */
+    C_LOGGED,          /* passed by a log verdict */
+    C_NEW_SESSIONS,
+    C_SESSION_HITS,
+    C_POLICY_HITS,     /* new or re-judged flows decided by a rule */
+    C_POLICY_MISSES,   /* ... decided by the default action */
+    C_PARSE_DROPS,
+    C_FRAGMENT_DROPS,
+    C_L2_PASSED,       /* ARP and IPv6 neighbour discovery */
+    C_EVENTS_SENT,
+    C_EVENTS_LOST,     /* ring buffer full */
+    C_REJUDGED,        /* sessions judged again after a policy change */
+    C_SHAPE_PROBES,    /* hash probes of the tuple-space search */
+    C_SESSION_CREATE_FAILED,
+    C_BYTES_TOTAL,
+    C_RESERVED17,
+    C_RESERVED18,
+    C_RESERVED19,
+    /* [20 + (dir-1)*4 + verdict] for verdict ALLOW/DENY/LOG: packets by direction and verdict */
+    C_DIR_VERDICT = 20,
+    C_MAX = 32,
+};
+
+struct ms_counters {
+    __u64 c[C_MAX];
+};
+
+/* Session table key: direction independent. Endpoint "a" is the lower (address, port) pair,
+ * so both directions of a flow find the same entry. IPv4 addresses sit in word 0. */
+struct ms_sess_key {
+    __u32 ifindex;
+    __u8 family; /* 4 or 6 */
+    __u8 proto;
+    __u16 pad;
+    __u32 a[4];
+    __u32 b[4];
+    __u16 aport; /* network byte order */
+    __u16 bport;
+};
+
+struct ms_sess_val {
+    __u64 first_seen; /* ktime (coarse) ns */
+    __u64 last_seen;
+    __u64 pkts[2];  /* [0] from the flow's originator, [1] replies */
+    __u64 bytes[2];
+    __u64 ev_last;  /* when the last event of this flow was sent (ktime ns) */
+    __u64 ev_pkts;  /* since then */
+    __u64 ev_bytes;
+    __u32 gen;      /* policy generation the verdict was taken under */
+    __u32 rule_id;  /* 0: the default action decided */
+    __u32 slot;     /* per-rule counter slot (0: default action) */
+    __u8 verdict;
+    __u8 orig_dir;  /* MS_DIR_* of the flow's first packet */
+    __u8 a_is_src;  /* endpoint a sent the first packet */
+    __u8 tcp_state;
+    __u8 tcp_flags; /* union of flags seen */
+    __u8 pad[3];
+};
+
+/* Tuple-space search. A shape is one combination of masks; all rules of a shape live in one
+ * hash table keyed by the masked packet fields. IPv4 and IPv6 have tables of their own so the
+ * common IPv4 key stays 16 bytes (cheap to hash). */
+struct ms_rule_key4 {
+    __u16 shape;  /* bank * MS_MAX_SHAPES + shape index */
+    __u8 dir;     /* MS_DIR_* */
+    __u8 proto;   /* 0 when the shape's protocol is a wildcard */
+    __u16 sport;  /* masked, network byte order */
+    __u16 dport;
+    __u32 src;    /* masked, network byte order */
+    __u32 dst;
+};
+
+struct ms_rule_key6 {
+    __u16 shape;
+    __u8 dir;
+    __u8 proto;
+    __u16 sport;
+    __u16 dport;
+    __u32 src[4];
+    __u32 dst[4];
+};
+
+struct ms_rule_val {
+    __u64 score;   /* 1 + (priority << 34 | action rank << 32 | ~rule_id): higher wins; 0: none */
+    __u32 rule_id;
+    __u32 slot;
+    __u8 action;   /* MS_ALLOW / MS_DENY / MS_LOG */
+    __u8 pad[7];
+};
+
+struct ms_shape {
+    __u32 src_mask[4]; /* network byte order; IPv4 uses word 0 */
+    __u32 dst_mask[4];
+    __u16 sport_mask;  /* network byte order */
+    __u16 dport_mask;
+    __u8 proto_mask;   /* 0xff, or 0 when the protocol is a wildcard in this shape */
+    __u8 pad[3];
+    __u64 max_score;   /* the best stored score of any rule in the shape */
+};
+
+/* One per bank. The active bank and generation are read from `active` in one 8-byte load. */
+struct ms_bank {
+    __u32 gen;
+    __u32 nshapes4;
+    __u32 nshapes6;
+    __u8 default_action; /* MS_ALLOW or MS_DENY */
+    __u8 pad[3];
+};
+
+struct ms_settings {
+    __u64 event_interval_ns; /* at most one event per flow per interval after its first */
+};
+
+struct ms_rule_ctr {
+    __u64 packets;
+    __u64 bytes;
+    __u64 last_hit; /* ktime (coarse) ns */
+};
+
+#define MS_EV_NEW 1
+#define MS_EV_UPDATE 2
+
+struct ms_event {
+    __u64 ts;       /* ktime ns */
+    __u64 packets;  /* since the flow's previous event (1 for a new flow) */
+    __u64 bytes;
+    __u32 ifindex;
+    __u32 rule_id;
+    __u32 gen;
+    __u8 family;
+    __u8 proto;
+    __u8 direction; /* of the flow's first packet */
+    __u8 verdict;
+    __u32 src[4];   /* the flow's originator */
+    __u32 dst[4];
+    __u16 sport;    /* host byte order */
+    __u16 dport;
+    __u8 tcp_flags;
+    __u8 kind;      /* MS_EV_* */
+    __u16 pad;
+};
+
+#endif

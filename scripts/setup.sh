@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Install everything microseg needs on Debian 12, as root, without a terminal.
+#
+# Idempotent and quick when nothing is missing: apt is only touched when a package is
+# absent, pip only when pyproject.toml changed since the last install. No systemd, so a
+# Dockerfile can RUN it too (set SETUP_SKIP_MOUNT=1 there: a build cannot mount bpffs).
+#
+#   apt:     tools and libraries below, plus kernel headers for bcc
+#   bpffs:   mounted at /sys/fs/bpf
+#   venv:    .venv from Debian's /usr/bin/python3 with system site-packages (bcc lives
+#            in /usr/lib/python3/dist-packages), package installed editable with [dev]
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (apt, kernel headers, bpffs)"
+[ -r /etc/debian_version ] || die "this script targets Debian 12; /etc/debian_version not found"
+
+# Several people (or CI jobs) may run this at once in one checkout; apt and pip are not
+# safe to run twice concurrently against the same targets.
+exec 9>>"$ROOT/.setup.lock"
+flock -w 900 9 || die "another setup has held $ROOT/.setup.lock for 15 minutes"
+
+export DEBIAN_FRONTEND=noninteractive
+APT_OPTS=(-y -q -o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confdef
+          -o Dpkg::Options::=--force-confold)
+PACKAGES=(python3-bpfcc libbpf1 iproute2 python3-venv kcat nftables iperf3 ethtool
+          tcpdump procps iputils-ping)
+KVER="$(uname -r)"
+ARCH="$(dpkg --print-architecture)"
+
+missing_packages() {  # prints those of the given packages that are not installed
+    # One dpkg-query for all (unknown names just print nothing on stdout).
+    local installed
+    installed="$(dpkg-query -W -f='${Package} ${db:Status-Abbrev}\n' "$@" 2>/dev/null \
+                 | awk '$2 ~ /^ii/ { print $1 }' || true)"
+    local pkg
+    for pkg in "$@"; do
+        grep -qxF "$pkg" <<<"$installed" || printf '%s\n' "$pkg"
+    done
+}
+
+apt_updated=0
+apt_update_once() {
+    if [ "$apt_updated" -eq 0 ]; then
+        say "apt-get update"
+        apt-get -q -o DPkg::Lock::Timeout=300 update
+        apt_updated=1
+    fi
+}
+
+apt_install() {
+    apt_update_once
+    say "apt-get install $*"
+    apt-get install "${APT_OPTS[@]}" --no-install-recommends "$@"
+}
+
+# --- apt packages ---------------------------------------------------------------------
+mapfile -t missing < <(missing_packages "${PACKAGES[@]}")
+if [ "${#missing[@]}" -gt 0 ]; then
+    apt_install "${missing[@]}"
+fi
+
+# --- kernel headers for bcc -------------------------------------------------------------
+# bcc compiles against /lib/modules/$(uname -r)/build. A distro kernel has a matching
+# headers package. A foreign kernel (VM/cloud builds) has none: Debian's generic headers
+# then do for TC programs (only stable UAPI/helpers are used), linked into place.
+if [ ! -e "/lib/modules/$KVER/build" ]; then
+    apt_update_once
+    if apt-cache show "linux-headers-$KVER" >/dev/null 2>&1; then
+        apt_install "linux-headers-$KVER"
+    else
+        mapfile -t missing < <(missing_packages "linux-headers-$ARCH")
+        if [ "${#missing[@]}" -gt 0 ]; then
+            apt_install "linux-headers-$ARCH"
+        fi
+    fi
+fi
+if [ ! -e "/lib/modules/$KVER/build" ]; then
+    newest="$(find /usr/src -maxdepth 1 -name "linux-headers-*-$ARCH" -printf '%f\n' \
+              | sed -e "s/^linux-headers-//" -e "s/-$ARCH\$//" | sort -V | tail -n 1)"
+    [ -n "$newest" ] || die "no /usr/src/linux-headers-*-$ARCH found after installing headers"
+    [ -d "/usr/src/linux-headers-$newest-common" ] \
+        || die "/usr/src/linux-headers-$newest-common is missing (broken headers install?)"
+    say "kernel $KVER has no headers package; using $newest headers"
+    mkdir -p "/lib/modules/$KVER"
+    ln -sfn "/usr/src/linux-headers-$newest-$ARCH" "/lib/modules/$KVER/build"
+    ln -sfn "/usr/src/linux-headers-$newest-common" "/lib/modules/$KVER/source"
+fi
+
+# --- bpffs -----------------------------------------------------------------------------
+if ! awk '$2 == "/sys/fs/bpf" && $3 == "bpf" { found = 1 } END { exit !found }' /proc/mounts
+then
+    if [ "${SETUP_SKIP_MOUNT:-0}" = 1 ]; then
+        say "SETUP_SKIP_MOUNT=1: not mounting bpffs (mount it before running the agent)"
+    else
+        say "mounting bpffs at /sys/fs/bpf"
+        mkdir -p /sys/fs/bpf 2>/dev/null || true
+        mount -t bpf bpf /sys/fs/bpf \
+            || die "cannot mount bpffs at /sys/fs/bpf (in a container: run it privileged)"
+    fi
+fi
+
+# --- venv --------------------------------------------------------------------------------
+VENV="$ROOT/.venv"
+STAMP="$VENV/.installed"
+venv_ok() {
+    [ -x "$VENV/bin/python" ] && [ -r "$VENV/pyvenv.cfg" ] \
+        && grep -Eq '^home *= */usr/bin$' "$VENV/pyvenv.cfg" \
+        && grep -Eq '^include-system-site-packages *= *true$' "$VENV/pyvenv.cfg"
+}
+if [ -e "$VENV" ] && ! venv_ok; then
+    say "$VENV is not a /usr/bin/python3 venv with system site-packages; recreating it"
+    rm -rf "$VENV"
+fi
+if [ ! -e "$VENV" ]; then
+    say "creating $VENV"
+    /usr/bin/python3 -m venv --system-site-packages "$VENV"
+fi
+if [ ! -e "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+    say "pip install -e '.[dev]'"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[dev]"
+    touch "$STAMP"
+fi
+
+# --- check --------------------------------------------------------------------------------
+if ! err="$("$VENV/bin/python" -c 'import bcc, pyroute2' 2>&1)"; then
+    die "the venv cannot import bcc/pyroute2:
+$err
+(bcc comes from the Debian package python3-bpfcc; the venv must be built from
+/usr/bin/python3 with --system-site-packages)"
+fi
+say "ok (kernel $KVER, headers $(readlink -f "/lib/modules/$KVER/build"))"

@@ -1,0 +1,682 @@
+"""The datapath: the only module that talks to bcc and the kernel's BPF and TC objects.
+
+In: a DatapathConfig (which instance, table sizes) and compiled policies. Out: programs attached
+at clsact ingress and egress, a policy bank switched atomically per apply, counters, sessions,
+per-rule hits, a ring buffer of flow events, and BPF_PROG_TEST_RUN for crafted packets.
+
+Maps are pinned under <pin_root>/<instance>/ so enforcement outlives the agent: filters stay
+attached when the process dies, and the next start adopts the same maps (sessions, rules,
+counters) and swaps its programs in with `tc filter replace`, which the kernel does atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import ipaddress
+import json
+import logging
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from streamer.compiler import CompiledPolicy, pack_rule_key, pack_rule_val, pack_shape
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/microseg")
+DEFAULT_RUN_DIR = Path("/run/microseg")
+LAYOUT_VERSION = 1  # MS_LAYOUT_VERSION in bpf/classifier.h
+
+TC_PRIO = 0x4D53  # "MS": our filters' preference and handle on every hook
+TC_HANDLE = 0x4D53
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
+PARENT_INGRESS = "ffff:fff2"
+PARENT_EGRESS = "ffff:fff3"
+
+# enum ms_counter (bpf/classifier.h), in order.
+COUNTER_NAMES = [
+    "total_packets",
+    "allowed_packets",
+    "denied_packets",
+    "logged_packets",
+    "new_sessions",
+    "session_hits",
+    "policy_hits",
+    "policy_misses",
+    "parse_drops",
+    "fragment_drops",
+    "l2_passed",
+    "events_sent",
+    "events_lost",
+    "rejudged_sessions",
+    "shape_probes",
+    "session_create_failed",
+    "total_bytes",
+]
+C_DIR_VERDICT = 20
+C_MAX = 32
+VERDICT_NAMES = {0: "allow", 1: "deny", 2: "log"}
+DIRECTION_NAMES = {1: "ingress", 2: "egress"}
+
+SESS_KEY = struct.Struct("<IBBH16s16s2s2s")  # struct ms_sess_key
+SESS_VAL = struct.Struct("<9Q3I5B7x")  # struct ms_sess_val
+EVENT = struct.Struct("<3Q3I4B16s16sHHBBH")  # struct ms_event
+RULE_CTR = struct.Struct("<3Q")
+assert SESS_KEY.size == 44 and SESS_VAL.size == 96 and EVENT.size == 80
+
+
+class DatapathError(RuntimeError):
+    """Loading, attaching or updating the classifier failed; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    """Sizes and identity of one classifier instance (one pin directory)."""
+
+    instance: str
+    pin_root: Path = DEFAULT_PIN_ROOT
+    session_entries: int = 262144
+    max_shapes: int = 1024
+    rule_entries: int = 1 << 22
+    rule_slots: int = 200_002  # two whole sets of 100,000 rules side by side, plus slot 0
+    ringbuf_pages: int = 256
+    event_interval_ns: int = 1_000_000_000
+
+    run_dir: Path = DEFAULT_RUN_DIR
+
+    @property
+    def instance_dir(self) -> Path:
+        return self.pin_root / self.instance
+
+    @property
+    def pin_dir(self) -> Path:
+        """Maps of one layout: a restart with other sizes gets fresh maps, never misread ones."""
+        return self.instance_dir / (
+            f"v{LAYOUT_VERSION}-s{self.session_entries}-p{self.max_shapes}"
+            f"-r{self.rule_entries}-c{self.rule_slots}"
+        )
+
+    @property
+    def attachments_file(self) -> Path:
+        """Which interfaces we attached to (bpffs holds no plain files, so it lives in /run)."""
+        return self.run_dir / self.instance / "attachments.json"
+
+
+@dataclass(frozen=True)
+class Session:
+    """One session table entry, oriented as the flow's first packet went."""
+
+    ifindex: int
+    family: int
+    protocol: int
+    src_ip: str
+    dst_ip: str
+    src_port: int
+    dst_port: int
+    direction: str
+    verdict: str
+    rule_id: int | None
+    generation: int
+    first_seen_ns: int
+    last_seen_ns: int
+    packets_out: int  # from the originator
+    bytes_out: int
+    packets_in: int  # replies
+    bytes_in: int
+    tcp_flags: int
+
+
+@dataclass(frozen=True)
+class RuleCounters:
+    packets: int
+    bytes: int
+    last_hit_ns: int  # CLOCK_MONOTONIC (coarse); 0: never
+
+
+class _TestRunOpts(ct.Structure):
+    _fields_ = [
+        ("sz", ct.c_size_t),
+        ("data_in", ct.c_void_p),
+        ("data_out", ct.c_void_p),
+        ("data_size_in", ct.c_uint32),
+        ("data_size_out", ct.c_uint32),
+        ("ctx_in", ct.c_void_p),
+        ("ctx_out", ct.c_void_p),
+        ("ctx_size_in", ct.c_uint32),
+        ("ctx_size_out", ct.c_uint32),
+        ("retval", ct.c_uint32),
+        ("repeat", ct.c_int),
+        ("duration", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("cpu", ct.c_uint32),
+        ("batch_size", ct.c_uint32),
+    ]
+
+
+def _libbpf() -> ct.CDLL:
+    lib = ct.CDLL("libbpf.so.1", use_errno=True)
+    lib.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.POINTER(_TestRunOpts)]
+    lib.bpf_map_update_batch.argtypes = [
+        ct.c_int, ct.c_void_p, ct.c_void_p, ct.POINTER(ct.c_uint32), ct.c_void_p
+    ]
+    lib.bpf_map_delete_batch.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32), ct.c_void_p]
+    lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
+    lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+    lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
+    lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+    lib.ring_buffer__epoll_fd.argtypes = [ct.c_void_p]
+    return lib
+
+
+_LIB: ct.CDLL | None = None
+
+
+def libbpf() -> ct.CDLL:
+    global _LIB
+    if _LIB is None:
+        _LIB = _libbpf()
+    return _LIB
+
+
+def ensure_bpffs() -> None:
+    """Mount bpffs at /sys/fs/bpf when it is not (pins need it)."""
+    with open("/proc/mounts") as f:
+        if any(line.split()[1:3] == ["/sys/fs/bpf", "bpf"] for line in f):
+            return
+    os.makedirs("/sys/fs/bpf", exist_ok=True)
+    rc = os.system("mount -t bpf bpf /sys/fs/bpf")
+    if rc != 0:
+        raise DatapathError("/sys/fs/bpf is not a bpf filesystem and mounting one failed")
+
+
+def _remove_tree(path: Path) -> None:
+    if not path.exists():
+        return
+    for p in sorted(path.rglob("*"), key=lambda x: len(x.parts), reverse=True):
+        if p.is_dir():
+            p.rmdir()
+        else:
+            p.unlink()
+    path.rmdir()
+
+
+def _addr(family: int, raw: bytes) -> str:
+    if family == 4:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    return str(ipaddress.IPv6Address(raw))
+
+
+class Datapath:
+    """One loaded classifier instance. Not thread-safe: one owner (the agent's loop) drives it."""
+
+    def __init__(self, config: DatapathConfig) -> None:
+        self.config = config
+        self._bpf: Any = None
+        self._progs: dict[str, Any] = {}
+        self._fds: dict[str, int] = {}
+        self._slots: dict[int, int] = {}  # rule_id -> per-rule counter slot
+        self._free_slots: list[int] = []
+        self._next_slot = 1
+        self._bank_keys: dict[int, dict[int, list[bytes]]] = {0: {4: [], 6: []}, 1: {4: [], 6: []}}
+        self._lock = threading.Lock()
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Compile and load the classifier, adopting pinned maps of a compatible layout."""
+        from bcc import BPF  # the only bcc import of the product
+
+        ensure_bpffs()
+        pin = self.config.pin_dir
+        if self.config.instance_dir.exists():
+            for other in self.config.instance_dir.iterdir():
+                if other != pin:
+                    log.warning("pinned maps of another layout in %s: removing them", other)
+                    _remove_tree(other)
+        pin.mkdir(parents=True, exist_ok=True)
+        cflags = [
+            f"-I{BPF_DIR}",
+            f'-DMS_PIN="{pin}"',
+            f"-DMS_MAX_SHAPES={self.config.max_shapes}",
+            f"-DMS_SESSIONS={self.config.session_entries}",
+            f"-DMS_RULE_ENTRIES={self.config.rule_entries}",
+            f"-DMS_RULE_SLOTS={self.config.rule_slots}",
+            f"-DMS_RINGBUF_PAGES={self.config.ringbuf_pages}",
+            "-Wno-unused-function",
+        ]
+        try:
+            self._bpf = BPF(src_file=str(BPF_DIR / "classifier.c"), cflags=cflags)
+            for name in ("ms_ingress", "ms_egress", "ms_judge"):
+                self._progs[name] = self._bpf.load_func(name, BPF.SCHED_CLS)
+        except Exception as e:  # bcc raises bare Exception
+            raise DatapathError(f"loading the classifier failed: {e}") from e
+        self._bpf["slow_path"][ct.c_int(0)] = ct.c_int(self._progs["ms_judge"].fd)
+        self._bpf["barrier"][ct.c_int(0)] = ct.c_int(self._bpf["barrier_inner"].get_fd())
+        for name in ("sessions", "rules4", "rules6", "shapes", "banks", "active", "settings",
+                     "counters", "rule_stats"):
+            self._fds[name] = self._bpf[name].get_fd()
+        self._write(
+            "settings", struct.pack("<I", 0), struct.pack("<Q", self.config.event_interval_ns)
+        )
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """Learn what a previous agent left in the pinned maps: banks' keys and rule slots."""
+        gen, bank = self.active()
+        for family in (4, 6):
+            fd = self._fds[f"rules{family}"]
+            ksize = 16 if family == 4 else 44
+            for key in self._iter_keys(fd, ksize):
+                shape_id = struct.unpack_from("<H", key)[0]
+                kbank = shape_id // self.config.max_shapes
+                self._bank_keys[kbank & 1][family].append(key)
+                if kbank == bank and gen > 0:
+                    val = self._lookup(fd, key, 24)
+                    if val is not None:
+                        rule_id, slot = struct.unpack_from("<II", val, 8)
+                        self._slots[rule_id] = slot
+        used = set(self._slots.values())
+        self._next_slot = max(used, default=0) + 1
+        if gen > 0:
+            log.info("adopted pinned state: generation %d, %d rules", gen, len(self._slots))
+
+    @property
+    def loaded(self) -> bool:
+        return self._bpf is not None
+
+    def close(self) -> None:
+        """Release our references; pinned maps and attached filters stay."""
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+    def remove_pins(self) -> None:
+        """Delete this instance's pin directory (after detaching everywhere)."""
+        _remove_tree(self.config.instance_dir)
+
+    # ---- raw map access --------------------------------------------------------------------
+
+    def _write(self, name: str, key: bytes, value: bytes) -> None:
+        lib = libbpf()
+        if lib.bpf_map_update_elem(self._fds[name], key, value, 0) != 0:
+            err = ct.get_errno()
+            raise DatapathError(f"writing map {name} failed: {os.strerror(err)}")
+
+    def _lookup(self, fd: int, key: bytes, vsize: int) -> bytes | None:
+        buf = ct.create_string_buffer(vsize)
+        if libbpf().bpf_map_lookup_elem(fd, key, buf) != 0:
+            return None
+        return buf.raw
+
+    def _iter_keys(self, fd: int, ksize: int) -> Iterator[bytes]:
+        lib = libbpf()
+        prev: bytes | None = None
+        nxt = ct.create_string_buffer(ksize)
+        while lib.bpf_map_get_next_key(fd, prev, nxt) == 0:
+            prev = nxt.raw
+            yield prev
+
+    def _update_batch(self, name: str, keys: list[bytes], values: list[bytes]) -> None:
+        if not keys:
+            return
+        lib = libbpf()
+        fd = self._fds[name]
+        step = 65536
+        for i in range(0, len(keys), step):
+            kb = b"".join(keys[i : i + step])
+            vb = b"".join(values[i : i + step])
+            count = ct.c_uint32(len(keys[i : i + step]))
+            if lib.bpf_map_update_batch(fd, kb, vb, ct.byref(count), None) != 0:
+                err = ct.get_errno()
+                raise DatapathError(
+                    f"writing {len(keys)} entries to map {name} failed after {i + count.value}:"
+                    f" {os.strerror(err)}"
+                )
+
+    def _delete_batch(self, name: str, keys: list[bytes]) -> None:
+        lib = libbpf()
+        fd = self._fds[name]
+        step = 65536
+        for i in range(0, len(keys), step):
+            chunk = keys[i : i + step]
+            count = ct.c_uint32(len(chunk))
+            if lib.bpf_map_delete_batch(fd, b"".join(chunk), ct.byref(count), None) != 0:
+                # Some keys were already gone: fall back to one by one, ignoring misses.
+                for k in chunk:
+                    lib.bpf_map_delete_elem(fd, k)
+
+    def _percpu(self, name: str, index: int) -> list[bytes]:
+        """One per-CPU array entry, as raw bytes per possible CPU."""
+        table = self._bpf[name]
+        vals = table[ct.c_uint32(index)]
+        return [bytes(v) for v in vals]
+
+    def _barrier(self) -> None:
+        """Return once no BPF program still runs with a view from before this call."""
+        self._bpf["barrier"][ct.c_int(0)] = ct.c_int(self._bpf["barrier_inner"].get_fd())
+
+    # ---- policy ------------------------------------------------------------------------------
+
+    def active(self) -> tuple[int, int]:
+        """(generation, bank) in force; generation 0 means no policy was ever applied."""
+        raw = self._lookup(self._fds["active"], struct.pack("<I", 0), 8)
+        v = struct.unpack("<Q", raw)[0] if raw else 0
+        return v >> 1, v & 1
+
+    def apply(self, compiled: CompiledPolicy, generation: int | None = None) -> int:
+        """Switch the classifier to `compiled` in one step; returns the new generation.
+
+        The idle bank is filled while the live one keeps judging; then `active` flips in one
+        8-byte write. Old entries are removed only after every program that could still be
+        reading them has finished. On failure the live bank is untouched.
+        """
+        with self._lock:
+            gen, bank = self.active()
+            new_bank = bank ^ 1
+            new_gen = generation if generation is not None else gen + 1
+            if new_gen <= gen:
+                new_gen = gen + 1
+            ms = self.config.max_shapes
+            # 1. clear leftovers in the idle bank
+            for family in (4, 6):
+                self._delete_batch(f"rules{family}", self._bank_keys[new_bank][family])
+                self._bank_keys[new_bank][family] = []
+            # 2. slots for rules new to the set, counters zeroed before first use
+            new_slots: dict[int, int] = {}
+            fresh: list[int] = []
+            for rid in compiled.rule_ids:
+                slot = self._slots.get(rid)
+                if slot is None:
+                    if self._free_slots:
+                        slot = self._free_slots.pop()
+                    else:
+                        slot = self._next_slot
+                        self._next_slot += 1
+                    if slot >= self.config.rule_slots:
+                        raise DatapathError("out of per-rule counter slots")
+                    fresh.append(slot)
+                new_slots[rid] = slot
+            try:
+                self._zero_slots(fresh)
+                # 3. rules and shapes of the new bank
+                shape_keys: list[bytes] = []
+                shape_vals: list[bytes] = []
+                for family, fidx in ((4, 0), (6, 1)):
+                    tables = compiled.family(family)
+                    keys: list[bytes] = []
+                    vals: list[bytes] = []
+                    for i, (shape, mx, entries) in enumerate(
+                        zip(tables.shapes, tables.max_scores, tables.entries, strict=True)
+                    ):
+                        sid = new_bank * ms + i
+                        for k, e in entries.items():
+                            keys.append(pack_rule_key(family, sid, k))
+                            vals.append(pack_rule_val(e, new_slots[e.rule_id]))
+                        shape_keys.append(struct.pack("<I", (new_bank * 2 + fidx) * ms + i))
+                        shape_vals.append(pack_shape(shape, mx))
+                    self._bank_keys[new_bank][family] = keys
+                    self._update_batch(f"rules{family}", keys, vals)
+                self._update_batch("shapes", shape_keys, shape_vals)
+                self._write(
+                    "banks",
+                    struct.pack("<I", new_bank),
+                    struct.pack(
+                        "<IIIB3x",
+                        new_gen,
+                        len(compiled.v4.shapes),
+                        len(compiled.v6.shapes),
+                        compiled.default_action,
+                    ),
+                )
+            except Exception:
+                for s in fresh:
+                    self._free_slots.append(s)
+                raise
+            # 4. the switch
+            self._write("active", struct.pack("<I", 0), struct.pack("<Q", new_gen << 1 | new_bank))
+            self._barrier()
+            # 5. retire the old bank and the slots of rules that are gone
+            for family in (4, 6):
+                self._delete_batch(f"rules{family}", self._bank_keys[bank][family])
+                self._bank_keys[bank][family] = []
+            for rid, slot in self._slots.items():
+                if rid not in new_slots:
+                    self._free_slots.append(slot)
+            self._slots = new_slots
+            return new_gen
+
+    def _zero_slots(self, slots: list[int]) -> None:
+        if not slots:
+            return
+        ncpu = len(self._percpu("rule_stats", 0))
+        zero = bytes(RULE_CTR.size * ncpu)
+        # A per-CPU value is written for all CPUs at once.
+        self._update_batch(
+            "rule_stats", [struct.pack("<I", s) for s in slots], [zero] * len(slots)
+        )
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        """Global counters summed over CPUs, plus packets by direction and verdict."""
+        per_cpu = self._percpu("counters", 0)
+        sums = [0] * C_MAX
+        for raw in per_cpu:
+            for i, v in enumerate(struct.unpack(f"<{C_MAX}Q", raw[: 8 * C_MAX])):
+                sums[i] += v
+        out = {name: sums[i] for i, name in enumerate(COUNTER_NAMES)}
+        for d, dname in DIRECTION_NAMES.items():
+            for v, vname in VERDICT_NAMES.items():
+                out[f"{dname}_{vname}_packets"] = sums[C_DIR_VERDICT + (d - 1) * 4 + v]
+        return out
+
+    def rule_counters(self, rule_id: int) -> RuleCounters:
+        """Hits of one rule (packets and bytes of the flows it decided), or zeros if unknown."""
+        slot = self._slots.get(rule_id)
+        if slot is None:
+            return RuleCounters(0, 0, 0)
+        return self._slot_counters(slot)
+
+    def default_counters(self) -> RuleCounters:
+        """Packets and bytes decided by the default action."""
+        return self._slot_counters(0)
+
+    def _slot_counters(self, slot: int) -> RuleCounters:
+        p = b = last = 0
+        for raw in self._percpu("rule_stats", slot):
+            cp, cb, cl = RULE_CTR.unpack(raw[: RULE_CTR.size])
+            p += cp
+            b += cb
+            last = max(last, cl)
+        return RuleCounters(p, b, last)
+
+    def all_rule_counters(self) -> dict[int, RuleCounters]:
+        return {rid: self._slot_counters(slot) for rid, slot in self._slots.items()}
+
+    def sessions(self, limit: int | None = None) -> Iterator[Session]:
+        """Session table entries (a snapshot walk: entries may come and go meanwhile)."""
+        fd = self._fds["sessions"]
+        n = 0
+        for key in self._iter_keys(fd, SESS_KEY.size):
+            raw = self._lookup(fd, key, SESS_VAL.size)
+            if raw is None:
+                continue
+            yield self._session(key, raw)
+            n += 1
+            if limit is not None and n >= limit:
+                return
+
+    def session_count(self) -> int:
+        return sum(1 for _ in self._iter_keys(self._fds["sessions"], SESS_KEY.size))
+
+    @staticmethod
+    def _session(key: bytes, raw: bytes) -> Session:
+        ifindex, family, proto, _, a, b, ap, bp = SESS_KEY.unpack(key)
+        v = SESS_VAL.unpack(raw)
+        first, last, p0, p1, b0, b1, _evl, _evp, _evb, gen, rule_id, _slot = v[:12]
+        verdict, orig_dir, a_is_src, _tcp_state, tcp_flags = v[12:17]
+        aport, bport = struct.unpack(">H", ap)[0], struct.unpack(">H", bp)[0]
+        if a_is_src:
+            src, dst, sport, dport = a, b, aport, bport
+        else:
+            src, dst, sport, dport = b, a, bport, aport
+        return Session(
+            ifindex=ifindex,
+            family=family,
+            protocol=proto,
+            src_ip=_addr(family, src),
+            dst_ip=_addr(family, dst),
+            src_port=sport,
+            dst_port=dport,
+            direction=DIRECTION_NAMES.get(orig_dir, "?"),
+            verdict=VERDICT_NAMES.get(verdict, "?"),
+            rule_id=rule_id or None,
+            generation=gen,
+            first_seen_ns=first,
+            last_seen_ns=last,
+            packets_out=p0,
+            bytes_out=b0,
+            packets_in=p1,
+            bytes_in=b1,
+            tcp_flags=tcp_flags,
+        )
+
+    def clear_sessions(self) -> None:
+        fd = self._fds["sessions"]
+        keys = list(self._iter_keys(fd, SESS_KEY.size))
+        for k in keys:
+            libbpf().bpf_map_delete_elem(fd, k)
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def open_events(self, callback: Callable[[bytes], None]) -> int:
+        """Route ring-buffer records (raw struct ms_event bytes, copied) to callback.
+
+        Returns the epoll fd to watch; call consume_events() when it is readable.
+        """
+
+        def _cb(_ctx: Any, data: Any, size: int) -> int:
+            callback(ct.string_at(data, size))
+            return 0
+
+        self._bpf["events"].open_ring_buffer(_cb)
+        return int(libbpf().ring_buffer__epoll_fd(ct.c_void_p(self._bpf._ringbuf_manager)))
+
+    def consume_events(self) -> None:
+        self._bpf.ring_buffer_consume()
+
+    # ---- attaching ---------------------------------------------------------------------------
+
+    def attach(self, ifname: str, netns: str | None = None) -> int:
+        """Attach (or atomically replace) our filters on clsact ingress and egress of ifname.
+
+        Returns the interface index. Records whether we created the clsact qdisc so detach
+        removes only what we added.
+        """
+        from pyroute2 import IPRoute
+
+        with IPRoute(netns=netns) if netns else IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=ifname)
+            if not idx:
+                where = f" in netns {netns}" if netns else ""
+                raise DatapathError(f"no interface named {ifname}{where}")
+            index = idx[0]
+            created = False
+            qdiscs = [q for q in ipr.get_qdiscs(index=index) if q.get_attr("TCA_KIND") == "clsact"]
+            if not qdiscs:
+                ipr.tc("add", "clsact", index)
+                created = True
+            for parent, prog in ((PARENT_INGRESS, "ms_ingress"), (PARENT_EGRESS, "ms_egress")):
+                fn = self._progs[prog]
+                ipr.tc(
+                    "replace-filter",
+                    "bpf",
+                    index,
+                    TC_HANDLE,
+                    fd=fn.fd,
+                    name=fn.name.decode() if isinstance(fn.name, bytes) else fn.name,
+                    parent=parent,
+                    prio=TC_PRIO,
+                    classid=1,
+                    direct_action=True,
+                )
+        self._record_attachment(ifname, netns, created)
+        return index
+
+    def _record_attachment(self, ifname: str, netns: str | None, created_qdisc: bool) -> None:
+        path = self.config.attachments_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        key = f"{netns or ''}/{ifname}"
+        prev = data.get(key, {})
+        data[key] = {"created_qdisc": prev.get("created_qdisc", False) or created_qdisc}
+        path.write_text(json.dumps(data))
+
+
+def detach(ifname: str, netns: str | None = None, run_dir: Path = DEFAULT_RUN_DIR) -> list[str]:
+    """Remove our filters (and the clsact qdisc if we created it and nothing else uses it).
+
+    Returns what was removed, for the operator. Filters of other tools are left alone.
+    """
+    from pyroute2 import IPRoute
+
+    removed: list[str] = []
+    created_qdisc = False
+    key = f"{netns or ''}/{ifname}"
+    records: list[Path] = sorted(run_dir.glob("*/attachments.json")) if run_dir.exists() else []
+    for path in records:
+        data = json.loads(path.read_text())
+        if key in data:
+            created_qdisc = created_qdisc or data[key].get("created_qdisc", False)
+            del data[key]
+            path.write_text(json.dumps(data))
+    with IPRoute(netns=netns) if netns else IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise DatapathError(f"no interface named {ifname}")
+        index = idx[0]
+        for parent in (PARENT_INGRESS, PARENT_EGRESS):
+            with contextlib.suppress(Exception):
+                ipr.tc("del-filter", "bpf", index, TC_HANDLE, parent=parent, prio=TC_PRIO)
+                removed.append(f"{ifname} {'ingress' if parent == PARENT_INGRESS else 'egress'}")
+        if created_qdisc:
+            others = [
+                f
+                for parent in (0xFFFFFFF2, 0xFFFFFFF3)
+                for f in ipr.get_filters(index=index, parent=parent)
+            ]
+            if not others:
+                with contextlib.suppress(Exception):
+                    ipr.tc("del", "clsact", index)
+                    removed.append(f"{ifname} clsact")
+    return removed
+
+
+def test_run(prog_fd: int, frame: bytes, repeat: int = 1) -> tuple[int, int]:
+    """BPF_PROG_TEST_RUN: (the program's return code, mean ns per run)."""
+    buf = ct.create_string_buffer(frame, len(frame))
+    out = ct.create_string_buffer(len(frame) + 256)
+    opts = _TestRunOpts(
+        sz=ct.sizeof(_TestRunOpts),
+        data_in=ct.cast(buf, ct.c_void_p),
+        data_out=ct.cast(out, ct.c_void_p),
+        data_size_in=len(frame),
+        data_size_out=len(out),
+        repeat=max(1, repeat),
+    )
+    if libbpf().bpf_prog_test_run_opts(prog_fd, ct.byref(opts)) != 0:
+        err = ct.get_errno()
+        raise DatapathError(f"BPF_PROG_TEST_RUN failed: {os.strerror(err)}")
+    return int(ct.c_int32(opts.retval).value), int(opts.duration)
+
+
+def prog_fd(dp: Datapath, direction: str) -> int:
+    """The fd of the ingress or egress program, for test_run."""
+    return int(dp._progs["ms_ingress" if direction == "ingress" else "ms_egress"].fd)

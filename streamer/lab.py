@@ -1,0 +1,965 @@
+"""The demo/test lab: two network namespaces joined by a veth pair.
+
+The "host" namespace holds the end the classifier attaches to; the "peer" namespace
+plays the remote side. Every lab has its own names and its own addresses (IPv4 from
+198.18.0.0/15, IPv6 from fd6d:7365:67::/48), so several labs can live side by side and
+no lab traffic ever leaves the lab's namespaces.
+
+Besides the `Lab` itself this module carries the small in-namespace networking kit the
+lab needs (`netns_socket`, `EchoServer`, `tcp_exchange`, `udp_exchange`, `ping`), the
+`microseg lab up|down|show|traffic` commands, and `add_lab_parser` to register them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import ipaddress
+import json
+import os
+import re
+import secrets
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+NETNS_DIR = Path("/run/netns")
+DEFAULT_STATE_FILE = Path("/run/microseg/lab.json")
+
+# Labs only ever use these ranges; `Lab.load` refuses anything else so a tampered
+# state file cannot point the traffic generator at someone else's network.
+LAB_NET_V4 = ipaddress.IPv4Network("198.18.0.0/15")
+LAB_NET_V6 = ipaddress.IPv6Network("fd6d:7365:67::/48")
+LAB_SLOTS = 512  # number of /24s in 198.18.0.0/15
+
+IFNAMSIZ = 15
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,12}$")  # + "-h" stays <= 15
+_CLONE_NEWNET = 0x40000000
+_IFA_F_NODAD = 0x02
+
+DEMO_TCP_PORTS = (22, 80, 443, 5432)
+DEMO_UDP_PORTS = (53,)
+
+
+class LabError(RuntimeError):
+    """A lab could not be created, found, loaded or removed; the message says why."""
+
+
+# --------------------------------------------------------------------------- netns
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns failed: {os.strerror(err)}")
+
+
+def netns_path(name: str) -> Path:
+    """Path of the bind mount that keeps named netns `name` alive (as `ip netns` uses)."""
+    return NETNS_DIR / name
+
+
+def netns_exists(name: str) -> bool:
+    """True when a named network namespace `name` exists."""
+    return netns_path(name).exists()
+
+
+@contextlib.contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Switch the calling thread (only) into named netns `name` for the `with` body.
+
+    Keep the body minimal: sockets created inside stay bound to `name` for life, so the
+    usual pattern is to create the socket in here and use it outside.
+    """
+    try:
+        target = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise LabError(f"network namespace {name!r} does not exist") from None
+    try:
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(target)
+            try:
+                yield
+            finally:
+                # Failing to return would leave this thread in the wrong namespace for
+                # good; nothing sane can continue after that.
+                _setns(own)
+        finally:
+            os.close(own)
+    finally:
+        os.close(target)
+
+
+def netns_socket(ns: str | None, family: int, type_: int, proto: int = 0) -> socket.socket:
+    """A socket living in named netns `ns` (None: the caller's own namespace)."""
+    if ns is None:
+        return socket.socket(family, type_, proto)
+    with in_netns(ns):
+        return socket.socket(family, type_, proto)
+
+
+def _ns_id(name: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(netns_path(name))
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _pids_in(ns_ids: set[tuple[int, int]]) -> list[int]:
+    """Pids (never our own) of processes whose netns is one of `ns_ids` (nsfs dev, ino)."""
+    pids: list[int] = []
+    if not ns_ids:
+        return pids
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            st = os.stat(f"/proc/{entry.name}/ns/net")
+        except OSError:
+            continue  # exited meanwhile, or a kernel thread
+        if (st.st_dev, st.st_ino) in ns_ids:
+            pids.append(int(entry.name))
+    return pids
+
+
+def netns_pids(name: str) -> list[int]:
+    """Pids of processes whose network namespace is named netns `name` (never our own)."""
+    ns_id = _ns_id(name)
+    return _pids_in({ns_id}) if ns_id else []
+
+
+def _kill(pids: list[int], grace: float = 1.0) -> None:
+    """SIGTERM `pids`, then SIGKILL whatever still runs after `grace` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if _alive(p)]
+            if pids:
+                time.sleep(0.02)
+        if not pids:
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            # A zombie is already dead for our purposes (its parent reaps it).
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError, ProcessLookupError):
+        return False
+
+
+def _write_sysctl(ns: str, key: str, value: str) -> None:
+    # /proc/sys/net resolves against the opening thread's netns, hence the switch.
+    path = "/proc/sys/" + key.replace(".", "/")
+    with in_netns(ns), open(path, "w", encoding="ascii") as f:
+        f.write(value)
+
+
+# ----------------------------------------------------------------------------- lab
+
+
+def _slot_v4(slot: int) -> tuple[str, str]:
+    base = int(LAB_NET_V4.network_address) + slot * 256
+    return str(ipaddress.IPv4Address(base + 1)), str(ipaddress.IPv4Address(base + 2))
+
+
+def _slot_v6(slot: int) -> tuple[str, str]:
+    return f"fd6d:7365:67:{slot:x}::1", f"fd6d:7365:67:{slot:x}::2"
+
+
+@dataclass
+class Lab:
+    """Two named netns (`host_ns`, `peer_ns`) joined by veth `host_if` <-> `peer_if`.
+
+    Addresses are plain strings without prefix length (/24 and /64 on the link).
+    `host_ifindex` / `peer_ifindex` are the interface indexes inside their namespaces;
+    `slot` (0-511) is what the addresses were derived from.
+    """
+
+    name: str
+    host_ns: str
+    peer_ns: str
+    host_if: str
+    peer_if: str
+    host_v4: str
+    peer_v4: str
+    host_v6: str
+    peer_v6: str
+    host_ifindex: int
+    peer_ifindex: int = 0
+    slot: int = 0
+
+    V4_PREFIXLEN = 24
+    V6_PREFIXLEN = 64
+
+    # -- creation / removal -------------------------------------------------------
+
+    @staticmethod
+    def names_for(prefix: str) -> dict[str, str]:
+        """Namespace and interface names a lab with `prefix` uses; ValueError if bad."""
+        if not _PREFIX_RE.match(prefix):
+            raise ValueError(
+                f"invalid lab prefix {prefix!r}: use 1-13 characters from [A-Za-z0-9_-], "
+                "starting with a letter or digit"
+            )
+        return {
+            "host_ns": f"{prefix}-host",
+            "peer_ns": f"{prefix}-peer",
+            "host_if": f"{prefix}-h",
+            "peer_if": f"{prefix}-p",
+        }
+
+    @classmethod
+    def create(cls, prefix: str | None = None, slot: int | None = None) -> Lab:
+        """Build a new lab and return it, everything up and addressed.
+
+        `prefix` (1-13 chars) names it; None picks a random unused one. `slot` (0-511)
+        picks its /24 and /64; None picks one at random. ValueError for a bad prefix or
+        slot; LabError (after removing anything half-built) when the names are taken or
+        the kernel refuses.
+        """
+        if slot is not None and not 0 <= slot < LAB_SLOTS:
+            raise ValueError(f"invalid lab slot {slot}: must be 0..{LAB_SLOTS - 1}")
+        attempts = 1 if prefix is not None else 8
+        last: LabError | None = None
+        for _ in range(attempts):
+            pfx = prefix if prefix is not None else "ms" + secrets.token_hex(3)
+            lab = cls._blank(pfx, secrets.randbelow(LAB_SLOTS) if slot is None else slot)
+            try:
+                lab._build()
+                return lab
+            except FileExistsError:
+                last = LabError(f"lab {pfx!r} already exists (netns {lab.host_ns} or "
+                                f"{lab.peer_ns} is taken)")
+        assert last is not None
+        raise last
+
+    @classmethod
+    def _blank(cls, prefix: str, slot: int) -> Lab:
+        names = cls.names_for(prefix)
+        host_v4, peer_v4 = _slot_v4(slot)
+        host_v6, peer_v6 = _slot_v6(slot)
+        return cls(name=prefix, host_ns=names["host_ns"], peer_ns=names["peer_ns"],
+                   host_if=names["host_if"], peer_if=names["peer_if"], host_v4=host_v4,
+                   peer_v4=peer_v4, host_v6=host_v6, peer_v6=peer_v6, host_ifindex=0,
+                   slot=slot)
+
+    def _build(self) -> None:
+        # Imported here: pyroute2 costs ~0.2 s to import and most users of this module
+        # (CLI parsing, state files) never touch netlink.
+        from pyroute2 import IPRoute, netns
+
+        try:
+            netns.create(self.host_ns)
+        except FileExistsError:
+            raise  # create() retries with another prefix or reports the clash
+        except OSError as e:
+            raise LabError(f"cannot create netns {self.host_ns}: {e}") from e
+        created_peer = False
+        try:
+            netns.create(self.peer_ns)
+            created_peer = True
+            for ns in (self.host_ns, self.peer_ns):
+                # Addresses get `nodad` below; this covers the link-local ones too, so
+                # IPv6 (including neighbour discovery) works the moment links are up.
+                _write_sysctl(ns, "net.ipv6.conf.all.accept_dad", "0")
+                _write_sysctl(ns, "net.ipv6.conf.default.accept_dad", "0")
+                _write_sysctl(ns, "net.ipv6.conf.default.router_solicitations", "0")
+            with IPRoute(netns=self.host_ns) as ipr:
+                ipr.link("add", ifname=self.host_if, kind="veth",
+                         peer={"ifname": self.peer_if, "net_ns_fd": self.peer_ns})
+                self.host_ifindex = self._configure(ipr, self.host_if, self.host_v4,
+                                                    self.host_v6)
+            with IPRoute(netns=self.peer_ns) as ipr:
+                self.peer_ifindex = self._configure(ipr, self.peer_if, self.peer_v4,
+                                                    self.peer_v6)
+            self._wait_carrier()
+        except BaseException as e:
+            if created_peer:
+                self.destroy()
+            else:
+                # The peer name may be someone else's: remove only what we made.
+                self._remove_netns(self.host_ns)
+                if isinstance(e, FileExistsError):
+                    raise
+            if isinstance(e, Exception) and not isinstance(e, LabError):
+                raise LabError(f"cannot build lab {self.name}: {e}") from e
+            raise
+
+    @staticmethod
+    def _configure(ipr: Any, ifname: str, v4: str, v6: str) -> int:
+        idx = int(ipr.link_lookup(ifname=ifname)[0])
+        ipr.addr("add", index=idx, address=v4, prefixlen=Lab.V4_PREFIXLEN)
+        ipr.addr("add", index=idx, address=v6, prefixlen=Lab.V6_PREFIXLEN, flags=_IFA_F_NODAD)
+        ipr.link("set", index=idx, state="up")
+        lo = ipr.link_lookup(ifname="lo")[0]
+        ipr.link("set", index=lo, state="up")
+        return idx
+
+    def _wait_carrier(self, timeout: float = 2.0) -> None:
+        # veth reports carrier as soon as both ends are up; poll briefly rather than
+        # trusting that, so the first probe of a test never races the link.
+        from pyroute2 import IPRoute
+
+        deadline = time.monotonic() + timeout
+        with IPRoute(netns=self.host_ns) as ipr:
+            while True:
+                link = ipr.get_links(self.host_ifindex)[0]
+                if link.get_attr("IFLA_OPERSTATE") == "UP":
+                    return
+                if time.monotonic() > deadline:
+                    raise LabError(f"{self.host_if} did not come up within {timeout}s")
+                time.sleep(0.01)
+
+    @staticmethod
+    def _remove_netns(name: str) -> None:
+        from pyroute2 import netns
+
+        if netns_exists(name):
+            with contextlib.suppress(FileNotFoundError):
+                netns.remove(name)
+
+    def destroy(self) -> None:
+        """Remove both namespaces, the veth pair and any process left inside. Idempotent."""
+        ns_ids = {i for ns in (self.host_ns, self.peer_ns) if (i := _ns_id(ns)) is not None}
+        _kill(_pids_in(ns_ids))
+        if netns_exists(self.host_ns):
+            # Deleting the veth explicitly makes it vanish now, even if some socket still
+            # pins the namespace (netns teardown would otherwise be deferred).
+            from pyroute2 import IPRoute
+            from pyroute2.netlink.exceptions import NetlinkError
+
+            with contextlib.suppress(NetlinkError, OSError), IPRoute(netns=self.host_ns) as ipr:
+                for idx in ipr.link_lookup(ifname=self.host_if):
+                    ipr.link("del", index=idx)
+        for ns in (self.host_ns, self.peer_ns):
+            self._remove_netns(ns)
+        # A process caught entering a namespace while we looked (`ip netns exec` between
+        # open() and setns()) shows up only now, and would keep the namespace alive.
+        _kill(_pids_in(ns_ids))
+
+    def exists(self) -> bool:
+        """True when both namespaces of this lab are still there."""
+        return netns_exists(self.host_ns) and netns_exists(self.peer_ns)
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.destroy()
+
+    # -- state file ---------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The lab as a JSON-ready dict (what `save` writes)."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the lab to `path` as JSON (parents created, replaced atomically)."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, p)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "lab description") -> Lab:
+        """A Lab from `data` (as `to_dict` made it); LabError naming the bad field."""
+        if not isinstance(data, dict):
+            raise LabError(f"{source}: expected a JSON object")
+        kwargs: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            if field.name not in data:
+                if field.default is not dataclasses.MISSING:
+                    continue
+                raise LabError(f"{source}: missing field {field.name!r}")
+            value = data[field.name]
+            want = int if field.type in ("int", int) else str
+            if type(value) is not want:
+                raise LabError(f"{source}: field {field.name!r} must be {want.__name__}")
+            kwargs[field.name] = value
+        lab = cls(**kwargs)
+        lab._check(source)
+        return lab
+
+    def _check(self, source: str) -> None:
+        try:
+            names = self.names_for(self.name)
+        except ValueError as e:
+            raise LabError(f"{source}: {e}") from None
+        for key, value in names.items():
+            if getattr(self, key) != value:
+                raise LabError(f"{source}: {key} {getattr(self, key)!r} does not belong "
+                               f"to lab {self.name!r} (expected {value!r})")
+        for key, net in (("host_v4", LAB_NET_V4), ("peer_v4", LAB_NET_V4),
+                         ("host_v6", LAB_NET_V6), ("peer_v6", LAB_NET_V6)):
+            value = getattr(self, key)
+            try:
+                ok = ipaddress.ip_address(value) in net
+            except ValueError:
+                ok = False
+            if not ok:
+                raise LabError(f"{source}: {key} {value!r} is not a lab address (inside {net})")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Lab:
+        """Read a lab saved by `save`; LabError when missing, unreadable or invalid."""
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise LabError(f"no lab recorded: {p} does not exist") from None
+        except OSError as e:
+            raise LabError(f"cannot read lab state file {p}: {e.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LabError(f"lab state file {p} is not valid JSON: {e}") from None
+        return cls.from_dict(data, source=f"lab state file {p}")
+
+    def describe(self) -> str:
+        """A few human-readable lines naming the lab's namespaces, links and addresses."""
+        return "\n".join([
+            f"lab {self.name}:",
+            f"  host  netns {self.host_ns:<16} iface {self.host_if} (ifindex {self.host_ifindex})"
+            f"  {self.host_v4}/{self.V4_PREFIXLEN}  {self.host_v6}/{self.V6_PREFIXLEN}",
+            f"  peer  netns {self.peer_ns:<16} iface {self.peer_if} (ifindex {self.peer_ifindex})"
+            f"  {self.peer_v4}/{self.V4_PREFIXLEN}  {self.peer_v6}/{self.V6_PREFIXLEN}",
+        ])
+
+
+# ------------------------------------------------------------------- traffic kit
+
+
+def _family(addr: str) -> int:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        raise ValueError(f"not an IP address: {addr!r}") from None
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
+def _sockaddr(addr: str, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
+    return (addr, port, 0, 0) if _family(addr) == socket.AF_INET6 else (addr, port)
+
+
+class EchoServer:
+    """Echo TCP streams and UDP datagrams on ports inside netns `ns`, from one thread.
+
+    Binds `bind` (default "::", dual-stack: IPv4 and IPv6) on each of `tcp_ports` and
+    `udp_ports`; port 0 picks a free one (see `.tcp_ports` / `.udp_ports` after start).
+    Everything is bound before `start()` returns, so it is ready at once. Counters:
+    `tcp_accepted`, `udp_datagrams`. A peer that stops reading gets at most ~1 MiB
+    buffered; beyond that we stop reading from it.
+    """
+
+    _MAX_PENDING = 1 << 20
+
+    def __init__(self, ns: str | None, tcp_ports: Sequence[int] = (),
+                 udp_ports: Sequence[int] = (), bind: str = "::") -> None:
+        self.ns = ns
+        self.bind = bind
+        self._want_tcp = list(tcp_ports)
+        self._want_udp = list(udp_ports)
+        self.tcp_ports: list[int] = []
+        self.udp_ports: list[int] = []
+        self.tcp_accepted = 0
+        self.udp_datagrams = 0
+        self._sel = selectors.DefaultSelector()
+        self._socks: list[socket.socket] = []
+        self._conns: dict[socket.socket, bytearray] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    @property
+    def port(self) -> int:
+        """The first TCP port, else the first UDP port."""
+        return (self.tcp_ports or self.udp_ports)[0]
+
+    def _listen(self, type_: int, port: int) -> socket.socket:
+        fam = _family(self.bind)
+        s = netns_socket(self.ns, fam, type_)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if fam == socket.AF_INET6 and self.bind == "::":
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.bind(_sockaddr(self.bind, port))
+            if type_ == socket.SOCK_STREAM:
+                s.listen(128)
+            s.setblocking(False)
+        except BaseException:
+            s.close()
+            raise
+        self._socks.append(s)
+        return s
+
+    def start(self) -> EchoServer:
+        """Bind everything and start serving; OSError (all closed again) if a bind fails."""
+        try:
+            for port in self._want_tcp:
+                s = self._listen(socket.SOCK_STREAM, port)
+                self.tcp_ports.append(s.getsockname()[1])
+                self._sel.register(s, selectors.EVENT_READ, "accept")
+            for port in self._want_udp:
+                s = self._listen(socket.SOCK_DGRAM, port)
+                self.udp_ports.append(s.getsockname()[1])
+                self._sel.register(s, selectors.EVENT_READ, "udp")
+        except BaseException:
+            self.stop()
+            raise
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._thread = threading.Thread(target=self._serve, name=f"echo-{self.ns}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        while not self._stopping:
+            for key, events in self._sel.select(timeout=1.0):
+                sock: socket.socket = key.fileobj  # type: ignore[assignment]
+                try:
+                    self._handle(sock, key.data, events)
+                except OSError:
+                    if key.data == "conn":
+                        self._drop(sock)
+
+    def _handle(self, sock: socket.socket, kind: str, events: int) -> None:
+        if kind == "wake":
+            return
+        if kind == "accept":
+            conn, _ = sock.accept()
+            conn.setblocking(False)
+            self.tcp_accepted += 1
+            self._conns[conn] = bytearray()
+            self._sel.register(conn, selectors.EVENT_READ, "conn")
+        elif kind == "udp":
+            data, peer = sock.recvfrom(65535)
+            self.udp_datagrams += 1
+            with contextlib.suppress(OSError):
+                sock.sendto(data, peer)
+        else:
+            pending = self._conns[sock]
+            if events & selectors.EVENT_READ:
+                data = sock.recv(65536)
+                if not data:
+                    self._drop(sock)
+                    return
+                pending += data
+            if pending:
+                sent = sock.send(pending)
+                del pending[:sent]
+            mask = selectors.EVENT_WRITE if pending else 0
+            if len(pending) < self._MAX_PENDING:
+                mask |= selectors.EVENT_READ
+            self._sel.modify(sock, mask, "conn")
+
+    def _drop(self, sock: socket.socket) -> None:
+        self._conns.pop(sock, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(sock)
+        sock.close()
+
+    def stop(self) -> None:
+        """Stop serving and close every socket (live connections are reset). Idempotent."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
+        for conn in list(self._conns):
+            self._drop(conn)
+        for s in self._socks:
+            s.close()
+        self._socks.clear()
+        with contextlib.suppress(OSError):
+            self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def __enter__(self) -> EchoServer:
+        if self._thread is None:
+            self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _token() -> bytes:
+    return secrets.token_hex(8).encode()
+
+
+def tcp_exchange(ns: str | None, addr: str, port: int, timeout: float = 1.0) -> bool:
+    """Connect from netns `ns` to addr:port, send a line, get it echoed; False on any failure.
+
+    The whole attempt (connect + echo) is bounded by `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        with netns_socket(ns, _family(addr), socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(_sockaddr(addr, port))
+            line = _token() + b"\n"
+            s.sendall(line)
+            buf = b""
+            while line not in buf:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                s.settimeout(left)
+                chunk = s.recv(4096)
+                if not chunk:
+                    return False
+                buf += chunk
+            return True
+    except OSError:
+        return False
+
+
+def udp_exchange(ns: str | None, addr: str, port: int, timeout: float = 1.0) -> bool:
+    """Send one datagram from netns `ns` to addr:port and wait `timeout` s for its echo."""
+    deadline = time.monotonic() + timeout
+    try:
+        with netns_socket(ns, _family(addr), socket.SOCK_DGRAM) as s:
+            # connect() so an ICMP port-unreachable fails fast instead of timing out.
+            s.connect(_sockaddr(addr, port))
+            token = _token()
+            s.send(token)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                s.settimeout(left)
+                if s.recv(65535) == token:
+                    return True
+    except OSError:
+        return False
+
+
+def _inet_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def ping(ns: str | None, addr: str, timeout: float = 1.0) -> bool:
+    """One ICMP/ICMPv6 echo from netns `ns` to `addr`; True if the reply came in `timeout` s.
+
+    Uses a raw socket (we run as root), so no `ping` binary is needed; replies are
+    matched on identifier, sequence and payload, so concurrent pings don't mix.
+    """
+    fam = _family(addr)
+    v6 = fam == socket.AF_INET6
+    ident, seq = secrets.randbelow(0x10000), secrets.randbelow(0x10000)
+    payload = _token()
+    req_type, rep_type = (128, 129) if v6 else (8, 0)
+    header = struct.pack("!BBHHH", req_type, 0, 0, ident, seq)
+    # The kernel fills in the ICMPv6 checksum (it needs the pseudo-header); IPv4 is ours.
+    csum = 0 if v6 else _inet_checksum(header + payload)
+    packet = struct.pack("!BBHHH", req_type, 0, csum, ident, seq) + payload
+    want_src = ipaddress.ip_address(addr)
+    deadline = time.monotonic() + timeout
+    try:
+        proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+        with netns_socket(ns, fam, socket.SOCK_RAW, proto) as s:
+            s.sendto(packet, _sockaddr(addr, 0))
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                s.settimeout(left)
+                data, src = s.recvfrom(65535)
+                icmp = data if v6 else data[(data[0] & 0x0F) * 4:]
+                if len(icmp) < 8 or icmp[0] != rep_type:
+                    continue
+                if struct.unpack("!HH", icmp[4:8]) != (ident, seq) or icmp[8:] != payload:
+                    continue
+                if ipaddress.ip_address(src[0].split("%")[0]) == want_src:
+                    return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------- CLI
+
+
+def _err(msg: str) -> int:
+    print(f"microseg lab: error: {msg}", file=sys.stderr)
+    return 1
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < 10**7:
+        raise argparse.ArgumentTypeError(f"must be > 0 (and sane): {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def _slot(text: str) -> int:
+    value = _count(text)
+    if value >= LAB_SLOTS:
+        raise argparse.ArgumentTypeError(f"must be 0..{LAB_SLOTS - 1}: {text!r}")
+    return value
+
+
+def add_lab_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `lab up|down|show|traffic` on an argparse subparsers object.
+
+    Each leaf parser sets `func` to its `cmd_lab_*` handler (call `args.func(args)`,
+    which returns the process exit code). Returns the `lab` parser.
+    """
+    lab: argparse.ArgumentParser = subparsers.add_parser(
+        "lab", help="the demo lab (two netns joined by a veth pair)",
+        description="Create, inspect, drive and remove the demo lab.")
+    sub = lab.add_subparsers(dest="lab_command", metavar="{up,down,show,traffic}")
+    sub.required = True
+
+    def state_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--state-file", type=Path, default=DEFAULT_STATE_FILE,
+                       help=f"where the lab is recorded (default {DEFAULT_STATE_FILE})")
+
+    up = sub.add_parser("up", help="create the lab (no-op if the recorded one is up)")
+    state_opt(up)
+    up.add_argument("--prefix", help="name prefix, 1-13 chars (default: random ms<hex>)")
+    up.add_argument("--slot", type=_slot, help="address slot 0-511 (default: random)")
+    up.add_argument("--json", action="store_true", help="print the lab as JSON")
+    up.set_defaults(func=cmd_lab_up)
+
+    down = sub.add_parser("down", help="remove the recorded lab (no-op if none)")
+    state_opt(down)
+    down.set_defaults(func=cmd_lab_down)
+
+    show = sub.add_parser("show", help="print the recorded lab")
+    state_opt(show)
+    show.add_argument("--json", action="store_true", help="print the lab as JSON")
+    show.add_argument("--field", choices=[f.name for f in dataclasses.fields(Lab)],
+                      help="print only this field's value (for scripts)")
+    show.set_defaults(func=cmd_lab_show)
+
+    traffic = sub.add_parser(
+        "traffic", help="demo traffic: peer -> host, TCP 22/80/443/5432, UDP 53, ping",
+        description="Serve TCP 22, 80, 443, 5432 and UDP 53 in the lab's host namespace and "
+                    "connect to them (and ping) from the peer namespace, over IPv4 and "
+                    "IPv6, once per interval; one line per attempt: ok or blocked.")
+    state_opt(traffic)
+    traffic.add_argument("--duration", type=_positive, default=3600.0,
+                         help="stop after this many seconds (default 3600)")
+    traffic.add_argument("--count", type=_count, default=0,
+                         help="stop after this many rounds (default 0: until --duration)")
+    traffic.add_argument("--interval", type=_positive, default=2.0,
+                         help="seconds between rounds (default 2)")
+    traffic.add_argument("--timeout", type=_positive, default=1.0,
+                         help="seconds before an attempt counts as blocked (default 1)")
+    traffic.set_defaults(func=cmd_lab_traffic)
+    return lab
+
+
+def _live_lab(state_file: Path) -> Lab | None:
+    """The recorded lab if it is still there; None if nothing (alive) is recorded."""
+    if not state_file.exists():
+        return None
+    lab = Lab.load(state_file)
+    return lab if lab.exists() else None
+
+
+def cmd_lab_up(args: argparse.Namespace) -> int:
+    """`lab up`: create and record a lab, or report the recorded one if it is alive."""
+    state_file: Path = args.state_file
+    try:
+        lab = _live_lab(state_file)
+        if lab is not None:
+            print(f"lab already up (recorded in {state_file})", file=sys.stderr)
+        else:
+            if state_file.exists():
+                # A stale record: clear whatever of it is left before building anew.
+                with contextlib.suppress(LabError):
+                    Lab.load(state_file).destroy()
+            lab = Lab.create(prefix=args.prefix, slot=args.slot)
+            try:
+                lab.save(state_file)
+            except OSError as e:
+                lab.destroy()
+                return _err(f"cannot write {state_file}: {e.strerror}")
+    except (LabError, ValueError) as e:
+        return _err(str(e))
+    print(json.dumps(lab.to_dict(), indent=2) if args.json else lab.describe())
+    return 0
+
+
+def cmd_lab_down(args: argparse.Namespace) -> int:
+    """`lab down`: remove the recorded lab and its record; fine if there is none."""
+    state_file: Path = args.state_file
+    if not state_file.exists():
+        print(f"no lab recorded in {state_file}; nothing to do", file=sys.stderr)
+        return 0
+    try:
+        lab = Lab.load(state_file)
+        lab.destroy()
+        state_file.unlink(missing_ok=True)
+    except (LabError, OSError) as e:
+        return _err(str(e))
+    print(f"lab {lab.name} removed")
+    return 0
+
+
+def cmd_lab_show(args: argparse.Namespace) -> int:
+    """`lab show`: print the recorded lab (human, --json, or one --field); 1 if none is up."""
+    try:
+        lab = _live_lab(args.state_file)
+    except LabError as e:
+        return _err(str(e))
+    if lab is None:
+        return _err(f"no lab is up (state file {args.state_file}); run `microseg lab up`")
+    if args.field:
+        print(getattr(lab, args.field))
+    elif args.json:
+        print(json.dumps(lab.to_dict(), indent=2))
+    else:
+        print(lab.describe())
+    return 0
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    kind: str  # tcp / udp / ping
+    dst: str
+    port: int
+
+    def label(self, src: str) -> str:
+        dst = f"[{self.dst}]" if ":" in self.dst else self.dst
+        where = f"{dst}:{self.port}" if self.kind != "ping" else dst
+        return f"{self.kind:<4} {src} -> {where}"
+
+
+def run_traffic(lab: Lab, *, duration: float, count: int = 0, interval: float = 2.0,
+                timeout: float = 1.0, out: Callable[[str], None] = print,
+                stop: threading.Event | None = None) -> dict[str, int]:
+    """Serve the demo ports in `lab.host_ns` and probe them from `lab.peer_ns`.
+
+    Rounds run every `interval` s until `duration` s pass, `count` rounds are done
+    (0: no round limit) or `stop` is set. Each attempt is reported via `out` as one
+    line ending in "ok" or "blocked". Returns {"ok": n, "blocked": m}.
+    """
+    stop = stop or threading.Event()
+    attempts: list[tuple[_Attempt, str]] = []
+    for src, dst in ((lab.peer_v4, lab.host_v4), (lab.peer_v6, lab.host_v6)):
+        attempts += [(_Attempt("tcp", dst, p), src) for p in DEMO_TCP_PORTS]
+        attempts += [(_Attempt("udp", dst, p), src) for p in DEMO_UDP_PORTS]
+        attempts.append((_Attempt("ping", dst, 0), src))
+
+    def probe(a: _Attempt) -> bool:
+        if a.kind == "tcp":
+            return tcp_exchange(lab.peer_ns, a.dst, a.port, timeout)
+        if a.kind == "udp":
+            return udp_exchange(lab.peer_ns, a.dst, a.port, timeout)
+        return ping(lab.peer_ns, a.dst, timeout)
+
+    totals = {"ok": 0, "blocked": 0}
+    end = time.monotonic() + duration
+    rounds = 0
+    with EchoServer(lab.host_ns, DEMO_TCP_PORTS, DEMO_UDP_PORTS), \
+            ThreadPoolExecutor(max_workers=len(attempts)) as pool:
+        while not stop.is_set() and time.monotonic() < end and (count == 0 or rounds < count):
+            started = time.monotonic()
+            rounds += 1
+            results = list(pool.map(probe, [a for a, _ in attempts]))
+            stamp = time.strftime("%H:%M:%S")
+            for (a, src), ok in zip(attempts, results, strict=True):
+                verdict = "ok" if ok else "blocked"
+                totals[verdict] += 1
+                out(f"{stamp} round {rounds:<4} {a.label(src):<52} {verdict}")
+            if count and rounds >= count:
+                break
+            stop.wait(max(0.0, min(interval - (time.monotonic() - started),
+                                   end - time.monotonic())))
+    return totals
+
+
+def cmd_lab_traffic(args: argparse.Namespace) -> int:
+    """`lab traffic`: run the demo traffic against the recorded lab until done or signalled."""
+    try:
+        lab = _live_lab(args.state_file)
+    except LabError as e:
+        return _err(str(e))
+    if lab is None:
+        return _err(f"no lab is up (state file {args.state_file}); run `microseg lab up`")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        totals = run_traffic(lab, duration=args.duration, count=args.count,
+                             interval=args.interval, timeout=args.timeout,
+                             out=lambda line: print(line, flush=True), stop=stop)
+    except OSError as e:
+        # e.g. a demo port already taken in the host namespace by something else.
+        return _err(f"cannot run traffic in lab {lab.name}: {e}")
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    print(f"traffic done: {totals['ok']} ok, {totals['blocked']} blocked", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m streamer.lab up|down|show|traffic ...` (same as `microseg lab ...`)."""
+    parser = argparse.ArgumentParser(prog="python -m streamer.lab")
+    add_lab_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["lab", *(sys.argv[1:] if argv is None else argv)])
+    if os.geteuid() != 0:
+        return _err("the lab needs root (network namespaces, raw sockets)")
+    try:
+        result: int = args.func(args)
+    except BrokenPipeError:
+        # Output piped into e.g. `head`: stop quietly, and keep the interpreter's final
+        # flush from complaining about the same closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
