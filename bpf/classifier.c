@@ -99,7 +99,9 @@ struct ms_scratch {
     __u8 pad[3];
 };
 BPF_PERCPU_ARRAY(scratch, struct ms_scratch, 1);
-BPF_PROG_ARRAY(slow_path, 1);
+/* Pinned: an unpinned program array is emptied when its last file descriptor closes, which
+ * would leave the filters of a dead agent unable to judge new flows. */
+BPF_TABLE_PINNED("prog", int, int, slow_path, 1, MS_PIN "/slow_path");
 
 /* L4 header at data+off: ports, flags, or a verdict (PASS_L2 for neighbour discovery). */
 static __always_inline int parse_l4(void *data, void *data_end, __u32 off, struct ms_pkt *p)

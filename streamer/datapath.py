@@ -164,9 +164,18 @@ def _libbpf() -> ct.CDLL:
     lib = ct.CDLL("libbpf.so.1", use_errno=True)
     lib.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.POINTER(_TestRunOpts)]
     lib.bpf_map_update_batch.argtypes = [
-        ct.c_int, ct.c_void_p, ct.c_void_p, ct.POINTER(ct.c_uint32), ct.c_void_p
+        ct.c_int,
+        ct.c_void_p,
+        ct.c_void_p,
+        ct.POINTER(ct.c_uint32),
+        ct.c_void_p,
     ]
-    lib.bpf_map_delete_batch.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32), ct.c_void_p]
+    lib.bpf_map_delete_batch.argtypes = [
+        ct.c_int,
+        ct.c_void_p,
+        ct.POINTER(ct.c_uint32),
+        ct.c_void_p,
+    ]
     lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
     lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
     lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
@@ -259,8 +268,17 @@ class Datapath:
             raise DatapathError(f"loading the classifier failed: {e}") from e
         self._bpf["slow_path"][ct.c_int(0)] = ct.c_int(self._progs["ms_judge"].fd)
         self._bpf["barrier"][ct.c_int(0)] = ct.c_int(self._bpf["barrier_inner"].get_fd())
-        for name in ("sessions", "rules4", "rules6", "shapes", "banks", "active", "settings",
-                     "counters", "rule_stats"):
+        for name in (
+            "sessions",
+            "rules4",
+            "rules6",
+            "shapes",
+            "banks",
+            "active",
+            "settings",
+            "counters",
+            "rule_stats",
+        ):
             self._fds[name] = self._bpf[name].get_fd()
         self._write(
             "settings", struct.pack("<I", 0), struct.pack("<Q", self.config.event_interval_ns)
@@ -458,9 +476,7 @@ class Datapath:
         ncpu = len(self._percpu("rule_stats", 0))
         zero = bytes(RULE_CTR.size * ncpu)
         # A per-CPU value is written for all CPUs at once.
-        self._update_batch(
-            "rule_stats", [struct.pack("<I", s) for s in slots], [zero] * len(slots)
-        )
+        self._update_batch("rule_stats", [struct.pack("<I", s) for s in slots], [zero] * len(slots))
 
     # ---- reading -----------------------------------------------------------------------------
 

@@ -251,8 +251,9 @@ class Lab:
                 lab._build()
                 return lab
             except FileExistsError:
-                last = LabError(f"lab {pfx!r} already exists (netns {lab.host_ns} or "
-                                f"{lab.peer_ns} is taken)")
+                last = LabError(
+                    f"lab {pfx!r} already exists (netns {lab.host_ns} or {lab.peer_ns} is taken)"
+                )
         assert last is not None
         raise last
 
@@ -261,10 +262,19 @@ class Lab:
         names = cls.names_for(prefix)
         host_v4, peer_v4 = _slot_v4(slot)
         host_v6, peer_v6 = _slot_v6(slot)
-        return cls(name=prefix, host_ns=names["host_ns"], peer_ns=names["peer_ns"],
-                   host_if=names["host_if"], peer_if=names["peer_if"], host_v4=host_v4,
-                   peer_v4=peer_v4, host_v6=host_v6, peer_v6=peer_v6, host_ifindex=0,
-                   slot=slot)
+        return cls(
+            name=prefix,
+            host_ns=names["host_ns"],
+            peer_ns=names["peer_ns"],
+            host_if=names["host_if"],
+            peer_if=names["peer_if"],
+            host_v4=host_v4,
+            peer_v4=peer_v4,
+            host_v6=host_v6,
+            peer_v6=peer_v6,
+            host_ifindex=0,
+            slot=slot,
+        )
 
     def _build(self) -> None:
         # Imported here: pyroute2 costs ~0.2 s to import and most users of this module
@@ -288,13 +298,15 @@ class Lab:
                 _write_sysctl(ns, "net.ipv6.conf.default.accept_dad", "0")
                 _write_sysctl(ns, "net.ipv6.conf.default.router_solicitations", "0")
             with IPRoute(netns=self.host_ns) as ipr:
-                ipr.link("add", ifname=self.host_if, kind="veth",
-                         peer={"ifname": self.peer_if, "net_ns_fd": self.peer_ns})
-                self.host_ifindex = self._configure(ipr, self.host_if, self.host_v4,
-                                                    self.host_v6)
+                ipr.link(
+                    "add",
+                    ifname=self.host_if,
+                    kind="veth",
+                    peer={"ifname": self.peer_if, "net_ns_fd": self.peer_ns},
+                )
+                self.host_ifindex = self._configure(ipr, self.host_if, self.host_v4, self.host_v6)
             with IPRoute(netns=self.peer_ns) as ipr:
-                self.peer_ifindex = self._configure(ipr, self.peer_if, self.peer_v4,
-                                                    self.peer_v6)
+                self.peer_ifindex = self._configure(ipr, self.peer_if, self.peer_v4, self.peer_v6)
             self._wait_carrier()
         except BaseException as e:
             if created_peer:
@@ -367,8 +379,12 @@ class Lab:
     def __enter__(self) -> Lab:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.destroy()
 
     # -- state file ---------------------------------------------------------------
@@ -412,10 +428,16 @@ class Lab:
             raise LabError(f"{source}: {e}") from None
         for key, value in names.items():
             if getattr(self, key) != value:
-                raise LabError(f"{source}: {key} {getattr(self, key)!r} does not belong "
-                               f"to lab {self.name!r} (expected {value!r})")
-        for key, net in (("host_v4", LAB_NET_V4), ("peer_v4", LAB_NET_V4),
-                         ("host_v6", LAB_NET_V6), ("peer_v6", LAB_NET_V6)):
+                raise LabError(
+                    f"{source}: {key} {getattr(self, key)!r} does not belong "
+                    f"to lab {self.name!r} (expected {value!r})"
+                )
+        for key, net in (
+            ("host_v4", LAB_NET_V4),
+            ("peer_v4", LAB_NET_V4),
+            ("host_v6", LAB_NET_V6),
+            ("peer_v6", LAB_NET_V6),
+        ):
             value = getattr(self, key)
             try:
                 ok = ipaddress.ip_address(value) in net
@@ -442,13 +464,15 @@ class Lab:
 
     def describe(self) -> str:
         """A few human-readable lines naming the lab's namespaces, links and addresses."""
-        return "\n".join([
-            f"lab {self.name}:",
-            f"  host  netns {self.host_ns:<16} iface {self.host_if} (ifindex {self.host_ifindex})"
-            f"  {self.host_v4}/{self.V4_PREFIXLEN}  {self.host_v6}/{self.V6_PREFIXLEN}",
-            f"  peer  netns {self.peer_ns:<16} iface {self.peer_if} (ifindex {self.peer_ifindex})"
-            f"  {self.peer_v4}/{self.V4_PREFIXLEN}  {self.peer_v6}/{self.V6_PREFIXLEN}",
-        ])
+        return "\n".join(
+            [
+                f"lab {self.name}:",
+                f"  host  netns {self.host_ns:<16} iface {self.host_if} (ifindex {self.host_ifindex})"
+                f"  {self.host_v4}/{self.V4_PREFIXLEN}  {self.host_v6}/{self.V6_PREFIXLEN}",
+                f"  peer  netns {self.peer_ns:<16} iface {self.peer_if} (ifindex {self.peer_ifindex})"
+                f"  {self.peer_v4}/{self.V4_PREFIXLEN}  {self.peer_v6}/{self.V6_PREFIXLEN}",
+            ]
+        )
 
 
 # ------------------------------------------------------------------- traffic kit
@@ -478,8 +502,13 @@ class EchoServer:
 
     _MAX_PENDING = 1 << 20
 
-    def __init__(self, ns: str | None, tcp_ports: Sequence[int] = (),
-                 udp_ports: Sequence[int] = (), bind: str = "::") -> None:
+    def __init__(
+        self,
+        ns: str | None,
+        tcp_ports: Sequence[int] = (),
+        udp_ports: Sequence[int] = (),
+        bind: str = "::",
+    ) -> None:
         self.ns = ns
         self.bind = bind
         self._want_tcp = list(tcp_ports)
@@ -532,8 +561,7 @@ class EchoServer:
             self.stop()
             raise
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._thread = threading.Thread(target=self._serve, name=f"echo-{self.ns}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=f"echo-{self.ns}", daemon=True)
         self._thread.start()
         return self
 
@@ -605,8 +633,12 @@ class EchoServer:
             self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
 
@@ -697,7 +729,7 @@ def ping(ns: str | None, addr: str, timeout: float = 1.0) -> bool:
                     return False
                 s.settimeout(left)
                 data, src = s.recvfrom(65535)
-                icmp = data if v6 else data[(data[0] & 0x0F) * 4:]
+                icmp = data if v6 else data[(data[0] & 0x0F) * 4 :]
                 if len(icmp) < 8 or icmp[0] != rep_type:
                     continue
                 if struct.unpack("!HH", icmp[4:8]) != (ident, seq) or icmp[8:] != payload:
@@ -750,14 +782,20 @@ def add_lab_parser(subparsers: Any) -> argparse.ArgumentParser:
     which returns the process exit code). Returns the `lab` parser.
     """
     lab: argparse.ArgumentParser = subparsers.add_parser(
-        "lab", help="the demo lab (two netns joined by a veth pair)",
-        description="Create, inspect, drive and remove the demo lab.")
+        "lab",
+        help="the demo lab (two netns joined by a veth pair)",
+        description="Create, inspect, drive and remove the demo lab.",
+    )
     sub = lab.add_subparsers(dest="lab_command", metavar="{up,down,show,traffic}")
     sub.required = True
 
     def state_opt(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--state-file", type=Path, default=DEFAULT_STATE_FILE,
-                       help=f"where the lab is recorded (default {DEFAULT_STATE_FILE})")
+        p.add_argument(
+            "--state-file",
+            type=Path,
+            default=DEFAULT_STATE_FILE,
+            help=f"where the lab is recorded (default {DEFAULT_STATE_FILE})",
+        )
 
     up = sub.add_parser("up", help="create the lab (no-op if the recorded one is up)")
     state_opt(up)
@@ -773,24 +811,42 @@ def add_lab_parser(subparsers: Any) -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print the recorded lab")
     state_opt(show)
     show.add_argument("--json", action="store_true", help="print the lab as JSON")
-    show.add_argument("--field", choices=[f.name for f in dataclasses.fields(Lab)],
-                      help="print only this field's value (for scripts)")
+    show.add_argument(
+        "--field",
+        choices=[f.name for f in dataclasses.fields(Lab)],
+        help="print only this field's value (for scripts)",
+    )
     show.set_defaults(func=cmd_lab_show)
 
     traffic = sub.add_parser(
-        "traffic", help="demo traffic: peer -> host, TCP 22/80/443/5432, UDP 53, ping",
+        "traffic",
+        help="demo traffic: peer -> host, TCP 22/80/443/5432, UDP 53, ping",
         description="Serve TCP 22, 80, 443, 5432 and UDP 53 in the lab's host namespace and "
-                    "connect to them (and ping) from the peer namespace, over IPv4 and "
-                    "IPv6, once per interval; one line per attempt: ok or blocked.")
+        "connect to them (and ping) from the peer namespace, over IPv4 and "
+        "IPv6, once per interval; one line per attempt: ok or blocked.",
+    )
     state_opt(traffic)
-    traffic.add_argument("--duration", type=_positive, default=3600.0,
-                         help="stop after this many seconds (default 3600)")
-    traffic.add_argument("--count", type=_count, default=0,
-                         help="stop after this many rounds (default 0: until --duration)")
-    traffic.add_argument("--interval", type=_positive, default=2.0,
-                         help="seconds between rounds (default 2)")
-    traffic.add_argument("--timeout", type=_positive, default=1.0,
-                         help="seconds before an attempt counts as blocked (default 1)")
+    traffic.add_argument(
+        "--duration",
+        type=_positive,
+        default=3600.0,
+        help="stop after this many seconds (default 3600)",
+    )
+    traffic.add_argument(
+        "--count",
+        type=_count,
+        default=0,
+        help="stop after this many rounds (default 0: until --duration)",
+    )
+    traffic.add_argument(
+        "--interval", type=_positive, default=2.0, help="seconds between rounds (default 2)"
+    )
+    traffic.add_argument(
+        "--timeout",
+        type=_positive,
+        default=1.0,
+        help="seconds before an attempt counts as blocked (default 1)",
+    )
     traffic.set_defaults(func=cmd_lab_traffic)
     return lab
 
@@ -872,9 +928,16 @@ class _Attempt:
         return f"{self.kind:<4} {src} -> {where}"
 
 
-def run_traffic(lab: Lab, *, duration: float, count: int = 0, interval: float = 2.0,
-                timeout: float = 1.0, out: Callable[[str], None] = print,
-                stop: threading.Event | None = None) -> dict[str, int]:
+def run_traffic(
+    lab: Lab,
+    *,
+    duration: float,
+    count: int = 0,
+    interval: float = 2.0,
+    timeout: float = 1.0,
+    out: Callable[[str], None] = print,
+    stop: threading.Event | None = None,
+) -> dict[str, int]:
     """Serve the demo ports in `lab.host_ns` and probe them from `lab.peer_ns`.
 
     Rounds run every `interval` s until `duration` s pass, `count` rounds are done
@@ -898,8 +961,10 @@ def run_traffic(lab: Lab, *, duration: float, count: int = 0, interval: float = 
     totals = {"ok": 0, "blocked": 0}
     end = time.monotonic() + duration
     rounds = 0
-    with EchoServer(lab.host_ns, DEMO_TCP_PORTS, DEMO_UDP_PORTS), \
-            ThreadPoolExecutor(max_workers=len(attempts)) as pool:
+    with (
+        EchoServer(lab.host_ns, DEMO_TCP_PORTS, DEMO_UDP_PORTS),
+        ThreadPoolExecutor(max_workers=len(attempts)) as pool,
+    ):
         while not stop.is_set() and time.monotonic() < end and (count == 0 or rounds < count):
             started = time.monotonic()
             rounds += 1
@@ -911,8 +976,9 @@ def run_traffic(lab: Lab, *, duration: float, count: int = 0, interval: float = 
                 out(f"{stamp} round {rounds:<4} {a.label(src):<52} {verdict}")
             if count and rounds >= count:
                 break
-            stop.wait(max(0.0, min(interval - (time.monotonic() - started),
-                                   end - time.monotonic())))
+            stop.wait(
+                max(0.0, min(interval - (time.monotonic() - started), end - time.monotonic()))
+            )
     return totals
 
 
@@ -931,9 +997,15 @@ def cmd_lab_traffic(args: argparse.Namespace) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        totals = run_traffic(lab, duration=args.duration, count=args.count,
-                             interval=args.interval, timeout=args.timeout,
-                             out=lambda line: print(line, flush=True), stop=stop)
+        totals = run_traffic(
+            lab,
+            duration=args.duration,
+            count=args.count,
+            interval=args.interval,
+            timeout=args.timeout,
+            out=lambda line: print(line, flush=True),
+            stop=stop,
+        )
     except OSError as e:
         # e.g. a demo port already taken in the host namespace by something else.
         return _err(f"cannot run traffic in lab {lab.name}: {e}")

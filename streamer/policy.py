@@ -221,7 +221,11 @@ def _make_net(addr: _Addr) -> IPNet | None:
 
 
 def _validate_ip(value: Any) -> str:
-    if not isinstance(value, str):
+    if value.__class__ is str:
+        addr = _IP_CACHE.get(value)
+        if addr is not None:
+            return addr[0]
+    elif not isinstance(value, str):
         raise _invalid(f"{_show(value)} is not a string: {_IP_HINT}")
     try:
         return _parse_ip(value)[0]

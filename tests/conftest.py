@@ -5,18 +5,24 @@
 - Skips count as failures: a skipped test (or module) is reported as failed/error.
 - `lab` (per test) and `module_lab` (per module) give a fresh `streamer.lab.Lab` that is
   always destroyed afterwards, also when the test fails.
+- `datapath` (per session) is one loaded classifier (unique pins, removed afterwards) for
+  BPF_PROG_TEST_RUN; a test applies its own policy and clears sessions. `datapath_events`
+  collects its ring-buffer records; `verdict` runs one packet or frame through it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Generator, Iterator
+import uuid
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
 
+from streamer.datapath import TC_ACT_OK, Datapath, DatapathConfig, prog_fd, test_run
 from streamer.lab import Lab
+from streamer.reference import Packet
 
 
 def _environment_problems() -> list[str]:
@@ -85,3 +91,70 @@ def module_lab() -> Iterator[Lab]:
     """A lab shared by the tests of one module, destroyed after the module."""
     with Lab.create() as the_lab:
         yield the_lab
+
+
+# ---- the classifier through BPF_PROG_TEST_RUN --------------------------------------------
+
+
+def unique_instance(tag: str) -> str:
+    """A pin-directory name no other run or test uses."""
+    return f"test-{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def kernel_retval(dp: Datapath, pkt_or_frame: Packet | bytes, direction: str | None = None) -> int:
+    """Run one packet (built with packets.frame) or raw frame through the ingress or egress
+    program: the TC action (0 pass, 2 drop). A Packet's own direction is used by default."""
+    from packets import frame  # tests/ is on sys.path only once pytest runs
+
+    if isinstance(pkt_or_frame, Packet):
+        data = frame(pkt_or_frame)
+        direction = direction or pkt_or_frame.direction
+    else:
+        data = pkt_or_frame
+    if direction not in ("ingress", "egress"):
+        raise ValueError(f"direction must be ingress or egress, not {direction!r}")
+    return test_run(prog_fd(dp, direction), data)[0]
+
+
+@pytest.fixture(scope="session")
+def datapath() -> Iterator[Datapath]:
+    """One loaded classifier for the session; its pins are removed afterwards."""
+    dp = Datapath(DatapathConfig(instance=unique_instance("dp"), session_entries=65536))
+    try:
+        dp.load()
+        yield dp
+    finally:
+        dp.close()
+        dp.remove_pins()
+
+
+class EventSink:
+    """Ring-buffer records (raw struct ms_event bytes) of one datapath, in arrival order."""
+
+    def __init__(self, dp: Datapath) -> None:
+        self.dp = dp
+        self.records: list[bytes] = []
+        dp.open_events(self.records.append)
+
+    def drain(self) -> list[bytes]:
+        """Everything that arrived since the last drain."""
+        self.dp.consume_events()
+        out = self.records[:]
+        self.records.clear()
+        return out
+
+
+@pytest.fixture(scope="session")
+def datapath_events(datapath: Datapath) -> EventSink:
+    """The event sink of `datapath` (a ring buffer can be opened once per datapath)."""
+    return EventSink(datapath)
+
+
+@pytest.fixture
+def verdict() -> Callable[[Datapath, Packet | bytes, str | None], bool]:
+    """verdict(dp, packet_or_frame, direction) -> True when the classifier passes it."""
+
+    def run(dp: Datapath, pkt_or_frame: Packet | bytes, direction: str | None = None) -> bool:
+        return kernel_retval(dp, pkt_or_frame, direction) == TC_ACT_OK
+
+    return run

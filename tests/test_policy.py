@@ -6,8 +6,9 @@ import copy
 import gc
 import json
 import pickle
+import random
 import time
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,45 @@ def test_defaults() -> None:
 def test_ip_canonical(given: str, stored: str) -> None:
     assert rule(src_ip=given).src_ip == stored
     assert rule(dst_ip=given).dst_ip == stored
+
+
+def test_ip_fast_path_agrees_with_ipaddress() -> None:
+    """Canonical text and network equal ipaddress's for many random addresses and CIDRs."""
+    rng = random.Random(7)
+    for _ in range(3000):
+        if rng.random() < 0.5:
+            value = rng.getrandbits(32)
+            bits, text = 32, str(IPv4Address(value))
+            if rng.random() < 0.2:
+                text = text.replace(".", ".0", 1)  # leading zero: rejected
+        else:
+            groups = [rng.choice([0, 0, 0, 1, 0xFFFF, rng.getrandbits(16)]) for _ in range(8)]
+            value = int.from_bytes(b"".join(g.to_bytes(2, "big") for g in groups), "big")
+            bits = 128
+            text = IPv6Address(value).exploded if rng.random() < 0.3 else str(IPv6Address(value))
+            if rng.random() < 0.2:
+                text = text.upper()
+        if rng.random() < 0.5:
+            prefix = rng.randrange(bits + 1)
+            if rng.random() < 0.8:
+                value &= ~((1 << (bits - prefix)) - 1)  # mostly without host bits
+                text = str(ip_address(value) if bits == 32 else IPv6Address(value))
+            text = f"{text}/{prefix}"
+        try:
+            expected = ip_network(text, strict=True)
+        except ValueError:
+            with pytest.raises(pydantic.ValidationError):
+                rule(src_ip=text)
+            continue
+        got = rule(src_ip=text)
+        canonical = (
+            str(expected.network_address)
+            if expected.prefixlen == expected.max_prefixlen
+            else str(expected)
+        )
+        assert got.src_ip == canonical, text
+        assert got.src_net == expected, text
+        assert got.families == frozenset({expected.version})
 
 
 def test_ip_nets_and_families() -> None:
@@ -200,7 +240,7 @@ def test_rules_frozen_equal_hashable_copyable() -> None:
     assert hash(a) == hash(b)
     assert a != rule(src_ip="10.0.0.0/16")
     with pytest.raises(pydantic.ValidationError):
-        a.priority = 5  # type: ignore[misc]
+        a.priority = 5
     for clone in (pickle.loads(pickle.dumps(a)), copy.deepcopy(a), a.model_copy()):
         assert clone == a
         assert clone.src_net == a.src_net
@@ -384,7 +424,7 @@ def test_name_limits() -> None:
 def test_missing_and_unknown_fields() -> None:
     errors = rule_errors(protocol=None, action=None)
     assert errors == [
-        'policies[0] (rule_id 7): protocol: null is not one of: tcp, udp, icmp, icmpv6, any',
+        "policies[0] (rule_id 7): protocol: null is not one of: tcp, udp, icmp, icmpv6, any",
         "policies[0] (rule_id 7): action: null is not one of: allow, deny, log",
     ]
     with pytest.raises(PolicyError) as info:
@@ -440,6 +480,7 @@ def test_duplicate_rule_ids() -> None:
 
 
 def test_top_level_must_be_an_object() -> None:
+    data: Any
     for data in ([], None, "x", 5):
         with pytest.raises(PolicyError) as info:
             parse_policy_document(data)
@@ -473,12 +514,18 @@ def test_braces_in_input_do_not_break_messages() -> None:
 
 # --- files ------------------------------------------------------------------------------
 
-GOOD = {
+GOOD: dict[str, Any] = {
     "default_action": "deny",
     "policies": [
         {"rule_id": 1001, "name": "web", "dst_port": 80, "protocol": "tcp", "action": "allow"},
-        {"rule_id": 1002, "name": "no-ssh", "dst_port": 22, "protocol": "tcp", "action": "deny",
-         "priority": 200},
+        {
+            "rule_id": 1002,
+            "name": "no-ssh",
+            "dst_port": 22,
+            "protocol": "tcp",
+            "action": "deny",
+            "priority": 200,
+        },
     ],
 }
 

@@ -1,0 +1,232 @@
+"""The agent (`microseg run`): a policy's life from file to kernel, and the agent's own.
+
+Start: load the classifier (adopting pinned state), apply the policy, attach to every interface
+(replacing a previous agent's filters atomically), then serve. SIGHUP re-reads the policy file
+(a bad file is rejected whole and the live set stays); SIGINT/SIGTERM stop cleanly and detach
+unless --keep-on-exit. Flow events are drained from the ring buffer on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from streamer.compiler import CompileError, compile_policy
+from streamer.datapath import Datapath, DatapathConfig, DatapathError, detach
+from streamer.decode import DecodeError, decode
+from streamer.enrich import Enricher
+from streamer.policy import DefaultAction, PolicyError, PolicySet, load_policy_file
+
+log = logging.getLogger("microseg.agent")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything `microseg run` was told, validated once."""
+
+    ifaces: tuple[str, ...]
+    datapath: DatapathConfig
+    netns: str | None = None
+    policy_file: Path | None = None
+    default_action: DefaultAction | None = None
+    state_dir: Path = Path("/var/lib/microseg")
+    events_file: Path | None = None
+    keep_on_exit: bool = False
+    stats_interval: float = 0.0
+    print_events: bool = False
+
+
+def default_instance(netns: str | None) -> str:
+    """One pin directory per network namespace: named by the namespace's inode."""
+    path = f"/run/netns/{netns}" if netns else "/proc/self/ns/net"
+    return f"net{os.stat(path).st_ino}"
+
+
+class PolicyLoadError(RuntimeError):
+    """The policy could not be loaded or compiled; the message is for a person."""
+
+
+@dataclass
+class Agent:
+    config: AgentConfig
+    datapath: Datapath = field(init=False)
+    policy: PolicySet = field(init=False)
+    generation: int = 0
+    events_written: int = 0
+    events_undecodable: int = 0
+    _events_out: IO[bytes] | None = None
+    _enricher: Enricher | None = None
+
+    def __post_init__(self) -> None:
+        self.datapath = Datapath(self.config.datapath)
+        self.policy = PolicySet()
+
+    # ---- policy --------------------------------------------------------------------------
+
+    def read_policy(self) -> PolicySet:
+        """The policy file (or an empty set), with --default-action applied over it."""
+        if self.config.policy_file is not None:
+            try:
+                policy = load_policy_file(self.config.policy_file)
+            except PolicyError as e:
+                raise PolicyLoadError(str(e)) from e
+        else:
+            policy = PolicySet()
+        if self.config.default_action is not None:
+            policy = policy.model_copy(update={"default_action": self.config.default_action})
+        return policy
+
+    def apply(self, policy: PolicySet) -> int:
+        """Compile and switch the kernel to `policy`; on any error the live set stays."""
+        try:
+            compiled = compile_policy(policy, self.config.datapath.max_shapes)
+        except CompileError as e:
+            raise PolicyLoadError(str(e)) from e
+        gen = self.datapath.apply(compiled)
+        self.policy = policy
+        self.generation = gen
+        if self._enricher is not None:
+            self._enricher.add_generation(gen, policy)
+        log.info(
+            "policy generation %d applied: %d rules, default %s, %d shapes, %d entries",
+            gen,
+            len(policy.policies),
+            policy.default_action.value,
+            compiled.shape_count,
+            compiled.entry_count,
+        )
+        return gen
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read and apply the policy file; a bad file changes nothing."""
+        try:
+            self.apply(self.read_policy())
+        except (PolicyLoadError, DatapathError) as e:
+            log.error("policy reload rejected, generation %d stays: %s", self.generation, e)
+            return False
+        return True
+
+    # ---- events ----------------------------------------------------------------------------
+
+    def _on_event(self, record: bytes) -> None:
+        try:
+            ev = decode(record)
+        except DecodeError as e:
+            self.events_undecodable += 1
+            log.warning("undecodable flow event: %s", e)
+            return
+        assert self._enricher is not None
+        obj = self._enricher.enrich(ev)
+        line = orjson.dumps(obj) + b"\n"
+        if self._events_out is not None:
+            self._events_out.write(line)
+        if self.config.print_events:
+            sys.stdout.write(
+                f"event {obj['verdict']:5} {obj['direction']:7} {obj['protocol']:6}"
+                f" {obj['src_ip']}:{obj['src_port']} -> {obj['dst_ip']}:{obj['dst_port']}"
+                f" rule={(obj['rule'] or {}).get('rule_id', '-')} pkts={obj['packets']}\n"
+            )
+            sys.stdout.flush()
+        self.events_written += 1
+
+    # ---- life ------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        cfg = self.config
+        try:
+            policy = self.read_policy()
+        except PolicyLoadError as e:
+            log.error("%s", e)
+            return 2
+        try:
+            self.datapath.load()
+        except DatapathError as e:
+            log.error("%s", e)
+            return 1
+        ifindexes: dict[int, str] = {}
+        self._enricher = Enricher(ifindexes)
+        try:
+            self.apply(policy)
+            for ifname in cfg.ifaces:
+                # pyroute2's synchronous API runs its own event loop: keep it off ours.
+                idx = await asyncio.to_thread(self.datapath.attach, ifname, cfg.netns)
+                ifindexes[idx] = ifname
+                log.info("enforcing on %s%s", ifname, f" (netns {cfg.netns})" if cfg.netns else "")
+            self._enricher.ifnames.update(ifindexes)
+        except (PolicyLoadError, DatapathError) as e:
+            log.error("%s", e)
+            self.datapath.close()
+            return 1
+
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+        async with contextlib.AsyncExitStack() as stack:
+            if cfg.events_file is not None:
+                cfg.events_file.parent.mkdir(parents=True, exist_ok=True)
+                self._events_out = stack.enter_context(open(cfg.events_file, "ab"))
+            fd = self.datapath.open_events(self._on_event)
+            loop.add_reader(fd, self.datapath.consume_events)
+            stack.callback(loop.remove_reader, fd)
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self._flush_events())]
+                if cfg.stats_interval > 0:
+                    tasks.append(tg.create_task(self._print_stats(cfg.stats_interval)))
+                await stop.wait()
+                log.info("stopping")
+                for t in tasks:
+                    t.cancel()
+            self.datapath.consume_events()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        if not cfg.keep_on_exit:
+            for ifname in cfg.ifaces:
+                with contextlib.suppress(DatapathError):
+                    await asyncio.to_thread(detach, ifname, cfg.netns, cfg.datapath.run_dir)
+            self.datapath.close()
+            self.datapath.remove_pins()
+            log.info("detached from %s", ", ".join(cfg.ifaces))
+        else:
+            self.datapath.close()
+            log.info("exiting; filters stay attached and enforcing (--keep-on-exit)")
+        return 0
+
+    async def _flush_events(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            if self._events_out is not None:
+                self._events_out.flush()
+
+    async def _print_stats(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            c = self.datapath.counters()
+            print(
+                f"stats gen={self.generation} total={c['total_packets']}"
+                f" allowed={c['allowed_packets']} denied={c['denied_packets']}"
+                f" logged={c['logged_packets']} sessions+={c['new_sessions']}"
+                f" hits={c['session_hits']} parse_drops={c['parse_drops']}"
+                f" events={c['events_sent']} lost={c['events_lost']}",
+                flush=True,
+            )
+
+
+def run_agent(config: AgentConfig) -> int:
+    """Run the agent in the foreground until SIGINT/SIGTERM; returns the exit code."""
+    return asyncio.run(Agent(config).run())
+
+
+def describe(obj: Any) -> str:
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode()

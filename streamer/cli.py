@@ -1,0 +1,188 @@
+"""The `microseg` command line: argument parsing and validation into typed configs.
+
+Each subcommand validates its flags once and hands a typed config to the component that does
+the work (agent, lab, datapath). Bad flags exit with status 2 and a message naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from streamer import __version__
+from streamer.lab import add_lab_parser
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+
+
+def _ifname(value: str) -> str:
+    if not _IFNAME.match(value) or value in (".", ".."):
+        raise argparse.ArgumentTypeError(f"{value!r} is not an interface name (1-15 characters)")
+    return value
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be greater than 0")
+    return n
+
+
+def _seconds(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 <= n <= 86400:
+        raise argparse.ArgumentTypeError(f"{value!r} must be between 0 and 86400 seconds")
+    return n
+
+
+def _instance(value: str) -> str:
+    if not re.match(r"^[A-Za-z0-9_-]{1,64}$", value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an instance name (letters, digits, - and _, up to 64)"
+        )
+    return value
+
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="run the agent in the foreground")
+    p.add_argument("--iface", action="append", type=_ifname, required=True,
+                   help="interface to enforce on (repeatable)")
+    p.add_argument("--netns", help="named network namespace the interfaces live in")
+    p.add_argument("--policy-file", type=Path, help="policy file (JSON or YAML)")
+    p.add_argument("--default-action", choices=["allow", "deny"],
+                   help="verdict when no rule matches (overrides the policy file's)")
+    p.add_argument("--state-dir", type=Path, default=Path("/var/lib/microseg"))
+    p.add_argument("--events-file", type=Path, help="write flow events as JSON lines here")
+    p.add_argument("--instance", type=_instance,
+                   help="pin directory name under /sys/fs/bpf/microseg (default: per netns)")
+    p.add_argument("--session-table-size", type=_positive_int, default=262144)
+    p.add_argument("--max-shapes", type=_positive_int, default=1024,
+                   help="distinct rule shapes per address family the classifier probes")
+    p.add_argument("--event-interval", type=_seconds, default=1.0,
+                   help="at most one event per flow per this many seconds after its first")
+    p.add_argument("--ringbuf-pages", type=_positive_int, default=256)
+    p.add_argument("--keep-on-exit", action="store_true",
+                   help="leave the filters attached and enforcing after a clean exit")
+    p.add_argument("--stats-interval", type=_seconds, default=0.0,
+                   help="print counters every this many seconds (0: never)")
+    p.add_argument("--print-events", action="store_true", help="print flow events to stdout")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from streamer.agent import AgentConfig, default_instance, run_agent
+    from streamer.datapath import DatapathConfig
+    from streamer.policy import DefaultAction
+
+    if args.ringbuf_pages & (args.ringbuf_pages - 1):
+        print("microseg run: --ringbuf-pages must be a power of two", file=sys.stderr)
+        return 2
+    if args.policy_file is not None and not args.policy_file.is_file():
+        print(f"microseg run: --policy-file {args.policy_file}: no such file", file=sys.stderr)
+        return 2
+    if args.netns is not None and not Path("/run/netns", args.netns).exists():
+        print(f"microseg run: --netns {args.netns}: no such network namespace", file=sys.stderr)
+        return 2
+    instance = args.instance or default_instance(args.netns)
+    config = AgentConfig(
+        ifaces=tuple(dict.fromkeys(args.iface)),
+        netns=args.netns,
+        policy_file=args.policy_file,
+        default_action=DefaultAction(args.default_action) if args.default_action else None,
+        state_dir=args.state_dir,
+        events_file=args.events_file,
+        keep_on_exit=args.keep_on_exit,
+        stats_interval=args.stats_interval,
+        print_events=args.print_events,
+        datapath=DatapathConfig(
+            instance=instance,
+            session_entries=args.session_table_size,
+            max_shapes=args.max_shapes,
+            ringbuf_pages=args.ringbuf_pages,
+            event_interval_ns=int(args.event_interval * 1e9),
+        ),
+    )
+    return run_agent(config)
+
+
+def _add_detach(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("detach", help="remove microseg's filters from interfaces")
+    p.add_argument("--iface", action="append", type=_ifname, required=True)
+    p.add_argument("--netns")
+    p.set_defaults(func=cmd_detach)
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    from streamer.datapath import DatapathError, detach
+
+    rc = 0
+    for ifname in args.iface:
+        try:
+            removed = detach(ifname, args.netns)
+        except DatapathError as e:
+            print(f"microseg detach: {e}", file=sys.stderr)
+            rc = 1
+            continue
+        print(f"{ifname}: removed {', '.join(removed) if removed else 'nothing (not attached)'}")
+    return rc
+
+
+def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("policy-check", help="validate and compile a policy file offline")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_policy_check)
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from streamer.compiler import CompileError, compile_policy
+    from streamer.policy import PolicyError, load_policy_file
+
+    try:
+        policy = load_policy_file(args.file)
+        compiled = compile_policy(policy, 1024)
+    except (PolicyError, CompileError) as e:
+        print(f"microseg: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.file}: {len(policy.policies)} rules, default {policy.default_action.value},"
+        f" {compiled.shape_count} shapes, {compiled.entry_count} table entries"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="microseg", description="eBPF microsegmentation")
+    parser.add_argument("--version", action="version", version=f"microseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_detach(sub)
+    _add_check(sub)
+    add_lab_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
