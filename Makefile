@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 TRAFFIC_LOG ?= $(STATE)/lab-traffic.log
 
 RUN_ARGS = --policy-file $(POLICY) --events-file $(STATE)/events.jsonl \
-           --state-dir $(STATE) $(if $(KAFKA),--kafka $(KAFKA))
+           --state-dir $(STATE) --stats-interval 5 --print-events $(if $(KAFKA),--kafka $(KAFKA))
 
 .PHONY: help setup test run bench lint clean
 

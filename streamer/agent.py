@@ -176,7 +176,7 @@ class Agent:
         async with contextlib.AsyncExitStack() as stack:
             if cfg.events_file is not None:
                 cfg.events_file.parent.mkdir(parents=True, exist_ok=True)
-                self._events_out = stack.enter_context(open(cfg.events_file, "ab"))
+                self._events_out = stack.enter_context(cfg.events_file.open("ab"))
             fd = self.datapath.open_events(self._on_event)
             loop.add_reader(fd, self.datapath.consume_events)
             stack.callback(loop.remove_reader, fd)

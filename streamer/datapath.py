@@ -603,7 +603,7 @@ class Datapath:
             if not idx:
                 where = f" in netns {netns}" if netns else ""
                 raise DatapathError(f"no interface named {ifname}{where}")
-            index = idx[0]
+            index = int(idx[0])
             created = False
             qdiscs = [q for q in ipr.get_qdiscs(index=index) if q.get_attr("TCA_KIND") == "clsact"]
             if not qdiscs:

@@ -467,9 +467,11 @@ class Lab:
         return "\n".join(
             [
                 f"lab {self.name}:",
-                f"  host  netns {self.host_ns:<16} iface {self.host_if} (ifindex {self.host_ifindex})"
+                f"  host  netns {self.host_ns:<16} iface {self.host_if}"
+                f" (ifindex {self.host_ifindex})"
                 f"  {self.host_v4}/{self.V4_PREFIXLEN}  {self.host_v6}/{self.V6_PREFIXLEN}",
-                f"  peer  netns {self.peer_ns:<16} iface {self.peer_if} (ifindex {self.peer_ifindex})"
+                f"  peer  netns {self.peer_ns:<16} iface {self.peer_if}"
+                f" (ifindex {self.peer_ifindex})"
                 f"  {self.peer_v4}/{self.V4_PREFIXLEN}  {self.peer_v6}/{self.V6_PREFIXLEN}",
             ]
         )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import ipaddress
 import json
-import re
 import socket
 from enum import StrEnum
 from ipaddress import IPv4Network, IPv6Network
@@ -117,7 +116,6 @@ _FAMILIES: Final[dict[int, frozenset[int]]] = {
 _CUSTOM = "microseg_invalid"
 _PORT_HINT = 'use an int 0..65535 or "lo-hi"'
 _IP_HINT = 'use an IPv4/IPv6 address or CIDR, or "any"'
-_RANGE_RE = re.compile(r"(\d{1,5})-(\d{1,5})")
 _NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 
 
@@ -240,10 +238,18 @@ def _validate_port(value: Any) -> int | str:
             return value
         raise _invalid(f"{value} is not a port: {_PORT_HINT}")
     if isinstance(value, str):
-        match = _RANGE_RE.fullmatch(value)
-        if match is None:
+        low, dash, high = value.partition("-")
+        if not (
+            dash
+            and 0 < len(low) <= 5
+            and 0 < len(high) <= 5
+            and low.isascii()
+            and low.isdigit()
+            and high.isascii()
+            and high.isdigit()
+        ):
             raise _invalid(f"{_show(value)} is not a port: {_PORT_HINT}")
-        lo, hi = int(match[1]), int(match[2])
+        lo, hi = int(low), int(high)
         if hi > MAX_PORT:
             raise _invalid(f"{_show(value)}: port {hi} is above 65535")
         if lo > hi:
@@ -255,49 +261,22 @@ def _validate_port(value: Any) -> int | str:
     raise _invalid(f"{_show(value)} is not a port: {_PORT_HINT}")
 
 
-class _Derived:
-    """Match data computed once per rule; the network objects are built on first use."""
-
-    __slots__ = (
-        "dst",
-        "dst_net",
-        "dst_ports",
-        "families",
-        "proto_number",
-        "score",
-        "src",
-        "src_net",
-        "src_ports",
-    )
-
-    def __init__(
-        self,
-        src: _Addr,
-        dst: _Addr,
-        src_ports: tuple[int, int] | None,
-        dst_ports: tuple[int, int] | None,
-        proto_number: int | None,
-        families: frozenset[int],
-        score: int,
-    ) -> None:
-        self.src = src
-        self.dst = dst
-        self.src_net: IPNet | None = None
-        self.dst_net: IPNet | None = None
-        self.src_ports = src_ports
-        self.dst_ports = dst_ports
-        self.proto_number = proto_number
-        self.families = families
-        self.score = score
-
-    def __eq__(self, other: object) -> bool:
-        # Rules compare their private data too: equal fields give equal derived data, but
-        # whether a network object was built yet must not matter.
-        if not isinstance(other, _Derived):
-            return NotImplemented
-        return (self.src, self.dst, self.score) == (other.src, other.dst, other.score)
-
-    __hash__ = None  # type: ignore[assignment]
+# Match data of a rule, computed once at validation:
+# (src addr, dst addr, src_ports, dst_ports, proto_number, families, score)
+_Derived = tuple[
+    _Addr, _Addr, tuple[int, int] | None, tuple[int, int] | None, int | None, frozenset[int], int
+]
+# Per protocol: (number or None for any, the only IP version it exists in or 0).
+_PROTO_INFO: Final[dict[Protocol, tuple[int | None, int]]] = {
+    Protocol.TCP: (6, 0),
+    Protocol.UDP: (17, 0),
+    Protocol.ICMP: (1, 4),
+    Protocol.ICMPV6: (58, 6),
+    Protocol.ANY: (None, 0),
+}
+_ACTION_BITS: Final[dict[Action, int]] = {
+    action: rank << 32 for action, rank in _ACTION_RANK.items()
+}
 
 
 IPField = Annotated[str, PlainValidator(_validate_ip)]
@@ -329,7 +308,7 @@ class Rule(BaseModel):
 
     @model_validator(mode="after")
     def _derive(self) -> Rule:
-        # Hot path of a bulk replace (100k rules): keep it lean.
+        # The hot path of a bulk replace (100k rules): kept lean on purpose.
         fields = self.__dict__
         src = _IP_CACHE.get(fields["src_ip"]) or _parse_ip(fields["src_ip"])
         dst = _IP_CACHE.get(fields["dst_ip"]) or _parse_ip(fields["dst_ip"])
@@ -339,24 +318,12 @@ class Rule(BaseModel):
                 f"src_ip is IPv{src[1]} but dst_ip is IPv{dst[1]}; a rule matches one "
                 'family: use addresses of one family, or "any"'
             )
-        protocol: Protocol = fields["protocol"]
+        number, only_version = _PROTO_INFO[fields["protocol"]]
         src_port = fields["src_port"]
         dst_port = fields["dst_port"]
-        if protocol is Protocol.ICMP or protocol is Protocol.ICMPV6:
-            wanted = 4 if protocol is Protocol.ICMP else 6
-            if version and version != wanted:
-                if wanted == 4:
-                    hint = "protocol icmp is ICMP for IPv4: use icmpv6 with IPv6 addresses"
-                else:
-                    hint = "protocol icmpv6 is ICMP for IPv6: use icmp with IPv4 addresses"
-                raise _invalid(f"protocol: {hint}")
-            version = wanted
-            if src_port != 0 or dst_port != 0:
-                field = "src_port" if src_port != 0 else "dst_port"
-                raise _invalid(
-                    f"{field}: a port condition is invalid with protocol {protocol.value} "
-                    "(only tcp and udp have ports): use 0, or protocol tcp, udp or any"
-                )
+        if only_version:
+            self._check_icmp(version, only_version, src_port, dst_port)
+            version = only_version
         # Canonical ports: int 0 = none, int p = (p, p), "lo-hi" (also "0-0") = (lo, hi).
         if src_port.__class__ is int:
             src_ports = (src_port, src_port) if src_port else None
@@ -370,70 +337,98 @@ class Rule(BaseModel):
             dst_ports = (int(lo), int(hi))
         score = (
             (fields["priority"] << 34)
-            | (_ACTION_RANK[fields["action"]] << 32)
+            | _ACTION_BITS[fields["action"]]
             | (MAX_RULE_ID - fields["rule_id"])
         )
-        derived = _Derived(
-            src,
-            dst,
-            src_ports,
-            dst_ports,
-            PROTOCOL_NUMBERS[protocol],
-            _FAMILIES[version],
-            score,
-        )
         # Not a PrivateAttr: pydantic's per-instance private-attribute setup costs more than
-        # the rest of the validation. The slot is BaseModel's own, copied and pickled with it.
-        object.__setattr__(self, "__pydantic_private__", {"_d": derived})
+        # the rest of the validation. The slot is BaseModel's own, copied and pickled with it;
+        # "src_net"/"dst_net" are added on first use.
+        object.__setattr__(
+            self,
+            "__pydantic_private__",
+            {"_d": (src, dst, src_ports, dst_ports, number, _FAMILIES[version], score)},
+        )
         return self
 
-    def _derived(self) -> _Derived:
+    def _check_icmp(
+        self, version: int, only_version: int, src_port: int | str, dst_port: int | str
+    ) -> None:
+        protocol = self.protocol.value
+        if version and version != only_version:
+            if only_version == 4:
+                hint = "protocol icmp is ICMP for IPv4: use icmpv6 with IPv6 addresses"
+            else:
+                hint = "protocol icmpv6 is ICMP for IPv6: use icmp with IPv4 addresses"
+            raise _invalid(f"protocol: {hint}")
+        if src_port != 0 or dst_port != 0:
+            field = "src_port" if src_port != 0 else "dst_port"
+            raise _invalid(
+                f"{field}: a port condition is invalid with protocol {protocol} "
+                "(only tcp and udp have ports): use 0, or protocol tcp, udp or any"
+            )
+
+    def __eq__(self, other: object) -> bool:
+        # Fields only: the private match data follows from them (and its lazily built
+        # networks must not make equal rules unequal).
+        if not isinstance(other, BaseModel):
+            return NotImplemented
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.__dict__.values()))
+
+    def _private(self) -> dict[str, Any]:
         private = self.__pydantic_private__
         if private is None:
             raise RuntimeError("Rule was built without validation (model_construct?)")
-        derived: _Derived = private["_d"]
+        return private
+
+    def _derived(self) -> _Derived:
+        derived: _Derived = self._private()["_d"]
         return derived
 
     @property
     def src_net(self) -> IPNet | None:
         """The source network; None = any address of either family."""
-        d = self._derived()
-        if d.src_net is None and d.src[1]:
-            d.src_net = _make_net(d.src)
-        return d.src_net
+        private = self._private()
+        net: IPNet | None = private.get("src_net")
+        if net is None:
+            net = private["src_net"] = _make_net(private["_d"][0])
+        return net
 
     @property
     def dst_net(self) -> IPNet | None:
         """The destination network; None = any address of either family."""
-        d = self._derived()
-        if d.dst_net is None and d.dst[1]:
-            d.dst_net = _make_net(d.dst)
-        return d.dst_net
+        private = self._private()
+        net: IPNet | None = private.get("dst_net")
+        if net is None:
+            net = private["dst_net"] = _make_net(private["_d"][1])
+        return net
 
     @property
     def src_ports(self) -> tuple[int, int] | None:
         """Inclusive source port range; None = no condition."""
-        return self._derived().src_ports
+        return self._derived()[2]
 
     @property
     def dst_ports(self) -> tuple[int, int] | None:
         """Inclusive destination port range; None = no condition."""
-        return self._derived().dst_ports
+        return self._derived()[3]
 
     @property
     def proto_number(self) -> int | None:
         """IP protocol number; None = any protocol."""
-        return self._derived().proto_number
+        return self._derived()[4]
 
     @property
     def families(self) -> frozenset[int]:
         """The address families (4, 6) this rule can match."""
-        return self._derived().families
+        return self._derived()[5]
 
     @property
     def score(self) -> int:
         """(priority << 34) | (action_rank << 32) | (2^32-1 - rule_id): higher wins."""
-        return self._derived().score
+        return self._derived()[6]
 
     def to_api(self) -> dict[str, Any]:
         """All fields, canonical, JSON-able (the RULE object of SPEC §2)."""
