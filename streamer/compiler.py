@@ -135,6 +135,9 @@ def _rule_entries(rule: Rule) -> Iterator[tuple[Shape, EntryKey]]:
     sblocks = port_blocks(rule.src_ports)
     dblocks = port_blocks(rule.dst_ports)
     for family in (4, 6):
+        # icmp/icmpv6 tie an any-address rule to one family: IPv6 next header 1 is not `icmp`.
+        if family not in rule.families:
+            continue
         src = _net(rule.src_net, family)
         dst = _net(rule.dst_net, family)
         if src is None or dst is None:
