@@ -124,6 +124,10 @@ static __always_inline int parse_l4(void *data, void *data_end, __u32 off, struc
         p->dport = *(__u16 *)(l4 + 2);
         return PARSE_OK;
     case IPPROTO_ICMP:
+        /* ICMP inside IPv6, or ICMPv6 inside IPv4, is just another protocol: no echo ports,
+         * and above all no neighbour-discovery pass for a forged IPv4 "ICMPv6" packet. */
+        if (p->family != 4)
+            return PARSE_OK;
         if ((void *)(l4 + 8) > data_end)
             return PARSE_NEED_PULL;
         if (l4[0] == 8 || l4[0] == 0) { /* echo request / reply share the identifier */
@@ -132,6 +136,8 @@ static __always_inline int parse_l4(void *data, void *data_end, __u32 off, struc
         }
         return PARSE_OK;
     case IPPROTO_ICMPV6:
+        if (p->family != 6)
+            return PARSE_OK;
         if ((void *)(l4 + 8) > data_end)
             return PARSE_NEED_PULL;
         if (l4[0] >= 133 && l4[0] <= 137) /* RS, RA, NS, NA, redirect */

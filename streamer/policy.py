@@ -13,10 +13,11 @@ import gc
 import ipaddress
 import json
 import socket
+from collections.abc import Mapping
 from enum import StrEnum
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Self
 
 import pydantic
 import yaml
@@ -376,6 +377,12 @@ class Rule(BaseModel):
 
     def __hash__(self) -> int:
         return hash(tuple(self.__dict__.values()))
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy; with `update` the result is validated again (so its match data is right)."""
+        if update:
+            return self.model_validate({**self.to_api(), **update})
+        return super().model_copy(deep=deep)
 
     def _private(self) -> dict[str, Any]:
         private = self.__pydantic_private__

@@ -31,6 +31,7 @@ __all__ = [
     "Decision",
     "FlowKey",
     "Packet",
+    "Session",
     "StatefulReference",
     "Verdict",
     "flow_key",
@@ -240,10 +241,12 @@ def flow_key(pkt: Packet) -> FlowKey:
 
 
 @dataclass
-class _Session:
+class Session:
+    """One flow in the session table."""
+
     origin: Packet  # the packet that created it: its direction and tuple are re-judged
     decision: Decision
-    generation: int
+    generation: int  # the policy generation `decision` was taken under
     packets: int = 0
 
 
@@ -258,7 +261,7 @@ class StatefulReference:
 
     policy: PolicySet
     generation: int = 0
-    sessions: dict[FlowKey, _Session] = field(default_factory=dict)
+    sessions: dict[FlowKey, Session] = field(default_factory=dict)
 
     def set_policy(self, policy: PolicySet) -> None:
         """Replace the policy set; live sessions are re-judged lazily."""
@@ -274,7 +277,7 @@ class StatefulReference:
         key = flow_key(pkt)
         session = self.sessions.get(key)
         if session is None:
-            session = _Session(pkt, judge(self.policy, pkt), self.generation)
+            session = Session(pkt, judge(self.policy, pkt), self.generation)
             self.sessions[key] = session
         elif session.generation != self.generation:
             session.decision = judge(self.policy, session.origin)

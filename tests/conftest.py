@@ -17,6 +17,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -158,3 +159,28 @@ def verdict() -> Callable[[Datapath, Packet | bytes, str | None], bool]:
         return kernel_retval(dp, pkt_or_frame, direction) == TC_ACT_OK
 
     return run
+
+
+# ---- the agent as a real process ----------------------------------------------------------
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """agent_factory(lab, policy_file, **AgentProcess kwargs) -> a new, not yet started
+    `agentproc.AgentProcess` with its own instance and an events file in tmp_path. Every agent
+    made is killed, detached and its pins removed after the test, whatever happened."""
+    from agentproc import AgentProcess  # tests/ is on sys.path only once pytest runs
+
+    made: list[AgentProcess] = []
+
+    def make(lab: Lab, policy_file: Path, **kwargs: Any) -> AgentProcess:
+        kwargs.setdefault("events_file", tmp_path / f"events-{len(made)}.jsonl")
+        agent = AgentProcess(lab, policy_file, **kwargs)
+        made.append(agent)
+        return agent
+
+    try:
+        yield make
+    finally:
+        for agent in reversed(made):
+            agent.cleanup()

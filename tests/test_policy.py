@@ -247,6 +247,18 @@ def test_rules_frozen_equal_hashable_copyable() -> None:
         assert clone.score == a.score
 
 
+def test_model_copy_with_update_revalidates() -> None:
+    r = rule(rule_id=4, priority=1, src_ip="10.0.0.0/8")
+    changed = r.model_copy(update={"priority": 9, "src_ip": "2001:DB8::/32"})
+    assert changed.priority == 9
+    assert changed.score == rule(rule_id=4, priority=9).score
+    assert changed.src_ip == "2001:db8::/32"
+    assert changed.families == frozenset({6})
+    with pytest.raises(pydantic.ValidationError):
+        r.model_copy(update={"dst_port": "x"})
+    assert r.model_copy() == r
+
+
 def test_policy_set_round_trip() -> None:
     doc = {
         "default_action": "deny",

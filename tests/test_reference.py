@@ -298,6 +298,8 @@ def test_reply_shares_allow_under_default_deny() -> None:
     assert judge(ref.policy, syn.reply()).verdict is Verdict.DENY
     assert ref.process(syn.reply()) == Decision(Verdict.ALLOW, web)
     assert ref.process(syn) == Decision(Verdict.ALLOW, web)
+    session = ref.sessions[flow_key(syn)]
+    assert (session.origin, session.packets, session.generation) == (syn, 3, 0)
     # an unrelated flow from the other side is judged on its own
     assert ref.process(tcp4(80, 40001, "ingress")).verdict is Verdict.DENY
     assert len(ref.sessions) == 2

@@ -1,0 +1,623 @@
+"""The agent (`microseg run`) as a real process, judged by real traffic across the lab's veth.
+
+Every test starts its own agent (own pin instance, own events file) on the module's lab, with a
+policy file written from the lab's addresses, and sends TCP, UDP and ICMP over IPv4 and IPv6
+from the peer namespace to echo servers in the host namespace (the agent's side) or back.
+"ingress" is peer -> host as the packet crosses the host's interface.
+
+Probes that must fail wait out a short timeout; they run concurrently, so a whole table of
+expectations costs about one timeout.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agentproc import AgentProcess, write_policy
+from netutil import (
+    TcpConn,
+    echo_server,
+    netns_socket,
+    ns_run,
+    ping,
+    tcp_exchange,
+    udp_echo_server,
+    udp_exchange,
+    wait_until,
+)
+
+from streamer.lab import Lab
+
+AgentFactory = Callable[..., AgentProcess]
+
+FAMILIES = ("v4", "v6")
+NEG_TIMEOUT = 0.6  # how long a blocked probe waits: replies on a veth take microseconds
+
+
+def host(lab: Lab, fam: str) -> str:
+    return lab.host_v4 if fam == "v4" else lab.host_v6
+
+
+def peer(lab: Lab, fam: str) -> str:
+    return lab.peer_v4 if fam == "v4" else lab.peer_v6
+
+
+def rule(rule_id: int, protocol: str, action: str, **fields: Any) -> dict[str, Any]:
+    return {"rule_id": rule_id, "name": f"r{rule_id}", "protocol": protocol, "action": action,
+            **fields}  # fmt: skip
+
+
+# ---- probes -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One attempt from netns `src_ns` to `dst`: "tcp" (connect + echo), "udp" (echo), "ping"."""
+
+    kind: str
+    src_ns: str
+    dst: str
+    port: int = 0
+
+    def __call__(self, timeout: float) -> bool:
+        if self.kind == "tcp":
+            return tcp_exchange(self.src_ns, self.dst, self.port, timeout)
+        if self.kind == "udp":
+            return udp_exchange(self.src_ns, self.dst, self.port, timeout)
+        if self.kind == "ping":
+            return ping(self.src_ns, self.dst, timeout)
+        raise ValueError(f"unknown probe kind {self.kind!r}")
+
+    def __str__(self) -> str:
+        port = f" port {self.port}" if self.kind != "ping" else ""
+        return f"{self.kind} {self.src_ns} -> {self.dst}{port}"
+
+
+def probe_all(probes: Iterable[Probe], timeout: float = NEG_TIMEOUT) -> dict[Probe, bool]:
+    """Run `probes` concurrently; what each returned."""
+    todo = list(dict.fromkeys(probes))
+    with ThreadPoolExecutor(max_workers=min(32, max(1, len(todo)))) as ex:
+        return dict(zip(todo, ex.map(lambda p: p(timeout), todo), strict=True))
+
+
+def expect(table: dict[Probe, bool], timeout: float = NEG_TIMEOUT) -> None:
+    """Assert every probe passes (True) or is blocked (False) as `table` says."""
+    got = probe_all(table, timeout)
+    wrong = [
+        f"  {p}: expected {'pass' if want else 'blocked'}, got {'pass' if got[p] else 'blocked'}"
+        for p, want in table.items()
+        if got[p] != want
+    ]
+    assert not wrong, "traffic not as the policy says:\n" + "\n".join(wrong)
+
+
+def tcp_attempt(ns: str, dst: str, port: int, timeout: float) -> tuple[bool, int]:
+    """Connect from `ns` to dst:port and exchange one line: (it worked, our source port)."""
+    v6 = ":" in dst
+    with netns_socket(ns, socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("::", 0) if v6 else ("0.0.0.0", 0))
+        sport: int = s.getsockname()[1]
+        s.settimeout(timeout)
+        try:
+            s.connect((dst, port, 0, 0) if v6 else (dst, port))
+            s.sendall(b"hello\n")
+            return s.recv(64) == b"hello\n", sport
+        except OSError:
+            return False, sport
+
+
+def tc_filters(lab: Lab, hook: str) -> str:
+    """`tc filter show` of the lab's host interface at clsact `hook` (ingress/egress)."""
+    return ns_run(None, "tc", "-n", lab.host_ns, "filter", "show", "dev", lab.host_if, hook).stdout
+
+
+def ours_attached(lab: Lab) -> dict[str, bool]:
+    """Whether our filter (handle 0x4d53, program ms_<hook>) sits on each clsact hook."""
+    return {
+        hook: bool(re.search(rf"handle 0x4d53 .*ms_{hook}", tc_filters(lab, hook)))
+        for hook in ("ingress", "egress")
+    }
+
+
+def start(
+    agent_factory: AgentFactory, lab: Lab, tmp_path: Path, rules: list[dict[str, Any]],
+    default: str = "deny", **kwargs: Any,
+) -> AgentProcess:  # fmt: skip
+    policy = write_policy(tmp_path / "policy.json", rules, default)
+    return agent_factory(lab, policy, **kwargs).start()
+
+
+# ---- 1. verdicts as the policy says -------------------------------------------------------
+
+HOST_TCP = (22, 80, 81, 7999, 8000, 8005, 8010, 8011, 9000)
+HOST_UDP = (53, 54, 80, 4999, 5000, 5010, 5011)
+
+
+def _default_deny(lab: Lab) -> tuple[list[dict[str, Any]], dict[Probe, bool]]:
+    rules = [
+        rule(10, "tcp", "allow", dst_port=80, direction="ingress"),
+        rule(11, "tcp", "allow", dst_port="8000-8010", direction="ingress"),
+        rule(12, "udp", "allow", dst_port=53, direction="ingress"),
+        rule(13, "icmp", "allow", direction="ingress"),  # IPv4 ping only: no icmpv6 rule
+    ]
+    table: dict[Probe, bool] = {}
+    for fam in FAMILIES:
+        h, p = host(lab, fam), peer(lab, fam)
+        for port, ok in ((80, True), (81, False), (7999, False), (8000, True), (8005, True),
+                         (8010, True), (8011, False), (22, False)):  # fmt: skip
+            table[Probe("tcp", lab.peer_ns, h, port)] = ok
+        for port, ok in ((53, True), (54, False), (80, False)):  # rule 10 is tcp only
+            table[Probe("udp", lab.peer_ns, h, port)] = ok
+        table[Probe("ping", lab.peer_ns, h)] = fam == "v4"
+        # The rules are ingress only: the host may not open anything towards the peer.
+        table[Probe("tcp", lab.host_ns, p, 80)] = False
+        table[Probe("udp", lab.host_ns, p, 53)] = False
+        table[Probe("ping", lab.host_ns, p)] = False
+    return rules, table
+
+
+def _default_allow(lab: Lab) -> tuple[list[dict[str, Any]], dict[Probe, bool]]:
+    rules = [
+        rule(20, "tcp", "deny", dst_port=22),
+        rule(21, "udp", "deny", dst_port="5000-5010"),
+        rule(22, "icmpv6", "deny"),
+        # A family-specific address is met only by that family: IPv6 to 9000 stays allowed.
+        rule(23, "tcp", "deny", src_ip=f"{lab.peer_v4}/32", dst_port=9000),
+    ]
+    table: dict[Probe, bool] = {}
+    for fam in FAMILIES:
+        h, p = host(lab, fam), peer(lab, fam)
+        for port, ok in ((22, False), (80, True), (9000, fam == "v6")):
+            table[Probe("tcp", lab.peer_ns, h, port)] = ok
+        for port, ok in ((4999, True), (5000, False), (5010, False), (5011, True), (53, True)):
+            table[Probe("udp", lab.peer_ns, h, port)] = ok
+        table[Probe("ping", lab.peer_ns, h)] = fam == "v4"
+        table[Probe("ping", lab.host_ns, p)] = fam == "v4"
+        table[Probe("tcp", lab.host_ns, p, 80)] = True
+        table[Probe("tcp", lab.host_ns, p, 22)] = False  # direction any: egress too
+    return rules, table
+
+
+@pytest.mark.parametrize("policy", [_default_deny, _default_allow], ids=["deny", "allow"])
+def test_traffic_as_policy_says(
+    module_lab: Lab, agent_factory: AgentFactory, tmp_path: Path,
+    policy: Callable[[Lab], tuple[list[dict[str, Any]], dict[Probe, bool]]],
+) -> None:  # fmt: skip
+    lab = module_lab
+    rules, table = policy(lab)
+    default = "deny" if policy is _default_deny else "allow"
+    with (
+        echo_server(lab.host_ns, HOST_TCP, HOST_UDP),
+        echo_server(lab.peer_ns, (22, 80), (53,)),
+    ):
+        # Without the agent everything passes: the blocked probes below are the policy's doing.
+        expect(dict.fromkeys(table, True), timeout=2.0)
+        agent = start(agent_factory, lab, tmp_path, rules, default)
+        expect(table)
+        assert agent.stop() == 0
+
+
+# ---- 2. replies under default deny --------------------------------------------------------
+
+
+def test_replies_pass_under_default_deny(
+    module_lab: Lab, agent_factory: AgentFactory, tmp_path: Path
+) -> None:
+    lab = module_lab
+    rules = [
+        rule(30 + i, "tcp", "allow", src_ip=peer(lab, fam), dst_ip=host(lab, fam), dst_port=80,
+             direction="ingress")  # fmt: skip
+        for i, fam in enumerate(FAMILIES)
+    ]
+    with echo_server(lab.host_ns, (80, 81)), echo_server(lab.peer_ns, (80,)):
+        agent = start(agent_factory, lab, tmp_path, rules)
+        table: dict[Probe, bool] = {}
+        for fam in FAMILIES:
+            # The SYN-ACK and the echo leave on egress, where no rule allows anything.
+            table[Probe("tcp", lab.peer_ns, host(lab, fam), 80)] = True
+            table[Probe("tcp", lab.peer_ns, host(lab, fam), 81)] = False
+            table[Probe("tcp", lab.host_ns, peer(lab, fam), 80)] = False
+        expect(table)
+        # Not just the handshake: a long conversation keeps passing in both directions.
+        for fam in FAMILIES:
+            with TcpConn(lab.peer_ns, host(lab, fam), 80) as conn:
+                assert all(conn.exchange() for _ in range(20)), f"{fam}: exchange failed"
+        assert agent.stop() == 0
+
+
+# ---- 3. a policy change cuts a live connection ----------------------------------------------
+
+
+def test_policy_change_cuts_live_connection(
+    module_lab: Lab, agent_factory: AgentFactory, tmp_path: Path
+) -> None:
+    lab = module_lab
+    allow_both = [
+        rule(40, "tcp", "allow", dst_port=80, direction="ingress"),
+        rule(41, "tcp", "allow", dst_port=8080, direction="ingress"),
+    ]
+    with echo_server(lab.host_ns, (80, 8080)):
+        agent = start(agent_factory, lab, tmp_path, allow_both)
+        cut = {fam: TcpConn(lab.peer_ns, host(lab, fam), 80) for fam in FAMILIES}
+        kept = {fam: TcpConn(lab.peer_ns, host(lab, fam), 8080) for fam in FAMILIES}
+        try:
+            for fam in FAMILIES:
+                assert cut[fam].exchange() and kept[fam].exchange(), f"{fam}: before the change"
+            write_policy(agent.policy_file, [
+                rule(41, "tcp", "allow", dst_port=8080, direction="ingress"),
+                rule(42, "tcp", "deny", dst_port=80, priority=200),
+            ])  # fmt: skip
+            line = agent.reload()
+            assert "policy generation 2 applied" in line
+            for fam in FAMILIES:
+                assert not cut[fam].exchange(NEG_TIMEOUT), f"{fam}: denied connection still live"
+                assert kept[fam].exchange(), f"{fam}: a still-allowed connection was cut"
+            expect({Probe("tcp", lab.peer_ns, host(lab, fam), 80): False for fam in FAMILIES})
+        finally:
+            for conn in (*cut.values(), *kept.values()):
+                conn.close()
+        # The cut shows up as deny events of the new generation for the established flows.
+        assert wait_until(lambda: sum(
+            1 for e in agent.events()
+            if e["verdict"] == "deny" and e["dst_port"] == 80 and e["policy_generation"] == 2
+            and (e["rule"] or {}).get("rule_id") == 42
+        ) >= 2, timeout=5), agent.events()  # fmt: skip
+        assert agent.stop() == 0
+
+
+# ---- 4. a bad file on SIGHUP keeps the live set -----------------------------------------------
+
+
+def test_bad_reload_keeps_live_set(
+    module_lab: Lab, agent_factory: AgentFactory, tmp_path: Path
+) -> None:
+    lab = module_lab
+    web = rule(50, "tcp", "allow", dst_port=80, direction="ingress")
+    alt = rule(51, "tcp", "allow", dst_port=8080, direction="ingress")
+    before: dict[Probe, bool] = {}
+    for fam in FAMILIES:
+        before[Probe("tcp", lab.peer_ns, host(lab, fam), 80)] = True
+        before[Probe("tcp", lab.peer_ns, host(lab, fam), 8080)] = False
+    after = {p: True for p in before}
+    with echo_server(lab.host_ns, (80, 8080)):
+        agent = start(agent_factory, lab, tmp_path, [web])
+        expect(before)
+        policy = agent.policy_file
+        bad_files: dict[str, Callable[[], None]] = {
+            # One valid rule next to an invalid one: the valid one must not be applied either.
+            "invalid rule": lambda: write_policy(
+                policy, [web, alt, rule(52, "icmp", "allow", dst_port=5)]
+            ),
+            "duplicate rule_id": lambda: write_policy(policy, [web, alt, {**alt, "name": "x"}]),
+            "not JSON": lambda: policy.write_text('{"policies": [ {"rule_id": 51,'),
+            "missing file": lambda: policy.unlink(),
+        }
+        for what, make_bad in bad_files.items():
+            make_bad()
+            line = agent.reload(expect_applied=False)
+            assert "generation 1 stays" in line, f"{what}: {line}"
+            expect(before)
+        assert "policy generation 2" not in agent.log
+        # The agent is not stuck: a good file is applied at the next SIGHUP.
+        write_policy(policy, [web, alt])
+        assert "policy generation 2 applied" in agent.reload()
+        expect(after)
+        assert agent.stop() == 0
+
+
+# ---- 5. kill -9 keeps enforcing; a restart adopts ---------------------------------------------
+
+
+class DeniedHammer(threading.Thread):
+    """Sends a UDP datagram (a new flow each time) to a denied port every ~20 ms, for at most
+    `limit` seconds or until stopped; counts attempts and echoes."""
+
+    def __init__(self, ns: str, targets: list[str], port: int, limit: float = 30.0) -> None:
+        super().__init__(name="denied-hammer", daemon=True)
+        self.ns, self.targets, self.port, self.limit = ns, targets, port, limit
+        self.halt = threading.Event()
+        self.attempts = 0
+        self.echoes: list[str] = []
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.limit
+        while not self.halt.is_set() and time.monotonic() < deadline:
+            for dst in self.targets:
+                self.attempts += 1
+                if udp_exchange(self.ns, dst, self.port, timeout=0.02):
+                    self.echoes.append(f"{dst} at {time.monotonic():.3f}")
+
+    def finish(self) -> None:
+        self.halt.set()
+        self.join(5.0)
+
+
+def test_kill9_keeps_enforcing_and_restart_adopts(
+    module_lab: Lab, agent_factory: AgentFactory, tmp_path: Path
+) -> None:
+    lab = module_lab
+    rules = [
+        rule(60, "tcp", "allow", dst_port=80, direction="ingress"),
+        rule(61, "udp", "allow", dst_port=53, direction="ingress"),
+    ]
+    table: dict[Probe, bool] = {}
+    for fam in FAMILIES:
+        table[Probe("tcp", lab.peer_ns, host(lab, fam), 80)] = True
+        table[Probe("udp", lab.peer_ns, host(lab, fam), 53)] = True
+        table[Probe("udp", lab.peer_ns, host(lab, fam), 5353)] = False
+        table[Probe("tcp", lab.peer_ns, host(lab, fam), 81)] = False
+    with (
+        echo_server(lab.host_ns, (80, 81), (53,)),
+        udp_echo_server(lab.host_ns, 5353) as denied_srv,
+    ):
+        agent = start(agent_factory, lab, tmp_path, rules)
+        conns = {fam: TcpConn(lab.peer_ns, host(lab, fam), 80) for fam in FAMILIES}
+        try:
+            expect(table)
+            agent.kill9()
+            assert ours_attached(lab) == {"ingress": True, "egress": True}, tc_filters(
+                lab, "ingress"
+            )
+            assert agent.pin_dir.is_dir()
+            expect(table)
+            for fam, conn in conns.items():
+                assert conn.exchange(), f"{fam}: live connection broke when the agent died"
+
+            seen = denied_srv.udp_datagrams
+            hammer = DeniedHammer(lab.peer_ns, [lab.host_v4, lab.host_v6], 5353)
+            hammer.start()
+            try:
+                t0 = time.monotonic()
+                agent.start()
+                restart_s = time.monotonic() - t0
+                time.sleep(0.3)  # and a little while after the new filters are in
+            finally:
+                hammer.finish()
+            assert not hammer.echoes, f"denied port answered during the restart: {hammer.echoes}"
+            assert denied_srv.udp_datagrams == seen, "a denied datagram reached the server"
+            # The loop must really have covered the restart (~20 ms per attempt).
+            assert hammer.attempts >= min(50, restart_s / 0.05), (hammer.attempts, restart_s)
+
+            agent.wait_log(r"adopted pinned state: generation 1, 2 rules", timeout=1)
+            agent.wait_log(r"policy generation 2 applied", timeout=1)
+            assert ours_attached(lab) == {"ingress": True, "egress": True}
+            expect(table)
+            for fam, conn in conns.items():
+                assert conn.exchange(), f"{fam}: live connection broke across the restart"
+        finally:
+            for conn in conns.values():
+                conn.close()
+        assert agent.stop() == 0
+        assert ours_attached(lab) == {"ingress": False, "egress": False}
+
+
+# ---- 6. clean exit detaches (or not, with --keep-on-exit) --------------------------------------
+
+
+def test_clean_exit_detaches(module_lab: Lab, agent_factory: AgentFactory, tmp_path: Path) -> None:
+    lab = module_lab
+    denied = {Probe("tcp", lab.peer_ns, host(lab, fam), 81): False for fam in FAMILIES}
+    with echo_server(lab.host_ns, (80, 81)):
+        agent = start(agent_factory, lab, tmp_path, [rule(70, "tcp", "allow", dst_port=80)])
+        assert ours_attached(lab) == {"ingress": True, "egress": True}
+        assert "clsact" in ns_run(None, "tc", "-n", lab.host_ns, "qdisc", "show").stdout
+        expect(denied)
+        assert agent.stop() == 0
+        agent.wait_log(r"detached from", timeout=1)
+        for hook in ("ingress", "egress"):
+            assert tc_filters(lab, hook).strip() == "", f"{hook}: {tc_filters(lab, hook)}"
+        # The agent created the clsact qdisc, so it removes it too.
+        assert "clsact" not in ns_run(None, "tc", "-n", lab.host_ns, "qdisc", "show").stdout
+        assert not agent.pin_dir.exists(), list(agent.pin_dir.rglob("*"))
+        expect({p: True for p in denied}, timeout=2.0)
+
+
+def test_keep_on_exit_then_detach(
+    module_lab: Lab, agent_factory: AgentFactory, tmp_path: Path
+) -> None:
+    lab = module_lab
+    denied = {Probe("tcp", lab.peer_ns, host(lab, fam), 81): False for fam in FAMILIES}
+    with echo_server(lab.host_ns, (80, 81)):
+        agent = start(
+            agent_factory, lab, tmp_path, [rule(71, "tcp", "allow", dst_port=80)],
+            keep_on_exit=True,
+        )  # fmt: skip
+        assert agent.stop() == 0
+        agent.wait_log(r"filters stay attached", timeout=1)
+        assert ours_attached(lab) == {"ingress": True, "egress": True}
+        assert agent.pin_dir.is_dir()
+        expect(denied)  # still enforcing without a process
+        cli = [sys.executable, "-m", "streamer", "detach", "--netns", lab.host_ns,
+               "--iface", lab.host_if]  # fmt: skip
+        done = subprocess.run(cli, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert f"{lab.host_if}: removed" in done.stdout, done.stdout
+        assert ours_attached(lab) == {"ingress": False, "egress": False}
+        expect({p: True for p in denied}, timeout=2.0)
+        # Detaching again is not an error: there is just nothing to remove.
+        again = subprocess.run(cli, capture_output=True, text=True, timeout=30)
+        assert again.returncode == 0, again.stderr
+        assert "nothing" in again.stdout, again.stdout
+
+
+# ---- 7. flow events ---------------------------------------------------------------------------
+
+TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z$")
+
+
+def _event_ns(ev: dict[str, Any]) -> int:
+    dt = datetime.strptime(ev["time"][:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    return int(dt.timestamp()) * 1_000_000_000 + int(ev["time"][20:29])
+
+
+def test_events_file(module_lab: Lab, agent_factory: AgentFactory, tmp_path: Path) -> None:
+    lab = module_lab
+    rules = [
+        rule(80, "tcp", "allow", dst_port=80, direction="ingress"),
+        {**rule(81, "tcp", "log", dst_port=5432, direction="ingress"), "name": "audit-pg"},
+        {**rule(82, "tcp", "deny", dst_port=22, priority=200), "name": "no-ssh"},
+    ]
+    interval = 0.5
+    with echo_server(lab.host_ns, (22, 80, 81, 5432)):
+        agent = start(agent_factory, lab, tmp_path, rules, event_interval=interval)
+        t_start = time.time()
+        flows: dict[tuple[str, int], tuple[str, int | None, str | None]] = {}
+        allowed_ports: list[int] = []
+        for fam in FAMILIES:
+            h = host(lab, fam)
+            ok, sport = tcp_attempt(lab.peer_ns, h, 80, 2.0)
+            assert ok, f"{fam}: allowed connection failed"
+            allowed_ports.append(sport)
+            ok, sport = tcp_attempt(lab.peer_ns, h, 22, NEG_TIMEOUT)
+            assert not ok
+            flows[(fam, sport)] = ("deny", 82, "no-ssh")
+            ok, sport = tcp_attempt(lab.peer_ns, h, 81, NEG_TIMEOUT)
+            assert not ok
+            flows[(fam, sport)] = ("deny", None, None)  # the default decided
+        # A logged connection that keeps talking: a "new" event, then at most one per interval.
+        logged: dict[str, int] = {}
+        conns = [TcpConn(lab.peer_ns, host(lab, fam), 5432) for fam in FAMILIES]
+        try:
+            for fam, conn in zip(FAMILIES, conns, strict=True):
+                logged[fam] = conn.sock.getsockname()[1]
+                flows[(fam, logged[fam])] = ("log", 81, "audit-pg")
+            t_talk = time.monotonic()
+            for _ in range(16):
+                assert all(c.exchange() for c in conns), "logged connection failed"
+                time.sleep(0.1)
+            talk_s = time.monotonic() - t_talk
+        finally:
+            for conn in conns:
+                conn.close()
+
+        def flow_events() -> dict[tuple[str, int], list[dict[str, Any]]]:
+            out: dict[tuple[str, int], list[dict[str, Any]]] = {k: [] for k in flows}
+            for ev in agent.events():
+                fam = "v6" if ":" in ev["src_ip"] else "v4"
+                if (fam, ev["src_port"]) in out:
+                    out[(fam, ev["src_port"])].append(ev)
+            return out
+
+        assert wait_until(lambda: all(flow_events().values()), timeout=5), (
+            f"missing events; got {agent.events()}"
+        )
+        time.sleep(0.5)  # let late ones (e.g. the logged flow's FIN) land
+        events = agent.events()
+        by_flow = flow_events()
+
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"seq not increasing by 1: {seqs}"
+    for ev in events:
+        assert ev["schema"] == "microseg.flow/v1"
+        assert TIME_RE.match(ev["time"]), ev["time"]
+        assert abs(_event_ns(ev) / 1e9 - t_start) < 60, ev["time"]
+        assert ev["iface"] == lab.host_if
+        assert ev["policy_generation"] == 1
+        assert ev["packets"] >= 1 and ev["bytes"] >= 40 * ev["packets"], ev
+    # Allowed flows are never reported.
+    assert not [e for e in events if e["verdict"] == "allow" or e["dst_port"] == 80], events
+    for fam in FAMILIES:
+        for port in allowed_ports:
+            assert not [e for e in events if e["src_port"] == port], f"allowed flow {port}"
+
+    for (fam, sport), (verdict, rule_id, name) in flows.items():
+        evs = by_flow[(fam, sport)]
+        first = evs[0]
+        want = {
+            "direction": "ingress",
+            "verdict": verdict,
+            "protocol": "tcp",
+            "src_ip": peer(lab, fam),
+            "dst_ip": host(lab, fam),
+            "src_port": sport,
+            "kind": "new",
+            "tcp_flags": "SYN",
+            "packets": 1,
+        }
+        assert {k: first[k] for k in want} == want, first
+        assert first["dst_port"] in (22, 81, 5432)
+        if rule_id is None:
+            assert first["rule"] is None, first
+        else:
+            r = first["rule"]
+            assert (r["rule_id"], r["name"], r["action"]) == (rule_id, name, verdict), r
+            assert r["priority"] == (200 if rule_id == 82 else 100), r
+        assert all(e["direction"] == "ingress" and e["verdict"] == verdict for e in evs), evs
+
+    for fam in FAMILIES:
+        evs = by_flow[(fam, logged[fam])]
+        updates = evs[1:]
+        assert all(e["kind"] == "update" for e in updates), evs
+        # ~16 round trips over `talk_s`: at least one update, and never two within an interval.
+        assert 1 <= len(updates) <= int(talk_s / interval) + 2, (talk_s, evs)
+        stamps = [_event_ns(e) for e in evs]
+        gaps = [(b - a) / 1e9 for a, b in zip(stamps, stamps[1:], strict=False)]
+        assert all(g >= interval * 0.98 for g in gaps), f"events closer than {interval}s: {gaps}"
+        # Together they count no more than was sent (4 packets per round trip, in both ways).
+        assert sum(e["packets"] for e in evs) <= 4 * 16 + 10, evs
+    assert agent.stop() == 0
+
+
+# ---- 8. counters ------------------------------------------------------------------------------
+
+
+def test_stats_count_what_was_sent(
+    module_lab: Lab, agent_factory: AgentFactory, tmp_path: Path
+) -> None:
+    lab = module_lab
+    rules = [
+        rule(90, "udp", "allow", dst_port=53, direction="ingress"),
+        rule(91, "tcp", "deny", dst_port=22, priority=200),
+    ]
+    n_udp, n_denied = 20, 6
+    with echo_server(lab.host_ns, (22,), (53,)):
+        agent = start(agent_factory, lab, tmp_path, rules, stats_interval=1)
+        assert wait_until(lambda: len(agent.stats()) >= 1, timeout=5), agent.stdout_lines
+        before = agent.stats()[-1]
+        for i in range(n_udp):
+            assert udp_exchange(lab.peer_ns, host(lab, FAMILIES[i % 2]), 53, 2.0), i
+        with ThreadPoolExecutor(n_denied) as ex:
+            results = list(ex.map(
+                lambda i: tcp_attempt(lab.peer_ns, host(lab, FAMILIES[i % 2]), 22, 0.3)[0],
+                range(n_denied),
+            ))  # fmt: skip
+        assert not any(results)
+        mark = len(agent.stats())
+        # A line printed after the traffic was sampled after it: wait for two to be sure.
+        assert wait_until(lambda: len(agent.stats()) >= mark + 2, timeout=5), agent.stdout_lines
+        after = agent.stats()[-1]
+    delta = {k: after[k] - before[k] for k in before if k != "gen"}
+    sent_udp = 2 * n_udp  # request in, echo out
+    denied_syns = n_denied  # at least one SYN each (no retransmit within 0.3 s)
+    assert after["gen"] == 1
+    assert delta["total"] >= sent_udp + denied_syns, delta
+    assert delta["allowed"] >= sent_udp, delta
+    assert delta["denied"] >= denied_syns, delta
+    assert delta["sessions+"] >= n_udp + denied_syns, delta
+    assert delta["events"] >= denied_syns, delta
+    assert after["lost"] == 0 and after["parse_drops"] == 0, after
+    assert agent.stop() == 0
+
+
+def test_agent_helper_cleans_up_after_a_failure(module_lab: Lab, tmp_path: Path) -> None:
+    """AgentProcess.cleanup leaves no process, filter or pin behind, even mid-run."""
+    policy = write_policy(tmp_path / "p.json", [rule(1, "tcp", "allow", dst_port=80)])
+    agent = AgentProcess(module_lab, policy, tmp_path / "ev.jsonl")
+    with pytest.raises(RuntimeError), agent:
+        agent.start()
+        raise RuntimeError("a test failing while the agent runs")
+    assert not agent.running
+    assert ours_attached(module_lab) == {"ingress": False, "egress": False}
+    assert not agent.pin_dir.exists() and not agent.run_dir.exists()
