@@ -111,7 +111,7 @@ def diff_policies(old: PolicySet, new: PolicySet, generation: int) -> ChangeResu
         generation=generation,
         added=[r for rid, r in after.items() if rid not in before],
         removed=[r for rid, r in before.items() if rid not in after],
-        changed=[(before[rid], r) for rid, r in after.items() if rid in before and before[rid] != r],
+        changed=[(before[k], r) for k, r in after.items() if k in before and before[k] != r],
         default_action_changed=old.default_action != new.default_action,
     )
 
@@ -131,7 +131,7 @@ def sessions_changing(sessions: Iterable[LiveSession], new: PolicySet) -> tuple[
             proto=s.protocol,
             sport=s.src_port if s.protocol in (6, 17) else 0,
             dport=s.dst_port if s.protocol in (6, 17) else 0,
-            direction=s.direction,
+            direction="egress" if s.direction == "egress" else "ingress",
             ifindex=s.ifindex,
         )
         d = judge(new, pkt)
