@@ -10,8 +10,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-_ETH_V4 = bytes.fromhex("020000000002" "020000000001" "0800")
-_ETH_V6 = bytes.fromhex("020000000002" "020000000001" "86dd")
+_ETH_V4 = bytes.fromhex("0200000000020200000000010800")
+_ETH_V6 = bytes.fromhex("02000000000202000000000186dd")
 TCP = 6
 UDP = 17
 ICMP = 1

@@ -22,13 +22,20 @@ from ipaddress import IPv6Address
 from typing import Any
 
 from bench.frames import TCP, UDP, Flow
-from streamer.compiler import DIR_EGRESS, DIR_INGRESS, CompiledPolicy, Entry
+from streamer.compiler import DIR_EGRESS, DIR_INGRESS, CompiledPolicy, Entry, EntryKey
 
 # Top rules: one per family, above every generated priority, so "the highest-priority rule"
 # is a fixed, allowed rule (the cost of judging a flow, not of emitting an event).
 TOP_PRIORITY = 65535
 TOP4_ID = 1
 TOP6_ID = 2
+# Late rules: one per family, below every generated priority, in a shape of their own, so it
+# is always the last shape probed. They match broad traffic (a /8 to anywhere), so their
+# packets vary in every field, as the default action's do.
+BOTTOM_PRIORITY = 0
+BOTTOM4_ID = 3
+BOTTOM6_ID = 4
+BOTTOM_PORT = 8443
 _PRIORITIES = (100, 100, 100, 100, 100, 50, 200, 300, 500, 1000)
 _ACTIONS = ("allow",) * 7 + ("deny",) * 2 + ("log",)
 _PORTS = (22, 53, 80, 443, 2379, 3306, 5432, 6379, 8080, 9090, 9100, 27017)
@@ -65,34 +72,57 @@ def _common(rng: random.Random) -> Doc:
 # Each template: (name, weight, rule fields). Prefix lengths and port forms are fixed per
 # template; addresses, ports, priorities and actions vary.
 def _svc(rng: random.Random) -> Doc:
-    return {"src_ip": _v4(rng, 24), "dst_ip": _v4(rng, 32), "protocol": "tcp",
-            "dst_port": rng.choice(_PORTS), "direction": "ingress", **_common(rng)}
+    return {
+        "src_ip": _v4(rng, 24),
+        "dst_ip": _v4(rng, 32),
+        "protocol": "tcp",
+        "dst_port": rng.choice(_PORTS),
+        "direction": "ingress",
+        **_common(rng),
+    }
 
 
 def _subnet(rng: random.Random) -> Doc:
-    return {"src_ip": _v4(rng, 16), "dst_ip": _v4(rng, 24), "protocol": rng.choice(("tcp", "udp")),
-            "dst_port": rng.choice(_PORTS), "direction": "any", **_common(rng)}
+    return {
+        "src_ip": _v4(rng, 16),
+        "dst_ip": _v4(rng, 24),
+        "protocol": rng.choice(("tcp", "udp")),
+        "dst_port": rng.choice(_PORTS),
+        "direction": "any",
+        **_common(rng),
+    }
 
 
 def _hosts(rng: random.Random) -> Doc:
-    return {"src_ip": _v4(rng, 32), "dst_ip": _v4(rng, 32), "protocol": "tcp",
-            "dst_port": rng.choice(_PORTS), "direction": "egress", **_common(rng)}
-
-
-def _exposed(rng: random.Random) -> Doc:
-    return {"dst_ip": _v4(rng, 32), "protocol": "tcp", "dst_port": rng.choice((80, 443)),
-            "direction": "ingress", **_common(rng)}
+    return {
+        "src_ip": _v4(rng, 32),
+        "dst_ip": _v4(rng, 32),
+        "protocol": "tcp",
+        "dst_port": rng.choice(_PORTS),
+        "direction": "egress",
+        **_common(rng),
+    }
 
 
 def _quarantine(rng: random.Random) -> Doc:
-    return {"src_ip": _v4(rng, 20), "protocol": "any", "action": "deny",
-            "priority": rng.choice(_PRIORITIES)}
+    return {
+        "src_ip": _v4(rng, 28),
+        "protocol": "any",
+        "action": "deny",
+        "priority": rng.choice(_PRIORITIES),
+    }
 
 
 def _port_range(rng: random.Random) -> Doc:
     # 8000-8099 splits into three prefix blocks (/10, /11, /14): three shapes.
-    return {"src_ip": _v4(rng, 24), "dst_ip": _v4(rng, 28), "protocol": "tcp",
-            "dst_port": "8000-8099", "direction": "ingress", **_common(rng)}
+    return {
+        "src_ip": _v4(rng, 24),
+        "dst_ip": _v4(rng, 28),
+        "protocol": "tcp",
+        "dst_port": "8000-8099",
+        "direction": "ingress",
+        **_common(rng),
+    }
 
 
 def _icmp(rng: random.Random) -> Doc:
@@ -100,47 +130,89 @@ def _icmp(rng: random.Random) -> Doc:
 
 
 def _svc6(rng: random.Random) -> Doc:
-    return {"src_ip": _v6(rng, 64), "dst_ip": _v6(rng, 128), "protocol": "tcp",
-            "dst_port": rng.choice(_PORTS), "direction": "ingress", **_common(rng)}
+    return {
+        "src_ip": _v6(rng, 64),
+        "dst_ip": _v6(rng, 128),
+        "protocol": "tcp",
+        "dst_port": rng.choice(_PORTS),
+        "direction": "ingress",
+        **_common(rng),
+    }
 
 
 def _quarantine6(rng: random.Random) -> Doc:
-    return {"src_ip": _v6(rng, 48), "protocol": "any", "action": "deny",
-            "priority": rng.choice(_PRIORITIES)}
+    return {
+        "src_ip": _v6(rng, 48),
+        "protocol": "any",
+        "action": "deny",
+        "priority": rng.choice(_PRIORITIES),
+    }
 
 
-def _exposed6(rng: random.Random) -> Doc:
-    return {"dst_ip": _v6(rng, 128), "protocol": "tcp", "dst_port": rng.choice((80, 443)),
-            "direction": "ingress", **_common(rng)}
+def _bottom4(rng: random.Random) -> Doc:
+    return {
+        "src_ip": "10.0.0.0/8",
+        "protocol": "tcp",
+        "dst_port": BOTTOM_PORT,
+        "direction": "ingress",
+        "priority": BOTTOM_PRIORITY,
+        "action": "allow",
+    }
+
+
+def _bottom6(rng: random.Random) -> Doc:
+    return {
+        "src_ip": "fd00::/8",
+        "protocol": "tcp",
+        "dst_port": BOTTOM_PORT,
+        "direction": "ingress",
+        "priority": BOTTOM_PRIORITY,
+        "action": "allow",
+    }
 
 
 Template = tuple[str, int, Callable[[random.Random], Doc]]
 PALETTE: tuple[Template, ...] = (
-    ("svc", 30, _svc),
-    ("subnet", 10, _subnet),
+    ("svc", 35, _svc),
+    ("subnet", 12, _subnet),
     ("hosts", 15, _hosts),
-    ("exposed", 5, _exposed),
     ("quarantine", 3, _quarantine),
     ("port-range", 7, _port_range),
     ("icmp", 5, _icmp),
-    ("svc6", 15, _svc6),
-    ("quarantine6", 2, _quarantine6),
-    ("exposed6", 8, _exposed6),
+    ("svc6", 20, _svc6),
+    ("quarantine6", 3, _quarantine6),
 )
+# Besides the palette, every palette set holds four fixed rules: a top and a bottom rule
+# per family (TOP*_ID, BOTTOM*_ID).
+FIXED_RULES = 4
 
 
 def palette_policy(count: int, seed: int) -> Doc:
-    """A policy document of `count` rules (at least 2): the two top rules, then templates.
+    """A policy document of `count` rules (at least 4): the fixed rules, then the palette.
 
-    The first 10 rules take every template once, so even 10 rules have the palette's shapes.
+    The first 10 rules hold every template once, so even 10 rules have the palette's shapes.
     Default action: deny (a microsegmented host).
     """
+    if count < FIXED_RULES:
+        raise ValueError(f"a palette set has at least {FIXED_RULES} rules, not {count}")
     rng = random.Random(seed)
     rules: list[Doc] = [
-        {**_svc(rng), "rule_id": TOP4_ID, "name": "top4", "priority": TOP_PRIORITY,
-         "action": "allow"},
-        {**_svc6(rng), "rule_id": TOP6_ID, "name": "top6", "priority": TOP_PRIORITY,
-         "action": "allow"},
+        {
+            **_svc(rng),
+            "rule_id": TOP4_ID,
+            "name": "top4",
+            "priority": TOP_PRIORITY,
+            "action": "allow",
+        },
+        {
+            **_svc6(rng),
+            "rule_id": TOP6_ID,
+            "name": "top6",
+            "priority": TOP_PRIORITY,
+            "action": "allow",
+        },
+        {**_bottom4(rng), "rule_id": BOTTOM4_ID, "name": "bottom4"},
+        {**_bottom6(rng), "rule_id": BOTTOM6_ID, "name": "bottom6"},
     ]
     fns = [fn for _, _, fn in PALETTE]
     weights = [w for _, w, _ in PALETTE]
@@ -167,9 +239,15 @@ def shape_sweep_policy(count: int, k: int, seed: int) -> Doc:
     rules: list[Doc] = []
     for i in range(count):
         splen, dplen = pairs[i % k]
-        rule: Doc = {"rule_id": i + 1, "src_ip": _v4(rng, splen), "dst_ip": _v4(rng, dplen),
-                     "protocol": "tcp", "dst_port": rng.choice(_PORTS), "direction": "ingress",
-                     **_common(rng)}
+        rule: Doc = {
+            "rule_id": i + 1,
+            "src_ip": _v4(rng, splen),
+            "dst_ip": _v4(rng, dplen),
+            "protocol": "tcp",
+            "dst_port": rng.choice(_PORTS),
+            "direction": "ingress",
+            **_common(rng),
+        }
         if i == 0:
             rule.update(name="top4", priority=TOP_PRIORITY, action="allow")
         rules.append(rule)
@@ -218,12 +296,22 @@ class Target:
     shape_index: int | None  # where the rule's shape is in probe order
 
 
-def _random_flow(rng: random.Random, family: int, shape_index: int | None,
-                 compiled: CompiledPolicy, key: tuple[int, int, int, int, int, int] | None
-                 ) -> Flow:
-    """A flow inside `key` of shape `shape_index` (free bits random), or from the bench ranges."""
+def _random_flow(
+    rng: random.Random,
+    family: int,
+    shape_index: int | None,
+    compiled: CompiledPolicy,
+    key: EntryKey | None,
+    one_pair: bool = False,
+) -> Flow:
+    """A flow inside `key` of shape `shape_index` (free bits random), or from the bench ranges
+    (with `one_pair`: always the same addresses and destination port, only sport varies)."""
     bits = 32 if family == 4 else 128
     sport = rng.randrange(1024, 65536)
+    if one_pair and key is None:
+        if family == 4:
+            return Flow(4, _V4_BENCH_SRC | 1, _V4_BENCH_DST | 1, TCP, sport, 443, "ingress")
+        return Flow(6, _V6_BENCH | 1, _V6_BENCH | (1 << 79) | 1, TCP, sport, 443, "ingress")
     if key is None or shape_index is None:
         if family == 4:
             src = _V4_BENCH_SRC | rng.getrandbits(16)
@@ -240,18 +328,34 @@ def _random_flow(rng: random.Random, family: int, shape_index: int | None,
     dport = kdpt | (rng.getrandbits(16) & ~_mask(16, shape.dport_plen) & 0xFFFF)
     if shape.sport_plen:
         sport = kspt | (rng.getrandbits(16) & ~_mask(16, shape.sport_plen) & 0xFFFF)
-    return Flow(family, src, dst, proto or TCP, sport, dport,
-                "ingress" if direction == DIR_INGRESS else "egress")
+    return Flow(
+        family,
+        src,
+        dst,
+        proto or TCP,
+        sport,
+        dport,
+        "ingress" if direction == DIR_INGRESS else "egress",
+    )
 
 
-def flows_for(compiled: CompiledPolicy, target: Target, key: tuple[int, ...] | None,
-              count: int, seed: int) -> list[Flow]:
-    """Up to `count` distinct flows that all take `target`'s path (bounded attempts)."""
+def flows_for(
+    compiled: CompiledPolicy,
+    target: Target,
+    key: EntryKey | None,
+    count: int,
+    seed: int,
+    one_pair: bool = False,
+) -> list[Flow]:
+    """Up to `count` distinct flows that all take `target`'s path (bounded attempts).
+
+    `one_pair` (default-action targets only): one address pair, so every packet probes the
+    same rule-table buckets (cache-warm) and only the session key differs.
+    """
     rng = random.Random(seed)
     out: dict[tuple[int, ...], Flow] = {}
-    ekey = None if key is None else (key[0], key[1], key[2], key[3], key[4], key[5])
     for _ in range(count * 20):
-        flow = _random_flow(rng, target.family, target.shape_index, compiled, ekey)
+        flow = _random_flow(rng, target.family, target.shape_index, compiled, key, one_pair)
         entry, probes = probe(compiled, flow)
         rule_id = entry.rule_id if entry is not None else 0
         if rule_id == target.rule_id and probes == target.probes:
@@ -261,45 +365,20 @@ def flows_for(compiled: CompiledPolicy, target: Target, key: tuple[int, ...] | N
     return list(out.values())
 
 
-def top_target(compiled: CompiledPolicy, family: int, rule_id: int) -> tuple[Target, tuple[int, ...]]:
-    """The path of the family's top rule (it sits in the first shape probed)."""
+def rule_target(compiled: CompiledPolicy, family: int, rule_id: int) -> tuple[Target, EntryKey]:
+    """The path of packets decided by `rule_id` (one of its entries; TCP preferred)."""
     tables = compiled.family(family)
+    found: tuple[int, EntryKey, Entry] | None = None
     for i, entries in enumerate(tables.entries):
         for key, entry in entries.items():
-            if entry.rule_id == rule_id:
-                flow = _random_flow(random.Random(0), family, i, compiled, key)
-                _, probes = probe(compiled, flow)
-                return Target(family, rule_id, entry.action, probes, i), key
-    raise ValueError(f"rule {rule_id} is not in the IPv{family} tables")
-
-
-def late_target(compiled: CompiledPolicy, family: int, seed: int
-                ) -> tuple[Target, tuple[int, ...]]:
-    """A rule as late in probe order as possible that wins its packets; allow rules preferred.
-
-    Walks shapes from the last probed backwards, sampling entries of TCP/UDP (or wildcard)
-    keys, and keeps the first whose packets it really decides (nothing earlier matches).
-    """
-    rng = random.Random(seed)
-    tables = compiled.family(family)
-    fallback: tuple[Target, tuple[int, ...]] | None = None
-    for i in range(len(tables.shapes) - 1, -1, -1):
-        items = list(tables.entries[i].items())
-        rng.shuffle(items)
-        for key, entry in items[:400]:
-            if key[1] not in (0, TCP, UDP):
-                continue
-            flow = _random_flow(rng, family, i, compiled, key)
-            won, probes = probe(compiled, flow)
-            if won is None or won.rule_id != entry.rule_id:
-                continue
-            found = (Target(family, entry.rule_id, entry.action, probes, i), key)
-            if entry.action == 0:
-                return found
-            fallback = fallback or found
-        if fallback is not None:
-            return fallback
-    raise ValueError(f"no IPv{family} rule decides packets of its own")
+            if entry.rule_id == rule_id and (found is None or key[1] == TCP):
+                found = (i, key, entry)
+    if found is None:
+        raise ValueError(f"rule {rule_id} is not in the IPv{family} tables")
+    i, key, entry = found
+    flow = _random_flow(random.Random(0), family, i, compiled, key)
+    _, probes = probe(compiled, flow)
+    return Target(family, rule_id, entry.action, probes, i), key
 
 
 def default_target(compiled: CompiledPolicy, family: int) -> Target:
