@@ -481,11 +481,8 @@ static __always_inline int classify(struct __sk_buff *skb, __u8 dir)
         return TC_ACT_SHOT;
     }
 
-    struct ms_scratch *sc = scratch.lookup(&zero);
-    if (!sc)
-        return TC_ACT_SHOT;
-    struct ms_sess_key *key = &sc->key;
-    __builtin_memset(key, 0, sizeof(*key));
+    struct ms_sess_key kbuf = {};
+    struct ms_sess_key *key = &kbuf;
     key->ifindex = skb->ifindex;
     key->family = p.family;
     key->proto = p.proto;
@@ -527,6 +524,10 @@ ordered:
         ctr->c[C_SESSION_HITS]++;
         return account(key, s, src_is_a, p.tcp_flags, dir, len, bpf_ktime_get_coarse_ns(), ctr);
     }
+    struct ms_scratch *sc = scratch.lookup(&zero);
+    if (!sc)
+        return TC_ACT_SHOT;
+    sc->key = kbuf;
     sc->p = p;
     sc->len = len;
     sc->src_is_a = src_is_a;

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
+from pyroute2 import config as pyroute2_config
 
 from streamer.compiler import CompileError, compile_policy
 from streamer.datapath import Datapath, DatapathConfig, DatapathError, detach
@@ -142,6 +144,19 @@ class Agent:
 
     async def run(self) -> int:
         cfg = self.config
+        # Handlers first: a signal during startup must not kill us with the default action
+        # once filters are attached (they would stay, enforcing, with nobody to remove them).
+        # The handlers run at our first await (attaching), so a SIGHUP then reloads and a
+        # SIGTERM stops cleanly right after startup.
+        # pyroute2 forks a helper for each netns socket and SIGTERMs it when done; the child
+        # shares our signal wakeup fd, so unless it resets SIGTERM first its signal reaches our
+        # loop as if we had been told to stop.
+        pyroute2_config.disable_mp_signal = True
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             policy = self.read_policy()
         except PolicyLoadError as e:
@@ -167,12 +182,6 @@ class Agent:
             self.datapath.close()
             return 1
 
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
-
         async with contextlib.AsyncExitStack() as stack:
             if cfg.events_file is not None:
                 cfg.events_file.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +206,8 @@ class Agent:
                     await asyncio.to_thread(detach, ifname, cfg.netns, cfg.datapath.run_dir)
             self.datapath.close()
             self.datapath.remove_pins()
+            # Our attachment record (/run/microseg/<instance>) is obsolete once detached.
+            shutil.rmtree(cfg.datapath.attachments_file.parent, ignore_errors=True)
             log.info("detached from %s", ", ".join(cfg.ifaces))
         else:
             self.datapath.close()

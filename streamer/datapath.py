@@ -290,7 +290,7 @@ class Datapath:
         gen, bank = self.active()
         for family in (4, 6):
             fd = self._fds[f"rules{family}"]
-            ksize = 16 if family == 4 else 44
+            ksize = 16 if family == 4 else 40  # struct ms_rule_key4 / ms_rule_key6
             for key in self._iter_keys(fd, ksize):
                 shape_id = struct.unpack_from("<H", key)[0]
                 kbank = shape_id // self.config.max_shapes
@@ -402,6 +402,14 @@ class Datapath:
             if new_gen <= gen:
                 new_gen = gen + 1
             ms = self.config.max_shapes
+            for family in (4, 6):
+                # More shapes would be written over the other bank's (the live one's) slots.
+                n = len(compiled.family(family).shapes)
+                if n > ms:
+                    raise DatapathError(
+                        f"the policy has {n} IPv{family} rule shapes; this classifier holds at"
+                        f" most {ms} (compile it with max_shapes={ms})"
+                    )
             # 1. clear leftovers in the idle bank
             for family in (4, 6):
                 self._delete_batch(f"rules{family}", self._bank_keys[new_bank][family])
@@ -418,6 +426,7 @@ class Datapath:
                         slot = self._next_slot
                         self._next_slot += 1
                     if slot >= self.config.rule_slots:
+                        self._free_slots.extend(fresh)  # give back what this call took
                         raise DatapathError("out of per-rule counter slots")
                     fresh.append(slot)
                 new_slots[rid] = slot

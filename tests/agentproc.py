@@ -138,13 +138,21 @@ class AgentProcess:
 
     def argv(self) -> list[str]:
         argv = [
-            sys.executable, "-m", "streamer", "run",
-            "--netns", self.lab.host_ns,
-            "--iface", self.lab.host_if,
-            "--policy-file", str(self.policy_file),
-            "--events-file", str(self.events_file),
-            "--instance", self.instance,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "streamer",
+            "run",
+            "--netns",
+            self.lab.host_ns,
+            "--iface",
+            self.lab.host_if,
+            "--policy-file",
+            str(self.policy_file),
+            "--events-file",
+            str(self.events_file),
+            "--instance",
+            self.instance,
+        ]
         if self.default_action is not None:
             argv += ["--default-action", self.default_action]
         if self.keep_on_exit:
@@ -155,8 +163,9 @@ class AgentProcess:
             argv += ["--event-interval", str(self.event_interval)]
         return argv + self.extra_args
 
-    def start(self) -> AgentProcess:
-        """Start the agent (again) and wait until it enforces; AgentError if it does not."""
+    def start(self, wait: bool = True) -> AgentProcess:
+        """Start the agent (again) and, if `wait`, wait until it enforces (AgentError if it
+        does not within `start_timeout`; `wait_enforcing()` does the same later)."""
         if self.running:
             raise AgentError(f"agent {self.instance} is already running")
         if self._err is not None:
@@ -174,6 +183,14 @@ class AgentProcess:
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self._err = _LineReader(self.proc.stderr, f"agent-{self.instance}-stderr")
         self._out = _LineReader(self.proc.stdout, f"agent-{self.instance}-stdout")
+        if wait:
+            self.wait_enforcing()
+        return self
+
+    def wait_enforcing(self) -> None:
+        """Wait for "enforcing on <iface>" in this run's log; AgentError with the log if the
+        agent exits or takes longer than `start_timeout`."""
+        assert self._err is not None and self.proc is not None, "agent never started"
         want = re.compile(rf"enforcing on {re.escape(self.lab.host_if)}\b")
         if self._err.wait_for(want, 0, self.start_timeout) is None:
             rc = self.proc.poll()
@@ -181,7 +198,16 @@ class AgentProcess:
             raise AgentError(
                 f"agent {self.instance} {state} after {self.start_timeout}s:\n{self.log}"
             )
-        return self
+
+    def catches(self, sig: int) -> bool:
+        """True when the agent process has a handler installed for `sig` (SigCgt in
+        /proc/<pid>/status): from then on the signal cannot kill it by default action."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return False
+        m = re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M)
+        return m is not None and bool(int(m[1], 16) >> (sig - 1) & 1)
 
     @property
     def running(self) -> bool:

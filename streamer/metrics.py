@@ -1,0 +1,245 @@
+"""Counters for people and for Prometheus: one reading of the datapath, two renderings.
+
+In: the datapath (duck-typed: `counters()`, `session_count()`, `config.session_entries`), the
+policy store and optional extra counters (the event pipeline's). Out: `read_stats()`, the dict
+behind `/api/v1/stats`, and `MicrosegCollector`, a prometheus-client collector that reads the
+same numbers at scrape time; `ApiMetrics` counts API requests. Everything is registered on an
+injected `CollectorRegistry`, never the process-global one.
+
+`allowed_packets` counts every packet passed by a verdict, `log` included (`log` = allow and
+report); `logged_packets` is the `log` part of it. `total_packets` also counts packets no verdict
+was taken for (parse drops, ARP and neighbour discovery), so allowed + denied <= total.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from streamer.store import PolicyStore
+
+__all__ = [
+    "ApiMetrics",
+    "MicrosegCollector",
+    "SessionCountCache",
+    "api_metrics",
+    "read_stats",
+    "register_collector",
+]
+
+DIRECTIONS = ("ingress", "egress")
+VERDICTS = ("allow", "deny", "log")
+
+# Kernel counters reported under the same name in /stats.
+_PLAIN = (
+    "total_packets",
+    "denied_packets",
+    "logged_packets",
+    "new_sessions",
+    "session_hits",
+    "policy_hits",
+    "policy_misses",
+    "parse_drops",
+    "fragment_drops",
+    "l2_passed",
+    "events_sent",
+    "events_lost",
+    "session_create_failed",
+    "total_bytes",
+)
+
+
+class SessionCountCache:
+    """`datapath.session_count()` (a walk of the whole session table), at most once per `ttl`.
+
+    Thread-safe: the API reads it from worker threads and the scrape from its own.
+    """
+
+    def __init__(self, datapath: Any, ttl: float = 1.0) -> None:
+        self._datapath = datapath
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._value = 0
+        self._at = -float("inf")
+
+    def fresh(self) -> bool:
+        return time.monotonic() - self._at < self._ttl
+
+    def get(self) -> int:
+        with self._lock:
+            if not self.fresh():
+                self._value = int(self._datapath.session_count())
+                self._at = time.monotonic()
+            return self._value
+
+
+def read_stats(
+    datapath: Any,
+    sessions: SessionCountCache,
+    extra: Callable[[], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The `/api/v1/stats` object: kernel counters renamed for people, plus `extra()`.
+
+    Extra counters are added; one named like a kernel counter is added to it when both are
+    numbers (so the pipeline reports its own `events_lost` and the total covers both), else
+    it replaces it.
+    """
+    c: dict[str, int] = datapath.counters()
+    out: dict[str, Any] = {name: int(c.get(name, 0)) for name in _PLAIN}
+    # log = allow and report: a logged packet was allowed.
+    out["allowed_packets"] = int(c.get("allowed_packets", 0)) + out["logged_packets"]
+    out["closed_sessions"] = 0  # no TCP state machine yet: sessions only age out
+    out["active_sessions"] = sessions.get()
+    out["rejudged_sessions"] = int(c.get("rejudged_sessions", 0))
+    out["session_table_capacity"] = int(datapath.config.session_entries)
+    out["by_direction"] = {
+        d: {v: int(c.get(f"{d}_{v}_packets", 0)) for v in VERDICTS} for d in DIRECTIONS
+    }
+    if extra is not None:
+        for key, value in extra().items():
+            old = out.get(key)
+            if isinstance(old, int) and isinstance(value, int) and not isinstance(value, bool):
+                out[key] = old + value
+            else:
+                out[key] = value
+    return out
+
+
+class MicrosegCollector(Collector):
+    """Reads the datapath and the store at scrape time into `microseg_*` metrics."""
+
+    def __init__(
+        self,
+        datapath: Any,
+        store: PolicyStore,
+        sessions: SessionCountCache,
+        extra: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self._datapath = datapath
+        self._store = store
+        self._sessions = sessions
+        self._extra = extra
+
+    def describe(self) -> list[Metric]:
+        # Registering must not read the datapath: the names are fixed, nothing to check.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        s = read_stats(self._datapath, self._sessions, self._extra)
+        packets = CounterMetricFamily(
+            "microseg_packets",
+            "Packets judged, by verdict and by direction across the attached interface",
+            labels=["verdict", "direction"],
+        )
+        for d in DIRECTIONS:
+            for v in VERDICTS:
+                packets.add_metric([v, d], s["by_direction"][d][v])
+        yield packets
+        yield CounterMetricFamily(
+            "microseg_parse_drops", "Packets dropped as malformed", value=s["parse_drops"]
+        )
+        yield CounterMetricFamily(
+            "microseg_fragment_drops",
+            "Non-first IP fragments dropped",
+            value=s["fragment_drops"],
+        )
+        yield GaugeMetricFamily(
+            "microseg_sessions_active", "Entries in the session table", value=s["active_sessions"]
+        )
+        yield CounterMetricFamily(
+            "microseg_sessions_created", "Sessions created", value=s["new_sessions"]
+        )
+        capacity = s["session_table_capacity"]
+        yield GaugeMetricFamily(
+            "microseg_session_table_capacity", "Size of the session table", value=capacity
+        )
+        fill = GaugeMetricFamily(
+            "microseg_map_fill_ratio", "Used fraction of a kernel map (0..1)", labels=["map"]
+        )
+        fill.add_metric(["sessions"], s["active_sessions"] / capacity if capacity else 0.0)
+        yield fill
+        decisions = CounterMetricFamily(
+            "microseg_policy_decisions",
+            "Flows judged, by whether a rule or the default action decided",
+            labels=["result"],
+        )
+        decisions.add_metric(["rule"], s["policy_hits"])
+        decisions.add_metric(["default"], s["policy_misses"])
+        yield decisions
+        policy, generation = self._store.policy, self._store.generation
+        yield GaugeMetricFamily(
+            "microseg_policy_rules", "Rules in the applied policy set", value=len(policy.policies)
+        )
+        yield GaugeMetricFamily(
+            "microseg_policy_generation", "Generation of the applied policy set", value=generation
+        )
+        events = CounterMetricFamily(
+            "microseg_events", "Flow events, sent or lost anywhere", labels=["result"]
+        )
+        events.add_metric(["sent"], s["events_sent"])
+        events.add_metric(["lost"], s["events_lost"])
+        yield events
+
+
+class ApiMetrics:
+    """`microseg_api_requests_total{route,method,status}` and `microseg_api_request_seconds`.
+
+    `route` is a route's canonical path (`/api/v1/policies/{rule_id}`) or "unmatched", so the
+    number of series stays bounded whatever URLs clients send.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "microseg_api_requests",
+            "API requests answered, by route, method and status",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "microseg_api_request_seconds",
+            "Time to answer an API request",
+            ["route", "method"],
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.seconds.labels(route, method).observe(seconds)
+
+
+# One set of request metrics per registry: a second app on the same registry shares it
+# (registering the names twice would fail).
+_API_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, ApiMetrics] = (
+    weakref.WeakKeyDictionary()
+)
+_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, MicrosegCollector] = (
+    weakref.WeakKeyDictionary()
+)
+_REG_LOCK = threading.Lock()
+
+
+def api_metrics(registry: CollectorRegistry) -> ApiMetrics:
+    """The request metrics registered on `registry` (created on first use)."""
+    with _REG_LOCK:
+        metrics = _API_METRICS.get(registry)
+        if metrics is None:
+            metrics = _API_METRICS[registry] = ApiMetrics(registry)
+        return metrics
+
+
+def register_collector(registry: CollectorRegistry, collector: MicrosegCollector) -> None:
+    """Register `collector` on `registry`, replacing one registered here before."""
+    with _REG_LOCK:
+        old = _COLLECTORS.get(registry)
+        if old is not None:
+            registry.unregister(old)
+        registry.register(collector)
+        _COLLECTORS[registry] = collector

@@ -1,0 +1,488 @@
+"""The OpenAPI 3.1 document of the admin API (served at `/api/v1/openapi.json`).
+
+In: the agent's version and whether a bearer token is required. Out: a JSON-able dict that
+describes every route, parameter, request body (the pydantic models' JSON schema, with the
+address and port fields spelled out), response and error status the API actually returns.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Final
+
+from pydantic.json_schema import models_json_schema
+
+from streamer.policy import MAX_RULE_ID, PolicySet, Rule
+
+__all__ = ["SESSION_LIMIT_MAX", "build_openapi"]
+
+SESSION_LIMIT_MAX: Final = 10_000
+RULE_LIMIT_MAX: Final = 1_000_000
+_REF = "#/components/schemas/{model}"
+
+_IP_SCHEMA: Final[dict[str, Any]] = {
+    "type": "string",
+    "maxLength": 64,
+    "description": 'IPv4/IPv6 address or CIDR (no host bits set), or "any"; '
+    "0.0.0.0/0 and ::/0 mean any address of that family",
+    "examples": ["any", "10.0.0.5", "10.0.0.0/24", "2001:db8::/32"],
+}
+_PORT_SCHEMA: Final[dict[str, Any]] = {
+    "anyOf": [
+        {"type": "integer", "minimum": 0, "maximum": 65535},
+        {"type": "string", "pattern": "^[0-9]{1,5}-[0-9]{1,5}$"},
+    ],
+    "description": '0 = any port; a port; or an inclusive range "lo-hi". Only tcp and udp '
+    "rules may have a port condition",
+}
+_TIME: Final[dict[str, Any]] = {
+    "type": ["string", "null"],
+    "format": "date-time",
+    "description": "RFC 3339, UTC; null when never",
+}
+_COUNT: Final[dict[str, Any]] = {"type": "integer", "minimum": 0}
+_RATE: Final[dict[str, Any]] = {
+    "type": "number",
+    "minimum": 0,
+    "maximum": 100,
+    "description": "percent",
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(model=name)}
+
+
+def _obj(props: dict[str, Any], required: list[str] | None = None, extra: bool = False,
+         description: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "type": "object",
+        "properties": props,
+        "required": list(props) if required is None else required,
+        "additionalProperties": extra,
+    }
+    if description:
+        out["description"] = description
+    return out
+
+
+def _model_schemas() -> dict[str, Any]:
+    """Rule, PolicySet and their enums from pydantic, address and port fields filled in."""
+    _, doc = models_json_schema(
+        [(Rule, "validation"), (PolicySet, "validation")], ref_template=_REF
+    )
+    defs: dict[str, Any] = doc["$defs"]
+    rule = defs["Rule"]
+    rule["description"] = "A policy rule (SPEC §2). Unknown fields are rejected."
+    for name in ("src_ip", "dst_ip"):
+        rule["properties"][name] = {**_IP_SCHEMA, "default": "any"}
+    for name in ("src_port", "dst_port"):
+        rule["properties"][name] = {**_PORT_SCHEMA, "default": 0}
+    defs["PolicySet"]["description"] = (
+        "A whole policy set. Both fields are required: an empty list removes every rule."
+    )
+    defs["PolicySet"]["required"] = ["default_action", "policies"]
+    # PUT /policies/{rule_id}: the id comes from the path.
+    update = copy.deepcopy(rule)
+    update["required"] = [f for f in update["required"] if f != "rule_id"]
+    update["description"] = (
+        "A policy rule replacing the one named in the path; rule_id may be left out, and if "
+        "present must equal the path's."
+    )
+    defs["RuleUpdate"] = update
+    # What the API returns: every field, canonical.
+    out = copy.deepcopy(rule)
+    out["required"] = list(out["properties"])
+    out["description"] = "A policy rule as stored: every field, canonical values."
+    for prop in out["properties"].values():
+        prop.pop("default", None)
+    defs["RuleOut"] = out
+    return defs
+
+
+def _schemas() -> dict[str, Any]:
+    schemas = _model_schemas()
+    verdicts = {"type": "object", "properties": {v: _COUNT for v in ("allow", "deny", "log")},
+                "required": ["allow", "deny", "log"], "additionalProperties": False}
+    by_direction = _obj({"ingress": verdicts, "egress": verdicts},
+                        description="packets by direction and verdict")
+    counters = {
+        "total_packets": _COUNT,
+        "allowed_packets": {**_COUNT, "description": "passed by a verdict, log included"},
+        "denied_packets": _COUNT,
+        "logged_packets": {**_COUNT, "description": "passed by a log verdict"},
+        "new_sessions": _COUNT,
+        "closed_sessions": {**_COUNT, "description": "0 until TCP state tracking lands"},
+        "active_sessions": _COUNT,
+        "policy_hits": {**_COUNT, "description": "flows decided by a rule"},
+        "policy_misses": {**_COUNT, "description": "flows decided by the default action"},
+        "session_hits": _COUNT,
+        "rejudged_sessions": _COUNT,
+        "parse_drops": _COUNT,
+        "fragment_drops": _COUNT,
+        "l2_passed": _COUNT,
+        "events_sent": _COUNT,
+        "events_lost": _COUNT,
+        "session_create_failed": _COUNT,
+        "session_table_capacity": _COUNT,
+        "total_bytes": _COUNT,
+        "by_direction": _ref("ByDirection"),
+    }
+    component = {"status": {"type": "string"}, "message": {"type": "string"}}
+    hits = {"packets": _COUNT, "bytes": _COUNT, "last_hit": _TIME}
+    schemas.update(
+        {
+            "Error": _obj(
+                {
+                    "error": {"type": "string", "description": "machine-readable code"},
+                    "message": {"type": "string", "description": "what is wrong, for a person"},
+                    "errors": {"type": "array", "items": {"type": "string"},
+                               "description": "each problem (validation errors)"},
+                },
+                required=["error", "message"],
+            ),
+            "Health": _obj({"status": {"const": "ok"}, "message": {"type": "string"}}),
+            "ByDirection": by_direction,
+            "Stats": _obj(counters, extra=True,
+                          description="Counters since the classifier was loaded. Extra "
+                          "counters (the event pipeline's) may be present."),
+            "PacketStats": _obj(
+                {
+                    "total_packets": _COUNT,
+                    "allowed_packets": _COUNT,
+                    "denied_packets": _COUNT,
+                    "logged_packets": _COUNT,
+                    "allow_rate": _RATE,
+                    "deny_rate": _RATE,
+                    "by_direction": _ref("ByDirection"),
+                },
+                description="Rates are percent of total_packets (which also counts packets "
+                "no verdict was taken for).",
+            ),
+            "RuleHits": _obj(
+                {
+                    "rule_id": {"type": "integer", "minimum": 1, "maximum": MAX_RULE_ID},
+                    "name": {"type": "string"},
+                    "action": _ref("Action"),
+                    **hits,
+                }
+            ),
+            "PolicyStats": _obj(
+                {
+                    "policy_hits": _COUNT,
+                    "policy_misses": _COUNT,
+                    "hit_rate": _RATE,
+                    "rule_count": _COUNT,
+                    "default": _obj(hits, description="flows decided by the default action"),
+                    "rules": {"type": "array", "items": _ref("RuleHits"),
+                              "description": "most hit first, at most `limit`"},
+                }
+            ),
+            "RuleDetail": _obj(
+                {**schemas["RuleOut"]["properties"], **hits},
+                description="A rule with its hit counters (packets and bytes of the flows it "
+                "decided, and when it last decided one).",
+            ),
+            "PolicyList": _obj(
+                {
+                    "policies": {"type": "array", "items": _ref("RuleOut")},
+                    "count": _COUNT,
+                    "default_action": _ref("DefaultAction"),
+                    "generation": _COUNT,
+                }
+            ),
+            "Change": _obj(
+                {
+                    "dry_run": {"type": "boolean"},
+                    "generation": {**_COUNT, "description": "after the change (dry run: now)"},
+                    "added": {"type": "array", "items": _ref("RuleOut")},
+                    "removed": {"type": "array", "items": _ref("RuleOut")},
+                    "changed": {
+                        "type": "array",
+                        "items": _obj({"before": _ref("RuleOut"), "after": _ref("RuleOut")}),
+                    },
+                    "default_action_changed": {"type": "boolean"},
+                    "sessions_checked": {**_COUNT, "description": "dry run only"},
+                    "sessions_changing_verdict": {
+                        **_COUNT,
+                        "description": "dry run only: live sessions the change would judge "
+                        "differently",
+                    },
+                },
+                required=["dry_run", "generation", "added", "removed", "changed",
+                          "default_action_changed"],
+                description="What a change did (or, dry run, would do).",
+            ),
+            "Status": _obj(
+                {
+                    "status": {"enum": ["ok", "degraded"]},
+                    "version": {"type": "string"},
+                    "interface": {"type": "string", "description": "comma-separated"},
+                    "interfaces": {"type": "array", "items": {"type": "string"}},
+                    "data_plane": _obj({**component, "generation": _COUNT}),
+                    "api": _obj(component),
+                    "statistics": _ref("Stats"),
+                    "policy_count": _COUNT,
+                    "policy_generation": _COUNT,
+                    "uptime_seconds": _COUNT,
+                }
+            ),
+            "Session": _obj(
+                {
+                    "src_ip": {"type": "string"},
+                    "dst_ip": {"type": "string"},
+                    "src_port": {"type": "integer", "minimum": 0, "maximum": 65535},
+                    "dst_port": {"type": "integer", "minimum": 0, "maximum": 65535},
+                    "protocol": {"type": "string"},
+                    "family": {"enum": [4, 6]},
+                    "direction": {"type": "string", "description": "of the first packet"},
+                    "verdict": {"type": "string"},
+                    "rule_id": {"type": ["integer", "null"],
+                                "description": "null: the default action decided"},
+                    "policy_generation": _COUNT,
+                    "ifindex": _COUNT,
+                    "first_seen": _TIME,
+                    "last_seen": _TIME,
+                    "packets_out": {**_COUNT, "description": "from the originator"},
+                    "bytes_out": _COUNT,
+                    "packets_in": {**_COUNT, "description": "replies"},
+                    "bytes_in": _COUNT,
+                    "tcp_flags": {"type": ["string", "null"],
+                                  "description": "TCP flags seen, e.g. SYN|ACK; null if not TCP"},
+                },
+                description="A session table entry, oriented as its first packet went.",
+            ),
+            "SessionList": _obj(
+                {
+                    "sessions": {"type": "array", "items": _ref("Session")},
+                    "count": _COUNT,
+                    "truncated": {"type": "boolean",
+                                  "description": "more sessions matched than `limit`"},
+                }
+            ),
+        }
+    )
+    return schemas
+
+
+_ERRORS: Final[dict[int, str]] = {
+    400: "Invalid input: the message names the field, what was wrong and what is allowed",
+    401: "No or wrong bearer token",
+    403: "A write whose Origin is not the API's own (cross-site request)",
+    404: "No rule with this rule_id",
+    409: "A rule with this rule_id exists already",
+    413: "The body is too large",
+    415: "The body is not application/json",
+    421: "The Host header names neither the API's address nor localhost (DNS rebinding)",
+    500: "Unexpected failure (details only in the agent's log)",
+    503: "The kernel or the disk refused the change; nothing was changed",
+}
+
+
+def _error_response(status: int) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "description": _ERRORS[status],
+        "content": {"application/json": {"schema": _ref("Error")}},
+    }
+    if status == 401:
+        out["headers"] = {
+            "WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}
+        }
+    return out
+
+
+def _json(schema: dict[str, Any], description: str,
+          headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+_GENERATION_HEADER: Final = {
+    "X-Policy-Generation": {
+        "schema": {"type": "integer", "minimum": 0},
+        "description": "the policy generation after the change (dry run: the current one)",
+    }
+}
+
+
+def _op(summary: str, ok: dict[str, dict[str, Any]], errors: list[int], *,
+        params: list[dict[str, Any]] | None = None, body: dict[str, Any] | None = None,
+        auth: bool = True, description: str | None = None) -> dict[str, Any]:
+    codes = sorted({*errors, 421, 500} | ({401} if auth else set()))
+    op: dict[str, Any] = {"summary": summary, "responses": {**ok}}
+    if description:
+        op["description"] = description
+    for code in codes:
+        op["responses"][str(code)] = _error_response(code)
+    if params:
+        op["parameters"] = params
+    if body is not None:
+        op["requestBody"] = body
+    if not auth:
+        op["security"] = []
+    return op
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema,
+            "description": description}
+
+
+_DRY_RUN: Final = _query(
+    "dry_run",
+    {"type": "string", "enum": ["1", "0", "true", "false", "yes", "no", "on", "off"]},
+    "1: change nothing and answer with the diff the change would make, and how many live "
+    "sessions would change verdict",
+)
+_RULE_ID: Final = {
+    "name": "rule_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_RULE_ID},
+    "description": "the rule's rule_id",
+}
+
+
+def _body(schema: str, description: str) -> dict[str, Any]:
+    return {
+        "required": True,
+        "description": description,
+        "content": {"application/json": {"schema": _ref(schema)}},
+    }
+
+
+def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for an agent of `version` (`auth`: a token is required)."""
+    write_errors = [400, 403, 413, 415, 503]
+    change = _json(_ref("Change"), "Dry run: the diff; nothing was changed",
+                   _GENERATION_HEADER)
+    ip_desc = "an address or CIDR"
+    paths: dict[str, Any] = {
+        "/api/v1/health": {"get": _op(
+            "Liveness", {"200": _json(_ref("Health"), "The API answers")}, [], auth=False)},
+        "/api/v1/status": {"get": _op(
+            "Agent status", {"200": _json(_ref("Status"), "Status")}, [400])},
+        "/api/v1/policies": {
+            "get": _op("The applied policy set",
+                       {"200": _json(_ref("PolicyList"), "Every rule, in set order")}, [400]),
+            "post": _op(
+                "Add one rule",
+                {
+                    "201": _json(_ref("RuleOut"), "Added and enforced in the kernel",
+                                 {**_GENERATION_HEADER,
+                                  "Location": {"schema": {"type": "string"},
+                                               "description": "the rule's URL"}}),
+                    "200": change,
+                },
+                [*write_errors, 409],
+                params=[_DRY_RUN],
+                body=_body("Rule", "the rule (at most 64 KiB)"),
+            ),
+            "put": _op(
+                "Replace the whole set atomically",
+                {"200": _json(_ref("Change"), "Replaced and enforced (or, dry run, the diff)",
+                              _GENERATION_HEADER)},
+                write_errors,
+                params=[_DRY_RUN],
+                body=_body("PolicySet", "the new set (at most 64 MiB)"),
+            ),
+        },
+        "/api/v1/policies/{rule_id}": {
+            "parameters": [_RULE_ID],
+            "get": _op("One rule with its hit counters",
+                       {"200": _json(_ref("RuleDetail"), "The rule")}, [400, 404]),
+            "put": _op(
+                "Replace one rule",
+                {"200": _json({"anyOf": [_ref("RuleOut"), _ref("Change")]},
+                              "The rule as enforced (dry run: the diff)", _GENERATION_HEADER)},
+                [*write_errors, 404],
+                params=[_DRY_RUN],
+                body=_body("RuleUpdate", "the rule (at most 64 KiB)"),
+            ),
+            "delete": _op(
+                "Delete one rule",
+                {"200": _json({"anyOf": [_ref("RuleOut"), _ref("Change")]},
+                              "The deleted rule, no longer enforced (dry run: the diff)",
+                              _GENERATION_HEADER)},
+                [400, 403, 404, 503],
+                params=[_DRY_RUN],
+            ),
+        },
+        "/api/v1/stats": {"get": _op(
+            "All counters", {"200": _json(_ref("Stats"), "Counters")}, [400])},
+        "/api/v1/stats/packets": {"get": _op(
+            "Packet counters and rates",
+            {"200": _json(_ref("PacketStats"), "Packet counters")}, [400])},
+        "/api/v1/stats/policies": {"get": _op(
+            "Rule hits and the hit rate",
+            {"200": _json(_ref("PolicyStats"), "Policy counters")},
+            [400],
+            params=[_query("limit", {"type": "integer", "minimum": 0,
+                                     "maximum": RULE_LIMIT_MAX, "default": 100},
+                           "at most this many rules in `rules`, most hit first")],
+        )},
+        "/api/v1/sessions": {"get": _op(
+            "Live sessions",
+            {"200": _json(_ref("SessionList"), "Matching sessions")},
+            [400],
+            params=[
+                _query("ip", {"type": "string"}, f"either end is in {ip_desc}"),
+                _query("src_ip", {"type": "string"}, f"the originator is in {ip_desc}"),
+                _query("dst_ip", {"type": "string"}, f"the responder is in {ip_desc}"),
+                _query("port", {"type": "integer", "minimum": 0, "maximum": 65535},
+                       "either port"),
+                _query("src_port", {"type": "integer", "minimum": 0, "maximum": 65535},
+                       "the originator's port"),
+                _query("dst_port", {"type": "integer", "minimum": 0, "maximum": 65535},
+                       "the responder's port"),
+                _query("protocol", {"enum": ["tcp", "udp", "icmp", "icmpv6", "any"]},
+                       "protocol name"),
+                _query("verdict", {"enum": ["allow", "deny", "log"]}, "the session's verdict"),
+                _query("limit", {"type": "integer", "minimum": 1,
+                                 "maximum": SESSION_LIMIT_MAX, "default": 100},
+                       "at most this many sessions"),
+            ],
+        )},
+        "/api/v1/openapi.json": {"get": _op(
+            "This document",
+            {"200": _json({"type": "object"}, "OpenAPI 3.1")}, [400])},
+        "/metrics": {"get": _op(
+            "Prometheus metrics",
+            {"200": {"description": "Prometheus text exposition format (microseg_* names)",
+                     "content": {"text/plain": {"schema": {"type": "string"}}}}},
+            [],
+            auth=False,
+        )},
+    }
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "microseg admin API",
+            "version": version,
+            "description": (
+                "Policy CRUD, counters and sessions of a microseg agent. Errors are "
+                '{"error": code, "message": text}. Unknown query parameters and body fields '
+                "are rejected. Writes return once the change is enforced in the kernel."
+            ),
+        },
+        "paths": paths,
+        "components": {"schemas": _schemas()},
+    }
+    if auth:
+        doc["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer",
+                       "description": "the token in <state-dir>/api-token"}
+        }
+        doc["security"] = [{"bearer": []}]
+    else:
+        for item in paths.values():
+            for op in item.values():
+                if isinstance(op, dict) and "responses" in op:
+                    op["responses"].pop("401", None)
+                    op.pop("security", None)
+    return doc

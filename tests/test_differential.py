@@ -1,0 +1,470 @@
+"""Differential test: the kernel classifier against the reference model, packet by packet.
+
+Seeded random rule sets (hundreds of rules: CIDRs of every prefix length in both families,
+"any" and family-specific any, exact ports and ranges, every protocol, direction and action,
+priorities from a small set so ties are common, both default actions) and thousands of
+packets, most aimed at rules (addresses at and just beyond a CIDR's ends, ports at and just
+beyond a range's ends), some random, many the reply or repeat of an earlier flow. The policy
+changes midway, so live sessions are judged again. Every packet's verdict (allow, deny, log,
+L2 pass, drops, read from the kernel's counters) must equal `StatefulReference`'s, and at the
+end of each phase the kernel's session table must equal the reference's.
+
+The seed is random unless PYTEST_SEED is set; it is printed, and every failure names it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+from packets import ETH_P_8021Q, frame, hbh_ext
+
+from streamer.compiler import compile_policy
+from streamer.datapath import TC_ACT_OK, Datapath, prog_fd
+from streamer.datapath import test_run as bpf_test_run
+from streamer.policy import PolicySet, Rule, parse_policy_document
+from streamer.reference import Decision, Packet, StatefulReference, Verdict, flow_key, rule_matches
+
+N_RULES = 300
+PHASES = (2600, 1800, 1200)  # packets per policy set: the set changes between phases
+MAX_REPORTED = 5  # mismatches described in full
+MAX_MISMATCHES = 60  # stop early: later ones mostly follow from the first
+
+V4_ANCHORS = [int(ipaddress.IPv4Address(a)) for a in (
+    "10.0.0.0", "10.1.2.0", "192.168.1.0", "172.16.5.0", "203.0.113.0", "0.0.0.0",
+    "255.255.255.0", "100.64.0.0")]
+V6_ANCHORS = [int(ipaddress.IPv6Address(a)) for a in (
+    "2001:db8::", "2001:db8:1::", "fe80::", "::", "ffff::", "2001:db8::8000:0", "fd00:1:2:3::",
+    "::ffff:10.0.0.0")]
+PORT_ANCHORS = [0, 1, 22, 53, 80, 443, 1023, 1024, 8080, 32767, 32768, 65534, 65535]
+PRIORITIES = [50, 100, 100, 200]
+ND_TYPES = (133, 134, 135, 136, 137)
+
+# Verdicts as the kernel counts them, by counter name.
+_COUNTER_VERDICT = {
+    "allowed_packets": Verdict.ALLOW,
+    "denied_packets": Verdict.DENY,
+    "logged_packets": Verdict.LOG,
+    "l2_passed": Verdict.PASS_L2,
+    "parse_drops": Verdict.DROP_PARSE,
+    "fragment_drops": Verdict.DROP_FRAGMENT,
+}
+
+
+def _seed() -> int:
+    env = os.environ.get("PYTEST_SEED")
+    if env:
+        return int(env, 0)
+    return random.SystemRandom().randrange(2**32)
+
+
+def _ip(value: int, family: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.IPv4Address(value) if family == 4 else ipaddress.IPv6Address(value)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A frame to send: the packet as the frame builder takes it, plus what it needs."""
+
+    pkt: Packet
+    payload: bytes = b""
+    icmp_type: int | None = None
+    vlan: int | None = None
+    ext: bool = False
+
+    def frame(self) -> bytes:
+        return frame(
+            self.pkt,
+            payload=self.payload,
+            icmp_type=self.icmp_type,
+            vlans=[(ETH_P_8021Q, self.vlan)] if self.vlan is not None else (),
+            ext=[hbh_ext()] if self.ext else (),
+        )
+
+    def reply(self) -> Spec:
+        t = self.icmp_type
+        if t is not None:
+            t = {8: 0, 0: 8, 128: 129, 129: 128}.get(t, t)
+        return replace(self, pkt=self.pkt.reply(), icmp_type=t)
+
+
+class Generator:
+    """Random rules, policy sets and packets from one seeded RNG."""
+
+    def __init__(self, rng: random.Random, priorities: list[int]) -> None:
+        self.rng = rng
+        self.priorities = priorities
+        # Prefix lengths are dealt from a shuffled deck per family: every length turns up.
+        self.decks: dict[int, list[int]] = {4: [], 6: []}
+        self.used_ids: set[int] = set()
+
+    # -- rules ---------------------------------------------------------------------------------
+
+    def _plen(self, family: int) -> int:
+        deck = self.decks[family]
+        if not deck:
+            deck.extend(range(33 if family == 4 else 129))
+            self.rng.shuffle(deck)
+        return deck.pop()
+
+    def _address(self, family: int) -> int:
+        bits = 32 if family == 4 else 128
+        base = self.rng.choice(V4_ANCHORS if family == 4 else V6_ANCHORS)
+        k = self.rng.choice([0, 4, 8, 16, 24, bits // 2, bits])
+        return base ^ self.rng.getrandbits(k) if k else base
+
+    def _cidr(self, family: int) -> str:
+        bits = 32 if family == 4 else 128
+        plen = self._plen(family)
+        value = self._address(family)
+        value = value >> (bits - plen) << (bits - plen) if plen < bits else value
+        return f"{_ip(value, family)}/{plen}"
+
+    def _address_spec(self, family: int) -> str:
+        if family == 0:
+            return "any"
+        r = self.rng.random()
+        if r < 0.08:
+            return "any"
+        if r < 0.13:
+            return "0.0.0.0/0" if family == 4 else "::/0"
+        return self._cidr(family)
+
+    def _port(self) -> int:
+        if self.rng.random() < 0.7:
+            return self.rng.choice(PORT_ANCHORS)
+        return self.rng.randint(0, 65535)
+
+    def _port_spec(self, ranged: bool) -> int | str:
+        if not ranged:
+            return self._port() or 1
+        lo = self._port()
+        hi = min(65535, lo + self.rng.randint(0, self.rng.choice([1, 3, 100, 5000, 65535])))
+        return f"{lo}-{hi}"
+
+    def rule_id(self) -> int:
+        while True:
+            rid = self.rng.choice([self.rng.randint(1, 1000), self.rng.randint(1, 2**32 - 1)])
+            if rid not in self.used_ids:
+                self.used_ids.add(rid)
+                return rid
+
+    def rule(self) -> dict[str, Any]:
+        rng = self.rng
+        family = rng.choice([0, 4, 4, 4, 4, 6, 6, 6, 6, 6])
+        r = rng.random()
+        if r < 0.3:
+            protocol = "tcp"
+        elif r < 0.55:
+            protocol = "udp"
+        elif r < 0.8:
+            protocol = "any"
+        else:
+            protocol = {4: "icmp", 6: "icmpv6", 0: rng.choice(["icmp", "icmpv6"])}[family]
+        rule: dict[str, Any] = {
+            "rule_id": self.rule_id(),
+            "src_ip": self._address_spec(family),
+            "dst_ip": self._address_spec(family),
+            "protocol": protocol,
+            "action": rng.choice(["allow", "deny", "log"]),
+            "priority": rng.choice(self.priorities),
+            "direction": rng.choice(["ingress", "egress", "any"]),
+        }
+        if protocol in ("tcp", "udp", "any"):
+            ranged = False  # at most one range a rule: ranges multiply into shapes
+            for field in ("src_port", "dst_port"):
+                x = rng.random()
+                if x < 0.55:
+                    continue
+                want_range = x >= 0.85 and not ranged
+                rule[field] = self._port_spec(want_range)
+                ranged = ranged or want_range
+            # A rule of no address, protocol or port would shadow everything below it.
+            wild = family == 0 and protocol == "any"
+            if wild and "src_port" not in rule and "dst_port" not in rule:
+                rule["dst_port"] = self._port_spec(rng.random() < 0.5)
+        return rule
+
+    def policy(self, n: int) -> PolicySet:
+        self.used_ids.clear()
+        return parse_policy_document({
+            "default_action": self.rng.choice(["allow", "deny"]),
+            "policies": [self.rule() for _ in range(n)],
+        })
+
+    def mutate(self, pol: PolicySet) -> PolicySet:
+        """Keep most rules (some with another action or priority), drop some, add some."""
+        rng = self.rng
+        self.used_ids = {r.rule_id for r in pol.policies}
+        rules: list[dict[str, Any]] = []
+        for r in pol.policies:
+            x = rng.random()
+            if x < 0.15:
+                continue
+            doc = r.to_api()
+            if x < 0.3:
+                doc["action"] = rng.choice(["allow", "deny", "log"])
+            elif x < 0.4:
+                doc["priority"] = rng.choice(self.priorities)
+            rules.append(doc)
+        rules += [self.rule() for _ in range(len(pol.policies) // 4)]
+        default = pol.default_action.value
+        if rng.random() < 0.5:
+            default = "deny" if default == "allow" else "allow"
+        return parse_policy_document({"default_action": default, "policies": rules})
+
+    # -- packets -------------------------------------------------------------------------------
+
+    def _inside(self, net: Any, family: int) -> int:
+        first, last = int(net.network_address), int(net.broadcast_address)
+        top = 2 ** (32 if family == 4 else 128) - 1
+        r = self.rng.random()
+        if r < 0.2:
+            return first
+        if r < 0.4:
+            return last
+        if r < 0.5 and first > 0:
+            return first - 1  # just outside
+        if r < 0.6 and last < top:
+            return last + 1
+        return self.rng.randint(first, last)
+
+    def _packet_port(self, ports: tuple[int, int] | None) -> int:
+        if ports is None or self.rng.random() < 0.1:
+            return self._port()
+        lo, hi = ports
+        edges = [lo, hi, lo, hi, lo - 1, hi + 1, lo + 1, hi - 1, self.rng.randint(lo, hi)]
+        return min(65535, max(0, self.rng.choice(edges)))
+
+    def _spec(self, family: int, src: int, dst: int, proto: int, sport: int, dport: int,
+              direction: str) -> Spec:
+        rng = self.rng
+        vlan = rng.randint(1, 4094) if rng.random() < 0.1 else None
+        ext = family == 6 and rng.random() < 0.05
+        a, b = _ip(src, family), _ip(dst, family)
+        dirn: Any = direction
+        if proto in (6, 17):
+            flags = rng.choice([0x02, 0x12, 0x10, 0x18, 0x11, 0x04]) if proto == 6 else 0
+            return Spec(Packet(family, a, b, proto, sport, dport, dirn, tcp_flags=flags),
+                        vlan=vlan, ext=ext)
+        own_icmp = (family == 4 and proto == 1) or (family == 6 and proto == 58)
+        if own_icmp:
+            r = rng.random()
+            if r < 0.7:  # echo: the identifier is both "ports"
+                ident = sport
+                t = rng.choice([8, 0] if family == 4 else [128, 129])
+                return Spec(Packet(family, a, b, proto, ident, ident, dirn), icmp_type=t,
+                            vlan=vlan, ext=ext)
+            if family == 6 and r < 0.75:
+                t = rng.choice(ND_TYPES)
+                return Spec(Packet(family, a, b, proto, 0, 0, dirn), icmp_type=t,
+                            payload=bytes(16), vlan=vlan, ext=ext)
+            t = rng.choice([3, 11] if family == 4 else [1, 2, 3, 4])
+            return Spec(Packet(family, a, b, proto, 0, 0, dirn), icmp_type=t,
+                        payload=bytes(28), vlan=vlan, ext=ext)
+        # Other protocols (GRE, SCTP, the other family's ICMP): no ports, raw payload whose
+        # first byte may look like an ICMP type the parser must not read.
+        first = rng.choice([0, 8, 128, 135, 136, rng.randrange(256)])
+        payload = bytes([first]) + bytes(rng.choice([0, 3, 7, 15]))
+        return Spec(Packet(family, a, b, proto, 0, 0, dirn), payload=payload, vlan=vlan,
+                    ext=ext)
+
+    def _proto(self, family: int, rule: Rule | None) -> int:
+        rng = self.rng
+        if rule is not None and rule.proto_number is not None and rng.random() < 0.9:
+            return rule.proto_number
+        if rule is not None and (rule.src_ports or rule.dst_ports) and rng.random() < 0.8:
+            return rng.choice([6, 17])
+        own = 1 if family == 4 else 58
+        other = 58 if family == 4 else 1
+        return rng.choice([6, 6, 17, 17, own, own, 47, 132, other])
+
+    def packet_for(self, rule: Rule) -> Spec:
+        rng = self.rng
+        fams = sorted(rule.families)
+        family = rng.choice(fams)
+        nets = [rule.src_net, rule.dst_net]
+        addrs = [
+            self._inside(n, family) if n is not None and n.version == family
+            else self._address(family)
+            for n in nets
+        ]
+        proto = self._proto(family, rule)
+        sport = self._packet_port(rule.src_ports)
+        dport = self._packet_port(rule.dst_ports)
+        direction = rule.direction.value
+        if direction == "any" or rng.random() < 0.1:
+            direction = rng.choice(["ingress", "egress"])
+        return self._spec(family, addrs[0], addrs[1], proto, sport, dport, direction)
+
+    def random_packet(self) -> Spec:
+        rng = self.rng
+        family = rng.choice([4, 6])
+        bits = 32 if family == 4 else 128
+        src = self._address(family) if rng.random() < 0.7 else rng.getrandbits(bits)
+        dst = self._address(family) if rng.random() < 0.7 else rng.getrandbits(bits)
+        return self._spec(family, src, dst, self._proto(family, None), self._port(),
+                          self._port(), rng.choice(["ingress", "egress"]))
+
+
+# -- the kernel side ------------------------------------------------------------------------
+
+
+class Kernel:
+    """Sends frames through the classifier and reads each one's verdict from the counters."""
+
+    def __init__(self, dp: Datapath) -> None:
+        self.dp = dp
+        self.fds = {d: prog_fd(dp, d) for d in ("ingress", "egress")}
+        self.last = dp.counters()
+
+    def send(self, data: bytes, direction: str) -> tuple[int, Verdict | None]:
+        rc = bpf_test_run(self.fds[direction], data)[0]
+        now = self.dp.counters()
+        changed = [v for name, v in _COUNTER_VERDICT.items() if now[name] != self.last[name]]
+        self.last = now
+        return rc, changed[0] if len(changed) == 1 else None
+
+
+def _kernel_sessions(dp: Datapath) -> dict[Any, tuple[Any, ...]]:
+    out = {}
+    for s in dp.sessions():
+        src, dst = ipaddress.ip_address(s.src_ip), ipaddress.ip_address(s.dst_ip)
+        pkt = Packet(s.family, src, dst, s.protocol, s.src_port, s.dst_port,
+                     "ingress" if s.direction == "ingress" else "egress", s.ifindex)
+        out[flow_key(pkt)] = (s.verdict, s.rule_id, s.direction, s.src_ip, s.src_port)
+    return out
+
+
+def _reference_sessions(ref: StatefulReference) -> dict[Any, tuple[Any, ...]]:
+    out = {}
+    for key, sess in ref.sessions.items():
+        rule = sess.decision.rule
+        o = sess.origin
+        out[key] = (sess.decision.verdict.name.lower(), rule.rule_id if rule else None,
+                    o.direction, str(o.src), o.sport)
+    return out
+
+
+# -- reporting --------------------------------------------------------------------------------
+
+
+def _rules_matching(pol: PolicySet, pkt: Packet) -> list[str]:
+    hits = sorted((r for r in pol.policies if rule_matches(r, pkt)), key=lambda r: -r.score)
+    lines = [f"    {r.to_api()}" for r in hits[:8]]
+    if len(hits) > 8:
+        lines.append(f"    ... {len(hits) - 8} more")
+    return lines or ["    (none: the default action)"]
+
+
+def _describe(seed: int, where: str, spec: Spec, data: bytes, kernel: tuple[int, Any],
+              want: Decision, session_origin: Packet | None, pol: PolicySet) -> str:
+    parsed = spec.pkt
+    lines = [
+        f"seed {seed} ({where}): kernel rc={kernel[0]} verdict={kernel[1]!r}, "
+        f"reference {want.verdict!r} by rule {want.rule.rule_id if want.rule else None}",
+        f"  packet: {parsed}",
+        f"  frame: {data.hex()}",
+        f"  default_action: {pol.default_action.value}",
+        "  rules matching this packet, best first:",
+        *_rules_matching(pol, parsed),
+    ]
+    if session_origin is not None and session_origin != parsed:
+        lines += [f"  reference session origin: {session_origin}",
+                  "  rules matching the origin, best first:",
+                  *_rules_matching(pol, session_origin)]
+    return "\n".join(lines)
+
+
+# -- the test ----------------------------------------------------------------------------------
+
+
+def _run_differential(dp: Datapath, seed: int, priorities: list[int],
+                      phases: tuple[int, ...]) -> None:
+    rng = random.Random(seed)
+    gen = Generator(rng, priorities)
+    pol = gen.policy(N_RULES)
+    dp.apply(compile_policy(pol, dp.config.max_shapes))
+    dp.clear_sessions()
+    ref = StatefulReference(pol)
+    kernel = Kernel(dp)
+    flows: list[Spec] = []
+    mismatches: list[str] = []
+    count = 0
+    sent = 0
+    for phase, n in enumerate(phases):
+        if phase:
+            pol = gen.mutate(pol)
+            dp.apply(compile_policy(pol, dp.config.max_shapes))
+            ref.set_policy(pol)
+        rules = pol.policies
+        for i in range(n):
+            r = rng.random()
+            if flows and r < (0.25 if phase == 0 else 0.5):
+                spec = rng.choice(flows)
+                if rng.random() < 0.6:
+                    spec = spec.reply()
+            elif r < 0.85 and rules:
+                spec = gen.packet_for(rng.choice(rules))
+            else:
+                spec = gen.random_packet()
+            data = spec.frame()
+            direction = spec.pkt.direction
+            existing = ref.sessions.get(flow_key(spec.pkt))
+            want = ref.process_frame(data, direction)
+            got = kernel.send(data, direction)
+            sent += 1
+            if len(flows) < 4000:
+                flows.append(spec)
+            want_rc = TC_ACT_OK if want.passes else 2
+            if got != (want_rc, want.verdict):
+                count += 1
+                if len(mismatches) < MAX_REPORTED:
+                    origin = existing.origin if existing is not None else None
+                    mismatches.append(_describe(seed, f"phase {phase}, packet {i}", spec, data,
+                                                got, want, origin, pol))
+                if count >= MAX_MISMATCHES:
+                    break
+        if count:
+            break
+        # the whole session table, as the kernel and the reference hold it
+        ks, rs = _kernel_sessions(dp), _reference_sessions(ref)
+        if ks != rs:
+            only_k = [f"    {k}: {ks[k]}" for k in list(set(ks) - set(rs))[:5]]
+            only_r = [f"    {k}: {rs[k]}" for k in list(set(rs) - set(ks))[:5]]
+            differ = [f"    {k}: kernel {ks[k]} reference {rs[k]}"
+                      for k in list(set(ks) & set(rs)) if ks[k] != rs[k]][:5]
+            pytest.fail(
+                f"seed {seed}: after phase {phase} the session tables differ "
+                f"({len(ks)} kernel, {len(rs)} reference)\n  only in the kernel:\n"
+                + "\n".join(only_k) + "\n  only in the reference:\n" + "\n".join(only_r)
+                + "\n  different:\n" + "\n".join(differ)
+                + f"\n  reproduce: PYTEST_SEED={seed}",
+                pytrace=False,
+            )
+    dp.clear_sessions()
+    if count:
+        pytest.fail(
+            f"seed {seed}: {count} of {sent} packets judged differently by the kernel and the "
+            f"reference (stopped at {MAX_MISMATCHES}); reproduce with PYTEST_SEED={seed}\n\n"
+            + "\n\n".join(mismatches),
+            pytrace=False,
+        )
+    assert sent == sum(phases)
+
+
+def test_kernel_matches_reference(datapath: Datapath) -> None:
+    seed = _seed()
+    print(f"differential seed: {seed} (PYTEST_SEED={seed} to repeat)")
+    _run_differential(datapath, seed, PRIORITIES, PHASES)
+
+
+def test_kernel_matches_reference_all_tied(datapath: Datapath) -> None:
+    """Every rule at one priority: action rank and rule_id decide everything."""
+    seed = _seed()
+    print(f"differential seed (all tied): {seed} (PYTEST_SEED={seed} to repeat)")
+    _run_differential(datapath, seed, [100], (900, 600))
