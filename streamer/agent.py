@@ -1,9 +1,11 @@
 """The agent (`microseg run`): a policy's life from file to kernel, and the agent's own.
 
-Start: load the classifier (adopting pinned state), apply the policy, attach to every interface
-(replacing a previous agent's filters atomically), then serve. SIGHUP re-reads the policy file
-(a bad file is rejected whole and the live set stays); SIGINT/SIGTERM stop cleanly and detach
-unless --keep-on-exit. Flow events are drained from the ring buffer on the event loop.
+Start: load the classifier (adopting pinned state), restore the applied set from the state dir
+(or seed it from the policy file when the state dir holds none), attach to every interface
+(replacing a previous agent's filters atomically), then serve the API. SIGHUP re-reads the
+policy file as a whole-set replace (a bad file is rejected whole and the live set stays);
+SIGINT/SIGTERM stop cleanly and detach unless --keep-on-exit. Flow events are drained from the
+ring buffer on the event loop.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -27,6 +30,7 @@ from streamer.datapath import Datapath, DatapathConfig, DatapathError, detach
 from streamer.decode import DecodeError, decode
 from streamer.enrich import Enricher
 from streamer.policy import DefaultAction, PolicyError, PolicySet, load_policy_file
+from streamer.store import ChangeResult, LiveSession, PolicyStore, StoreError
 
 log = logging.getLogger("microseg.agent")
 
@@ -45,6 +49,8 @@ class AgentConfig:
     keep_on_exit: bool = False
     stats_interval: float = 0.0
     print_events: bool = False
+    api_listen: tuple[str, ...] = ()
+    no_auth: bool = False
 
 
 def default_instance(netns: str | None) -> str:
@@ -67,10 +73,12 @@ class Agent:
     events_undecodable: int = 0
     _events_out: IO[bytes] | None = None
     _enricher: Enricher | None = None
+    store: PolicyStore = field(init=False)
 
     def __post_init__(self) -> None:
         self.datapath = Datapath(self.config.datapath)
         self.policy = PolicySet()
+        self.store = PolicyStore(self.config.state_dir, self.apply, self.live_sessions)
 
     # ---- policy --------------------------------------------------------------------------
 
@@ -87,13 +95,25 @@ class Agent:
             policy = policy.model_copy(update={"default_action": self.config.default_action})
         return policy
 
-    def apply(self, policy: PolicySet) -> int:
-        """Compile and switch the kernel to `policy`; on any error the live set stays."""
+    def apply(self, policy: PolicySet, generation: int | None = None) -> int:
+        """Compile and switch the kernel to `policy` (the store's applier).
+
+        Raises StoreError for a policy the classifier cannot hold; the live set stays.
+        """
         try:
             compiled = compile_policy(policy, self.config.datapath.max_shapes)
         except CompileError as e:
-            raise PolicyLoadError(str(e)) from e
-        gen = self.datapath.apply(compiled)
+            raise StoreError(str(e)) from e
+        if generation and self.datapath.adopted and self.datapath.active()[0] == generation:
+            # A restart: the pinned maps already hold this generation, written by us before
+            # the state dir recorded it. Keeping them keeps the generation and the sessions.
+            self.datapath.adopted = False
+            self.policy, self.generation = policy, generation
+            if self._enricher is not None:
+                self._enricher.add_generation(generation, policy)
+            log.info("policy generation %d kept: the pinned maps already enforce it", generation)
+            return generation
+        gen = self.datapath.apply(compiled, generation)
         self.policy = policy
         self.generation = gen
         if self._enricher is not None:
@@ -108,14 +128,56 @@ class Agent:
         )
         return gen
 
-    def reload(self) -> bool:
-        """SIGHUP: re-read and apply the policy file; a bad file changes nothing."""
+    def live_sessions(self) -> list[LiveSession]:
+        """The session table as the store's dry runs need it."""
+        return [
+            LiveSession(
+                family=x.family,
+                protocol=x.protocol,
+                src_ip=x.src_ip,
+                dst_ip=x.dst_ip,
+                src_port=x.src_port,
+                dst_port=x.dst_port,
+                direction=x.direction,
+                verdict=x.verdict,
+                rule_id=x.rule_id,
+                ifindex=x.ifindex,
+            )
+            for x in self.datapath.sessions()
+        ]
+
+    async def reload(self, actor: str = "sighup") -> ChangeResult:
+        """SIGHUP and `microseg policy load`: the policy file as a whole-set replace.
+
+        A bad file changes nothing: the error is logged and raised (StoreError).
+        """
         try:
-            self.apply(self.read_policy())
-        except (PolicyLoadError, DatapathError) as e:
+            policy = self.read_policy()
+        except PolicyLoadError as e:
             log.error("policy reload rejected, generation %d stays: %s", self.generation, e)
-            return False
-        return True
+            raise StoreError(str(e)) from e
+        try:
+            return await self.store.replace(policy, actor)
+        except StoreError as e:
+            log.error("policy reload rejected, generation %d stays: %s", self.generation, e)
+            raise
+
+    def _restore(self) -> None:
+        """At start: the state dir's set if it has one, else the policy file seeds it."""
+        persisted = self.store.read_persisted()
+        if persisted is None:
+            self.store.restore(self.read_policy(), 0)
+            return
+        policy, gen = persisted
+        log.info(
+            "restoring %d rules at generation %d from %s",
+            len(policy.policies),
+            gen,
+            self.store.path,
+        )
+        if self.config.policy_file is not None:
+            log.info("the policy file seeds only an empty state dir: SIGHUP applies it")
+        self.store.restore(policy, gen)
 
     # ---- events ----------------------------------------------------------------------------
 
@@ -156,12 +218,8 @@ class Agent:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
-        try:
-            policy = self.read_policy()
-        except PolicyLoadError as e:
-            log.error("%s", e)
-            return 2
+        reloads: asyncio.Queue[str] = asyncio.Queue(maxsize=1)
+        loop.add_signal_handler(signal.SIGHUP, self._queue_reload, reloads)
         try:
             self.datapath.load()
         except DatapathError as e:
@@ -170,17 +228,17 @@ class Agent:
         ifindexes: dict[int, str] = {}
         self._enricher = Enricher(ifindexes)
         try:
-            self.apply(policy)
+            self._restore()
             for ifname in cfg.ifaces:
                 # pyroute2's synchronous API runs its own event loop: keep it off ours.
                 idx = await asyncio.to_thread(self.datapath.attach, ifname, cfg.netns)
                 ifindexes[idx] = ifname
                 log.info("enforcing on %s%s", ifname, f" (netns {cfg.netns})" if cfg.netns else "")
             self._enricher.ifnames.update(ifindexes)
-        except (PolicyLoadError, DatapathError) as e:
+        except (PolicyLoadError, PolicyError, StoreError, DatapathError, OSError) as e:
             log.error("%s", e)
             self.datapath.close()
-            return 1
+            return 2 if isinstance(e, PolicyLoadError | PolicyError) else 1
 
         async with contextlib.AsyncExitStack() as stack:
             if cfg.events_file is not None:
@@ -189,8 +247,14 @@ class Agent:
             fd = self.datapath.open_events(self._on_event)
             loop.add_reader(fd, self.datapath.consume_events)
             stack.callback(loop.remove_reader, fd)
+            if cfg.api_listen:
+                runner = await self._start_api(loop)
+                stack.push_async_callback(runner.cleanup)
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self._flush_events())]
+                tasks = [
+                    tg.create_task(self._flush_events()),
+                    tg.create_task(self._reloader(reloads)),
+                ]
                 if cfg.stats_interval > 0:
                     tasks.append(tg.create_task(self._print_stats(cfg.stats_interval)))
                 await stop.wait()
@@ -213,6 +277,45 @@ class Agent:
             self.datapath.close()
             log.info("exiting; filters stay attached and enforcing (--keep-on-exit)")
         return 0
+
+    @staticmethod
+    def _queue_reload(reloads: asyncio.Queue[str]) -> None:
+        # Several SIGHUPs before the reloader runs read the same file: one reload is enough.
+        with contextlib.suppress(asyncio.QueueFull):
+            reloads.put_nowait("sighup")
+
+    async def _reloader(self, reloads: asyncio.Queue[str]) -> None:
+        while True:
+            actor = await reloads.get()
+            with contextlib.suppress(StoreError):
+                await self.reload(actor)
+
+    async def _start_api(self, loop: asyncio.AbstractEventLoop) -> Any:
+        from prometheus_client import CollectorRegistry
+
+        from streamer import __version__
+        from streamer.api import ApiContext, host_of, load_or_create_token, start_api
+        from streamer.metrics import register_datapath_metrics
+
+        cfg = self.config
+        token = None if cfg.no_auth else load_or_create_token(cfg.state_dir)
+        registry = CollectorRegistry()
+        register_datapath_metrics(registry, self.datapath, self.store)
+        ctx = ApiContext(
+            store=self.store,
+            datapath=self.datapath,
+            interfaces=list(cfg.ifaces),
+            version=__version__,
+            started_monotonic=time.monotonic(),
+            token=token,
+            bind_hosts={h for h in (host_of(x) for x in cfg.api_listen) if h},
+            registry=registry,
+            reload=self.reload,
+        )
+        runner = await start_api(ctx, list(cfg.api_listen))
+        for addr in cfg.api_listen:
+            log.info("API listening on %s%s", addr, " (no auth)" if cfg.no_auth else "")
+        return runner
 
     async def _flush_events(self) -> None:
         while True:

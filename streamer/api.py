@@ -140,7 +140,7 @@ class ApiContext:
 CTX: Final = web.AppKey("microseg_ctx", ApiContext)
 METRICS: Final = web.AppKey("microseg_metrics", ApiMetrics)
 OPENAPI: Final = web.AppKey("microseg_openapi", bytes)
-ACTOR: Final = "microseg_actor"
+ACTOR: Final = web.RequestKey("microseg_actor", str)
 
 
 class ApiError(Exception):
@@ -205,9 +205,9 @@ def _wall_time(monotonic_ns: int) -> str | None:
         return None
     wall = time.time() - (time.monotonic() - monotonic_ns / 1e9)
     return (
-        datetime.fromtimestamp(wall, tz=UTC).isoformat(timespec="milliseconds").replace(
-            "+00:00", "Z"
-        )
+        datetime.fromtimestamp(wall, tz=UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
     )
 
 
@@ -484,8 +484,7 @@ def _validate_set(data: Any) -> PolicySet:
             )
         if "policies" not in data:
             missing.append(
-                "policies: required field is missing: use a list of rules ([] removes every "
-                "rule)"
+                "policies: required field is missing: use a list of rules ([] removes every rule)"
             )
     try:
         policy = parse_policy_document(data)
@@ -631,9 +630,7 @@ async def update_policy(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     data = await _read_json(request, SMALL_BODY_LIMIT)
     if isinstance(data, dict):
-        if "rule_id" in data and not (
-            type(data["rule_id"]) is int and data["rule_id"] == rule_id
-        ):
+        if "rule_id" in data and not (type(data["rule_id"]) is int and data["rule_id"] == rule_id):
             raise ApiError(
                 400,
                 f"rule_id: the body's rule_id ({_short(orjson.dumps(data['rule_id']).decode())})"
@@ -736,10 +733,22 @@ class _Zero:
 
 
 _SESSION_PARAMS: Final = (
-    "ip", "src_ip", "dst_ip", "port", "src_port", "dst_port", "protocol", "verdict", "limit",
+    "ip",
+    "src_ip",
+    "dst_ip",
+    "port",
+    "src_port",
+    "dst_port",
+    "protocol",
+    "verdict",
+    "limit",
 )
 _PROTOCOL_FILTER: Final[dict[str, int | None]] = {
-    "tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "any": None,
+    "tcp": 6,
+    "udp": 17,
+    "icmp": 1,
+    "icmpv6": 58,
+    "any": None,
 }
 _VERDICTS: Final = ("allow", "deny", "log")
 IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -749,9 +758,7 @@ def _net_param(name: str, value: str) -> IPNet:
     try:
         return ipaddress.ip_network(value.strip(), strict=False)
     except ValueError:
-        raise ApiError(
-            400, f"{name}: {_short(value, 60)!r} is not an IP address or CIDR"
-        ) from None
+        raise ApiError(400, f"{name}: {_short(value, 60)!r} is not an IP address or CIDR") from None
 
 
 def _in(net: IPNet, address: str) -> bool:
@@ -761,21 +768,35 @@ def _in(net: IPNet, address: str) -> bool:
         return False
 
 
+_ADDRESS_FILTERS: Final = (
+    ("ip", ("src_ip", "dst_ip")),
+    ("src_ip", ("src_ip",)),
+    ("dst_ip", ("dst_ip",)),
+)
+_PORT_FILTERS: Final = (
+    ("port", ("src_port", "dst_port")),
+    ("src_port", ("src_port",)),
+    ("dst_port", ("dst_port",)),
+)
+
+
+def _address_check(net: IPNet, ends: tuple[str, ...]) -> Callable[[Any], bool]:
+    return lambda s: any(_in(net, getattr(s, end)) for end in ends)
+
+
+def _port_check(port: int, ends: tuple[str, ...]) -> Callable[[Any], bool]:
+    return lambda s: any(getattr(s, end) == port for end in ends)
+
+
 def _session_filter(query: dict[str, str]) -> Callable[[Any], bool]:
     """A predicate over `Session`s from the /sessions query; 400 on a bad value."""
     checks: list[Callable[[Any], bool]] = []
-    for name, ends in (("ip", ("src_ip", "dst_ip")), ("src_ip", ("src_ip",)),
-                       ("dst_ip", ("dst_ip",))):
+    for name, ends in _ADDRESS_FILTERS:
         if name in query:
-            net = _net_param(name, query[name])
-            checks.append(lambda s, net=net, ends=ends: any(_in(net, getattr(s, e)) for e in ends))
-    for name, ends in (("port", ("src_port", "dst_port")), ("src_port", ("src_port",)),
-                       ("dst_port", ("dst_port",))):
+            checks.append(_address_check(_net_param(name, query[name]), ends))
+    for name, ends in _PORT_FILTERS:
         if name in query:
-            port = _int_param(name, query[name], 0, 65535)
-            checks.append(
-                lambda s, port=port, ends=ends: any(getattr(s, e) == port for e in ends)
-            )
+            checks.append(_port_check(_int_param(name, query[name], 0, 65535), ends))
     if "protocol" in query:
         name = query["protocol"].lower()
         if name not in _PROTOCOL_FILTER:
@@ -792,8 +813,7 @@ def _session_filter(query: dict[str, str]) -> Callable[[Any], bool]:
         if verdict not in _VERDICTS:
             raise ApiError(
                 400,
-                f"verdict: {_short(query['verdict'], 40)!r} is not one of: "
-                + ", ".join(_VERDICTS),
+                f"verdict: {_short(query['verdict'], 40)!r} is not one of: " + ", ".join(_VERDICTS),
             )
         checks.append(lambda s: bool(s.verdict == verdict))
     return lambda s: all(check(s) for check in checks)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from streamer import __version__
+from streamer.client import add_client_parsers
 from streamer.lab import add_lab_parser
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
@@ -76,6 +77,11 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--stats-interval", type=_seconds, default=0.0,
                    help="print counters every this many seconds (0: never)")
     p.add_argument("--print-events", action="store_true", help="print flow events to stdout")
+    p.add_argument("--api", action="append", metavar="HOST:PORT|unix:PATH",
+                   help="serve the admin API here (repeatable; default 127.0.0.1:8080;"
+                   " 'none' to serve no API)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="serve the API without a bearer token (demos only)")
     p.add_argument("--kafka", metavar="HOST:PORT", help="also stream flow events to Kafka")
     p.add_argument("--kafka-topic", default="microseg.flows")
     p.set_defaults(func=cmd_run)
@@ -103,6 +109,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"microseg run: --netns {args.netns}: no such network namespace", file=sys.stderr)
         return 2
     instance = args.instance or default_instance(args.netns)
+    api = tuple(args.api or ["127.0.0.1:8080"])
+    if "none" in api:
+        api = ()
     config = AgentConfig(
         ifaces=tuple(dict.fromkeys(args.iface)),
         netns=args.netns,
@@ -113,6 +122,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         keep_on_exit=args.keep_on_exit,
         stats_interval=args.stats_interval,
         print_events=args.print_events,
+        api_listen=api,
+        no_auth=args.no_auth,
         datapath=DatapathConfig(
             instance=instance,
             session_entries=args.session_table_size,
@@ -178,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detach(sub)
     _add_check(sub)
     add_lab_parser(sub)
+    add_client_parsers(sub)
     return parser
 
 

@@ -136,10 +136,11 @@ def parse_api_address(value: str) -> Endpoint:
     `http(s)://host[:port][/prefix]` and `unix:/path`. Raises argparse.ArgumentTypeError."""
     text = value.strip()
     if not text:
-        raise argparse.ArgumentTypeError("empty address: use HOST:PORT, http://HOST:PORT or "
-                                         "unix:/PATH")
+        raise argparse.ArgumentTypeError(
+            "empty address: use HOST:PORT, http://HOST:PORT or unix:/PATH"
+        )
     if text.startswith("unix:"):
-        path = text[len("unix:"):]
+        path = text[len("unix:") :]
         if path.startswith("//"):  # unix:///run/x.sock
             path = path[2:]
         if not path.startswith("/"):
@@ -209,8 +210,7 @@ def _resolve_token(args: argparse.Namespace) -> _Token:
     error (the agent may run with --no-auth); an unreadable one is."""
     given = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
     if given is not None:
-        return _Token(_check_token(given, "--token" if args.token is not None else TOKEN_ENV),
-                      None)
+        return _Token(_check_token(given, "--token" if args.token is not None else TOKEN_ENV), None)
     path = Path(args.state_dir) / TOKEN_FILE
     try:
         with path.open("rb") as f:
@@ -314,8 +314,9 @@ class Api:
                 f"the agent at {where} did not answer within {self.timeout:g} s"
             ) from None
         except aiohttp.ServerDisconnectedError:
-            raise ClientError(f"the agent at {where} closed the connection without an answer"
-                              ) from None
+            raise ClientError(
+                f"the agent at {where} closed the connection without an answer"
+            ) from None
         except aiohttp.ClientError as e:
             raise ClientError(f"talking to the agent at {where} failed: {e}") from None
         decoded = _decode(raw)
@@ -396,6 +397,14 @@ def _run(
     except ClientError as e:
         print(f"microseg: {e}", file=sys.stderr)
         return e.exit_status
+    except KeyboardInterrupt:
+        # The request may or may not have reached the agent; say so rather than guess.
+        print(
+            "microseg: interrupted (a write may still have been applied; check with "
+            "`microseg policy list`)",
+            file=sys.stderr,
+        )
+        return 130
 
 
 # --------------------------------------------------------------------------- output
@@ -456,8 +465,18 @@ def _rule_row(rule: Mapping[str, Any]) -> list[str]:
     ]
 
 
-RULE_HEADERS: Final = ("ID", "NAME", "SRC", "SPORT", "DST", "DPORT", "PROTO", "ACTION", "PRIO",
-                       "DIR")
+RULE_HEADERS: Final = (
+    "ID",
+    "NAME",
+    "SRC",
+    "SPORT",
+    "DST",
+    "DPORT",
+    "PROTO",
+    "ACTION",
+    "PRIO",
+    "DIR",
+)
 
 
 def _rules_table(rules: Sequence[Mapping[str, Any]]) -> str:
@@ -472,8 +491,10 @@ def _key_values(data: Mapping[str, Any], order: Sequence[str] = ()) -> str:
         if isinstance(value, Mapping) and value:
             for k, v in value.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif prefix.endswith("_rate") and isinstance(value, (int, float)) and not isinstance(
-            value, bool
+        elif (
+            prefix.endswith("_rate")
+            and isinstance(value, (int, float))
+            and not isinstance(value, bool)
         ):
             flat.append((prefix, f"{value:.2f}%"))
         else:
@@ -610,8 +631,9 @@ def _read_rule_file(path: Path) -> dict[str, Any]:
             f"{path}: holds a policy set, not one rule; use `microseg policy apply {path}`"
         )
     if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected one rule (a JSON/YAML object), got "
-                         f"{type(data).__name__}")
+        raise UsageError(
+            f"{path}: expected one rule (a JSON/YAML object), got {type(data).__name__}"
+        )
     return data
 
 
@@ -632,8 +654,7 @@ def _rule_id(value: str) -> int:
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a rule id (1..{MAX_RULE_ID})"
-                                         ) from None
+        raise argparse.ArgumentTypeError(f"{value!r} is not a rule id (1..{MAX_RULE_ID})") from None
     if not 1 <= n <= MAX_RULE_ID:
         raise argparse.ArgumentTypeError(f"{value!r} is not a rule id (1..{MAX_RULE_ID})")
     return n
@@ -692,8 +713,9 @@ def _dry_params(args: argparse.Namespace) -> dict[str, str]:
     return {"dry_run": "1"} if args.dry_run else {}
 
 
-def _show_change(args: argparse.Namespace, result: Any, done: str, new_default: str | None = None
-                 ) -> None:
+def _show_change(
+    args: argparse.Namespace, result: Any, done: str, new_default: str | None = None
+) -> None:
     """Print a write's answer: JSON as is, a diff readably, a rule as one row, else `done`."""
     if args.output == "json":
         _print_json(result)
@@ -715,8 +737,10 @@ async def _policy_list(api: Api, args: argparse.Namespace) -> int:
     if rules:
         print(_rules_table(rules))
     count = data.get("count", len(rules))
-    print(f"{count} rule{'' if count == 1 else 's'}, default action "
-          f"{_cell(data.get('default_action'))}, generation {_cell(data.get('generation'))}")
+    print(
+        f"{count} rule{'' if count == 1 else 's'}, default action "
+        f"{_cell(data.get('default_action'))}, generation {_cell(data.get('generation'))}"
+    )
     return 0
 
 
@@ -737,8 +761,9 @@ async def _policy_add(api: Api, args: argparse.Namespace) -> int:
     rule = _read_rule_file(args.file) if args.file is not None else {}
     rule.update(_rule_from_flags(args, with_id=True))
     if args.file is None:
-        missing = [f"--{f.replace('_', '-')}" for f in ("rule_id", "protocol", "action")
-                   if f not in rule]
+        missing = [
+            f"--{f.replace('_', '-')}" for f in ("rule_id", "protocol", "action") if f not in rule
+        ]
         if missing:
             raise UsageError(f"policy add: missing {', '.join(missing)} (or give --file)")
     result = await api.call("POST", "/policies", params=_dry_params(args), body=rule)
@@ -782,8 +807,9 @@ async def _policy_apply(api: Api, args: argparse.Namespace) -> int:
     document = _read_policy_file(args.file)
     result = await api.call("PUT", "/policies", params=_dry_params(args), body=document)
     default = document.get("default_action")
-    _show_change(args, result, f"applied {args.file}", default if isinstance(default, str)
-                 else None)
+    _show_change(
+        args, result, f"applied {args.file}", default if isinstance(default, str) else None
+    )
     return 0
 
 
@@ -802,8 +828,18 @@ async def _policy_load(api: Api, args: argparse.Namespace) -> int:
     return 0
 
 
-SESSION_HEADERS: Final = ("PROTO", "SRC", "DST", "DIR", "VERDICT", "RULE", "PKTS_OUT",
-                          "BYTES_OUT", "PKTS_IN", "BYTES_IN")
+SESSION_HEADERS: Final = (
+    "PROTO",
+    "SRC",
+    "DST",
+    "DIR",
+    "VERDICT",
+    "RULE",
+    "PKTS_OUT",
+    "BYTES_OUT",
+    "PKTS_IN",
+    "BYTES_IN",
+)
 
 
 def _endpoint_text(ip: Any, port: Any) -> str:
@@ -841,8 +877,9 @@ async def _session_list(api: Api, args: argparse.Namespace) -> int:
         return 0
     sessions = _list_of_dicts(data.get("sessions"))
     if sessions:
-        print(format_table(SESSION_HEADERS, [_session_row(s) for s in sessions],
-                           right=(5, 6, 7, 8, 9)))
+        print(
+            format_table(SESSION_HEADERS, [_session_row(s) for s in sessions], right=(6, 7, 8, 9))
+        )
     count = data.get("count", len(sessions))
     line = f"{count} session{'' if count == 1 else 's'}"
     if data.get("truncated"):
@@ -948,8 +985,13 @@ def _common_parser() -> argparse.ArgumentParser:
         help=f"API token (default: ${TOKEN_ENV}, else <state-dir>/{TOKEN_FILE}); "
         "visible to other users in the process list, prefer the variable",
     )
-    g.add_argument("-o", "--output", choices=("table", "json"), default="table",
-                   help="table for people (default), json: the API's answer unchanged")
+    g.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json"),
+        default="table",
+        help="table for people (default), json: the API's answer unchanged",
+    )
     return p
 
 
@@ -966,13 +1008,20 @@ def _rule_flags(p: argparse.ArgumentParser, with_id: bool) -> None:
     g.add_argument("--action", type=str.lower, choices=ACTIONS)
     g.add_argument("--priority", type=_priority, help="0..65535, higher wins (default 100)")
     g.add_argument("--direction", type=str.lower, choices=DIRECTIONS)
-    p.add_argument("--file", type=Path, metavar="RULE_FILE",
-                   help="one rule as JSON/YAML; flags given as well override its fields")
+    p.add_argument(
+        "--file",
+        type=Path,
+        metavar="RULE_FILE",
+        help="one rule as JSON/YAML; flags given as well override its fields",
+    )
 
 
 def _dry_run_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dry-run", action="store_true",
-                   help="show what would change (and how many live sessions) without applying")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show what would change (and how many live sessions) without applying",
+    )
 
 
 def add_client_parsers(subparsers: Any) -> None:
@@ -982,11 +1031,13 @@ def add_client_parsers(subparsers: Any) -> None:
     common = _common_parser()
 
     policy: argparse.ArgumentParser = subparsers.add_parser(
-        "policy", help="manage the agent's rules through its API",
+        "policy",
+        help="manage the agent's rules through its API",
         description="Manage the running agent's rules through its admin API.",
     )
-    psub = policy.add_subparsers(dest="policy_command", metavar="{add,list,get,update,delete,"
-                                 "apply,load}")
+    psub = policy.add_subparsers(
+        dest="policy_command", metavar="{add,list,get,update,delete,apply,load}"
+    )
     psub.required = True
 
     p = psub.add_parser("list", parents=[common], help="list the rules")
@@ -996,16 +1047,23 @@ def add_client_parsers(subparsers: Any) -> None:
     p.add_argument("rule_id", type=_rule_id, metavar="RULE_ID")
     p.set_defaults(func=cmd_policy_get)
 
-    p = psub.add_parser("add", parents=[common], help="add one rule",
-                        description="Add one rule: --rule-id, --protocol and --action are "
-                        "required unless --file gives them.")
+    p = psub.add_parser(
+        "add",
+        parents=[common],
+        help="add one rule",
+        description="Add one rule: --rule-id, --protocol and --action are "
+        "required unless --file gives them.",
+    )
     _rule_flags(p, with_id=True)
     _dry_run_flag(p)
     p.set_defaults(func=cmd_policy_add)
 
-    p = psub.add_parser("update", parents=[common], help="change fields of one rule",
-                        description="Change the given fields of one rule; the others keep "
-                        "their current values.")
+    p = psub.add_parser(
+        "update",
+        parents=[common],
+        help="change fields of one rule",
+        description="Change the given fields of one rule; the others keep their current values.",
+    )
     p.add_argument("rule_id", type=_rule_id, metavar="RULE_ID")
     _rule_flags(p, with_id=False)
     _dry_run_flag(p)
@@ -1016,21 +1074,30 @@ def add_client_parsers(subparsers: Any) -> None:
     _dry_run_flag(p)
     p.set_defaults(func=cmd_policy_delete)
 
-    p = psub.add_parser("apply", parents=[common], help="replace the whole set from a file",
-                        description="Replace the agent's whole policy set (and default action) "
-                        "with a JSON/YAML policy file, atomically.")
+    p = psub.add_parser(
+        "apply",
+        parents=[common],
+        help="replace the whole set from a file",
+        description="Replace the agent's whole policy set (and default action) "
+        "with a JSON/YAML policy file, atomically.",
+    )
     p.add_argument("file", type=Path, metavar="FILE", help="policy file (JSON or YAML; - = stdin)")
     _dry_run_flag(p)
     p.set_defaults(func=cmd_policy_apply)
 
-    p = psub.add_parser("load", parents=[common], help="make the agent re-read its policy file",
-                        description="Make the agent apply its own --policy-file again (like "
-                        "SIGHUP). With --file, apply that file instead (= policy apply FILE).")
+    p = psub.add_parser(
+        "load",
+        parents=[common],
+        help="make the agent re-read its policy file",
+        description="Make the agent apply its own --policy-file again (like "
+        "SIGHUP). With --file, apply that file instead (= policy apply FILE).",
+    )
     p.add_argument("--file", type=Path, help="apply this file instead")
     p.set_defaults(func=cmd_policy_load)
 
     session: argparse.ArgumentParser = subparsers.add_parser(
-        "session", help="the agent's live sessions",
+        "session",
+        help="the agent's live sessions",
     )
     ssub = session.add_subparsers(dest="session_command", metavar="{list}")
     ssub.required = True

@@ -235,6 +235,7 @@ class Datapath:
         self._next_slot = 1
         self._bank_keys: dict[int, dict[int, list[bytes]]] = {0: {4: [], 6: []}, 1: {4: [], 6: []}}
         self._lock = threading.Lock()
+        self.adopted = False  # the pinned maps held an applied generation when we loaded
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -303,6 +304,7 @@ class Datapath:
         used = set(self._slots.values())
         self._next_slot = max(used, default=0) + 1
         if gen > 0:
+            self.adopted = True
             log.info("adopted pinned state: generation %d, %d rules", gen, len(self._slots))
 
     @property

@@ -217,9 +217,7 @@ class ApiMetrics:
 
 # One set of request metrics per registry: a second app on the same registry shares it
 # (registering the names twice would fail).
-_API_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, ApiMetrics] = (
-    weakref.WeakKeyDictionary()
-)
+_API_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, ApiMetrics] = weakref.WeakKeyDictionary()
 _COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, MicrosegCollector] = (
     weakref.WeakKeyDictionary()
 )

@@ -53,8 +53,12 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": _REF.format(model=name)}
 
 
-def _obj(props: dict[str, Any], required: list[str] | None = None, extra: bool = False,
-         description: str | None = None) -> dict[str, Any]:
+def _obj(
+    props: dict[str, Any],
+    required: list[str] | None = None,
+    extra: bool = False,
+    description: str | None = None,
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "type": "object",
         "properties": props,
@@ -102,10 +106,15 @@ def _model_schemas() -> dict[str, Any]:
 
 def _schemas() -> dict[str, Any]:
     schemas = _model_schemas()
-    verdicts = {"type": "object", "properties": {v: _COUNT for v in ("allow", "deny", "log")},
-                "required": ["allow", "deny", "log"], "additionalProperties": False}
-    by_direction = _obj({"ingress": verdicts, "egress": verdicts},
-                        description="packets by direction and verdict")
+    verdicts = {
+        "type": "object",
+        "properties": {v: _COUNT for v in ("allow", "deny", "log")},
+        "required": ["allow", "deny", "log"],
+        "additionalProperties": False,
+    }
+    by_direction = _obj(
+        {"ingress": verdicts, "egress": verdicts}, description="packets by direction and verdict"
+    )
     counters = {
         "total_packets": _COUNT,
         "allowed_packets": {**_COUNT, "description": "passed by a verdict, log included"},
@@ -136,16 +145,22 @@ def _schemas() -> dict[str, Any]:
                 {
                     "error": {"type": "string", "description": "machine-readable code"},
                     "message": {"type": "string", "description": "what is wrong, for a person"},
-                    "errors": {"type": "array", "items": {"type": "string"},
-                               "description": "each problem (validation errors)"},
+                    "errors": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "each problem (validation errors)",
+                    },
                 },
                 required=["error", "message"],
             ),
             "Health": _obj({"status": {"const": "ok"}, "message": {"type": "string"}}),
             "ByDirection": by_direction,
-            "Stats": _obj(counters, extra=True,
-                          description="Counters since the classifier was loaded. Extra "
-                          "counters (the event pipeline's) may be present."),
+            "Stats": _obj(
+                counters,
+                extra=True,
+                description="Counters since the classifier was loaded. Extra "
+                "counters (the event pipeline's) may be present.",
+            ),
             "PacketStats": _obj(
                 {
                     "total_packets": _COUNT,
@@ -174,8 +189,11 @@ def _schemas() -> dict[str, Any]:
                     "hit_rate": _RATE,
                     "rule_count": _COUNT,
                     "default": _obj(hits, description="flows decided by the default action"),
-                    "rules": {"type": "array", "items": _ref("RuleHits"),
-                              "description": "most hit first, at most `limit`"},
+                    "rules": {
+                        "type": "array",
+                        "items": _ref("RuleHits"),
+                        "description": "most hit first, at most `limit`",
+                    },
                 }
             ),
             "RuleDetail": _obj(
@@ -209,8 +227,14 @@ def _schemas() -> dict[str, Any]:
                         "differently",
                     },
                 },
-                required=["dry_run", "generation", "added", "removed", "changed",
-                          "default_action_changed"],
+                required=[
+                    "dry_run",
+                    "generation",
+                    "added",
+                    "removed",
+                    "changed",
+                    "default_action_changed",
+                ],
                 description="What a change did (or, dry run, would do).",
             ),
             "Status": _obj(
@@ -237,8 +261,10 @@ def _schemas() -> dict[str, Any]:
                     "family": {"enum": [4, 6]},
                     "direction": {"type": "string", "description": "of the first packet"},
                     "verdict": {"type": "string"},
-                    "rule_id": {"type": ["integer", "null"],
-                                "description": "null: the default action decided"},
+                    "rule_id": {
+                        "type": ["integer", "null"],
+                        "description": "null: the default action decided",
+                    },
                     "policy_generation": _COUNT,
                     "ifindex": _COUNT,
                     "first_seen": _TIME,
@@ -247,8 +273,10 @@ def _schemas() -> dict[str, Any]:
                     "bytes_out": _COUNT,
                     "packets_in": {**_COUNT, "description": "replies"},
                     "bytes_in": _COUNT,
-                    "tcp_flags": {"type": ["string", "null"],
-                                  "description": "TCP flags seen, e.g. SYN|ACK; null if not TCP"},
+                    "tcp_flags": {
+                        "type": ["string", "null"],
+                        "description": "TCP flags seen, e.g. SYN|ACK; null if not TCP",
+                    },
                 },
                 description="A session table entry, oriented as its first packet went.",
             ),
@@ -256,8 +284,10 @@ def _schemas() -> dict[str, Any]:
                 {
                     "sessions": {"type": "array", "items": _ref("Session")},
                     "count": _COUNT,
-                    "truncated": {"type": "boolean",
-                                  "description": "more sessions matched than `limit`"},
+                    "truncated": {
+                        "type": "boolean",
+                        "description": "more sessions matched than `limit`",
+                    },
                 }
             ),
         }
@@ -291,8 +321,9 @@ def _error_response(status: int) -> dict[str, Any]:
     return out
 
 
-def _json(schema: dict[str, Any], description: str,
-          headers: dict[str, Any] | None = None) -> dict[str, Any]:
+def _json(
+    schema: dict[str, Any], description: str, headers: dict[str, Any] | None = None
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "description": description,
         "content": {"application/json": {"schema": schema}},
@@ -310,9 +341,16 @@ _GENERATION_HEADER: Final = {
 }
 
 
-def _op(summary: str, ok: dict[str, dict[str, Any]], errors: list[int], *,
-        params: list[dict[str, Any]] | None = None, body: dict[str, Any] | None = None,
-        auth: bool = True, description: str | None = None) -> dict[str, Any]:
+def _op(
+    summary: str,
+    ok: dict[str, dict[str, Any]],
+    errors: list[int],
+    *,
+    params: list[dict[str, Any]] | None = None,
+    body: dict[str, Any] | None = None,
+    auth: bool = True,
+    description: str | None = None,
+) -> dict[str, Any]:
     codes = sorted({*errors, 421, 500} | ({401} if auth else set()))
     op: dict[str, Any] = {"summary": summary, "responses": {**ok}}
     if description:
@@ -329,8 +367,13 @@ def _op(summary: str, ok: dict[str, dict[str, Any]], errors: list[int], *,
 
 
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "schema": schema,
-            "description": description}
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
 
 
 _DRY_RUN: Final = _query(
@@ -359,24 +402,37 @@ def _body(schema: str, description: str) -> dict[str, Any]:
 def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
     """The OpenAPI 3.1 document for an agent of `version` (`auth`: a token is required)."""
     write_errors = [400, 403, 413, 415, 503]
-    change = _json(_ref("Change"), "Dry run: the diff; nothing was changed",
-                   _GENERATION_HEADER)
+    change = _json(_ref("Change"), "Dry run: the diff; nothing was changed", _GENERATION_HEADER)
     ip_desc = "an address or CIDR"
     paths: dict[str, Any] = {
-        "/api/v1/health": {"get": _op(
-            "Liveness", {"200": _json(_ref("Health"), "The API answers")}, [], auth=False)},
-        "/api/v1/status": {"get": _op(
-            "Agent status", {"200": _json(_ref("Status"), "Status")}, [400])},
+        "/api/v1/health": {
+            "get": _op(
+                "Liveness", {"200": _json(_ref("Health"), "The API answers")}, [], auth=False
+            )
+        },
+        "/api/v1/status": {
+            "get": _op("Agent status", {"200": _json(_ref("Status"), "Status")}, [400])
+        },
         "/api/v1/policies": {
-            "get": _op("The applied policy set",
-                       {"200": _json(_ref("PolicyList"), "Every rule, in set order")}, [400]),
+            "get": _op(
+                "The applied policy set",
+                {"200": _json(_ref("PolicyList"), "Every rule, in set order")},
+                [400],
+            ),
             "post": _op(
                 "Add one rule",
                 {
-                    "201": _json(_ref("RuleOut"), "Added and enforced in the kernel",
-                                 {**_GENERATION_HEADER,
-                                  "Location": {"schema": {"type": "string"},
-                                               "description": "the rule's URL"}}),
+                    "201": _json(
+                        _ref("RuleOut"),
+                        "Added and enforced in the kernel",
+                        {
+                            **_GENERATION_HEADER,
+                            "Location": {
+                                "schema": {"type": "string"},
+                                "description": "the rule's URL",
+                            },
+                        },
+                    ),
                     "200": change,
                 },
                 [*write_errors, 409],
@@ -385,8 +441,13 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
             ),
             "put": _op(
                 "Replace the whole set atomically",
-                {"200": _json(_ref("Change"), "Replaced and enforced (or, dry run, the diff)",
-                              _GENERATION_HEADER)},
+                {
+                    "200": _json(
+                        _ref("Change"),
+                        "Replaced and enforced (or, dry run, the diff)",
+                        _GENERATION_HEADER,
+                    )
+                },
                 write_errors,
                 params=[_DRY_RUN],
                 body=_body("PolicySet", "the new set (at most 64 MiB)"),
@@ -394,70 +455,123 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
         },
         "/api/v1/policies/{rule_id}": {
             "parameters": [_RULE_ID],
-            "get": _op("One rule with its hit counters",
-                       {"200": _json(_ref("RuleDetail"), "The rule")}, [400, 404]),
+            "get": _op(
+                "One rule with its hit counters",
+                {"200": _json(_ref("RuleDetail"), "The rule")},
+                [400, 404],
+            ),
             "put": _op(
                 "Replace one rule",
-                {"200": _json({"anyOf": [_ref("RuleOut"), _ref("Change")]},
-                              "The rule as enforced (dry run: the diff)", _GENERATION_HEADER)},
+                {
+                    "200": _json(
+                        {"anyOf": [_ref("RuleOut"), _ref("Change")]},
+                        "The rule as enforced (dry run: the diff)",
+                        _GENERATION_HEADER,
+                    )
+                },
                 [*write_errors, 404],
                 params=[_DRY_RUN],
                 body=_body("RuleUpdate", "the rule (at most 64 KiB)"),
             ),
             "delete": _op(
                 "Delete one rule",
-                {"200": _json({"anyOf": [_ref("RuleOut"), _ref("Change")]},
-                              "The deleted rule, no longer enforced (dry run: the diff)",
-                              _GENERATION_HEADER)},
+                {
+                    "200": _json(
+                        {"anyOf": [_ref("RuleOut"), _ref("Change")]},
+                        "The deleted rule, no longer enforced (dry run: the diff)",
+                        _GENERATION_HEADER,
+                    )
+                },
                 [400, 403, 404, 503],
                 params=[_DRY_RUN],
             ),
         },
-        "/api/v1/stats": {"get": _op(
-            "All counters", {"200": _json(_ref("Stats"), "Counters")}, [400])},
-        "/api/v1/stats/packets": {"get": _op(
-            "Packet counters and rates",
-            {"200": _json(_ref("PacketStats"), "Packet counters")}, [400])},
-        "/api/v1/stats/policies": {"get": _op(
-            "Rule hits and the hit rate",
-            {"200": _json(_ref("PolicyStats"), "Policy counters")},
-            [400],
-            params=[_query("limit", {"type": "integer", "minimum": 0,
-                                     "maximum": RULE_LIMIT_MAX, "default": 100},
-                           "at most this many rules in `rules`, most hit first")],
-        )},
-        "/api/v1/sessions": {"get": _op(
-            "Live sessions",
-            {"200": _json(_ref("SessionList"), "Matching sessions")},
-            [400],
-            params=[
-                _query("ip", {"type": "string"}, f"either end is in {ip_desc}"),
-                _query("src_ip", {"type": "string"}, f"the originator is in {ip_desc}"),
-                _query("dst_ip", {"type": "string"}, f"the responder is in {ip_desc}"),
-                _query("port", {"type": "integer", "minimum": 0, "maximum": 65535},
-                       "either port"),
-                _query("src_port", {"type": "integer", "minimum": 0, "maximum": 65535},
-                       "the originator's port"),
-                _query("dst_port", {"type": "integer", "minimum": 0, "maximum": 65535},
-                       "the responder's port"),
-                _query("protocol", {"enum": ["tcp", "udp", "icmp", "icmpv6", "any"]},
-                       "protocol name"),
-                _query("verdict", {"enum": ["allow", "deny", "log"]}, "the session's verdict"),
-                _query("limit", {"type": "integer", "minimum": 1,
-                                 "maximum": SESSION_LIMIT_MAX, "default": 100},
-                       "at most this many sessions"),
-            ],
-        )},
-        "/api/v1/openapi.json": {"get": _op(
-            "This document",
-            {"200": _json({"type": "object"}, "OpenAPI 3.1")}, [400])},
-        "/metrics": {"get": _op(
-            "Prometheus metrics",
-            {"200": {"description": "Prometheus text exposition format (microseg_* names)",
-                     "content": {"text/plain": {"schema": {"type": "string"}}}}},
-            [],
-            auth=False,
-        )},
+        "/api/v1/stats": {
+            "get": _op("All counters", {"200": _json(_ref("Stats"), "Counters")}, [400])
+        },
+        "/api/v1/stats/packets": {
+            "get": _op(
+                "Packet counters and rates",
+                {"200": _json(_ref("PacketStats"), "Packet counters")},
+                [400],
+            )
+        },
+        "/api/v1/stats/policies": {
+            "get": _op(
+                "Rule hits and the hit rate",
+                {"200": _json(_ref("PolicyStats"), "Policy counters")},
+                [400],
+                params=[
+                    _query(
+                        "limit",
+                        {
+                            "type": "integer",
+                            "minimum": 0,
+                            "maximum": RULE_LIMIT_MAX,
+                            "default": 100,
+                        },
+                        "at most this many rules in `rules`, most hit first",
+                    )
+                ],
+            )
+        },
+        "/api/v1/sessions": {
+            "get": _op(
+                "Live sessions",
+                {"200": _json(_ref("SessionList"), "Matching sessions")},
+                [400],
+                params=[
+                    _query("ip", {"type": "string"}, f"either end is in {ip_desc}"),
+                    _query("src_ip", {"type": "string"}, f"the originator is in {ip_desc}"),
+                    _query("dst_ip", {"type": "string"}, f"the responder is in {ip_desc}"),
+                    _query(
+                        "port", {"type": "integer", "minimum": 0, "maximum": 65535}, "either port"
+                    ),
+                    _query(
+                        "src_port",
+                        {"type": "integer", "minimum": 0, "maximum": 65535},
+                        "the originator's port",
+                    ),
+                    _query(
+                        "dst_port",
+                        {"type": "integer", "minimum": 0, "maximum": 65535},
+                        "the responder's port",
+                    ),
+                    _query(
+                        "protocol",
+                        {"enum": ["tcp", "udp", "icmp", "icmpv6", "any"]},
+                        "protocol name",
+                    ),
+                    _query("verdict", {"enum": ["allow", "deny", "log"]}, "the session's verdict"),
+                    _query(
+                        "limit",
+                        {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": SESSION_LIMIT_MAX,
+                            "default": 100,
+                        },
+                        "at most this many sessions",
+                    ),
+                ],
+            )
+        },
+        "/api/v1/openapi.json": {
+            "get": _op("This document", {"200": _json({"type": "object"}, "OpenAPI 3.1")}, [400])
+        },
+        "/metrics": {
+            "get": _op(
+                "Prometheus metrics",
+                {
+                    "200": {
+                        "description": "Prometheus text exposition format (microseg_* names)",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+                [],
+                auth=False,
+            )
+        },
     }
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -475,8 +589,11 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
     }
     if auth:
         doc["components"]["securitySchemes"] = {
-            "bearer": {"type": "http", "scheme": "bearer",
-                       "description": "the token in <state-dir>/api-token"}
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "the token in <state-dir>/api-token",
+            }
         }
         doc["security"] = [{"bearer": []}]
     else:

@@ -118,6 +118,8 @@ class AgentProcess:
         event_interval: float | None = None,
         extra_args: Sequence[str] = (),
         start_timeout: float = 30.0,
+        state_dir: Path | None = None,
+        api: str | None = None,
     ) -> None:
         self.lab = lab
         self.policy_file = policy_file
@@ -129,6 +131,9 @@ class AgentProcess:
         self.event_interval = event_interval
         self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
+        # Each agent keeps its own applied set: restarts of this object restore from it.
+        self.state_dir = state_dir or events_file.parent / f"state-{self.instance}"
+        self.api = api
         self.proc: subprocess.Popen[bytes] | None = None
         self._err: _LineReader | None = None
         self._out: _LineReader | None = None
@@ -152,6 +157,10 @@ class AgentProcess:
             str(self.events_file),
             "--instance",
             self.instance,
+            "--state-dir",
+            str(self.state_dir),
+            "--api",
+            self.api or "none",
         ]
         if self.default_action is not None:
             argv += ["--default-action", self.default_action]

@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Generator, Iterator
@@ -102,6 +104,23 @@ def unique_instance(tag: str) -> str:
     return f"test-{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+_TEST_PIN = re.compile(r"test-[a-z]+-(\d+)-[0-9a-f]{8}")
+
+
+def _remove_stale_test_pins() -> None:
+    """Pins of test runs that died before their teardown (killed, timed out): by name, only
+    ours (unique_instance), only of processes that are gone."""
+    from streamer.datapath import DEFAULT_PIN_ROOT, _remove_tree
+
+    if not DEFAULT_PIN_ROOT.is_dir():
+        return
+    for d in DEFAULT_PIN_ROOT.iterdir():
+        m = _TEST_PIN.fullmatch(d.name)
+        if m and not Path(f"/proc/{m[1]}").exists():
+            with contextlib.suppress(OSError):
+                _remove_tree(d)
+
+
 def kernel_retval(dp: Datapath, pkt_or_frame: Packet | bytes, direction: str | None = None) -> int:
     """Run one packet (built with packets.frame) or raw frame through the ingress or egress
     program: the TC action (0 pass, 2 drop). A Packet's own direction is used by default."""
@@ -120,6 +139,7 @@ def kernel_retval(dp: Datapath, pkt_or_frame: Packet | bytes, direction: str | N
 @pytest.fixture(scope="session")
 def datapath() -> Iterator[Datapath]:
     """One loaded classifier for the session; its pins are removed afterwards."""
+    _remove_stale_test_pins()
     dp = Datapath(DatapathConfig(instance=unique_instance("dp"), session_entries=65536))
     try:
         dp.load()

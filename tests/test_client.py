@@ -47,33 +47,99 @@ RULE_DEFAULTS: dict[str, Any] = {
 RULE_KEYS = {"rule_id", "protocol", "action", *RULE_DEFAULTS}
 
 SEED_RULES: list[dict[str, Any]] = [
-    {"rule_id": 1001, "name": "https-to-web", "src_ip": "0.0.0.0/0", "dst_ip": "10.0.0.5",
-     "src_port": 0, "dst_port": 443, "protocol": "tcp", "action": "allow", "priority": 100,
-     "direction": "any"},
-    {"rule_id": 1002, "name": "no-ssh", "src_ip": "any", "dst_ip": "any", "src_port": 0,
-     "dst_port": 22, "protocol": "tcp", "action": "deny", "priority": 200,
-     "direction": "ingress"},
-    {"rule_id": 1003, "name": "", "src_ip": "any", "dst_ip": "198.18.0.0/15", "src_port": 0,
-     "dst_port": "80-443", "protocol": "tcp", "action": "allow", "priority": 100,
-     "direction": "any"},
+    {
+        "rule_id": 1001,
+        "name": "https-to-web",
+        "src_ip": "0.0.0.0/0",
+        "dst_ip": "10.0.0.5",
+        "src_port": 0,
+        "dst_port": 443,
+        "protocol": "tcp",
+        "action": "allow",
+        "priority": 100,
+        "direction": "any",
+    },
+    {
+        "rule_id": 1002,
+        "name": "no-ssh",
+        "src_ip": "any",
+        "dst_ip": "any",
+        "src_port": 0,
+        "dst_port": 22,
+        "protocol": "tcp",
+        "action": "deny",
+        "priority": 200,
+        "direction": "ingress",
+    },
+    {
+        "rule_id": 1003,
+        "name": "",
+        "src_ip": "any",
+        "dst_ip": "198.18.0.0/15",
+        "src_port": 0,
+        "dst_port": "80-443",
+        "protocol": "tcp",
+        "action": "allow",
+        "priority": 100,
+        "direction": "any",
+    },
 ]
 
 SESSIONS: list[dict[str, Any]] = [
-    {"src_ip": "10.0.0.7", "dst_ip": "10.0.0.5", "src_port": 51234, "dst_port": 443,
-     "protocol": "tcp", "direction": "egress", "verdict": "allow", "rule_id": 1001,
-     "packets_out": 12, "bytes_out": 3400, "packets_in": 10, "bytes_in": 120000,
-     "state": "established"},
-    {"src_ip": "fd6d:7365:67::1", "dst_ip": "fd6d:7365:67::2", "src_port": 40000,
-     "dst_port": 22, "protocol": "tcp", "direction": "ingress", "verdict": "deny",
-     "rule_id": 1002, "packets_out": 1, "bytes_out": 80, "packets_in": 0, "bytes_in": 0},
-    {"src_ip": "10.0.0.7", "dst_ip": "10.0.0.9", "src_port": 0, "dst_port": 0,
-     "protocol": "icmp", "direction": "egress", "verdict": "allow", "rule_id": None,
-     "packets_out": 3, "bytes_out": 252, "packets_in": 3, "bytes_in": 252},
+    {
+        "src_ip": "10.0.0.7",
+        "dst_ip": "10.0.0.5",
+        "src_port": 51234,
+        "dst_port": 443,
+        "protocol": "tcp",
+        "direction": "egress",
+        "verdict": "allow",
+        "rule_id": 1001,
+        "packets_out": 12,
+        "bytes_out": 3400,
+        "packets_in": 10,
+        "bytes_in": 120000,
+        "state": "established",
+    },
+    {
+        "src_ip": "fd6d:7365:67::1",
+        "dst_ip": "fd6d:7365:67::2",
+        "src_port": 40000,
+        "dst_port": 22,
+        "protocol": "tcp",
+        "direction": "ingress",
+        "verdict": "deny",
+        "rule_id": 1002,
+        "packets_out": 1,
+        "bytes_out": 80,
+        "packets_in": 0,
+        "bytes_in": 0,
+    },
+    {
+        "src_ip": "10.0.0.7",
+        "dst_ip": "10.0.0.9",
+        "src_port": 0,
+        "dst_port": 0,
+        "protocol": "icmp",
+        "direction": "egress",
+        "verdict": "allow",
+        "rule_id": None,
+        "packets_out": 3,
+        "bytes_out": 252,
+        "packets_in": 3,
+        "bytes_in": 252,
+    },
 ]
 
 STATS: dict[str, Any] = {
-    "total_packets": 1000, "allowed_packets": 900, "denied_packets": 100, "new_sessions": 40,
-    "closed_sessions": 10, "active_sessions": 30, "policy_hits": 950, "policy_misses": 50,
+    "total_packets": 1000,
+    "allowed_packets": 900,
+    "denied_packets": 100,
+    "new_sessions": 40,
+    "closed_sessions": 10,
+    "active_sessions": 30,
+    "policy_hits": 950,
+    "policy_misses": 50,
     "events": {"emitted": 70, "lost": 0},
 }
 
@@ -107,18 +173,26 @@ class Stub:
 
     def listing(self) -> dict[str, Any]:
         rules = [self.rules[k] for k in sorted(self.rules)]
-        return {"policies": rules, "count": len(rules), "default_action": self.default_action,
-                "generation": self.generation}
+        return {
+            "policies": rules,
+            "count": len(rules),
+            "default_action": self.default_action,
+            "generation": self.generation,
+        }
 
-    def diff(self, new_rules: dict[int, dict[str, Any]], new_default: str, dry: bool
-             ) -> dict[str, Any]:
+    def diff(
+        self, new_rules: dict[int, dict[str, Any]], new_default: str, dry: bool
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {
             "dry_run": dry,
             "generation": self.generation,
             "added": [r for k, r in sorted(new_rules.items()) if k not in self.rules],
             "removed": [r for k, r in sorted(self.rules.items()) if k not in new_rules],
-            "changed": [{"before": self.rules[k], "after": r} for k, r in sorted(new_rules.items())
-                        if k in self.rules and self.rules[k] != r],
+            "changed": [
+                {"before": self.rules[k], "after": r}
+                for k, r in sorted(new_rules.items())
+                if k in self.rules and self.rules[k] != r
+            ],
             "default_action_changed": new_default != self.default_action,
         }
         if dry:
@@ -150,8 +224,15 @@ def make_app(stub: Stub) -> web.Application:
     @web.middleware
     async def record_and_auth(request: web.Request, handler: Any) -> web.StreamResponse:
         raw = await request.read()
-        stub.requests.append(Seen(request.method, request.path, dict(request.query),
-                                  dict(request.headers), json.loads(raw) if raw else None))
+        stub.requests.append(
+            Seen(
+                request.method,
+                request.path,
+                dict(request.query),
+                dict(request.headers),
+                json.loads(raw) if raw else None,
+            )
+        )
         if stub.delay:
             await asyncio.sleep(stub.delay)
         if request.headers.get("Authorization") != f"Bearer {TOKEN}":
@@ -223,8 +304,11 @@ def make_app(stub: Stub) -> web.Application:
         found = lookup(request)
         if isinstance(found, web.Response):
             return found
-        hits = {"packets": 42, "bytes": 4200, "last_hit": None if found == 1003 else
-                "2026-11-22T10:01:02Z"}
+        hits = {
+            "packets": 42,
+            "bytes": 4200,
+            "last_hit": None if found == 1003 else "2026-11-22T10:01:02Z",
+        }
         return web.json_response({**stub.rules[found], **hits})
 
     async def put_policy(request: web.Request) -> web.Response:
@@ -257,7 +341,8 @@ def make_app(stub: Stub) -> web.Application:
     async def sessions(request: web.Request) -> web.Response:
         q = request.query
         found = [
-            s for s in SESSIONS
+            s
+            for s in SESSIONS
             if ("ip" not in q or q["ip"] in (s["src_ip"], s["dst_ip"]))
             and ("port" not in q or int(q["port"]) in (s["src_port"], s["dst_port"]))
             and ("protocol" not in q or q["protocol"] == s["protocol"])
@@ -265,8 +350,11 @@ def make_app(stub: Stub) -> web.Application:
         ]
         limit = int(q.get("limit", "1000"))
         return web.json_response(
-            {"sessions": found[:limit], "count": len(found[:limit]),
-             "truncated": len(found) > limit}
+            {
+                "sessions": found[:limit],
+                "count": len(found[:limit]),
+                "truncated": len(found) > limit,
+            }
         )
 
     async def stats(request: web.Request) -> web.Response:
@@ -459,8 +547,18 @@ def test_policy_list_table(cli: Cli, stub: Stub) -> None:
     assert (rc, err) == (0, "")
     lines = out.splitlines()
     header = lines[0]
-    assert header.split() == ["ID", "NAME", "SRC", "SPORT", "DST", "DPORT", "PROTO", "ACTION",
-                              "PRIO", "DIR"]
+    assert header.split() == [
+        "ID",
+        "NAME",
+        "SRC",
+        "SPORT",
+        "DST",
+        "DPORT",
+        "PROTO",
+        "ACTION",
+        "PRIO",
+        "DIR",
+    ]
     assert lines[-1] == "3 rules, default action deny, generation 7"
     rows = lines[1:-1]
     assert [r.split()[0] for r in rows] == ["1001", "1002", "1003"]
@@ -473,8 +571,18 @@ def test_policy_list_table(cli: Cli, stub: Stub) -> None:
                 assert row[end - 1] != " " and row[end] == " ", (row, index)
             else:
                 assert row[start - 1] == " " and row[start] != " ", (row, index)
-    assert rows[0].split() == ["1001", "https-to-web", "0.0.0.0/0", "any", "10.0.0.5", "443",
-                               "tcp", "allow", "100", "any"]
+    assert rows[0].split() == [
+        "1001",
+        "https-to-web",
+        "0.0.0.0/0",
+        "any",
+        "10.0.0.5",
+        "443",
+        "tcp",
+        "allow",
+        "100",
+        "any",
+    ]
     assert rows[2].split()[1] == "-"  # empty name
     assert rows[2].split()[5] == "80-443"
     assert not any(line != line.rstrip() for line in lines)
@@ -519,8 +627,12 @@ def test_policy_get_shows_counters(cli: Cli) -> None:
 def test_policy_get_json(cli: Cli, stub: Stub) -> None:
     rc, out, _ = cli("policy", "get", "1002", "-o", "json")
     assert rc == 0
-    assert json.loads(out) == {**stub.rules[1002], "packets": 42, "bytes": 4200,
-                               "last_hit": "2026-11-22T10:01:02Z"}
+    assert json.loads(out) == {
+        **stub.rules[1002],
+        "packets": 42,
+        "bytes": 4200,
+        "last_hit": "2026-11-22T10:01:02Z",
+    }
 
 
 def test_policy_get_unknown_rule(cli: Cli) -> None:
@@ -532,8 +644,9 @@ def test_policy_get_unknown_rule(cli: Cli) -> None:
 
 @pytest.mark.parametrize("bad", ["0", "-1", "abc", str(2**32)])
 def test_policy_get_bad_rule_id_is_a_usage_error(run: Cli, bad: str) -> None:
-    rc, _, err = run("policy", "get", "--", bad) if bad.startswith("-") else run(
-        "policy", "get", bad)
+    rc, _, err = (
+        run("policy", "get", "--", bad) if bad.startswith("-") else run("policy", "get", bad)
+    )
     assert rc == 2
     assert "not a rule id" in err
 
@@ -548,22 +661,58 @@ def test_non_json_error_body(cli: Cli) -> None:
 
 
 def test_policy_add_from_flags(cli: Cli, stub: Stub) -> None:
-    rc, out, err = cli("policy", "add", "--rule-id", "2001", "--name", "api", "--dst-ip",
-                       "10.0.0.5", "--dst-port", "8080-8090", "--src-port", "1024",
-                       "--protocol", "TCP", "--action", "allow", "--priority", "300",
-                       "--direction", "ingress")
+    rc, out, err = cli(
+        "policy",
+        "add",
+        "--rule-id",
+        "2001",
+        "--name",
+        "api",
+        "--dst-ip",
+        "10.0.0.5",
+        "--dst-port",
+        "8080-8090",
+        "--src-port",
+        "1024",
+        "--protocol",
+        "TCP",
+        "--action",
+        "allow",
+        "--priority",
+        "300",
+        "--direction",
+        "ingress",
+    )
     assert (rc, err) == (0, "")
     seen = last(stub)
     assert (seen.method, seen.path, seen.query) == ("POST", "/api/v1/policies", {})
     assert seen.headers["Content-Type"] == "application/json"
-    assert seen.body == {"rule_id": 2001, "name": "api", "dst_ip": "10.0.0.5",
-                         "dst_port": "8080-8090", "src_port": 1024, "protocol": "tcp",
-                         "action": "allow", "priority": 300, "direction": "ingress"}
+    assert seen.body == {
+        "rule_id": 2001,
+        "name": "api",
+        "dst_ip": "10.0.0.5",
+        "dst_port": "8080-8090",
+        "src_port": 1024,
+        "protocol": "tcp",
+        "action": "allow",
+        "priority": 300,
+        "direction": "ingress",
+    }
     lines = out.splitlines()
     assert lines[0] == "added rule 2001"
     assert lines[1].split()[0] == "ID"
-    assert lines[2].split() == ["2001", "api", "any", "1024", "10.0.0.5", "8080-8090", "tcp",
-                                "allow", "300", "ingress"]
+    assert lines[2].split() == [
+        "2001",
+        "api",
+        "any",
+        "1024",
+        "10.0.0.5",
+        "8080-8090",
+        "tcp",
+        "allow",
+        "300",
+        "ingress",
+    ]
     assert 2001 in stub.rules
 
 
@@ -574,8 +723,9 @@ def test_policy_add_minimal_sends_only_given_fields(cli: Cli, stub: Stub) -> Non
 
 
 def test_policy_add_json_output(cli: Cli, stub: Stub) -> None:
-    rc, out, _ = cli("policy", "add", "--rule-id", "9", "--protocol", "udp", "--action",
-                     "deny", "-o", "json")
+    rc, out, _ = cli(
+        "policy", "add", "--rule-id", "9", "--protocol", "udp", "--action", "deny", "-o", "json"
+    )
     assert rc == 0
     assert json.loads(out) == stub.rules[9]
 
@@ -585,8 +735,14 @@ def test_policy_add_from_file_with_flag_override(cli: Cli, stub: Stub, tmp_path:
     f.write_text("rule_id: 3001\nname: dns\ndst_port: 53\nprotocol: udp\naction: allow\n")
     rc, out, err = cli("policy", "add", "--file", str(f), "--priority", "150")
     assert (rc, err) == (0, "")
-    assert last(stub).body == {"rule_id": 3001, "name": "dns", "dst_port": 53,
-                               "protocol": "udp", "action": "allow", "priority": 150}
+    assert last(stub).body == {
+        "rule_id": 3001,
+        "name": "dns",
+        "dst_port": 53,
+        "protocol": "udp",
+        "action": "allow",
+        "priority": 150,
+    }
     assert out.startswith("added rule 3001\n")
 
 
@@ -641,18 +797,19 @@ def test_policy_add_missing_required_flags(cli: Cli, stub: Stub) -> None:
         ("--direction", "both", "invalid choice"),
     ],
 )
-def test_policy_add_bad_flag_values(cli: Cli, stub: Stub, flag: str, value: str,
-                                    says: str) -> None:
-    rc, _, err = cli("policy", "add", "--rule-id", "5", "--protocol", "tcp", "--action",
-                     "allow", flag, value)
+def test_policy_add_bad_flag_values(cli: Cli, stub: Stub, flag: str, value: str, says: str) -> None:
+    rc, _, err = cli(
+        "policy", "add", "--rule-id", "5", "--protocol", "tcp", "--action", "allow", flag, value
+    )
     assert rc == 2
     assert flag in err and says in err
     assert stub.requests == []
 
 
 def test_policy_add_duplicate(cli: Cli) -> None:
-    rc, out, err = cli("policy", "add", "--rule-id", "1001", "--protocol", "tcp", "--action",
-                       "allow")
+    rc, out, err = cli(
+        "policy", "add", "--rule-id", "1001", "--protocol", "tcp", "--action", "allow"
+    )
     assert (rc, out) == (1, "")
     assert err == "microseg: rule_id 1001 already exists (HTTP 409 duplicate)\n"
 
@@ -666,8 +823,21 @@ def test_policy_add_rejected_by_api(cli: Cli, tmp_path: Path) -> None:
 
 
 def test_policy_add_dry_run(cli: Cli, stub: Stub) -> None:
-    rc, out, err = cli("policy", "add", "--rule-id", "2001", "--name", "api", "--dst-port",
-                       "8080", "--protocol", "tcp", "--action", "deny", "--dry-run")
+    rc, out, err = cli(
+        "policy",
+        "add",
+        "--rule-id",
+        "2001",
+        "--name",
+        "api",
+        "--dst-port",
+        "8080",
+        "--protocol",
+        "tcp",
+        "--action",
+        "deny",
+        "--dry-run",
+    )
     assert (rc, err) == (0, "")
     assert last(stub).query == {"dry_run": "1"}
     assert 2001 not in stub.rules
@@ -679,8 +849,19 @@ def test_policy_add_dry_run(cli: Cli, stub: Stub) -> None:
 
 
 def test_policy_add_dry_run_json(cli: Cli, stub: Stub) -> None:
-    rc, out, _ = cli("policy", "add", "--rule-id", "2001", "--protocol", "tcp", "--action",
-                     "deny", "--dry-run", "-o", "json")
+    rc, out, _ = cli(
+        "policy",
+        "add",
+        "--rule-id",
+        "2001",
+        "--protocol",
+        "tcp",
+        "--action",
+        "deny",
+        "--dry-run",
+        "-o",
+        "json",
+    )
     assert rc == 0
     diff = json.loads(out)
     assert diff["dry_run"] is True
@@ -741,8 +922,9 @@ def test_policy_update_unknown_rule(cli: Cli, stub: Stub) -> None:
 
 def test_policy_update_dry_run(cli: Cli, stub: Stub) -> None:
     before = copy.deepcopy(stub.rules[1003])
-    rc, out, err = cli("policy", "update", "1003", "--action", "deny", "--dst-port", "80",
-                       "--dry-run")
+    rc, out, err = cli(
+        "policy", "update", "1003", "--action", "deny", "--dst-port", "80", "--dry-run"
+    )
     assert (rc, err) == (0, "")
     assert last(stub).query == {"dry_run": "1"}
     assert stub.rules[1003] == before
@@ -814,9 +996,7 @@ def test_policy_apply_yaml_dry_run(cli: Cli, stub: Stub, tmp_path: Path) -> None
     f.write_text(
         "default_action: deny\n"
         "policies:\n"
-        + "".join(
-            f"  - {json.dumps(r)}\n" for r in SEED_RULES
-        )
+        + "".join(f"  - {json.dumps(r)}\n" for r in SEED_RULES)
         + "  - {rule_id: 1010, name: 2024-01-01, protocol: icmp, action: allow}\n"
     )
     rc, out, err = cli("policy", "apply", str(f), "--dry-run")
@@ -897,8 +1077,7 @@ def test_policy_load_file_is_apply(cli: Cli, stub: Stub, tmp_path: Path) -> None
     f = write_set(tmp_path / "set.json", "deny", SEED_RULES[:2])
     rc, out, _ = cli("policy", "load", "--file", str(f))
     assert (rc, out.splitlines()[0]) == (0, "applied: now generation 8")
-    assert (last(stub).method, last(stub).path, last(stub).query) == (
-        "PUT", "/api/v1/policies", {})
+    assert (last(stub).method, last(stub).path, last(stub).query) == ("PUT", "/api/v1/policies", {})
     assert sorted(stub.rules) == [1001, 1002]
 
 
@@ -909,13 +1088,32 @@ def test_session_list_table(cli: Cli, stub: Stub) -> None:
     rc, out, err = cli("session", "list")
     assert (rc, err) == (0, "")
     lines = out.splitlines()
-    assert lines[0].split() == ["PROTO", "SRC", "DST", "DIR", "VERDICT", "RULE", "PKTS_OUT",
-                                "BYTES_OUT", "PKTS_IN", "BYTES_IN"]
-    assert lines[1].split() == ["tcp", "10.0.0.7:51234", "10.0.0.5:443", "egress", "allow",
-                                "1001", "12", "3400", "10", "120000"]
+    assert lines[0].split() == [
+        "PROTO",
+        "SRC",
+        "DST",
+        "DIR",
+        "VERDICT",
+        "RULE",
+        "PKTS_OUT",
+        "BYTES_OUT",
+        "PKTS_IN",
+        "BYTES_IN",
+    ]
+    assert lines[1].split() == [
+        "tcp",
+        "10.0.0.7:51234",
+        "10.0.0.5:443",
+        "egress",
+        "allow",
+        "1001",
+        "12",
+        "3400",
+        "10",
+        "120000",
+    ]
     assert lines[2].split()[1:3] == ["[fd6d:7365:67::1]:40000", "[fd6d:7365:67::2]:22"]
-    assert lines[3].split()[:6] == ["icmp", "10.0.0.7", "10.0.0.9", "egress", "allow",
-                                    "default"]
+    assert lines[3].split()[:6] == ["icmp", "10.0.0.7", "10.0.0.9", "egress", "allow", "default"]
     assert lines[-1] == "3 sessions"
     # Counters are right-aligned: each ends where its header ends.
     end = lines[0].index("BYTES_IN") + len("BYTES_IN")
@@ -924,11 +1122,28 @@ def test_session_list_table(cli: Cli, stub: Stub) -> None:
 
 
 def test_session_list_filters(cli: Cli, stub: Stub) -> None:
-    rc, out, _ = cli("session", "list", "--ip", "10.0.0.7", "--port", "443", "--protocol",
-                     "TCP", "--verdict", "allow", "--limit", "5")
+    rc, out, _ = cli(
+        "session",
+        "list",
+        "--ip",
+        "10.0.0.7",
+        "--port",
+        "443",
+        "--protocol",
+        "TCP",
+        "--verdict",
+        "allow",
+        "--limit",
+        "5",
+    )
     assert rc == 0
-    assert last(stub).query == {"ip": "10.0.0.7", "port": "443", "protocol": "tcp",
-                                "verdict": "allow", "limit": "5"}
+    assert last(stub).query == {
+        "ip": "10.0.0.7",
+        "port": "443",
+        "protocol": "tcp",
+        "verdict": "allow",
+        "limit": "5",
+    }
     assert out.splitlines()[-1] == "1 session"
 
 
@@ -945,8 +1160,9 @@ def test_session_list_none(cli: Cli) -> None:
     assert (rc, out) == (0, "0 sessions\n")
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--port", "0"), ("--port", "x"),
-                                             ("--limit", "0"), ("--verdict", "drop")])
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--port", "0"), ("--port", "x"), ("--limit", "0"), ("--verdict", "drop")]
+)
 def test_session_list_bad_filters(cli: Cli, stub: Stub, flag: str, value: str) -> None:
     rc, _, err = cli("session", "list", flag, value)
     assert rc == 2 and flag in err
@@ -980,16 +1196,18 @@ def test_stats_packets_and_policies(cli: Cli, stub: Stub) -> None:
 
 
 def test_unix_socket(run: Cli, stub: Stub, state_dir: Path) -> None:
-    rc, out, err = run("policy", "list", "--api", f"unix:{stub.unix_path}", "--state-dir",
-                       str(state_dir))
+    rc, out, err = run(
+        "policy", "list", "--api", f"unix:{stub.unix_path}", "--state-dir", str(state_dir)
+    )
     assert (rc, err) == (0, "")
     assert out.splitlines()[-1] == "3 rules, default action deny, generation 7"
     assert last(stub).headers["Host"] == "localhost"
 
 
 def test_http_url_form(run: Cli, stub: Stub, state_dir: Path) -> None:
-    rc, _, err = run("stats", "--api", f"http://127.0.0.1:{stub.tcp_port}/api/v1",
-                     "--state-dir", str(state_dir))
+    rc, _, err = run(
+        "stats", "--api", f"http://127.0.0.1:{stub.tcp_port}/api/v1", "--state-dir", str(state_dir)
+    )
     assert (rc, err) == (0, "")
     assert last(stub).path == "/api/v1/stats"
 
@@ -1002,19 +1220,24 @@ def free_port() -> int:
 
 def test_connection_refused(run: Cli, state_dir: Path) -> None:
     port = free_port()
-    rc, out, err = run("policy", "list", "--api", f"127.0.0.1:{port}", "--state-dir",
-                       str(state_dir))
+    rc, out, err = run(
+        "policy", "list", "--api", f"127.0.0.1:{port}", "--state-dir", str(state_dir)
+    )
     assert (rc, out) == (1, "")
-    assert err == (f"microseg: the agent is not reachable at 127.0.0.1:{port} "
-                   "(connection refused); is `microseg run` running?\n")
+    assert err == (
+        f"microseg: the agent is not reachable at 127.0.0.1:{port} "
+        "(connection refused); is `microseg run` running?\n"
+    )
 
 
 def test_unix_socket_missing(run: Cli, state_dir: Path, tmp_path: Path) -> None:
     path = tmp_path / "nothing.sock"
     rc, _, err = run("stats", "--api", f"unix:{path}", "--state-dir", str(state_dir))
     assert rc == 1
-    assert err == (f"microseg: the agent is not reachable at unix:{path} (no such socket); "
-                   "is `microseg run` running?\n")
+    assert err == (
+        f"microseg: the agent is not reachable at unix:{path} (no such socket); "
+        "is `microseg run` running?\n"
+    )
 
 
 def test_timeout(cli: Cli, stub: Stub, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1025,8 +1248,9 @@ def test_timeout(cli: Cli, stub: Stub, monkeypatch: pytest.MonkeyPatch) -> None:
     assert err == f"microseg: the agent at 127.0.0.1:{stub.tcp_port} did not answer within 0.2 s\n"
 
 
-def test_apply_has_its_own_timeout(cli: Cli, stub: Stub, tmp_path: Path,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_apply_has_its_own_timeout(
+    cli: Cli, stub: Stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert client.APPLY_TIMEOUT >= 60 and client.TIMEOUT == 10
     monkeypatch.setattr(client, "TIMEOUT", 30.0)
     monkeypatch.setattr(client, "APPLY_TIMEOUT", 0.2)
@@ -1036,8 +1260,9 @@ def test_apply_has_its_own_timeout(cli: Cli, stub: Stub, tmp_path: Path,
     assert rc == 1 and "did not answer within 0.2 s" in err
 
 
-def test_token_override_and_env(run: Cli, stub: Stub, tmp_path: Path,
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_token_override_and_env(
+    run: Cli, stub: Stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     api = ("--api", f"127.0.0.1:{stub.tcp_port}", "--state-dir", str(tmp_path / "none"))
     rc, _, err = run("stats", *api, "--token", TOKEN)
     assert (rc, err) == (0, "")
@@ -1051,8 +1276,7 @@ def test_token_override_and_env(run: Cli, stub: Stub, tmp_path: Path,
 
 def test_wrong_token_in_file(run: Cli, stub: Stub, state_dir: Path) -> None:
     (state_dir / "api-token").write_text("not-the-token\n")
-    rc, _, err = run("stats", "--api", f"127.0.0.1:{stub.tcp_port}", "--state-dir",
-                     str(state_dir))
+    rc, _, err = run("stats", "--api", f"127.0.0.1:{stub.tcp_port}", "--state-dir", str(state_dir))
     assert rc == 1
     assert err == "microseg: missing or wrong API token (HTTP 401 unauthorized)\n"
 
@@ -1069,8 +1293,9 @@ def test_missing_token_file_hint_on_401(run: Cli, stub: Stub, tmp_path: Path) ->
     ]
 
 
-def test_unreadable_token_file(run: Cli, stub: Stub, state_dir: Path,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreadable_token_file(
+    run: Cli, stub: Stub, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     token_file = state_dir / "api-token"
     real_open = pathlib.Path.open
 
@@ -1081,32 +1306,37 @@ def test_unreadable_token_file(run: Cli, stub: Stub, state_dir: Path,
 
     # The suite runs as root, which may read any file: make this one unreadable by hand.
     monkeypatch.setattr(pathlib.Path, "open", deny)
-    rc, out, err = run("policy", "list", "--api", f"127.0.0.1:{stub.tcp_port}", "--state-dir",
-                       str(state_dir))
+    rc, out, err = run(
+        "policy", "list", "--api", f"127.0.0.1:{stub.tcp_port}", "--state-dir", str(state_dir)
+    )
     assert (rc, out) == (1, "")
-    assert err == (f"microseg: cannot read the API token file {token_file}: permission denied;"
-                   f" run as root (or a user that can read it), or pass --token / set "
-                   f"{TOKEN_ENV}\n")
+    assert err == (
+        f"microseg: cannot read the API token file {token_file}: permission denied;"
+        f" run as root (or a user that can read it), or pass --token / set "
+        f"{TOKEN_ENV}\n"
+    )
     assert stub.requests == []
 
 
 def test_token_file_is_a_directory(run: Cli, stub: Stub, tmp_path: Path) -> None:
     (tmp_path / "s" / "api-token").mkdir(parents=True)
-    rc, _, err = run("stats", "--api", f"127.0.0.1:{stub.tcp_port}", "--state-dir",
-                     str(tmp_path / "s"))
+    rc, _, err = run(
+        "stats", "--api", f"127.0.0.1:{stub.tcp_port}", "--state-dir", str(tmp_path / "s")
+    )
     assert rc == 1
     assert err.startswith(f"microseg: cannot read the API token file {tmp_path / 's'}/api-token:")
     assert "--token" in err
 
 
-@pytest.mark.parametrize(("content", "says"), [(b"\n", "is empty"),
-                                               (b"two words\n", "not a token"),
-                                               (b"\xff\xfe", "not ASCII")])
-def test_token_file_garbage(run: Cli, stub: Stub, state_dir: Path, content: bytes,
-                            says: str) -> None:
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [(b"\n", "is empty"), (b"two words\n", "not a token"), (b"\xff\xfe", "not ASCII")],
+)
+def test_token_file_garbage(
+    run: Cli, stub: Stub, state_dir: Path, content: bytes, says: str
+) -> None:
     (state_dir / "api-token").write_bytes(content)
-    rc, _, err = run("stats", "--api", f"127.0.0.1:{stub.tcp_port}", "--state-dir",
-                     str(state_dir))
+    rc, _, err = run("stats", "--api", f"127.0.0.1:{stub.tcp_port}", "--state-dir", str(state_dir))
     assert rc == 1 and says in err and str(state_dir / "api-token") in err
     assert stub.requests == []
 
@@ -1124,6 +1354,7 @@ def test_not_json_success_body(run: Cli, state_dir: Path) -> None:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
+
         async def start() -> int:
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -1155,10 +1386,18 @@ def test_format_table() -> None:
 
 def test_render_diff_changed_fields_and_default() -> None:
     diff = {
-        "dry_run": True, "generation": 3, "added": [], "removed": [],
-        "changed": [{"before": {**SEED_RULES[1]},
-                     "after": {**SEED_RULES[1], "priority": 50, "direction": "any"}}],
-        "default_action_changed": True, "sessions_checked": 10,
+        "dry_run": True,
+        "generation": 3,
+        "added": [],
+        "removed": [],
+        "changed": [
+            {
+                "before": {**SEED_RULES[1]},
+                "after": {**SEED_RULES[1], "priority": 50, "direction": "any"},
+            }
+        ],
+        "default_action_changed": True,
+        "sessions_checked": 10,
         "sessions_changing_verdict": 4,
     }
     assert render_diff(diff, "allow").splitlines() == [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any
 
@@ -11,8 +12,8 @@ from streamer.compiler import (
     ACTION_CODES,
     DIR_EGRESS,
     DIR_INGRESS,
-    CompileError,
     CompiledPolicy,
+    CompileError,
     Shape,
     compile_policy,
     pack_rule_key,
@@ -47,7 +48,7 @@ def _check_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
         covered.append((value, value + size - 1))
     # Contiguous, in order, exactly lo..hi: no port lost, none added.
     assert covered[0][0] == lo and covered[-1][1] == hi, (lo, hi, blocks)
-    for (_, end), (start, _) in zip(covered, covered[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(covered):
         assert start == end + 1, (lo, hi, blocks)
     # The greedy split is the minimal prefix cover: never more than 2*16 - 2 blocks.
     assert len(blocks) <= 30
@@ -150,15 +151,30 @@ def test_icmp_rule_with_any_address_compiles_to_its_family_only(protocol: str, f
 
 
 def test_port_range_splits_into_shapes_by_block_length() -> None:
-    c = _compile({"rule_id": 1, "dst_ip": "192.0.2.0/24", "dst_port": "1024-65535",
-                  "protocol": "udp", "direction": "ingress"})
+    c = _compile(
+        {
+            "rule_id": 1,
+            "dst_ip": "192.0.2.0/24",
+            "dst_port": "1024-65535",
+            "protocol": "udp",
+            "direction": "ingress",
+        }
+    )
     assert sorted(s.dport_plen for s in c.v4.shapes) == [1, 2, 3, 4, 5, 6]
     assert c.v4.entry_count == 6 and c.v6.shapes == []
 
 
 def test_src_and_dst_ranges_multiply() -> None:
-    c = _compile({"rule_id": 1, "src_port": "1000-1003", "dst_port": "10-13", "protocol": "tcp",
-                  "src_ip": "2001:db8::/97", "direction": "ingress"})
+    c = _compile(
+        {
+            "rule_id": 1,
+            "src_port": "1000-1003",
+            "dst_port": "10-13",
+            "protocol": "tcp",
+            "src_ip": "2001:db8::/97",
+            "direction": "ingress",
+        }
+    )
     # 1000-1003 is one /14 block; 10-13 is 10-11 (/15) and 12-13 (/15): 2 entries, 1 shape.
     assert c.v6.shapes == [Shape(6, 97, 0, 14, 15, False)]
     assert c.v6.entry_count == 2
@@ -177,8 +193,13 @@ def test_best_rule_per_key() -> None:
     same = {"src_ip": "10.0.0.0/8", "protocol": "tcp", "direction": "ingress"}
     cases: list[tuple[list[dict[str, Any]], int]] = [
         # higher priority wins whatever its action
-        ([{"rule_id": 1, "action": "deny", "priority": 100},
-          {"rule_id": 2, "action": "allow", "priority": 101}], 2),
+        (
+            [
+                {"rule_id": 1, "action": "deny", "priority": 100},
+                {"rule_id": 2, "action": "allow", "priority": 101},
+            ],
+            2,
+        ),
         # tie: deny > log > allow
         ([{"rule_id": 1, "action": "allow"}, {"rule_id": 2, "action": "log"}], 2),
         ([{"rule_id": 3, "action": "log"}, {"rule_id": 4, "action": "deny"}], 4),
@@ -204,8 +225,7 @@ def test_overlapping_keys_keep_each_rules_other_entries() -> None:
     # Rule 2 beats rule 1 on TCP only; rule 1 keeps UDP.
     c = _compile(
         {"rule_id": 1, "dst_port": 53, "protocol": "any", "direction": "ingress", "action": "log"},
-        {"rule_id": 2, "dst_port": 53, "protocol": "tcp", "direction": "ingress",
-         "action": "deny"},
+        {"rule_id": 2, "dst_port": 53, "protocol": "tcp", "direction": "ingress", "action": "deny"},
     )
     for ft in (c.v4, c.v6):
         assert {k[1]: e.rule_id for k, e in ft.entries[0].items()} == {6: 2, 17: 1}
@@ -218,13 +238,15 @@ def test_shapes_sorted_by_max_score() -> None:
         plen = rng.randrange(0, 33)
         net = (rng.getrandbits(32) >> (32 - plen) << (32 - plen)) if plen else 0
         addr = f"{(net >> 24) & 255}.{(net >> 16) & 255}.{(net >> 8) & 255}.{net & 255}/{plen}"
-        rules.append({
-            "rule_id": rng.randrange(1, 2**32 - 1) // 200 * 200 + rid,
-            "dst_ip": addr,
-            "priority": rng.choice([0, 50, 100, 100, 65535]),
-            "action": rng.choice(["allow", "deny", "log"]),
-            "protocol": rng.choice(["tcp", "udp", "any", "icmp"]),
-        })
+        rules.append(
+            {
+                "rule_id": rng.randrange(1, 2**32 - 1) // 200 * 200 + rid,
+                "dst_ip": addr,
+                "priority": rng.choice([0, 50, 100, 100, 65535]),
+                "action": rng.choice(["allow", "deny", "log"]),
+                "protocol": rng.choice(["tcp", "udp", "any", "icmp"]),
+            }
+        )
     pol = _policy(*rules)
     c = compile_policy(pol, MAX_SHAPES)
     ft = c.v4
@@ -253,8 +275,16 @@ def test_default_action_and_rule_ids() -> None:
 
 def test_packed_layouts() -> None:
     """Sizes of bpf/classifier.h structs (also checked against the compiled maps elsewhere)."""
-    c = _compile({"rule_id": 7, "src_ip": "2001:db8::/32", "dst_port": 443, "protocol": "tcp",
-                  "action": "deny", "direction": "ingress"})
+    c = _compile(
+        {
+            "rule_id": 7,
+            "src_ip": "2001:db8::/32",
+            "dst_port": 443,
+            "protocol": "tcp",
+            "action": "deny",
+            "direction": "ingress",
+        }
+    )
     key, entry = next(iter(c.v6.entries[0].items()))
     raw = pack_rule_key(6, 5, key)
     assert len(raw) == 40

@@ -252,8 +252,19 @@ def test_address_pair_and_longest_prefix_is_not_the_rule(dp: Datapath) -> None:
 
 # ---- ports ---------------------------------------------------------------------------------
 
-_PORT_SPECS: list[int | str] = [22, 1, 65535, "1000-2000", "0-0", "0-1023", "1024-65535",
-                                "0-65535", "32767-32768", "443-443", 0]
+_PORT_SPECS: list[int | str] = [
+    22,
+    1,
+    65535,
+    "1000-2000",
+    "0-0",
+    "0-1023",
+    "1024-65535",
+    "0-65535",
+    "32767-32768",
+    "443-443",
+    0,
+]
 
 
 def _spec_range(spec: int | str) -> tuple[int, int] | None:
@@ -285,8 +296,13 @@ def test_port_match(dp: Datapath, protocol: str, field: str, spec: int | str) ->
 
 def test_src_and_dst_port_together(dp: Datapath) -> None:
     pol = install(dp, "deny", R(1, protocol="tcp", src_port="1024-65535", dst_port="20-21"))
-    cases = [((1024, 20), PASS), ((65535, 21), PASS), ((1023, 20), DROP), ((2000, 22), DROP),
-             ((2000, 19), DROP)]
+    cases = [
+        ((1024, 20), PASS),
+        ((65535, 21), PASS),
+        ((1023, 20), DROP),
+        ((2000, 22), DROP),
+        ((2000, 19), DROP),
+    ]
     for (sport, dport), want in cases:
         pkt = pk("10.0.0.1", "10.0.0.2", "tcp", sport, dport)
         assert expect_ref(pol, pkt) == want
@@ -296,8 +312,9 @@ def test_src_and_dst_port_together(dp: Datapath) -> None:
 def test_port_condition_is_met_only_by_tcp_and_udp(dp: Datapath) -> None:
     """protocol any + a port: ICMP echoes (whose identifier the parser keeps as the "port"),
     GRE, SCTP (ports the parser does not read) must not match."""
-    pol = install(dp, "deny", R(1, protocol="any", dst_port=22), R(2, protocol="any",
-                                                                     src_port="0-65535"))
+    pol = install(
+        dp, "deny", R(1, protocol="any", dst_port=22), R(2, protocol="any", src_port="0-65535")
+    )
     sctp_header = struct.pack("!HHII", 22, 22, 0, 0)
     cases: list[tuple[Packet | bytes, str, int]] = [
         (pk("10.0.0.1", "10.0.0.2", "tcp", 5, 22), "ingress", PASS),
@@ -378,8 +395,7 @@ def test_icmpv6_inside_ipv4_is_not_neighbour_discovery(dp: Datapath) -> None:
     not passed as L2 control traffic: otherwise anyone can tunnel past a default deny."""
     pol = install(dp, "deny")
     for nd_type in (133, 134, 135, 136, 137):
-        data = eth(ipv4("10.0.0.1", "10.0.0.2", 58, icmpv6(nd_type, 0, 0, 0, bytes(16))),
-                   ETH_P_IP)
+        data = eth(ipv4("10.0.0.1", "10.0.0.2", 58, icmpv6(nd_type, 0, 0, 0, bytes(16))), ETH_P_IP)
         parsed = parse_frame(data, "ingress")
         assert isinstance(parsed, Packet) and judge(pol, parsed).verdict is Verdict.DENY
         delta = Delta(dp)
@@ -443,11 +459,17 @@ def _winner(dp: Datapath) -> tuple[str, int | None]:
         # equal priority: deny > log > allow, whatever the rule ids and specificity
         ([R(1, src_ip="10.1.2.3"), R(9, action="deny", dst_port=80)], "deny", 9),
         ([R(1, src_ip="10.1.2.3", protocol="tcp"), R(9, action="log")], "log", 9),
-        ([R(1, action="log", dst_ip="10.9.9.9"), R(9, action="deny", src_port="1-65535")],
-         "deny", 9),
+        (
+            [R(1, action="log", dst_ip="10.9.9.9"), R(9, action="deny", src_port="1-65535")],
+            "deny",
+            9,
+        ),
         # equal priority and action: the lowest rule_id, even if less specific
-        ([R(9, src_ip="10.1.2.3", dst_ip="10.9.9.9", dst_port=80), R(5, src_ip="10.0.0.0/8")],
-         "allow", 5),
+        (
+            [R(9, src_ip="10.1.2.3", dst_ip="10.9.9.9", dst_port=80), R(5, src_ip="10.0.0.0/8")],
+            "allow",
+            5,
+        ),
         ([R(4294967295, action="deny", src_ip="10.1.2.3"), R(7, action="deny")], "deny", 7),
         ([R(8, action="log", protocol="tcp"), R(3, action="log", dst_port="80-80")], "log", 3),
     ],
@@ -489,11 +511,14 @@ def test_arp_and_neighbour_discovery_pass_under_default_deny(dp: Datapath) -> No
     ]
     for nd_type in (133, 134, 135, 136, 137):
         body = icmpv6(nd_type, 0, 0, 0, target, src="fe80::1", dst="ff02::1:ff00:2")
-        frames.append(eth(ipv6("fe80::1", "ff02::1:ff00:2", 58, body, hop_limit=255),
-                          ETH_P_IPV6))
+        frames.append(eth(ipv6("fe80::1", "ff02::1:ff00:2", 58, body, hop_limit=255), ETH_P_IPV6))
     # behind extension headers too (hop-by-hop, as MLD-style packets carry)
-    frames.append(eth(ipv6("fe80::1", "ff02::1", 58, icmpv6(135, 0, 0, 0, target),
-                           ext=[hbh_ext()]), ETH_P_IPV6))
+    frames.append(
+        eth(
+            ipv6("fe80::1", "ff02::1", 58, icmpv6(135, 0, 0, 0, target), ext=[hbh_ext()]),
+            ETH_P_IPV6,
+        )
+    )
     delta = Delta(dp)
     for data in frames:
         for direction in ("ingress", "egress"):
@@ -523,26 +548,29 @@ def _malformed_frames() -> dict[str, bytes]:
         "truncated IPv4 header": eth(tcp4[:19], ETH_P_IP, tag),
         "IPv4 ihl 4": eth(ipv4("10.0.0.1", "10.0.0.2", 6, tcp(1, 2), ihl=4), ETH_P_IP),
         "IPv4 ihl 0": eth(ipv4("10.0.0.1", "10.0.0.2", 6, tcp(1, 2), ihl=0), ETH_P_IP),
-        "IPv4 ihl beyond the frame": eth(ipv4("10.0.0.1", "10.0.0.2", 17, b"", ihl=15),
-                                         ETH_P_IP),
+        "IPv4 ihl beyond the frame": eth(ipv4("10.0.0.1", "10.0.0.2", 17, b"", ihl=15), ETH_P_IP),
         "IPv4 version 6": eth(ipv4("10.0.0.1", "10.0.0.2", 6, tcp(1, 2), version=6), ETH_P_IP),
-        "IPv4 total length < header": eth(ipv4("10.0.0.1", "10.0.0.2", 6, tcp(1, 2),
-                                               total_length=19), ETH_P_IP),
-        "truncated TCP header": eth(tcp4[:20 + 19], ETH_P_IP),
+        "IPv4 total length < header": eth(
+            ipv4("10.0.0.1", "10.0.0.2", 6, tcp(1, 2), total_length=19), ETH_P_IP
+        ),
+        "truncated TCP header": eth(tcp4[: 20 + 19], ETH_P_IP),
         "truncated UDP header": eth(ipv4("10.0.0.1", "10.0.0.2", 17, udp(1, 2)[:7]), ETH_P_IP),
         "truncated ICMP header": eth(ipv4("10.0.0.1", "10.0.0.2", 1, icmp(8)[:7]), ETH_P_IP),
         "truncated IPv6 header": eth(tcp6[:39], ETH_P_IPV6, tag),
-        "IPv6 version 4": eth(ipv6("2001:db8::1", "2001:db8::2", 6, tcp(1, 2), version=4),
-                              ETH_P_IPV6),
-        "truncated TCP in IPv6": eth(tcp6[:40 + 12], ETH_P_IPV6),
-        "truncated ICMPv6": eth(ipv6("2001:db8::1", "2001:db8::2", 58, icmpv6(135)[:6]),
-                                ETH_P_IPV6),
-        "truncated extension header": eth(ipv6("2001:db8::1", "2001:db8::2", 6, b"",
-                                               ext=[hbh_ext(16)])[:40 + 8], ETH_P_IPV6),
-        "9 extension headers": eth(ipv6("2001:db8::1", "2001:db8::2", 6, tcp(1, 2),
-                                        ext=[dstopts_ext()] * 9), ETH_P_IPV6),
-        "3 VLAN tags": eth(tcp4, ETH_P_IP, [(ETH_P_8021AD, 1), (ETH_P_8021Q, 2),
-                                            (ETH_P_8021Q, 3)]),
+        "IPv6 version 4": eth(
+            ipv6("2001:db8::1", "2001:db8::2", 6, tcp(1, 2), version=4), ETH_P_IPV6
+        ),
+        "truncated TCP in IPv6": eth(tcp6[: 40 + 12], ETH_P_IPV6),
+        "truncated ICMPv6": eth(
+            ipv6("2001:db8::1", "2001:db8::2", 58, icmpv6(135)[:6]), ETH_P_IPV6
+        ),
+        "truncated extension header": eth(
+            ipv6("2001:db8::1", "2001:db8::2", 6, b"", ext=[hbh_ext(16)])[: 40 + 8], ETH_P_IPV6
+        ),
+        "9 extension headers": eth(
+            ipv6("2001:db8::1", "2001:db8::2", 6, tcp(1, 2), ext=[dstopts_ext()] * 9), ETH_P_IPV6
+        ),
+        "3 VLAN tags": eth(tcp4, ETH_P_IP, [(ETH_P_8021AD, 1), (ETH_P_8021Q, 2), (ETH_P_8021Q, 3)]),
         "truncated VLAN tag": eth(b"", ETH_P_8021Q)[:14] + b"\x00\x01",
     }
 
@@ -568,15 +596,23 @@ def test_fragments(dp: Datapath) -> None:
     later = [
         eth(ipv4("10.0.0.1", "10.0.0.2", 6, bytes(24), frag_offset=1), ETH_P_IP),
         eth(ipv4("10.0.0.1", "10.0.0.2", 17, bytes(24), frag_offset=100, mf=True), ETH_P_IP),
-        eth(ipv6("2001:db8::1", "2001:db8::2", 6, bytes(24), ext=[frag_ext(offset=1)]),
-            ETH_P_IPV6),
-        eth(ipv6("2001:db8::1", "2001:db8::2", 17, bytes(24),
-                 ext=[hbh_ext(), frag_ext(offset=185, more=True)]), ETH_P_IPV6),
+        eth(ipv6("2001:db8::1", "2001:db8::2", 6, bytes(24), ext=[frag_ext(offset=1)]), ETH_P_IPV6),
+        eth(
+            ipv6(
+                "2001:db8::1",
+                "2001:db8::2",
+                17,
+                bytes(24),
+                ext=[hbh_ext(), frag_ext(offset=185, more=True)],
+            ),
+            ETH_P_IPV6,
+        ),
     ]
     first = [
         eth(ipv4("10.0.0.1", "10.0.0.2", 6, tcp(1, 2), mf=True), ETH_P_IP),
-        eth(ipv6("2001:db8::1", "2001:db8::2", 6, tcp(1, 2), ext=[frag_ext(more=True)]),
-            ETH_P_IPV6),
+        eth(
+            ipv6("2001:db8::1", "2001:db8::2", 6, tcp(1, 2), ext=[frag_ext(more=True)]), ETH_P_IPV6
+        ),
     ]
     delta = Delta(dp)
     for data in later:
@@ -594,8 +630,12 @@ def test_fragments(dp: Datapath) -> None:
 
 def test_encapsulations_are_judged_by_the_inner_headers(dp: Datapath) -> None:
     """VLAN/QinQ tags, IPv4 options and IPv6 extension headers before TCP/UDP."""
-    pol = install(dp, "deny", R(1, protocol="tcp", dst_port=443, src_ip="10.0.0.0/8"),
-                  R(2, protocol="udp", dst_port=53, src_ip="2001:db8::/32"))
+    pol = install(
+        dp,
+        "deny",
+        R(1, protocol="tcp", dst_port=443, src_ip="10.0.0.0/8"),
+        R(2, protocol="udp", dst_port=53, src_ip="2001:db8::/32"),
+    )
     p4 = pk("10.0.0.1", "192.0.2.1", "tcp", 1000, 443)
     p6 = pk("2001:db8::1", "2001:db9::1", "udp", 1000, 53)
     q = [(ETH_P_8021AD, 100), (ETH_P_8021Q, 200)]
@@ -615,9 +655,10 @@ def test_encapsulations_are_judged_by_the_inner_headers(dp: Datapath) -> None:
         dp.clear_sessions()
         assert run(dp, data, "ingress") == PASS, data.hex()
     # the same encapsulations with a port the rules do not allow
-    for data in (frame(pk("10.0.0.1", "192.0.2.1", "tcp", 1000, 444), vlans=q),
-                 frame(pk("2001:db8::1", "2001:db9::1", "udp", 1000, 54),
-                       ext=[hbh_ext(), routing_ext()])):
+    for data in (
+        frame(pk("10.0.0.1", "192.0.2.1", "tcp", 1000, 444), vlans=q),
+        frame(pk("2001:db8::1", "2001:db9::1", "udp", 1000, 54), ext=[hbh_ext(), routing_ext()]),
+    ):
         dp.clear_sessions()
         assert run(dp, data, "ingress") == DROP
 
@@ -640,16 +681,19 @@ def test_reply_to_allowed_flow_passes_under_default_deny(dp: Datapath) -> None:
     assert run(dp, pk("192.0.2.1", "10.0.0.1", "tcp", 80, 5556, "ingress")) == DROP
     # the session is oriented as the flow's first packet went
     (sess,) = [s for s in dp.sessions() if s.src_port == 5555]
-    assert (sess.src_ip, sess.dst_ip, sess.src_port, sess.dst_port) == ("10.0.0.1", "192.0.2.1",
-                                                                        5555, 80)
+    assert (sess.src_ip, sess.dst_ip, sess.src_port, sess.dst_port) == (
+        "10.0.0.1",
+        "192.0.2.1",
+        5555,
+        80,
+    )
     assert (sess.direction, sess.verdict, sess.rule_id) == ("egress", "allow", 1)
 
 
 def test_reply_shares_denied_verdict(dp: Datapath) -> None:
     """A flow denied on its first packet stays denied in both directions (even if the reply,
     judged alone, would be allowed)."""
-    pol = install(dp, "allow", R(1, direction="egress", protocol="tcp", dst_port=80,
-                                 action="deny"))
+    pol = install(dp, "allow", R(1, direction="egress", protocol="tcp", dst_port=80, action="deny"))
     assert judge(pol, FLOW.reply()).passes
     assert run(dp, FLOW) == DROP
     assert run(dp, FLOW.reply()) == DROP
@@ -659,9 +703,15 @@ def test_policy_change_cuts_established_flow(dp: Datapath) -> None:
     install(dp, "deny", R(1, direction="egress", protocol="tcp", dst_port=80))
     assert run(dp, FLOW) == PASS
     assert run(dp, FLOW.reply()) == PASS
-    pol = parse_policy_document({"default_action": "deny", "policies": [
-        R(1, direction="egress", protocol="tcp", dst_port=80), R(2, dst_ip="192.0.2.1",
-                                                                 action="deny")]})
+    pol = parse_policy_document(
+        {
+            "default_action": "deny",
+            "policies": [
+                R(1, direction="egress", protocol="tcp", dst_port=80),
+                R(2, dst_ip="192.0.2.1", action="deny"),
+            ],
+        }
+    )
     gen = dp.apply(compile_policy(pol, dp.config.max_shapes))  # sessions kept
     delta = Delta(dp)
     assert run(dp, FLOW.reply()) == DROP
@@ -707,15 +757,21 @@ def test_rejudged_in_the_flows_original_direction(
 
 def test_session_packets_and_bytes_per_direction(dp: Datapath) -> None:
     install(dp, "deny", R(3, direction="egress", protocol="tcp", dst_port=80))
-    orig = Packet.of("10.0.0.1", "192.0.2.1", "tcp", 5555, 80, "egress", length=100,
-                     tcp_flags=0x02)
-    reply = Packet.of("192.0.2.1", "10.0.0.1", "tcp", 80, 5555, "ingress", length=250,
-                      tcp_flags=0x12)
+    orig = Packet.of("10.0.0.1", "192.0.2.1", "tcp", 5555, 80, "egress", length=100, tcp_flags=0x02)
+    reply = Packet.of(
+        "192.0.2.1", "10.0.0.1", "tcp", 80, 5555, "ingress", length=250, tcp_flags=0x12
+    )
     for p in (orig, reply, orig, orig, reply):
         assert run(dp, p) == PASS
     (s,) = list(dp.sessions())
     assert (s.src_ip, s.dst_ip, s.src_port, s.dst_port, s.protocol, s.family) == (
-        "10.0.0.1", "192.0.2.1", 5555, 80, 6, 4)
+        "10.0.0.1",
+        "192.0.2.1",
+        5555,
+        80,
+        6,
+        4,
+    )
     assert (s.direction, s.verdict, s.rule_id, s.ifindex) == ("egress", "allow", 3, 1)
     assert (s.packets_out, s.bytes_out, s.packets_in, s.bytes_in) == (3, 300, 2, 500)
     assert s.tcp_flags == 0x12
@@ -742,10 +798,13 @@ def test_ipv6_session_key_orders_endpoints(dp: Datapath) -> None:
 
 
 def test_counters_match_what_was_sent(dp: Datapath, datapath_events: EventSink) -> None:
-    install(dp, "deny",
-            R(11, direction="egress", protocol="tcp", dst_port=80),
-            R(12, protocol="udp", dst_port=53, action="log"),
-            R(13, protocol="tcp", dst_port=23, action="deny"))
+    install(
+        dp,
+        "deny",
+        R(11, direction="egress", protocol="tcp", dst_port=80),
+        R(12, protocol="udp", dst_port=53, action="log"),
+        R(13, protocol="tcp", dst_port=23, action="deny"),
+    )
     datapath_events.drain()
     rules_before = {r: dp.rule_counters(r) for r in (11, 12, 13)}
     default_before = dp.default_counters()
@@ -756,17 +815,24 @@ def test_counters_match_what_was_sent(dp: Datapath, datapath_events: EventSink) 
     deny = pk("192.0.2.9", "10.0.0.1", "tcp", 4002, 23, "ingress", length=70)
     default = pk("2001:db8::9", "2001:db8::1", "tcp", 4003, 9999, "ingress", length=90)
     sent: list[tuple[Packet, int]] = [
-        (allow, PASS), (allow, PASS), (Packet.of("192.0.2.1", "10.0.0.1", "tcp", 80, 4000,
-                                                 "ingress", length=60), PASS),
-        (log, PASS), (Packet.of("192.0.2.53", "10.0.0.1", "udp", 53, 4001, "ingress",
-                                length=90), PASS),
-        (deny, DROP), (deny, DROP), (deny, DROP),
-        (default, DROP), (default, DROP),
+        (allow, PASS),
+        (allow, PASS),
+        (Packet.of("192.0.2.1", "10.0.0.1", "tcp", 80, 4000, "ingress", length=60), PASS),
+        (log, PASS),
+        (Packet.of("192.0.2.53", "10.0.0.1", "udp", 53, 4001, "ingress", length=90), PASS),
+        (deny, DROP),
+        (deny, DROP),
+        (deny, DROP),
+        (default, DROP),
+        (default, DROP),
     ]
     for p, want in sent:
         assert run(dp, p) == want
-    extra = [eth(arp(), ETH_P_ARP), eth(bytes(46), 0x88CC),
-             eth(ipv4("10.0.0.1", "10.0.0.2", 17, bytes(24), frag_offset=3), ETH_P_IP)]
+    extra = [
+        eth(arp(), ETH_P_ARP),
+        eth(bytes(46), 0x88CC),
+        eth(ipv4("10.0.0.1", "10.0.0.2", 17, bytes(24), frag_offset=3), ETH_P_IP),
+    ]
     assert [run(dp, f, "ingress") for f in extra] == [PASS, DROP, DROP]
 
     expected = {
@@ -792,8 +858,10 @@ def test_counters_match_what_was_sent(dp: Datapath, datapath_events: EventSink) 
     assert delta() == expected
     for rid, (packets, nbytes) in {11: (3, 260), 12: (2, 170), 13: (3, 210)}.items():
         now = dp.rule_counters(rid)
-        assert (now.packets - rules_before[rid].packets, now.bytes - rules_before[rid].bytes) \
-            == (packets, nbytes), f"rule {rid}"
+        assert (now.packets - rules_before[rid].packets, now.bytes - rules_before[rid].bytes) == (
+            packets,
+            nbytes,
+        ), f"rule {rid}"
         assert now.last_hit_ns > 0
     d = dp.default_counters()
     assert (d.packets - default_before.packets, d.bytes - default_before.bytes) == (2, 180)
@@ -837,22 +905,46 @@ def test_packets_never_see_a_half_applied_set(dp: Datapath) -> None:
     """While sets are swapped back and forth, every new flow is judged by one whole set: the
     probe is allowed by both sets, by rules in different shapes, each of which also holds a
     deny that would catch the probe if its allow were missing."""
-    filler = [R(1000 + i, src_ip=f"172.{16 + i % 16}.{i // 16 % 256}.0/24", protocol="udp",
-                dst_port=1000 + i, action="deny") for i in range(3000)]
-    set_a = parse_policy_document({"default_action": "deny", "policies": [
-        R(1, dst_ip="10.1.2.3", protocol="tcp", priority=200),
-        R(2, dst_ip="10.0.0.0/8", action="deny", priority=150), *filler]})
-    set_b = parse_policy_document({"default_action": "deny", "policies": [
-        R(3, dst_ip="10.1.0.0/16", dst_port="1-65535", protocol="tcp", priority=300),
-        R(4, action="deny", priority=250), *filler]})
+    filler = [
+        R(
+            1000 + i,
+            src_ip=f"172.{16 + i % 16}.{i // 16 % 256}.0/24",
+            protocol="udp",
+            dst_port=1000 + i,
+            action="deny",
+        )
+        for i in range(3000)
+    ]
+    set_a = parse_policy_document(
+        {
+            "default_action": "deny",
+            "policies": [
+                R(1, dst_ip="10.1.2.3", protocol="tcp", priority=200),
+                R(2, dst_ip="10.0.0.0/8", action="deny", priority=150),
+                *filler,
+            ],
+        }
+    )
+    set_b = parse_policy_document(
+        {
+            "default_action": "deny",
+            "policies": [
+                R(3, dst_ip="10.1.0.0/16", dst_port="1-65535", protocol="tcp", priority=300),
+                R(4, action="deny", priority=250),
+                *filler,
+            ],
+        }
+    )
     compiled = [compile_policy(s, dp.config.max_shapes) for s in (set_a, set_b)]
     dp.apply(compiled[0])
     dp.clear_sessions()
     stop = threading.Event()
     results = {"sent": 0, "dropped": 0}
     prog = prog_fd(dp, "ingress")
-    frames = [frame(pk(f"192.168.{i // 250}.{i % 250 + 1}", "10.1.2.3", "tcp", 1024 + i, 443))
-              for i in range(20000)]
+    frames = [
+        frame(pk(f"192.168.{i // 250}.{i % 250 + 1}", "10.1.2.3", "tcp", 1024 + i, 443))
+        for i in range(20000)
+    ]
 
     def probe() -> None:
         for data in frames:
@@ -897,8 +989,14 @@ def small_dp() -> Iterator[Datapath]:
 
 
 def _many_shapes(n: int, first_id: int = 100) -> PolicySet:
-    return parse_policy_document({"default_action": "allow", "policies": [
-        R(first_id + p, src_ip=f"10.0.0.0/{p}", action="deny") for p in range(8, 8 + n)]})
+    return parse_policy_document(
+        {
+            "default_action": "allow",
+            "policies": [
+                R(first_id + p, src_ip=f"10.0.0.0/{p}", action="deny") for p in range(8, 8 + n)
+            ],
+        }
+    )
 
 
 def test_too_many_shapes_raises_and_live_set_keeps_enforcing(small_dp: Datapath) -> None:
@@ -931,8 +1029,14 @@ def test_out_of_rule_slots_raises_and_live_set_keeps_enforcing(small_dp: Datapat
     install(dp, "deny", *[R(200 + i, dst_port=1000 + i, protocol="tcp") for i in range(10)])
     gen = dp.active()
     # 10 live + 6 new > 15 slots
-    crowd = parse_policy_document({"default_action": "allow", "policies": [
-        R(300 + i, dst_port=2000 + i, protocol="tcp", action="deny") for i in range(6)]})
+    crowd = parse_policy_document(
+        {
+            "default_action": "allow",
+            "policies": [
+                R(300 + i, dst_port=2000 + i, protocol="tcp", action="deny") for i in range(6)
+            ],
+        }
+    )
     with pytest.raises(DatapathError, match="slots"):
         dp.apply(compile_policy(crowd, dp.config.max_shapes))
     assert dp.active() == gen
@@ -940,8 +1044,14 @@ def test_out_of_rule_slots_raises_and_live_set_keeps_enforcing(small_dp: Datapat
     assert run(dp, pk("10.0.0.1", "10.0.0.2", "tcp", 1, 1005)) == PASS
     assert run(dp, pk("10.0.0.1", "10.0.0.2", "tcp", 1, 2005)) == DROP
     # A failed apply must not leak slots: 10 live + 5 new fit.
-    fits = parse_policy_document({"default_action": "allow", "policies": [
-        R(400 + i, dst_port=3000 + i, protocol="tcp", action="deny") for i in range(5)]})
+    fits = parse_policy_document(
+        {
+            "default_action": "allow",
+            "policies": [
+                R(400 + i, dst_port=3000 + i, protocol="tcp", action="deny") for i in range(5)
+            ],
+        }
+    )
     dp.apply(compile_policy(fits, dp.config.max_shapes))
     dp.clear_sessions()
     assert run(dp, pk("10.0.0.1", "10.0.0.2", "tcp", 1, 3004)) == DROP
@@ -979,9 +1089,12 @@ def test_restart_adopts_pinned_state(small_dp: Datapath) -> None:
     bank's rules and counters, and replaces the set cleanly. Runs last in this module: the
     first instance's bookkeeping is stale afterwards."""
     dp = small_dp
-    install(dp, "deny",
-            R(31, src_ip="2001:db8::/32", protocol="udp", dst_port="100-103"),
-            R(32, src_ip="10.0.0.0/8", protocol="tcp"))
+    install(
+        dp,
+        "deny",
+        R(31, src_ip="2001:db8::/32", protocol="udp", dst_port="100-103"),
+        R(32, src_ip="10.0.0.0/8", protocol="tcp"),
+    )
     p6 = pk("2001:db8::1", "2001:db8::2", "udp", 9, 101)
     assert run(dp, p6) == PASS
     gen = dp.active()
@@ -995,8 +1108,17 @@ def test_restart_adopts_pinned_state(small_dp: Datapath) -> None:
         for bank in (0, 1):
             for fam, size in ((4, 16), (6, 40)):
                 assert all(len(k) == size for k in second._bank_keys[bank][fam])
-        second.apply(compile_policy(parse_policy_document({"default_action": "allow",
-            "policies": [R(33, dst_ip="2001:db8::2", action="deny")]}), 8))
+        second.apply(
+            compile_policy(
+                parse_policy_document(
+                    {
+                        "default_action": "allow",
+                        "policies": [R(33, dst_ip="2001:db8::2", action="deny")],
+                    }
+                ),
+                8,
+            )
+        )
         assert len(list(second._bpf["rules4"].keys())) == 0
         assert len(list(second._bpf["rules6"].keys())) == 2  # one key per direction
         second.clear_sessions()
@@ -1011,23 +1133,54 @@ def test_restart_adopts_pinned_state(small_dp: Datapath) -> None:
 
 def _decode(raw: bytes) -> dict[str, Any]:
     assert len(raw) == EVENT_LAYOUT.size
-    (ts, packets, nbytes, ifindex, rule_id, gen, family, proto, direction, verdict, src, dst,
-     sport, dport, tcp_flags, kind, _pad) = EVENT_LAYOUT.unpack(raw)
+    (
+        ts,
+        packets,
+        nbytes,
+        ifindex,
+        rule_id,
+        gen,
+        family,
+        proto,
+        direction,
+        verdict,
+        src,
+        dst,
+        sport,
+        dport,
+        tcp_flags,
+        kind,
+        _pad,
+    ) = EVENT_LAYOUT.unpack(raw)
     alen = 4 if family == 4 else 16
     return {
-        "ts": ts, "packets": packets, "bytes": nbytes, "ifindex": ifindex, "rule_id": rule_id,
-        "gen": gen, "family": family, "proto": proto, "direction": direction,
-        "verdict": verdict, "src": str(ipaddress.ip_address(src[:alen])),
-        "dst": str(ipaddress.ip_address(dst[:alen])), "sport": sport, "dport": dport,
-        "tcp_flags": tcp_flags, "kind": kind,
+        "ts": ts,
+        "packets": packets,
+        "bytes": nbytes,
+        "ifindex": ifindex,
+        "rule_id": rule_id,
+        "gen": gen,
+        "family": family,
+        "proto": proto,
+        "direction": direction,
+        "verdict": verdict,
+        "src": str(ipaddress.ip_address(src[:alen])),
+        "dst": str(ipaddress.ip_address(dst[:alen])),
+        "sport": sport,
+        "dport": dport,
+        "tcp_flags": tcp_flags,
+        "kind": kind,
     }
 
 
 def test_events(dp: Datapath, datapath_events: EventSink) -> None:
-    install(dp, "deny",
-            R(7, protocol="tcp", dst_port=22, action="deny", name="no-ssh"),
-            R(8, protocol="udp", dst_port=53, action="log"),
-            R(9, protocol="tcp", dst_port=443))
+    install(
+        dp,
+        "deny",
+        R(7, protocol="tcp", dst_port=22, action="deny", name="no-ssh"),
+        R(8, protocol="udp", dst_port=53, action="log"),
+        R(9, protocol="tcp", dst_port=443),
+    )
     gen = dp.active()[0]
     sink = datapath_events
     sink.drain()
@@ -1038,9 +1191,21 @@ def test_events(dp: Datapath, datapath_events: EventSink) -> None:
     ev = _decode(raw)
     assert ev.pop("ts") > 0
     assert ev == {
-        "packets": 1, "bytes": len(frame(syn)), "ifindex": 1, "rule_id": 7, "gen": gen,
-        "family": 4, "proto": 6, "direction": 1, "verdict": 1, "src": "10.9.8.7",
-        "dst": "10.0.0.5", "sport": 40000, "dport": 22, "tcp_flags": 0x02, "kind": 1,
+        "packets": 1,
+        "bytes": len(frame(syn)),
+        "ifindex": 1,
+        "rule_id": 7,
+        "gen": gen,
+        "family": 4,
+        "proto": 6,
+        "direction": 1,
+        "verdict": 1,
+        "src": "10.9.8.7",
+        "dst": "10.0.0.5",
+        "sport": 40000,
+        "dport": 22,
+        "tcp_flags": 0x02,
+        "kind": 1,
     }
     # the same flow again, within the interval: nothing new (also not for its reply)
     assert run(dp, syn) == DROP
@@ -1053,9 +1218,18 @@ def test_events(dp: Datapath, datapath_events: EventSink) -> None:
     (raw,) = sink.drain()
     ev = _decode(raw)
     assert (ev["family"], ev["proto"], ev["direction"], ev["verdict"], ev["rule_id"]) == (
-        6, 17, 2, 2, 8)
-    assert (ev["src"], ev["dst"], ev["sport"], ev["dport"]) == ("2001:db8::10",
-                                                                "2001:db8:1::53", 5353, 53)
+        6,
+        17,
+        2,
+        2,
+        8,
+    )
+    assert (ev["src"], ev["dst"], ev["sport"], ev["dport"]) == (
+        "2001:db8::10",
+        "2001:db8:1::53",
+        5353,
+        53,
+    )
     # its reply, within the interval: no new event
     assert run(dp, q.reply()) == PASS
     assert sink.drain() == []
@@ -1073,12 +1247,18 @@ def test_events(dp: Datapath, datapath_events: EventSink) -> None:
     assert (_decode(raw)["rule_id"], _decode(raw)["verdict"]) == (0, 1)
 
     # a flow whose verdict changes with the policy is reported afresh
-    pol = parse_policy_document({"default_action": "deny", "policies": [
-        R(9, protocol="tcp", dst_port=443, action="log")]})
+    pol = parse_policy_document(
+        {"default_action": "deny", "policies": [R(9, protocol="tcp", dst_port=443, action="log")]}
+    )
     gen2 = dp.apply(compile_policy(pol, dp.config.max_shapes))
     assert run(dp, ok.reply()) == PASS
     (raw,) = sink.drain()
     ev = _decode(raw)
     assert (ev["verdict"], ev["rule_id"], ev["gen"], ev["kind"], ev["direction"]) == (
-        2, 9, gen2, 1, 2)
+        2,
+        9,
+        gen2,
+        1,
+        2,
+    )
     assert (ev["src"], ev["sport"]) == ("10.0.0.5", 40001)  # still the originator

@@ -34,12 +34,32 @@ PHASES = (2600, 1800, 1200)  # packets per policy set: the set changes between p
 MAX_REPORTED = 5  # mismatches described in full
 MAX_MISMATCHES = 60  # stop early: later ones mostly follow from the first
 
-V4_ANCHORS = [int(ipaddress.IPv4Address(a)) for a in (
-    "10.0.0.0", "10.1.2.0", "192.168.1.0", "172.16.5.0", "203.0.113.0", "0.0.0.0",
-    "255.255.255.0", "100.64.0.0")]
-V6_ANCHORS = [int(ipaddress.IPv6Address(a)) for a in (
-    "2001:db8::", "2001:db8:1::", "fe80::", "::", "ffff::", "2001:db8::8000:0", "fd00:1:2:3::",
-    "::ffff:10.0.0.0")]
+V4_ANCHORS = [
+    int(ipaddress.IPv4Address(a))
+    for a in (
+        "10.0.0.0",
+        "10.1.2.0",
+        "192.168.1.0",
+        "172.16.5.0",
+        "203.0.113.0",
+        "0.0.0.0",
+        "255.255.255.0",
+        "100.64.0.0",
+    )
+]
+V6_ANCHORS = [
+    int(ipaddress.IPv6Address(a))
+    for a in (
+        "2001:db8::",
+        "2001:db8:1::",
+        "fe80::",
+        "::",
+        "ffff::",
+        "2001:db8::8000:0",
+        "fd00:1:2:3::",
+        "::ffff:10.0.0.0",
+    )
+]
 PORT_ANCHORS = [0, 1, 22, 53, 80, 443, 1023, 1024, 8080, 32767, 32768, 65534, 65535]
 PRIORITIES = [50, 100, 100, 200]
 ND_TYPES = (133, 134, 135, 136, 137)
@@ -191,10 +211,12 @@ class Generator:
 
     def policy(self, n: int) -> PolicySet:
         self.used_ids.clear()
-        return parse_policy_document({
-            "default_action": self.rng.choice(["allow", "deny"]),
-            "policies": [self.rule() for _ in range(n)],
-        })
+        return parse_policy_document(
+            {
+                "default_action": self.rng.choice(["allow", "deny"]),
+                "policies": [self.rule() for _ in range(n)],
+            }
+        )
 
     def mutate(self, pol: PolicySet) -> PolicySet:
         """Keep most rules (some with another action or priority), drop some, add some."""
@@ -240,8 +262,9 @@ class Generator:
         edges = [lo, hi, lo, hi, lo - 1, hi + 1, lo + 1, hi - 1, self.rng.randint(lo, hi)]
         return min(65535, max(0, self.rng.choice(edges)))
 
-    def _spec(self, family: int, src: int, dst: int, proto: int, sport: int, dport: int,
-              direction: str) -> Spec:
+    def _spec(
+        self, family: int, src: int, dst: int, proto: int, sport: int, dport: int, direction: str
+    ) -> Spec:
         rng = self.rng
         vlan = rng.randint(1, 4094) if rng.random() < 0.1 else None
         ext = family == 6 and rng.random() < 0.05
@@ -249,29 +272,40 @@ class Generator:
         dirn: Any = direction
         if proto in (6, 17):
             flags = rng.choice([0x02, 0x12, 0x10, 0x18, 0x11, 0x04]) if proto == 6 else 0
-            return Spec(Packet(family, a, b, proto, sport, dport, dirn, tcp_flags=flags),
-                        vlan=vlan, ext=ext)
+            return Spec(
+                Packet(family, a, b, proto, sport, dport, dirn, tcp_flags=flags), vlan=vlan, ext=ext
+            )
         own_icmp = (family == 4 and proto == 1) or (family == 6 and proto == 58)
         if own_icmp:
             r = rng.random()
             if r < 0.7:  # echo: the identifier is both "ports"
                 ident = sport
                 t = rng.choice([8, 0] if family == 4 else [128, 129])
-                return Spec(Packet(family, a, b, proto, ident, ident, dirn), icmp_type=t,
-                            vlan=vlan, ext=ext)
+                return Spec(
+                    Packet(family, a, b, proto, ident, ident, dirn), icmp_type=t, vlan=vlan, ext=ext
+                )
             if family == 6 and r < 0.75:
                 t = rng.choice(ND_TYPES)
-                return Spec(Packet(family, a, b, proto, 0, 0, dirn), icmp_type=t,
-                            payload=bytes(16), vlan=vlan, ext=ext)
+                return Spec(
+                    Packet(family, a, b, proto, 0, 0, dirn),
+                    icmp_type=t,
+                    payload=bytes(16),
+                    vlan=vlan,
+                    ext=ext,
+                )
             t = rng.choice([3, 11] if family == 4 else [1, 2, 3, 4])
-            return Spec(Packet(family, a, b, proto, 0, 0, dirn), icmp_type=t,
-                        payload=bytes(28), vlan=vlan, ext=ext)
+            return Spec(
+                Packet(family, a, b, proto, 0, 0, dirn),
+                icmp_type=t,
+                payload=bytes(28),
+                vlan=vlan,
+                ext=ext,
+            )
         # Other protocols (GRE, SCTP, the other family's ICMP): no ports, raw payload whose
         # first byte may look like an ICMP type the parser must not read.
         first = rng.choice([0, 8, 128, 135, 136, rng.randrange(256)])
         payload = bytes([first]) + bytes(rng.choice([0, 3, 7, 15]))
-        return Spec(Packet(family, a, b, proto, 0, 0, dirn), payload=payload, vlan=vlan,
-                    ext=ext)
+        return Spec(Packet(family, a, b, proto, 0, 0, dirn), payload=payload, vlan=vlan, ext=ext)
 
     def _proto(self, family: int, rule: Rule | None) -> int:
         rng = self.rng
@@ -289,7 +323,8 @@ class Generator:
         family = rng.choice(fams)
         nets = [rule.src_net, rule.dst_net]
         addrs = [
-            self._inside(n, family) if n is not None and n.version == family
+            self._inside(n, family)
+            if n is not None and n.version == family
             else self._address(family)
             for n in nets
         ]
@@ -307,8 +342,15 @@ class Generator:
         bits = 32 if family == 4 else 128
         src = self._address(family) if rng.random() < 0.7 else rng.getrandbits(bits)
         dst = self._address(family) if rng.random() < 0.7 else rng.getrandbits(bits)
-        return self._spec(family, src, dst, self._proto(family, None), self._port(),
-                          self._port(), rng.choice(["ingress", "egress"]))
+        return self._spec(
+            family,
+            src,
+            dst,
+            self._proto(family, None),
+            self._port(),
+            self._port(),
+            rng.choice(["ingress", "egress"]),
+        )
 
 
 # -- the kernel side ------------------------------------------------------------------------
@@ -334,8 +376,16 @@ def _kernel_sessions(dp: Datapath) -> dict[Any, tuple[Any, ...]]:
     out = {}
     for s in dp.sessions():
         src, dst = ipaddress.ip_address(s.src_ip), ipaddress.ip_address(s.dst_ip)
-        pkt = Packet(s.family, src, dst, s.protocol, s.src_port, s.dst_port,
-                     "ingress" if s.direction == "ingress" else "egress", s.ifindex)
+        pkt = Packet(
+            s.family,
+            src,
+            dst,
+            s.protocol,
+            s.src_port,
+            s.dst_port,
+            "ingress" if s.direction == "ingress" else "egress",
+            s.ifindex,
+        )
         out[flow_key(pkt)] = (s.verdict, s.rule_id, s.direction, s.src_ip, s.src_port)
     return out
 
@@ -345,8 +395,13 @@ def _reference_sessions(ref: StatefulReference) -> dict[Any, tuple[Any, ...]]:
     for key, sess in ref.sessions.items():
         rule = sess.decision.rule
         o = sess.origin
-        out[key] = (sess.decision.verdict.name.lower(), rule.rule_id if rule else None,
-                    o.direction, str(o.src), o.sport)
+        out[key] = (
+            sess.decision.verdict.name.lower(),
+            rule.rule_id if rule else None,
+            o.direction,
+            str(o.src),
+            o.sport,
+        )
     return out
 
 
@@ -361,30 +416,53 @@ def _rules_matching(pol: PolicySet, pkt: Packet) -> list[str]:
     return lines or ["    (none: the default action)"]
 
 
-def _describe(seed: int, where: str, spec: Spec, data: bytes, kernel: tuple[int, Any],
-              want: Decision, session_origin: Packet | None, pol: PolicySet) -> str:
+def _describe(
+    seed: int,
+    where: str,
+    spec: Spec,
+    data: bytes,
+    kernel: tuple[int, Any],
+    want: Decision,
+    session_origin: Packet | None,
+    pol: PolicySet,
+    dp: Datapath,
+) -> str:
     parsed = spec.pkt
+    ksess = _kernel_sessions(dp).get(flow_key(parsed))
+    if ksess is None:
+        kernel_line = "  kernel session: none"
+    else:
+        rule = pol.get(ksess[1]) if ksess[1] is not None else None
+        kernel_line = (
+            f"  kernel session: verdict {ksess[0]}, rule {ksess[1]}, first packet "
+            f"{ksess[2]} from {ksess[3]} port {ksess[4]}"
+            + (f"\n    that rule: {rule.to_api()}" if rule is not None else "")
+        )
     lines = [
         f"seed {seed} ({where}): kernel rc={kernel[0]} verdict={kernel[1]!r}, "
         f"reference {want.verdict!r} by rule {want.rule.rule_id if want.rule else None}",
         f"  packet: {parsed}",
         f"  frame: {data.hex()}",
+        kernel_line,
         f"  default_action: {pol.default_action.value}",
         "  rules matching this packet, best first:",
         *_rules_matching(pol, parsed),
     ]
     if session_origin is not None and session_origin != parsed:
-        lines += [f"  reference session origin: {session_origin}",
-                  "  rules matching the origin, best first:",
-                  *_rules_matching(pol, session_origin)]
+        lines += [
+            f"  reference session origin: {session_origin}",
+            "  rules matching the origin, best first:",
+            *_rules_matching(pol, session_origin),
+        ]
     return "\n".join(lines)
 
 
 # -- the test ----------------------------------------------------------------------------------
 
 
-def _run_differential(dp: Datapath, seed: int, priorities: list[int],
-                      phases: tuple[int, ...]) -> None:
+def _run_differential(
+    dp: Datapath, seed: int, priorities: list[int], phases: tuple[int, ...]
+) -> None:
     rng = random.Random(seed)
     gen = Generator(rng, priorities)
     pol = gen.policy(N_RULES)
@@ -425,8 +503,19 @@ def _run_differential(dp: Datapath, seed: int, priorities: list[int],
                 count += 1
                 if len(mismatches) < MAX_REPORTED:
                     origin = existing.origin if existing is not None else None
-                    mismatches.append(_describe(seed, f"phase {phase}, packet {i}", spec, data,
-                                                got, want, origin, pol))
+                    mismatches.append(
+                        _describe(
+                            seed,
+                            f"phase {phase}, packet {i}",
+                            spec,
+                            data,
+                            got,
+                            want,
+                            origin,
+                            pol,
+                            dp,
+                        )
+                    )
                 if count >= MAX_MISMATCHES:
                     break
         if count:
@@ -436,13 +525,19 @@ def _run_differential(dp: Datapath, seed: int, priorities: list[int],
         if ks != rs:
             only_k = [f"    {k}: {ks[k]}" for k in list(set(ks) - set(rs))[:5]]
             only_r = [f"    {k}: {rs[k]}" for k in list(set(rs) - set(ks))[:5]]
-            differ = [f"    {k}: kernel {ks[k]} reference {rs[k]}"
-                      for k in list(set(ks) & set(rs)) if ks[k] != rs[k]][:5]
+            differ = [
+                f"    {k}: kernel {ks[k]} reference {rs[k]}"
+                for k in list(set(ks) & set(rs))
+                if ks[k] != rs[k]
+            ][:5]
             pytest.fail(
                 f"seed {seed}: after phase {phase} the session tables differ "
                 f"({len(ks)} kernel, {len(rs)} reference)\n  only in the kernel:\n"
-                + "\n".join(only_k) + "\n  only in the reference:\n" + "\n".join(only_r)
-                + "\n  different:\n" + "\n".join(differ)
+                + "\n".join(only_k)
+                + "\n  only in the reference:\n"
+                + "\n".join(only_r)
+                + "\n  different:\n"
+                + "\n".join(differ)
                 + f"\n  reproduce: PYTEST_SEED={seed}",
                 pytrace=False,
             )
