@@ -247,7 +247,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct ms_pkt *p)
  * Stored scores are the rule's score + 1, so 0 means "no match". *out must be map memory (the
  * scratch entry): the verifier does not track its contents, so the paths through the loop
  * (match or not, at each shape) stay one state instead of doubling per shape. */
-static __always_inline void judge4(struct ms_pkt *p, __u32 bank, __u32 n, struct ms_rule_val *out)
+static __always_inline __u32 judge4(struct ms_pkt *p, __u32 bank, __u32 n, struct ms_rule_val *out)
 {
     struct ms_rule_key4 k = {};
     out->score = 0;
@@ -255,8 +255,9 @@ static __always_inline void judge4(struct ms_pkt *p, __u32 bank, __u32 n, struct
     /* The verifier must see the loop's constant bound on every path: keep the compiler from
      * folding the two exits into one comparison against the unknown n. */
     asm volatile("" : "+r"(n));
+    __u32 i;
 #pragma clang loop unroll(disable)
-    for (__u32 i = 0; i < MS_MAX_SHAPES; i++) {
+    for (i = 0; i < MS_MAX_SHAPES; i++) {
         asm volatile("" : "+r"(i));
         if (i >= n)
             break;
@@ -275,9 +276,10 @@ static __always_inline void judge4(struct ms_pkt *p, __u32 bank, __u32 n, struct
         if (v && v->score > out->score)
             *out = *v;
     }
+    return i; /* shapes probed: every iteration that did not stop probed one */
 }
 
-static __always_inline void judge6(struct ms_pkt *p, __u32 bank, __u32 n, struct ms_rule_val *out)
+static __always_inline __u32 judge6(struct ms_pkt *p, __u32 bank, __u32 n, struct ms_rule_val *out)
 {
     struct ms_rule_key6 k = {};
     out->score = 0;
@@ -285,8 +287,9 @@ static __always_inline void judge6(struct ms_pkt *p, __u32 bank, __u32 n, struct
     /* The verifier must see the loop's constant bound on every path: keep the compiler from
      * folding the two exits into one comparison against the unknown n. */
     asm volatile("" : "+r"(n));
+    __u32 i;
 #pragma clang loop unroll(disable)
-    for (__u32 i = 0; i < MS_MAX_SHAPES; i++) {
+    for (i = 0; i < MS_MAX_SHAPES; i++) {
         asm volatile("" : "+r"(i));
         if (i >= n)
             break;
@@ -311,6 +314,7 @@ static __always_inline void judge6(struct ms_pkt *p, __u32 bank, __u32 n, struct
         if (v && v->score > out->score)
             *out = *v;
     }
+    return i; /* shapes probed: every iteration that did not stop probed one */
 }
 
 /* Judge a flow by the active bank: fills verdict, rule_id and slot. */
@@ -318,9 +322,9 @@ static __always_inline void judge(struct ms_pkt *p, __u32 bank, struct ms_bank *
                                   struct ms_rule_val *out, struct ms_counters *ctr)
 {
     if (p->family == 4)
-        judge4(p, bank, bk->nshapes4, out);
+        ctr->c[C_SHAPE_PROBES] += judge4(p, bank, bk->nshapes4, out);
     else
-        judge6(p, bank, bk->nshapes6, out);
+        ctr->c[C_SHAPE_PROBES] += judge6(p, bank, bk->nshapes6, out);
     if (out->score) {
         ctr->c[C_POLICY_HITS]++;
     } else {

@@ -399,7 +399,7 @@ def _query(request: web.Request, allowed: tuple[str, ...] = ()) -> dict[str, str
 
 
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
-_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
 
 
 def _dry_run(request: web.Request) -> bool:
@@ -410,7 +410,8 @@ def _dry_run(request: web.Request) -> bool:
         return True
     if value.lower() in _FALSE:
         return False
-    raise ApiError(400, f"dry_run: {_short(value, 40)!r} is not a flag: use 1 or 0")
+    # A bare `?dry_run` is ambiguous: refuse it rather than guess and maybe apply.
+    raise ApiError(400, f"dry_run: {_short(value, 40)!r} is not a flag: use dry_run=1 or dry_run=0")
 
 
 def _int_param(name: str, value: str, low: int, high: int) -> int:
@@ -446,7 +447,9 @@ async def _read_json(request: web.Request, limit: int) -> Any:
         )
     charset = request.charset
     if charset is not None and charset.lower().replace("-", "") != "utf8":
-        raise ApiError(415, f"JSON must be UTF-8, not {_short(charset, 30)!r}")
+        raise ApiError(
+            415, f"JSON must be UTF-8 (application/json; charset=utf-8), not {_short(charset, 30)!r}"
+        )
     too_large = ApiError(413, f"the body is larger than {limit // 1024} KiB, the limit here")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
@@ -603,6 +606,12 @@ async def replace_policies(request: web.Request) -> web.Response:
     else:
         policy = _validate_set(data)
     result = await _write(ctx.store.replace(policy, request[ACTOR], dry_run))
+    size = len(result.added) + len(result.removed) + len(result.changed)
+    if size > 5000:
+        body = await asyncio.to_thread(lambda: orjson.dumps(result.to_api()))
+        return web.Response(
+            body=body, content_type="application/json", headers=_generation_header(result)
+        )
     return _json(result.to_api(), 200, _generation_header(result))
 
 

@@ -28,6 +28,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import kernel_retval
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from streamer.api import (
     SMALL_BODY_LIMIT,
@@ -504,7 +505,7 @@ async def test_duplicate_rule_id_is_409(api: Api) -> None:
 async def test_put_one_body_rule_id_must_match_path(api: Api) -> None:
     assert (await api.call("POST", f"{P}/policies", rule(11)))[0] == 201
     for other in (12, "11", True, None, 11.0):
-        status, body, _ = await api.call("PUT", f"{P}/policies/11", rule(11, rule_id=other))
+        status, body, _ = await api.call("PUT", f"{P}/policies/11", {**rule(11), "rule_id": other})
         assert_error(status, body, 400, "invalid", "rule_id", "path")
 
 
@@ -565,11 +566,15 @@ async def test_invalid_rule_says_what_is_wrong(api: Api, doc: Any, words: list[s
 async def test_whole_set_errors_name_the_rule(api: Api) -> None:
     doc = {
         "default_action": "deny",
-        "policies": [rule(1), rule(2), rule(3), rule(4, dst_port="90-80"), rule(2)],
+        "policies": [rule(1), rule(2), rule(3), rule(4, dst_port="90-80"), rule(5, action="x")],
     }
     status, body, _ = await api.call("PUT", f"{P}/policies", doc)
-    assert_error(status, body, 400, "invalid", "policies[3] (rule_id 4): dst_port", "duplicate")
+    assert_error(status, body, 400, "invalid", "policies[3] (rule_id 4): dst_port", "90-80",
+                 "policies[4] (rule_id 5): action")
     assert len(body["errors"]) == 2
+    doc = {"default_action": "deny", "policies": [rule(1), rule(2), rule(1)]}
+    status, body, _ = await api.call("PUT", f"{P}/policies", doc)
+    assert_error(status, body, 400, "invalid", "policies[2] (rule_id 1): rule_id: duplicate")
     for doc, words in [
         ({"policies": []}, ["default_action: required field is missing"]),
         ({"default_action": "deny"}, ["policies: required field is missing", "[]"]),
@@ -960,18 +965,27 @@ async def test_metrics(api: Api) -> None:
         "microseg_api_request_seconds_bucket",
     ):
         assert name in text, name
+    samples = {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float | None:
+        return samples.get((name, frozenset(labels.items())))
+
     for verdict in ("allow", "deny", "log"):
         for direction in ("ingress", "egress"):
-            assert f'microseg_packets_total{{verdict="{verdict}",direction="{direction}"}}' in text
-    assert "microseg_policy_rules 1.0" in text
-    assert f"microseg_policy_generation {float(api.store.generation)}" in text
-    assert (
-        'microseg_api_requests_total{route="/api/v1/policies/{rule_id}",method="GET",status="200"} 1.0'
-        in text
-    )
-    assert 'route="/api/v1/policies/{rule_id}",method="GET",status="404"} 1.0' in text
-    assert 'route="unmatched",method="GET",status="404"} 1.0' in text
-    assert 'route="/api/v1/policies",method="POST",status="201"} 1.0' in text
+            assert value("microseg_packets_total", verdict=verdict, direction=direction) is not None
+    assert value("microseg_policy_rules") == 1
+    assert value("microseg_policy_generation") == api.store.generation
+    assert value("microseg_session_table_capacity") == api.dp.config.session_entries
+    requests = "microseg_api_requests_total"
+    rule_route = "/api/v1/policies/{rule_id}"
+    assert value(requests, route=rule_route, method="GET", status="200") == 1
+    assert value(requests, route=rule_route, method="GET", status="404") == 1
+    assert value(requests, route="unmatched", method="GET", status="404") == 1
+    assert value(requests, route="/api/v1/policies", method="POST", status="201") == 1
     assert "/policies/90" not in text and "whatever" not in text
 
 

@@ -22,6 +22,7 @@ from packets import (
     ETH_P_ARP,
     ETH_P_IP,
     ETH_P_IPV6,
+    ah_ext,
     arp,
     dstopts_ext,
     eth,
@@ -647,6 +648,10 @@ def test_encapsulations_are_judged_by_the_inner_headers(dp: Datapath) -> None:
         frame(p6, ext=[hbh_ext(), routing_ext(), dstopts_ext(24)]),
         frame(p6, ext=[dstopts_ext()] * 8),
         frame(p6, ext=[hbh_ext(), frag_ext(more=True)], vlans=[(ETH_P_8021Q, 9)]),
+        frame(p6, ext=[ah_ext(), dstopts_ext()]),
+        frame(p6, ext=[ah_ext(24)], vlans=[(ETH_P_8021Q, 9)]),
+        # the L4 header as far in as the parser looks: offset 14 + 40 + 968 = 1022
+        frame(p6, ext=[dstopts_ext(968)]),
     ]
     for data in frames:
         parsed = parse_frame(data, "ingress")
@@ -654,6 +659,10 @@ def test_encapsulations_are_judged_by_the_inner_headers(dp: Datapath) -> None:
         assert expect_ref(pol, parsed) == PASS
         dp.clear_sessions()
         assert run(dp, data, "ingress") == PASS, data.hex()
+    # one 8-byte step further (offset 1030) is too far: dropped as unparsable
+    far = frame(p6, ext=[dstopts_ext(976)])
+    assert parse_frame(far, "ingress") == Decision(Verdict.DROP_PARSE)
+    assert run(dp, far, "ingress") == DROP
     # the same encapsulations with a port the rules do not allow
     for data in (
         frame(pk("10.0.0.1", "192.0.2.1", "tcp", 1000, 444), vlans=q),
@@ -956,16 +965,21 @@ def test_packets_never_see_a_half_applied_set(dp: Datapath) -> None:
 
     t = threading.Thread(target=probe)
     t.start()
+    applied = 0
     try:
-        for i in range(12):
+        # at least 12 swaps, and on until the probe has run for a while alongside them
+        for i in range(400):
             dp.apply(compiled[(i + 1) % 2])
+            applied += 1
+            if applied >= 12 and (results["sent"] >= 3000 or not t.is_alive()):
+                break
     finally:
         stop.set()
         t.join(timeout=60)
     dp.clear_sessions()
     assert not t.is_alive()
-    assert results["sent"] > 100, results
-    assert results["dropped"] == 0, results
+    assert results["sent"] >= 1000, (results, applied)
+    assert results["dropped"] == 0, (results, applied)
 
 
 @pytest.fixture(scope="module")
