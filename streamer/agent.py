@@ -294,13 +294,11 @@ class Agent:
         from prometheus_client import CollectorRegistry
 
         from streamer import __version__
-        from streamer.api import ApiContext, host_of, load_or_create_token, start_api
-        from streamer.metrics import register_datapath_metrics
+        from streamer.api import ApiContext, load_or_create_token, start_api
 
         cfg = self.config
         token = None if cfg.no_auth else load_or_create_token(cfg.state_dir)
         registry = CollectorRegistry()
-        register_datapath_metrics(registry, self.datapath, self.store)
         ctx = ApiContext(
             store=self.store,
             datapath=self.datapath,
@@ -308,13 +306,20 @@ class Agent:
             version=__version__,
             started_monotonic=time.monotonic(),
             token=token,
-            bind_hosts={h for h in (host_of(x) for x in cfg.api_listen) if h},
+            bind_hosts=set(),  # start_api adds the hosts it listens on
             registry=registry,
             reload=self.reload,
         )
         runner = await start_api(ctx, list(cfg.api_listen))
         for addr in cfg.api_listen:
             log.info("API listening on %s%s", addr, " (no auth)" if cfg.no_auth else "")
+        tcp = [a for a in cfg.api_listen if not a.startswith("unix:")]
+        if tcp:
+            auth = "" if cfg.no_auth else (
+                f' -H "Authorization: Bearer $(cat {cfg.state_dir / "api-token"})"'
+            )
+            log.info("try: curl%s http://%s/api/v1/stats", auth, tcp[0])
+            log.info("  or: microseg stats --api %s --state-dir %s", tcp[0], cfg.state_dir)
         return runner
 
     async def _flush_events(self) -> None:
