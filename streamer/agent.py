@@ -149,8 +149,12 @@ class Agent:
     async def reload(self, actor: str = "sighup") -> ChangeResult:
         """SIGHUP and `microseg policy load`: the policy file as a whole-set replace.
 
-        A bad file changes nothing: the error is logged and raised (StoreError).
+        A bad file changes nothing: the error is logged and raised (StoreError). An agent
+        started without a policy file has nothing to reload (never an empty set by accident).
         """
+        if self.config.policy_file is None:
+            log.error("policy reload ignored: the agent was started without --policy-file")
+            raise StoreError("this agent was started without --policy-file: nothing to reload")
         try:
             policy = self.read_policy()
         except PolicyLoadError as e:
@@ -308,7 +312,7 @@ class Agent:
             token=token,
             bind_hosts=set(),  # start_api adds the hosts it listens on
             registry=registry,
-            reload=self.reload,
+            reload=self.reload if cfg.policy_file is not None else None,
         )
         runner = await start_api(ctx, list(cfg.api_listen))
         for addr in cfg.api_listen:

@@ -35,7 +35,7 @@ import secrets
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,6 +75,7 @@ __all__ = [
     "ApiContext",
     "ApiSetupError",
     "ListenAddress",
+    "host_of",
     "load_or_create_token",
     "make_app",
     "parse_listen",
@@ -120,6 +121,8 @@ class ApiContext:
     `bind_hosts`: host names/addresses the API is reachable by (`start_api` adds the listen
     hosts); localhost, 127.0.0.1 and ::1 are always accepted in `Host`.
     `extra_stats`: more counters for /stats and /metrics (the event pipeline's).
+    `reload(actor)`: re-apply the agent's policy file as a whole-set replace (`POST
+    /api/v1/policies/reload`, `microseg policy load`); None: that route answers 404.
     """
 
     store: PolicyStore
@@ -131,6 +134,7 @@ class ApiContext:
     bind_hosts: set[str]
     registry: CollectorRegistry
     extra_stats: Callable[[], dict[str, Any]] | None = None
+    reload: Callable[[str], Awaitable[ChangeResult]] | None = None
     sessions: SessionCountCache = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -351,10 +355,10 @@ async def _middleware(
         status = 499  # the client went away
         raise
     finally:
+        elapsed = time.perf_counter() - started
         method = request.method if request.method in _KNOWN_METHODS else "other"
-        request.app[METRICS].observe(
-            _route_label(request), method, status, time.perf_counter() - started
-        )
+        request.app[METRICS].observe(_route_label(request), method, status, elapsed)
+        log.debug("%s %s -> %d in %.1f ms", method, _short(request.path), status, elapsed * 1000)
 
 
 async def _dispatch(
@@ -448,7 +452,8 @@ async def _read_json(request: web.Request, limit: int) -> Any:
     charset = request.charset
     if charset is not None and charset.lower().replace("-", "") != "utf8":
         raise ApiError(
-            415, f"JSON must be UTF-8 (application/json; charset=utf-8), not {_short(charset, 30)!r}"
+            415,
+            f"JSON must be UTF-8 (application/json; charset=utf-8), not {_short(charset, 30)!r}",
         )
     too_large = ApiError(413, f"the body is larger than {limit // 1024} KiB, the limit here")
     if request.content_length is not None and request.content_length > limit:
@@ -478,27 +483,15 @@ def _validate_rule(data: Any) -> Rule:
 
 
 def _validate_set(data: Any) -> PolicySet:
-    missing: list[str] = []
-    if isinstance(data, dict):
-        if "default_action" not in data:
-            missing.append(
-                'default_action: required field is missing: use "allow" or "deny" (a '
-                "whole-set replace states it)"
-            )
-        if "policies" not in data:
-            missing.append(
-                "policies: required field is missing: use a list of rules ([] removes every rule)"
-            )
+    """A policy document, read as a policy file is (a missing default_action is "allow", a
+    missing policies list is empty): the same document means the same set everywhere."""
     try:
-        policy = parse_policy_document(data)
+        return parse_policy_document(data)
     except PolicyError as e:
-        raise _problems(missing + e.errors) from None
-    if missing:
-        raise _problems(missing)
-    return policy
+        raise _problems(e.errors) from None
 
 
-async def _write(coro: Coroutine[Any, Any, ChangeResult]) -> ChangeResult:
+async def _write(coro: Awaitable[ChangeResult]) -> ChangeResult:
     """Await a store change; if the request is cancelled, the change still completes (the
     store's lock stays held until the kernel and disk agree)."""
     task = asyncio.ensure_future(coro)
@@ -612,6 +605,15 @@ async def replace_policies(request: web.Request) -> web.Response:
         return web.Response(
             body=body, content_type="application/json", headers=_generation_header(result)
         )
+    return _json(result.to_api(), 200, _generation_header(result))
+
+
+async def reload_policies(request: web.Request) -> web.Response:
+    _query(request)
+    ctx = request.app[CTX]
+    if ctx.reload is None:
+        raise ApiError(404, "this agent has no policy file to reload")
+    result = await _write(ctx.reload(request[ACTOR]))
     return _json(result.to_api(), 200, _generation_header(result))
 
 
@@ -910,6 +912,8 @@ def make_app(ctx: ApiContext) -> web.Application:
     r.add_get(f"{p}/policies", list_policies, allow_head=False)
     r.add_post(f"{p}/policies", add_policy)
     r.add_put(f"{p}/policies", replace_policies)
+    # Before {rule_id}: "reload" is no rule_id.
+    r.add_post(f"{p}/policies/reload", reload_policies)
     r.add_get(f"{p}/policies/{{rule_id}}", get_policy, allow_head=False)
     r.add_put(f"{p}/policies/{{rule_id}}", update_policy)
     r.add_delete(f"{p}/policies/{{rule_id}}", delete_policy)
@@ -941,6 +945,15 @@ class ListenAddress:
             return f"unix:{self.path}"
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+
+def host_of(listen: str) -> str | None:
+    """The host of one `--api` value (for `ApiContext.bind_hosts`); None for a Unix socket
+    or a value `parse_listen` rejects."""
+    try:
+        return parse_listen(listen).host
+    except ValueError:
+        return None
 
 
 def parse_listen(value: str) -> ListenAddress:
@@ -1024,7 +1037,7 @@ async def start_api(ctx: ApiContext, listen: list[str]) -> web.AppRunner:
                 await site.start()
             except OSError as e:
                 raise ApiSetupError(f"--api {address}: {e.strerror or e}") from e
-            log.info("API listening on %s", address)
+            log.debug("API listening on %s", address)
     except BaseException:
         await runner.cleanup()
         raise

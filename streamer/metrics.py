@@ -32,6 +32,7 @@ __all__ = [
     "api_metrics",
     "read_stats",
     "register_collector",
+    "register_datapath_metrics",
 ]
 
 DIRECTIONS = ("ingress", "egress")
@@ -241,3 +242,16 @@ def register_collector(registry: CollectorRegistry, collector: MicrosegCollector
             registry.unregister(old)
         registry.register(collector)
         _COLLECTORS[registry] = collector
+
+
+def register_datapath_metrics(
+    registry: CollectorRegistry,
+    datapath: Any,
+    store: PolicyStore,
+    extra: Callable[[], dict[str, Any]] | None = None,
+) -> MicrosegCollector:
+    """Register the `microseg_*` datapath and policy metrics on `registry` (before or without
+    the API; `make_app` later replaces this collector with one sharing the API's caches)."""
+    collector = MicrosegCollector(datapath, store, SessionCountCache(datapath), extra)
+    register_collector(registry, collector)
+    return collector

@@ -83,9 +83,9 @@ def _model_schemas() -> dict[str, Any]:
     for name in ("src_port", "dst_port"):
         rule["properties"][name] = {**_PORT_SCHEMA, "default": 0}
     defs["PolicySet"]["description"] = (
-        "A whole policy set. Both fields are required: an empty list removes every rule."
+        "A whole policy set, as in a policy file: default_action defaults to allow, policies "
+        "to an empty list (which removes every rule)."
     )
-    defs["PolicySet"]["required"] = ["default_action", "policies"]
     # PUT /policies/{rule_id}: the id comes from the path.
     update = copy.deepcopy(rule)
     update["required"] = [f for f in update["required"] if f != "rule_id"]
@@ -452,6 +452,15 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
                 params=[_DRY_RUN],
                 body=_body("PolicySet", "the new set (at most 64 MiB)"),
             ),
+        },
+        "/api/v1/policies/reload": {
+            "post": _op(
+                "Re-apply the agent's policy file (as a whole-set replace)",
+                {"200": _json(_ref("Change"), "The file's set is enforced", _GENERATION_HEADER)},
+                [400, 403, 404, 503],
+                description="400: the file is invalid (nothing changed). 404: the agent has "
+                "no policy file.",
+            )
         },
         "/api/v1/policies/{rule_id}": {
             "parameters": [_RULE_ID],

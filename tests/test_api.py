@@ -44,14 +44,14 @@ from streamer.compiler import compile_policy
 from streamer.datapath import TC_ACT_OK, Datapath
 from streamer.policy import PolicySet
 from streamer.reference import Packet
-from streamer.store import LiveSession, PolicyStore
+from streamer.store import LiveSession, PolicyStore, StoreError
 
 TOKEN = "test-token-0123456789abcdefghijklmnop"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 P = "/api/v1"
 
 
-def rule(rule_id: int, **fields: Any) -> dict[str, Any]:
+def rule(rule_id: Any, **fields: Any) -> dict[str, Any]:
     """A rule document: tcp allow unless given."""
     return {"rule_id": rule_id, "protocol": "tcp", "action": "allow", **fields}
 
@@ -225,10 +225,18 @@ async def test_health_needs_no_token(api: Api) -> None:
 async def test_status(api: Api) -> None:
     status, body, _ = await api.call("GET", f"{P}/status")
     assert status == 200, body
-    for key in (
-        "status version interface data_plane api statistics policy_count uptime_seconds "
-        "interfaces policy_generation"
-    ).split():
+    for key in [
+        "status",
+        "version",
+        "interface",
+        "data_plane",
+        "api",
+        "statistics",
+        "policy_count",
+        "uptime_seconds",
+        "interfaces",
+        "policy_generation",
+    ]:
         assert key in body
     assert body["status"] == "ok"
     assert body["version"] == "9.9.9"
@@ -520,7 +528,10 @@ async def test_rule_hit_counters(api: Api) -> None:
         assert passes(dp, "10.20.0.1", 80)
     status, body, _ = await api.call("GET", f"{P}/policies/20")
     assert status == 200
-    assert body == {**full(20, dst_ip="10.20.0.1"), **{k: body[k] for k in ("packets", "bytes", "last_hit")}}
+    assert body == {
+        **full(20, dst_ip="10.20.0.1"),
+        **{k: body[k] for k in ("packets", "bytes", "last_hit")},
+    }
     assert body["packets"] == 3 and body["bytes"] > 3 * 40
     last_hit = datetime.fromisoformat(body["last_hit"])
     assert body["last_hit"].endswith("Z")
@@ -556,7 +567,9 @@ async def test_rule_hit_counters(api: Api) -> None:
 )
 async def test_invalid_rule_says_what_is_wrong(api: Api, doc: Any, words: list[str]) -> None:
     status, body, _ = await api.call(
-        "POST", f"{P}/policies", data=json.dumps(doc).encode(),
+        "POST",
+        f"{P}/policies",
+        data=json.dumps(doc).encode(),
         headers={"Content-Type": "application/json"},
     )
     assert_error(status, body, 400, "invalid", *words)
@@ -569,23 +582,40 @@ async def test_whole_set_errors_name_the_rule(api: Api) -> None:
         "policies": [rule(1), rule(2), rule(3), rule(4, dst_port="90-80"), rule(5, action="x")],
     }
     status, body, _ = await api.call("PUT", f"{P}/policies", doc)
-    assert_error(status, body, 400, "invalid", "policies[3] (rule_id 4): dst_port", "90-80",
-                 "policies[4] (rule_id 5): action")
+    assert_error(
+        status,
+        body,
+        400,
+        "invalid",
+        "policies[3] (rule_id 4): dst_port",
+        "90-80",
+        "policies[4] (rule_id 5): action",
+    )
     assert len(body["errors"]) == 2
-    doc = {"default_action": "deny", "policies": [rule(1), rule(2), rule(1)]}
-    status, body, _ = await api.call("PUT", f"{P}/policies", doc)
+    duplicate = {"default_action": "deny", "policies": [rule(1), rule(2), rule(1)]}
+    status, body, _ = await api.call("PUT", f"{P}/policies", duplicate)
     assert_error(status, body, 400, "invalid", "policies[2] (rule_id 1): rule_id: duplicate")
-    for doc, words in [
-        ({"policies": []}, ["default_action: required field is missing"]),
-        ({"default_action": "deny"}, ["policies: required field is missing", "[]"]),
+    bad: Any
+    for bad, words in [
         ({"default_action": "block", "policies": []}, ["default_action", "allow, deny"]),
         ({"default_action": "deny", "policies": [], "extra": 1}, ["extra", "unknown field"]),
         ({"default_action": "deny", "policies": 5}, ["policies", "not a list"]),
         ([rule(1)], ["top level is a list"]),
     ]:
-        status, body, _ = await api.call("PUT", f"{P}/policies", doc)
+        status, body, _ = await api.call("PUT", f"{P}/policies", bad)
         assert_error(status, body, 400, "invalid", *words)
     assert api.store.policy.policies == [] and api.store.policy.default_action == "allow"
+
+
+async def test_whole_set_reads_like_a_policy_file(api: Api) -> None:
+    # A missing default_action is allow and missing policies are none, as in a policy file.
+    status, body, _ = await api.call("PUT", f"{P}/policies", {"default_action": "deny"})
+    assert status == 200, body
+    assert api.store.policy.default_action == "deny" and api.store.policy.policies == []
+    status, body, _ = await api.call("PUT", f"{P}/policies", {"policies": [rule(3)]})
+    assert status == 200, body
+    assert body["default_action_changed"] is True and body["added"] == [full(3)]
+    assert api.store.policy.default_action == "allow"
 
 
 @pytest.mark.parametrize(
@@ -605,8 +635,11 @@ async def test_whole_set_errors_name_the_rule(api: Api) -> None:
     ],
 )
 async def test_bad_json_is_400_never_500(api: Api, data: bytes, words: list[str]) -> None:
-    for method, path in [("POST", f"{P}/policies"), ("PUT", f"{P}/policies"),
-                         ("PUT", f"{P}/policies/1")]:
+    for method, path in [
+        ("POST", f"{P}/policies"),
+        ("PUT", f"{P}/policies"),
+        ("PUT", f"{P}/policies/1"),
+    ]:
         status, body, _ = await api.call(
             method, path, data=data, headers={"Content-Type": "application/json"}
         )
@@ -615,20 +648,32 @@ async def test_bad_json_is_400_never_500(api: Api, data: bytes, words: list[str]
 
 @pytest.mark.parametrize(
     "content_type",
-    [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
-     "application/json; charset=latin-1", "application/jsonx"],
+    [
+        None,
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/json; charset=latin-1",
+        "application/jsonx",
+    ],
 )
 async def test_body_must_be_json_415(api: Api, content_type: str | None) -> None:
     data = json.dumps(rule(30)).encode()
     headers = {"Content-Type": content_type} if content_type else {}
-    for method, path in [("POST", f"{P}/policies"), ("PUT", f"{P}/policies/30"),
-                         ("PUT", f"{P}/policies")]:
-        async with api.client.request(method, path, data=data, headers={**AUTH, **headers},
-                                      skip_auto_headers=["Content-Type"]) as resp:
+    for method, path in [
+        ("POST", f"{P}/policies"),
+        ("PUT", f"{P}/policies/30"),
+        ("PUT", f"{P}/policies"),
+    ]:
+        async with api.client.request(
+            method, path, data=data, headers={**AUTH, **headers}, skip_auto_headers=["Content-Type"]
+        ) as resp:
             body = await resp.json()
             assert_error(resp.status, body, 415, "unsupported_media_type", "application/json")
     status, body, _ = await api.call(
-        "POST", f"{P}/policies", data=data,
+        "POST",
+        f"{P}/policies",
+        data=data,
         headers={"Content-Type": "application/json; charset=UTF-8"},
     )
     assert status == 201, body
@@ -639,6 +684,7 @@ async def test_body_limits(api: Api) -> None:
     for method, path in [("POST", f"{P}/policies"), ("PUT", f"{P}/policies/40")]:
         status, body, _ = await api.call(method, path, big)
         assert_error(status, body, 413, "too_large", "64 KiB")
+
     # Without Content-Length (chunked), the limit holds as the body arrives.
     async def chunks() -> AsyncIterator[bytes]:
         yield b'{"rule_id": 41, "protocol": "tcp", "action": "allow", "name": "'
@@ -704,7 +750,9 @@ async def test_bulk_replace_of_100000_rules(api: Api) -> None:
     status, body, _ = await api.call("GET", f"{P}/policies/{n}")
     assert status == 200 and body["dst_ip"] == "10.101.134.159"
     # Back to nothing (the shared classifier's slots are freed).
-    status, body, _ = await api.call("PUT", f"{P}/policies", {"default_action": "allow", "policies": []})
+    status, body, _ = await api.call(
+        "PUT", f"{P}/policies", {"default_action": "allow", "policies": []}
+    )
     assert status == 200 and len(body["removed"]) == n
 
 
@@ -713,8 +761,10 @@ async def test_bulk_replace_of_100000_rules(api: Api) -> None:
 
 async def test_dry_run_returns_the_diff_and_changes_nothing(api: Api) -> None:
     dp = api.dp
-    setup = {"default_action": "deny", "policies": [rule(50, dst_ip="10.50.0.1"),
-                                                     rule(51, dst_ip="10.50.0.2")]}
+    setup = {
+        "default_action": "deny",
+        "policies": [rule(50, dst_ip="10.50.0.1"), rule(51, dst_ip="10.50.0.2")],
+    }
     assert (await api.call("PUT", f"{P}/policies", setup))[0] == 200
     assert passes(dp, "10.50.0.1", 80)  # a live session decided by rule 50
     gen = dp.active()[0]
@@ -738,8 +788,12 @@ async def test_dry_run_returns_the_diff_and_changes_nothing(api: Api) -> None:
         "PUT", f"{P}/policies/50?dry_run=true", rule(50, dst_ip="10.50.0.1", action="deny")
     )
     assert status == 200, body
-    assert body["changed"] == [{"before": full(50, dst_ip="10.50.0.1"),
-                                "after": full(50, dst_ip="10.50.0.1", action="deny")}]
+    assert body["changed"] == [
+        {
+            "before": full(50, dst_ip="10.50.0.1"),
+            "after": full(50, dst_ip="10.50.0.1", action="deny"),
+        }
+    ]
     assert body["sessions_changing_verdict"] >= 1 and body["sessions_checked"] >= 1
     await unchanged()
 
@@ -749,7 +803,9 @@ async def test_dry_run_returns_the_diff_and_changes_nothing(api: Api) -> None:
     await unchanged()
 
     status, body, _ = await api.call(
-        "PUT", f"{P}/policies?dry_run=1", {"default_action": "allow", "policies": [rule(51, dst_ip="10.50.0.2")]}
+        "PUT",
+        f"{P}/policies?dry_run=1",
+        {"default_action": "allow", "policies": [rule(51, dst_ip="10.50.0.2")]},
     )
     assert status == 200, body
     assert body["default_action_changed"] is True
@@ -791,7 +847,7 @@ async def test_100_concurrent_writes_agree_with_disk_and_kernel(api: Api) -> Non
     assert gens == list(range(gen0 + 1, gen0 + 91))
 
     expected = set(range(41, 101))
-    status, body, _ = await api.call("GET", f"{P}/policies")
+    _, body, _ = await api.call("GET", f"{P}/policies")
     assert {p["rule_id"] for p in body["policies"]} == expected and body["count"] == 60
     disk = api.disk()
     assert {p["rule_id"] for p in disk["policies"]} == expected
@@ -824,9 +880,23 @@ async def test_stats_count_what_the_kernel_judged(api: Api) -> None:
     api.ctx.sessions._at = -1e9  # the session count is cached for a second
     status, after, _ = await api.call("GET", f"{P}/stats")
     assert status == 200
-    for key in ("total_packets allowed_packets denied_packets new_sessions closed_sessions "
-                "active_sessions policy_hits policy_misses logged_packets parse_drops "
-                "fragment_drops events_sent events_lost session_hits rejudged_sessions").split():
+    for key in [
+        "total_packets",
+        "allowed_packets",
+        "denied_packets",
+        "new_sessions",
+        "closed_sessions",
+        "active_sessions",
+        "policy_hits",
+        "policy_misses",
+        "logged_packets",
+        "parse_drops",
+        "fragment_drops",
+        "events_sent",
+        "events_lost",
+        "session_hits",
+        "rejudged_sessions",
+    ]:
         assert isinstance(after[key], int), key
     delta = {k: after[k] - before[k] for k in after if isinstance(after[k], int)}
     assert delta["total_packets"] == 7
@@ -838,14 +908,19 @@ async def test_stats_count_what_the_kernel_judged(api: Api) -> None:
     assert after["closed_sessions"] == 0
     assert after["active_sessions"] == dp.session_count() >= 7
     assert after["session_table_capacity"] == dp.config.session_entries
-    ingress_before, ingress_after = before["by_direction"]["ingress"], after["by_direction"]["ingress"]
+    ingress_before, ingress_after = (
+        before["by_direction"]["ingress"],
+        after["by_direction"]["ingress"],
+    )
     assert ingress_after["log"] - ingress_before["log"] == 3
     assert ingress_after["deny"] - ingress_before["deny"] == 2
 
     status, packets, _ = await api.call("GET", f"{P}/stats/packets")
     assert status == 200
     total = packets["total_packets"]
-    assert packets["allow_rate"] == pytest.approx(packets["allowed_packets"] / total * 100, abs=1e-3)
+    assert packets["allow_rate"] == pytest.approx(
+        packets["allowed_packets"] / total * 100, abs=1e-3
+    )
     assert packets["deny_rate"] == pytest.approx(packets["denied_packets"] / total * 100, abs=1e-3)
 
     status, pol, _ = await api.call("GET", f"{P}/stats/policies")
@@ -854,7 +929,8 @@ async def test_stats_count_what_the_kernel_judged(api: Api) -> None:
     assert pol["hit_rate"] == pytest.approx(hits / (hits + misses) * 100, abs=1e-3)
     assert pol["rule_count"] == 2
     assert [(x["rule_id"], x["packets"], x["action"]) for x in pol["rules"]] == [
-        (70, 3, "log"), (71, 2, "deny")
+        (70, 3, "log"),
+        (71, 2, "deny"),
     ]
     assert pol["rules"][0]["name"] == "logged-web" and pol["rules"][0]["last_hit"].endswith("Z")
     assert pol["default"]["packets"] >= 2
@@ -957,11 +1033,18 @@ async def test_metrics(api: Api) -> None:
     assert status == 200
     assert headers["Content-Type"].startswith("text/plain")
     for name in (
-        "microseg_packets_total", "microseg_parse_drops_total", "microseg_fragment_drops_total",
-        "microseg_sessions_active", "microseg_sessions_created_total",
-        "microseg_session_table_capacity", 'microseg_map_fill_ratio{map="sessions"}',
-        "microseg_policy_rules", "microseg_policy_generation", 'microseg_events_total{result="sent"}',
-        'microseg_events_total{result="lost"}', "microseg_api_requests_total",
+        "microseg_packets_total",
+        "microseg_parse_drops_total",
+        "microseg_fragment_drops_total",
+        "microseg_sessions_active",
+        "microseg_sessions_created_total",
+        "microseg_session_table_capacity",
+        'microseg_map_fill_ratio{map="sessions"}',
+        "microseg_policy_rules",
+        "microseg_policy_generation",
+        'microseg_events_total{result="sent"}',
+        'microseg_events_total{result="lost"}',
+        "microseg_api_requests_total",
         "microseg_api_request_seconds_bucket",
     ):
         assert name in text, name
@@ -1026,6 +1109,41 @@ async def test_openapi_document_covers_every_route(api: Api) -> None:
     assert set(rule_schema["required"]) == {"rule_id", "protocol", "action"}
 
 
+async def test_reload_route(api: Api) -> None:
+    status, body, _ = await api.call("POST", f"{P}/policies/reload")
+    assert_error(status, body, 404, "not_found", "no policy file")
+    actors: list[str] = []
+    file_set = PolicySet.model_validate({"default_action": "deny", "policies": [rule(99)]})
+
+    async def reload(actor: str) -> Any:
+        actors.append(actor)
+        if len(actors) > 1:
+            raise StoreError("invalid policy file /etc/x.json: policies[0]: protocol: required")
+        return await api.store.replace(file_set, actor)
+
+    api.ctx.reload = reload
+    status, body, headers = await api.call("POST", f"{P}/policies/reload")
+    assert status == 200, body
+    assert body["added"] == [full(99)] and body["default_action_changed"] is True
+    assert int(headers["X-Policy-Generation"]) == api.store.generation == api.dp.active()[0]
+    assert actors == ["token"]
+    gen = api.store.generation
+    status, body, _ = await api.call("POST", f"{P}/policies/reload")
+    assert_error(status, body, 400, "invalid", "/etc/x.json", "protocol")
+    assert api.store.generation == gen
+    status, body, _ = await api.call("POST", f"{P}/policies/reload?dry_run=1")
+    assert_error(status, body, 400, "invalid", "dry_run")
+    status, body, _ = await api.call(
+        "POST", f"{P}/policies/reload", headers={"Origin": "http://evil.example"}
+    )
+    assert_error(status, body, 403, "forbidden")
+    status, body, _ = await api.call("POST", f"{P}/policies/reload", auth=False)
+    assert status == 401
+    status, body, _ = await api.call("GET", f"{P}/policies/reload")
+    assert_error(status, body, 400, "invalid", "rule_id")
+    assert len(actors) == 2
+
+
 # ---- failures ------------------------------------------------------------------------------
 
 
@@ -1076,8 +1194,14 @@ async def test_kernel_failure_is_503_and_changes_nothing(make_api: Factory) -> N
 async def test_start_api_on_tcp_and_unix_socket(dp: Datapath, tmp_path: Path) -> None:
     store = make_store(dp, tmp_path / "state")
     ctx = ApiContext(
-        store=store, datapath=dp, interfaces=["lo"], version="1", started_monotonic=time.monotonic(),
-        token=TOKEN, bind_hosts=set(), registry=CollectorRegistry(),
+        store=store,
+        datapath=dp,
+        interfaces=["lo"],
+        version="1",
+        started_monotonic=time.monotonic(),
+        token=TOKEN,
+        bind_hosts=set(),
+        registry=CollectorRegistry(),
     )
     path = tmp_path / "run" / "api.sock"
     path.parent.mkdir()
@@ -1096,7 +1220,8 @@ async def test_start_api_on_tcp_and_unix_socket(dp: Datapath, tmp_path: Path) ->
             async with s.post(f"http://localhost{P}/policies", json=rule(97)) as resp:
                 assert resp.status == 201, await resp.text()
             async with s.post(
-                f"http://localhost{P}/policies", json=rule(98),
+                f"http://localhost{P}/policies",
+                json=rule(98),
                 headers={"Origin": "http://evil.example"},
             ) as resp:
                 assert resp.status == 403
@@ -1127,8 +1252,17 @@ def test_parse_listen() -> None:
     assert parse_listen("localhost:0") == ListenAddress(host="localhost", port=0)
     assert parse_listen("unix:/run/x.sock") == ListenAddress(path=Path("/run/x.sock"))
     assert str(parse_listen("[::1]:80")) == "[::1]:80"
-    for bad in ("8080", "::1:8080", "[::1]", "[nope]:80", "host:99999", "host:", ":80", "unix:",
-                "host:http"):
+    for bad in (
+        "8080",
+        "::1:8080",
+        "[::1]",
+        "[nope]:80",
+        "host:99999",
+        "host:",
+        ":80",
+        "unix:",
+        "host:http",
+    ):
         with pytest.raises(ValueError):
             parse_listen(bad)
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 import schemathesis
-from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
 from prometheus_client import CollectorRegistry
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -37,8 +37,7 @@ from streamer.store import PolicyStore
 
 TOKEN = "schema-test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-from schemathesis.specs.openapi.checks import negative_data_rejection
-CHECKS = [negative_data_rejection,
+CHECKS = [
     not_a_server_error,
     status_code_conformance,
     content_type_conformance,
@@ -133,12 +132,14 @@ def _operations() -> list[Any]:
             has_input = bool(op.get("parameters") or op.get("requestBody") or "parameters" in item)
             modes = ["positive", "negative"] if has_input else ["positive"]
             for mode in modes:
-                out.append(pytest.param(method.upper(), path, mode, id=f"{method.upper()} {path} {mode}"))
+                out.append(
+                    pytest.param(method.upper(), path, mode, id=f"{method.upper()} {path} {mode}")
+                )
     return out
 
 
 # Valid and invalid data together make about 50 examples per operation.
-EXAMPLES = {"positive": 300, "negative": 300}
+EXAMPLES = {"positive": 30, "negative": 20}
 
 
 @pytest.mark.parametrize(("method", "path", "mode"), _operations())
