@@ -12,12 +12,10 @@ never matches any packet and produces no entry (the policy model rejects such ru
 
 from __future__ import annotations
 
-import ipaddress
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from streamer.policy import Action, PolicySet, Rule
+from streamer.policy import Action, PolicySet
 
 DIR_INGRESS = 1
 DIR_EGRESS = 2
@@ -110,76 +108,80 @@ def port_blocks(ports: tuple[int, int] | None) -> list[tuple[int, int]]:
     return blocks
 
 
-def _net(
-    net: ipaddress.IPv4Network | ipaddress.IPv6Network | None, family: int
-) -> tuple[int, int] | None:
-    """(network as int, prefix length) of a rule address in `family`, None if it cannot match."""
-    if net is None:
-        return 0, 0
-    if net.version != family:
-        return None
-    return int(net.network_address), net.prefixlen
-
-
-def _rule_entries(rule: Rule) -> Iterator[tuple[Shape, EntryKey]]:
-    ports_cond = rule.src_ports is not None or rule.dst_ports is not None
-    proto = rule.proto_number
-    if proto is not None:
-        protos: tuple[int, ...] = (proto,)
-    elif ports_cond:
-        # A port condition is met only by TCP and UDP: "any" narrows to those two.
-        protos = (PROTO_TCP, PROTO_UDP)
-    else:
-        protos = (0,)
-    proto_wild = proto is None and not ports_cond
-    sblocks = port_blocks(rule.src_ports)
-    dblocks = port_blocks(rule.dst_ports)
-    for family in (4, 6):
-        # icmp/icmpv6 tie an any-address rule to one family: IPv6 next header 1 is not `icmp`.
-        if family not in rule.families:
-            continue
-        src = _net(rule.src_net, family)
-        dst = _net(rule.dst_net, family)
-        if src is None or dst is None:
-            continue
-        for sport, splen in sblocks:
-            for dport, dplen in dblocks:
-                shape = Shape(family, src[1], dst[1], splen, dplen, proto_wild)
-                for direction in _DIRS[rule.direction.value]:
-                    for p in protos:
-                        yield shape, (direction, p, sport, dport, src[0], dst[0])
+_BLOCKS_NONE: list[tuple[int, int]] = [(0, 0)]
 
 
 def compile_policy(policy: PolicySet, max_shapes: int) -> CompiledPolicy:
-    """Compile a policy set; raises CompileError when a family needs more than max_shapes."""
-    tables: dict[int, dict[Shape, dict[EntryKey, Entry]]] = {4: {}, 6: {}}
+    """Compile a policy set; raises CompileError when a family needs more than max_shapes.
+
+    This runs on every change of a 100,000-rule set, so it works on plain tuples and reads
+    each rule's match data once; shapes become Shape objects only at the end.
+    """
+    # shape tuple (family, src_plen, dst_plen, sport_plen, dport_plen, proto_wild) ->
+    #   {entry key: (score, rule_id, action)}
+    tables: dict[tuple[int, int, int, int, int, bool], dict[EntryKey, tuple[int, int, int]]] = {}
+    block_cache: dict[tuple[int, int] | None, list[tuple[int, int]]] = {None: _BLOCKS_NONE}
     for rule in policy.policies:
-        score = rule.score + 1
-        action = ACTION_CODES[rule.action]
-        for shape, key in _rule_entries(rule):
-            entries = tables[shape.family].setdefault(shape, {})
-            cur = entries.get(key)
-            # Two rules on one key match exactly the same packets: the better one decides.
-            if cur is None or score > cur.score:
-                entries[key] = Entry(score, rule.rule_id, action)
-    out: dict[int, FamilyTables] = {}
-    for family, shapes in tables.items():
-        if len(shapes) > max_shapes:
+        src, dst, sports, dports, proto, families, score = rule.match_data()
+        val = (score + 1, rule.rule_id, ACTION_CODES[rule.action])
+        ports_cond = sports is not None or dports is not None
+        if proto is not None:
+            protos: tuple[int, ...] = (proto,)
+        elif ports_cond:
+            # A port condition is met only by TCP and UDP: "any" narrows to those two.
+            protos = (PROTO_TCP, PROTO_UDP)
+        else:
+            protos = (0,)
+        proto_wild = proto is None and not ports_cond
+        sblocks = block_cache.get(sports)
+        if sblocks is None:
+            sblocks = block_cache[sports] = port_blocks(sports)
+        dblocks = block_cache.get(dports)
+        if dblocks is None:
+            dblocks = block_cache[dports] = port_blocks(dports)
+        dirs = _DIRS[rule.direction.value]
+        for family in (4, 6):
+            # An "any" address (version 0) is the family's /0; a rule whose protocol or
+            # addresses belong to one family has no entries in the other.
+            if family not in families or src[1] not in (0, family) or dst[1] not in (0, family):
+                continue
+            svalue, splen = (src[2], src[3]) if src[1] else (0, 0)
+            dvalue, dplen = (dst[2], dst[3]) if dst[1] else (0, 0)
+            for sport, sportlen in sblocks:
+                for dport, dportlen in dblocks:
+                    shape_t = (family, splen, dplen, sportlen, dportlen, proto_wild)
+                    entries = tables.get(shape_t)
+                    if entries is None:
+                        entries = tables[shape_t] = {}
+                    for direction in dirs:
+                        for p in protos:
+                            key = (direction, p, sport, dport, svalue, dvalue)
+                            cur = entries.get(key)
+                            # Two rules on one key match the same packets: the better decides.
+                            if cur is None or val[0] > cur[0]:
+                                entries[key] = val
+    out: dict[int, FamilyTables] = {4: FamilyTables(), 6: FamilyTables()}
+    ranked: dict[int, list[tuple[int, Shape, dict[EntryKey, tuple[int, int, int]]]]] = {
+        4: [],
+        6: [],
+    }
+    for key_t, found in tables.items():
+        sh = Shape(*key_t)
+        ranked[sh.family].append((max(v[0] for v in found.values()), sh, found))
+    for family, items in ranked.items():
+        if len(items) > max_shapes:
             raise CompileError(
-                f"the policy needs {len(shapes)} distinct IPv{family} rule shapes (combinations"
+                f"the policy needs {len(items)} distinct IPv{family} rule shapes (combinations"
                 f" of prefix lengths, port blocks and protocol wildcard); at most {max_shapes}"
                 " are supported: use fewer distinct prefix lengths or port ranges"
             )
-        ft = FamilyTables()
         # Best first: probing stops once no remaining shape can beat the match in hand.
-        ranked = sorted(
-            shapes.items(), key=lambda kv: (-max(e.score for e in kv[1].values()), kv[0])
-        )
-        for shape, entries in ranked:
-            ft.shapes.append(shape)
-            ft.max_scores.append(max(e.score for e in entries.values()))
-            ft.entries.append(entries)
-        out[family] = ft
+        items.sort(key=lambda it: (-it[0], it[1]))
+        ft = out[family]
+        for best, sh, found in items:
+            ft.shapes.append(sh)
+            ft.max_scores.append(best)
+            ft.entries.append({k: Entry(*v) for k, v in found.items()})
     return CompiledPolicy(
         default_action=DEFAULT_ACTION_CODES[policy.default_action.value],
         v4=out[4],

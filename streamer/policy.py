@@ -394,6 +394,12 @@ class Rule(BaseModel):
         derived: _Derived = self._private()["_d"]
         return derived
 
+    def match_data(self) -> _Derived:
+        """Everything matching needs, in one tuple, for hot loops (the compiler):
+        (src, dst, src_ports, dst_ports, proto_number, families, score), where src and dst
+        are (canonical text, version (0: any), network as int, prefix length)."""
+        return self._derived()
+
     @property
     def src_net(self) -> IPNet | None:
         """The source network; None = any address of either family."""
