@@ -28,7 +28,15 @@ _DIRS = {"ingress": (DIR_INGRESS,), "egress": (DIR_EGRESS,), "any": (DIR_INGRESS
 
 
 class CompileError(ValueError):
-    """The policy cannot be expressed in the classifier's tables (too many shapes)."""
+    """The policy cannot be expressed in the classifier's tables (too many entries)."""
+
+
+# Merging shapes multiplies entries; past this many a set is refused rather than let grow
+# without bound (the kernel's rule tables hold 4M entries for both banks).
+MAX_ENTRIES_PER_SET = 1 << 21
+
+_ShapeT = tuple[int, int, int, int, int, bool]
+_Val = tuple[int, int, int]
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -119,7 +127,7 @@ def compile_policy(policy: PolicySet, max_shapes: int) -> CompiledPolicy:
     """
     # shape tuple (family, src_plen, dst_plen, sport_plen, dport_plen, proto_wild) ->
     #   {entry key: (score, rule_id, action)}
-    tables: dict[tuple[int, int, int, int, int, bool], dict[EntryKey, tuple[int, int, int]]] = {}
+    tables: dict[_ShapeT, dict[EntryKey, _Val]] = {}
     block_cache: dict[tuple[int, int] | None, list[tuple[int, int]]] = {None: _BLOCKS_NONE}
     for rule in policy.policies:
         src, dst, sports, dports, proto, families, score = rule.match_data()
@@ -160,6 +168,8 @@ def compile_policy(policy: PolicySet, max_shapes: int) -> CompiledPolicy:
                             # Two rules on one key match the same packets: the better decides.
                             if cur is None or val[0] > cur[0]:
                                 entries[key] = val
+    for family in (4, 6):
+        _fit_shapes(tables, family, max_shapes)
     out: dict[int, FamilyTables] = {4: FamilyTables(), 6: FamilyTables()}
     ranked: dict[int, list[tuple[int, Shape, dict[EntryKey, tuple[int, int, int]]]]] = {
         4: [],
@@ -169,12 +179,6 @@ def compile_policy(policy: PolicySet, max_shapes: int) -> CompiledPolicy:
         sh = Shape(*key_t)
         ranked[sh.family].append((max(v[0] for v in found.values()), sh, found))
     for family, items in ranked.items():
-        if len(items) > max_shapes:
-            raise CompileError(
-                f"the policy needs {len(items)} distinct IPv{family} rule shapes (combinations"
-                f" of prefix lengths, port blocks and protocol wildcard); at most {max_shapes}"
-                " are supported: use fewer distinct prefix lengths or port ranges"
-            )
         # Best first: probing stops once no remaining shape can beat the match in hand.
         items.sort(key=lambda it: (-it[0], it[1]))
         ft = out[family]
@@ -188,6 +192,93 @@ def compile_policy(policy: PolicySet, max_shapes: int) -> CompiledPolicy:
         v6=out[6],
         rule_ids=[r.rule_id for r in policy.policies],
     )
+
+
+def _dims(shape: _ShapeT) -> tuple[int, int, int, int]:
+    return shape[1], shape[2], shape[3], shape[4]
+
+
+def _expand(key: EntryKey, frm: _ShapeT, to: _ShapeT) -> list[EntryKey]:
+    """The keys of shape `to` (at least as long a prefix in every dimension) covering `key`."""
+    abits = 32 if frm[0] == 4 else 128
+    direction, proto, sport, dport, src, dst = key
+
+    def values(value: int, bits: int, old: int, new: int) -> list[int]:
+        return [value | (i << (bits - new)) for i in range(1 << (new - old))]
+
+    return [
+        (direction, proto, sp, dp, sv, dv)
+        for sv in values(src, abits, frm[1], to[1])
+        for dv in values(dst, abits, frm[2], to[2])
+        for sp in values(sport, 16, frm[3], to[3])
+        for dp in values(dport, 16, frm[4], to[4])
+    ]
+
+
+def _merge_into(tables: dict[_ShapeT, dict[EntryKey, _Val]], frm: _ShapeT, to: _ShapeT) -> None:
+    source = tables.pop(frm)  # first: `to` may be `frm` itself (a join it contains)
+    target = tables.setdefault(to, {})
+    for key, val in source.items():
+        for k in _expand(key, frm, to):
+            cur = target.get(k)
+            if cur is None or val[0] > cur[0]:
+                target[k] = val
+
+
+def _fit_shapes(tables: dict[_ShapeT, dict[EntryKey, _Val]], family: int, max_shapes: int) -> None:
+    """Merge shapes of `family` until at most max_shapes remain.
+
+    A shape's entries can always be rewritten as entries of a shape with longer prefixes in
+    every dimension (each key expands into the keys covering it), so no policy is refused for
+    its number of shapes, only for the entries that merging would take. Greedy: the shape with
+    the fewest entries goes into the cheapest shape that contains it, or into the join with
+    its nearest neighbour.
+    """
+    while True:
+        shapes = [sh for sh in tables if sh[0] == family]
+        if len(shapes) <= max_shapes:
+            return
+        small = min(shapes, key=lambda sh: (len(tables[sh]), sh))
+        n = len(tables[small])
+        best: tuple[int, _ShapeT, _ShapeT | None] | None = None
+        for other in shapes:
+            if other == small or other[5] != small[5]:
+                continue
+            d_small = sum(_dims(other)) - sum(_dims(small))
+            if all(a >= b for a, b in zip(_dims(other), _dims(small), strict=True)):
+                cost = n << d_small
+                cand: tuple[int, _ShapeT, _ShapeT | None] = (cost, other, None)
+            else:
+                join = (
+                    family,
+                    *(max(a, b) for a, b in zip(_dims(other), _dims(small), strict=True)),
+                    small[5],
+                )
+                join_t: _ShapeT = (join[0], join[1], join[2], join[3], join[4], small[5])
+                cost = (n << (sum(_dims(join_t)) - sum(_dims(small)))) + (
+                    len(tables[other]) << (sum(_dims(join_t)) - sum(_dims(other)))
+                )
+                cand = (cost, join_t, other)
+            if best is None or cand[0] < best[0]:
+                best = cand
+        if best is None:
+            # Only shapes with the other protocol wildcard are left: rare enough to refuse.
+            raise CompileError(
+                f"the policy needs more than {max_shapes} IPv{family} rule shapes and they"
+                " cannot be merged: use fewer distinct prefix lengths or port ranges"
+            )
+        cost, into, partner = best
+        if sum(len(v) for v in tables.values()) + cost > MAX_ENTRIES_PER_SET:
+            raise CompileError(
+                f"the policy needs {len(shapes)} distinct IPv{family} rule shapes"
+                " (combinations of prefix lengths, port blocks and protocol wildcard); fitting"
+                f" them into the classifier's {max_shapes} would take more than"
+                f" {MAX_ENTRIES_PER_SET} table entries: use fewer distinct prefix lengths or"
+                " port ranges"
+            )
+        _merge_into(tables, small, into)
+        if partner is not None:
+            _merge_into(tables, partner, into)
 
 
 def _mask(bits: int, plen: int) -> int:

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +40,15 @@ STATS_RE = re.compile(r"^stats gen=(?P<gen>\d+) (?P<rest>.*)$")
 def unique_agent_instance() -> str:
     """A pin-instance name unique to this test process and call: `ta<pid>x<n>`."""
     return f"ta{os.getpid()}x{next(_counter)}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that nothing listens on right now (for `--api HOST:PORT`)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def write_policy(path: Path, rules: Sequence[dict[str, Any]], default: str = "deny") -> Path:
@@ -265,6 +275,28 @@ class AgentProcess:
                 f"got: {line}\n{self.log}"
             )
         return line
+
+    # ---- the admin API ---------------------------------------------------------------------
+
+    @property
+    def api_url(self) -> str:
+        """`http://HOST:PORT` of the agent's TCP `api` (AssertionError for none or a socket)."""
+        assert self.api and not self.api.startswith("unix:") and self.api != "none", (
+            f"agent {self.instance} serves no TCP API (api={self.api!r})"
+        )
+        return f"http://{self.api}"
+
+    def token(self) -> str | None:
+        """The API token the agent keeps in `<state_dir>/api-token`; None before it exists."""
+        try:
+            return (self.state_dir / "api-token").read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def wait_api(self, timeout: float = 15.0) -> None:
+        """Wait until this run logs "API listening on" (after it enforces); AgentError with the
+        log if it does not within `timeout` s."""
+        self.wait_log(r"API listening on", timeout=timeout)
 
     def signal(self, sig: int) -> None:
         if not self.running:
