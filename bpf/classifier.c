@@ -601,14 +601,14 @@ int ms_judge(struct __sk_buff *skb)
     nv.verdict = rv->action;
     nv.orig_dir = dir;
     nv.a_is_src = src_is_a;
-    if (sessions.update(&key, &nv) == 0) {
+    /* Count the first packet (and send its event) in the new entry before inserting it, so
+     * the insert is the only map operation: no lookup after it. */
+    int action = account(&key, &nv, src_is_a, p.tcp_flags, dir, len, now, ctr);
+    /* Should another CPU have inserted the flow meanwhile, ours replaces it: same verdict.
+     * If the table cannot keep the flow, this packet's verdict stands all the same. */
+    if (sessions.update(&key, &nv) == 0)
         ctr->c[C_NEW_SESSIONS]++;
-        s = sessions.lookup(&key);
-        if (s)
-            return account(&key, s, src_is_a, p.tcp_flags, dir, len, now, ctr);
-    } else {
+    else
         ctr->c[C_SESSION_CREATE_FAILED]++;
-    }
-    /* The table could not keep the flow: the verdict for this packet stands all the same. */
-    return account(&key, &nv, src_is_a, p.tcp_flags, dir, len, now, ctr);
+    return action;
 }
