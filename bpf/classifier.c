@@ -65,6 +65,7 @@ BPF_TABLE_PINNED("hash", struct ms_rule_key6, struct ms_rule_val, rules6, MS_RUL
 /* index: (bank * 2 + (family == 6)) * MS_MAX_SHAPES + shape */
 BPF_TABLE_PINNED("array", u32, struct ms_shape, shapes, 4 * MS_MAX_SHAPES, MS_PIN "/shapes");
 BPF_TABLE_PINNED("array", u32, struct ms_bank, banks, 2, MS_PIN "/banks");
+BPF_TABLE_PINNED("array", u32, u64, blooms, 2 * MS_BLOOM_BANK_WORDS, MS_PIN "/blooms");
 BPF_TABLE_PINNED("array", u32, u64, active, 1, MS_PIN "/active");
 BPF_TABLE_PINNED("array", u32, struct ms_settings, settings, 1, MS_PIN "/settings");
 BPF_TABLE_PINNED("percpu_array", u32, struct ms_counters, counters, 1, MS_PIN "/counters");
@@ -247,6 +248,32 @@ static __always_inline int parse(struct __sk_buff *skb, struct ms_pkt *p)
  * Stored scores are the rule's score + 1, so 0 means "no match". *out must be map memory (the
  * scratch entry): the verifier does not track its contents, so the paths through the loop
  * (match or not, at each shape) stay one state instead of doubling per shape. */
+static __always_inline __u64 ms_mix(__u64 h)
+{
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
+    h *= 0xc4ceb9fe1a85ec53ULL;
+    h ^= h >> 33;
+    return h;
+}
+
+static __always_inline __u64 ms_ports_word(__u16 sport, __u16 dport, __u8 proto, __u8 dir)
+{
+    return (__u64)sport << 48 | (__u64)dport << 32 | (__u64)proto << 8 | dir;
+}
+
+/* 1 when the shape's filter says the key may be in its table (or it has no filter). */
+static __always_inline int bloom_maybe(struct ms_shape *s, __u64 h)
+{
+    if (s->bloom_shift == 0)
+        return 1;
+    __u64 bit = h >> (s->bloom_shift & 63);
+    __u32 widx = s->bloom_off + (__u32)(bit >> 6);
+    __u64 *w = blooms.lookup(&widx);
+    return w && ((*w >> (bit & 63)) & 1);
+}
+
 static __always_inline __u32 judge4(struct ms_pkt *p, __u32 bank, __u32 n, struct ms_rule_val *out)
 {
     struct ms_rule_key4 k = {};
@@ -272,11 +299,15 @@ static __always_inline __u32 judge4(struct ms_pkt *p, __u32 bank, __u32 n, struc
         k.dport = p->dport & s->dport_mask;
         k.src = p->src[0] & s->src_mask[0];
         k.dst = p->dst[0] & s->dst_mask[0];
+        __u64 h = ms_mix(ms_mix((__u64)k.src << 32 | k.dst) ^
+                         ms_ports_word(k.sport, k.dport, k.proto, k.dir));
+        if (!bloom_maybe(s, h))
+            continue;
         struct ms_rule_val *v = rules4.lookup(&k);
         if (v && v->score > out->score)
             *out = *v;
     }
-    return i; /* shapes probed: every iteration that did not stop probed one */
+    return i; /* shapes examined (filtered out or probed) */
 }
 
 static __always_inline __u32 judge6(struct ms_pkt *p, __u32 bank, __u32 n, struct ms_rule_val *out)
@@ -310,11 +341,18 @@ static __always_inline __u32 judge6(struct ms_pkt *p, __u32 bank, __u32 n, struc
         k.dst[1] = p->dst[1] & s->dst_mask[1];
         k.dst[2] = p->dst[2] & s->dst_mask[2];
         k.dst[3] = p->dst[3] & s->dst_mask[3];
+        __u64 h = ms_mix((__u64)k.src[1] << 32 | k.src[0]);
+        h = ms_mix(h ^ ((__u64)k.src[3] << 32 | k.src[2]));
+        h = ms_mix(h ^ ((__u64)k.dst[1] << 32 | k.dst[0]));
+        h = ms_mix(h ^ ((__u64)k.dst[3] << 32 | k.dst[2]));
+        h = ms_mix(h ^ ms_ports_word(k.sport, k.dport, k.proto, k.dir));
+        if (!bloom_maybe(s, h))
+            continue;
         struct ms_rule_val *v = rules6.lookup(&k);
         if (v && v->score > out->score)
             *out = *v;
     }
-    return i; /* shapes probed: every iteration that did not stop probed one */
+    return i; /* shapes examined (filtered out or probed) */
 }
 
 /* Judge a flow by the active bank: fills verdict, rule_id and slot. */

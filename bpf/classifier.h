@@ -8,7 +8,7 @@
 #ifndef MICROSEG_CLASSIFIER_H
 #define MICROSEG_CLASSIFIER_H
 
-#define MS_LAYOUT_VERSION 1
+#define MS_LAYOUT_VERSION 2
 
 /* Verdicts: the same numbers as streamer.reference.Verdict. */
 #define MS_ALLOW 0
@@ -121,9 +121,18 @@ struct ms_shape {
     __u16 sport_mask;  /* network byte order */
     __u16 dport_mask;
     __u8 proto_mask;   /* 0xff, or 0 when the protocol is a wildcard in this shape */
-    __u8 pad[3];
+    __u8 bloom_shift;  /* 64 - log2(bloom bits); 0: the shape has no filter, always probe */
+    __u8 pad[2];
     __u64 max_score;   /* the best stored score of any rule in the shape */
+    __u32 bloom_off;   /* the shape's first word in `blooms` (its bank's base included) */
+    __u32 pad2;
 };
+
+/* Bloom filters: one per shape, a power of two of bits, in the words of `blooms`; bank b owns
+ * words [b * MS_BLOOM_BANK_WORDS, (b + 1) * MS_BLOOM_BANK_WORDS). A key whose bit is clear is
+ * certainly not in the shape's table, so the (often cache-cold) hash probe is skipped. The
+ * hash (ms_key_hash4/6 in classifier.c) is mirrored by streamer/compiler.py: keep them equal. */
+#define MS_BLOOM_BANK_WORDS (1 << 19)
 
 /* One per bank. The active bank and generation are read from `active` in one 8-byte load. */
 struct ms_bank {

@@ -67,7 +67,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--instance", type=_instance,
                    help="pin directory name under /sys/fs/bpf/microseg (default: per netns)")
     p.add_argument("--session-table-size", type=_positive_int, default=262144)
-    p.add_argument("--max-shapes", type=_positive_int, default=1024,
+    p.add_argument("--max-shapes", type=_positive_int, default=512,
                    help="distinct rule shapes per address family the classifier probes")
     p.add_argument("--event-interval", type=_seconds, default=1.0,
                    help="at most one event per flow per this many seconds after its first")
@@ -169,7 +169,7 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 
     try:
         policy = load_policy_file(args.file)
-        compiled = compile_policy(policy, 1024)
+        compiled = compile_policy(policy, 512)
     except (PolicyError, CompileError) as e:
         print(f"microseg: {e}", file=sys.stderr)
         return 1

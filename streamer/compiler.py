@@ -285,8 +285,80 @@ def _mask(bits: int, plen: int) -> int:
     return ((1 << bits) - 1) ^ ((1 << (bits - plen)) - 1)
 
 
-def pack_shape(shape: Shape, max_score: int) -> bytes:
-    """struct ms_shape (bpf/classifier.h)."""
+_M64 = (1 << 64) - 1
+BLOOM_BANK_WORDS = 1 << 19  # MS_BLOOM_BANK_WORDS in bpf/classifier.h
+BLOOM_BITS_PER_ENTRY = 16  # ~6 % false positives with one hash
+BLOOM_MIN_BITS = 64
+BLOOM_MAX_BITS = 1 << 22
+
+
+def _mix(h: int) -> int:
+    h ^= h >> 33
+    h = (h * 0xFF51AFD7ED558CCD) & _M64
+    h ^= h >> 33
+    h = (h * 0xC4CEB9FE1A85EC53) & _M64
+    h ^= h >> 33
+    return h
+
+
+def key_hash(family: int, key: bytes) -> int:
+    """The classifier's bloom hash of a packed rule key (ms_key hashing in classifier.c).
+
+    The kernel loads the key's fields as little-endian words, so this reads the same bytes.
+    """
+    ports = (
+        int.from_bytes(key[4:6], "little") << 48
+        | int.from_bytes(key[6:8], "little") << 32
+        | key[3] << 8
+        | key[2]
+    )
+    if family == 4:
+        h = _mix(int.from_bytes(key[8:12], "little") << 32 | int.from_bytes(key[12:16], "little"))
+        return _mix(h ^ ports)
+    h = _mix(int.from_bytes(key[8:16], "little"))
+    for off in (16, 24, 32):
+        h = _mix(h ^ int.from_bytes(key[off : off + 8], "little"))
+    return _mix(h ^ ports)
+
+
+def bloom_layout(entry_counts: list[int]) -> list[tuple[int, int]]:
+    """(first word, log2 bits) of each shape's filter within one bank's words.
+
+    About 16 bits per entry, a power of two; scaled down together when a large set would not
+    fit the bank (the filters then just pass more keys on to the hash probe).
+    """
+    per_entry = BLOOM_BITS_PER_ENTRY
+    while True:
+        sizes = [
+            min(BLOOM_MAX_BITS, max(BLOOM_MIN_BITS, 1 << max(0, (n * per_entry - 1).bit_length())))
+            for n in entry_counts
+        ]
+        if sum(sizes) // 64 <= BLOOM_BANK_WORDS or per_entry == 0:
+            break
+        per_entry //= 2
+    layout: list[tuple[int, int]] = []
+    off = 0
+    for bits in sizes:
+        if off + bits // 64 > BLOOM_BANK_WORDS:
+            layout.append((0, 0))  # no room left: this shape is always probed
+            continue
+        layout.append((off, bits.bit_length() - 1))
+        off += bits // 64
+    return layout
+
+
+def build_bloom(family: int, keys: list[bytes], log2_bits: int) -> bytes:
+    """A shape's filter as little-endian 64-bit words."""
+    arr = bytearray((1 << log2_bits) // 8)
+    shift = 64 - log2_bits
+    for k in keys:
+        bit = key_hash(family, k) >> shift
+        arr[bit >> 3] |= 1 << (bit & 7)
+    return bytes(arr)
+
+
+def pack_shape(shape: Shape, max_score: int, bloom_off: int = 0, bloom_log2_bits: int = 0) -> bytes:
+    """struct ms_shape (bpf/classifier.h); bloom_log2_bits 0: no filter."""
     abits = 32 if shape.family == 4 else 128
     alen = abits // 8
     src = _mask(abits, shape.src_plen).to_bytes(alen, "big").ljust(16, b"\0")
@@ -295,7 +367,13 @@ def pack_shape(shape: Shape, max_score: int) -> bytes:
         src
         + dst
         + struct.pack(">HH", _mask(16, shape.sport_plen), _mask(16, shape.dport_plen))
-        + struct.pack("<B3xQ", 0 if shape.proto_wild else 0xFF, max_score)
+        + struct.pack(
+            "<BB2xQI4x",
+            0 if shape.proto_wild else 0xFF,
+            64 - bloom_log2_bits if bloom_log2_bits else 0,
+            max_score,
+            bloom_off,
+        )
     )
 
 

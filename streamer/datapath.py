@@ -24,14 +24,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streamer.compiler import CompiledPolicy, pack_rule_key, pack_rule_val, pack_shape
+from streamer.compiler import (
+    BLOOM_BANK_WORDS,
+    CompiledPolicy,
+    bloom_layout,
+    build_bloom,
+    pack_rule_key,
+    pack_rule_val,
+    pack_shape,
+)
 
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/microseg")
 DEFAULT_RUN_DIR = Path("/run/microseg")
-LAYOUT_VERSION = 1  # MS_LAYOUT_VERSION in bpf/classifier.h
+LAYOUT_VERSION = 2  # MS_LAYOUT_VERSION in bpf/classifier.h
 
 TC_PRIO = 0x4D53  # "MS": our filters' preference and handle on every hook
 TC_HANDLE = 0x4D53
@@ -83,7 +91,7 @@ class DatapathConfig:
     instance: str
     pin_root: Path = DEFAULT_PIN_ROOT
     session_entries: int = 262144
-    max_shapes: int = 1024
+    max_shapes: int = 512  # the verifier walks the probe loop: 1,024 exceeds its budget
     rule_entries: int = 1 << 22
     rule_slots: int = 200_002  # two whole sets of 100,000 rules side by side, plus slot 0
     ringbuf_pages: int = 256
@@ -279,6 +287,7 @@ class Datapath:
             "settings",
             "counters",
             "rule_stats",
+            "blooms",
         ):
             self._fds[name] = self._bpf[name].get_fd()
         self._write(
@@ -434,9 +443,14 @@ class Datapath:
                 new_slots[rid] = slot
             try:
                 self._zero_slots(fresh)
-                # 3. rules and shapes of the new bank
+                # 3. rules, shapes and the shapes' filters of the new bank
+                layout = bloom_layout([len(e) for f in (4, 6) for e in compiled.family(f).entries])
                 shape_keys: list[bytes] = []
                 shape_vals: list[bytes] = []
+                bloom_keys: list[bytes] = []
+                bloom_vals: list[bytes] = []
+                bloom_base = new_bank * BLOOM_BANK_WORDS
+                n = 0
                 for family, fidx in ((4, 0), (6, 1)):
                     tables = compiled.family(family)
                     keys: list[bytes] = []
@@ -445,13 +459,22 @@ class Datapath:
                         zip(tables.shapes, tables.max_scores, tables.entries, strict=True)
                     ):
                         sid = new_bank * ms + i
+                        first = len(keys)
                         for k, e in entries.items():
                             keys.append(pack_rule_key(family, sid, k))
                             vals.append(pack_rule_val(e, new_slots[e.rule_id]))
+                        off, log2_bits = layout[n]
+                        n += 1
+                        if log2_bits:
+                            words = build_bloom(family, keys[first:], log2_bits)
+                            for w in range(len(words) // 8):
+                                bloom_keys.append(struct.pack("<I", bloom_base + off + w))
+                                bloom_vals.append(words[8 * w : 8 * w + 8])
                         shape_keys.append(struct.pack("<I", (new_bank * 2 + fidx) * ms + i))
-                        shape_vals.append(pack_shape(shape, mx))
+                        shape_vals.append(pack_shape(shape, mx, bloom_base + off, log2_bits))
                     self._bank_keys[new_bank][family] = keys
                     self._update_batch(f"rules{family}", keys, vals)
+                self._update_batch("blooms", bloom_keys, bloom_vals)
                 self._update_batch("shapes", shape_keys, shape_vals)
                 self._write(
                     "banks",

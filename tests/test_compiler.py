@@ -11,12 +11,16 @@ import pytest
 
 from streamer.compiler import (
     ACTION_CODES,
+    BLOOM_BANK_WORDS,
     DIR_EGRESS,
     DIR_INGRESS,
     CompiledPolicy,
     Entry,
     Shape,
+    bloom_layout,
+    build_bloom,
     compile_policy,
+    key_hash,
     pack_rule_key,
     pack_rule_val,
     pack_shape,
@@ -384,7 +388,25 @@ def test_packed_layouts() -> None:
     assert len(pack_rule_key(4, 1, (1, 6, 0, 22, 0x0A000000, 0))) == 16
     val = pack_rule_val(entry, 3)
     assert len(val) == 24 and val[16] == ACTION_CODES[Action.DENY]
-    shape = pack_shape(c.v6.shapes[0], c.v6.max_scores[0])
-    assert len(shape) == 48
+    shape = pack_shape(c.v6.shapes[0], c.v6.max_scores[0], 96, 10)
+    assert len(shape) == 56  # struct ms_shape
     assert shape[:4] == b"\xff\xff\xff\xff" and shape[4:16] == bytes(12)
     assert shape[32:36] == b"\x00\x00\xff\xff" and shape[36] == 0xFF
+    assert shape[37] == 64 - 10  # bloom_shift
+    assert int.from_bytes(shape[40:48], "little") == c.v6.max_scores[0]
+    assert int.from_bytes(shape[48:52], "little") == 96  # bloom_off
+    assert pack_shape(c.v6.shapes[0], 1)[37] == 0  # no filter: always probed
+
+
+def test_bloom_layout_and_filters() -> None:
+    layout = bloom_layout([1, 4, 1000, 0])
+    assert [b for _, b in layout] == [6, 6, 14, 6]  # >= 16 bits an entry, at least 64
+    offs = [o for o, _ in layout]
+    assert offs == [0, 1, 2, 2 + (1 << 14) // 64]
+    huge = bloom_layout([10_000_000] * 3)
+    assert sum((1 << b) // 64 for _, b in huge if b) <= BLOOM_BANK_WORDS
+    keys = [pack_rule_key(4, 0, (1, 6, 0, p, 0x0A000000, 0)) for p in range(100)]
+    words = build_bloom(4, keys, 12)
+    for k in keys:  # no false negatives, ever
+        bit = key_hash(4, k) >> (64 - 12)
+        assert words[bit >> 3] >> (bit & 7) & 1

@@ -159,7 +159,7 @@ def test_map_layouts_match_python_packing(dp: Datapath) -> None:
     entry = next(iter(c.v4.entries[0].values()))
     assert ct.sizeof(bpf["rules4"].Leaf) == ct.sizeof(bpf["rules6"].Leaf)
     assert ct.sizeof(bpf["rules4"].Leaf) == len(pack_rule_val(entry, 1))
-    assert ct.sizeof(bpf["shapes"].Leaf) == len(pack_shape(c.v4.shapes[0], 1)) == 48
+    assert ct.sizeof(bpf["shapes"].Leaf) == len(pack_shape(c.v4.shapes[0], 1)) == 56
     assert ct.sizeof(bpf["banks"].Leaf) == 16
     assert ct.sizeof(bpf["rule_stats"].sLeaf) == 24
     assert ct.sizeof(bpf["counters"].sLeaf) == 32 * 8
