@@ -809,6 +809,21 @@ def _parser() -> argparse.ArgumentParser:
         help="distinct packets per new-flow run (default 2000; --quick 64)",
     )
     p.add_argument("--seed", type=_int_in(0, 2**32), default=1, help="rule-set seed (default 1)")
+    p.add_argument(
+        "--only",
+        choices=("datapath", "api"),
+        help="run one suite only; the other's results already in --out are kept",
+    )
+    p.add_argument(
+        "--api-requests",
+        type=_int_in(1, 100_000),
+        help="single-rule writes against the agent (default 1000; --quick 50)",
+    )
+    p.add_argument(
+        "--api-rules",
+        type=_int_in(2, 1_000_000),
+        help="rules in the whole-set PUT (default 100,000; --quick 1,000)",
+    )
     return p
 
 
@@ -843,8 +858,42 @@ def _on_term(_signum: int, _frame: FrameType | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmarks; returns the exit status (0 done, 1 error, 2 usage, 130 interrupted)."""
+    """Run the benchmarks; returns the exit status (0 done, 1 error, 2 usage, 130 interrupted).
+
+    Both suites by default (the datapath's, then the admin API's: bench.api); `--only` picks
+    one and keeps the other's section of an existing --out file.
+    """
     args = _parser().parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: error: needs root (loading BPF programs, bpffs pins)", file=sys.stderr)
+        return 1
+    out: Path = args.out
+    if out.parent and not out.parent.is_dir():
+        print(f"bench: error: --out {out}: directory {out.parent} does not exist", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _on_term)
+    res: dict[str, Any] = {}
+    if args.only != "api":
+        rc = _run_datapath(args, res)
+        if rc:
+            return rc
+    if args.only != "datapath":
+        rc = _run_api(args, res)
+        if rc:
+            return rc
+    if args.only is not None:
+        _keep_other_suite(out, res, args.only)
+    try:
+        out.write_text(json.dumps(res, indent=1) + "\n")
+    except OSError as e:
+        print(f"bench: error: writing {out}: {e.strerror}", file=sys.stderr)
+        return 1
+    print(f"results written to {out}")
+    return 0
+
+
+def _run_datapath(args: argparse.Namespace, res: dict[str, Any]) -> int:
+    """The datapath suite: prints its table and fills `res`; 0 or the exit status."""
     base = QUICK if args.quick else FULL
     s = Settings(
         args.runs or base.runs,
@@ -855,18 +904,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seed,
         base.quick,
     )
-    if os.geteuid() != 0:
-        print("bench: error: needs root (loading BPF programs, bpffs pins)", file=sys.stderr)
-        return 1
-    out: Path = args.out
-    if out.parent and not out.parent.is_dir():
-        print(f"bench: error: --out {out}: directory {out.parent} does not exist", file=sys.stderr)
-        return 2
     # One CPU for everything: BPF_PROG_TEST_RUN runs on the caller's CPU, and per-CPU
-    # state (LRU free lists, counters) stays put between runs.
-    cpu = max(os.sched_getaffinity(0))
+    # state (LRU free lists, counters) stays put between runs. Given back afterwards: the API
+    # suite's agent must not share one CPU with its client.
+    affinity = os.sched_getaffinity(0)
+    cpu = max(affinity)
     os.sched_setaffinity(0, {cpu})
-    signal.signal(signal.SIGTERM, _on_term)
 
     from streamer.compiler import CompileError
     from streamer.datapath import DatapathError
@@ -890,15 +933,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         bench.stop()
+        os.sched_setaffinity(0, affinity)
     meta = _meta(s, cpu)
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
     meta["events_received"] = bench._events
-    res = results(bench, meta)
+    res.update(results(bench, meta))
     print(render(res))
-    try:
-        out.write_text(json.dumps(res, indent=1) + "\n")
-    except OSError as e:
-        print(f"bench: error: writing {out}: {e.strerror}", file=sys.stderr)
-        return 1
-    print(f"results written to {out}")
     return 0
+
+
+def _run_api(args: argparse.Namespace, res: dict[str, Any]) -> int:
+    """The admin API suite (bench.api): prints its table, fills res["api"]; 0 or the status."""
+    from bench.api import render_api, run_api_bench, settings_for
+    from streamer.lab import LabError
+
+    settings = settings_for(args.quick, args.api_requests, args.api_rules, args.seed)
+    try:
+        api = run_api_bench(
+            settings, lambda text: print(f"bench: {text}", file=sys.stderr, flush=True)
+        )
+    except (BenchError, LabError, OSError) as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    res["api"] = api
+    if len(res) > 1:
+        print()
+    print(render_api(api))
+    return 0
+
+
+def _keep_other_suite(out: Path, res: dict[str, Any], only: str) -> None:
+    """Copy the suite not run from an existing results file at `out` into `res`."""
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(old, dict):
+        return
+    if only == "api":
+        kept = {k: v for k, v in old.items() if k != "api"}
+    else:
+        kept = {"api": old["api"]} if "api" in old else {}
+    if kept:
+        res.update({k: v for k, v in kept.items() if k not in res})
+        print(f"kept the {'datapath' if only == 'api' else 'api'} results already in {out}")

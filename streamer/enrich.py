@@ -165,10 +165,7 @@ class Enricher:
         of numbered events (a sink's queue, the spool) carry `seq` = the last missing event's
         number and `first_seq` = the first's: the gap they explain.
         """
-        if last_seq is None:
-            seq = self.next_seq()
-        else:
-            seq = last_seq
+        seq = self.next_seq() if last_seq is None else last_seq
         obj: dict[str, Any] = {
             "schema": SCHEMA,
             "type": "lost",
