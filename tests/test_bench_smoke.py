@@ -1,18 +1,57 @@
 """Smoke test of `python -m bench` (the `make bench` suite) in its tiny --quick mode.
 
-Checks that it runs end to end on the real kernel, prints its table, writes its JSON where
---out says, removes its pinned maps, and refuses bad options without a traceback.
+Checks that it runs end to end on the real kernel, prints its tables (datapath, then the admin
+API against a real agent in a lab of its own), writes its JSON where --out says, removes its
+pinned maps and its lab, keeps the other suite's results on `--only`, and refuses bad options
+without a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN_ROOT = Path("/sys/fs/bpf/microseg")
+
+
+def _lab_of(stderr: str) -> str:
+    m = re.search(r"api: starting an agent in lab (\S+) ", stderr)
+    assert m, f"the API bench names no lab:\n{stderr[-2000:]}"
+    return m[1]
+
+
+def _check_api_results(api: dict[str, Any], stdout: str, requests: int, rules: int) -> None:
+    for heading in (
+        "microseg admin API benchmarks",
+        "Single-rule write -> enforced",
+        f"PUT /api/v1/policies of {rules:,} rules",
+        "its pieces",
+    ):
+        assert heading in stdout, f"{heading!r} missing from:\n{stdout}"
+    first = api["writes"][0]
+    assert first["requests"] == requests and first["base_rules"] == 100
+    for kind in ("post", "delete"):
+        s = first[kind]
+        assert 0 < s["p50_ms"] <= s["p99_ms"] <= s["max_ms"], s
+    assert first["enforcement_checks"]["after_post"] == requests
+    bulk = api["bulk"]
+    assert bulk["rules"] == rules and bulk["wall_s"] > 0
+    assert set(bulk["split"]) == {
+        "parse_json_s",
+        "validate_s",
+        "compile_s",
+        "kernel_apply_s",
+        "persist_s",
+        "diff_s",
+        "answer_s",
+    }
+    assert len(api["targets"]) == 2
 
 
 def _bench_pins() -> set[str]:
@@ -59,6 +98,28 @@ def test_quick_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     assert res["targets"]
     assert _bench_pins() <= pins_before
 
+    _check_api_results(res["api"], proc.stdout, 50, 1000)
+    assert res["api"]["meta"]["quick"] is True
+    lab = _lab_of(proc.stderr)
+    assert not Path(f"/run/netns/{lab}-host").exists(), f"lab {lab} left behind"
+
+    # --only api: a new API section, the datapath results kept as they were.
+    again = tmp_path / "again.json"
+    shutil.copy(out, again)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "api", "--api-requests", "5",
+         "--api-rules", "200", "--out", str(again)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Floor:" not in proc.stdout and "kept the datapath results" in proc.stdout
+    res2 = json.loads(again.read_text())
+    _check_api_results(res2["api"], proc.stdout, 5, 200)
+    assert {k: v for k, v in res2.items() if k != "api"} == {
+        k: v for k, v in res.items() if k != "api"
+    }
+    assert _bench_pins() <= pins_before
+
 
 def test_bad_option_is_a_clean_usage_error(tmp_path: Path) -> None:
     proc = subprocess.run(
@@ -71,5 +132,16 @@ def test_bad_option_is_a_clean_usage_error(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "--runs" in proc.stderr and "out of range" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_bad_only_is_a_clean_usage_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "kafka", "--out", str(tmp_path / "x.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--only" in proc.stderr and "invalid choice" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "x.json").exists()
