@@ -244,6 +244,7 @@ class Datapath:
         self._bank_keys: dict[int, dict[int, list[bytes]]] = {0: {4: [], 6: []}, 1: {4: [], 6: []}}
         self._lock = threading.Lock()
         self.adopted = False  # the pinned maps held an applied generation when we loaded
+        self._retiring: threading.Thread | None = None
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -322,6 +323,8 @@ class Datapath:
 
     def close(self) -> None:
         """Release our references; pinned maps and attached filters stay."""
+        with self._lock:
+            self.settle()
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
@@ -407,6 +410,7 @@ class Datapath:
         reading them has finished. On failure the live bank is untouched.
         """
         with self._lock:
+            self.settle()
             gen, bank = self.active()
             new_bank = bank ^ 1
             new_gen = generation if generation is not None else gen + 1
@@ -491,18 +495,32 @@ class Datapath:
                 for s in fresh:
                     self._free_slots.append(s)
                 raise
-            # 4. the switch
+            # 4. the switch: from here on the new set is enforced
             self._write("active", struct.pack("<I", 0), struct.pack("<Q", new_gen << 1 | new_bank))
-            self._barrier()
-            # 5. retire the old bank and the slots of rules that are gone
-            for family in (4, 6):
-                self._delete_batch(f"rules{family}", self._bank_keys[bank][family])
-                self._bank_keys[bank][family] = []
-            for rid, slot in self._slots.items():
-                if rid not in new_slots:
-                    self._free_slots.append(slot)
+            # 5. retire the old bank and the slots of rules that are gone, once no program can
+            # still be reading them. Waiting for that (an RCU grace period) takes milliseconds,
+            # so it runs beside the caller; the next apply waits for it before reusing the bank.
+            old_keys = self._bank_keys[bank]
+            self._bank_keys[bank] = {4: [], 6: []}
+            gone = [slot for rid, slot in self._slots.items() if rid not in new_slots]
             self._slots = new_slots
+            self._retiring = threading.Thread(
+                target=self._retire, args=(old_keys, gone), name="microseg-retire", daemon=True
+            )
+            self._retiring.start()
             return new_gen
+
+    def _retire(self, keys: dict[int, list[bytes]], slots: list[int]) -> None:
+        self._barrier()
+        for family in (4, 6):
+            self._delete_batch(f"rules{family}", keys[family])
+        self._free_slots.extend(slots)
+
+    def settle(self) -> None:
+        """Wait until the bank retired by the last apply is cleared (tests, shutdown)."""
+        if self._retiring is not None:
+            self._retiring.join()
+            self._retiring = None
 
     def _zero_slots(self, slots: list[int]) -> None:
         if not slots:

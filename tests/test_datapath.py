@@ -1135,6 +1135,7 @@ def test_restart_adopts_pinned_state(small_dp: Datapath) -> None:
                 8,
             )
         )
+        second.settle()  # the old bank is cleared beside the caller
         assert len(list(second._bpf["rules4"].keys())) == 0
         assert len(list(second._bpf["rules6"].keys())) == 2  # one key per direction
         second.clear_sessions()
