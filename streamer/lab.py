@@ -280,7 +280,11 @@ class Lab:
         # Imported here: pyroute2 costs ~0.2 s to import and most users of this module
         # (CLI parsing, state files) never touch netlink.
         from pyroute2 import IPRoute, netns
+        from pyroute2 import config as pyroute2_config
 
+        # pyroute2 forks helpers that would inherit a caller's Python SIGTERM handler and
+        # its wakeup fd: without this, a caller with such a handler gets a half-built lab.
+        pyroute2_config.disable_mp_signal = True
         try:
             netns.create(self.host_ns)
         except FileExistsError:
