@@ -69,6 +69,18 @@ lint: setup
 	$(VENV)/bin/mypy || rc=1
 	exit $$rc
 
+# A local single-node Kafka (KRaft) on 127.0.0.1:$(KAFKA_PORT), jars from the cache `setup`
+# fills; data and logs in a temporary directory that kafka-stop removes. See scripts/kafka.sh.
+KAFKA_PORT ?= 9092
+
+.PHONY: kafka kafka-stop
+
+kafka: setup
+	@scripts/kafka.sh start --port $(KAFKA_PORT)
+
+kafka-stop:
+	@scripts/kafka.sh stop --port $(KAFKA_PORT)
+
 clean:
 	@rm -rf .pytest_cache .mypy_cache .ruff_cache build dist
 	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +

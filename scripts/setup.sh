@@ -9,6 +9,7 @@
 #   bpffs:   mounted at /sys/fs/bpf
 #   venv:    .venv from Debian's /usr/bin/python3 with system site-packages (bcc lives
 #            in /usr/lib/python3/dist-packages), package installed editable with [dev]
+#   kafka:   Java 17 and Maven when missing; Kafka's jars into scripts/kafka.sh's cache, once
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -64,6 +65,27 @@ mapfile -t missing < <(missing_packages "${PACKAGES[@]}")
 if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
 fi
+
+# --- Java and Maven, for the local Kafka (make kafka, tests) -------------------------------
+# Usually preinstalled. Kafka 4 needs Java 17 or newer; scripts/kafka.sh also finds a JDK 17
+# under /usr/lib/jvm when `java` on PATH is an older one.
+java17_ok() {
+    local c v
+    for c in "$(command -v java || true)" /usr/lib/jvm/java-17-openjdk-*/bin/java; do
+        [ -n "$c" ] && [ -x "$c" ] || continue
+        v="$("$c" -version 2>&1 | sed -n '1s/.*version "\([0-9]*\).*/\1/p')"
+        if [ -n "$v" ] && [ "$v" -ge 17 ]; then return 0; fi
+    done
+    return 1
+}
+java_maven=()
+java17_ok || java_maven+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || java_maven+=(maven)
+if [ "${#java_maven[@]}" -gt 0 ]; then
+    apt_install "${java_maven[@]}"
+fi
+java17_ok || die "no Java 17 runtime after installing openjdk-17-jre-headless"
+command -v mvn >/dev/null || die "no mvn after installing maven"
 
 # --- kernel headers for bcc -------------------------------------------------------------
 # bcc compiles against /lib/modules/$(uname -r)/build. A distro kernel has a matching
@@ -125,6 +147,13 @@ if [ ! -e "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     say "pip install -e '.[dev]'"
     "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[dev]"
     touch "$STAMP"
+fi
+
+# --- Kafka's jars ----------------------------------------------------------------------------
+# Fetched from Maven Central once into a cache (scripts/kafka.sh says where), so that tests
+# and `make kafka` only start a JVM. Bounded; a clear error when Maven Central is unreachable.
+if ! scripts/kafka.sh cached >/dev/null; then
+    scripts/kafka.sh fetch || die "could not fetch Apache Kafka's jars (see above)"
 fi
 
 # --- check --------------------------------------------------------------------------------

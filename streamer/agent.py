@@ -4,8 +4,8 @@ Start: load the classifier (adopting pinned state), restore the applied set from
 (or seed it from the policy file when the state dir holds none), attach to every interface
 (replacing a previous agent's filters atomically), then serve the API. SIGHUP re-reads the
 policy file as a whole-set replace (a bad file is rejected whole and the live set stays);
-SIGINT/SIGTERM stop cleanly and detach unless --keep-on-exit. Flow events are drained from the
-ring buffer on the event loop.
+SIGINT/SIGTERM stop cleanly and detach unless --keep-on-exit. Flow events go through the
+pipeline (streamer/pipeline.py) to the events file, Kafka, the API's live feed and stdout.
 """
 
 from __future__ import annotations
@@ -16,21 +16,23 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 from pyroute2 import config as pyroute2_config
 
 from streamer.compiler import CompileError, compile_policy
 from streamer.datapath import Datapath, DatapathConfig, DatapathError, detach
-from streamer.decode import DecodeError, decode
 from streamer.enrich import Enricher
+from streamer.pipeline import Pipeline, PipelineConfig, register_metrics
 from streamer.policy import DefaultAction, PolicyError, PolicySet, load_policy_file
-from streamer.store import ChangeResult, LiveSession, PolicyStore, StoreError
+from streamer.sinks.file import DEFAULT_KEEP, DEFAULT_MAX_BYTES, FileSinkConfig
+from streamer.sinks.kafka import DEFAULT_SPOOL_MAX_BYTES, DEFAULT_TOPIC, KafkaSinkConfig
+from streamer.sinks.websocket import WebSocketConfig
+from streamer.store import ChangeResult, PolicyStore, StoreError
 
 log = logging.getLogger("microseg.agent")
 
@@ -46,6 +48,12 @@ class AgentConfig:
     default_action: DefaultAction | None = None
     state_dir: Path = Path("/var/lib/microseg")
     events_file: Path | None = None
+    events_file_max_bytes: int = DEFAULT_MAX_BYTES
+    events_file_keep: int = DEFAULT_KEEP
+    kafka: str | None = None  # HOST:PORT[,HOST:PORT...]
+    kafka_topic: str = DEFAULT_TOPIC
+    kafka_spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
+    flow_feed_queue: int = 4096
     keep_on_exit: bool = False
     stats_interval: float = 0.0
     print_events: bool = False
@@ -69,16 +77,14 @@ class Agent:
     datapath: Datapath = field(init=False)
     policy: PolicySet = field(init=False)
     generation: int = 0
-    events_written: int = 0
-    events_undecodable: int = 0
-    _events_out: IO[bytes] | None = None
     _enricher: Enricher | None = None
+    pipeline: Pipeline | None = None
     store: PolicyStore = field(init=False)
 
     def __post_init__(self) -> None:
         self.datapath = Datapath(self.config.datapath)
         self.policy = PolicySet()
-        self.store = PolicyStore(self.config.state_dir, self.apply, self.live_sessions)
+        self.store = PolicyStore(self.config.state_dir, self.apply, self.datapath.sessions)
 
     # ---- policy --------------------------------------------------------------------------
 
@@ -104,20 +110,36 @@ class Agent:
             compiled = compile_policy(policy, self.config.datapath.max_shapes)
         except CompileError as e:
             raise StoreError(str(e)) from e
-        if generation and self.datapath.adopted and self.datapath.active()[0] == generation:
+        enricher = self._enricher
+        live = self.datapath.active()[0]
+        if generation and self.datapath.adopted and live == generation:
             # A restart: the pinned maps already hold this generation, written by us before
             # the state dir recorded it. Keeping them keeps the generation and the sessions.
             self.datapath.adopted = False
             self.policy, self.generation = policy, generation
-            if self._enricher is not None:
-                self._enricher.add_generation(generation, policy)
+            if enricher is not None:
+                enricher.add_generation(generation, policy)
+                enricher.switched(generation)
             log.info("policy generation %d kept: the pinned maps already enforce it", generation)
             return generation
-        gen = self.datapath.apply(compiled, generation)
+        # Events of the new generation can be drained the moment the kernel switches, so
+        # its rules are known to the enricher before (the datapath picks the number so).
+        expected = generation if generation is not None and generation > live else live + 1
+        if enricher is not None:
+            enricher.add_generation(expected, policy)
+        try:
+            gen = self.datapath.apply(compiled, generation)
+        except BaseException:
+            if enricher is not None:
+                enricher.forget(expected)
+            raise
         self.policy = policy
         self.generation = gen
-        if self._enricher is not None:
-            self._enricher.add_generation(gen, policy)
+        if enricher is not None:
+            if gen != expected:
+                enricher.add_generation(gen, policy)
+                enricher.forget(expected)
+            enricher.switched(gen)
         log.info(
             "policy generation %d applied: %d rules, default %s, %d shapes, %d entries",
             gen,
@@ -127,24 +149,6 @@ class Agent:
             compiled.entry_count,
         )
         return gen
-
-    def live_sessions(self) -> list[LiveSession]:
-        """The session table as the store's dry runs need it."""
-        return [
-            LiveSession(
-                family=x.family,
-                protocol=x.protocol,
-                src_ip=x.src_ip,
-                dst_ip=x.dst_ip,
-                src_port=x.src_port,
-                dst_port=x.dst_port,
-                direction=x.direction,
-                verdict=x.verdict,
-                rule_id=x.rule_id,
-                ifindex=x.ifindex,
-            )
-            for x in self.datapath.sessions()
-        ]
 
     async def reload(self, actor: str = "sighup") -> ChangeResult:
         """SIGHUP and `microseg policy load`: the policy file as a whole-set replace.
@@ -185,26 +189,27 @@ class Agent:
 
     # ---- events ----------------------------------------------------------------------------
 
-    def _on_event(self, record: bytes) -> None:
-        try:
-            ev = decode(record)
-        except DecodeError as e:
-            self.events_undecodable += 1
-            log.warning("undecodable flow event: %s", e)
-            return
-        assert self._enricher is not None
-        obj = self._enricher.enrich(ev)
-        line = orjson.dumps(obj) + b"\n"
-        if self._events_out is not None:
-            self._events_out.write(line)
-        if self.config.print_events:
-            sys.stdout.write(
-                f"event {obj['verdict']:5} {obj['direction']:7} {obj['protocol']:6}"
-                f" {obj['src_ip']}:{obj['src_port']} -> {obj['dst_ip']}:{obj['dst_port']}"
-                f" rule={(obj['rule'] or {}).get('rule_id', '-')} pkts={obj['packets']}\n"
+    def pipeline_config(self) -> PipelineConfig:
+        cfg = self.config
+        return PipelineConfig(
+            file=FileSinkConfig(
+                cfg.events_file, cfg.events_file_max_bytes, cfg.events_file_keep
             )
-            sys.stdout.flush()
-        self.events_written += 1
+            if cfg.events_file is not None
+            else None,
+            kafka=KafkaSinkConfig(
+                bootstrap=cfg.kafka,
+                topic=cfg.kafka_topic,
+                spool_dir=cfg.state_dir / "spool",
+                spool_max_bytes=cfg.kafka_spool_max_bytes,
+            )
+            if cfg.kafka
+            else None,
+            websocket=WebSocketConfig(client_queue=cfg.flow_feed_queue)
+            if cfg.api_listen
+            else None,
+            console=cfg.print_events,
+        )
 
     # ---- life ------------------------------------------------------------------------------
 
@@ -244,28 +249,24 @@ class Agent:
             self.datapath.close()
             return 2 if isinstance(e, PolicyLoadError | PolicyError) else 1
 
+        pipeline = self.pipeline = Pipeline(self.pipeline_config(), self.datapath, self._enricher)
         async with contextlib.AsyncExitStack() as stack:
-            if cfg.events_file is not None:
-                cfg.events_file.parent.mkdir(parents=True, exist_ok=True)
-                self._events_out = stack.enter_context(cfg.events_file.open("ab"))
-            fd = self.datapath.open_events(self._on_event)
-            loop.add_reader(fd, self.datapath.consume_events)
-            stack.callback(loop.remove_reader, fd)
             if cfg.api_listen:
                 runner = await self._start_api(loop)
                 stack.push_async_callback(runner.cleanup)
             async with asyncio.TaskGroup() as tg:
-                tasks = [
-                    tg.create_task(self._flush_events()),
-                    tg.create_task(self._reloader(reloads)),
-                ]
+                # The pipeline opens the ring buffer as it starts: events of the moments
+                # since attaching wait there for it.
+                tg.create_task(pipeline.run(), name="pipeline")
+                tasks = [tg.create_task(self._reloader(reloads))]
                 if cfg.stats_interval > 0:
                     tasks.append(tg.create_task(self._print_stats(cfg.stats_interval)))
                 await stop.wait()
                 log.info("stopping")
                 for t in tasks:
                     t.cancel()
-            self.datapath.consume_events()
+                # Drains the ring buffer a last time and lets the sinks write out.
+                pipeline.stop()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if not cfg.keep_on_exit:
@@ -313,7 +314,11 @@ class Agent:
             bind_hosts=set(),  # start_api adds the hosts it listens on
             registry=registry,
             reload=self.reload if cfg.policy_file is not None else None,
+            extra_stats=self.pipeline.extra_stats if self.pipeline is not None else None,
+            flows=self.pipeline.websocket if self.pipeline is not None else None,
         )
+        if self.pipeline is not None:
+            register_metrics(registry, self.pipeline)
         runner = await start_api(ctx, list(cfg.api_listen))
         for addr in cfg.api_listen:
             log.info("API listening on %s%s", addr, " (no auth)" if cfg.no_auth else "")
@@ -325,12 +330,6 @@ class Agent:
             log.info("try: curl%s http://%s/api/v1/stats", auth, tcp[0])
             log.info("  or: microseg stats --api %s --state-dir %s", tcp[0], cfg.state_dir)
         return runner
-
-    async def _flush_events(self) -> None:
-        while True:
-            await asyncio.sleep(0.2)
-            if self._events_out is not None:
-                self._events_out.flush()
 
     async def _print_stats(self, interval: float) -> None:
         while True:

@@ -85,6 +85,7 @@ __all__ = [
 log = logging.getLogger("microseg.api")
 
 API_PREFIX: Final = "/api/v1"
+FLOWS_PATH: Final = f"{API_PREFIX}/flows"
 TOKEN_FILE: Final = "api-token"
 SMALL_BODY_LIMIT: Final = 64 * 1024
 WHOLE_SET_BODY_LIMIT: Final = 64 * 1024 * 1024  # 100,000 full rules take about 20 MiB
@@ -123,6 +124,8 @@ class ApiContext:
     `extra_stats`: more counters for /stats and /metrics (the event pipeline's).
     `reload(actor)`: re-apply the agent's policy file as a whole-set replace (`POST
     /api/v1/policies/reload`, `microseg policy load`); None: that route answers 404.
+    `flows`: the live flow feed (a `streamer.sinks.websocket.WebSocketHub`) behind
+    `GET /api/v1/flows`; None: that route answers 503.
     """
 
     store: PolicyStore
@@ -135,6 +138,7 @@ class ApiContext:
     registry: CollectorRegistry
     extra_stats: Callable[[], dict[str, Any]] | None = None
     reload: Callable[[str], Awaitable[ChangeResult]] | None = None
+    flows: Any = None
     sessions: SessionCountCache = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -296,6 +300,16 @@ def _authenticate(request: web.BaseRequest, ctx: ApiContext) -> str:
     if ctx.token is None:
         return "no-auth"
     header = request.headers.get("Authorization")
+    if header is None and request.path == FLOWS_PATH and "token" in request.query:
+        # Browsers cannot set headers on a WebSocket handshake: the feed takes ?token=.
+        given_q = request.query.getone("token")
+        if hmac.compare_digest(given_q.encode("utf-8", "surrogateescape"), ctx.token.encode()):
+            return "token"
+        raise ApiError(
+            401,
+            f"wrong token in ?token=: use the token in <state-dir>/{TOKEN_FILE}",
+            headers={"WWW-Authenticate": 'Bearer realm="microseg", error="invalid_token"'},
+        )
     if header is None:
         raise ApiError(
             401,
@@ -880,6 +894,40 @@ async def sessions(request: web.Request) -> web.Response:
     return _json({"sessions": found, "count": len(found), "truncated": truncated})
 
 
+_FLOW_PARAMS: Final = ("verdict", "ip", "port", "protocol", "rule_id", "token")
+
+
+async def flows(request: web.Request) -> web.StreamResponse:
+    """GET /api/v1/flows: upgrade to a WebSocket streaming flow events (see
+    streamer/sinks/websocket.py); filters in the query string."""
+    from streamer.sinks.websocket import FlowFilter
+
+    query = _query(request, _FLOW_PARAMS)
+    try:
+        flt = FlowFilter.parse(query)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        own = f"{request.scheme}://{request.headers.get('Host', '')}".lower().removesuffix(":80")
+        if origin.strip().lower().rstrip("/").removesuffix(":80") != own:
+            raise ApiError(
+                403,
+                f"cross-site WebSocket refused: Origin {_short(origin)!r} is not this API's own",
+            )
+    if not web.WebSocketResponse().can_prepare(request).ok:
+        raise ApiError(
+            400, "this route is a WebSocket: connect with a WebSocket client (Upgrade: websocket)"
+        )
+    hub = request.app[CTX].flows
+    if hub is None:
+        raise ApiError(503, "this agent runs no flow event feed")
+    if hub.closed or not hub.has_room():
+        raise ApiError(503, "the flow feed takes no more clients right now")
+    response: web.StreamResponse = await hub.serve(request, flt)
+    return response
+
+
 async def openapi(request: web.Request) -> web.Response:
     _query(request)
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
@@ -921,9 +969,9 @@ def make_app(ctx: ApiContext) -> web.Application:
     r.add_get(f"{p}/stats/packets", packet_stats, allow_head=False)
     r.add_get(f"{p}/stats/policies", policy_stats, allow_head=False)
     r.add_get(f"{p}/sessions", sessions, allow_head=False)
-    # ---- GET /api/v1/flows: the live event feed (WebSocket upgrade) goes here (flow-events
-    # issue). It must keep the Host/Origin/token checks of _middleware: a WebSocket handshake
-    # is a GET that browsers send cross-origin, so check Origin on it too.
+    # The live event feed (WebSocket upgrade), behind the same Host and token checks; its
+    # handler checks Origin itself (a WebSocket handshake is a GET browsers send cross-origin).
+    r.add_get(FLOWS_PATH, flows, allow_head=False)
     r.add_get(f"{p}/openapi.json", openapi, allow_head=False)
     r.add_get("/metrics", metrics, allow_head=False)
     return app

@@ -46,6 +46,54 @@ def _seconds(value: str) -> float:
     return n
 
 
+_SIZE = re.compile(r"^(\d+)\s*([kKmMgG]i?[bB]?|[bB])?$")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _size(value: str) -> int:
+    """Bytes: a whole number, optionally with K, M or G (powers of 1024)."""
+    m = _SIZE.match(value.strip())
+    if m is None:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a size: use bytes, or a number with K, M or G (e.g. 256M)"
+        )
+    return int(m[1]) * _SIZE_UNITS[(m[2] or "")[:1].lower()]
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be 0 or more")
+    return n
+
+
+_KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+def _kafka_topic(value: str) -> str:
+    if not _KAFKA_TOPIC.match(value) or value in (".", ".."):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a Kafka topic name (letters, digits, '.', '_', '-'; up to 249)"
+        )
+    return value
+
+
+def _kafka_servers(value: str) -> str:
+    """HOST:PORT, or several separated by commas (the bootstrap servers)."""
+    servers = [v.strip() for v in value.split(",")]
+    for v in servers:
+        host, sep, port = v.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise argparse.ArgumentTypeError(
+                f"{v!r} is not HOST:PORT (e.g. 127.0.0.1:9092)"
+            )
+    return ",".join(servers)
+
+
 def _instance(value: str) -> str:
     if not re.match(r"^[A-Za-z0-9_-]{1,64}$", value):
         raise argparse.ArgumentTypeError(
@@ -64,6 +112,11 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="verdict when no rule matches (overrides the policy file's)")
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/microseg"))
     p.add_argument("--events-file", type=Path, help="write flow events as JSON lines here")
+    p.add_argument("--events-file-max-bytes", type=_size, default=100 << 20, metavar="SIZE",
+                   help="rotate the events file when it would grow past this (e.g. 100M;"
+                   " 0: never)")
+    p.add_argument("--events-file-keep", type=_non_negative_int, default=5, metavar="N",
+                   help="rotated events files kept (F.1 ... F.N)")
     p.add_argument("--instance", type=_instance,
                    help="pin directory name under /sys/fs/bpf/microseg (default: per netns)")
     p.add_argument("--session-table-size", type=_positive_int, default=262144)
@@ -82,8 +135,16 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    " 'none' to serve no API)")
     p.add_argument("--no-auth", action="store_true",
                    help="serve the API without a bearer token (demos only)")
-    p.add_argument("--kafka", metavar="HOST:PORT", help="also stream flow events to Kafka")
-    p.add_argument("--kafka-topic", default="microseg.flows")
+    p.add_argument("--flow-feed-queue", type=_positive_int, default=4096, metavar="N",
+                   help="events queued per /api/v1/flows client; one that falls further"
+                   " behind is disconnected")
+    p.add_argument("--kafka", metavar="HOST:PORT", type=_kafka_servers,
+                   help="also stream flow events to Kafka (bootstrap servers, comma-separated)")
+    p.add_argument("--kafka-topic", default="microseg.flows", type=_kafka_topic,
+                   help="topic for flow events (created if missing)")
+    p.add_argument("--kafka-spool-max-bytes", type=_size, default=256 << 20, metavar="SIZE",
+                   help="events wait in <state-dir>/spool while Kafka is unreachable, up to"
+                   " this much (then the oldest are dropped, and counted)")
     p.set_defaults(func=cmd_run)
 
 
@@ -92,12 +153,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from streamer.datapath import DatapathConfig
     from streamer.policy import DefaultAction
 
-    if args.kafka:
-        print(
-            "microseg run: --kafka: the Kafka sink is not part of this build yet;"
-            " flow events go to --events-file",
-            file=sys.stderr,
-        )
+    if args.kafka_spool_max_bytes < 64 * 1024:
+        print("microseg run: --kafka-spool-max-bytes must be at least 64K", file=sys.stderr)
         return 2
     if args.ringbuf_pages & (args.ringbuf_pages - 1):
         print("microseg run: --ringbuf-pages must be a power of two", file=sys.stderr)
@@ -119,6 +176,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         default_action=DefaultAction(args.default_action) if args.default_action else None,
         state_dir=args.state_dir,
         events_file=args.events_file,
+        events_file_max_bytes=args.events_file_max_bytes,
+        events_file_keep=args.events_file_keep,
+        kafka=args.kafka,
+        kafka_topic=args.kafka_topic,
+        kafka_spool_max_bytes=args.kafka_spool_max_bytes,
+        flow_feed_queue=args.flow_feed_queue,
         keep_on_exit=args.keep_on_exit,
         stats_interval=args.stats_interval,
         print_events=args.print_events,

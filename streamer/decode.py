@@ -16,6 +16,10 @@ DIRECTIONS = {1: "ingress", 2: "egress"}
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 KINDS = {1: "new", 2: "update"}
 TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
+# Every flag byte's text ("SYN|ACK"), made once: events are many.
+_FLAG_TEXT = tuple(
+    "|".join(n for i, n in enumerate(TCP_FLAG_NAMES) if v >> i & 1) for v in range(256)
+)
 
 
 class RawEvent(ct.Structure):
@@ -75,7 +79,7 @@ class FlowEvent:
     def tcp_flags_text(self) -> str | None:
         if self.protocol != 6:
             return None
-        return "|".join(n for i, n in enumerate(TCP_FLAG_NAMES) if self.tcp_flags >> i & 1)
+        return _FLAG_TEXT[self.tcp_flags & 0xFF]
 
 
 # The same layout as RawEvent, for the hot path: struct.unpack is several times faster than

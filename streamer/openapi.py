@@ -565,6 +565,49 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
                 ],
             )
         },
+        "/api/v1/flows": {
+            "get": _op(
+                "Live flow events (WebSocket)",
+                {
+                    "101": {
+                        "description": "Switching to a WebSocket: one text message per flow "
+                        "event or lost record (docs/flow-event.schema.json); a client too "
+                        'slow to keep up gets {"type": "slow_consumer"} and is closed (1008)'
+                    }
+                },
+                [400, 403, 503],
+                params=[
+                    _query(
+                        "verdict",
+                        {"type": "string", "pattern": "^(allow|deny|log)(,(allow|deny|log))*$"},
+                        "only these verdicts (comma-separated)",
+                    ),
+                    _query("ip", {"type": "string"}, f"either end is in {ip_desc}"),
+                    _query(
+                        "port",
+                        {"type": "string", "pattern": "^[0-9]{1,5}(,[0-9]{1,5})*$"},
+                        "either port is one of these (comma-separated)",
+                    ),
+                    _query(
+                        "protocol",
+                        {"type": "string"},
+                        "tcp, udp, icmp or icmpv6 (comma-separated)",
+                    ),
+                    _query(
+                        "rule_id",
+                        {"type": "string", "pattern": "^[0-9]{1,10}(,[0-9]{1,10})*$"},
+                        "only events decided by these rules (comma-separated)",
+                    ),
+                    _query(
+                        "token",
+                        {"type": "string"},
+                        "the API token, for browsers (which cannot send headers on a "
+                        "WebSocket handshake)",
+                    ),
+                ],
+                description="Upgrade to a WebSocket. A plain GET is answered 400.",
+            )
+        },
         "/api/v1/openapi.json": {
             "get": _op("This document", {"200": _json({"type": "object"}, "OpenAPI 3.1")}, [400])
         },

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -59,20 +59,30 @@ class ApplyFailed(StoreError):
     code = "apply_failed"
 
 
-@dataclass(frozen=True)
-class LiveSession:
-    """What a dry run needs of a session: its first packet and the verdict it holds."""
+class LiveSession(Protocol):
+    """What a dry run needs of a session (streamer.datapath.Session has it): the flow's first
+    packet and the verdict it holds."""
 
-    family: int
-    protocol: int
-    src_ip: str
-    dst_ip: str
-    src_port: int
-    dst_port: int
-    direction: str
-    verdict: str
-    rule_id: int | None
-    ifindex: int = 1
+    @property
+    def family(self) -> int: ...
+    @property
+    def protocol(self) -> int: ...
+    @property
+    def src_ip(self) -> str: ...
+    @property
+    def dst_ip(self) -> str: ...
+    @property
+    def src_port(self) -> int: ...
+    @property
+    def dst_port(self) -> int: ...
+    @property
+    def direction(self) -> str: ...
+    @property
+    def verdict(self) -> str: ...
+    @property
+    def rule_id(self) -> int | None: ...
+    @property
+    def ifindex(self) -> int: ...
 
 
 @dataclass

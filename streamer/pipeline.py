@@ -1,0 +1,282 @@
+"""The flow-event pipeline: source → decode → enrich → fan-out → sinks.
+
+In: a loaded Datapath, the agent's Enricher and a `PipelineConfig` naming the sinks. Out:
+every ring-buffer record as one SPEC §4 JSON object on each configured sink (file, Kafka,
+WebSocket feed, console), and per-stage accounting (`stats()`, `register_metrics()`).
+
+Decode and enrich are cheap and run synchronously right after each drain of the ring buffer;
+everything after them sits behind the fan-out's bounded queues, so nothing a sink does can
+slow the draining. Every event lost on the way is counted where it was lost and reported in
+the stream as a `lost` record: by the kernel (ring buffer full), by decode (a record of the
+wrong size), by a sink's queue, by the Kafka spool.
+
+`run()` is meant to be a task of the agent's TaskGroup: it returns after `stop()` (or raises
+CancelledError after being cancelled) only once the sinks have written what they were given,
+or `stop_timeout` has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamer.decode import DecodeError, decode
+from streamer.enrich import Enricher
+from streamer.fanout import Fanout, Item, Sink, make_item
+from streamer.sinks.console import ConsoleSink
+from streamer.sinks.file import FileSink, FileSinkConfig
+from streamer.sinks.kafka import KafkaSink, KafkaSinkConfig
+from streamer.sinks.websocket import WebSocketConfig, WebSocketHub
+from streamer.source import Source, SourceConfig
+
+log = logging.getLogger("microseg.pipeline")
+
+DEFAULT_QUEUE = 65536
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Which sinks, and how big each one's queue is (events)."""
+
+    source: SourceConfig = field(default_factory=SourceConfig)
+    file: FileSinkConfig | None = None
+    kafka: KafkaSinkConfig | None = None
+    websocket: WebSocketConfig | None = None  # None: no /api/v1/flows feed
+    console: bool = False
+    queue_size: int = DEFAULT_QUEUE
+    stop_timeout: float = 10.0
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig, datapath: Any, enricher: Enricher) -> None:
+        self.config = config
+        self.enricher = enricher
+        self.decoded = 0
+        self.undecodable = 0
+        self.enriched = 0
+        sinks: list[Sink] = []
+        self.file: FileSink | None = None
+        self.kafka: KafkaSink | None = None
+        self.websocket: WebSocketHub | None = None
+        if config.file is not None:
+            self.file = FileSink(config.file)
+            sinks.append(self.file)
+        if config.kafka is not None:
+            self.kafka = KafkaSink(config.kafka, self._lost_item)
+            sinks.append(self.kafka)
+        if config.websocket is not None:
+            self.websocket = WebSocketHub(config.websocket)
+            sinks.append(self.websocket)
+        if config.console:
+            sinks.append(ConsoleSink())
+        self.fanout = Fanout(sinks, self._lost_item, config.queue_size)
+        self.source = Source(
+            datapath,
+            self.handle,
+            self._kernel_lost,
+            config.source,
+            drain_mark=enricher.retire_point,
+            drained=enricher.retire,
+        )
+        self._stop = asyncio.Event()
+        self._running = False
+
+    # ---- decode and enrich (synchronous, per drained batch) -----------------------------------
+
+    def handle(self, records: list[bytes]) -> None:
+        """Decode and enrich `records`, then offer them to every sink."""
+        items: list[Item] = []
+        bad = 0
+        for raw in records:
+            try:
+                ev = decode(raw)
+            except DecodeError as e:
+                bad += 1
+                if self.undecodable + bad <= 10:
+                    log.warning("undecodable flow event: %s", e)
+                continue
+            items.append(make_item(self.enricher.enrich(ev)))
+        self.decoded += len(records) - bad
+        self.enriched += len(items)
+        if bad:
+            self.undecodable += bad
+            items.append(make_item(self.enricher.lost_record(bad, "decode"), bad))
+        self.fanout.publish(items)
+
+    def _kernel_lost(self, n: int) -> None:
+        log.warning("the kernel lost %d flow events (ring buffer full)", n)
+        self.fanout.publish([make_item(self.enricher.lost_record(n, "kernel"), n)])
+
+    def _lost_item(self, lost: int, stage: str, first_seq: int, last_seq: int) -> Item:
+        obj = self.enricher.lost_record(lost, stage, first_seq=first_seq, last_seq=last_seq)
+        return make_item(obj, lost)
+
+    # ---- life ----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask `run()` to drain, flush the sinks and return."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.source.start(loop)
+        self._running = True
+        fan = asyncio.create_task(self.fanout.run(), name="pipeline-fanout")
+        poll = asyncio.create_task(self.source.run(), name="pipeline-source")
+        try:
+            # The sinks' supervisors end only once their channels are closed (below).
+            await self._stop.wait()
+        finally:
+            # Also when cancelled: drain the ring buffer one last time, then let every sink
+            # write out what it holds.
+            poll.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poll
+            self.source.stop()
+            self.fanout.close()
+            try:
+                await asyncio.wait_for(asyncio.shield(fan), self.config.stop_timeout)
+            except TimeoutError:
+                log.warning(
+                    "sinks did not finish within %.0f s; what they held is lost",
+                    self.config.stop_timeout,
+                )
+                fan.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await fan
+            except Exception as e:
+                log.error("a sink failed while stopping: %s", e)
+            self._running = False
+
+    # ---- accounting ------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Per stage and sink. Safe from another thread (the API reads it from one)."""
+        sinks = self.fanout.stats()
+        queue_dropped = sum(int(s.get("queue_dropped", 0)) for s in sinks.values())
+        sink_dropped = sum(int(s.get("dropped", 0)) for s in sinks.values())
+        return {
+            "source": self.source.stats(),
+            "decode": {
+                "received": self.source.received,
+                "delivered": self.decoded,
+                "dropped": self.undecodable,
+            },
+            "enrich": {
+                "received": self.decoded,
+                "delivered": self.enriched,
+                "dropped": 0,
+                "seq": self.enricher.seq,
+                "generations": self.enricher.generations,
+            },
+            "sinks": sinks,
+            "lost": {
+                "kernel": self.source.kernel_lost,
+                "decode": self.undecodable,
+                "queues": queue_dropped,
+                "sinks": sink_dropped,
+            },
+        }
+
+    def extra_stats(self) -> dict[str, Any]:
+        """For `ApiContext.extra_stats`: `events_lost` (added to the kernel's count, so the
+        total covers every loss; a drop at one sink counts once for that sink) and the
+        per-stage details under `pipeline`."""
+        s = self.stats()
+        lost = s["lost"]
+        return {
+            "events_lost": lost["decode"] + lost["queues"] + lost["sinks"],
+            "pipeline": s,
+        }
+
+
+# ---- Prometheus -----------------------------------------------------------------------------
+
+
+class PipelineCollector:
+    """`microseg_pipeline_*` and `microseg_kafka_*` metrics, read from `Pipeline.stats()` at
+    scrape time."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self._pipeline.stats()
+        events = CounterMetricFamily(
+            "microseg_pipeline_events",
+            "Flow events through each pipeline stage and sink, by result",
+            labels=["stage", "result"],
+        )
+        events.add_metric(["source", "received"], s["source"]["received"])
+        events.add_metric(["source", "lost_in_kernel"], s["source"]["kernel_lost"])
+        for stage in ("decode", "enrich"):
+            for result in ("received", "delivered", "dropped"):
+                events.add_metric([stage, result], s[stage][result])
+        depth = GaugeMetricFamily(
+            "microseg_pipeline_queue_depth", "Events waiting in a sink's queue", labels=["sink"]
+        )
+        capacity = GaugeMetricFamily(
+            "microseg_pipeline_queue_capacity", "Size of a sink's queue", labels=["sink"]
+        )
+        for name, sink in s["sinks"].items():
+            for result in ("received", "delivered", "dropped", "queue_dropped"):
+                events.add_metric([name, result], int(sink.get(result, 0)))
+            for result in ("spooled", "replayed", "failed", "spool_dropped"):
+                if result in sink:
+                    events.add_metric([name, result], int(sink[result]))
+            depth.add_metric([name], sink["queue_depth"])
+            capacity.add_metric([name], sink["queue_capacity"])
+        yield events
+        yield depth
+        yield capacity
+        k = s["sinks"].get("kafka")
+        if k is not None:
+            yield GaugeMetricFamily(
+                "microseg_kafka_up", "1 when the broker acknowledges sends", value=int(k["up"])
+            )
+            yield GaugeMetricFamily(
+                "microseg_kafka_spool_bytes", "Bytes in the Kafka spool", value=k["spool_bytes"]
+            )
+            yield GaugeMetricFamily(
+                "microseg_kafka_spool_records",
+                "Records in the Kafka spool",
+                value=k["spool_records"],
+            )
+            yield GaugeMetricFamily(
+                "microseg_kafka_inflight", "Records sent, not yet acknowledged", value=k["inflight"]
+            )
+            lat = GaugeMetricFamily(
+                "microseg_kafka_send_latency_seconds",
+                "Time from handing a batch to the producer to its acknowledgement (recent)",
+                labels=["quantile"],
+            )
+            for q, key in (("0.5", "send_latency_p50_ms"), ("0.99", "send_latency_p99_ms")):
+                if k[key] is not None:
+                    lat.add_metric([q], k[key] / 1000)
+            yield lat
+        ws = s["sinks"].get("websocket")
+        if ws is not None:
+            yield GaugeMetricFamily(
+                "microseg_flow_feed_clients", "WebSocket flow feed clients", value=ws["clients"]
+            )
+            yield CounterMetricFamily(
+                "microseg_flow_feed_slow_disconnects",
+                "Flow feed clients disconnected for not keeping up",
+                value=ws["slow_disconnects"],
+            )
+
+
+def register_metrics(registry: Any, pipeline: Pipeline) -> PipelineCollector:
+    """Register the pipeline's metrics on `registry` (a prometheus CollectorRegistry)."""
+    collector = PipelineCollector(pipeline)
+    registry.register(collector)
+    return collector

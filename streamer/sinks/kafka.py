@@ -1,0 +1,640 @@
+"""The Kafka sink: flow events to a topic, with a spool on disk while the broker is away.
+
+In: a channel of Items. Out: one Kafka record per Item on `topic` (created if missing), key
+`<src_ip>-><dst_ip>`, value the JSON object; `acks=all`, idempotent producer, lz4 (or zstd,
+else gzip) compression, batches with a small linger.
+
+Every record is either sent directly or, when it cannot be right now, appended to the spool;
+the spool is replayed, oldest first, whenever the broker acknowledges again, and records go
+directly again only once the spool is empty (so the topic gets them in order). "Cannot right
+now" means: not connected, the oldest unacknowledged batch older than `stall_seconds` (the
+broker is down or too slow), or `window_records` records already unacknowledged. The idempotent
+producer retries a sent batch until the broker takes it, so a broker restart loses nothing and
+duplicates nothing. Only a full spool drops records (the oldest; counted, logged, and a `lost`
+record put in their place); a record the broker refuses outright (too large, not authorized)
+is counted as failed, logged, and reported with a `lost` record too. At stop, records taken but
+not acknowledged in time go back to the spool for the next start (they may then arrive twice
+if the broker did take them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streamer.fanout import Channel, Item, LostFactory, RateLimitedLog
+from streamer.sinks.spool import Dropped, Rec, Spool
+
+log = logging.getLogger("microseg.sink.kafka")
+
+DEFAULT_TOPIC = "microseg.flows"
+DEFAULT_SPOOL_MAX_BYTES = 256 * 1024 * 1024
+
+
+def best_compression() -> str:
+    """lz4 or zstd when their codec imports (aiokafka uses cramjam for both), else gzip."""
+    from aiokafka import codec
+
+    if codec.has_lz4():
+        return "lz4"
+    if codec.has_zstd():
+        return "zstd"
+    return "gzip"
+
+
+@dataclass(frozen=True)
+class KafkaSinkConfig:
+    bootstrap: str  # HOST:PORT[,HOST:PORT...]
+    spool_dir: Path
+    topic: str = DEFAULT_TOPIC
+    spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
+    linger_ms: int = 5
+    max_batch_bytes: int = 512 * 1024
+    window_records: int = 20_000
+    stall_seconds: float = 2.0
+    request_timeout_ms: int = 10_000
+    partitions: int = 1  # when we create the topic
+    replication_factor: int = 1
+    compression: str | None = None  # None: best_compression()
+    client_id: str = field(default_factory=lambda: f"microseg-{socket.gethostname()}")
+    stop_timeout: float = 5.0  # at stop: time to deliver what is still unacknowledged
+
+
+@dataclass
+class _Batch:
+    recs: list[Rec]
+    future: asyncio.Future[Any]
+    sent_ns: int
+    producer: Any  # the producer it was handed to
+
+
+class KafkaSink:
+    name = "kafka"
+
+    def __init__(self, config: KafkaSinkConfig, make_lost: LostFactory | None = None) -> None:
+        """`make_lost(lost, stage, first_seq, last_seq) -> Item`: builds the lost records this
+        sink puts in its own stream (spool overflow, refused records)."""
+        self.config = config
+        self.compression = config.compression or best_compression()
+        aiokafka_log = logging.getLogger("aiokafka")
+        if aiokafka_log.level == logging.NOTSET and not log.isEnabledFor(logging.DEBUG):
+            # aiokafka logs every failed connection attempt as an error; this sink says the
+            # same (rate-limited) in its own words. `microseg -v` shows both.
+            aiokafka_log.setLevel(logging.CRITICAL)
+        self._make_lost = make_lost
+        self.spool: Spool | None = None
+        self._producer: Any = None
+        self._partitions: list[int] = [0]
+        self._part_cache: dict[bytes, int] = {}
+        self._out: deque[Rec] = deque()  # to send directly, in order
+        self._retry: list[Rec] = []  # heap by seq: taken, not delivered, to send again first
+        self._inflight: deque[_Batch] = deque()
+        self._inflight_recs = 0
+        self._connected = False
+        self._stalled = False
+        self._stopping = False
+        self._broken = asyncio.Event()
+        self._wake_pump = asyncio.Event()
+        self._wake_acks = asyncio.Event()
+        self._ratelog = RateLimitedLog(log)
+        self._latencies: deque[float] = deque(maxlen=4096)
+        # counters (events, i.e. record weights of flow events; lost records not counted)
+        self.received = 0
+        self.delivered = 0
+        self.replayed = 0
+        self.spooled = 0
+        self.spool_dropped = 0
+        self.failed = 0
+        self.lost_records_sent = 0
+        self.batches = 0
+        self.reconnects = 0
+
+    # ---- state ------------------------------------------------------------------------------
+
+    @property
+    def up(self) -> bool:
+        return self._connected and not self._stalled
+
+    def _direct_ok(self) -> bool:
+        assert self.spool is not None
+        return (
+            self.up
+            and not self._retry
+            and self.spool.empty
+            and self._inflight_recs + len(self._out) < self.config.window_records
+        )
+
+    def _partition(self, key: bytes) -> int:
+        parts = self._partitions
+        if len(parts) == 1:
+            return parts[0]
+        p = self._part_cache.get(key)
+        if p is None:
+            from aiokafka.partitioner import murmur2
+
+            p = parts[(murmur2(key) & 0x7FFFFFFF) % len(parts)]
+            if len(self._part_cache) >= 65536:
+                self._part_cache.clear()
+            self._part_cache[key] = p
+        return p
+
+    # ---- the sink ------------------------------------------------------------------------------
+
+    async def run(self, channel: Channel) -> None:
+        cfg = self.config
+        self.spool = await asyncio.to_thread(
+            Spool, cfg.spool_dir, cfg.spool_max_bytes
+        )
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            tasks = [
+                asyncio.create_task(self._connection(), name="kafka-connection"),
+                asyncio.create_task(self._pump(), name="kafka-pump"),
+                asyncio.create_task(self._acks(), name="kafka-acks"),
+            ]
+            await self._intake(channel)
+            await self._drain(time.monotonic() + cfg.stop_timeout)
+        finally:
+            self._stopping = True
+            pump, acks, conn = tasks[1], tasks[2], tasks[0]
+            await _cancel(pump)
+            # Let the producer deliver what it holds while acks still counts it.
+            await self._close_producer(self.config.stop_timeout if self.up else 0.5)
+            await _cancel(acks)
+            await _cancel(conn)
+            self._save_unsent()
+            self.spool.close()
+            self._connected = False
+
+    async def _intake(self, channel: Channel) -> None:
+        assert self.spool is not None
+        while True:
+            items = await channel.get_batch(4096)
+            if not items:
+                return
+            to_spool: list[Rec] = []
+            for item in items:
+                if not item.is_lost:
+                    self.received += 1
+                rec = Rec(item.seq, item.weight, item.key, item.data)
+                if not to_spool and self._direct_ok():
+                    self._out.append(rec)
+                else:
+                    to_spool.append(rec)
+            if to_spool:
+                self._spool_append(to_spool)
+            self._wake_pump.set()
+
+    def _spool_append(self, recs: list[Rec]) -> None:
+        assert self.spool is not None
+        try:
+            dropped = self.spool.append(recs)
+            self.spool.flush()
+        except OSError as e:
+            n = sum(1 for r in recs if not self._is_lost(r))
+            self.spool_dropped += n
+            self._ratelog(
+                logging.ERROR,
+                "spool-write",
+                "Kafka spool %s: writing failed, %d events lost: %s",
+                self.config.spool_dir,
+                n,
+                e.strerror or e,
+            )
+            self._report_lost(
+                sum(r.weight for r in recs), "kafka-spool", recs[0].seq, recs[-1].seq
+            )
+            return
+        self.spooled += sum(1 for r in recs if not self._is_lost(r))
+        if dropped is not None:
+            self._spool_overflow(dropped)
+
+    def _spool_overflow(self, d: Dropped) -> None:
+        assert self.spool is not None
+        self.spool_dropped += d.weight
+        self._ratelog(
+            logging.WARNING,
+            "spool-full",
+            "Kafka spool %s is full (%d bytes): dropped the oldest %d records (%d events)",
+            self.config.spool_dir,
+            self.config.spool_max_bytes,
+            d.records,
+            d.weight,
+        )
+        self._report_lost(d.weight, "kafka-spool", d.first_seq, d.last_seq)
+
+    def _report_lost(self, lost: int, stage: str, first_seq: int, last_seq: int) -> None:
+        """A lost record into this sink's own stream, where the gap is: before everything
+        still waiting to be sent (it takes the place of the oldest waiting records)."""
+        if self._make_lost is None:
+            return
+        item: Item = self._make_lost(lost, stage, first_seq, last_seq)
+        heapq.heappush(self._retry, Rec(item.seq, item.weight, item.key, item.data))
+        self._wake_pump.set()
+
+    @staticmethod
+    def _is_lost(rec: Rec) -> bool:
+        return rec.key.startswith(b"lost@")
+
+    # ---- sending ----------------------------------------------------------------------------
+
+    def _next_recs(self) -> list[Rec]:
+        """Up to one round of records to send: retries, then direct ones, then the spool."""
+        assert self.spool is not None
+        room = self.config.window_records - self._inflight_recs
+        if room <= 0:
+            return []
+        n = min(room, 4096)
+        if self._retry or self._out:
+            # Both in sequence order: merge them (a lost record in the heap may belong
+            # after some of the direct ones).
+            res: list[Rec] = []
+            retry, out = self._retry, self._out
+            while len(res) < n and (retry or out):
+                if not out or (retry and retry[0].seq < out[0].seq):
+                    res.append(heapq.heappop(retry))
+                else:
+                    res.append(out.popleft())
+            return res
+        if self.up and not self.spool.empty:
+            try:
+                return self.spool.take(n, 1 << 20)
+            except OSError as e:
+                self._ratelog(
+                    logging.ERROR, "spool-read", "Kafka spool %s: reading failed: %s",
+                    self.config.spool_dir, e,
+                )
+        return []
+
+    async def _pump(self) -> None:
+        while True:
+            await self._wake_pump.wait()
+            self._wake_pump.clear()
+            while self._producer is not None and self._connected:
+                recs = self._next_recs()
+                if not recs:
+                    break
+                await self._send(recs)
+
+    async def _send(self, recs: list[Rec]) -> None:
+        """Hand `recs` to the producer in per-partition batches; on any failure (or being
+        cancelled) what was not handed over goes back to the retry heap."""
+        from aiokafka.errors import KafkaTimeoutError
+
+        producer = self._producer
+        groups: dict[int, list[Rec]] = {}
+        for r in recs:
+            groups.setdefault(self._partition(r.key), []).append(r)
+        pending = list(groups.items())
+        try:
+            while pending:
+                part, group = pending[0]
+                batch = producer.create_batch()
+                taken = 0
+                for r in group:
+                    if batch.append(key=r.key, value=r.value, timestamp=None) is None:
+                        break
+                    taken += 1
+                if taken == 0:
+                    # One record larger than a batch: the broker would refuse it anyway.
+                    self._refused(group[:1], "larger than the producer's batch size")
+                    taken = 1
+                else:
+                    fut = await producer.send_batch(batch, self.config.topic, partition=part)
+                    self._inflight.append(
+                        _Batch(group[:taken], fut, time.monotonic_ns(), producer)
+                    )
+                    self._inflight_recs += taken
+                    self._wake_acks.set()
+                rest = group[taken:]
+                if rest:
+                    pending[0] = (part, rest)
+                else:
+                    pending.pop(0)
+        except BaseException as e:
+            for _part, group in pending:
+                for r in group:
+                    heapq.heappush(self._retry, r)
+            if not isinstance(e, Exception):
+                raise
+            if isinstance(e, KafkaTimeoutError):
+                # The producer's queue for the partition stayed full (the broker is slow or
+                # away): not a broken producer; the acks task decides about stalling.
+                await asyncio.sleep(0.1)
+                return
+            self._producer_failed(e, producer)
+
+    def _refused(self, recs: list[Rec], why: str) -> None:
+        events = [r for r in recs if not self._is_lost(r)]
+        self.failed += len(events)
+        self._ratelog(
+            logging.ERROR,
+            "refused",
+            "Kafka refused %d records (%s): counted as lost",
+            len(recs),
+            why,
+        )
+        self._report_lost(
+            sum(r.weight for r in recs), "kafka", recs[0].seq, max(r.seq for r in recs)
+        )
+
+    def _producer_failed(self, e: BaseException, producer: Any) -> None:
+        if producer is not self._producer or self._stopping:
+            return  # an old producer's batches failing as it closes
+        self._ratelog(
+            logging.WARNING,
+            "producer",
+            "Kafka producer at %s failed (%s: %s): reconnecting; events go to the spool",
+            self.config.bootstrap,
+            type(e).__name__,
+            e,
+        )
+        self._connected = False
+        self._broken.set()
+
+    async def _acks(self) -> None:
+        from aiokafka.errors import KafkaError
+
+        cfg = self.config
+        while True:
+            if not self._inflight:
+                self._wake_acks.clear()
+                await self._wake_acks.wait()
+                continue
+            b = self._inflight[0]
+            if not b.future.done():
+                age = (time.monotonic_ns() - b.sent_ns) / 1e9
+                try:
+                    await asyncio.wait_for(
+                        asyncio.shield(b.future), max(0.01, cfg.stall_seconds - age)
+                    )
+                except TimeoutError:
+                    if not self._stalled:
+                        self._stalled = True
+                        log.warning(
+                            "Kafka at %s has not acknowledged for %.1f s: spooling events to %s",
+                            cfg.bootstrap,
+                            cfg.stall_seconds,
+                            cfg.spool_dir,
+                        )
+                    await asyncio.wait([b.future])
+                except Exception:
+                    pass  # looked at below
+            self._inflight.popleft()
+            self._inflight_recs -= len(b.recs)
+            exc = b.future.exception() if not b.future.cancelled() else asyncio.CancelledError()
+            if exc is None:
+                self._delivered(b)
+            elif isinstance(exc, KafkaError) and not _fatal(exc) and not exc.retriable:
+                self._refused(b.recs, f"{type(exc).__name__}: {exc}")
+            else:
+                for r in b.recs:
+                    heapq.heappush(self._retry, r)
+                self._producer_failed(exc, b.producer)
+            self._wake_pump.set()
+
+    def _delivered(self, b: _Batch) -> None:
+        self.batches += 1
+        self._latencies.append((time.monotonic_ns() - b.sent_ns) / 1e9)
+        for r in b.recs:
+            if self._is_lost(r):
+                self.lost_records_sent += 1
+            else:
+                self.delivered += 1
+                if r.spooled:
+                    self.replayed += 1
+        if self._stalled:
+            self._stalled = False
+            assert self.spool is not None
+            log.info(
+                "Kafka at %s acknowledges again: replaying %d spooled records",
+                self.config.bootstrap,
+                self.spool.records,
+            )
+
+    async def _drain(self, deadline: float) -> None:
+        """At stop: give the pump until `deadline` to send everything (spool included)."""
+        assert self.spool is not None
+        while time.monotonic() < deadline:
+            if not (self._out or self._retry or self._inflight) and (
+                self.spool.empty or not self.up
+            ):
+                return
+            if not self.up and not self._inflight and not self._out and not self._retry:
+                return
+            self._wake_pump.set()
+            await asyncio.sleep(0.02)
+
+    def _save_unsent(self) -> None:
+        """Records not acknowledged go back to the spool's front, in order."""
+        assert self.spool is not None
+        recs = [*self._retry, *self._out]
+        for b in self._inflight:
+            recs.extend(b.recs)
+        self._retry.clear()
+        self._out.clear()
+        self._inflight.clear()
+        self._inflight_recs = 0
+        if not recs:
+            return
+        recs.sort(key=lambda r: r.seq)
+        try:
+            self.spool.prepend(recs)
+            log.info("Kafka: %d unacknowledged records kept in the spool for the next start",
+                     len(recs))
+        except OSError as e:
+            n = sum(1 for r in recs if not self._is_lost(r))
+            self.spool_dropped += n
+            log.error("Kafka spool %s: could not keep %d unsent events: %s",
+                      self.config.spool_dir, n, e)
+
+    # ---- connection ----------------------------------------------------------------------------
+
+    async def _connection(self) -> None:
+        backoff = 0.5
+        first = True
+        while True:
+            if self._producer is not None:
+                await self._close_producer(1.0)
+            try:
+                producer = await self._connect()
+            except Exception as e:
+                self._ratelog(
+                    logging.WARNING,
+                    "connect",
+                    "Kafka at %s unreachable (%s): events go to the spool %s; retrying",
+                    self.config.bootstrap,
+                    _describe(e),
+                    self.config.spool_dir,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.5
+            self._producer = producer
+            self._broken.clear()
+            self._stalled = False
+            self._connected = True
+            if not first:
+                self.reconnects += 1
+            first = False
+            assert self.spool is not None
+            log.info(
+                "Kafka: streaming to topic %s at %s (%s compression, %d partitions)%s",
+                self.config.topic,
+                self.config.bootstrap,
+                self.compression,
+                len(self._partitions),
+                f"; replaying {self.spool.records} spooled records" if self.spool.records else "",
+            )
+            self._wake_pump.set()
+            await self._broken.wait()
+
+    async def _connect(self) -> Any:
+        from aiokafka import AIOKafkaProducer
+
+        cfg = self.config
+        producer = AIOKafkaProducer(
+            bootstrap_servers=cfg.bootstrap,
+            client_id=cfg.client_id,
+            acks="all",
+            enable_idempotence=True,
+            compression_type=self.compression,
+            linger_ms=cfg.linger_ms,
+            max_batch_size=cfg.max_batch_bytes,
+            max_request_size=max(cfg.max_batch_bytes * 2, 1 << 20),
+            request_timeout_ms=cfg.request_timeout_ms,
+            retry_backoff_ms=200,
+        )
+        try:
+            await asyncio.wait_for(producer.start(), cfg.request_timeout_ms / 1000)
+            await asyncio.wait_for(self._ensure_topic(), cfg.request_timeout_ms / 1000)
+            parts = await asyncio.wait_for(
+                producer.partitions_for(cfg.topic), cfg.request_timeout_ms / 1000
+            )
+        except BaseException:
+            await self._stop_producer(producer, 1.0)
+            raise
+        self._partitions = sorted(parts)
+        self._part_cache.clear()
+        return producer
+
+    async def _ensure_topic(self) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+        from aiokafka.errors import TopicAlreadyExistsError, for_code
+
+        cfg = self.config
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=cfg.bootstrap,
+            client_id=f"{cfg.client_id}-admin",
+            request_timeout_ms=cfg.request_timeout_ms,
+        )
+        await admin.start()
+        try:
+            if cfg.topic in await admin.list_topics():
+                return
+            resp = await admin.create_topics(
+                [NewTopic(cfg.topic, cfg.partitions, cfg.replication_factor)]
+            )
+            for err in getattr(resp, "topic_errors", []):
+                code = err[1]
+                if code and for_code(code) is not TopicAlreadyExistsError:
+                    raise for_code(code)(f"creating topic {cfg.topic}: {err[2:]}")
+            log.info("Kafka: created topic %s (%d partitions)", cfg.topic, cfg.partitions)
+        finally:
+            await admin.close()
+
+    async def _close_producer(self, timeout: float) -> None:
+        producer, self._producer = self._producer, None
+        self._connected = False
+        if producer is not None:
+            await self._stop_producer(producer, timeout)
+
+    @staticmethod
+    async def _stop_producer(producer: Any, timeout: float) -> None:
+        """Stop `producer`, letting it deliver for up to `timeout` s. Its unfinished batches
+        fail then (their records are ours to keep): aiokafka's stop() would otherwise wait
+        for them for as long as the broker stays away."""
+        from aiokafka.errors import KafkaError
+
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(producer.flush()), timeout)
+        with contextlib.suppress(Exception):
+            producer._message_accumulator.fail_all(KafkaError("the agent closed the producer"))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(producer.stop(), max(timeout, 2.0))
+
+    # ---- accounting ----------------------------------------------------------------------------
+
+    def latency(self) -> dict[str, float | None]:
+        samples = sorted(list(self._latencies))
+        if not samples:
+            return {"p50_ms": None, "p99_ms": None}
+        def pct(p: float) -> float:
+            return round(samples[min(len(samples) - 1, int(p * len(samples)))] * 1000, 3)
+        return {"p50_ms": pct(0.50), "p99_ms": pct(0.99)}
+
+    def stats(self) -> dict[str, Any]:
+        spool = self.spool
+        lat = self.latency()
+        return {
+            "delivered": self.delivered,
+            "spooled": self.spooled,
+            "replayed": self.replayed,
+            "dropped": self.spool_dropped + self.failed,
+            "spool_dropped": self.spool_dropped,
+            "failed": self.failed,
+            "lost_records_sent": self.lost_records_sent,
+            "spool_records": spool.records if spool else 0,
+            "spool_bytes": spool.nbytes if spool else 0,
+            "spool_max_bytes": self.config.spool_max_bytes,
+            "inflight": self._inflight_recs,
+            "waiting": len(self._out) + len(self._retry),
+            "connected": self._connected,
+            "up": self.up,
+            "reconnects": self.reconnects,
+            "send_latency_p50_ms": lat["p50_ms"],
+            "send_latency_p99_ms": lat["p99_ms"],
+            "topic": self.config.topic,
+            "bootstrap": self.config.bootstrap,
+            "compression": self.compression,
+        }
+
+
+def _fatal(exc: BaseException) -> bool:
+    """Errors after which the producer itself is unusable (a new one is made)."""
+    from aiokafka.errors import (
+        IllegalStateError,
+        OutOfOrderSequenceNumber,
+        ProducerClosed,
+        ProducerFenced,
+        UnknownProducerId,
+    )
+
+    return isinstance(
+        exc,
+        OutOfOrderSequenceNumber | ProducerFenced | ProducerClosed | IllegalStateError
+        | UnknownProducerId,
+    ) or type(exc).__name__ == "KafkaError"
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    return text
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+

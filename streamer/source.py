@@ -1,0 +1,125 @@
+"""Source: the ring buffer's records, drained on the event loop (no thread).
+
+In: a loaded Datapath. Out: batches of raw records (bytes, one struct ms_event each) handed
+synchronously to `handle`, and increases of the kernel's `events_lost` counter (ring-buffer
+reservations that failed) handed to `on_lost`. The ring buffer's epoll fd is watched with
+`loop.add_reader`; the callback only copies each record into the current batch, so the kernel
+can reuse the space at once. `handle` must not block: what follows it is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("microseg.source")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    lost_poll_interval: float = 0.5  # how often the kernel's lost counter is read
+
+
+class Source:
+    def __init__(
+        self,
+        datapath: Any,
+        handle: Callable[[list[bytes]], None],
+        on_lost: Callable[[int], None],
+        config: SourceConfig | None = None,
+        *,
+        drain_mark: Callable[[], int] | None = None,
+        drained: Callable[[int], None] | None = None,
+    ) -> None:
+        """`drain_mark()` is called before each drain and its value given to `drained()`
+        after it (the enricher retires policy generations this way)."""
+        self.datapath = datapath
+        self.config = config or SourceConfig()
+        self._handle = handle
+        self._on_lost = on_lost
+        self._drain_mark = drain_mark
+        self._drained = drained
+        self._batch: list[bytes] = []
+        self._fd: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lost_base = 0
+        self.received = 0
+        self.drains = 0
+        self.max_batch = 0
+        self.kernel_lost = 0  # since start
+        self.handle_errors = 0
+        self.busy_ns = 0  # time spent draining and handling
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Open the ring buffer and watch it; the lost counter's baseline is read now (an
+        adopted classifier's counters carry earlier runs' losses)."""
+        self._lost_base = int(self.datapath.counters().get("events_lost", 0))
+        self._fd = self.datapath.open_events(self._batch.append)
+        self._loop = loop
+        loop.add_reader(self._fd, self.consume)
+
+    def consume(self) -> None:
+        """Drain the ring buffer now and hand the batch on."""
+        t0 = time.monotonic_ns()
+        mark = self._drain_mark() if self._drain_mark is not None else 0
+        self.datapath.consume_events()
+        batch = self._batch[:]
+        self._batch.clear()
+        self.drains += 1
+        if batch:
+            self.received += len(batch)
+            self.max_batch = max(self.max_batch, len(batch))
+            try:
+                self._handle(batch)
+            except Exception:
+                # A bug downstream must not stop the draining (the kernel would start
+                # losing events); the stages count what they dropped.
+                self.handle_errors += 1
+                log.exception("handling %d flow events failed", len(batch))
+        if self._drained is not None:
+            self._drained(mark)
+        self.busy_ns += time.monotonic_ns() - t0
+
+    def check_lost(self) -> int:
+        """Report an increase of the kernel's lost counter (after draining what did make it,
+        so the lost record lands after those events)."""
+        self.consume()
+        total = int(self.datapath.counters().get("events_lost", 0)) - self._lost_base
+        delta = total - self.kernel_lost
+        if delta > 0:
+            self.kernel_lost = total
+            self._on_lost(delta)
+        return max(delta, 0)
+
+    async def run(self) -> None:
+        """Poll the lost counter until cancelled."""
+        while True:
+            await asyncio.sleep(self.config.lost_poll_interval)
+            try:
+                self.check_lost()
+            except Exception as e:  # a map read failing must not end the polling
+                log.warning("reading the kernel's lost-event counter failed: %s", e)
+
+    def stop(self) -> None:
+        """Stop watching; a last drain and lost check first."""
+        if self._fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            try:
+                self.check_lost()
+            except Exception as e:
+                log.warning("last drain of the ring buffer failed: %s", e)
+            self._fd = None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "received": self.received,
+            "drains": self.drains,
+            "max_batch": self.max_batch,
+            "kernel_lost": self.kernel_lost,
+            "handle_errors": self.handle_errors,
+            "busy_seconds": round(self.busy_ns / 1e9, 3),
+        }
