@@ -811,8 +811,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_in(0, 2**32), default=1, help="rule-set seed (default 1)")
     p.add_argument(
         "--only",
-        choices=("datapath", "api"),
-        help="run one suite only; the other's results already in --out are kept",
+        choices=SUITES,
+        help="run one suite only; the others' results already in --out are kept",
     )
     p.add_argument(
         "--api-requests",
@@ -852,6 +852,9 @@ def _meta(s: Settings, cpu: int) -> dict[str, Any]:
     }
 
 
+SUITES = ("datapath", "api", "events")
+
+
 def _on_term(_signum: int, _frame: FrameType | None) -> None:
     # SystemExit unwinds through the finally that removes our pins.
     raise SystemExit(143)
@@ -860,8 +863,9 @@ def _on_term(_signum: int, _frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmarks; returns the exit status (0 done, 1 error, 2 usage, 130 interrupted).
 
-    Both suites by default (the datapath's, then the admin API's: bench.api); `--only` picks
-    one and keeps the other's section of an existing --out file.
+    Every suite by default (the datapath's, the admin API's: bench.api, the flow events' to
+    Kafka: bench.events); `--only` picks one and keeps the others' sections of an existing
+    --out file.
     """
     args = _parser().parse_args(argv)
     if os.geteuid() != 0:
@@ -873,12 +877,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _on_term)
     res: dict[str, Any] = {}
-    if args.only != "api":
+    if args.only in (None, "datapath"):
         rc = _run_datapath(args, res)
         if rc:
             return rc
-    if args.only != "datapath":
+    if args.only in (None, "api"):
         rc = _run_api(args, res)
+        if rc:
+            return rc
+    if args.only in (None, "events"):
+        rc = _run_events(args, res)
         if rc:
             return rc
     if args.only is not None:
@@ -965,18 +973,44 @@ def _run_api(args: argparse.Namespace, res: dict[str, Any]) -> int:
     return 0
 
 
+def _run_events(args: argparse.Namespace, res: dict[str, Any]) -> int:
+    """The flow-event suite (bench.events): prints its table, fills res["events"]; 0 or the
+    exit status."""
+    from bench.events import render_events, run_events_bench, settings_for
+
+    try:
+        events = run_events_bench(
+            settings_for(args.quick),
+            lambda text: print(f"bench: {text}", file=sys.stderr, flush=True),
+        )
+    except (BenchError, OSError) as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    res["events"] = events
+    if len(res) > 1:
+        print()
+    print(render_events(events))
+    return 0
+
+
+def _suite_of(key: str) -> str:
+    """Which suite wrote a top-level key of the results file."""
+    return key if key in ("api", "events") else "datapath"
+
+
 def _keep_other_suite(out: Path, res: dict[str, Any], only: str) -> None:
-    """Copy the suite not run from an existing results file at `out` into `res`."""
+    """Copy the sections of the suites not run from an existing results file at `out` into `res`."""
     try:
         old = json.loads(out.read_text())
     except (OSError, ValueError):
         return
     if not isinstance(old, dict):
         return
-    if only == "api":
-        kept = {k: v for k, v in old.items() if k != "api"}
-    else:
-        kept = {"api": old["api"]} if "api" in old else {}
-    if kept:
-        res.update({k: v for k, v in kept.items() if k not in res})
-        print(f"kept the {'datapath' if only == 'api' else 'api'} results already in {out}")
+    kept = {k: v for k, v in old.items() if _suite_of(k) != only and k not in res}
+    res.update(kept)
+    for suite in SUITES:
+        if suite != only and any(_suite_of(k) == suite for k in kept):
+            print(f"kept the {suite} results already in {out}")

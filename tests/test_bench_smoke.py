@@ -1,9 +1,10 @@
 """Smoke test of `python -m bench` (the `make bench` suite) in its tiny --quick mode.
 
 Checks that it runs end to end on the real kernel, prints its tables (datapath, then the admin
-API against a real agent in a lab of its own), writes its JSON where --out says, removes its
-pinned maps and its lab, keeps the other suite's results on `--only`, and refuses bad options
-without a traceback.
+API against a real agent in a lab of its own, then flow events through the pipeline to a Kafka
+broker of its own), writes its JSON where --out says, removes its pinned maps, its lab and its
+broker, keeps the other suites' results on `--only`, and refuses bad options without a
+traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,27 @@ def _check_api_results(api: dict[str, Any], stdout: str, requests: int, rules: i
     assert len(api["targets"]) == 2
 
 
+def _check_events_results(ev: dict[str, Any], stdout: str) -> None:
+    """The quick flow-event section: one step of 5,000 events, every one in Kafka once."""
+    for heading in ("microseg flow-event benchmarks", "offered/s", "Sustained:", "p99 packet"):
+        assert heading in stdout, f"{heading!r} missing from:\n{stdout}"
+    assert ev["meta"]["quick"] is True and ev["meta"]["acks"] == "all"
+    assert ev["warmup"]["generated"] == ev["warmup"]["acked"] > 0
+    (step,) = ev["steps"]
+    assert step["sent"] == step["generated"] == 5000, step
+    assert step["kernel_lost"] == 0 and step["pipeline_dropped"] == 0, step
+    assert step["acked"] == step["consumed"] == step["generated"], step
+    assert step["duplicates"] == 0 and step["nothing_lost"], step
+    assert step["delivered_eps"] > 0
+    assert 0 < step["p50_ms"] <= step["p99_ms"] <= step["max_ms"], step
+    assert step["latency_samples"] >= 0.99 * step["consumed"]  # those stamped in the window
+    assert len(ev["targets"]) == 2
+
+
+def _kafka_dirs() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("microseg-kafka-test-*")}
+
+
 def _bench_pins() -> set[str]:
     if not PIN_ROOT.is_dir():
         return set()
@@ -63,6 +86,7 @@ def _bench_pins() -> set[str]:
 def test_quick_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     pins_before = _bench_pins()
+    kafka_before = _kafka_dirs()
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
         cwd=ROOT,
@@ -103,6 +127,10 @@ def test_quick_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     lab = _lab_of(proc.stderr)
     assert not Path(f"/run/netns/{lab}-host").exists(), f"lab {lab} left behind"
 
+    # Flow events to Kafka: the broker and its directory are gone afterwards.
+    _check_events_results(res["events"], proc.stdout)
+    assert _kafka_dirs() <= kafka_before, "the events bench left its Kafka broker behind"
+
     # --only api: a new API section, the datapath results kept as they were.
     again = tmp_path / "again.json"
     shutil.copy(out, again)
@@ -113,6 +141,7 @@ def test_quick_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Floor:" not in proc.stdout and "kept the datapath results" in proc.stdout
+    assert "kept the events results" in proc.stdout
     res2 = json.loads(again.read_text())
     _check_api_results(res2["api"], proc.stdout, 5, 200)
     assert {k: v for k, v in res2.items() if k != "api"} == {

@@ -244,7 +244,8 @@ def test_cli_up_show_traffic_down(tmp_path: Path, capsys: pytest.CaptureFixture[
         args = _parse("traffic", "--state-file", s, "--count", "1", "--interval", "0.1")
         assert args.func(args) == 0
         lines = capsys.readouterr().out.splitlines()
-        attempts = [line for line in lines if "round" in line]
+        # After the "HH:MM:SS round N" prefix: its seconds could read like a port (":22 ").
+        attempts = [line.split(" round ", 1)[1] for line in lines if " round " in line]
         assert len(attempts) == 12
         assert all(line.endswith(" ok") for line in attempts), lines
         for port in (":22", ":80", ":443", ":5432", ":53"):

@@ -1,0 +1,621 @@
+"""The flow-event benchmark: ring buffer -> pipeline -> Kafka (acks=all) -> a consumer.
+
+In: `EventSettings` (offered rates, seconds per step). Out: a results dict (`run_events_bench`)
+and its plain-text table (`render_events`). Everything made is removed at the end, also on
+failure or SIGTERM (SystemExit): the broker and its directory, the classifier's pins, the
+spool directory, the sender and consumer processes.
+
+Set-up: a private Kafka broker (scripts/kafka.sh through tests/kafkabroker.py) on a free
+loopback port; a private classifier instance (default deny, no rules, a 16 MiB ring buffer);
+the real pipeline (`streamer.pipeline.Pipeline`, Kafka sink only) on this process's event loop.
+Two forked processes keep the loop's core free of other Python work: the sender, which runs
+one distinct new TCP flow per BPF_PROG_TEST_RUN call on the ingress program (each a deny, so
+each one ring-buffer event), paced to the offered rate; and the consumer (aiokafka), which
+reads the topic from the beginning, stamps each fetched batch with the wall clock and counts
+flow records, `lost` records and duplicates.
+
+Per step (offered rate for `seconds`, then a bounded wait until everything is acknowledged and
+consumed): generated (the kernel's events_sent), lost in the kernel (events_lost), dropped by
+the pipeline (decode, queues, sinks), spooled by the Kafka sink, acknowledged by Kafka,
+consumed; delivered/s = acknowledged / (time from the step's start to the last acknowledgement);
+latency = consumer receive time - the event's `time` field (the kernel's stamp of the packet,
+in wall-clock time), p50/p99 over the step's events. The sustained rate is the best delivered/s
+of a step where nothing was lost (every generated event consumed exactly once, no drop) and the
+pipeline kept up (the backlog at the step's end cleared within `KEPT_UP_S`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import contextlib
+import ctypes as ct
+import importlib.util
+import multiprocessing as mp
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from bench.datapath import BenchError
+from bench.frames import TCP, Flow, frame
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPIC = "microseg.flows"
+RINGBUF_PAGES = 4096  # 16 MiB: ~170,000 events of 96 bytes between two drains
+SRC_BASE = 0x0A000000  # 10.0.0.0/8: one source address per flow
+DST = 0xC0000201  # 192.0.2.1
+SRC_OFFSET = 14 + 12  # the IPv4 source address in the frame
+TC_ACT_SHOT = 2
+KEPT_UP_S = 1.0  # a step's backlog must clear within this to count as sustained
+# Informational targets (printed next to the numbers, never a failure).
+TARGET_EPS = 100_000
+TARGET_P99_MS = 100.0
+
+
+@dataclass(frozen=True)
+class EventSettings:
+    """Offered rates (events/s), seconds per step, the bound on each step's drain."""
+
+    rates: tuple[int, ...]
+    seconds: float
+    drain_timeout: float
+    quick: bool
+
+
+FULL_EVENTS = EventSettings((10_000, 25_000, 50_000, 100_000), 5.0, 20.0, False)
+QUICK_EVENTS = EventSettings((5_000,), 1.0, 10.0, True)
+
+
+def _pct(values: list[int], q: float) -> float | None:
+    """The q-quantile of ns values, in ms (None for no values)."""
+    if not values:
+        return None
+    s = sorted(values)
+    return round(s[min(len(s) - 1, int(q * len(s)))] / 1e6, 2)
+
+
+def _kafkabroker() -> ModuleType:
+    """tests/kafkabroker.py, imported by path (tests/ is not a package)."""
+    path = ROOT / "tests" / "kafkabroker.py"
+    spec = importlib.util.spec_from_file_location("kafkabroker", path)
+    if spec is None or spec.loader is None:
+        raise BenchError(f"cannot import {path}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("kafkabroker", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ---- the sender (a forked process) ------------------------------------------------------------
+
+
+def _sender_main(conn: Connection, fd: int) -> None:
+    """Commands (rate, seconds, first flow index) -> (sent, elapsed s, failed calls, non-deny
+    verdicts); None ends it. One distinct flow per call: only the source address changes."""
+    from streamer.datapath import _TestRunOpts, libbpf
+
+    run = libbpf().bpf_prog_test_run_opts
+    data = frame(Flow(4, SRC_BASE, DST, TCP, 40000, 80, "ingress"))
+    buf = ct.create_string_buffer(data, len(data))
+    out = ct.create_string_buffer(len(data) + 256)
+    opts = _TestRunOpts(
+        sz=ct.sizeof(_TestRunOpts),
+        data_in=ct.cast(buf, ct.c_void_p),
+        data_out=ct.cast(out, ct.c_void_p),
+        data_size_in=len(data),
+        data_size_out=len(out),
+        repeat=1,
+    )
+    ref = ct.byref(opts)
+    pack = struct.Struct("!I").pack_into
+    while True:
+        cmd = conn.recv()
+        if cmd is None:
+            return
+        rate, seconds, first = cmd
+        total = int(rate * seconds)
+        failed = other = 0
+        i = 0
+        t0 = time.perf_counter()
+        # A sender slower than the rate still ends: it gets 3x the step's time.
+        deadline = t0 + 3 * seconds + 1
+        while i < total:
+            now = time.perf_counter()
+            if now > deadline:
+                break
+            due = min(total, int((now - t0) * rate) + 1)
+            if due <= i:
+                time.sleep(min(0.001, (i - due + 1) / rate))
+                continue
+            for k in range(i, min(due, i + 2000)):
+                pack(buf, SRC_OFFSET, SRC_BASE + first + k)
+                if run(fd, ref) != 0:
+                    failed += 1
+                elif opts.retval != TC_ACT_SHOT:
+                    other += 1
+            i = min(due, i + 2000)
+        conn.send((i, time.perf_counter() - t0, failed, other))
+
+
+# ---- the consumer (a forked process) ----------------------------------------------------------
+
+
+class _Tally:
+    """What the consumer saw: flow records (with event time and latency), lost records,
+    duplicates (by seq)."""
+
+    def __init__(self) -> None:
+        self.flows = 0
+        self.lost_records = 0
+        self.lost_events = 0
+        self.dups = 0
+        self.event_ns = array("q")
+        self.lat_ns = array("q")
+        self._seen = bytearray(1 << 20)
+        self._sec: dict[bytes, int] = {}
+
+    def _wall_ns(self, text: bytes) -> int:
+        # "YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ": the seconds' prefix parsed once per second.
+        head = text[:19]
+        sec = self._sec.get(head)
+        if sec is None:
+            sec = calendar.timegm(time.strptime(head.decode(), "%Y-%m-%dT%H:%M:%S"))
+            if len(self._sec) > 4096:
+                self._sec.clear()
+            self._sec[head] = sec
+        return sec * 1_000_000_000 + int(text[20:29])
+
+    def add(self, value: bytes, recv_ns: int) -> None:
+        head = value[:80]
+        if b'"type":"lost"' in head:
+            import orjson
+
+            self.lost_records += 1
+            self.lost_events += int(orjson.loads(value).get("lost", 0))
+            return
+        i = value.find(b'"seq":')
+        seq = int(value[i + 6 : value.find(b",", i)])
+        if seq >= len(self._seen):
+            self._seen.extend(bytes(max(seq + 1, 2 * len(self._seen)) - len(self._seen)))
+        if self._seen[seq]:
+            self.dups += 1
+            return
+        self._seen[seq] = 1
+        self.flows += 1
+        j = value.find(b'"time":"') + 8
+        ev = self._wall_ns(value[j : j + 30])
+        self.event_ns.append(ev)
+        self.lat_ns.append(recv_ns - ev)
+
+
+def _consumer_main(conn: Connection, bootstrap: str, topic: str) -> None:
+    """Waits for "go", then reads `topic` from the beginning; "count" -> (flows, lost records,
+    lost events, dups); "stop" -> the same plus the event times and latencies (bytes)."""
+    if conn.recv() != "go":
+        return
+    asyncio.run(_consume(conn, bootstrap, topic))
+
+
+async def _consume(conn: Connection, bootstrap: str, topic: str) -> None:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    tally = _Tally()
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=8 << 20,
+        fetch_max_bytes=16 << 20,
+        fetch_max_wait_ms=100,
+    )
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        while True:
+            batches = await consumer.getmany(timeout_ms=20, max_records=20000)
+            recv = time.time_ns()
+            for records in batches.values():
+                for r in records:
+                    if r.value is not None:
+                        tally.add(r.value, recv)
+            while conn.poll():
+                cmd = conn.recv()
+                counts = (tally.flows, tally.lost_records, tally.lost_events, tally.dups)
+                if cmd == "stop":
+                    conn.send((*counts, tally.event_ns.tobytes(), tally.lat_ns.tobytes()))
+                    return
+                conn.send(counts)
+    finally:
+        await consumer.stop()
+
+
+# ---- the driver (this process) ----------------------------------------------------------------
+
+
+class EventsBench:
+    """Owns the broker, the classifier, the pipeline and the two helper processes."""
+
+    def __init__(self, settings: EventSettings, progress: Callable[[str], None]) -> None:
+        self.s = settings
+        self.progress = progress
+        self.workdir = Path(tempfile.mkdtemp(prefix="microseg-bench-events-"))
+        self.broker: Any = None
+        self.dp: Any = None
+        self.procs: list[Any] = []
+        self.sender: Connection | None = None
+        self.consumer: Connection | None = None
+        self.next_flow = 0
+        self.consuming = False  # the consumer got "go"
+        self.kafka_stats: dict[str, Any] = {}
+        self.source_stats: dict[str, Any] = {}
+        self.steps: list[dict[str, Any]] = []
+        self.warmup: dict[str, Any] = {}
+        self.broker_start_s = 0.0
+
+    # -- set-up / teardown --
+
+    def start(self) -> None:
+        from streamer.compiler import compile_policy
+        from streamer.datapath import Datapath, DatapathConfig, prog_fd
+        from streamer.policy import parse_policy_document
+
+        kb = _kafkabroker()
+        self.progress("events: starting a Kafka broker ...")
+        self.broker = kb.KafkaBroker()
+        try:
+            self.broker.start()
+        except kb.KafkaError as e:
+            raise BenchError(str(e)) from e
+        self.broker_start_s = float(self.broker.startup_seconds or 0.0)
+        instance = f"bench-ev-{os.getpid()}-{time.time_ns() % 1_000_000:06d}"
+        self.dp = Datapath(DatapathConfig(instance=instance, ringbuf_pages=RINGBUF_PAGES))
+        self.dp.load()
+        self.policy = parse_policy_document({"default_action": "deny", "policies": []})
+        self.generation = self.dp.apply(compile_policy(self.policy, self.dp.config.max_shapes))
+        fd = prog_fd(self.dp, "ingress")
+        # Forked before any event loop or aiokafka thread exists here.
+        ctx = mp.get_context("fork")
+        mine, theirs = ctx.Pipe()
+        p = ctx.Process(target=_sender_main, args=(theirs, fd), name="bench-sender", daemon=True)
+        p.start()
+        self.procs.append(p)
+        self.sender = mine
+        mine, theirs = ctx.Pipe()
+        p = ctx.Process(
+            target=_consumer_main,
+            args=(theirs, self.broker.bootstrap, TOPIC),
+            name="bench-consumer",
+            daemon=True,
+        )
+        p.start()
+        self.procs.append(p)
+        self.consumer = mine
+
+    def stop(self) -> None:
+        for conn in (self.sender, self.consumer):
+            if conn is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    conn.send(None)
+        for p in self.procs:
+            p.join(2)
+            if p.is_alive():
+                p.terminate()  # our own child, by its handle
+                p.join(5)
+        self.procs = []
+        if self.dp is not None:
+            try:
+                self.dp.close()
+            finally:
+                self.dp.remove_pins()
+                self.dp = None
+        if self.broker is not None:
+            try:
+                self.broker.destroy()
+            finally:
+                self.broker = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- measuring --
+
+    async def _ask(self, conn: Connection, msg: Any, timeout: float) -> Any:
+        """Send `msg` to a helper and wait (without blocking the loop) for its answer."""
+        conn.send(msg)
+        deadline = time.monotonic() + timeout
+        while not conn.poll():
+            if time.monotonic() > deadline:
+                raise BenchError(f"a benchmark helper did not answer {msg!r} in {timeout:.0f} s")
+            if not all(p.is_alive() for p in self.procs):
+                raise BenchError("a benchmark helper process died (sender or consumer)")
+            await asyncio.sleep(0.01)
+        return conn.recv()
+
+    def _snapshot(self, pipeline: Any) -> dict[str, int]:
+        c = self.dp.counters()
+        s = pipeline.stats()
+        k = s["sinks"]["kafka"]
+        return {
+            "sent": int(c["events_sent"]),
+            "kernel_lost": int(c["events_lost"]),
+            "dropped": int(s["lost"]["decode"] + s["lost"]["queues"] + s["lost"]["sinks"]),
+            "enriched": int(s["enrich"]["delivered"]),
+            "acked": int(k["delivered"]),
+            "spooled": int(k["spooled"]),
+        }
+
+    async def _counts(self) -> tuple[int, int, int, int]:
+        """The consumer's (flows, lost records, lost events, duplicates) so far."""
+        assert self.consumer is not None
+        if not self.consuming:
+            return (0, 0, 0, 0)
+        flows, lost_records, lost_events, dups = await self._ask(self.consumer, "count", 10)
+        return (flows, lost_records, lost_events, dups)
+
+    async def _step(self, pipeline: Any, rate: int, seconds: float) -> dict[str, Any]:
+        assert self.sender is not None
+        before = self._snapshot(pipeline)
+        consumed0 = await self._counts()
+        start_wall = time.time_ns()
+        t0 = time.monotonic()
+        sent, elapsed, failed, other = await self._ask(
+            self.sender, (rate, seconds, self.next_flow), 3 * seconds + 30
+        )
+        self.next_flow += sent
+        end_wall = time.time_ns()
+        if failed or other:
+            raise BenchError(
+                f"step {rate:,}/s: {failed} BPF_PROG_TEST_RUN calls failed and {other} packets"
+                " were not denied (every one must be a denied new flow)"
+            )
+        # Drain: until every generated event is acknowledged (or dropped) and consumed.
+        deadline = time.monotonic() + self.s.drain_timeout
+        last_ack_t = time.monotonic()
+        last_acked = -1
+        while True:
+            pipeline.source.consume()
+            now = self._snapshot(pipeline)
+            if now["acked"] != last_acked:
+                last_acked, last_ack_t = now["acked"], time.monotonic()
+            generated = now["sent"] - before["sent"]
+            accounted = (now["acked"] - before["acked"]) + (now["dropped"] - before["dropped"])
+            counts = await self._counts()
+            consumed = (
+                counts[0] - consumed0[0] if self.consuming else now["acked"] - before["acked"]
+            )
+            if accounted >= generated and consumed >= now["acked"] - before["acked"]:
+                break
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        drain_s = max(0.0, last_ack_t - (t0 + elapsed))
+        acked = now["acked"] - before["acked"]
+        kernel_lost = now["kernel_lost"] - before["kernel_lost"]
+        dropped = now["dropped"] - before["dropped"]
+        nothing_lost = (
+            kernel_lost == 0
+            and dropped == 0
+            and acked == generated
+            and consumed == generated
+            and counts[3] == consumed0[3]
+        )
+        return {
+            "offered_rate": rate,
+            "seconds": round(elapsed, 3),
+            "sent": sent,
+            "offered_eps": round(sent / elapsed) if elapsed else 0,
+            "generated": generated,
+            "kernel_lost": kernel_lost,
+            "pipeline_dropped": dropped,
+            "spooled": now["spooled"] - before["spooled"],
+            "acked": acked,
+            "consumed": consumed,
+            "duplicates": counts[3] - consumed0[3],
+            "lost_records": counts[1] - consumed0[1],
+            "delivered_eps": round(acked / max(1e-9, last_ack_t - t0)),
+            "drain_s": round(drain_s, 3),
+            "kept_up": drain_s <= KEPT_UP_S,
+            "nothing_lost": nothing_lost,
+            "_window": (start_wall, end_wall),
+        }
+
+    async def run(self) -> None:
+        from streamer.enrich import Enricher
+        from streamer.pipeline import Pipeline, PipelineConfig
+        from streamer.sinks.kafka import KafkaSinkConfig
+
+        assert self.consumer is not None
+        enricher = Enricher({}, host="bench")
+        enricher.add_generation(self.generation, self.policy)
+        enricher.switched(self.generation)
+        cfg = PipelineConfig(
+            kafka=KafkaSinkConfig(
+                bootstrap=self.broker.bootstrap, spool_dir=self.workdir / "spool", topic=TOPIC
+            )
+        )
+        pipeline = Pipeline(cfg, self.dp, enricher)
+        task = asyncio.create_task(pipeline.run(), name="bench-pipeline")
+        try:
+            deadline = time.monotonic() + 30
+            while not pipeline.stats()["sinks"]["kafka"]["up"]:
+                if task.done():
+                    await task
+                    raise BenchError("the pipeline ended before Kafka was up")
+                if time.monotonic() > deadline:
+                    raise BenchError("the Kafka sink did not connect to the broker in 30 s")
+                await asyncio.sleep(0.05)
+            self.progress("events: warm-up (1,000 events) ...")
+            warm = await self._step(pipeline, 5_000, 0.2)
+            if warm["acked"] != warm["generated"] or not warm["generated"]:
+                raise BenchError(f"warm-up: {warm['generated']} events, {warm['acked']} acked")
+            # The topic exists now (the sink created it): the consumer can start reading.
+            self.consumer.send("go")
+            self.consuming = True
+            deadline = time.monotonic() + 30
+            while True:
+                got = await self._ask(self.consumer, "count", 30)
+                if got[0] >= warm["generated"]:
+                    break
+                if time.monotonic() > deadline:
+                    raise BenchError(f"the consumer read {got[0]} of {warm['generated']} events")
+                await asyncio.sleep(0.05)
+            self.warmup = {k: v for k, v in warm.items() if not k.startswith("_")}
+            for rate in self.s.rates:
+                self.progress(f"events: {rate:,} events/s for {self.s.seconds:g} s ...")
+                self.steps.append(await self._step(pipeline, rate, self.s.seconds))
+            final = await self._ask(self.consumer, "stop", 30)
+            event_ns = array("q")
+            event_ns.frombytes(final[4])
+            lat_ns = array("q")
+            lat_ns.frombytes(final[5])
+            for st in self.steps:
+                lo, hi = st.pop("_window")
+                lats = [lat for ev, lat in zip(event_ns, lat_ns, strict=True) if lo <= ev <= hi]
+                st["latency_samples"] = len(lats)
+                st["p50_ms"] = _pct(lats, 0.50)
+                st["p99_ms"] = _pct(lats, 0.99)
+                st["max_ms"] = round(max(lats) / 1e6, 2) if lats else None
+            self.kafka_stats = pipeline.stats()["sinks"]["kafka"]
+            self.source_stats = pipeline.stats()["source"]
+        finally:
+            pipeline.stop()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, cfg.stop_timeout + 5)
+
+
+def _targets(sustained: dict[str, Any] | None) -> list[dict[str, Any]]:
+    eps = sustained["delivered_eps"] if sustained else 0
+    p99 = sustained["p99_ms"] if sustained else None
+    return [
+        {
+            "target": "sustained events/s to Kafka (acks=all), nothing lost",
+            "goal": f">= {TARGET_EPS:,}",
+            "value": eps,
+            "met": eps >= TARGET_EPS,
+        },
+        {
+            "target": "p99 packet -> consumer at that rate (ms)",
+            "goal": f"< {TARGET_P99_MS:g}",
+            "value": p99,
+            "met": p99 is not None and p99 < TARGET_P99_MS,
+        },
+    ]
+
+
+def run_events_bench(settings: EventSettings, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Run the benchmark; the results dict (the JSON "events" section). BenchError when it
+    cannot run or measured something other than it meant to."""
+    from streamer.compiler import CompileError
+    from streamer.datapath import DatapathError
+    from streamer.policy import PolicyError
+
+    started = time.perf_counter()
+    bench = EventsBench(settings, progress)
+    try:
+        bench.start()
+        asyncio.run(bench.run())
+    except (DatapathError, CompileError, PolicyError) as e:
+        raise BenchError(str(e)) from e
+    finally:
+        bench.stop()
+    good = [s for s in bench.steps if s["nothing_lost"] and s["kept_up"]]
+    sustained = max(good, key=lambda s: s["delivered_eps"]) if good else None
+    k = bench.kafka_stats
+    return {
+        "meta": {
+            "quick": settings.quick,
+            "rates": list(settings.rates),
+            "seconds_per_step": settings.seconds,
+            "ringbuf_bytes": RINGBUF_PAGES * 4096,
+            "topic": TOPIC,
+            "partitions": 1,
+            "acks": "all",
+            "compression": k["compression"],
+            "broker_start_s": round(bench.broker_start_s, 1),
+            "cpus": os.cpu_count(),
+            "elapsed_s": round(time.perf_counter() - started, 1),
+            "source_drains": bench.source_stats["drains"],
+            "source_max_batch": bench.source_stats["max_batch"],
+            "kafka_send_latency_p50_ms": k["send_latency_p50_ms"],
+            "kafka_send_latency_p99_ms": k["send_latency_p99_ms"],
+        },
+        "warmup": bench.warmup,
+        "steps": bench.steps,
+        "sustained_eps": sustained["delivered_eps"] if sustained else 0,
+        "sustained_offered_rate": sustained["offered_rate"] if sustained else None,
+        "sustained_p50_ms": sustained["p50_ms"] if sustained else None,
+        "sustained_p99_ms": sustained["p99_ms"] if sustained else None,
+        "targets": _targets(sustained),
+    }
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def render_events(res: dict[str, Any]) -> str:
+    """The plain-text table of `run_events_bench`'s results."""
+    m = res["meta"]
+    lines = [
+        "microseg flow-event benchmarks",
+        f"Ring buffer -> pipeline -> Kafka (acks=all, {m['compression']}, 1 partition)"
+        " -> consumer;",
+        f"{m['seconds_per_step']:g} s per step, one distinct denied new flow per packet"
+        " (BPF_PROG_TEST_RUN)",
+        "",
+        f"{'offered/s':>10} {'generated':>10} {'delivered/s':>11} {'lost':>6} {'dropped':>7}"
+        f" {'spooled':>7} {'consumed':>9} {'drain s':>7} {'p50 ms':>7} {'p99 ms':>7}  ok",
+    ]
+    for s in res["steps"]:
+        ok = (
+            "yes"
+            if s["nothing_lost"] and s["kept_up"]
+            else ("lagging" if s["nothing_lost"] else "LOST")
+        )
+        lines.append(
+            f"{s['offered_eps']:>10,} {s['generated']:>10,} {s['delivered_eps']:>11,}"
+            f" {s['kernel_lost']:>6,} {s['pipeline_dropped']:>7,} {s['spooled']:>7,}"
+            f" {s['consumed']:>9,} {s['drain_s']:>7.2f} {_ms(s['p50_ms']):>7}"
+            f" {_ms(s['p99_ms']):>7}  {ok}"
+        )
+    lines += [
+        "",
+        "lost: reservations the kernel failed (ring buffer full); dropped: by the pipeline;"
+        " ok: nothing lost",
+        f"and the backlog cleared within {KEPT_UP_S:g} s of the step's end (else: lagging).",
+        f"Sustained: {res['sustained_eps']:,} events/s"
+        f" (p50 {_ms(res['sustained_p50_ms'])} ms, p99 {_ms(res['sustained_p99_ms'])} ms)",
+        "",
+        "Targets (informational)",
+    ]
+    for t in res["targets"]:
+        v = t["value"]
+        shown = "-" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.1f}")
+        lines.append(
+            f"  {t['target']:<55} {t['goal']:>10}  {shown:>10}  {'met' if t['met'] else 'NOT met'}"
+        )
+    return "\n".join(lines)
+
+
+def settings_for(quick: bool) -> EventSettings:
+    return QUICK_EVENTS if quick else FULL_EVENTS
+
+
+__all__ = [
+    "FULL_EVENTS",
+    "QUICK_EVENTS",
+    "EventSettings",
+    "render_events",
+    "run_events_bench",
+    "settings_for",
+]
