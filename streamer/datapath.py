@@ -624,15 +624,17 @@ class Datapath:
 
     # ---- events ------------------------------------------------------------------------------
 
-    def open_events(self, callback: Callable[[bytes], None]) -> int:
+    def open_events(self, callback: Callable[[bytes], bool | None]) -> int:
         """Route ring-buffer records (raw struct ms_event bytes, copied) to callback.
 
-        Returns the epoll fd to watch; call consume_events() when it is readable.
+        A callback returning False ends the current consume_events() after that record (the
+        rest stays in the ring for the next call). Returns the epoll fd to watch; call
+        consume_events() when it is readable.
         """
 
         def _cb(_ctx: Any, data: Any, size: int) -> int:
-            callback(ct.string_at(data, size))
-            return 0
+            more = callback(ct.string_at(data, size))
+            return -1 if more is False else 0
 
         self._bpf["events"].open_ring_buffer(_cb)
         return int(libbpf().ring_buffer__epoll_fd(ct.c_void_p(self._bpf._ringbuf_manager)))

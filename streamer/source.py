@@ -22,6 +22,9 @@ log = logging.getLogger("microseg.source")
 @dataclass(frozen=True)
 class SourceConfig:
     lost_poll_interval: float = 0.5  # how often the kernel's lost counter is read
+    # Records per drain: a larger backlog is taken in several drains with the event loop
+    # free in between, so one burst never monopolises it (and queues downstream stay sane).
+    max_batch: int = 4096
 
 
 class Source:
@@ -58,12 +61,18 @@ class Source:
         """Open the ring buffer and watch it; the lost counter's baseline is read now (an
         adopted classifier's counters carry earlier runs' losses)."""
         self._lost_base = int(self.datapath.counters().get("events_lost", 0))
-        self._fd = self.datapath.open_events(self._batch.append)
+        self._fd = self.datapath.open_events(self._take)
         self._loop = loop
         loop.add_reader(self._fd, self.consume)
 
-    def consume(self) -> None:
-        """Drain the ring buffer now and hand the batch on."""
+    def _take(self, record: bytes) -> bool:
+        self._batch.append(record)
+        return len(self._batch) < self.config.max_batch
+
+    def consume(self) -> int:
+        """Drain up to max_batch records now and hand them on; returns how many.
+
+        What is left stays readable, so the loop calls this again after other work."""
         t0 = time.monotonic_ns()
         mark = self._drain_mark() if self._drain_mark is not None else 0
         self.datapath.consume_events()
@@ -83,11 +92,18 @@ class Source:
         if self._drained is not None:
             self._drained(mark)
         self.busy_ns += time.monotonic_ns() - t0
+        return len(batch)
+
+    def drain(self, max_rounds: int = 1024) -> None:
+        """Everything in the ring buffer now (bounded), for the lost check and the stop."""
+        for _ in range(max_rounds):
+            if self.consume() < self.config.max_batch:
+                return
 
     def check_lost(self) -> int:
         """Report an increase of the kernel's lost counter (after draining what did make it,
         so the lost record lands after those events)."""
-        self.consume()
+        self.drain()
         total = int(self.datapath.counters().get("events_lost", 0)) - self._lost_base
         delta = total - self.kernel_lost
         if delta > 0:
