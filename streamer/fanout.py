@@ -182,19 +182,12 @@ class Channel:
             first = await self.queue.get()
             if first is not None:
                 out.append(first)
-            while len(out) < max_items:
-                try:
-                    item = self.queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-                if item is not None:
-                    out.append(item)
-            # Room again: a pending gap's record goes in before anything newer.
-            self._fill_gap()
+            out.extend(self.get_nowait_batch(max_items - len(out)))
         return out
 
     def get_nowait_batch(self, max_items: int = 1024) -> list[Item]:
-        """Whatever is queued now (for a final flush)."""
+        """Whatever is queued now (also for a final flush); then, with room again, a pending
+        gap's record goes in before anything newer."""
         out: list[Item] = []
         while len(out) < max_items:
             try:
