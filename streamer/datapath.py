@@ -231,7 +231,8 @@ def _addr(family: int, raw: bytes) -> str:
 
 
 class Datapath:
-    """One loaded classifier instance. Not thread-safe: one owner (the agent's loop) drives it."""
+    """One loaded classifier instance. `apply` serializes itself (a lock) and may run in a worker
+    thread while readers (counters, sessions) run on the loop; the old bank is retired beside it."""
 
     def __init__(self, config: DatapathConfig) -> None:
         self.config = config
