@@ -35,6 +35,9 @@ from streamer.sinks.websocket import WebSocketConfig
 from streamer.store import ChangeResult, PolicyStore, StoreError
 
 log = logging.getLogger("microseg.agent")
+# How often expired sessions and fragments are removed (the timeouts themselves are in
+# DatapathConfig.timeouts; an expired entry is already treated as gone by the datapath).
+REAP_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -243,7 +246,7 @@ class Agent:
                 idx = await asyncio.to_thread(self.datapath.attach, ifname, cfg.netns)
                 ifindexes[idx] = ifname
                 log.info("enforcing on %s%s", ifname, f" (netns {cfg.netns})" if cfg.netns else "")
-            self._enricher.ifnames.update(ifindexes)
+            self._enricher.add_interfaces(ifindexes)
         except (PolicyLoadError, PolicyError, StoreError, DatapathError, OSError) as e:
             log.error("%s", e)
             self.datapath.close()
@@ -259,6 +262,7 @@ class Agent:
                 # since attaching wait there for it.
                 tg.create_task(pipeline.run(), name="pipeline")
                 tasks = [tg.create_task(self._reloader(reloads))]
+                tasks.append(tg.create_task(self._reaper(REAP_INTERVAL_S), name="reaper"))
                 if cfg.stats_interval > 0:
                     tasks.append(tg.create_task(self._print_stats(cfg.stats_interval)))
                 await stop.wait()
@@ -329,7 +333,33 @@ class Agent:
             )
             log.info("try: curl%s http://%s/api/v1/stats", auth, tcp[0])
             log.info("  or: microseg stats --api %s --state-dir %s", tcp[0], cfg.state_dir)
+            self._announce_viewer(ctx, tcp[0])
         return runner
+
+    def _announce_viewer(self, ctx: Any, listen: str) -> None:
+        # The one-time sign-in link goes to stdout only, never into the log.
+        from streamer.api import viewer_url
+
+        cfg = self.config
+        print(f"viewer: {viewer_url(ctx, listen)}", flush=True)
+        log.info(
+            "viewer: open the one-time sign-in link printed on stdout (valid %d min); another:"
+            " microseg viewer-url --api %s --state-dir %s",
+            int(ctx.viewer.code_ttl // 60), listen, cfg.state_dir,
+        )
+
+    async def _reaper(self, interval: float) -> None:
+        """Remove expired sessions and fragments every `interval` s (Datapath.reap_expired,
+        in a thread: it walks the tables). A failed round is logged and the next one tried."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                got = await asyncio.to_thread(self.datapath.reap_expired)
+            except DatapathError as e:
+                log.warning("reaping expired sessions failed: %s", e)
+                continue
+            if any(got.values()):
+                log.debug("reaped %s", got)
 
     async def _print_stats(self, interval: float) -> None:
         while True:

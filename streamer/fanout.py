@@ -1,21 +1,22 @@
 """Fan-out: every record to every sink, each through a bounded queue of its own.
 
-In: `Item`s (an event or a `lost` record, serialized once) from the pipeline, in sequence
-order. Out: one `Channel` per sink, read by that sink's own task. `publish` never waits: a full
-channel drops the item and counts it; the channel then owes its sink a `lost` record covering
-the dropped range, which it puts into the queue as soon as there is room again (before any
-later item), so the sink's stream shows the gap where it is. A sink that fails is logged
-(rate-limited), restarted after a pause, and never holds up the reader or another sink.
+In: batches of `Item`s (an event or a `lost` record, serialized once) from the pipeline, in
+sequence order. Out: one `Channel` per sink, read by that sink's own task. `publish` never
+waits: a full channel drops what does not fit and counts it; the channel then owes its sink a
+`lost` record covering the dropped range, which it puts into the queue as soon as there is room
+again (before any later item), so the sink's stream shows the gap where it is. A sink that
+fails is logged (rate-limited), restarted after a pause, and never holds up the reader or
+another sink.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -23,43 +24,67 @@ import orjson
 log = logging.getLogger("microseg.fanout")
 
 
-@dataclass(slots=True)
 class Item:
     """One record on its way to the sinks.
 
     `weight`: flow events it stands for (1 for an event, `lost` for a lost record); `data`:
-    the JSON object as orjson wrote it (no newline); `key`: the Kafka key.
+    the JSON object as serialized once for every sink (no newline); `key`: the Kafka key;
+    `born_ns`: time.monotonic_ns() when the pipeline made it. `obj` is the parsed object,
+    made only when a sink asks for it (most sinks only pass `data` on).
     """
 
-    seq: int
-    weight: int
-    obj: dict[str, Any]
-    data: bytes
-    key: bytes
-    born_ns: int = 0  # time.monotonic_ns() when the pipeline made it
+    __slots__ = ("_obj", "born_ns", "data", "is_lost", "key", "seq", "weight")
+
+    def __init__(
+        self,
+        seq: int,
+        weight: int,
+        data: bytes,
+        key: bytes,
+        born_ns: int = 0,
+        *,
+        obj: dict[str, Any] | None = None,
+        is_lost: bool = False,
+    ) -> None:
+        self.seq = seq
+        self.weight = weight
+        self.data = data
+        self.key = key
+        self.born_ns = born_ns
+        self.is_lost = is_lost
+        self._obj = obj
 
     @property
-    def is_lost(self) -> bool:
-        return bool(self.obj.get("type") == "lost")
+    def obj(self) -> dict[str, Any]:
+        if self._obj is None:
+            self._obj = orjson.loads(self.data)
+        return self._obj
+
+    def __repr__(self) -> str:
+        return f"Item(seq={self.seq}, weight={self.weight}, data={self.data[:60]!r}...)"
+
+
+LOST_KEY_PREFIX = b"lost@"
 
 
 def flow_key(obj: dict[str, Any]) -> bytes:
     """The Kafka key of a record: `<src_ip>-><dst_ip>` (SPEC §4); a lost record is keyed by
     its host, so one agent's lost records stay in order on one partition."""
     if obj.get("type") == "lost":
-        return f"lost@{obj.get('host', '')}".encode()
+        return LOST_KEY_PREFIX + str(obj.get("host", "")).encode()
     return f"{obj['src_ip']}->{obj['dst_ip']}".encode()
 
 
 def make_item(obj: dict[str, Any], weight: int = 1) -> Item:
     """Serialize `obj` once for every sink."""
     return Item(
-        seq=int(obj["seq"]),
-        weight=weight,
+        int(obj["seq"]),
+        weight,
+        orjson.dumps(obj),
+        flow_key(obj),
+        time.monotonic_ns(),
         obj=obj,
-        data=orjson.dumps(obj),
-        key=flow_key(obj),
-        born_ns=time.monotonic_ns(),
+        is_lost=obj.get("type") == "lost",
     )
 
 
@@ -96,48 +121,71 @@ class _Gap:
     lost: int
 
 
-@dataclass
 class Channel:
-    """The bounded queue between the fan-out and one sink, with its accounting."""
+    """The bounded queue between the fan-out and one sink, with its accounting.
 
-    name: str
-    maxsize: int
-    make_lost: LostFactory
-    queue: asyncio.Queue[Item | None] = field(init=False)
-    received: int = 0  # events offered
-    dropped: int = 0  # events dropped because the queue was full (or reported by the sink)
-    lost_records: int = 0  # lost records put into this sink's stream
-    closed: bool = False
-    _gap: _Gap | None = None
+    Holds the published batches themselves (no per-item queue operations: a batch the queue
+    has room for is taken whole), bounded by `maxsize` items.
+    """
 
-    def __post_init__(self) -> None:
-        self.queue = asyncio.Queue(self.maxsize)
+    def __init__(self, name: str, maxsize: int, make_lost: LostFactory) -> None:
+        if maxsize < 1:
+            raise ValueError(f"queue size of sink {name} must be at least 1")
+        self.name = name
+        self.maxsize = maxsize
+        self.make_lost = make_lost
+        self.received = 0  # events offered
+        self.dropped = 0  # events dropped because the queue was full (or the channel closed)
+        self.lost_records = 0  # lost records put into this sink's stream
+        self.closed = False
+        self._gap: _Gap | None = None
+        self._batches: deque[list[Item]] = deque()
+        self._count = 0
+        self._ready = asyncio.Event()
 
     # ---- producer side ----------------------------------------------------------------------
 
     def offer(self, item: Item) -> bool:
         """Queue `item` without waiting; False (counted, and a gap noted) when full."""
-        if not item.is_lost:
-            self.received += 1
+        return self.offer_batch([item], 0 if item.is_lost else 1) == 1
+
+    def offer_batch(self, items: list[Item], events: int | None = None) -> int:
+        """Queue what fits of `items` (in order) without waiting; returns how many went in.
+
+        The rest is dropped, counted and noted as a gap. `events`: how many of `items` are
+        flow events (not lost records), if the caller knows."""
+        if events is None:
+            events = sum(1 for i in items if not i.is_lost)
+        self.received += events
+        if not items:
+            return 0
         if self.closed:
-            self._note_drop(item)
-            return False
+            self._note_drop(items)
+            return 0
         if self._gap is not None:
             self._fill_gap()
             if self._gap is not None:
-                self._note_drop(item)
-                return False
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:
-            self._note_drop(item)
-            return False
-        return True
+                self._note_drop(items)
+                return 0
+        room = self.maxsize - self._count
+        if room <= 0:
+            self._note_drop(items)
+            return 0
+        if room < len(items):
+            self._note_drop(items[room:])
+            items = items[:room]
+        self._batches.append(items)
+        self._count += len(items)
+        self._ready.set()
+        return len(items)
 
-    def _note_drop(self, item: Item) -> None:
-        if not item.is_lost:
-            self.dropped += 1
-        self.report_lost(item.weight, item.seq, item.seq)
+    def _note_drop(self, items: list[Item]) -> None:
+        self.dropped += sum(1 for i in items if not i.is_lost)
+        self.report_lost(
+            sum(i.weight for i in items),
+            min(i.seq for i in items),
+            max(i.seq for i in items),
+        )
 
     def report_lost(self, lost: int, first_seq: int, last_seq: int) -> None:
         """`lost` events (seq `first_seq`..`last_seq`) will never reach this sink: its stream
@@ -152,11 +200,13 @@ class Channel:
 
     def _fill_gap(self) -> None:
         g = self._gap
-        if g is None or self.queue.full():
+        if g is None or self._count >= self.maxsize:
             return
         self._gap = None
         self.lost_records += 1
-        self.queue.put_nowait(self.make_lost(g.lost, self.name, g.first_seq, g.last_seq))
+        self._batches.append([self.make_lost(g.lost, self.name, g.first_seq, g.last_seq)])
+        self._count += 1
+        self._ready.set()
 
     @property
     def owes_lost(self) -> bool:
@@ -168,40 +218,40 @@ class Channel:
             return
         self._fill_gap()  # a last chance for the gap's record, if there is room
         self.closed = True
-        with contextlib.suppress(asyncio.QueueFull):
-            self.queue.put_nowait(None)
+        self._ready.set()
 
     # ---- consumer side ----------------------------------------------------------------------
 
     async def get_batch(self, max_items: int = 1024) -> list[Item]:
         """The next items (at least one, at most `max_items`); [] once closed and drained."""
-        out: list[Item] = []
-        while not out:
-            if self.closed and self.queue.empty():
-                return out
-            first = await self.queue.get()
-            if first is not None:
-                out.append(first)
-            out.extend(self.get_nowait_batch(max_items - len(out)))
-        return out
+        while not self._batches:
+            if self.closed:
+                return []
+            self._ready.clear()
+            await self._ready.wait()
+        return self.get_nowait_batch(max_items)
 
     def get_nowait_batch(self, max_items: int = 1024) -> list[Item]:
         """Whatever is queued now (also for a final flush); then, with room again, a pending
         gap's record goes in before anything newer."""
         out: list[Item] = []
-        while len(out) < max_items:
-            try:
-                item = self.queue.get_nowait()
-            except asyncio.QueueEmpty:
-                break
-            if item is not None:
-                out.append(item)
+        batches = self._batches
+        while batches and len(out) < max_items:
+            b = batches[0]
+            need = max_items - len(out)
+            if len(b) <= need:
+                out.extend(b)  # a copy: every channel was given the same list
+                batches.popleft()
+            else:
+                out.extend(b[:need])
+                batches[0] = b[need:]
+        self._count -= len(out)
         self._fill_gap()
         return out
 
     @property
     def depth(self) -> int:
-        return self.queue.qsize()
+        return self._count
 
     def stats(self) -> dict[str, int]:
         return {
@@ -240,9 +290,11 @@ class Fanout:
 
     def publish(self, items: list[Item]) -> None:
         """Offer every item to every sink; never waits."""
+        if not items:
+            return
+        events = sum(1 for i in items if not i.is_lost)
         for ch in self.channels.values():
-            for item in items:
-                ch.offer(item)
+            ch.offer_batch(items, events)
 
     async def run(self) -> None:
         """Run every sink until the channels are closed and drained (see `close`)."""

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamer.decode import DecodeError, decode
+from streamer.decode import EVENT_SIZE, decode_batch
 from streamer.enrich import Enricher
 from streamer.fanout import Fanout, Item, Sink, make_item
 from streamer.sinks.console import ConsoleSink
@@ -88,21 +88,17 @@ class Pipeline:
     # ---- decode and enrich (synchronous, per drained batch) -----------------------------------
 
     def handle(self, records: list[bytes]) -> None:
-        """Decode and enrich `records`, then offer them to every sink."""
-        items: list[Item] = []
-        bad = 0
-        for raw in records:
-            try:
-                ev = decode(raw)
-            except DecodeError as e:
-                bad += 1
-                if self.undecodable + bad <= 10:
-                    log.warning("undecodable flow event: %s", e)
-                continue
-            items.append(make_item(self.enricher.enrich(ev)))
-        self.decoded += len(records) - bad
+        """Decode and enrich `records` (one drained batch), then offer them to every sink."""
+        rows, bad = decode_batch(records)
+        items = self.enricher.render(rows)
+        self.decoded += len(rows)
         self.enriched += len(items)
         if bad:
+            if self.undecodable < 10:
+                sizes = sorted({len(r) for r in records if len(r) != EVENT_SIZE})
+                log.warning(
+                    "%d undecodable flow events (wrong size %s or address family)", bad, sizes
+                )
             self.undecodable += bad
             items.append(make_item(self.enricher.lost_record(bad, "decode"), bad))
         self.fanout.publish(items)

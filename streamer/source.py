@@ -25,6 +25,11 @@ class SourceConfig:
     # Records per drain: a larger backlog is taken in several drains with the event loop
     # free in between, so one burst never monopolises it (and queues downstream stay sane).
     max_batch: int = 4096
+    # After a drain that did not fill a batch, the ring buffer is left alone this long, so
+    # events arriving at a moderate rate are taken (and sent on) in batches rather than one
+    # wakeup each; at a high rate every drain is full and there is no pause. The ring buffer
+    # must hold this long's events (256 pages hold ~12,000).
+    min_drain_interval: float = 0.002
 
 
 class Source:
@@ -49,6 +54,7 @@ class Source:
         self._batch: list[bytes] = []
         self._fd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._paused: asyncio.TimerHandle | None = None
         self._lost_base = 0
         self.received = 0
         self.drains = 0
@@ -63,7 +69,19 @@ class Source:
         self._lost_base = int(self.datapath.counters().get("events_lost", 0))
         self._fd = self.datapath.open_events(self._take)
         self._loop = loop
-        loop.add_reader(self._fd, self.consume)
+        loop.add_reader(self._fd, self._readable)
+
+    def _readable(self) -> None:
+        n = self.consume()
+        if n < self.config.max_batch and self.config.min_drain_interval > 0:
+            assert self._loop is not None and self._fd is not None
+            self._loop.remove_reader(self._fd)
+            self._paused = self._loop.call_later(self.config.min_drain_interval, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = None
+        if self._fd is not None and self._loop is not None:
+            self._loop.add_reader(self._fd, self._readable)
 
     def _take(self, record: bytes) -> bool:
         self._batch.append(record)
@@ -123,6 +141,9 @@ class Source:
     def stop(self) -> None:
         """Stop watching; a last drain and lost check first."""
         if self._fd is not None and self._loop is not None:
+            if self._paused is not None:
+                self._paused.cancel()
+                self._paused = None
             self._loop.remove_reader(self._fd)
             try:
                 self.check_lost()

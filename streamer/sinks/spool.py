@@ -1,9 +1,10 @@
 """A bounded first-in first-out spool of records on disk (the Kafka sink's, while the broker
 is unreachable).
 
-In: `Rec`ords (sequence number, weight = events it stands for, key, value). Out: the same
-records, oldest first, via `take`. Records live in segment files `seg-<n>.spool` in one
-directory (each record: a 20-byte header, the key, the value); `head` names the first segment
+In: records (anything with a sequence number, a weight = events it stands for, a key and the
+data: a `Rec` or the fan-out's `Item`). Out: `Rec`s, oldest first, via `take`. Records live
+in segment files `seg-<n>.spool` in one directory (each record: a 20-byte header, the key, the
+data); `head` names the first segment
 and how much of it was taken, so a restarted agent resumes where the last one stopped (a record
 taken but not yet delivered when the process died is lost with it; one taken and handed back
 with `prepend` is kept). When appending would take the spool past `max_bytes`, the oldest
@@ -21,9 +22,12 @@ import os
 import re
 import struct
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, NamedTuple, Protocol
+
+from streamer.fanout import LOST_KEY_PREFIX
 
 log = logging.getLogger("microseg.spool")
 
@@ -34,14 +38,33 @@ _READ_CHUNK = 1 << 20
 MIN_SEGMENT_BYTES = 4096
 
 
+class Record(Protocol):
+    """What the spool stores of a record."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def weight(self) -> int: ...
+    @property
+    def key(self) -> bytes: ...
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def is_lost(self) -> bool: ...
+
+
 class Rec(NamedTuple):
     """One record: ordered by `seq` (unique within a stream)."""
 
     seq: int
     weight: int
     key: bytes
-    value: bytes
+    data: bytes
     spooled: bool = False  # came out of the spool (for "replayed" accounting)
+
+    @property
+    def is_lost(self) -> bool:
+        return self.key.startswith(LOST_KEY_PREFIX)
 
 
 @dataclass
@@ -232,15 +255,15 @@ class Spool:
                 self._writer.close()
             self._writer = None
 
-    def append(self, recs: list[Rec]) -> Dropped | None:
+    def append(self, recs: Sequence[Record]) -> Dropped | None:
         """Write `recs` after everything spooled; if that passes `max_bytes`, delete the
         oldest segments and return what they held. OSError if the disk refuses."""
         for rec in recs:
             tail, w = self._tail_writer()
-            w.write(HEADER.pack(len(rec.key), len(rec.value), rec.seq, rec.weight))
+            w.write(HEADER.pack(len(rec.key), len(rec.data), rec.seq, rec.weight))
             w.write(rec.key)
-            w.write(rec.value)
-            n = HEADER.size + len(rec.key) + len(rec.value)
+            w.write(rec.data)
+            n = HEADER.size + len(rec.key) + len(rec.data)
             if tail.records == 0:
                 tail.first_seq = rec.seq
             tail.size += n
@@ -278,7 +301,7 @@ class Spool:
         if self._writer is not None:
             self._writer.flush()
 
-    def prepend(self, recs: list[Rec]) -> None:
+    def prepend(self, recs: Sequence[Record]) -> None:
         """Put `recs` (in order) before everything spooled: records taken and not delivered,
         handed back. They may take the spool past `max_bytes` (they are few: at most one
         send window), and are not dropped for it."""
@@ -292,10 +315,10 @@ class Spool:
         seg = _Seg(no, self._seg_path(no))
         with seg.path.open("wb") as f:
             for rec in recs:
-                f.write(HEADER.pack(len(rec.key), len(rec.value), rec.seq, rec.weight))
+                f.write(HEADER.pack(len(rec.key), len(rec.data), rec.seq, rec.weight))
                 f.write(rec.key)
-                f.write(rec.value)
-                seg.size += HEADER.size + len(rec.key) + len(rec.value)
+                f.write(rec.data)
+                seg.size += HEADER.size + len(rec.key) + len(rec.data)
                 seg.weight += rec.weight
                 seg.last_seq = rec.seq
         seg.records = len(recs)

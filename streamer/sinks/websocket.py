@@ -16,6 +16,7 @@ import ipaddress
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,6 +163,7 @@ class WebSocketConfig:
     client_queue: int = DEFAULT_CLIENT_QUEUE
     max_clients: int = MAX_CLIENTS
     kick_grace: float = 2.0  # a slow client's socket gets this long to take the final message
+    recent: int = 2048  # records kept for GET /api/v1/flows/recent (`flows observe --last`)
 
 
 class WebSocketHub:
@@ -179,6 +181,7 @@ class WebSocketHub:
         self.slow_disconnects = 0
         self.connections = 0
         self.closed = False
+        self.recent: deque[Item] = deque(maxlen=self.config.recent)
 
     # ---- the sink ----------------------------------------------------------------------------
 
@@ -197,6 +200,7 @@ class WebSocketHub:
     def publish(self, items: list[Item]) -> None:
         """Queue `items` for every client whose filter matches; never waits."""
         self.received += sum(1 for i in items if not i.is_lost)
+        self.recent.extend(items)
         for c in list(self._clients.values()):
             if c.kicked:
                 continue
