@@ -3,7 +3,10 @@
 #
 # Idempotent and quick when nothing is missing: apt is only touched when a package is
 # absent, pip only when pyproject.toml changed since the last install. No systemd, so a
-# Dockerfile can RUN it too (set SETUP_SKIP_MOUNT=1 there: a build cannot mount bpffs).
+# Dockerfile can RUN it too (set SETUP_SKIP_MOUNT=1 there: a build cannot mount bpffs), and
+# does (see Dockerfile): SETUP_IMAGE=1 then leaves out what an image does not need (Java,
+# Maven and Kafka's jars: compose runs Kafka's own image; kernel headers: the host's are
+# mounted; the browser and compose test tools).
 #
 #   apt:     tools and libraries below, plus kernel headers for bcc
 #   bpffs:   mounted at /sys/fs/bpf
@@ -66,7 +69,31 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
 fi
 
+# --- make bench: side by side with nftables ----------------------------------------------
+# iperf3 and nftables are above; a C compiler builds bench/nettool.c (TCP_RR / TCP_CRR / UDP
+# flood: netperf is in Debian's non-free only); matplotlib draws docs/bench.png (the venv
+# sees Debian's through its system site-packages).
+BENCH_PACKAGES=(gcc libc6-dev python3-matplotlib util-linux coreutils)
+mapfile -t missing < <(missing_packages "${BENCH_PACKAGES[@]}")
+if [ "${#missing[@]}" -gt 0 ]; then
+    apt_install "${missing[@]}"
+fi
+
+# --- the viewer's browser tests, the compose check, make in the image -------------------
+# Debian's Chromium and chromedriver, driven by Debian's Selenium (the venv sees it through
+# its system site-packages), for tests/test_viewer.py; Debian's docker-compose validates
+# docker-compose.yml (tests/test_compose.py). `make` runs the demo inside the image.
+VIEWER_PACKAGES=(make)
+if [ "${SETUP_IMAGE:-0}" != 1 ]; then
+    VIEWER_PACKAGES+=(chromium chromium-driver python3-selenium docker-compose)
+fi
+mapfile -t missing < <(missing_packages "${VIEWER_PACKAGES[@]}")
+if [ "${#missing[@]}" -gt 0 ]; then
+    apt_install "${missing[@]}"
+fi
+
 # --- Java and Maven, for the local Kafka (make kafka, tests) -------------------------------
+if [ "${SETUP_IMAGE:-0}" != 1 ]; then  # (not in an image: compose runs Kafka's own)
 # Usually preinstalled. Kafka 4 needs Java 17 or newer; scripts/kafka.sh also finds a JDK 17
 # under /usr/lib/jvm when `java` on PATH is an older one.
 java17_ok() {
@@ -86,12 +113,14 @@ if [ "${#java_maven[@]}" -gt 0 ]; then
 fi
 java17_ok || die "no Java 17 runtime after installing openjdk-17-jre-headless"
 command -v mvn >/dev/null || die "no mvn after installing maven"
+fi
 
 # --- kernel headers for bcc -------------------------------------------------------------
 # bcc compiles against /lib/modules/$(uname -r)/build. A distro kernel has a matching
 # headers package. A foreign kernel (VM/cloud builds) has none: Debian's generic headers
 # then do for TC programs (only stable UAPI/helpers are used), linked into place.
-if [ ! -e "/lib/modules/$KVER/build" ]; then
+# In an image (SETUP_IMAGE=1) the host's /lib/modules and /usr/src are mounted at run time.
+if [ "${SETUP_IMAGE:-0}" != 1 ] && [ ! -e "/lib/modules/$KVER/build" ]; then
     apt_update_once
     if apt-cache show "linux-headers-$KVER" >/dev/null 2>&1; then
         apt_install "linux-headers-$KVER"
@@ -102,7 +131,7 @@ if [ ! -e "/lib/modules/$KVER/build" ]; then
         fi
     fi
 fi
-if [ ! -e "/lib/modules/$KVER/build" ]; then
+if [ "${SETUP_IMAGE:-0}" != 1 ] && [ ! -e "/lib/modules/$KVER/build" ]; then
     newest="$(find /usr/src -maxdepth 1 -name "linux-headers-*-$ARCH" -printf '%f\n' \
               | sed -e "s/^linux-headers-//" -e "s/-$ARCH\$//" | sort -V | tail -n 1)"
     [ -n "$newest" ] || die "no /usr/src/linux-headers-*-$ARCH found after installing headers"
@@ -152,7 +181,7 @@ fi
 # --- Kafka's jars ----------------------------------------------------------------------------
 # Fetched from Maven Central once into a cache (scripts/kafka.sh says where), so that tests
 # and `make kafka` only start a JVM. Bounded; a clear error when Maven Central is unreachable.
-if ! scripts/kafka.sh cached >/dev/null; then
+if [ "${SETUP_IMAGE:-0}" != 1 ] && ! scripts/kafka.sh cached >/dev/null; then
     scripts/kafka.sh fetch || die "could not fetch Apache Kafka's jars (see above)"
 fi
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -75,11 +76,14 @@ __all__ = [
     "ApiContext",
     "ApiSetupError",
     "ListenAddress",
+    "ViewerAuth",
+    "add_viewer_routes",
     "host_of",
     "load_or_create_token",
     "make_app",
     "parse_listen",
     "start_api",
+    "viewer_url",
 ]
 
 log = logging.getLogger("microseg.api")
@@ -139,6 +143,8 @@ class ApiContext:
     extra_stats: Callable[[], dict[str, Any]] | None = None
     reload: Callable[[str], Awaitable[ChangeResult]] | None = None
     flows: Any = None
+    # The browser viewer's one-time sign-in codes and sessions (see "the viewer" below).
+    viewer: ViewerAuth = field(default_factory=lambda: ViewerAuth(), repr=False)
     sessions: SessionCountCache = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -310,6 +316,8 @@ def _authenticate(request: web.BaseRequest, ctx: ApiContext) -> str:
             f"wrong token in ?token=: use the token in <state-dir>/{TOKEN_FILE}",
             headers={"WWW-Authenticate": 'Bearer realm="microseg", error="invalid_token"'},
         )
+    if header is None and _viewer_cookie_ok(request, ctx):
+        return "viewer"
     if header is None:
         raise ApiError(
             401,
@@ -383,7 +391,7 @@ async def _dispatch(
     try:
         _check_host(request, ctx)
         _check_origin(request)
-        if request.path not in _PUBLIC_PATHS:
+        if request.path not in _PUBLIC_PATHS and request.path not in VIEWER_PAGE_PATHS:
             request[ACTOR] = _authenticate(request, ctx)
         return await handler(request)
     except ApiError as e:
@@ -974,6 +982,7 @@ def make_app(ctx: ApiContext) -> web.Application:
     r.add_get(FLOWS_PATH, flows, allow_head=False)
     r.add_get(f"{p}/openapi.json", openapi, allow_head=False)
     r.add_get("/metrics", metrics, allow_head=False)
+    add_viewer_routes(app)
     return app
 
 
@@ -1137,3 +1146,268 @@ def _read_token(path: Path) -> str:
     if not token:
         raise ApiSetupError(f"the API token {path} is empty: delete it to have a new one made")
     return token
+
+
+# ---- the viewer -------------------------------------------------------------------------------
+#
+# The browser viewer (static files in streamer/viewer/) at `/`. A browser must never be handed
+# the API token (it would end up in URLs, history and logs), so it signs in with a one-time code
+# instead: the agent prints `http://HOST:PORT/login?code=C` at start, and `POST
+# /api/v1/viewer/codes` (token required; `microseg viewer-url`) mints another. Opening the link
+# trades the code (single use, expiring) for an HttpOnly, SameSite=Strict session cookie, which
+# the API accepts on reads only (GET/HEAD: the pages, the feed, stats), never on writes. Codes
+# and sessions live in this process's memory: an agent restart signs every browser out. No
+# access log is kept (start_api), and the debug log names only a request's path, never its
+# query, so neither codes nor cookies reach a log.
+
+VIEWER_COOKIE: Final = "microseg_session"
+LOGIN_PATH: Final = "/login"
+VIEWER_CODES_PATH: Final = f"{API_PREFIX}/viewer/codes"
+FLOWS_RECENT_PATH: Final = f"{FLOWS_PATH}/recent"
+RECENT_LIMIT_MAX: Final = 10_000
+_VIEWER_ASSETS: Final[dict[str, str]] = {"app.js": "text/javascript", "style.css": "text/css"}
+# These check their own authentication (and answer a browser with a page, not JSON).
+VIEWER_PAGE_PATHS: Final = frozenset({"/", LOGIN_PATH, *(f"/viewer/{n}" for n in _VIEWER_ASSETS)})
+_CODE_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_VIEWER_HEADERS: Final = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+VIEWER_FILES: Final = web.AppKey("microseg_viewer_files", dict)
+
+
+class ViewerAuth:
+    """One-time sign-in codes and the browser sessions they open; in memory, bounded.
+
+    `mint()` -> a new code, valid `code_ttl` seconds. `redeem(code)` -> a new session id, or None
+    for a code that is unknown, used or expired (a code works once, whatever the outcome).
+    `session_ok(sid)` -> whether a cookie's session is live. Beyond `max_codes`/`max_sessions`
+    the ones closest to expiry are dropped. Only hashes are kept, so a memory dump or a timing
+    difference in the lookup gives nothing away.
+    """
+
+    def __init__(
+        self,
+        code_ttl: float = 1800.0,
+        session_ttl: float = 12 * 3600.0,
+        max_codes: int = 64,
+        max_sessions: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.code_ttl = code_ttl
+        self.session_ttl = session_ttl
+        self._max_codes = max_codes
+        self._max_sessions = max_sessions
+        self._clock = clock
+        self._codes: dict[bytes, float] = {}
+        self._sessions: dict[bytes, float] = {}
+
+    @staticmethod
+    def _key(secret: str) -> bytes:
+        return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()
+
+    def _make_room(self, table: dict[bytes, float], limit: int) -> None:
+        now = self._clock()
+        for key in [k for k, expiry in table.items() if expiry <= now]:
+            del table[key]
+        while len(table) >= limit:
+            del table[min(table, key=table.__getitem__)]
+
+    def mint(self) -> str:
+        self._make_room(self._codes, self._max_codes)
+        code = secrets.token_urlsafe(24)
+        self._codes[self._key(code)] = self._clock() + self.code_ttl
+        return code
+
+    def redeem(self, code: str) -> str | None:
+        expiry = self._codes.pop(self._key(code), None)
+        if expiry is None or expiry <= self._clock():
+            return None
+        self._make_room(self._sessions, self._max_sessions)
+        sid = secrets.token_urlsafe(32)
+        self._sessions[self._key(sid)] = self._clock() + self.session_ttl
+        return sid
+
+    def session_ok(self, sid: str | None) -> bool:
+        if not sid or len(sid) > 128:
+            return False
+        expiry = self._sessions.get(self._key(sid))
+        return expiry is not None and expiry > self._clock()
+
+
+def _cookie_name(request: web.BaseRequest) -> str:
+    # Browsers share cookies across the ports of one host: one name per port keeps two
+    # agents on one machine (say, on 8080 and 8081) from signing each other's browsers out.
+    try:
+        port = request.url.port
+    except ValueError:
+        port = None
+    return f"{VIEWER_COOKIE}_{port}" if port else VIEWER_COOKIE
+
+
+def _viewer_cookie_ok(request: web.BaseRequest, ctx: ApiContext) -> bool:
+    """A read (GET/HEAD) carrying a live viewer session cookie."""
+    return request.method in ("GET", "HEAD") and ctx.viewer.session_ok(
+        request.cookies.get(_cookie_name(request))
+    )
+
+
+def _html(status: int, title: str, body: str) -> web.Response:
+    page = (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f'<link rel="icon" href="data:,"><title>{title}</title></head><body>{body}</body></html>'
+    )
+    return web.Response(
+        text=page, status=status, content_type="text/html", headers=dict(_VIEWER_HEADERS)
+    )
+
+
+_SIGN_IN_HELP: Final = (
+    "<p>Open the one-time sign-in link the agent printed when it started, or make a new one "
+    "on the agent's machine with <code>microseg viewer-url</code> (it reads the API token from "
+    "the state dir, like the other <code>microseg</code> clients).</p>"
+)
+
+
+def _sign_in_page(reason: str) -> web.Response:
+    return _html(401, "microseg: sign in", f"<h1>microseg flows: sign in</h1><p>{reason}</p>"
+                 + _SIGN_IN_HELP)
+
+
+def _viewer_file(request: web.Request, name: str) -> bytes:
+    files: dict[str, bytes] = request.app[VIEWER_FILES]
+    if name not in files:
+        from importlib.resources import files as resource_files
+
+        files[name] = (resource_files("streamer") / "viewer" / name).read_bytes()
+    return files[name]
+
+
+async def viewer_index(request: web.Request) -> web.Response:
+    """GET /: the viewer page for a signed-in browser (or a token); else the sign-in help."""
+    try:
+        _authenticate(request, request.app[CTX])
+    except ApiError:
+        return _sign_in_page("This browser is not signed in to this agent.")
+    return web.Response(
+        body=_viewer_file(request, "index.html"),
+        content_type="text/html",
+        charset="utf-8",
+        headers=dict(_VIEWER_HEADERS),
+    )
+
+
+def _viewer_asset(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        _query(request)
+        _authenticate(request, request.app[CTX])
+        return web.Response(
+            body=_viewer_file(request, name),
+            content_type=_VIEWER_ASSETS[name],
+            charset="utf-8",
+            headers=dict(_VIEWER_HEADERS),
+        )
+
+    return handler
+
+
+async def viewer_login(request: web.Request) -> web.Response:
+    """GET /login?code=C: trade a one-time code for a session cookie, then go to `/`."""
+    code = _query(request, ("code",)).get("code", "")
+    ctx = request.app[CTX]
+    sid: str | None = None
+    if ctx.token is not None:
+        if 0 < len(code) <= 128 and set(code) <= _CODE_CHARS:
+            sid = ctx.viewer.redeem(code)
+        if sid is None:
+            return _sign_in_page(
+                "This sign-in link is not valid: it was used already, it expired, or it is "
+                "mistyped."
+            )
+    # A page that moves on by itself rather than a 302: the navigation to `/` then starts on
+    # this site, so the browser sends the SameSite=Strict cookie with it.
+    response = _html(
+        200,
+        "microseg: signed in",
+        '<meta http-equiv="refresh" content="0;url=/"><p>Signed in. '
+        '<a href="/">Open the flow viewer</a>.</p>',
+    )
+    if sid is not None:
+        response.set_cookie(
+            _cookie_name(request),
+            sid,
+            max_age=int(ctx.viewer.session_ttl),
+            path="/",
+            httponly=True,
+            samesite="Strict",
+        )
+    return response
+
+
+async def viewer_codes(request: web.Request) -> web.Response:
+    """POST /api/v1/viewer/codes: a new one-time sign-in link (path and query) for a browser."""
+    _query(request)
+    viewer = request.app[CTX].viewer
+    return _json(
+        {
+            "path": f"{LOGIN_PATH}?code={viewer.mint()}",
+            "expires_in_seconds": int(viewer.code_ttl),
+        },
+        201,
+        {"Cache-Control": "no-store"},
+    )
+
+
+async def flows_recent(request: web.Request) -> web.Response:
+    """GET /api/v1/flows/recent: the last `limit` records of the feed matching the filters
+    (oldest first), from the feed's bounded memory of recent records."""
+    from streamer.sinks.websocket import FILTER_PARAMS, FlowFilter
+
+    query = _query(request, (*FILTER_PARAMS, "limit"))
+    limit = _int_param("limit", query.pop("limit", "100"), 1, RECENT_LIMIT_MAX)
+    try:
+        flt = FlowFilter.parse(query)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    hub = request.app[CTX].flows
+    recent = list(hub.recent) if hub is not None else []  # no feed: nothing kept
+    picked: list[bytes] = []
+    for item in reversed(recent):
+        if flt.any or flt.matches(item.obj):
+            picked.append(item.data)
+            if len(picked) == limit:
+                break
+    picked.reverse()
+    body = b'{"events":[' + b",".join(picked) + b'],"count":%d,"kept":%d}' % (
+        len(picked),
+        (hub.recent.maxlen or 0) if hub is not None else 0,
+    )
+    return web.Response(body=body, content_type="application/json")
+
+
+def add_viewer_routes(app: web.Application) -> None:
+    """The viewer's page and files, its sign-in, code minting and the recent-records route."""
+    app[VIEWER_FILES] = {}
+    r = app.router
+    r.add_get("/", viewer_index, allow_head=False)
+    for name in _VIEWER_ASSETS:
+        r.add_get(f"/viewer/{name}", _viewer_asset(name), allow_head=False)
+    r.add_get(LOGIN_PATH, viewer_login, allow_head=False)
+    r.add_post(VIEWER_CODES_PATH, viewer_codes)
+    r.add_get(FLOWS_RECENT_PATH, flows_recent, allow_head=False)
+
+
+def viewer_url(ctx: ApiContext, listen: str) -> str:
+    """The URL a person opens to see the viewer of the API on `listen` (HOST:PORT): a fresh
+    one-time sign-in link, or just `/` without auth. A wildcard host becomes loopback."""
+    address = parse_listen(listen)
+    host = address.host or "127.0.0.1"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    base = f"http://[{host}]:{address.port}" if ":" in host else f"http://{host}:{address.port}"
+    if ctx.token is None:
+        return f"{base}/"
+    return f"{base}{LOGIN_PATH}?code={ctx.viewer.mint()}"

@@ -16,6 +16,7 @@ from pathlib import Path
 from streamer import __version__
 from streamer.client import add_client_parsers
 from streamer.lab import add_lab_parser
+from streamer.observe import add_flow_parsers
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
@@ -253,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check(sub)
     add_lab_parser(sub)
     add_client_parsers(sub)
+    add_flow_parsers(sub)
     return parser
 
 

@@ -625,6 +625,7 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
             )
         },
     }
+    paths.update(_viewer_paths())
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -655,3 +656,105 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
                     op["responses"].pop("401", None)
                     op.pop("security", None)
     return doc
+
+
+# ---- the viewer (streamer/api.py, "the viewer") ----------------------------------------------
+
+
+def _html_response(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/html": {"schema": {"type": "string"}}}}
+
+
+def _viewer_paths() -> dict[str, Any]:
+    """The browser viewer's page, files and sign-in, and the feed's recent records."""
+    sign_in = _html_response("Not signed in: a page saying how to get a sign-in link")
+    filters = [
+        _query("verdict", {"type": "string"}, "only these verdicts (comma-separated)"),
+        _query("ip", {"type": "string"}, "either end is in this address or CIDR"),
+        _query("port", {"type": "string"}, "either port is one of these (comma-separated)"),
+        _query("protocol", {"type": "string"}, "tcp, udp, icmp or icmpv6 (comma-separated)"),
+        _query("rule_id", {"type": "string"}, "decided by these rules (comma-separated)"),
+    ]
+    index = _op(
+        "The flow viewer (HTML)",
+        {"200": _html_response("The viewer page")},
+        [],
+        description="For a browser signed in by the session cookie (see /login) or a token; "
+        "otherwise 401 with a page saying how to sign in.",
+    )
+    index["responses"]["401"] = sign_in
+    login = _op(
+        "Sign a browser in with a one-time code",
+        {
+            "200": _html_response(
+                "Signed in: sets the HttpOnly, SameSite=Strict session cookie and moves on "
+                "to /"
+            )
+        },
+        [400],
+        params=[
+            {**_query("code", {"type": "string"}, "the one-time code"), "required": False}
+        ],
+        description="The code (from the agent's start-up output or POST "
+        "/api/v1/viewer/codes) works once and expires.",
+    )
+    login["responses"]["401"] = _html_response("Unknown, used or expired code")
+    login["security"] = []
+    paths: dict[str, Any] = {"/": {"get": index}, "/login": {"get": login}}
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        paths[f"/viewer/{name}"] = {
+            "get": _op(
+                f"The viewer's {name}",
+                {"200": {"description": name, "content": {kind: {"schema": {"type": "string"}}}}},
+                [400],
+            )
+        }
+    paths["/api/v1/viewer/codes"] = {
+        "post": _op(
+            "A one-time sign-in link for a browser",
+            {
+                "201": _json(
+                    _obj(
+                        {
+                            "path": {"type": "string", "description": "/login?code=..."},
+                            "expires_in_seconds": _COUNT,
+                        }
+                    ),
+                    "Open http://<api>{path} in a browser, once, before it expires",
+                )
+            },
+            [400, 403],
+            description="Needs the bearer token (a browser session cannot mint codes).",
+        )
+    }
+    paths["/api/v1/flows/recent"] = {
+        "get": _op(
+            "The feed's most recent records",
+            {
+                "200": _json(
+                    _obj(
+                        {
+                            "events": {
+                                "type": "array",
+                                "items": {"type": "object"},
+                                "description": "flow events and lost records, oldest first",
+                            },
+                            "count": _COUNT,
+                            "kept": {**_COUNT, "description": "how many records the agent keeps"},
+                        }
+                    ),
+                    "The last `limit` matching records",
+                )
+            },
+            [400],
+            params=[
+                *filters,
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": 10_000, "default": 100},
+                    "at most this many",
+                ),
+            ],
+        )
+    }
+    return paths

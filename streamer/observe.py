@@ -1,0 +1,575 @@
+"""`microseg flows observe` (the terminal view of the flow feed, like `hubble observe`) and
+`microseg viewer-url` (a one-time sign-in link for the browser viewer).
+
+In: command-line filters (`--verdict`, `--ip`, `--port`, `--protocol`, `--rule`), `--last N`,
+`--follow`, `-o table|json|compact`, and the API address and token as for the other clients
+(streamer/client.py). Out: the agent's recent records (GET /api/v1/flows/recent) and, with
+`--follow`, the live feed (the WebSocket at /api/v1/flows) on stdout, one line per record;
+colours only when stdout is a terminal (`--color`), never with `-o json`. `lost` records always
+pass the filters: a gap concerns every view. Records already printed from the recent ones are
+not printed again from the feed (by `seq`).
+
+Filters other than a rule *name* are applied by the agent; `--rule NAME` (not a number) and
+`--rule default` are applied here. Exit status: 0 done (or Ctrl-C while following), 1 the agent
+refused, could not be reached, closed the feed or dropped us as too slow, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Final
+
+import aiohttp
+
+from streamer.client import (
+    API_PREFIX,
+    DEFAULT_API,
+    DEFAULT_STATE_DIR,
+    TOKEN_ENV,
+    Api,
+    ApiError,
+    ClientError,
+    Endpoint,
+    _resolve_token,
+    _unreachable,
+    format_table,
+    parse_api_address,
+)
+
+__all__ = [
+    "ObserveConfig",
+    "Printer",
+    "add_flow_parsers",
+    "cmd_flows_observe",
+    "cmd_viewer_url",
+    "observe",
+]
+
+RECENT_MAX: Final = 10_000  # the agent's cap on ?limit=
+DEFAULT_LAST: Final = 20
+OUTPUTS: Final = ("table", "json", "compact")
+VERDICTS: Final = ("deny", "log", "allow")
+PROTOCOLS: Final = ("tcp", "udp", "icmp", "icmpv6")
+HEADERS: Final = (
+    "TIME",
+    "VERDICT",
+    "DIRECTION",
+    "SOURCE",
+    "DESTINATION",
+    "PROTO",
+    "RULE",
+    "PKTS",
+    "BYTES",
+)
+# Column widths while following (rows cannot be measured ahead); longer values just push on.
+_FOLLOW_WIDTHS: Final = (12, 7, 9, 27, 27, 6, 20, 6, 8)
+_RIGHT: Final = (7, 8)
+_COLORS: Final = {"deny": "\033[1;31m", "log": "\033[33m", "allow": "\033[32m", "lost": "\033[35m"}
+_RESET: Final = "\033[0m"
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _split_values(value: str, check: Callable[[str], str]) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("give a value")
+    return [check(v) for v in items]
+
+
+def _choice(options: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    def check_one(v: str) -> str:
+        if v.lower() not in options:
+            raise argparse.ArgumentTypeError(f"{v!r} is not a {what}: use {', '.join(options)}")
+        return v.lower()
+
+    return lambda value: _split_values(value, check_one)
+
+
+def _ip_values(value: str) -> list[str]:
+    def check_one(v: str) -> str:
+        try:
+            return str(ipaddress.ip_network(v, strict=False))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{v!r} is not an IPv4/IPv6 address or CIDR") from None
+
+    return _split_values(value, check_one)
+
+
+def _port_values(value: str) -> list[str]:
+    def check_one(v: str) -> str:
+        if not (v.isascii() and v.isdigit()) or not 0 < int(v) <= 65535:
+            raise argparse.ArgumentTypeError(f"{v!r} is not a port (1..65535)")
+        return str(int(v))
+
+    return _split_values(value, check_one)
+
+
+def _rule_values(value: str) -> list[str]:
+    def check_one(v: str) -> str:
+        if v.isascii() and v.isdigit() and not 0 < int(v) < 2**32:
+            raise argparse.ArgumentTypeError(f"{v!r} is not a rule_id (1..4294967295)")
+        return v
+
+    return _split_values(value, check_one)
+
+
+def _last(value: str) -> int:
+    if not (value.isascii() and value.isdigit()) or not 0 <= int(value) <= RECENT_MAX:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a count 0..{RECENT_MAX}")
+    return int(value)
+
+
+def _api_type(value: str) -> Endpoint:
+    return parse_api_address(value)
+
+
+def _flatten(values: list[list[str]] | None) -> list[str]:
+    return list(dict.fromkeys(v for group in values or [] for v in group))
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class ObserveConfig:
+    """What to show. `params`: the agent's filters (query parameters); `rule_names`: rule
+    names (lowercase, or "default" for the default action) matched here; `last`: recent
+    records first (0: none); `follow`: then the live feed until interrupted."""
+
+    params: dict[str, str] = field(default_factory=dict)
+    rule_names: frozenset[str] = frozenset()
+    rule_ids: frozenset[int] = frozenset()
+    last: int = DEFAULT_LAST
+    follow: bool = False
+    output: str = "table"
+    color: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, stream: IO[str]) -> ObserveConfig:
+        params: dict[str, str] = {}
+        for key in ("verdict", "ip", "port", "protocol"):
+            values = _flatten(getattr(args, key))
+            if values:
+                params[key] = ",".join(values)
+        rules = _flatten(args.rule)
+        ids = [r for r in rules if r.isdigit()]
+        names = frozenset(r.lower() for r in rules if not r.isdigit())
+        if ids and not names:
+            params["rule_id"] = ",".join(ids)  # all numeric: the agent filters
+        last = args.last if args.last is not None else (0 if args.follow else DEFAULT_LAST)
+        if args.color == "auto":
+            color = (
+                stream.isatty()
+                and "NO_COLOR" not in os.environ
+                and (os.environ.get("TERM") != "dumb")
+            )
+        else:
+            color = args.color == "always"
+        return cls(
+            params=params,
+            rule_names=names,
+            rule_ids=frozenset(int(i) for i in ids) if names else frozenset(),
+            last=last,
+            follow=args.follow,
+            output=args.output,
+            color=color and args.output != "json",
+        )
+
+    def keep(self, obj: Mapping[str, Any]) -> bool:
+        """The filters applied here (rule names); the agent applied the rest."""
+        if not self.rule_names or obj.get("type") == "lost":
+            return True
+        rule = obj.get("rule")
+        if not isinstance(rule, dict):
+            return "default" in self.rule_names
+        name = str(rule.get("name", "")).lower()
+        return name in self.rule_names or rule.get("rule_id") in self.rule_ids
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _clock(time: Any) -> str:
+    """`2026-11-22T10:01:02.123456789Z` -> `10:01:02.123` (UTC)."""
+    text = str(time or "")
+    _, sep, rest = text.partition("T")
+    if not sep:
+        return text or "-"
+    return rest.rstrip("Z")[:12]
+
+
+def _endpoint(ip: Any, port: Any) -> str:
+    addr = str(ip or "-")
+    if port in (None, 0):
+        return addr
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def _rule_text(rule: Any) -> str:
+    if not isinstance(rule, dict):
+        return "default"
+    name = rule.get("name") or ""
+    return f"{rule.get('rule_id')} {name}".strip()
+
+
+def _cells(obj: Mapping[str, Any]) -> list[str]:
+    if obj.get("type") == "lost":
+        first = obj.get("first_seq")
+        span = f"seq {first}..{obj.get('seq')}" if first is not None else f"seq {obj.get('seq')}"
+        return [
+            _clock(obj.get("time")),
+            "LOST",
+            "-",
+            f"{obj.get('lost')} events lost",
+            f"at {obj.get('stage')}",
+            "-",
+            span,
+            "-",
+            "-",
+        ]
+    proto = str(obj.get("protocol") or "-")
+    return [
+        _clock(obj.get("time")),
+        str(obj.get("verdict", "-")).upper(),
+        str(obj.get("direction") or "-"),
+        _endpoint(obj.get("src_ip"), obj.get("src_port")),
+        _endpoint(obj.get("dst_ip"), obj.get("dst_port")),
+        proto,
+        _rule_text(obj.get("rule")),
+        str(obj.get("packets", "-")),
+        str(obj.get("bytes", "-")),
+    ]
+
+
+def _compact(obj: Mapping[str, Any]) -> str:
+    if obj.get("type") == "lost":
+        first = obj.get("first_seq")
+        span = f" seq {first}..{obj.get('seq')}" if first is not None else ""
+        return (
+            f"{_clock(obj.get('time'))} LOST {obj.get('lost')} events at {obj.get('stage')}{span}"
+        )
+    flags = f" {obj['tcp_flags']}" if obj.get("tcp_flags") else ""
+    return (
+        f"{_clock(obj.get('time'))} {str(obj.get('verdict', '-')).upper():<5}"
+        f" {obj.get('direction', '-'):<7} {_endpoint(obj.get('src_ip'), obj.get('src_port'))}"
+        f" -> {_endpoint(obj.get('dst_ip'), obj.get('dst_port'))} {obj.get('protocol', '-')}"
+        f"{flags} rule={_rule_text(obj.get('rule')).replace(' ', ':', 1)}"
+        f" pkts={obj.get('packets', '-')} bytes={obj.get('bytes', '-')} {obj.get('kind', '')}"
+    ).rstrip()
+
+
+class Printer:
+    """Writes records to `stream` in one of OUTPUTS; `raw` is the record's JSON text when we
+    have it (printed unchanged with -o json)."""
+
+    def __init__(self, cfg: ObserveConfig, stream: IO[str]) -> None:
+        self.cfg = cfg
+        self.stream = stream
+        self.header_done = False
+        self.count = 0
+
+    def _paint(self, obj: Mapping[str, Any], line: str) -> str:
+        if not self.cfg.color:
+            return line
+        key = "lost" if obj.get("type") == "lost" else str(obj.get("verdict", ""))
+        code = _COLORS.get(key)
+        return f"{code}{line}{_RESET}" if code else line
+
+    def batch(self, records: Sequence[tuple[dict[str, Any], str | None]]) -> None:
+        """Records known all at once (the recent ones): a table sized to them."""
+        if self.cfg.output != "table" or self.cfg.follow:
+            for obj, raw in records:
+                self.one(obj, raw)
+            return
+        rows = [_cells(obj) for obj, _ in records]
+        text = format_table(HEADERS, rows, right=_RIGHT)
+        lines = text.split("\n")
+        out = [lines[0]] + [
+            self._paint(obj, ln) for (obj, _), ln in zip(records, lines[1:], strict=True)
+        ]
+        self.stream.write("\n".join(out) + "\n")
+        self.stream.flush()
+        self.header_done = True
+        self.count += len(records)
+
+    def one(self, obj: dict[str, Any], raw: str | None) -> None:
+        if self.cfg.output == "json":
+            line = raw if raw is not None else json.dumps(obj, separators=(",", ":"))
+        elif self.cfg.output == "compact":
+            line = self._paint(obj, _compact(obj))
+        else:
+            if not self.header_done:
+                self.stream.write(self._fixed(list(HEADERS)) + "\n")
+                self.header_done = True
+            line = self._paint(obj, self._fixed(_cells(obj)))
+        self.stream.write(line + "\n")
+        self.stream.flush()
+        self.count += 1
+
+    @staticmethod
+    def _fixed(cells: list[str]) -> str:
+        parts = [
+            c.rjust(w) if i in _RIGHT else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, _FOLLOW_WIDTHS, strict=True))
+        ]
+        return "  ".join(parts).rstrip()
+
+
+# --------------------------------------------------------------------------- observing
+
+
+def _url(endpoint: Endpoint, path: str) -> Any:
+    return endpoint.base_url.with_path(endpoint.base_url.path.rstrip("/") + API_PREFIX + path)
+
+
+async def _recent(api: Api, cfg: ObserveConfig) -> list[dict[str, Any]]:
+    # Rule names are matched here, so ask for everything the agent keeps and cut after.
+    limit = RECENT_MAX if cfg.rule_names else cfg.last
+    data = await api.call("GET", "/flows/recent", params={**cfg.params, "limit": str(limit)})
+    events = data.get("events") if isinstance(data, dict) else None
+    if not isinstance(events, list):
+        raise ClientError(
+            "the agent's /flows/recent answer has no events list; is it a microseg"
+            " agent of this version?"
+        )
+    kept = [e for e in events if isinstance(e, dict) and cfg.keep(e)]
+    return kept[-cfg.last :] if cfg.last else []
+
+
+async def observe(api: Api, cfg: ObserveConfig, stream: IO[str]) -> int:
+    """Print the recent records, then (with `follow`) the live feed until it ends."""
+    printer = Printer(cfg, stream)
+    ws: aiohttp.ClientWebSocketResponse | None = None
+    session = api._session
+    assert session is not None
+    try:
+        if cfg.follow:
+            # Subscribe first, then read the recent ones: nothing falls in between.
+            ws = await _connect(session, api, cfg)
+        last_seq = 0
+        if cfg.last:
+            recent = await _recent(api, cfg)
+            printer.batch([(obj, None) for obj in recent])
+            last_seq = max((int(o.get("seq", 0)) for o in recent), default=0)
+        if ws is None:
+            if not printer.count and cfg.output == "table":
+                print("no matching flow events among those the agent keeps", file=sys.stderr)
+            return 0
+        return await _follow(ws, cfg, printer, last_seq)
+    finally:
+        if ws is not None:
+            await ws.close()
+
+
+async def _connect(
+    session: aiohttp.ClientSession, api: Api, cfg: ObserveConfig
+) -> aiohttp.ClientWebSocketResponse:
+    url = _url(api.endpoint, "/flows").with_query(cfg.params)
+    where = api.endpoint.display
+    try:
+        return await session.ws_connect(url, heartbeat=30.0, max_msg_size=1 << 20)
+    except aiohttp.WSServerHandshakeError as e:
+        if e.status == 401:
+            raise ApiError(
+                401,
+                "unauthorized",
+                f"the agent refused the token (pass --state-dir, --token or set {TOKEN_ENV})",
+            ) from None
+        raise ApiError(e.status, None, f"the agent refused the flow feed: {e.message}") from None
+    except aiohttp.ClientConnectorError as e:
+        raise ClientError(_unreachable(where, e.os_error, api.endpoint)) from None
+    except aiohttp.ClientError as e:
+        raise ClientError(f"connecting to the flow feed at {where} failed: {e}") from None
+
+
+async def _follow(
+    ws: aiohttp.ClientWebSocketResponse, cfg: ObserveConfig, printer: Printer, last_seq: int
+) -> int:
+    async for msg in ws:
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            continue
+        try:
+            obj = json.loads(msg.data)
+        except ValueError:
+            continue
+        if not isinstance(obj, dict):
+            continue
+        if obj.get("type") == "slow_consumer":
+            print(
+                f"microseg: the agent dropped this client as too slow ({obj.get('dropped')} "
+                "events lost); narrow the filters or use -o json",
+                file=sys.stderr,
+            )
+            return 1
+        seq = obj.get("seq")
+        if isinstance(seq, int) and seq <= last_seq:
+            continue  # printed already, from the recent ones
+        if cfg.keep(obj):
+            printer.one(obj, msg.data)
+    print(f"microseg: the agent closed the flow feed (code {ws.close_code})", file=sys.stderr)
+    return 1
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _client(args: argparse.Namespace, action: Callable[[Api], Any], timeout: float) -> int:
+    try:
+        token = _resolve_token(args)
+
+        async def main() -> int:
+            # The timeout bounds each request and the feed's handshake, not the feed itself.
+            async with Api(args.api, token, timeout) as api:
+                result: int = await action(api)
+                return result
+
+        return asyncio.run(main())
+    except ClientError as e:
+        print(f"microseg: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_flows_observe(args: argparse.Namespace) -> int:
+    """`flows observe`: recent flow events, and with --follow the live feed."""
+    cfg = ObserveConfig.from_args(args, sys.stdout)
+    if not cfg.follow and cfg.last == 0:
+        print("microseg: --last 0 without --follow shows nothing", file=sys.stderr)
+        return 2
+    return _client(args, lambda api: observe(api, cfg, sys.stdout), 10.0)
+
+
+def cmd_viewer_url(args: argparse.Namespace) -> int:
+    """`viewer-url`: a new one-time sign-in link for the browser viewer."""
+    endpoint: Endpoint = args.api
+    if endpoint.unix_path is not None:
+        print(
+            "microseg viewer-url: a browser needs the agent's TCP address: --api HOST:PORT",
+            file=sys.stderr,
+        )
+        return 2
+
+    async def mint(api: Api) -> int:
+        data = await api.call("POST", "/viewer/codes")
+        path = data.get("path") if isinstance(data, dict) else None
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ClientError(
+                "the agent's answer has no sign-in path; is it a microseg agent of this version?"
+            )
+        base = str(endpoint.base_url).rstrip("/")
+        print(f"{base}{path}")
+        minutes = int(data.get("expires_in_seconds", 0)) // 60
+        print(f"(one-time link: open it once, within {minutes} min)", file=sys.stderr)
+        return 0
+
+    return _client(args, mint, 10.0)
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def _connection(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection")
+    g.add_argument(
+        "--api",
+        type=_api_type,
+        default=parse_api_address(DEFAULT_API),
+        metavar="ADDR",
+        help=f"the agent's API: HOST:PORT, http://HOST:PORT or unix:/PATH (default {DEFAULT_API})",
+    )
+    g.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help=f"the agent's state dir, where api-token is read (default {DEFAULT_STATE_DIR})",
+    )
+    g.add_argument("--token", help=f"API token (default: ${TOKEN_ENV}, else <state-dir>/api-token)")
+
+
+def add_flow_parsers(subparsers: Any) -> None:
+    """Register `flows observe` and `viewer-url` on the `microseg` subparsers."""
+    flows: argparse.ArgumentParser = subparsers.add_parser(
+        "flows",
+        help="flow events of the running agent",
+        description="Flow events of the running agent, through its API.",
+    )
+    fsub = flows.add_subparsers(dest="flows_command", metavar="{observe}")
+    fsub.required = True
+    p = fsub.add_parser(
+        "observe",
+        help="show recent flow events, or follow them live",
+        description="Show the agent's recent flow events (the last 20 by default), or follow "
+        "the live feed with --follow. Filters take comma-separated alternatives and may be "
+        "repeated; lost records always show.",
+    )
+    g = p.add_argument_group("filters")
+    g.add_argument(
+        "--verdict", action="append", type=_choice(VERDICTS, "verdict"), metavar="deny|log"
+    )
+    g.add_argument(
+        "--ip", action="append", type=_ip_values, metavar="ADDR|CIDR", help="either end is in it"
+    )
+    g.add_argument(
+        "--port", action="append", type=_port_values, metavar="PORT", help="either end has it"
+    )
+    g.add_argument(
+        "--protocol",
+        action="append",
+        type=_choice(PROTOCOLS, "protocol"),
+        metavar="tcp|udp|icmp|icmpv6",
+    )
+    g.add_argument(
+        "--rule",
+        action="append",
+        type=_rule_values,
+        metavar="ID|NAME",
+        help="decided by this rule (rule_id or name; 'default': the default action)",
+    )
+    p.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep printing events as they arrive (Ctrl-C stops)",
+    )
+    p.add_argument(
+        "--last",
+        type=_last,
+        metavar="N",
+        help=f"the last N recent events first (default {DEFAULT_LAST}; 0 with --follow)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=OUTPUTS,
+        default="table",
+        help="table (default), compact (one line each) or json (one object per line,"
+        " as the agent sent it)",
+    )
+    p.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="colour verdicts (auto: only on a terminal, and not with NO_COLOR)",
+    )
+    _connection(p)
+    p.set_defaults(func=cmd_flows_observe)
+
+    p = subparsers.add_parser(
+        "viewer-url",
+        help="a one-time sign-in link for the browser viewer",
+        description="Ask the agent for a new one-time link that signs a browser in to the "
+        "flow viewer (open it once, soon; it sets a session cookie).",
+    )
+    _connection(p)
+    p.set_defaults(func=cmd_viewer_url)

@@ -1,0 +1,407 @@
+"""The browser viewer in a real headless Chromium (Debian's, driven by Selenium through Debian's
+chromedriver) against a real agent on the lab, with real traffic.
+
+- Sign-in: the one-time link the agent prints works once and sets an HttpOnly, SameSite=Strict
+  cookie; the cookie reads but never writes; no code, token or cookie reaches the agent's log.
+- Denied and logged flows appear as rows with the right fields within a second.
+- Each filter (verdict, address/CIDR, port, protocol, rule) narrows the rows; pause holds them.
+- A forced gap (a one-page ring buffer overflowed by a burst) shows in the lost counter, equal to
+  what the agent counted.
+- At 1,000 events/s the page keeps answering, keeps the table capped and counts every event.
+
+A screenshot goes to tests/artifacts/viewer.png (and to docs/viewer.png, the README's, when
+MICROSEG_DOCS_SCREENSHOT=1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agentproc import AgentProcess, free_port, write_policy
+from netutil import netns_socket, wait_until
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import Select
+
+from streamer.lab import Lab
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+AgentFactory = Callable[..., AgentProcess]
+RULES = [
+    {"rule_id": 1002, "name": "no-ssh", "dst_port": 22, "protocol": "tcp", "action": "deny",
+     "priority": 200},
+    {"rule_id": 1005, "name": "audit-pg", "dst_port": 5432, "protocol": "tcp", "action": "log"},
+    {"rule_id": 1006, "name": "dns", "dst_port": 53, "protocol": "udp", "action": "allow"},
+]
+TABLE_CAP = 200  # streamer/viewer/app.js
+
+
+# ---- the agent and the browser --------------------------------------------------------------
+
+
+def start_agent(agent: AgentProcess) -> AgentProcess:
+    agent.start()
+    agent.wait_api()
+    return agent
+
+
+@pytest.fixture(scope="module")
+def agent(module_lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    """One agent for the module's tests (AgentProcess cleans up after itself on exit)."""
+    tmp = tmp_path_factory.mktemp("viewer")
+    policy = write_policy(tmp / "policy.json", RULES, "deny")
+    with AgentProcess(module_lab, policy, tmp / "events.jsonl",
+                      api=f"127.0.0.1:{free_port()}") as a:
+        yield start_agent(a)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    """Headless Chromium with a fresh profile, removed afterwards."""
+    profile = tempfile.mkdtemp(prefix="microseg-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                f"--user-data-dir={profile}", "--window-size=1400,900"):
+        opts.add_argument(arg)
+    service = Service(shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    driver = webdriver.Chrome(service=service, options=opts)
+    try:
+        driver.set_script_timeout(10)
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def startup_link(agent: AgentProcess) -> str:
+    """The one-time sign-in link the agent printed on stdout at start."""
+    assert wait_until(lambda: any(ln.startswith("viewer: ") for ln in agent.stdout_lines), 10)
+    line = next(ln for ln in agent.stdout_lines if ln.startswith("viewer: "))
+    return line.split(" ", 1)[1].strip()
+
+
+def mint_link(agent: AgentProcess) -> str:
+    req = urllib.request.Request(f"{agent.api_url}/api/v1/viewer/codes", method="POST",
+                                 headers={"Authorization": f"Bearer {agent.token()}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 201
+        return agent.api_url + json.load(r)["path"]
+
+
+def sign_in(driver: WebDriver, link: str) -> None:
+    driver.get(link)
+    assert wait_until(lambda: driver.current_url.rstrip("/") == link.split("/login")[0], 5), (
+        driver.current_url)
+    assert wait_until(lambda: conn_state(driver) == "live", 10), conn_state(driver)
+
+
+def conn_state(driver: WebDriver) -> str:
+    return str(driver.find_element(By.ID, "conn").get_attribute("data-state"))
+
+
+ROWS_JS = """
+return Array.from(document.querySelectorAll('#rows tr')).map(tr => ({
+  seq: Number(tr.dataset.seq), lost: tr.classList.contains('lost'),
+  cells: Object.fromEntries(Array.from(tr.cells).map(td => [td.className.slice(2), td.textContent]))
+}));
+"""
+
+
+def rows(driver: WebDriver) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = driver.execute_script(ROWS_JS)
+    return out
+
+
+def flow_rows(driver: WebDriver) -> list[dict[str, str]]:
+    return [r["cells"] for r in rows(driver) if not r["lost"]]
+
+
+def text(driver: WebDriver, element_id: str) -> str:
+    return str(driver.find_element(By.ID, element_id).text)
+
+
+def request(url: str, method: str = "GET", headers: dict[str, str] | None = None
+            ) -> tuple[int, str]:
+    req = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+# ---- traffic --------------------------------------------------------------------------------
+
+
+def host(lab: Lab, fam: str) -> str:
+    return lab.host_v4 if fam == "v4" else lab.host_v6
+
+
+def syn(lab: Lab, fam: str, port: int) -> int:
+    """One TCP connection attempt from the peer to the host's `port`; our source port. The
+    socket is closed at once (the SYN is out; a denied one gets no answer anyway)."""
+    af = socket.AF_INET if fam == "v4" else socket.AF_INET6
+    with netns_socket(lab.peer_ns, af, socket.SOCK_STREAM) as s:
+        s.setblocking(False)
+        s.bind(("0.0.0.0", 0) if fam == "v4" else ("::", 0))
+        sport: int = s.getsockname()[1]
+        s.connect_ex((host(lab, fam), port))
+        time.sleep(0.02)
+        return sport
+
+
+def udp(lab: Lab, fam: str, ports: range, pace: int = 0) -> None:
+    """One datagram to each port (each a new flow); `pace`: sleep 0.1 s after every `pace`."""
+    af = socket.AF_INET if fam == "v4" else socket.AF_INET6
+    with netns_socket(lab.peer_ns, af, socket.SOCK_DGRAM) as s:
+        for i, port in enumerate(ports):
+            s.sendto(b"x", (host(lab, fam), port))
+            if pace and i % pace == pace - 1:
+                time.sleep(0.1)
+
+
+def flow_events(agent: AgentProcess) -> list[dict[str, Any]]:
+    return [e for e in agent.events() if e.get("type") == "flow"]
+
+
+def stats(agent: AgentProcess) -> dict[str, Any]:
+    status, body = request(f"{agent.api_url}/api/v1/stats",
+                           headers={"Authorization": f"Bearer {agent.token()}"})
+    assert status == 200, body
+    out: dict[str, Any] = json.loads(body)
+    return out
+
+
+# ---- tests ------------------------------------------------------------------------------------
+
+
+def test_sign_in_link_works_once_and_nothing_secret_is_logged(
+    agent: AgentProcess, browser: WebDriver
+) -> None:
+    link = startup_link(agent)
+    assert re.fullmatch(rf"{re.escape(agent.api_url)}/login\?code=[A-Za-z0-9_-]{{20,}}", link)
+    status, page = request(f"{agent.api_url}/")
+    assert status == 401 and "sign-in link" in page  # not signed in: told how to be
+
+    sign_in(browser, link)
+    cookies = [c for c in browser.get_cookies() if c["name"].startswith("microseg_session")]
+    assert len(cookies) == 1, browser.get_cookies()
+    cookie = cookies[0]
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
+    # HttpOnly: the page's scripts cannot read it.
+    assert "microseg_session" not in str(browser.execute_script("return document.cookie"))
+
+    # The link worked once.
+    status, page = request(link)
+    assert status == 401 and "not valid" in page
+    # The cookie reads (what the page needs) and never writes.
+    jar = {"Cookie": f"{cookie['name']}={cookie['value']}"}
+    assert request(f"{agent.api_url}/api/v1/stats", headers=jar)[0] == 200
+    assert request(f"{agent.api_url}/api/v1/viewer/codes", "POST", jar)[0] == 401
+    assert request(f"{agent.api_url}/api/v1/policies/1002", "DELETE", jar)[0] == 401
+    assert request(f"{agent.api_url}/api/v1/stats",
+                   headers={"Cookie": f"{cookie['name']}=forged"})[0] == 401
+
+    # A minted link, and nothing secret in the agent's log (there is no access log).
+    minted = mint_link(agent)
+    assert request(minted)[0] == 200
+    token = agent.token()
+    assert token
+    for secret in (token, cookie["value"], link.split("code=")[1], minted.split("code=")[1]):
+        assert secret not in agent.log
+    assert minted.split("code=")[1] not in "\n".join(agent.stdout_lines)
+
+
+def test_denied_and_logged_flows_appear_as_rows_within_a_second(
+    agent: AgentProcess, browser: WebDriver, module_lab: Lab
+) -> None:
+    lab = module_lab
+    # Record, in the page, when each source port first shows up in the table.
+    browser.execute_script("""
+      window.__seen = {};
+      const body = document.getElementById('rows');
+      new MutationObserver(() => {
+        for (const td of body.querySelectorAll('td.c-sport')) {
+          if (!(td.textContent in window.__seen)) window.__seen[td.textContent] = Date.now();
+        }
+      }).observe(body, {childList: true});
+    """)
+    sent: dict[int, tuple[float, str, str]] = {}
+    for fam in ("v4", "v6"):
+        for port, verdict in ((22, "deny"), (5432, "log")):
+            t = time.time()
+            sent[syn(lab, fam, port)] = (t, fam, verdict)
+
+    def seen() -> dict[str, float]:
+        out: dict[str, float] = browser.execute_script("return window.__seen")
+        return out
+
+    assert wait_until(lambda: all(str(p) in seen() for p in sent), 10), (seen(), sent)
+    by_sport = {r["sport"]: r for r in flow_rows(browser)}
+    for sport, (t_sent, fam, verdict) in sent.items():
+        delay = seen()[str(sport)] / 1000 - t_sent
+        assert delay <= 1.0, f"row for {fam} {verdict} appeared after {delay:.2f} s"
+        r = by_sport[str(sport)]
+        dport = "22" if verdict == "deny" else "5432"
+        rule = "1002 no-ssh" if verdict == "deny" else "1005 audit-pg"
+        peer = lab.peer_v4 if fam == "v4" else lab.peer_v6
+        assert (r["verdict"], r["dir"], r["src"], r["dst"], r["dport"], r["proto"], r["rule"]) == (
+            verdict, "ingress", peer, host(lab, fam), dport, "tcp", rule), r
+        assert int(r["pkts"]) >= 1 and int(r["bytes"]) >= 40, r
+        assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3}", r["time"]), r
+
+
+def test_each_filter_narrows_the_rows_and_pause_holds_them(
+    agent: AgentProcess, browser: WebDriver, module_lab: Lab
+) -> None:
+    lab = module_lab
+    before = len(flow_events(agent))
+    for fam in ("v4", "v6"):
+        syn(lab, fam, 22)
+        syn(lab, fam, 5432)
+        udp(lab, fam, range(7001, 7004))  # default deny: no rule
+    assert wait_until(lambda: len(flow_events(agent)) >= before + 10, 10)
+    assert wait_until(lambda: {"udp", "tcp"} <= {r["proto"] for r in flow_rows(browser)}, 5)
+    everything = flow_rows(browser)
+
+    def narrowed(apply: Callable[[], None], keep: Callable[[dict[str, str]], bool]) -> None:
+        apply()
+        time.sleep(0.6)  # the page redraws four times a second
+        shown = flow_rows(browser)
+        assert shown, "the filter left nothing"
+        assert all(keep(r) for r in shown), shown
+        assert len(shown) < len(everything)
+        browser.find_element(By.ID, "f-clear").click()
+        assert wait_until(lambda: len(flow_rows(browser)) >= len(everything), 3)
+
+    def typed(element_id: str, value: str) -> Callable[[], None]:
+        return lambda: browser.find_element(By.ID, element_id).send_keys(value)
+
+    def chosen(element_id: str, value: str) -> Callable[[], None]:
+        return lambda: Select(browser.find_element(By.ID, element_id)).select_by_value(value)
+
+    v4_net = "198.18.0.0/15"  # every lab's IPv4 addresses (streamer/lab.py)
+    narrowed(chosen("f-verdict", "log"), lambda r: r["verdict"] == "log")
+    narrowed(chosen("f-protocol", "udp"), lambda r: r["proto"] == "udp")
+    narrowed(typed("f-ip", v4_net), lambda r: ":" not in r["src"] and ":" not in r["dst"])
+    narrowed(typed("f-ip", lab.peer_v6), lambda r: lab.peer_v6 in (r["src"], r["dst"]))
+    narrowed(typed("f-port", "22"), lambda r: "22" in (r["sport"], r["dport"]))
+    narrowed(typed("f-rule", "audit"), lambda r: r["rule"] == "1005 audit-pg")
+    narrowed(typed("f-rule", "1002"), lambda r: r["rule"] == "1002 no-ssh")
+    narrowed(typed("f-rule", "default"), lambda r: r["rule"] == "default")
+    # A bad filter says so and is not applied.
+    typed("f-ip", "10.0.0.300")()
+    time.sleep(0.4)
+    assert "address" in text(browser, "f-error")
+    browser.find_element(By.ID, "f-clear").click()
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "viewer.png"))
+    if os.environ.get("MICROSEG_DOCS_SCREENSHOT") == "1":
+        shutil.copyfile(ARTIFACTS / "viewer.png", ROOT / "docs" / "viewer.png")
+
+    # Pause: the rows stay as they are while events keep arriving (and are counted).
+    browser.find_element(By.ID, "pause").click()
+    time.sleep(0.4)
+    held = [r["seq"] for r in rows(browser)]
+    total = int(text(browser, "total"))
+    before = len(flow_events(agent))
+    sport = syn(lab, "v4", 22)
+    assert wait_until(lambda: len(flow_events(agent)) > before, 5)
+    assert wait_until(lambda: int(text(browser, "total")) > total, 3)
+    time.sleep(0.6)
+    assert [r["seq"] for r in rows(browser)] == held
+    assert "held back" in text(browser, "paused-note")
+    browser.find_element(By.ID, "pause").click()
+    assert wait_until(lambda: str(sport) in {r["sport"] for r in flow_rows(browser)}, 2)
+
+
+def test_page_keeps_up_at_1000_events_per_second(
+    agent: AgentProcess, browser: WebDriver, module_lab: Lab
+) -> None:
+    lab = module_lab
+    browser.execute_script("""
+      window.__lag = []; window.__rateMax = 0; let last = performance.now();
+      setInterval(() => {
+        const now = performance.now(); window.__lag.push(now - last - 100); last = now;
+        const r = Number(document.getElementById('deny-rate').textContent);
+        window.__rateMax = Math.max(window.__rateMax, r);
+      }, 100);
+    """)
+    total0 = int(text(browser, "total"))
+    file0 = len(flow_events(agent))
+    n = 5000
+    # 100 new denied flows every 0.1 s (about 1,000 events/s, less the sending time).
+    udp(lab, "v4", range(20000, 20000 + n), pace=100)
+    t0 = time.monotonic()
+    browser.execute_script("return 1")
+    assert time.monotonic() - t0 < 2.0, "the page did not answer within 2 s"
+    assert wait_until(lambda: len(flow_events(agent)) >= file0 + n, 15)
+    produced = len(flow_events(agent)) - file0
+    assert wait_until(lambda: int(text(browser, "total")) - total0 == produced, 10), (
+        text(browser, "total"), total0, produced)
+    assert len(rows(browser)) <= TABLE_CAP
+    lag = sorted(browser.execute_script("return window.__lag"))
+    assert lag and lag[len(lag) // 2] < 500, f"timer lag median {lag[len(lag) // 2]:.0f} ms"
+    assert browser.execute_script("return window.__rateMax") > 200
+    assert text(browser, "lost") == "0"
+
+
+def test_lost_counter_shows_a_forced_gap(
+    lab: Lab, agent_factory: AgentFactory, tmp_path: Path, browser: WebDriver
+) -> None:
+    """A one-page ring buffer (under 50 events) and a burst of 3,000 new flows: the kernel
+    loses events, the agent reports them as lost records, the page counts them all."""
+    policy = write_policy(tmp_path / "policy.json", RULES, "deny")
+    small = start_agent(agent_factory(lab, policy, api=f"127.0.0.1:{free_port()}",
+                                      extra_args=["--ringbuf-pages", "1"]))
+    sign_in(browser, mint_link(small))
+    assert text(browser, "lost") == "0"
+    udp(lab, "v4", range(40000, 43000))
+
+    def kernel_lost() -> int:
+        return int(stats(small)["pipeline"]["source"]["kernel_lost"])
+
+    assert wait_until(lambda: kernel_lost() > 0, 10), stats(small)["pipeline"]
+    time.sleep(1.0)  # the agent reads the kernel's counter twice a second
+    lost = kernel_lost()
+    assert wait_until(lambda: text(browser, "lost") == str(lost), 5), (text(browser, "lost"), lost)
+    assert "kernel" in str(browser.find_element(By.ID, "lost").get_attribute("title"))
+    lost_rows = [r for r in rows(browser) if r["lost"]]
+    assert lost_rows and all("lost at kernel" in "".join(r["cells"].values()) for r in lost_rows)
+
+
+def test_sign_in_codes_expire_work_once_and_are_bounded() -> None:
+    from streamer.api import ViewerAuth
+
+    now = [1000.0]
+    auth = ViewerAuth(code_ttl=60, session_ttl=3600, max_codes=3, max_sessions=2,
+                      clock=lambda: now[0])
+    code = auth.mint()
+    sid = auth.redeem(code)
+    assert sid and auth.session_ok(sid)
+    assert auth.redeem(code) is None  # once only
+    late = auth.mint()
+    now[0] += 61
+    assert auth.redeem(late) is None  # expired
+    codes = [auth.mint() for _ in range(4)]  # beyond max_codes the oldest goes
+    assert auth.redeem(codes[0]) is None and auth.redeem(codes[3])
+    assert not auth.session_ok("forged") and not auth.session_ok(None)
+    now[0] += 3600
+    assert not auth.session_ok(sid)  # the session expired
