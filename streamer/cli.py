@@ -16,7 +16,9 @@ from pathlib import Path
 from streamer import __version__
 from streamer.client import add_client_parsers
 from streamer.lab import add_lab_parser
+from streamer.monitor import add_monitor_parser
 from streamer.observe import add_flow_parsers
+from streamer.pressure import PressureConfig
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
@@ -146,7 +148,50 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--kafka-spool-max-bytes", type=_size, default=256 << 20, metavar="SIZE",
                    help="events wait in <state-dir>/spool while Kafka is unreachable, up to"
                    " this much (then the oldest are dropped, and counted)")
+    _pressure_flags(p)
     p.set_defaults(func=cmd_run)
+
+
+def _fraction(value: str) -> float:
+    try:
+        n = float(value.rstrip("%")) / (100 if value.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a fraction (0.8 or 80%)") from None
+    if not 0 < n <= 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be above 0 and at most 1 (100%)")
+    return n
+
+
+def _rate(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number per second") from None
+    if not 0 <= n < 1e12:
+        raise argparse.ArgumentTypeError(f"{value!r} must be 0 (off) or more")
+    return n
+
+
+def _pressure_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pressure alerts (alert records in the event stream, metrics)")
+    d = PressureConfig()
+    g.add_argument("--syn-flood-half-open", type=_non_negative_int, metavar="N",
+                   default=d.half_open_threshold,
+                   help="alert syn_flood at this many half-open TCP sessions"
+                   f" (default {d.half_open_threshold}; 0: off)")
+    g.add_argument("--syn-flood-rate", type=_rate, metavar="PER_S", default=d.syn_rate_threshold,
+                   help="... or at this many new TCP sessions opened by a SYN per second"
+                   f" (default {d.syn_rate_threshold:g}; 0: off)")
+    g.add_argument("--new-flow-rate-alert", type=_rate, metavar="PER_S",
+                   default=d.new_flow_rate_threshold,
+                   help="alert new_flow_rate at this many new sessions per second, any protocol"
+                   f" (default {d.new_flow_rate_threshold:g}; 0: off)")
+    g.add_argument("--fill-warning", type=_fraction, metavar="RATIO", default=d.fill_warning,
+                   help="alert map_fill (warning) when a kernel table is this full (default 0.8)")
+    g.add_argument("--fill-critical", type=_fraction, metavar="RATIO", default=d.fill_critical,
+                   help="... and critical at this (default 0.95)")
+    g.add_argument("--pressure-interval", type=_seconds, metavar="SECONDS", default=d.interval,
+                   help="how often the tables are read for alerts and rates (default 1)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -165,6 +210,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     if args.netns is not None and not Path("/run/netns", args.netns).exists():
         print(f"microseg run: --netns {args.netns}: no such network namespace", file=sys.stderr)
+        return 2
+    try:
+        pressure = PressureConfig(
+            interval=args.pressure_interval,
+            half_open_threshold=args.syn_flood_half_open,
+            syn_rate_threshold=args.syn_flood_rate,
+            new_flow_rate_threshold=args.new_flow_rate_alert,
+            fill_warning=args.fill_warning,
+            fill_critical=args.fill_critical,
+        )
+    except ValueError as e:
+        print(f"microseg run: {e}", file=sys.stderr)
         return 2
     instance = args.instance or default_instance(args.netns)
     api = tuple(args.api or ["127.0.0.1:8080"])
@@ -188,6 +245,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_events=args.print_events,
         api_listen=api,
         no_auth=args.no_auth,
+        pressure=pressure,
         datapath=DatapathConfig(
             instance=instance,
             session_entries=args.session_table_size,
@@ -255,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_lab_parser(sub)
     add_client_parsers(sub)
     add_flow_parsers(sub)
+    add_monitor_parser(sub)
     return parser
 
 

@@ -286,6 +286,19 @@ class Enricher:
             "policy_generation": ev.generation,
         }
 
+    def alert_record(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """An `alert` record (streamer.pressure.AlertChange.fields()) with its own sequence
+        number: the classifier under pressure, in the same stream as the flows."""
+        obj: dict[str, Any] = {
+            "schema": SCHEMA,
+            "type": "alert",
+            "seq": self.next_seq(),
+            "time": self.now(),
+            "host": self.host,
+        }
+        obj.update(fields)
+        return obj
+
     def lost_record(
         self, lost: int, stage: str, *, first_seq: int | None = None, last_seq: int | None = None
     ) -> dict[str, Any]:

@@ -68,10 +68,13 @@ LOST_KEY_PREFIX = b"lost@"
 
 
 def flow_key(obj: dict[str, Any]) -> bytes:
-    """The Kafka key of a record: `<src_ip>-><dst_ip>` (SPEC §4); a lost record is keyed by
-    its host, so one agent's lost records stay in order on one partition."""
-    if obj.get("type") == "lost":
+    """The Kafka key of a record: `<src_ip>-><dst_ip>` (SPEC §4); a lost record is keyed
+    `lost@<host>` and an alert `alert@<host>`, so one agent's stay in order on one partition."""
+    kind = obj.get("type")
+    if kind == "lost":
         return LOST_KEY_PREFIX + str(obj.get("host", "")).encode()
+    if kind == "alert":
+        return f"alert@{obj.get('host', '')}".encode()
     return f"{obj['src_ip']}->{obj['dst_ip']}".encode()
 
 

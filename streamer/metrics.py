@@ -57,6 +57,16 @@ _PLAIN = (
 )
 
 
+# Session gauges the classifier keeps exact, reported under the same names.
+SESSION_GAUGES = (
+    "active_sessions",
+    "closed_sessions",
+    "half_open_sessions",
+    "expired_sessions",
+    "related_passed",
+)
+
+
 class SessionCountCache:
     """`datapath.session_count()` (a walk of the whole session table), at most once per `ttl`.
 
@@ -96,8 +106,19 @@ def read_stats(
     out: dict[str, Any] = {name: int(c.get(name, 0)) for name in _PLAIN}
     # log = allow and report: a logged packet was allowed.
     out["allowed_packets"] = int(c.get("allowed_packets", 0)) + out["logged_packets"]
-    out["closed_sessions"] = 0  # no TCP state machine yet: sessions only age out
-    out["active_sessions"] = sessions.get()
+    if "active_sessions" in c:
+        # The classifier keeps these exact (inserts minus removals): no walk needed.
+        for name in SESSION_GAUGES:
+            out[name] = int(c.get(name, 0))
+    else:
+        out["closed_sessions"] = 0
+        out["active_sessions"] = sessions.get()
+    out["drops"] = {
+        "policy": int(c.get("denied_packets", 0)),
+        "parse": int(c.get("parse_drops", 0)),
+        "fragment": int(c.get("fragment_drops", 0)),
+        "pressure": int(c.get("pressure_drops", 0)),
+    }
     out["rejudged_sessions"] = int(c.get("rejudged_sessions", 0))
     out["session_table_capacity"] = int(datapath.config.session_entries)
     out["by_direction"] = {
@@ -161,11 +182,27 @@ class MicrosegCollector(Collector):
         yield GaugeMetricFamily(
             "microseg_session_table_capacity", "Size of the session table", value=capacity
         )
-        fill = GaugeMetricFamily(
-            "microseg_map_fill_ratio", "Used fraction of a kernel map (0..1)", labels=["map"]
+        yield from self._maps(s, capacity)
+        drops = CounterMetricFamily(
+            "microseg_drops", "Packets dropped, by reason", labels=["reason"]
         )
-        fill.add_metric(["sessions"], s["active_sessions"] / capacity if capacity else 0.0)
-        yield fill
+        for reason, n in s["drops"].items():
+            drops.add_metric([reason], n)
+        yield drops
+        if "half_open_sessions" in s:
+            yield GaugeMetricFamily(
+                "microseg_sessions_half_open",
+                "TCP sessions in SYN_SENT or SYN_RECV",
+                value=s["half_open_sessions"],
+            )
+            ended = CounterMetricFamily(
+                "microseg_sessions_ended",
+                "Sessions removed, by why: closed (TCP finished) or expired (idle)",
+                labels=["reason"],
+            )
+            ended.add_metric(["closed"], s["closed_sessions"])
+            ended.add_metric(["expired"], s["expired_sessions"])
+            yield ended
         decisions = CounterMetricFamily(
             "microseg_policy_decisions",
             "Flows judged, by whether a rule or the default action decided",
@@ -187,6 +224,32 @@ class MicrosegCollector(Collector):
         events.add_metric(["sent"], s["events_sent"])
         events.add_metric(["lost"], s["events_lost"])
         yield events
+
+
+    def _maps(self, s: dict[str, Any], capacity: int) -> Iterator[Metric]:
+        """Fill of every map the datapath reports (`map_fill()`), else the session table's."""
+        fill = GaugeMetricFamily(
+            "microseg_map_fill_ratio", "Used fraction of a kernel map (0..1)", labels=["map"]
+        )
+        map_fill = getattr(self._datapath, "map_fill", None)
+        if map_fill is None:
+            fill.add_metric(["sessions"], s["active_sessions"] / capacity if capacity else 0.0)
+            yield fill
+            return
+        maps = map_fill()
+        entries = GaugeMetricFamily("microseg_map_entries", "Entries in a kernel map",
+                                    labels=["map"])
+        evictions = CounterMetricFamily(
+            "microseg_map_evictions", "Entries a kernel map dropped to make room", labels=["map"]
+        )
+        cap = GaugeMetricFamily("microseg_map_capacity", "Capacity of a kernel map",
+                                labels=["map"])
+        for name, f in sorted(maps.items()):
+            fill.add_metric([name], f.ratio)
+            entries.add_metric([name], f.entries)
+            cap.add_metric([name], f.capacity)
+            evictions.add_metric([name], f.evictions)
+        yield from (fill, entries, cap, evictions)
 
 
 class ApiMetrics:

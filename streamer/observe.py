@@ -72,7 +72,13 @@ HEADERS: Final = (
 # Column widths while following (rows cannot be measured ahead); longer values just push on.
 _FOLLOW_WIDTHS: Final = (12, 7, 9, 27, 27, 6, 20, 6, 8)
 _RIGHT: Final = (7, 8)
-_COLORS: Final = {"deny": "\033[1;31m", "log": "\033[33m", "allow": "\033[32m", "lost": "\033[35m"}
+_COLORS: Final = {
+    "deny": "\033[1;31m",
+    "log": "\033[33m",
+    "allow": "\033[32m",
+    "lost": "\033[35m",
+    "alert": "\033[1;33m",
+}
 _RESET: Final = "\033[0m"
 
 
@@ -187,7 +193,7 @@ class ObserveConfig:
 
     def keep(self, obj: Mapping[str, Any]) -> bool:
         """The filters applied here (rule names); the agent applied the rest."""
-        if not self.rule_names or obj.get("type") == "lost":
+        if not self.rule_names or obj.get("type") in ("lost", "alert"):
             return True
         rule = obj.get("rule")
         if not isinstance(rule, dict):
@@ -222,7 +228,16 @@ def _rule_text(rule: Any) -> str:
     return f"{rule.get('rule_id')} {name}".strip()
 
 
+def _alert_text(obj: Mapping[str, Any]) -> str:
+    return (
+        f"{obj.get('alert')} {obj.get('state')} ({obj.get('severity')}):"
+        f" {obj.get('message', '')}"
+    )
+
+
 def _cells(obj: Mapping[str, Any]) -> list[str]:
+    if obj.get("type") == "alert":
+        return [_clock(obj.get("time")), "ALERT", "-", _alert_text(obj), "-", "-", "-", "-", "-"]
     if obj.get("type") == "lost":
         first = obj.get("first_seq")
         span = f"seq {first}..{obj.get('seq')}" if first is not None else f"seq {obj.get('seq')}"
@@ -252,6 +267,8 @@ def _cells(obj: Mapping[str, Any]) -> list[str]:
 
 
 def _compact(obj: Mapping[str, Any]) -> str:
+    if obj.get("type") == "alert":
+        return f"{_clock(obj.get('time'))} ALERT {_alert_text(obj)}"
     if obj.get("type") == "lost":
         first = obj.get("first_seq")
         span = f" seq {first}..{obj.get('seq')}" if first is not None else ""
@@ -281,7 +298,8 @@ class Printer:
     def _paint(self, obj: Mapping[str, Any], line: str) -> str:
         if not self.cfg.color:
             return line
-        key = "lost" if obj.get("type") == "lost" else str(obj.get("verdict", ""))
+        kind = obj.get("type")
+        key = str(kind) if kind in ("lost", "alert") else str(obj.get("verdict", ""))
         code = _COLORS.get(key)
         return f"{code}{line}{_RESET}" if code else line
 

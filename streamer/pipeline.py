@@ -103,6 +103,10 @@ class Pipeline:
             items.append(make_item(self.enricher.lost_record(bad, "decode"), bad))
         self.fanout.publish(items)
 
+    def publish_alert(self, fields: dict[str, Any]) -> None:
+        """An `alert` record (see streamer.pressure) into every sink's stream."""
+        self.fanout.publish([make_item(self.enricher.alert_record(fields), 0)])
+
     def _kernel_lost(self, n: int) -> None:
         log.warning("the kernel lost %d flow events (ring buffer full)", n)
         self.fanout.publish([make_item(self.enricher.lost_record(n, "kernel"), n)])

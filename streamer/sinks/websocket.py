@@ -108,7 +108,7 @@ class FlowFilter:
         )
 
     def matches(self, obj: dict[str, Any]) -> bool:
-        if obj.get("type") == "lost":
+        if obj.get("type") in ("lost", "alert"):  # gaps and alerts reach every client
             return True
         if self.verdicts is not None and obj.get("verdict") not in self.verdicts:
             return False

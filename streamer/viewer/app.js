@@ -19,6 +19,7 @@
     total: 0,
     lost: 0,
     lostStages: new Map(),
+    alerts: new Map(),  // "alert subject" -> the firing alert record
     lastSeq: 0,
     paused: false,
     pausedAtSeq: 0,
@@ -140,7 +141,7 @@
   }
 
   function matches(ev, f) {
-    if (ev.type === "lost") return true;  // a gap concerns every view
+    if (ev.type === "lost" || ev.type === "alert") return true;  // they concern every view
     if (f.verdict && ev.verdict !== f.verdict) return false;
     if (f.protocol && ev.protocol !== f.protocol) return false;
     if (f.ports && !(f.ports.has(ev.src_port) || f.ports.has(ev.dst_port))) return false;
@@ -182,6 +183,13 @@
   }
 
   function account(ev, live) {
+    if (ev.type === "alert") {
+      // Firing alerts by alert+subject; a resolved one leaves the list.
+      const key = `${ev.alert} ${ev.subject}`;
+      if (ev.state === "resolved") state.alerts.delete(key);
+      else state.alerts.set(key, ev);
+      return;
+    }
     if (ev.type === "lost") {
       state.lost += ev.lost || 0;
       state.lostStages.set(ev.stage, (state.lostStages.get(ev.stage) || 0) + (ev.lost || 0));
@@ -300,6 +308,10 @@
     `<td class="c-${cls}"${title ? ` title="${esc(title)}"` : ""}>${esc(v)}</td>`;
 
   function row(ev) {
+    if (ev.type === "alert") {
+      return `<tr class="alert a-${esc(ev.severity)}" data-seq="${esc(ev.seq)}"><td class="c-time">${esc(timeOf(ev.time))}</td>` +
+        `<td colspan="10">ALERT ${esc(ev.alert)} ${esc(ev.state)} (${esc(ev.severity)}): ${esc(ev.message)}</td></tr>`;
+    }
     if (ev.type === "lost") {
       const range = ev.first_seq ? ` (seq ${ev.first_seq}..${ev.seq})` : "";
       return `<tr class="lost" data-seq="${esc(ev.seq)}"><td class="c-time">${esc(timeOf(ev.time))}</td>` +
@@ -393,6 +405,10 @@
     if (state.lost) {
       lost.title = [...state.lostStages].map(([s, n]) => `${s}: ${n}`).join(", ");
     }
+    const alerts = $("alerts");
+    alerts.textContent = String(state.alerts.size);
+    alerts.classList.toggle("nonzero", state.alerts.size > 0);
+    alerts.title = [...state.alerts.values()].map((a) => a.message).join("\n") || "no alert firing";
     if (state.paused) {
       const held = state.events.filter((e) => e.seq > state.pausedAtSeq).length;
       $("paused-note").textContent = `paused: ${held} newer events held back`;

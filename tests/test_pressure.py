@@ -1,0 +1,255 @@
+"""Pressure alerts (streamer/pressure.py), `microseg monitor` (streamer/monitor.py).
+
+The alert logic on readings made up here (levels, rates, hysteresis, a restarted counter),
+then a real agent in the netns lab: a bounded SYN flood from the lab peer raises `syn_flood`
+(in the events file, /api/v1/stats and /metrics) and fills a small session table past its
+80 % line (`map_fill`); `microseg monitor` shows it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from agentproc import AgentProcess, free_port, write_policy
+from netutil import wait_until
+
+from streamer.lab import Lab, netns_socket
+from streamer.monitor import render
+from streamer.pressure import AlertChange, PressureConfig, PressureWatch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = json.loads((ROOT / "docs" / "flow-event.schema.json").read_text())
+
+
+def reading(
+    *, half_open: int = 0, syn: int = 0, new: int = 0, fill: dict[str, float] | None = None,
+    drops: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    return {
+        "half_open_sessions": half_open,
+        "syn_new_sessions": syn,
+        "new_sessions": new,
+        "closed_sessions": 0,
+        "expired_sessions": 0,
+        "drops": drops or {"policy": 0, "parse": 0},
+        "fill": {
+            name: {"entries": int(r * 1000), "capacity": 1000, "ratio": r, "evictions": 0}
+            for name, r in (fill or {}).items()
+        },
+    }
+
+
+def kinds(changes: list[AlertChange]) -> list[tuple[str, str, str, str]]:
+    return [(c.alert, c.subject, c.state, c.severity) for c in changes]
+
+
+def test_syn_flood_by_half_open_sessions_fires_once_and_resolves_with_hysteresis() -> None:
+    w = PressureWatch(PressureConfig(half_open_threshold=100, syn_rate_threshold=0))
+    assert w.observe(reading(half_open=99), 0.0) == []
+    assert kinds(w.observe(reading(half_open=100), 1.0)) == [
+        ("syn_flood", "tcp", "firing", "critical")
+    ]
+    assert w.observe(reading(half_open=500), 2.0) == []  # still firing: not again
+    assert w.observe(reading(half_open=85), 3.0) == []  # above 80 % of the line: holds
+    assert kinds(w.observe(reading(half_open=79), 4.0)) == [
+        ("syn_flood", "tcp", "resolved", "critical")
+    ]
+    assert w.raised == {"syn_flood": 1}
+    assert w.active() == []
+
+
+def test_syn_flood_by_rate_needs_two_readings() -> None:
+    w = PressureWatch(PressureConfig(half_open_threshold=0, syn_rate_threshold=1000))
+    assert w.observe(reading(syn=10_000), 0.0) == []  # no rate from one reading
+    (c,) = w.observe(reading(syn=13_000), 2.0)  # 1,500/s
+    assert (c.alert, c.state, c.value, c.threshold) == ("syn_flood", "firing", 1500.0, 1000)
+    assert "1500 new SYN sessions/s" in c.message
+    snap = w.snapshot()
+    assert snap["syn_new_sessions_per_s"] == 1500.0
+    assert [a["alert"] for a in snap["alerts"]] == ["syn_flood"]
+    # A counter going backwards (the classifier was replaced) gives no rate: state kept.
+    assert w.observe(reading(syn=5), 3.0) == []
+    assert kinds(w.observe(reading(syn=105), 4.0)) == [
+        ("syn_flood", "tcp", "resolved", "critical")
+    ]
+
+
+def test_new_flow_rate_alert_and_off_switch() -> None:
+    w = PressureWatch(PressureConfig(new_flow_rate_threshold=100, half_open_threshold=0,
+                                     syn_rate_threshold=0))
+    w.observe(reading(new=0), 0.0)
+    assert kinds(w.observe(reading(new=500), 1.0)) == [
+        ("new_flow_rate", "all", "firing", "warning")
+    ]
+    off = PressureWatch(PressureConfig(new_flow_rate_threshold=0))
+    off.observe(reading(new=0), 0.0)
+    assert off.observe(reading(new=10**9), 1.0) == []
+
+
+def test_map_fill_levels_escalate_and_step_down() -> None:
+    w = PressureWatch(PressureConfig())
+    assert w.observe(reading(fill={"sessions": 0.79, "frags": 0.1}), 0.0) == []
+    assert kinds(w.observe(reading(fill={"sessions": 0.80}), 1.0)) == [
+        ("map_fill", "sessions", "firing", "warning")
+    ]
+    assert kinds(w.observe(reading(fill={"sessions": 0.96}), 2.0)) == [
+        ("map_fill", "sessions", "firing", "critical")
+    ]
+    assert w.observe(reading(fill={"sessions": 0.92}), 3.0) == []  # within the margin
+    assert kinds(w.observe(reading(fill={"sessions": 0.85}), 4.0)) == [
+        ("map_fill", "sessions", "firing", "warning")
+    ]
+    assert w.observe(reading(fill={"sessions": 0.76}), 5.0) == []
+    (c,) = w.observe(reading(fill={"sessions": 0.5}), 6.0)
+    assert (c.state, c.severity) == ("resolved", "warning")
+    assert "50% full (500 of 1000)" in c.message
+    assert w.raised == {"map_fill": 3}
+
+
+def test_drop_rates_and_snapshot_thresholds() -> None:
+    w = PressureWatch(PressureConfig(half_open_threshold=7))
+    w.observe(reading(drops={"policy": 10, "parse": 0}), 0.0)
+    w.observe(reading(drops={"policy": 30, "parse": 4}), 2.0)
+    snap = w.snapshot()
+    assert snap["drops_per_s"] == {"policy": 10.0, "parse": 2.0}
+    assert snap["thresholds"]["half_open"] == 7
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"interval": 0}, {"fill_warning": 0.9, "fill_critical": 0.8}, {"fill_warning": 0},
+     {"half_open_threshold": -1}, {"new_flow_rate_threshold": -5}],
+)
+def test_bad_pressure_config_is_refused(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        PressureConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--fill-warning", "1.5"], "must be above 0 and at most 1"),
+        (["--fill-warning", "90%", "--fill-critical", "85%"], "warning <= critical"),
+        (["--syn-flood-rate", "lots"], "is not a number per second"),
+        (["--syn-flood-half-open", "-3"], "must be 0 or more"),
+        (["--pressure-interval", "0"], "pressure interval must be positive"),
+    ],
+)
+def test_bad_pressure_flags_are_refused(flags: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamer", "run", "--iface", "lo", "--api", "none", *flags],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_monitor_renders_a_reading() -> None:
+    w = PressureWatch(PressureConfig(half_open_threshold=5))
+    w.observe(reading(half_open=9, fill={"sessions": 0.97}), 0.0)
+    stats = {"active_sessions": 970, "session_table_capacity": 1000, "events_sent": 12,
+             "events_lost": 0, "drops": {"policy": 3, "parse": 0}, "pressure": w.snapshot()}
+    screen = render(stats, "127.0.0.1:8080")
+    assert "active 970 / 1,000 (97.0%)" in screen and "half-open 9" in screen
+    assert "sessions" in screen and "97.0%" in screen and "!!" in screen
+    assert "CRITICAL syn_flood [tcp]" in screen and "CRITICAL map_fill [sessions]" in screen
+    assert "policy 3" in screen
+
+
+# ---- a real agent -------------------------------------------------------------------------
+
+
+def _get(agent: AgentProcess, path: str) -> bytes:
+    req = urllib.request.Request(agent.api_url + path)
+    token = agent.token()
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        data: bytes = resp.read()
+        return data
+
+
+def _syn_flood(lab: Lab, port: int, n: int) -> Iterator[socket.socket]:
+    """`n` TCP connection attempts from the lab peer to the host, left pending (their SYNs
+    are denied, so each stays a half-open session): a bounded SYN flood."""
+    for _ in range(n):
+        s = netns_socket(lab.peer_ns, socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.connect_ex((lab.host_v4, port))
+        yield s
+
+
+@pytest.fixture
+def pressured_agent(
+    module_lab: Lab, agent_factory: Callable[..., AgentProcess], tmp_path: Path
+) -> AgentProcess:
+    policy = write_policy(tmp_path / "policy.json", [], default="deny")
+    agent = agent_factory(
+        module_lab, policy, api=f"127.0.0.1:{free_port()}",
+        extra_args=["--syn-flood-half-open", "100", "--syn-flood-rate", "0",
+                    "--session-table-size", "512", "--pressure-interval", "0.2"],
+    )
+    agent.start()
+    agent.wait_api()
+    return agent
+
+
+def test_a_syn_flood_from_the_peer_raises_alerts_everywhere(
+    pressured_agent: AgentProcess, module_lab: Lab
+) -> None:
+    agent = pressured_agent
+    with ExitStack() as stack:
+        for s in _syn_flood(module_lab, 9, 450):  # 450 of 512 sessions: past 80 %
+            stack.callback(s.close)
+
+        def alerts() -> dict[tuple[str, str], dict[str, Any]]:
+            return {(e["alert"], e["subject"]): e for e in agent.events()
+                    if e.get("type") == "alert"}
+
+        assert wait_until(lambda: ("syn_flood", "tcp") in alerts()
+                          and ("map_fill", "sessions") in alerts(), timeout=20), agent.log
+        got = alerts()
+        flood = got[("syn_flood", "tcp")]
+        assert (flood["state"], flood["severity"], flood["threshold"]) == (
+            "firing", "critical", 100)
+        assert flood["value"] >= 100 and "half-open" in flood["message"]
+        fill = got[("map_fill", "sessions")]
+        assert fill["state"] == "firing" and fill["value"] >= 0.8
+        for e in got.values():
+            jsonschema.validate(e, SCHEMA)
+        stats = json.loads(_get(agent, "/api/v1/stats"))
+        assert stats["half_open_sessions"] >= 100
+        assert {a["alert"] for a in stats["pressure"]["alerts"]} >= {"syn_flood", "map_fill"}
+        assert stats["pressure"]["fill"]["sessions"]["ratio"] >= 0.8
+        assert stats["drops"]["policy"] >= 450
+        metrics = _get(agent, "/metrics").decode()
+        assert 'microseg_alert_active{alert="syn_flood",severity="critical",subject="tcp"} 1.0' \
+            in metrics
+        assert 'microseg_alerts_total{alert="syn_flood"} 1.0' in metrics
+        assert 'microseg_map_fill_ratio{map="sessions"}' in metrics
+        assert 'microseg_drops_total{reason="policy"}' in metrics
+        # The terminal view shows the same, once.
+        out = subprocess.run(
+            [sys.executable, "-m", "streamer", "monitor", "--once", "--api", agent.api or "",
+             "--state-dir", str(agent.state_dir)],
+            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "CRITICAL syn_flood [tcp]" in out.stdout and "sessions" in out.stdout
+        js = subprocess.run(
+            [sys.executable, "-m", "streamer", "monitor", "--count", "2", "--interval", "0.2",
+             "-o", "json", "--api", agent.api or "", "--state-dir", str(agent.state_dir)],
+            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+        )
+        lines = [json.loads(x) for x in js.stdout.splitlines()]
+        assert len(lines) == 2 and lines[0]["half_open_sessions"] >= 100
