@@ -8,11 +8,12 @@ spool directory, the sender and consumer processes.
 Set-up: a private Kafka broker (scripts/kafka.sh through tests/kafkabroker.py) on a free
 loopback port; a private classifier instance (default deny, no rules, a 16 MiB ring buffer);
 the real pipeline (`streamer.pipeline.Pipeline`, Kafka sink only) on this process's event loop.
-Two forked processes keep the loop's core free of other Python work: the sender, which runs
-one distinct new TCP flow per BPF_PROG_TEST_RUN call on the ingress program (each a deny, so
-each one ring-buffer event), paced to the offered rate; and the consumer (aiokafka), which
-reads the topic from the beginning, stamps each fetched batch with the wall clock and counts
-flow records, `lost` records and duplicates.
+Two forked processes keep the loop's core free of other work: the sender, which runs
+bench/evgen.c (C, so generating the load costs little): one distinct new TCP flow per
+BPF_PROG_TEST_RUN call on the ingress program (each a deny, so each one ring-buffer event),
+paced to the offered rate; and the consumer, which runs kcat
+(librdkafka) on the topic from the beginning, stamps each chunk of its output with the wall
+clock and counts flow records, `lost` records and duplicates.
 
 Per step (offered rate for `seconds`, then a bounded wait until everything is acknowledged and
 consumed): generated (the kernel's events_sent), lost in the kernel (events_lost), dropped by
@@ -29,12 +30,12 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
-import ctypes as ct
 import importlib.util
 import multiprocessing as mp
 import os
+import select
 import shutil
-import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +56,6 @@ RINGBUF_PAGES = 4096  # 16 MiB: ~170,000 events of 96 bytes between two drains
 SRC_BASE = 0x0A000000  # 10.0.0.0/8: one source address per flow
 DST = 0xC0000201  # 192.0.2.1
 SRC_OFFSET = 14 + 12  # the IPv4 source address in the frame
-TC_ACT_SHOT = 2
 KEPT_UP_S = 1.0  # a step's backlog must clear within this to count as sustained
 # Informational targets (printed next to the numbers, never a failure).
 TARGET_EPS = 100_000
@@ -84,6 +84,25 @@ def _pct(values: list[int], q: float) -> float | None:
     return round(s[min(len(s) - 1, int(q * len(s)))] / 1e6, 2)
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) a process and its live children have used so far; 0 when
+    it is gone."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
+    except OSError:
+        return 0.0
+    # user + system time of the process and of its children it has waited for
+    own = sum(int(f) for f in fields[11:15]) / _CLK_TCK
+    return own + sum(_cpu_s(c) for c in children)
+
+
 def _kafkabroker() -> ModuleType:
     """tests/kafkabroker.py, imported by path (tests/ is not a package)."""
     path = ROOT / "tests" / "kafkabroker.py"
@@ -99,52 +118,48 @@ def _kafkabroker() -> ModuleType:
 # ---- the sender (a forked process) ------------------------------------------------------------
 
 
-def _sender_main(conn: Connection, fd: int) -> None:
-    """Commands (rate, seconds, first flow index) -> (sent, elapsed s, failed calls, non-deny
-    verdicts); None ends it. One distinct flow per call: only the source address changes."""
-    from streamer.datapath import _TestRunOpts, libbpf
+EVGEN_SRC = Path(__file__).resolve().parent / "evgen.c"
+EVGEN = ROOT / "build" / "bench" / "evgen"
 
-    run = libbpf().bpf_prog_test_run_opts
-    data = frame(Flow(4, SRC_BASE, DST, TCP, 40000, 80, "ingress"))
-    buf = ct.create_string_buffer(data, len(data))
-    out = ct.create_string_buffer(len(data) + 256)
-    opts = _TestRunOpts(
-        sz=ct.sizeof(_TestRunOpts),
-        data_in=ct.cast(buf, ct.c_void_p),
-        data_out=ct.cast(out, ct.c_void_p),
-        data_size_in=len(data),
-        data_size_out=len(out),
-        repeat=1,
-    )
-    ref = ct.byref(opts)
-    pack = struct.Struct("!I").pack_into
+
+def evgen() -> Path:
+    """The compiled bench/evgen.c (built when missing or older than its source)."""
+    if EVGEN.exists() and EVGEN.stat().st_mtime >= EVGEN_SRC.stat().st_mtime:
+        return EVGEN
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise BenchError("no C compiler (cc) to build bench/evgen.c: run `make setup`")
+    EVGEN.parent.mkdir(parents=True, exist_ok=True)
+    tmp = EVGEN.with_suffix(".tmp")
+    proc = subprocess.run([cc, "-O2", "-Wall", "-o", str(tmp), str(EVGEN_SRC)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    if proc.returncode != 0:
+        raise BenchError(f"building bench/evgen.c failed:\n{proc.stderr[-1500:]}")
+    tmp.replace(EVGEN)
+    return EVGEN
+
+
+def _sender_main(conn: Connection, fd: int, tool: str) -> None:
+    """Commands (rate, seconds, first flow index) -> (sent, elapsed s, failed calls, non-deny
+    verdicts); None ends it. Each step runs bench/evgen.c (`tool`) on the inherited program
+    fd: one distinct flow per call, only the source address changes."""
+    hexframe = frame(Flow(4, SRC_BASE, DST, TCP, 40000, 80, "ingress")).hex()
     while True:
         cmd = conn.recv()
         if cmd is None:
             return
         rate, seconds, first = cmd
-        total = int(rate * seconds)
-        failed = other = 0
-        i = 0
-        t0 = time.perf_counter()
-        # A sender slower than the rate still ends: it gets 3x the step's time.
-        deadline = t0 + 3 * seconds + 1
-        while i < total:
-            now = time.perf_counter()
-            if now > deadline:
-                break
-            due = min(total, int((now - t0) * rate) + 1)
-            if due <= i:
-                time.sleep(min(0.001, (i - due + 1) / rate))
-                continue
-            for k in range(i, min(due, i + 2000)):
-                pack(buf, SRC_OFFSET, SRC_BASE + first + k)
-                if run(fd, ref) != 0:
-                    failed += 1
-                elif opts.retval != TC_ACT_SHOT:
-                    other += 1
-            i = min(due, i + 2000)
-        conn.send((i, time.perf_counter() - t0, failed, other))
+        proc = subprocess.run(
+            [tool, str(fd), hexframe, str(rate), str(seconds), str(first), str(SRC_OFFSET),
+             str(SRC_BASE)],
+            pass_fds=(fd,), capture_output=True, text=True, timeout=3 * seconds + 30,
+            check=False,
+        )
+        if proc.returncode != 0:
+            conn.send(("error", f"evgen failed: {proc.stderr.strip()[-500:]}"))
+            continue
+        sent, elapsed, failed, other = proc.stdout.split()
+        conn.send((int(sent), float(elapsed), int(failed), int(other)))
 
 
 # ---- the consumer (a forked process) ----------------------------------------------------------
@@ -199,37 +214,40 @@ class _Tally:
 
 
 def _consumer_main(conn: Connection, bootstrap: str, topic: str) -> None:
-    """Waits for "go", then reads `topic` from the beginning; "count" -> (flows, lost records,
-    lost events, dups); "stop" -> the same plus the event times and latencies (bytes)."""
+    """Waits for "go", then reads `topic` from the beginning with kcat (librdkafka: a consumer
+    we did not write, and cheap enough to leave the cores to what is measured); "count" ->
+    (flows, lost records, lost events, dups); "stop" -> the same plus the event times and
+    latencies (bytes). Each chunk of kcat's output is stamped with the wall clock on arrival."""
     if conn.recv() != "go":
         return
-    asyncio.run(_consume(conn, bootstrap, topic))
-
-
-async def _consume(conn: Connection, bootstrap: str, topic: str) -> None:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    tally = _Tally()
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_partition_fetch_bytes=8 << 20,
-        fetch_max_bytes=16 << 20,
-        fetch_max_wait_ms=100,
+    kcat = shutil.which("kcat") or shutil.which("kafkacat")
+    if kcat is None:
+        conn.send(("error", "kcat is not installed (make setup installs it)"))
+        return
+    proc = subprocess.Popen(
+        [kcat, "-C", "-b", bootstrap, "-t", topic, "-p", "0", "-o", "beginning", "-u", "-q",
+         "-f", "%s\\n", "-X", "fetch.wait.max.ms=10"],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
     )
-    await consumer.start()
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    tally = _Tally()
+    rest = b""
     try:
-        tp = TopicPartition(topic, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
         while True:
-            batches = await consumer.getmany(timeout_ms=20, max_records=20000)
-            recv = time.time_ns()
-            for records in batches.values():
-                for r in records:
-                    if r.value is not None:
-                        tally.add(r.value, recv)
+            r, _, _ = select.select([fd, conn.fileno()], [], [], 1.0)
+            if fd in r:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    conn.send(("error", f"kcat ended (exit {proc.wait()})"))
+                    return
+                recv = time.time_ns()
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    if line:
+                        tally.add(line, recv)
             while conn.poll():
                 cmd = conn.recv()
                 counts = (tally.flows, tally.lost_records, tally.lost_events, tally.dups)
@@ -238,7 +256,12 @@ async def _consume(conn: Connection, bootstrap: str, topic: str) -> None:
                     return
                 conn.send(counts)
     finally:
-        await consumer.stop()
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # ---- the driver (this process) ----------------------------------------------------------------
@@ -288,7 +311,10 @@ class EventsBench:
         # Forked before any event loop or aiokafka thread exists here.
         ctx = mp.get_context("fork")
         mine, theirs = ctx.Pipe()
-        p = ctx.Process(target=_sender_main, args=(theirs, fd), name="bench-sender", daemon=True)
+        p = ctx.Process(
+            target=_sender_main, args=(theirs, fd, str(evgen())), name="bench-sender",
+            daemon=True,
+        )
         p.start()
         self.procs.append(p)
         self.sender = mine
@@ -339,7 +365,10 @@ class EventsBench:
             if not all(p.is_alive() for p in self.procs):
                 raise BenchError("a benchmark helper process died (sender or consumer)")
             await asyncio.sleep(0.01)
-        return conn.recv()
+        answer = conn.recv()
+        if isinstance(answer, tuple) and answer and answer[0] == "error":
+            raise BenchError(f"a benchmark helper failed: {answer[1]}")
+        return answer
 
     def _snapshot(self, pipeline: Any) -> dict[str, int]:
         c = self.dp.counters()
@@ -362,9 +391,19 @@ class EventsBench:
         flows, lost_records, lost_events, dups = await self._ask(self.consumer, "count", 10)
         return (flows, lost_records, lost_events, dups)
 
+    def _cpu(self) -> dict[str, float]:
+        """CPU seconds so far of each process taking part (this one runs the pipeline)."""
+        return {
+            "pipeline": _cpu_s(os.getpid()),
+            "sender": _cpu_s(self.procs[0].pid if self.procs else None),
+            "consumer": _cpu_s(self.procs[1].pid if len(self.procs) > 1 else None),
+            "broker": _cpu_s(self.broker.pid if self.broker is not None else None),
+        }
+
     async def _step(self, pipeline: Any, rate: int, seconds: float) -> dict[str, Any]:
         assert self.sender is not None
         before = self._snapshot(pipeline)
+        cpu0 = self._cpu()
         consumed0 = await self._counts()
         start_wall = time.time_ns()
         t0 = time.monotonic()
@@ -400,6 +439,9 @@ class EventsBench:
             await asyncio.sleep(0.02)
         drain_s = max(0.0, last_ack_t - (t0 + elapsed))
         acked = now["acked"] - before["acked"]
+        cpu1 = self._cpu()
+        # CPU time per delivered event, by process: on a small machine they share the cores.
+        cpu_us = {k: round((cpu1[k] - cpu0[k]) / max(1, acked) * 1e6, 2) for k in cpu0}
         kernel_lost = now["kernel_lost"] - before["kernel_lost"]
         dropped = now["dropped"] - before["dropped"]
         nothing_lost = (
@@ -426,6 +468,7 @@ class EventsBench:
             "drain_s": round(drain_s, 3),
             "kept_up": drain_s <= KEPT_UP_S,
             "nothing_lost": nothing_lost,
+            "cpu_us_per_event": cpu_us,
             "_window": (start_wall, end_wall),
         }
 
@@ -548,6 +591,8 @@ def run_events_bench(settings: EventSettings, progress: Callable[[str], None]) -
             "source_max_batch": bench.source_stats["max_batch"],
             "kafka_send_latency_p50_ms": k["send_latency_p50_ms"],
             "kafka_send_latency_p99_ms": k["send_latency_p99_ms"],
+            "kafka_batches": k["batches"],
+            "kafka_records_per_batch": round(k["delivered"] / max(1, k["batches"]), 1),
         },
         "warmup": bench.warmup,
         "steps": bench.steps,
@@ -587,6 +632,13 @@ def render_events(res: dict[str, Any]) -> str:
             f" {s['kernel_lost']:>6,} {s['pipeline_dropped']:>7,} {s['spooled']:>7,}"
             f" {s['consumed']:>9,} {s['drain_s']:>7.2f} {_ms(s['p50_ms']):>7}"
             f" {_ms(s['p99_ms']):>7}  {ok}"
+        )
+    lines += ["", "CPU time per delivered event (µs), by process:"]
+    for s in res["steps"]:
+        cpu = s.get("cpu_us_per_event", {})
+        lines.append(
+            f"{s['offered_eps']:>10,}  " + "  ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+            + f"  total {sum(cpu.values()):.1f}"
         )
     lines += [
         "",

@@ -61,7 +61,11 @@ class KafkaSinkConfig:
     topic: str = DEFAULT_TOPIC
     spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
     linger_ms: int = 5
-    max_batch_bytes: int = 512 * 1024
+    # Records per batch, before compression. The idempotent producer keeps one request in
+    # flight per partition, each carrying one batch, so a partition's throughput is about
+    # a batch per (linger + round trip): 1 MiB (~2,300 events) gives room above 100,000/s,
+    # and compressed (~25x) it stays far below the broker's 1 MB message limit.
+    max_batch_bytes: int = 1024 * 1024
     window_records: int = 20_000
     stall_seconds: float = 2.0
     request_timeout_ms: int = 10_000
