@@ -15,6 +15,24 @@
  * blocks by the compiler (streamer/compiler.py) so they fit masks too. bcc cannot relocate
  * bpf_loop callbacks, so the probe loop is a verifier-bounded loop over MS_MAX_SHAPES.
  *
+ * Programs, chained by tail calls through `slow_path`: ms_ingress/ms_egress (parse, fragments,
+ * a live session hit decides) -> ms_related (ICMP errors only) -> ms_judge (the search alone:
+ * its loop is what the verifier's budget goes to) -> ms_record (the session table).
+ *
+ * State: each session carries a TCP state machine (conntrack's states) and an idle
+ * timeout class; an entry found past its timeout, or a SYN on a TIME_WAIT/CLOSED entry, is a new
+ * flow (judged afresh and replacing the entry). The table is a plain preallocated hash, not an
+ * LRU: nothing is ever evicted behind our back, so active sessions (inserts minus removals) are
+ * exact, and when it is full a new flow is judged on every packet and simply not cached: never
+ * fail open. Userspace (streamer/datapath.py, reap_expired) removes expired entries.
+ * A TCP packet of a connection the table does not know (it expired, or was never seen since a
+ * restart) is judged as a new flow in its own direction: no SYN is required.
+ * Fragments: a first fragment's ports are remembered (LRU `frags`, keyed by addresses,
+ * protocol and id) and later fragments are judged as packets of that flow; a later fragment
+ * with no remembered first, one overlapping the L4 header, or a first fragment too short to
+ * hold it is dropped and counted. ICMP errors quoting a packet of a live allowed flow pass as
+ * part of it ("related"), whatever the policy says of ICMP.
+ *
  * Atomic policy changes: rules and shapes exist in two banks; userspace fills the idle bank,
  * then flips `active` (generation << 1 | bank) in a single 8-byte write. A packet reads it once,
  * so it is judged by one whole set. Sessions remember their generation and are judged again, in
@@ -47,6 +65,10 @@
 #define MS_RINGBUF_PAGES 256
 #endif
 
+#ifndef MS_FRAGS
+#define MS_FRAGS 16384
+#endif
+
 #define MS_MAX_VLANS 2
 #define MS_MAX_EXTHDRS 8
 /* L4 headers further in than this are not looked for: the packet is dropped as unparsable. */
@@ -55,9 +77,23 @@
 
 #define PARSE_OK 255
 #define PARSE_NEED_PULL 254
+#define PARSE_FRAG_TINY 253
 
-BPF_TABLE_PINNED("lru_hash", struct ms_sess_key, struct ms_sess_val, sessions, MS_SESSIONS,
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+#define FRAG_NONE 0
+#define FRAG_FIRST 1
+#define FRAG_LATER 2
+
+/* A plain (preallocated) hash: a full table refuses inserts instead of evicting live flows. */
+BPF_TABLE_PINNED("hash", struct ms_sess_key, struct ms_sess_val, sessions, MS_SESSIONS,
                  MS_PIN "/sessions");
+BPF_TABLE_PINNED("lru_hash", struct ms_frag_key, struct ms_frag_val, frags, MS_FRAGS,
+                 MS_PIN "/frags");
+BPF_TABLE_PINNED("array", u32, struct ms_reaped, reaped, 1, MS_PIN "/reaped");
 BPF_TABLE_PINNED("hash", struct ms_rule_key4, struct ms_rule_val, rules4, MS_RULE_ENTRIES,
                  MS_PIN "/rules4", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct ms_rule_key6, struct ms_rule_val, rules6, MS_RULE_ENTRIES,
@@ -87,6 +123,13 @@ struct ms_pkt {
     __u8 proto;
     __u8 tcp_flags;
     __u8 dir;
+    __u8 frag;       /* FRAG_* */
+    __u8 frag_proto; /* the protocol that keys the fragment (see struct ms_frag_key) */
+    __u8 icmp_err;   /* an ICMP/ICMPv6 error that may quote a packet of a known flow */
+    __u8 pad;
+    __u16 l4_off;    /* where the L4 header starts in the frame */
+    __u16 frag_off;  /* a later fragment's offset; a first's L4 header end (ms_frag_val) */
+    __u32 frag_id;
 };
 
 /* What the fast path hands the slow path across the tail call. Per CPU: a TC program runs to
@@ -94,21 +137,30 @@ struct ms_pkt {
 struct ms_scratch {
     struct ms_rule_val rv; /* the judge's result */
     struct ms_pkt p;
+    struct ms_pkt jp;      /* what the judge judges: the packet, or its flow's first packet */
     struct ms_sess_key key;
     __u32 len;
     __u8 src_is_a;
-    __u8 pad[3];
+    __u8 renew;    /* the session entry ends: 1 expired, 2 finished and reopened by a SYN */
+    __u8 was_half; /* ... and it was half-open */
+    __u8 rejudge;  /* a live session judged again after a policy change */
+    __u32 gen;     /* the generation the judge read */
+    __u32 pad2;
 };
 BPF_PERCPU_ARRAY(scratch, struct ms_scratch, 1);
 /* Pinned: an unpinned program array is emptied when its last file descriptor closes, which
  * would leave the filters of a dead agent unable to judge new flows. */
-BPF_TABLE_PINNED("prog", int, int, slow_path, 1, MS_PIN "/slow_path");
+BPF_TABLE_PINNED("prog", int, int, slow_path, 3, MS_PIN "/slow_path");
+#define SLOW_JUDGE 0   /* ms_judge: the tuple-space search */
+#define SLOW_RELATED 1 /* ms_related: ICMP errors */
+#define SLOW_RECORD 2  /* ms_record: the session table after a judgement */
 
 /* L4 header at data+off: ports, flags, or a verdict (PASS_L2 for neighbour discovery). */
 static __always_inline int parse_l4(void *data, void *data_end, __u32 off, struct ms_pkt *p)
 {
     if (off > MS_MAX_L4_OFF)
         return MS_DROP_PARSE;
+    p->l4_off = off;
     __u8 *l4 = data + off;
     switch (p->proto) {
     case IPPROTO_TCP:
@@ -134,6 +186,8 @@ static __always_inline int parse_l4(void *data, void *data_end, __u32 off, struc
         if (l4[0] == 8 || l4[0] == 0) { /* echo request / reply share the identifier */
             p->sport = *(__u16 *)(l4 + 4);
             p->dport = p->sport;
+        } else if (l4[0] == 3 || l4[0] == 11) { /* destination unreachable, time exceeded */
+            p->icmp_err = 1;
         }
         return PARSE_OK;
     case IPPROTO_ICMPV6:
@@ -146,11 +200,26 @@ static __always_inline int parse_l4(void *data, void *data_end, __u32 off, struc
         if (l4[0] == 128 || l4[0] == 129) {
             p->sport = *(__u16 *)(l4 + 4);
             p->dport = p->sport;
+        } else if (l4[0] >= 1 && l4[0] <= 3) { /* unreachable, packet too big, time exceeded */
+            p->icmp_err = 1;
         }
         return PARSE_OK;
     default:
         return PARSE_OK;
     }
+}
+
+/* The smallest L4 header a first fragment must hold whole (what the classifier reads). */
+static __always_inline __u32 l4_min(struct ms_pkt *p)
+{
+    if (p->proto == IPPROTO_TCP)
+        return 20;
+    if (p->proto == IPPROTO_UDP)
+        return 8;
+    if ((p->proto == IPPROTO_ICMP && p->family == 4) ||
+        (p->proto == IPPROTO_ICMPV6 && p->family == 6))
+        return 8;
+    return 0;
 }
 
 static __always_inline int parse(struct __sk_buff *skb, struct ms_pkt *p)
@@ -187,15 +256,33 @@ static __always_inline int parse(struct __sk_buff *skb, struct ms_pkt *p)
         __u32 hlen = ip->ihl * 4;
         if (data + off + hlen > data_end)
             return PARSE_NEED_PULL;
-        if (bpf_ntohs(ip->tot_len) < hlen)
+        __u32 tot = bpf_ntohs(ip->tot_len);
+        if (tot < hlen)
             return MS_DROP_PARSE;
-        if (ip->frag_off & bpf_htons(0x1FFF))
-            return MS_DROP_FRAGMENT;
         p->family = 4;
         p->proto = ip->protocol;
         p->src[0] = ip->saddr;
         p->dst[0] = ip->daddr;
-        return parse_l4(data, data_end, off + hlen, p);
+        __u16 fo = bpf_ntohs(ip->frag_off);
+        if (fo & 0x3FFF) { /* MF or an offset: a fragment */
+            p->frag_id = ip->id;
+            p->frag_proto = ip->protocol;
+            if (fo & 0x1FFF) {
+                p->frag = FRAG_LATER;
+                p->frag_off = (fo & 0x1FFF) * 8;
+                return PARSE_OK;
+            }
+            p->frag = FRAG_FIRST;
+        }
+        int rc = parse_l4(data, data_end, off + hlen, p);
+        if (rc == PARSE_OK && p->frag == FRAG_FIRST) {
+            /* The L4 header must lie whole inside this fragment (RFC 1858 tiny fragments). */
+            __u32 need = l4_min(p);
+            if (hlen + need > tot)
+                return PARSE_FRAG_TINY;
+            p->frag_off = need;
+        }
+        return rc;
     }
 
     if (proto == bpf_htons(ETH_P_IPV6)) {
@@ -208,6 +295,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct ms_pkt *p)
         __builtin_memcpy(p->src, &ip6->saddr, 16);
         __builtin_memcpy(p->dst, &ip6->daddr, 16);
         __u8 nh = ip6->nexthdr;
+        __u32 ip_end = off + sizeof(struct ipv6hdr) + bpf_ntohs(ip6->payload_len);
+        __u32 frag_start = 0;
         off += sizeof(struct ipv6hdr);
 #pragma unroll
         for (int i = 0; i < MS_MAX_EXTHDRS + 1; i++) {
@@ -223,8 +312,21 @@ static __always_inline int parse(struct __sk_buff *skb, struct ms_pkt *p)
                 return PARSE_NEED_PULL;
             __u32 len;
             if (nh == IPPROTO_FRAGMENT) {
-                if (*(__u16 *)(h + 2) & bpf_htons(0xFFF8))
-                    return MS_DROP_FRAGMENT;
+                __u16 fo = bpf_ntohs(*(__u16 *)(h + 2));
+                if (fo & 0xFFF8) {
+                    p->frag = FRAG_LATER;
+                    p->frag_off = fo & 0xFFF8;
+                    p->frag_proto = h[0];
+                    p->frag_id = *(__u32 *)(h + 4);
+                    p->proto = h[0];
+                    return PARSE_OK;
+                }
+                if (fo & 1) { /* offset 0 with M: a first fragment (M clear: atomic, whole) */
+                    p->frag = FRAG_FIRST;
+                    p->frag_proto = h[0];
+                    p->frag_id = *(__u32 *)(h + 4);
+                    frag_start = off + 8;
+                }
                 len = 8;
             } else if (nh == IPPROTO_AH) {
                 len = ((__u32)h[1] + 2) * 4;
@@ -239,9 +341,156 @@ static __always_inline int parse(struct __sk_buff *skb, struct ms_pkt *p)
                 return PARSE_NEED_PULL;
         }
         p->proto = nh;
-        return parse_l4(data, data_end, off, p);
+        int rc = parse_l4(data, data_end, off, p);
+        if (rc == PARSE_OK && p->frag == FRAG_FIRST) {
+            __u32 need = l4_min(p);
+            if (off + need > ip_end)
+                return PARSE_FRAG_TINY;
+            p->frag_off = off - frag_start + need;
+        }
+        return rc;
     }
     return MS_DROP_PARSE;
+}
+
+/* The session key of a packet (direction independent: endpoint a is the lower (address, port)
+ * pair). Returns 1 when the packet's source is endpoint a. */
+static __always_inline __u8 make_key(struct ms_pkt *p, __u32 ifindex, struct ms_sess_key *key)
+{
+    key->ifindex = ifindex;
+    key->family = p->family;
+    key->proto = p->proto;
+    __u8 src_is_a = 1;
+    if (p->family == 4) {
+        __u32 a = bpf_ntohl(p->src[0]), b = bpf_ntohl(p->dst[0]);
+        src_is_a = a < b || (a == b && bpf_ntohs(p->sport) <= bpf_ntohs(p->dport));
+    } else {
+        src_is_a = 2;
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            __u32 a = bpf_ntohl(p->src[w]), b = bpf_ntohl(p->dst[w]);
+            if (src_is_a == 2 && a != b)
+                src_is_a = a < b;
+        }
+        if (src_is_a == 2)
+            src_is_a = bpf_ntohs(p->sport) <= bpf_ntohs(p->dport);
+    }
+    if (src_is_a) {
+        __builtin_memcpy(key->a, p->src, 16);
+        __builtin_memcpy(key->b, p->dst, 16);
+        key->aport = p->sport;
+        key->bport = p->dport;
+    } else {
+        __builtin_memcpy(key->a, p->dst, 16);
+        __builtin_memcpy(key->b, p->src, 16);
+        key->aport = p->dport;
+        key->bport = p->sport;
+    }
+    return src_is_a;
+}
+
+/* A session past its idle timeout (the clock may be a hair behind another CPU's stamp). */
+static __always_inline int expired(struct ms_sess_val *s, struct ms_settings *st, __u64 now)
+{
+    __u64 to = st->timeout_ns[s->tclass & (MS_TO_MAX - 1)];
+    return now > s->last_seen && now - s->last_seen > to;
+}
+
+/* A SYN (without ACK) on a finished connection opens a new one on the same tuple. */
+static __always_inline int reopens(struct ms_sess_val *s, struct ms_pkt *p)
+{
+    return p->proto == IPPROTO_TCP && s->tcp_state >= MS_TCP_TIME_WAIT &&
+           (p->tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST)) == TCP_SYN;
+}
+
+#define TR_HALF_IN 1
+#define TR_HALF_OUT 2
+#define TR_CLOSED 4
+
+static __always_inline int half_open(__u8 st)
+{
+    return st == MS_TCP_SYN_SENT || st == MS_TCP_SYN_RECV;
+}
+
+/* The TCP state machine (mirrored by streamer/reference.py tcp_next): the state after a packet
+ * with `flags` from side d (0: the originator, 1: the responder). */
+static __always_inline __u8 tcp_next(__u8 st, __u32 d, __u8 f, __u8 *fins)
+{
+    if (f & TCP_RST)
+        return MS_TCP_CLOSED;
+    if (f & TCP_SYN) {
+        if (f & TCP_ACK) {
+            if (st == MS_TCP_NONE || (st == MS_TCP_SYN_SENT && d == 1))
+                return MS_TCP_SYN_RECV;
+            return st;
+        }
+        return st == MS_TCP_NONE ? MS_TCP_SYN_SENT : st;
+    }
+    if (f & TCP_FIN) {
+        if (st >= MS_TCP_TIME_WAIT)
+            return st;
+        __u8 fins_now = *fins;
+        if (!(fins_now & 3))
+            fins_now |= d ? 4 : 0;
+        fins_now |= d ? 2 : 1;
+        *fins = fins_now;
+        if ((fins_now & 3) == 3)
+            return MS_TCP_LAST_ACK;
+        return st == MS_TCP_CLOSE_WAIT ? MS_TCP_CLOSE_WAIT : MS_TCP_FIN_WAIT;
+    }
+    if (f & TCP_ACK) {
+        __u32 first_fin = (*fins & 4) ? 1 : 0;
+        if (st == MS_TCP_NONE || (st == MS_TCP_SYN_RECV && d == 0))
+            return MS_TCP_ESTABLISHED;
+        if (st == MS_TCP_FIN_WAIT && d != first_fin)
+            return MS_TCP_CLOSE_WAIT;
+        if (st == MS_TCP_LAST_ACK && d == first_fin)
+            return MS_TCP_TIME_WAIT;
+    }
+    return st;
+}
+
+/* Advance the session's state and timeout class after a packet; returns TR_* transitions. */
+static __always_inline __u32 advance(struct ms_sess_val *s, __u8 proto, __u32 d, __u8 flags)
+{
+    if (proto == IPPROTO_TCP) {
+        __u8 old = s->tcp_state;
+        /* the common case, decided before the state machine: data on an open connection */
+        if (old == MS_TCP_ESTABLISHED && !(flags & (TCP_SYN | TCP_FIN | TCP_RST)))
+            return 0;
+        __u8 fins = s->fins;
+        __u8 st = tcp_next(old, d, flags, &fins);
+        s->fins = fins;
+        s->tclass = st;
+        if (st == old)
+            return 0;
+        s->tcp_state = st;
+        __u32 tr = 0;
+        if (half_open(st) && !half_open(old))
+            tr |= TR_HALF_IN;
+        if (half_open(old) && !half_open(st))
+            tr |= TR_HALF_OUT;
+        if (st >= MS_TCP_TIME_WAIT && old < MS_TCP_TIME_WAIT)
+            tr |= TR_CLOSED;
+        return tr;
+    }
+    if (proto == IPPROTO_UDP)
+        s->tclass = s->pkts[1] ? MS_TO_UDP_STREAM : MS_TO_UDP;
+    else if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6)
+        s->tclass = MS_TO_ICMP;
+    else
+        s->tclass = MS_TO_OTHER;
+    return 0;
+}
+
+static __always_inline void count_transitions(struct ms_counters *ctr, __u32 tr)
+{
+    if (tr & TR_HALF_IN)
+        ctr->c[C_HALF_OPEN_IN]++;
+    if (tr & TR_HALF_OUT)
+        ctr->c[C_HALF_OPEN_OUT]++;
+    if (tr & TR_CLOSED)
+        ctr->c[C_CLOSED_SESSIONS]++;
 }
 
 /* The tuple-space search for one family: the winning rule in *out, or out->score 0 (none).
@@ -429,18 +678,19 @@ static __always_inline void orig_packet(struct ms_sess_key *k, struct ms_sess_va
     }
 }
 
-/* Per packet bookkeeping once the flow's session holds its verdict: session, event, rule and
- * verdict counters. Returns the TC action. */
+/* Per packet bookkeeping once the flow's session holds its verdict: session, TCP state, event,
+ * rule and verdict counters. Returns the TC action; *tr gets the state transitions (counted by
+ * the caller: a new flow's only once its session is really in the table). */
 static __always_inline int account(struct ms_sess_key *key, struct ms_sess_val *s, __u8 src_is_a,
                                    __u8 tcp_flags, __u8 dir, __u32 len, __u64 now,
-                                   struct ms_counters *ctr)
+                                   struct ms_settings *st, struct ms_counters *ctr, __u32 *tr)
 {
-    __u32 zero = 0;
     __u32 d = src_is_a == s->a_is_src ? 0 : 1;
     s->pkts[d & 1]++;
     s->bytes[d & 1] += len;
     s->last_seen = now;
     s->tcp_flags |= tcp_flags;
+    *tr = advance(s, key->proto, d, tcp_flags);
     __u8 verdict = s->verdict;
     __u32 slot = s->slot;
     if (verdict != MS_ALLOW) {
@@ -451,14 +701,11 @@ static __always_inline int account(struct ms_sess_key *key, struct ms_sess_val *
             emit(key, s, MS_EV_NEW, tcp_flags, ctr);
             s->ev_pkts = 0;
             s->ev_bytes = 0;
-        } else {
-            struct ms_settings *st = settings.lookup(&zero);
-            if (st && now - s->ev_last >= st->event_interval_ns) {
-                s->ev_last = now;
-                emit(key, s, MS_EV_UPDATE, s->tcp_flags, ctr);
-                s->ev_pkts = 0;
-                s->ev_bytes = 0;
-            }
+        } else if (now - s->ev_last >= st->event_interval_ns) {
+            s->ev_last = now;
+            emit(key, s, MS_EV_UPDATE, s->tcp_flags, ctr);
+            s->ev_pkts = 0;
+            s->ev_bytes = 0;
         }
     }
     struct ms_rule_ctr *rs = rule_stats.lookup(&slot);
@@ -483,10 +730,65 @@ static __always_inline int account(struct ms_sess_key *key, struct ms_sess_val *
     return TC_ACT_OK;
 }
 
+static __always_inline int drop(struct ms_counters *ctr, __u32 reason)
+{
+    if (reason == C_FRAG_NO_FIRST || reason == C_FRAG_OVERLAP || reason == C_FRAG_TINY)
+        ctr->c[C_FRAGMENT_DROPS]++;
+    if (reason < C_MAX)
+        ctr->c[reason]++;
+    return TC_ACT_SHOT;
+}
 
-/* The fast path: parse, then a session hit under the live generation decides. Anything else
- * (a new flow, a flow whose generation is stale) goes to ms_judge by tail call; the judge's
- * probe loop gets a program of its own so the verifier walks it once, not once per parse path. */
+/* With the packet's key: a live session under the live generation decides at once (the fast
+ * path). Anything else (a new flow, a stale generation, an expired or reopened entry) is set
+ * up in the scratch and goes to the judge by tail call. Per CPU scratch: a TC program runs to
+ * completion on its CPU, so the entry cannot be overwritten between the programs. */
+static __always_inline int session_path(struct __sk_buff *skb, struct ms_pkt *p,
+                                        struct ms_sess_key *key, __u8 src_is_a, __u64 now,
+                                        __u32 gen, struct ms_settings *st,
+                                        struct ms_counters *ctr)
+{
+    __u32 zero = 0;
+    __u32 len = skb->len;
+    __u8 renew = 0, was_half = 0;
+    struct ms_sess_val *s = sessions.lookup(key);
+    if (s) {
+        if (expired(s, st, now))
+            renew = 1;
+        else if (reopens(s, p))
+            renew = 2;
+        if (!renew && s->gen == gen) {
+            ctr->c[C_SESSION_HITS]++;
+            __u32 tr;
+            int action = account(key, s, src_is_a, p->tcp_flags, p->dir, len, now, st, ctr, &tr);
+            if (tr)
+                count_transitions(ctr, tr);
+            return action;
+        }
+        if (renew)
+            was_half = half_open(s->tcp_state);
+    }
+    struct ms_scratch *sc = scratch.lookup(&zero);
+    if (!sc)
+        return drop(ctr, C_PRESSURE_DROPS);
+    sc->key = *key;
+    sc->p = *p;
+    sc->jp = *p;
+    sc->len = len;
+    sc->src_is_a = src_is_a;
+    sc->renew = renew;
+    sc->was_half = was_half;
+    sc->rejudge = s && !renew;
+    /* a known flow is judged again as its first packet was, so the new set sees the flow in
+     * its original direction */
+    if (s && !renew)
+        orig_packet(key, s, &sc->jp);
+    slow_path.call(skb, SLOW_JUDGE);
+    /* Only reached when the judge program is missing: fail closed. */
+    return drop(ctr, C_PRESSURE_DROPS);
+}
+
+/* The fast path: parse, fragments, then the session table. ICMP errors go to ms_related. */
 static __always_inline int classify(struct __sk_buff *skb, __u8 dir)
 {
     __u32 zero = 0;
@@ -507,76 +809,78 @@ static __always_inline int classify(struct __sk_buff *skb, __u8 dir)
             p.dir = dir;
             rc = parse(skb, &p);
         }
+        /* Still cut short: a first fragment that does not hold its headers is a tiny one. */
         if (rc == PARSE_NEED_PULL)
-            rc = MS_DROP_PARSE;
+            rc = p.frag == FRAG_FIRST ? PARSE_FRAG_TINY : MS_DROP_PARSE;
     }
     if (rc == MS_PASS_L2) {
         ctr->c[C_L2_PASSED]++;
         return TC_ACT_OK;
     }
-    if (rc == MS_DROP_FRAGMENT) {
-        ctr->c[C_FRAGMENT_DROPS]++;
-        return TC_ACT_SHOT;
-    }
-    if (rc != PARSE_OK) {
-        ctr->c[C_PARSE_DROPS]++;
-        return TC_ACT_SHOT;
-    }
+    if (rc == PARSE_FRAG_TINY)
+        return drop(ctr, C_FRAG_TINY);
+    if (rc != PARSE_OK)
+        return drop(ctr, C_PARSE_DROPS);
 
-    struct ms_sess_key kbuf = {};
-    struct ms_sess_key *key = &kbuf;
-    key->ifindex = skb->ifindex;
-    key->family = p.family;
-    key->proto = p.proto;
-    __u8 src_is_a = 1;
-    if (p.family == 4) {
-        __u32 a = bpf_ntohl(p.src[0]), b = bpf_ntohl(p.dst[0]);
-        src_is_a = a < b || (a == b && bpf_ntohs(p.sport) <= bpf_ntohs(p.dport));
-    } else {
-#pragma unroll
-        for (int w = 0; w < 4; w++) {
-            __u32 a = bpf_ntohl(p.src[w]), b = bpf_ntohl(p.dst[w]);
-            if (a != b) {
-                src_is_a = a < b;
-                goto ordered;
-            }
-        }
-        src_is_a = bpf_ntohs(p.sport) <= bpf_ntohs(p.dport);
-    }
-ordered:
-    if (src_is_a) {
-        __builtin_memcpy(key->a, p.src, 16);
-        __builtin_memcpy(key->b, p.dst, 16);
-        key->aport = p.sport;
-        key->bport = p.dport;
-    } else {
-        __builtin_memcpy(key->a, p.dst, 16);
-        __builtin_memcpy(key->b, p.src, 16);
-        key->aport = p.dport;
-        key->bport = p.sport;
-    }
-
+    struct ms_settings *st = settings.lookup(&zero);
     __u64 *actp = active.lookup(&zero);
-    if (!actp)
-        return TC_ACT_SHOT;
-    __u32 gen = *actp >> 1;
-    __u32 len = skb->len;
-    struct ms_sess_val *s = sessions.lookup(key);
-    if (s && s->gen == gen) {
-        ctr->c[C_SESSION_HITS]++;
-        return account(key, s, src_is_a, p.tcp_flags, dir, len, bpf_ktime_get_coarse_ns(), ctr);
+    if (!st || !actp)
+        return drop(ctr, C_PRESSURE_DROPS);
+    __u64 now = bpf_ktime_get_coarse_ns();
+
+    if (p.frag != FRAG_NONE) {
+        struct ms_frag_key fk = {};
+        fk.ifindex = skb->ifindex;
+        fk.family = p.family;
+        fk.proto = p.frag_proto;
+        fk.id = p.frag_id;
+        __builtin_memcpy(fk.src, p.src, 16);
+        __builtin_memcpy(fk.dst, p.dst, 16);
+        struct ms_frag_val *fv = frags.lookup(&fk);
+        if (fv && now > fv->first_seen && now - fv->first_seen > st->timeout_ns[MS_TO_FRAGMENT])
+            fv = 0;
+        if (p.frag == FRAG_LATER) {
+            if (!fv)
+                return drop(ctr, C_FRAG_NO_FIRST);
+            if (p.frag_off < fv->l4_end)
+                return drop(ctr, C_FRAG_OVERLAP);
+            /* judged as a packet of the first fragment's flow */
+            p.proto = fv->proto;
+            p.sport = fv->sport;
+            p.dport = fv->dport;
+            p.tcp_flags = 0;
+            ctr->c[C_FRAG_FOLLOWED]++;
+        } else if (fv) {
+            /* another first fragment of the same datagram: the same header, or an attempt to
+             * give later fragments other ports than the ones judged */
+            if (fv->proto != p.proto || fv->sport != p.sport || fv->dport != p.dport)
+                return drop(ctr, C_FRAG_OVERLAP);
+        } else {
+            struct ms_frag_val nv = {};
+            nv.first_seen = now;
+            nv.sport = p.sport;
+            nv.dport = p.dport;
+            nv.l4_end = p.frag_off;
+            nv.proto = p.proto;
+            if (frags.update(&fk, &nv) == 0)
+                ctr->c[C_FRAG_FIRST]++;
+        }
+        p.icmp_err = 0; /* a fragmented ICMP error is judged by the policy */
     }
-    struct ms_scratch *sc = scratch.lookup(&zero);
-    if (!sc)
-        return TC_ACT_SHOT;
-    sc->key = kbuf;
-    sc->p = p;
-    sc->len = len;
-    sc->src_is_a = src_is_a;
-    slow_path.call(skb, 0);
-    /* Only reached when the judge program is missing: fail closed. */
-    ctr->c[C_PARSE_DROPS]++;
-    return TC_ACT_SHOT;
+
+    struct ms_sess_key key = {};
+    __u8 src_is_a = make_key(&p, skb->ifindex, &key);
+    if (p.icmp_err) {
+        struct ms_scratch *sc = scratch.lookup(&zero);
+        if (!sc)
+            return drop(ctr, C_PRESSURE_DROPS);
+        sc->key = key;
+        sc->p = p;
+        sc->src_is_a = src_is_a;
+        slow_path.call(skb, SLOW_RELATED);
+        return drop(ctr, C_PRESSURE_DROPS);
+    }
+    return session_path(skb, &p, &key, src_is_a, now, *actp >> 1, st, ctr);
 }
 
 int ms_ingress(struct __sk_buff *skb)
@@ -589,48 +893,141 @@ int ms_egress(struct __sk_buff *skb)
     return classify(skb, MS_DIR_EGRESS);
 }
 
-/* The slow path: judge a new flow, or a known one again after a policy change, and record it. */
+/* An ICMP error whose quoted packet (inner IP header and 8 bytes of L4) belongs to a live
+ * session judged allow or log under the live generation, and which goes back to the quoted
+ * packet's sender. Anything else about it is left to the policy. */
+static __always_inline int related(struct __sk_buff *skb, struct ms_pkt *op, __u32 gen,
+                                   struct ms_settings *st, __u64 now)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    __u32 off = op->l4_off;
+    if (off > MS_MAX_L4_OFF)
+        return 0;
+    off += 8;
+    struct ms_pkt ip = {};
+    ip.family = op->family;
+    if (op->family == 4) {
+        struct iphdr *in = data + off;
+        if ((void *)(in + 1) > data_end)
+            return 0;
+        if (in->version != 4 || in->ihl < 5 || (in->frag_off & bpf_htons(0x1FFF)))
+            return 0;
+        ip.proto = in->protocol;
+        ip.src[0] = in->saddr;
+        ip.dst[0] = in->daddr;
+        off += in->ihl * 4;
+        if (op->dst[0] != ip.src[0])
+            return 0;
+    } else {
+        struct ipv6hdr *in6 = data + off;
+        if ((void *)(in6 + 1) > data_end)
+            return 0;
+        if (in6->version != 6)
+            return 0;
+        ip.proto = in6->nexthdr;
+        __builtin_memcpy(ip.src, &in6->saddr, 16);
+        __builtin_memcpy(ip.dst, &in6->daddr, 16);
+        off += sizeof(struct ipv6hdr);
+        if (op->dst[0] != ip.src[0] || op->dst[1] != ip.src[1] || op->dst[2] != ip.src[2] ||
+            op->dst[3] != ip.src[3])
+            return 0;
+    }
+    __u8 *l4 = data + off;
+    if ((void *)(l4 + 8) > data_end)
+        return 0;
+    if (ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP) {
+        ip.sport = *(__u16 *)l4;
+        ip.dport = *(__u16 *)(l4 + 2);
+    } else if ((ip.proto == IPPROTO_ICMP && ip.family == 4 && (l4[0] == 8 || l4[0] == 0)) ||
+               (ip.proto == IPPROTO_ICMPV6 && ip.family == 6 && (l4[0] == 128 || l4[0] == 129))) {
+        ip.sport = *(__u16 *)(l4 + 4);
+        ip.dport = ip.sport;
+    }
+    struct ms_sess_key k = {};
+    make_key(&ip, skb->ifindex, &k);
+    struct ms_sess_val *s = sessions.lookup(&k);
+    if (!s || s->gen != gen || expired(s, st, now))
+        return 0;
+    return s->verdict == MS_ALLOW || s->verdict == MS_LOG;
+}
+
+/* ICMP errors: passed as related, else on through the session table like any packet. */
+int ms_related(struct __sk_buff *skb)
+{
+    __u32 zero = 0;
+    struct ms_counters *ctr = counters.lookup(&zero);
+    if (!ctr)
+        return TC_ACT_SHOT;
+    struct ms_scratch *sc = scratch.lookup(&zero);
+    __u64 *actp = active.lookup(&zero);
+    struct ms_settings *st = settings.lookup(&zero);
+    if (!sc || !actp || !st)
+        return drop(ctr, C_PRESSURE_DROPS);
+    struct ms_pkt p = sc->p;
+    struct ms_sess_key key = sc->key;
+    __u8 src_is_a = sc->src_is_a;
+    if (p.dir != MS_DIR_INGRESS && p.dir != MS_DIR_EGRESS)
+        return drop(ctr, C_PRESSURE_DROPS);
+    __u32 gen = *actp >> 1;
+    __u64 now = bpf_ktime_get_coarse_ns();
+    if (related(skb, &p, gen, st, now)) {
+        ctr->c[C_RELATED_PASSED]++;
+        return TC_ACT_OK;
+    }
+    return session_path(skb, &p, &key, src_is_a, now, gen, st, ctr);
+}
+
+/* The tuple-space search alone (its loop is what the verifier's budget goes to): the verdict
+ * of sc->jp by the active bank into sc->rv, then on to ms_record. */
 int ms_judge(struct __sk_buff *skb)
 {
     __u32 zero = 0;
     struct ms_counters *ctr = counters.lookup(&zero);
+    if (!ctr)
+        return TC_ACT_SHOT;
     struct ms_scratch *sc = scratch.lookup(&zero);
     __u64 *actp = active.lookup(&zero);
-    if (!ctr || !sc || !actp)
-        return TC_ACT_SHOT;
+    if (!sc || !actp)
+        return drop(ctr, C_PRESSURE_DROPS);
     __u64 act = *actp;
     __u32 bank = act & 1;
-    __u32 gen = act >> 1;
     struct ms_bank *bk = banks.lookup(&bank);
     if (!bk)
-        return TC_ACT_SHOT;
-    struct ms_sess_key key = sc->key;
-    struct ms_pkt p = sc->p;
-    __u32 len = sc->len;
-    __u8 src_is_a = sc->src_is_a;
-    __u8 dir = p.dir;
-    if (dir != MS_DIR_INGRESS && dir != MS_DIR_EGRESS)
-        return TC_ACT_SHOT;
-    __u64 now = bpf_ktime_get_coarse_ns();
+        return drop(ctr, C_PRESSURE_DROPS);
+    sc->gen = act >> 1;
+    struct ms_pkt jp = sc->jp;
+    judge(&jp, bank, bk, &sc->rv, ctr);
+    slow_path.call(skb, SLOW_RECORD);
+    return drop(ctr, C_PRESSURE_DROPS);
+}
 
-    struct ms_sess_val *s = sessions.lookup(&key);
-    /* A new flow is judged as it is; a known one after a policy change is judged again as its
-     * first packet was, so the new set sees the flow in its original direction. */
-    struct ms_pkt jp = p;
-    if (s)
-        orig_packet(&key, s, &jp);
+/* After the judge: a live session takes its new verdict; a new flow gets its entry (replacing
+ * an expired or finished one), unless the table is full. */
+int ms_record(struct __sk_buff *skb)
+{
+    __u32 zero = 0;
+    struct ms_counters *ctr = counters.lookup(&zero);
+    if (!ctr)
+        return TC_ACT_SHOT;
+    struct ms_scratch *sc = scratch.lookup(&zero);
+    struct ms_settings *st = settings.lookup(&zero);
+    if (!sc || !st)
+        return drop(ctr, C_PRESSURE_DROPS);
+    struct ms_sess_key key = sc->key;
+    __u8 src_is_a = sc->src_is_a;
+    __u8 dir = sc->p.dir;
+    __u8 flags = sc->p.tcp_flags;
+    __u8 proto = sc->p.proto;
+    __u32 len = sc->len;
+    __u32 gen = sc->gen;
     struct ms_rule_val *rv = &sc->rv;
-    judge(&jp, bank, bk, rv, ctr);
-    if (s) {
-        ctr->c[C_REJUDGED]++;
-        if (rv->action != s->verdict || rv->rule_id != s->rule_id)
-            s->ev_last = 0; /* report the flow afresh under its new verdict */
-        s->verdict = rv->action;
-        s->rule_id = rv->rule_id;
-        s->slot = rv->slot;
-        s->gen = gen;
-        return account(&key, s, src_is_a, p.tcp_flags, dir, len, now, ctr);
-    }
+    if (dir != MS_DIR_INGRESS && dir != MS_DIR_EGRESS)
+        return drop(ctr, C_PRESSURE_DROPS);
+    __u64 now = bpf_ktime_get_coarse_ns();
+    __u32 tr = 0;
+    int action;
+
     struct ms_sess_val nv = {};
     nv.first_seen = now;
     nv.gen = gen;
@@ -639,14 +1036,50 @@ int ms_judge(struct __sk_buff *skb)
     nv.verdict = rv->action;
     nv.orig_dir = dir;
     nv.a_is_src = src_is_a;
+    if (sc->rejudge) {
+        struct ms_sess_val *s = sessions.lookup(&key);
+        if (s) {
+            ctr->c[C_REJUDGED]++;
+            if (rv->action != s->verdict || rv->rule_id != s->rule_id)
+                s->ev_last = 0; /* report the flow afresh under its new verdict */
+            s->verdict = rv->action;
+            s->rule_id = rv->rule_id;
+            s->slot = rv->slot;
+            s->gen = gen;
+            action = account(&key, s, src_is_a, flags, dir, len, now, st, ctr, &tr);
+            if (tr)
+                count_transitions(ctr, tr);
+            return action;
+        }
+        /* cleared meanwhile: this packet gets its flow's verdict, uncached */
+        return account(&key, &nv, src_is_a, flags, dir, len, now, st, ctr, &tr);
+    }
+
     /* Count the first packet (and send its event) in the new entry before inserting it, so
-     * the insert is the only map operation: no lookup after it. */
-    int action = account(&key, &nv, src_is_a, p.tcp_flags, dir, len, now, ctr);
-    /* Should another CPU have inserted the flow meanwhile, ours replaces it: same verdict.
-     * If the table cannot keep the flow, this packet's verdict stands all the same. */
-    if (sessions.update(&key, &nv) == 0)
+     * the insert is the only map operation on the way: no lookup after it. */
+    action = account(&key, &nv, src_is_a, flags, dir, len, now, st, ctr, &tr);
+    int syn = proto == IPPROTO_TCP && (flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+    __u8 renew = sc->renew;
+    if (renew) {
+        /* The old entry ends here: removed by us (counted as renewed), or by the reaper
+         * meanwhile (counted by it). bcc offers no BPF_EXIST update, and a plain update could
+         * not tell a replace from an insert, which would cost active_sessions its exactness. */
+        if (sessions.delete(&key) == 0) {
+            ctr->c[renew == 1 ? C_RENEWED_EXPIRED : C_RENEWED_CLOSED]++;
+            if (sc->was_half)
+                ctr->c[C_HALF_OPEN_OUT]++;
+        }
+    }
+    int err = sessions.insert(&key, &nv);
+    if (err == 0) {
         ctr->c[C_NEW_SESSIONS]++;
-    else
+        if (syn)
+            ctr->c[C_SYN_NEW]++;
+        count_transitions(ctr, tr);
+    } else if (err != -17) {
+        /* -EEXIST: another CPU recorded the flow meanwhile (same verdict). Else the table is
+         * full: this packet's verdict stands, and the flow's next packet is judged again. */
         ctr->c[C_SESSION_CREATE_FAILED]++;
+    }
     return action;
 }

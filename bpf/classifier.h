@@ -8,7 +8,7 @@
 #ifndef MICROSEG_CLASSIFIER_H
 #define MICROSEG_CLASSIFIER_H
 
-#define MS_LAYOUT_VERSION 2
+#define MS_LAYOUT_VERSION 3
 
 /* Verdicts: the same numbers as streamer.reference.Verdict. */
 #define MS_ALLOW 0
@@ -17,36 +17,69 @@
 #define MS_PASS_L2 3
 #define MS_DROP_PARSE 4
 #define MS_DROP_FRAGMENT 5
+#define MS_PASS_RELATED 6 /* an ICMP error quoting a packet of a live allowed flow */
+#define MS_DROP_PRESSURE 7 /* a resource the verdict needs failed: never fail open */
 
 #define MS_DIR_INGRESS 1
 #define MS_DIR_EGRESS 2
 
-/* Per-CPU counters, one struct per CPU (index 0 of `counters`). */
+/* Per-CPU counters, one struct per CPU (index 0 of `counters`). Every packet increments
+ * exactly one of ALLOWED, DENIED, LOGGED, L2_PASSED, PARSE_DROPS, FRAGMENT_DROPS,
+ * RELATED_PASSED, PRESSURE_DROPS (what it became). */
 enum ms_counter {
     C_TOTAL = 0,
     C_ALLOWED,         /* passed by an allow verdict */
-    C_DENIED,          /* dropped by a deny verdict */
+    C_DENIED,          /* dropped by a deny verdict (drop reason "policy") */
     C_LOGGED,          /* passed by a log verdict */
-    C_NEW_SESSIONS,
+    C_NEW_SESSIONS,    /* entries put in the session table (renewals included) */
     C_SESSION_HITS,
     C_POLICY_HITS,     /* new or re-judged flows decided by a rule */
     C_POLICY_MISSES,   /* ... decided by the default action */
-    C_PARSE_DROPS,
-    C_FRAGMENT_DROPS,
+    C_PARSE_DROPS,     /* drop reason "parse" */
+    C_FRAGMENT_DROPS,  /* drop reason "fragment": no first, overlapping, tiny */
     C_L2_PASSED,       /* ARP and IPv6 neighbour discovery */
     C_EVENTS_SENT,
     C_EVENTS_LOST,     /* ring buffer full */
     C_REJUDGED,        /* sessions judged again after a policy change */
     C_SHAPE_PROBES,    /* hash probes of the tuple-space search */
-    C_SESSION_CREATE_FAILED,
+    C_SESSION_CREATE_FAILED, /* new flows judged without a session: the table was full */
     C_BYTES_TOTAL,
-    C_RESERVED17,
-    C_RESERVED18,
-    C_RESERVED19,
+    C_CLOSED_SESSIONS, /* TCP sessions that reached TIME_WAIT or CLOSED (FIN both ways, RST) */
+    C_RENEWED_EXPIRED, /* idle-expired entries a new flow replaced on the datapath */
+    C_RENEWED_CLOSED,  /* TIME_WAIT/CLOSED entries a new SYN replaced */
     /* [20 + (dir-1)*4 + verdict] for verdict ALLOW/DENY/LOG: packets by direction and verdict */
     C_DIR_VERDICT = 20,
-    C_MAX = 32,
+    C_RELATED_PASSED = 28, /* ICMP errors passed as part of a live allowed flow */
+    C_SYN_NEW,         /* new sessions whose first packet was a SYN without ACK */
+    C_HALF_OPEN_IN,    /* sessions that entered SYN_SENT/SYN_RECV ... */
+    C_HALF_OPEN_OUT,   /* ... and that left them on the datapath */
+    C_FRAG_FIRST,      /* first fragments whose ports were remembered */
+    C_FRAG_FOLLOWED,   /* later fragments that found their first */
+    C_FRAG_NO_FIRST,   /* later fragments with no (live) remembered first: dropped */
+    C_FRAG_OVERLAP,    /* fragments overlapping the L4 header or a first of other ports */
+    C_FRAG_TINY,       /* first fragments too short to hold their L4 header */
+    C_PRESSURE_DROPS,  /* drop reason "pressure": a map or the judge program failed */
+    C_MAX = 48,
 };
+
+/* TCP session states (ms_sess_val.tcp_state); 0 for other protocols and flags-less TCP. */
+#define MS_TCP_NONE 0
+#define MS_TCP_SYN_SENT 1
+#define MS_TCP_SYN_RECV 2
+#define MS_TCP_ESTABLISHED 3
+#define MS_TCP_FIN_WAIT 4
+#define MS_TCP_CLOSE_WAIT 5
+#define MS_TCP_LAST_ACK 6
+#define MS_TCP_TIME_WAIT 7
+#define MS_TCP_CLOSED 8
+
+/* Timeout classes (ms_sess_val.tclass): index into ms_settings.timeout_ns. TCP uses its state. */
+#define MS_TO_UDP 9
+#define MS_TO_UDP_STREAM 10 /* a UDP flow that has seen a reply */
+#define MS_TO_ICMP 11
+#define MS_TO_OTHER 12
+#define MS_TO_FRAGMENT 13   /* how long a first fragment's ports are remembered */
+#define MS_TO_MAX 16
 
 struct ms_counters {
     __u64 c[C_MAX];
@@ -79,9 +112,44 @@ struct ms_sess_val {
     __u8 verdict;
     __u8 orig_dir;  /* MS_DIR_* of the flow's first packet */
     __u8 a_is_src;  /* endpoint a sent the first packet */
-    __u8 tcp_state;
+    __u8 tcp_state; /* MS_TCP_* */
     __u8 tcp_flags; /* union of flags seen */
-    __u8 pad[3];
+    __u8 tclass;    /* timeout class: MS_TCP_* state or MS_TO_* */
+    __u8 fins;      /* 1: originator sent FIN, 2: reply sent FIN, 4: the first FIN was a reply's */
+    __u8 pad;
+};
+
+/* Remembered first fragments (an LRU: under a flood old ones go, and their later fragments
+ * are dropped as having no first, never passed). proto is the IPv4 protocol field or the
+ * IPv6 fragment header's next header: the same in every fragment of a datagram. */
+struct ms_frag_key {
+    __u32 ifindex;
+    __u8 family;
+    __u8 proto;
+    __u16 pad;
+    __u32 id;       /* IPv4: the 16-bit identification; IPv6: the fragment header's */
+    __u32 src[4];
+    __u32 dst[4];
+};
+
+struct ms_frag_val {
+    __u64 first_seen; /* ktime (coarse) ns */
+    __u16 sport;      /* network byte order, as in ms_pkt */
+    __u16 dport;
+    __u16 l4_end;     /* end of the L4 header from the fragmentable part's start, in bytes */
+    __u8 proto;       /* the L4 protocol the first fragment carried */
+    __u8 pad;
+};
+
+/* Written by userspace only (the kernel never reads it): removals it made from the session
+ * and fragment tables, so active = new_sessions - renewed - removed stays exact. */
+struct ms_reaped {
+    __u64 expired;    /* idle sessions past their timeout */
+    __u64 closed;     /* TIME_WAIT/CLOSED sessions past their linger */
+    __u64 half_open;  /* of those two, sessions that were SYN_SENT/SYN_RECV */
+    __u64 cleared;    /* removed by clear_sessions */
+    __u64 frags;      /* fragment entries past their timeout or cleared */
+    __u64 reserved[3];
 };
 
 /* Tuple-space search. A shape is one combination of masks; all rules of a shape live in one
@@ -145,6 +213,7 @@ struct ms_bank {
 
 struct ms_settings {
     __u64 event_interval_ns; /* at most one event per flow per interval after its first */
+    __u64 timeout_ns[MS_TO_MAX]; /* idle timeouts by class: TCP states 0-8, then MS_TO_* */
 };
 
 struct ms_rule_ctr {

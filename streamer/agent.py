@@ -29,6 +29,7 @@ from streamer.datapath import Datapath, DatapathConfig, DatapathError, detach
 from streamer.enrich import Enricher
 from streamer.pipeline import Pipeline, PipelineConfig, register_metrics
 from streamer.policy import DefaultAction, PolicyError, PolicySet, load_policy_file
+from streamer.pressure import AlertChange, PressureCollector, PressureConfig, PressureWatch
 from streamer.sinks.file import DEFAULT_KEEP, DEFAULT_MAX_BYTES, FileSinkConfig
 from streamer.sinks.kafka import DEFAULT_SPOOL_MAX_BYTES, DEFAULT_TOPIC, KafkaSinkConfig
 from streamer.sinks.websocket import WebSocketConfig
@@ -62,6 +63,7 @@ class AgentConfig:
     print_events: bool = False
     api_listen: tuple[str, ...] = ()
     no_auth: bool = False
+    pressure: PressureConfig = field(default_factory=PressureConfig)
 
 
 def default_instance(netns: str | None) -> str:
@@ -83,11 +85,13 @@ class Agent:
     _enricher: Enricher | None = None
     pipeline: Pipeline | None = None
     store: PolicyStore = field(init=False)
+    pressure: PressureWatch = field(init=False)
 
     def __post_init__(self) -> None:
         self.datapath = Datapath(self.config.datapath)
         self.policy = PolicySet()
         self.store = PolicyStore(self.config.state_dir, self.apply, self.datapath.sessions)
+        self.pressure = PressureWatch(self.config.pressure, on_alert=self._alert)
 
     # ---- policy --------------------------------------------------------------------------
 
@@ -263,6 +267,9 @@ class Agent:
                 tg.create_task(pipeline.run(), name="pipeline")
                 tasks = [tg.create_task(self._reloader(reloads))]
                 tasks.append(tg.create_task(self._reaper(REAP_INTERVAL_S), name="reaper"))
+                tasks.append(
+                    tg.create_task(self.pressure.run(self.datapath.pressure), name="pressure")
+                )
                 if cfg.stats_interval > 0:
                     tasks.append(tg.create_task(self._print_stats(cfg.stats_interval)))
                 await stop.wait()
@@ -318,11 +325,12 @@ class Agent:
             bind_hosts=set(),  # start_api adds the hosts it listens on
             registry=registry,
             reload=self.reload if cfg.policy_file is not None else None,
-            extra_stats=self.pipeline.extra_stats if self.pipeline is not None else None,
+            extra_stats=self._extra_stats,
             flows=self.pipeline.websocket if self.pipeline is not None else None,
         )
         if self.pipeline is not None:
             register_metrics(registry, self.pipeline)
+        registry.register(PressureCollector(self.pressure))
         runner = await start_api(ctx, list(cfg.api_listen))
         for addr in cfg.api_listen:
             log.info("API listening on %s%s", addr, " (no auth)" if cfg.no_auth else "")
@@ -335,6 +343,17 @@ class Agent:
             log.info("  or: microseg stats --api %s --state-dir %s", tcp[0], cfg.state_dir)
             self._announce_viewer(ctx, tcp[0])
         return runner
+
+    def _extra_stats(self) -> dict[str, Any]:
+        """For /api/v1/stats and /metrics: the pipeline's counters and the pressure watch's
+        last reading (rates, active alerts)."""
+        out = self.pipeline.extra_stats() if self.pipeline is not None else {}
+        out["pressure"] = self.pressure.snapshot()
+        return out
+
+    def _alert(self, change: AlertChange) -> None:
+        if self.pipeline is not None:
+            self.pipeline.publish_alert(change.fields())
 
     def _announce_viewer(self, ctx: Any, listen: str) -> None:
         # The one-time sign-in link goes to stdout only, never into the log.

@@ -1,8 +1,12 @@
 """The datapath: the only module that talks to bcc and the kernel's BPF and TC objects.
 
-In: a DatapathConfig (which instance, table sizes) and compiled policies. Out: programs attached
-at clsact ingress and egress, a policy bank switched atomically per apply, counters, sessions,
-per-rule hits, a ring buffer of flow events, and BPF_PROG_TEST_RUN for crafted packets.
+In: a DatapathConfig (which instance, table sizes, idle timeouts) and compiled policies. Out:
+programs attached at clsact ingress and egress, a policy bank switched atomically per apply,
+counters, sessions (with their TCP state), per-rule hits, a ring buffer of flow events, and
+BPF_PROG_TEST_RUN for crafted packets. Under load: `reap_expired` (call it periodically: it
+removes sessions past their idle timeout and stale first fragments), `pressure`, `map_fill`,
+`session_gauges` and `drops_by_reason` (exact gauges from counters; no walk of the session
+table).
 
 Maps are pinned under <pin_root>/<instance>/ so enforcement outlives the agent: filters stay
 attached when the process dies, and the next start adopts the same maps (sessions, rules,
@@ -13,14 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes as ct
+import errno
 import ipaddress
 import json
 import logging
+import mmap
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +40,14 @@ from streamer.compiler import (
     pack_rule_val,
     pack_shape,
 )
+from streamer.reference import TCP_STATE_NAMES, Timeouts
 
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/microseg")
 DEFAULT_RUN_DIR = Path("/run/microseg")
-LAYOUT_VERSION = 2  # MS_LAYOUT_VERSION in bpf/classifier.h
+LAYOUT_VERSION = 3  # MS_LAYOUT_VERSION in bpf/classifier.h
 
 TC_PRIO = 0x4D53  # "MS": our filters' preference and handle on every hook
 TC_HANDLE = 0x4D53
@@ -48,7 +56,7 @@ TC_ACT_SHOT = 2
 PARENT_INGRESS = "ffff:fff2"
 PARENT_EGRESS = "ffff:fff3"
 
-# enum ms_counter (bpf/classifier.h), in order.
+# enum ms_counter (bpf/classifier.h), in order; 20..27 are packets by direction and verdict.
 COUNTER_NAMES = [
     "total_packets",
     "allowed_packets",
@@ -67,17 +75,42 @@ COUNTER_NAMES = [
     "shape_probes",
     "session_create_failed",
     "total_bytes",
+    "closed_sessions",
+    "renewed_expired",
+    "renewed_closed",
 ]
 C_DIR_VERDICT = 20
-C_MAX = 32
+# Counters from index 28 on (issue 5: state, fragments, pressure).
+COUNTER_NAMES_28 = [
+    "related_passed",
+    "syn_new_sessions",
+    "half_open_opened",
+    "half_open_left",
+    "fragments_first",
+    "fragments_followed",
+    "fragment_drops_no_first",
+    "fragment_drops_overlap",
+    "fragment_drops_tiny",
+    "pressure_drops",
+]
+C_MAX = 48
+CLOCK_MONOTONIC_COARSE = 6  # bpf_ktime_get_coarse_ns() reads this clock
 VERDICT_NAMES = {0: "allow", 1: "deny", 2: "log"}
 DIRECTION_NAMES = {1: "ingress", 2: "egress"}
 
 SESS_KEY = struct.Struct("<IBBH16s16s2s2s")  # struct ms_sess_key
-SESS_VAL = struct.Struct("<9Q3I5B7x")  # struct ms_sess_val
+SESS_VAL = struct.Struct("<9Q3I8B4x")  # struct ms_sess_val
+FRAG_KEY = struct.Struct("<IBBHI16s16s")  # struct ms_frag_key
+FRAG_VAL = struct.Struct("<QHHHBx")  # struct ms_frag_val
+REAPED = struct.Struct("<8Q")  # struct ms_reaped
+SETTINGS = struct.Struct("<17Q")  # struct ms_settings
+_LAST_SEEN_OFF = 8
+_TCP_STATE_OFF = 87
+_TCLASS_OFF = 89
 EVENT = struct.Struct("<3Q3I4B16s16sHHBBH")  # struct ms_event
 RULE_CTR = struct.Struct("<3Q")
 assert SESS_KEY.size == 44 and SESS_VAL.size == 96 and EVENT.size == 80
+assert FRAG_KEY.size == 44 and FRAG_VAL.size == 16 and REAPED.size == 64
 
 
 class DatapathError(RuntimeError):
@@ -96,6 +129,8 @@ class DatapathConfig:
     rule_slots: int = 200_002  # two whole sets of 100,000 rules side by side, plus slot 0
     ringbuf_pages: int = 256
     event_interval_ns: int = 1_000_000_000
+    frag_entries: int = 16384  # remembered first fragments (an LRU)
+    timeouts: Timeouts = field(default_factory=Timeouts)  # idle timeouts per protocol and TCP state
 
     run_dir: Path = DEFAULT_RUN_DIR
 
@@ -108,7 +143,7 @@ class DatapathConfig:
         """Maps of one layout: a restart with other sizes gets fresh maps, never misread ones."""
         return self.instance_dir / (
             f"v{LAYOUT_VERSION}-s{self.session_entries}-p{self.max_shapes}"
-            f"-r{self.rule_entries}-c{self.rule_slots}"
+            f"-r{self.rule_entries}-c{self.rule_slots}-f{self.frag_entries}"
         )
 
     @property
@@ -139,6 +174,38 @@ class Session:
     packets_in: int  # replies
     bytes_in: int
     tcp_flags: int
+    tcp_state: str = ""  # streamer.reference.TCP_STATE_NAMES ("" for other protocols)
+
+
+@dataclass(frozen=True)
+class MapFill:
+    """How full one map is. `evictions`: entries the kernel dropped to make room (LRU maps)."""
+
+    entries: int
+    capacity: int
+    evictions: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.entries / self.capacity if self.capacity else 0.0
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "entries": self.entries,
+            "capacity": self.capacity,
+            "ratio": round(self.ratio, 6),
+            "evictions": self.evictions,
+        }
+
+
+def proto_is_tcp(sess_key: bytes) -> bool:
+    """Whether a raw struct ms_sess_key is a TCP flow's."""
+    return sess_key[5] == 6
+
+
+def _expired(val: bytes, timeouts_ns: list[int], now: int) -> bool:
+    last: int = struct.unpack_from("<Q", val, _LAST_SEEN_OFF)[0]
+    return now > last and now - last > timeouts_ns[val[_TCLASS_OFF] & 15]
 
 
 @dataclass(frozen=True)
@@ -188,6 +255,15 @@ def _libbpf() -> ct.CDLL:
     lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
     lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
     lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+    lib.bpf_map_lookup_batch.argtypes = [
+        ct.c_int,
+        ct.c_void_p,
+        ct.c_void_p,
+        ct.c_void_p,
+        ct.c_void_p,
+        ct.POINTER(ct.c_uint32),
+        ct.c_void_p,
+    ]
     lib.ring_buffer__epoll_fd.argtypes = [ct.c_void_p]
     return lib
 
@@ -246,6 +322,10 @@ class Datapath:
         self._lock = threading.Lock()
         self.adopted = False  # the pinned maps held an applied generation when we loaded
         self._retiring: threading.Thread | None = None
+        self._timeouts = config.timeouts
+        # struct ms_reaped, as last written: userspace removals (the kernel never writes it)
+        self._reaped: list[int] = [0] * 8
+        self._reap_lock = threading.Lock()
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -269,15 +349,18 @@ class Datapath:
             f"-DMS_RULE_ENTRIES={self.config.rule_entries}",
             f"-DMS_RULE_SLOTS={self.config.rule_slots}",
             f"-DMS_RINGBUF_PAGES={self.config.ringbuf_pages}",
+            f"-DMS_FRAGS={self.config.frag_entries}",
             "-Wno-unused-function",
         ]
         try:
             self._bpf = BPF(src_file=str(BPF_DIR / "classifier.c"), cflags=cflags)
-            for name in ("ms_ingress", "ms_egress", "ms_judge"):
+            for name in ("ms_ingress", "ms_egress", "ms_judge", "ms_related", "ms_record"):
                 self._progs[name] = self._bpf.load_func(name, BPF.SCHED_CLS)
         except Exception as e:  # bcc raises bare Exception
             raise DatapathError(f"loading the classifier failed: {e}") from e
         self._bpf["slow_path"][ct.c_int(0)] = ct.c_int(self._progs["ms_judge"].fd)
+        self._bpf["slow_path"][ct.c_int(1)] = ct.c_int(self._progs["ms_related"].fd)
+        self._bpf["slow_path"][ct.c_int(2)] = ct.c_int(self._progs["ms_record"].fd)
         self._bpf["barrier"][ct.c_int(0)] = ct.c_int(self._bpf["barrier_inner"].get_fd())
         for name in (
             "sessions",
@@ -290,11 +373,13 @@ class Datapath:
             "counters",
             "rule_stats",
             "blooms",
+            "frags",
+            "reaped",
         ):
             self._fds[name] = self._bpf[name].get_fd()
-        self._write(
-            "settings", struct.pack("<I", 0), struct.pack("<Q", self.config.event_interval_ns)
-        )
+        self.set_timeouts(self.config.timeouts)
+        raw = self._lookup(self._fds["reaped"], struct.pack("<I", 0), REAPED.size)
+        self._reaped = list(REAPED.unpack(raw)) if raw else [0] * 8
         self._adopt()
 
     def _adopt(self) -> None:
@@ -534,17 +619,52 @@ class Datapath:
     # ---- reading -----------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
-        """Global counters summed over CPUs, plus packets by direction and verdict."""
+        """Global counters summed over CPUs, packets by direction and verdict, and the session
+        gauges derived from them (see `session_gauges`)."""
         per_cpu = self._percpu("counters", 0)
         sums = [0] * C_MAX
         for raw in per_cpu:
             for i, v in enumerate(struct.unpack(f"<{C_MAX}Q", raw[: 8 * C_MAX])):
                 sums[i] += v
         out = {name: sums[i] for i, name in enumerate(COUNTER_NAMES)}
+        out.update({name: sums[28 + i] for i, name in enumerate(COUNTER_NAMES_28)})
         for d, dname in DIRECTION_NAMES.items():
             for v, vname in VERDICT_NAMES.items():
                 out[f"{dname}_{vname}_packets"] = sums[C_DIR_VERDICT + (d - 1) * 4 + v]
+        out.update(self._gauges(out))
         return out
+
+    def _gauges(self, c: dict[str, int]) -> dict[str, int]:
+        expired_reaped, closed_reaped, half_reaped, cleared, frags_reaped = self._reaped[:5]
+        removed = c["renewed_expired"] + c["renewed_closed"]
+        removed += expired_reaped + closed_reaped + cleared
+        return {
+            "active_sessions": max(0, c["new_sessions"] - removed),
+            "half_open_sessions": max(0, c["half_open_opened"] - c["half_open_left"] - half_reaped),
+            "expired_sessions": c["renewed_expired"] + expired_reaped,
+            "closed_sessions_removed": c["renewed_closed"] + closed_reaped,
+            "cleared_sessions": cleared,
+            "fragments_expired": frags_reaped,
+            "policy_drops": c["denied_packets"],
+        }
+
+    def session_gauges(self) -> dict[str, int]:
+        """Exact session-table gauges, cheap (no walk): `active_sessions` (entries in the table:
+        inserted minus renewed, reaped and cleared), `half_open_sessions` (SYN_SENT/SYN_RECV),
+        `expired_sessions`, `closed_sessions_removed`, `cleared_sessions`."""
+        c = self.counters()
+        return {k: c[k] for k in self._gauges(c)}
+
+    def drops_by_reason(self) -> dict[str, int]:
+        """Dropped packets by reason: policy (deny verdicts), parse (unjudgeable headers),
+        fragment (no first, overlapping, tiny), pressure (a map or program failed)."""
+        c = self.counters()
+        return {
+            "policy": c["denied_packets"],
+            "parse": c["parse_drops"],
+            "fragment": c["fragment_drops"],
+            "pressure": c["pressure_drops"],
+        }
 
     def rule_counters(self, rule_id: int) -> RuleCounters:
         """Hits of one rule (packets and bytes of the flows it decided), or zeros if unknown."""
@@ -583,14 +703,15 @@ class Datapath:
                 return
 
     def session_count(self) -> int:
-        return sum(1 for _ in self._iter_keys(self._fds["sessions"], SESS_KEY.size))
+        """Entries in the session table: exact, from counters (no walk)."""
+        return self.counters()["active_sessions"]
 
     @staticmethod
     def _session(key: bytes, raw: bytes) -> Session:
         ifindex, family, proto, _, a, b, ap, bp = SESS_KEY.unpack(key)
         v = SESS_VAL.unpack(raw)
         first, last, p0, p1, b0, b1, _evl, _evp, _evb, gen, rule_id, _slot = v[:12]
-        verdict, orig_dir, a_is_src, _tcp_state, tcp_flags = v[12:17]
+        verdict, orig_dir, a_is_src, tcp_state, tcp_flags = v[12:17]
         aport, bport = struct.unpack(">H", ap)[0], struct.unpack(">H", bp)[0]
         if a_is_src:
             src, dst, sport, dport = a, b, aport, bport
@@ -615,13 +736,201 @@ class Datapath:
             packets_in=p1,
             bytes_in=b1,
             tcp_flags=tcp_flags,
+            tcp_state=TCP_STATE_NAMES.get(tcp_state, "?") if proto == 6 else "",
         )
 
     def clear_sessions(self) -> None:
+        """Remove every session (counted as `cleared_sessions`)."""
         fd = self._fds["sessions"]
-        keys = list(self._iter_keys(fd, SESS_KEY.size))
-        for k in keys:
-            libbpf().bpf_map_delete_elem(fd, k)
+        lib = libbpf()
+        with self._reap_lock:
+            cleared = half = 0
+            for k in list(self._iter_keys(fd, SESS_KEY.size)):
+                raw = self._lookup(fd, k, SESS_VAL.size)
+                if lib.bpf_map_delete_elem(fd, k) == 0:
+                    cleared += 1
+                    if proto_is_tcp(k) and raw is not None and raw[_TCP_STATE_OFF] in (1, 2):
+                        half += 1
+            self._count_reaped(cleared=cleared, half_open=half)
+
+    def clear_fragments(self) -> None:
+        """Forget every remembered first fragment (counted as `fragments_expired`)."""
+        fd = self._fds["frags"]
+        with self._reap_lock:
+            n = 0
+            for k in list(self._iter_keys(fd, FRAG_KEY.size)):
+                if libbpf().bpf_map_delete_elem(fd, k) == 0:
+                    n += 1
+            self._count_reaped(frags=n)
+
+    def _count_reaped(
+        self,
+        expired: int = 0,
+        closed: int = 0,
+        half_open: int = 0,
+        cleared: int = 0,
+        frags: int = 0,
+    ) -> None:
+        if not (expired or closed or half_open or cleared or frags):
+            return
+        r = self._reaped
+        r[0] += expired
+        r[1] += closed
+        r[2] += half_open
+        r[3] += cleared
+        r[4] += frags
+        self._write("reaped", struct.pack("<I", 0), REAPED.pack(*r))
+
+    # ---- state: timeouts, the reaper, pressure -------------------------------------------
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return self._timeouts
+
+    def set_timeouts(self, timeouts: Timeouts) -> None:
+        """Idle timeouts the classifier and the reaper use from now on (live sessions too)."""
+        self._write(
+            "settings",
+            struct.pack("<I", 0),
+            SETTINGS.pack(self.config.event_interval_ns, *timeouts.by_class_ns()),
+        )
+        self._timeouts = timeouts
+
+    @staticmethod
+    def now_ns() -> int:
+        """The classifier's clock (CLOCK_MONOTONIC, coarse), in ns."""
+        return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
+
+    def _walk(self, fd: int, ksize: int, vsize: int) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) of every entry, in batches of 4,096 (one syscall each); entries may
+        come and go meanwhile."""
+        lib = libbpf()
+        step = 4096
+        keys = ct.create_string_buffer(ksize * step)
+        vals = ct.create_string_buffer(vsize * step)
+        token_in = ct.create_string_buffer(64)
+        token_out = ct.create_string_buffer(64)
+        first = True
+        while True:
+            count = ct.c_uint32(step)
+            rc = lib.bpf_map_lookup_batch(
+                fd, None if first else token_in, token_out, keys, vals, ct.byref(count), None
+            )
+            err = ct.get_errno() if rc != 0 else 0
+            if rc != 0 and err != errno.ENOENT:
+                if first and err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, 524):
+                    for k in self._iter_keys(fd, ksize):  # kernels without batch ops
+                        v = self._lookup(fd, k, vsize)
+                        if v is not None:
+                            yield k, v
+                    return
+                raise DatapathError(f"walking a map failed: {os.strerror(err)}")
+            kb, vb = keys.raw, vals.raw
+            for i in range(count.value):
+                yield kb[i * ksize : (i + 1) * ksize], vb[i * vsize : (i + 1) * vsize]
+            if rc != 0:  # ENOENT: that was the last batch
+                return
+            ct.memmove(token_in, token_out, 64)
+            first = False
+
+    def reap_expired(self, now_ns: int | None = None) -> dict[str, int]:
+        """Remove sessions idle beyond their timeout (finished TCP sessions after their short
+        linger) and first fragments older than theirs; returns how many of each went:
+        `expired` (open sessions), `closed` (TIME_WAIT/CLOSED), `fragments`.
+
+        Call it periodically (the agent does, every few seconds). Each candidate is read again
+        just before it is deleted, so a flow that woke up meanwhile stays; one that wakes in
+        the microseconds between that read and the delete is judged as new at its next
+        packet. `now_ns` is on `now_ns()`'s clock (tests pass one to look into the future).
+        """
+        now = self.now_ns() if now_ns is None else now_ns
+        to = self._timeouts.by_class_ns()
+        lib = libbpf()
+        with self._reap_lock:
+            fd = self._fds["sessions"]
+            candidates = [
+                (k, v[_LAST_SEEN_OFF : _LAST_SEEN_OFF + 8])
+                for k, v in self._walk(fd, SESS_KEY.size, SESS_VAL.size)
+                if _expired(v, to, now)
+            ]
+            expired = closed = half = 0
+            for k, seen in candidates:
+                v = self._lookup(fd, k, SESS_VAL.size)
+                if v is None or v[_LAST_SEEN_OFF : _LAST_SEEN_OFF + 8] != seen:
+                    continue
+                if lib.bpf_map_delete_elem(fd, k) != 0:
+                    continue
+                state = v[_TCP_STATE_OFF] if proto_is_tcp(k) else 0
+                if state >= 7:
+                    closed += 1
+                else:
+                    expired += 1
+                if state in (1, 2):
+                    half += 1
+            ffd = self._fds["frags"]
+            limit = to[13]
+            old = [
+                k
+                for k, v in self._walk(ffd, FRAG_KEY.size, FRAG_VAL.size)
+                if now > FRAG_VAL.unpack(v)[0] and now - FRAG_VAL.unpack(v)[0] > limit
+            ]
+            frags = sum(1 for k in old if lib.bpf_map_delete_elem(ffd, k) == 0)
+            self._count_reaped(expired=expired, closed=closed, half_open=half, frags=frags)
+        return {"expired": expired, "closed": closed, "fragments": frags}
+
+    def map_fill(self, counters: dict[str, int] | None = None) -> dict[str, MapFill]:
+        """Entries, capacity and fill ratio of every map that fills up: sessions (exact, no
+        walk; never evicts: a full table judges new flows without caching them), fragments
+        (an LRU: a walk; `evictions` = remembered firsts that left other than by the reaper),
+        rules4/rules6 (both banks), rule_slots (per-rule counters), shapes4/shapes6 (of the
+        live bank). `counters`: a `counters()` reading to use instead of taking one."""
+        c = self.counters() if counters is None else counters
+        cfg = self.config
+        out: dict[str, MapFill] = {}
+        out["sessions"] = MapFill(c["active_sessions"], cfg.session_entries, 0)
+        nfrag = sum(1 for _ in self._walk(self._fds["frags"], FRAG_KEY.size, FRAG_VAL.size))
+        gone = c["fragments_first"] - self._reaped[4] - nfrag
+        out["fragments"] = MapFill(nfrag, cfg.frag_entries, max(0, gone))
+        for fam in (4, 6):
+            n = sum(len(self._bank_keys[b][fam]) for b in (0, 1))
+            out[f"rules{fam}"] = MapFill(n, cfg.rule_entries, 0)
+        out["rule_slots"] = MapFill(len(self._slots) + 1, cfg.rule_slots, 0)
+        gen, bank = self.active()
+        raw = self._lookup(self._fds["banks"], struct.pack("<I", bank), 16)
+        n4, n6 = struct.unpack_from("<II", raw, 4) if raw and gen else (0, 0)
+        out["shapes4"] = MapFill(n4, cfg.max_shapes, 0)
+        out["shapes6"] = MapFill(n6, cfg.max_shapes, 0)
+        return out
+
+    def pressure(self) -> dict[str, Any]:
+        """What the operator watches under load, in one read: the session gauges, the
+        counters to take rates of (new_sessions, syn_new_sessions), drops by reason and the
+        fill of every map (`fill`: name -> {entries, capacity, ratio, evictions})."""
+        c = self.counters()
+        keys = (
+            "active_sessions",
+            "half_open_sessions",
+            "new_sessions",
+            "syn_new_sessions",
+            "closed_sessions",
+            "expired_sessions",
+            "session_create_failed",
+            "related_passed",
+            "fragments_first",
+            "fragments_followed",
+            "fragment_drops_no_first",
+            "fragment_drops_overlap",
+            "fragment_drops_tiny",
+        )
+        out: dict[str, Any] = {k: c[k] for k in keys}
+        out["drops"] = {
+            "policy": c["denied_packets"],
+            "parse": c["parse_drops"],
+            "fragment": c["fragment_drops"],
+            "pressure": c["pressure_drops"],
+        }
+        out["fill"] = {name: f.to_dict() for name, f in self.map_fill(c).items()}
+        return out
 
     # ---- events ------------------------------------------------------------------------------
 
@@ -642,6 +951,11 @@ class Datapath:
 
     def consume_events(self) -> None:
         self._bpf.ring_buffer_consume()
+
+    def events_ring(self) -> tuple[int, int]:
+        """The ring buffer's map fd and its data size in bytes (a power of two), for a reader
+        that maps it itself (streamer.source.RingReader) instead of `open_events`."""
+        return int(self._bpf["events"].get_fd()), self.config.ringbuf_pages * mmap.PAGESIZE
 
     # ---- attaching ---------------------------------------------------------------------------
 

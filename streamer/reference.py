@@ -7,12 +7,18 @@ In: a `PolicySet` and packets, either as `Packet` tuples or as raw Ethernet fram
 (`parse_frame` mirrors the kernel parser). Out: a `Decision` (verdict and deciding rule).
 `StatefulReference` adds the session table: a flow's verdict is taken on its first packet and
 shared by both directions, and re-taken (on the flow's original packet) after a policy change.
+It also models what the kernel keeps beside the verdicts: the TCP state machine and idle
+timeouts per session (an expired entry, or a SYN on a finished connection, starts a new flow),
+a table of fixed capacity (full: new flows are judged on every packet, not cached),
+remembered first fragments (later ones follow them), related ICMP errors, and the kernel's
+state counters under the same names (`StatefulReference.counters`).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final, Literal
@@ -28,16 +34,19 @@ __all__ = [
     "MAX_IPV6_EXT_HEADERS",
     "MAX_L4_OFFSET",
     "MAX_VLAN_TAGS",
+    "TCP_STATE_NAMES",
     "Decision",
     "FlowKey",
     "Packet",
     "Session",
     "StatefulReference",
+    "Timeouts",
     "Verdict",
     "flow_key",
     "judge",
     "parse_frame",
     "rule_matches",
+    "tcp_next",
 ]
 
 IPAddress = IPv4Address | IPv6Address
@@ -70,6 +79,10 @@ IPV6_EXT_HEADERS: Final = frozenset(
 
 ICMP_ECHO_TYPES: Final = frozenset({0, 8})
 ICMPV6_ECHO_TYPES: Final = frozenset({128, 129})
+# Errors that quote a packet: destination unreachable (incl. "fragmentation needed"), time
+# exceeded; for ICMPv6 also packet too big.
+ICMP_ERROR_TYPES: Final = frozenset({3, 11})
+ICMPV6_ERROR_TYPES: Final = frozenset({1, 2, 3})
 # Router solicitation/advertisement, neighbour solicitation/advertisement, redirect.
 ICMPV6_ND_TYPES: Final = frozenset(range(133, 138))
 
@@ -85,10 +98,12 @@ class Verdict(IntEnum):
     LOG = 2
     PASS_L2 = 3  # ARP / IPv6 neighbour discovery: always passes, no policy
     DROP_PARSE = 4  # cannot be judged safely: dropped
-    DROP_FRAGMENT = 5  # non-first fragment: dropped for now
+    DROP_FRAGMENT = 5  # a fragment with no remembered first, overlapping, or tiny: dropped
+    PASS_RELATED = 6  # an ICMP error quoting a packet of a live allowed flow: passes
+    DROP_PRESSURE = 7  # a kernel resource failed (never produced by the model)
 
 
-_PASSING: Final = frozenset({Verdict.ALLOW, Verdict.LOG, Verdict.PASS_L2})
+_PASSING: Final = frozenset({Verdict.ALLOW, Verdict.LOG, Verdict.PASS_L2, Verdict.PASS_RELATED})
 _ACTION_VERDICT: Final[dict[Action, Verdict]] = {
     Action.ALLOW: Verdict.ALLOW,
     Action.DENY: Verdict.DENY,
@@ -226,6 +241,132 @@ def judge(policy: PolicySet, pkt: Packet) -> Decision:
     return Decision(_ACTION_VERDICT[best.action], best)
 
 
+# TCP session states: the numbers are the kernel's (MS_TCP_* in bpf/classifier.h).
+TCP_NONE: Final = 0
+TCP_SYN_SENT: Final = 1
+TCP_SYN_RECV: Final = 2
+TCP_ESTABLISHED: Final = 3
+TCP_FIN_WAIT: Final = 4
+TCP_CLOSE_WAIT: Final = 5
+TCP_LAST_ACK: Final = 6
+TCP_TIME_WAIT: Final = 7
+TCP_CLOSED: Final = 8
+TCP_STATE_NAMES: Final[dict[int, str]] = {
+    0: "NONE",
+    1: "SYN_SENT",
+    2: "SYN_RECV",
+    3: "ESTABLISHED",
+    4: "FIN_WAIT",
+    5: "CLOSE_WAIT",
+    6: "LAST_ACK",
+    7: "TIME_WAIT",
+    8: "CLOSED",
+}
+TCP_FIN: Final = 0x01
+TCP_SYN: Final = 0x02
+TCP_RST: Final = 0x04
+TCP_ACK: Final = 0x10
+# Timeout classes beyond the TCP states (MS_TO_* in bpf/classifier.h).
+TO_UDP: Final = 9
+TO_UDP_STREAM: Final = 10
+TO_ICMP: Final = 11
+TO_OTHER: Final = 12
+TO_FRAGMENT: Final = 13
+
+
+def tcp_next(state: int, d: int, flags: int, fins: int) -> tuple[int, int]:
+    """The TCP state machine: (state, fins) after a packet with `flags` from side `d` (0: the
+    flow's originator, 1: the responder). `fins` bits: 1 originator sent FIN, 2 responder
+    sent FIN, 4 the first FIN was the responder's. RST closes at once; a SYN/ACK answers a
+    SYN; the originator's ACK establishes; FIN, then the other side's ACK (CLOSE_WAIT), its
+    FIN (LAST_ACK) and the last ACK (TIME_WAIT). Mirrors tcp_next in bpf/classifier.c."""
+    if flags & TCP_RST:
+        return TCP_CLOSED, fins
+    if flags & TCP_SYN:
+        if flags & TCP_ACK:
+            if state == TCP_NONE or (state == TCP_SYN_SENT and d == 1):
+                return TCP_SYN_RECV, fins
+            return state, fins
+        return (TCP_SYN_SENT if state == TCP_NONE else state), fins
+    if flags & TCP_FIN:
+        if state >= TCP_TIME_WAIT:
+            return state, fins
+        if not fins & 3:
+            fins |= 4 if d else 0
+        fins |= 2 if d else 1
+        if fins & 3 == 3:
+            return TCP_LAST_ACK, fins
+        return (TCP_CLOSE_WAIT if state == TCP_CLOSE_WAIT else TCP_FIN_WAIT), fins
+    if flags & TCP_ACK:
+        first_fin = 1 if fins & 4 else 0
+        if state == TCP_NONE or (state == TCP_SYN_RECV and d == 0):
+            return TCP_ESTABLISHED, fins
+        if state == TCP_FIN_WAIT and d != first_fin:
+            return TCP_CLOSE_WAIT, fins
+        if state == TCP_LAST_ACK and d == first_fin:
+            return TCP_TIME_WAIT, fins
+    return state, fins
+
+
+def _half_open(state: int) -> bool:
+    return state in (TCP_SYN_SENT, TCP_SYN_RECV)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Idle timeouts in seconds (defaults: Linux conntrack's). A session idle for longer than
+    its class allows is over: the reaper removes it, and its next packet starts a new flow.
+    A TCP session without a state yet (its packets carried no SYN, ACK, FIN or RST) uses
+    `tcp_syn_sent`; `fragment` is how long a first fragment's ports are remembered."""
+
+    tcp_syn_sent: float = 120.0
+    tcp_syn_recv: float = 60.0
+    tcp_established: float = 432000.0
+    tcp_fin_wait: float = 120.0
+    tcp_close_wait: float = 60.0
+    tcp_last_ack: float = 30.0
+    tcp_time_wait: float = 120.0
+    tcp_close: float = 10.0
+    udp: float = 30.0
+    udp_stream: float = 120.0  # a UDP flow that has seen a reply
+    icmp: float = 30.0
+    other: float = 600.0
+    fragment: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if not (isinstance(value, int | float) and 0 < value <= 10 * 365 * 86400):
+                raise ValueError(
+                    f"timeout {name} must be a number of seconds above 0 (at most ten years),"
+                    f" not {value!r}"
+                )
+
+    @classmethod
+    def uniform(cls, seconds: float) -> Timeouts:
+        """Every timeout the same (tests)."""
+        return cls(*([seconds] * 13))
+
+    def by_class_ns(self) -> list[int]:
+        """The 16 timeouts in ns, indexed by timeout class (TCP states 0-8, then TO_*)."""
+        s = [
+            self.tcp_syn_sent,
+            self.tcp_syn_sent,
+            self.tcp_syn_recv,
+            self.tcp_established,
+            self.tcp_fin_wait,
+            self.tcp_close_wait,
+            self.tcp_last_ack,
+            self.tcp_time_wait,
+            self.tcp_close,
+            self.udp,
+            self.udp_stream,
+            self.icmp,
+            self.other,
+            self.fragment,
+        ]
+        return [int(x * 1e9) for x in s] + [int(self.other * 1e9)] * 2
+
+
 FlowKey = tuple[int, int, int, tuple[tuple[IPAddress, int], tuple[IPAddress, int]]]
 
 
@@ -248,6 +389,43 @@ class Session:
     decision: Decision
     generation: int  # the policy generation `decision` was taken under
     packets: int = 0
+    first_seen: int = 0  # ns, on the caller's clock
+    last_seen: int = 0
+    replies: int = 0  # packets from the responder
+    tcp_state: int = TCP_NONE
+    fins: int = 0
+    tclass: int = 0  # timeout class
+
+    def side(self, pkt: Packet) -> int:
+        """0 when `pkt` goes the way the flow's first packet went, 1 for a reply."""
+        return 0 if (pkt.src, pkt.sport) == (self.origin.src, self.origin.sport) else 1
+
+
+@dataclass(frozen=True)
+class _FragEntry:
+    first_seen: int
+    proto: int
+    sport: int
+    dport: int
+    l4_end: int
+
+
+@dataclass(frozen=True)
+class Dissected:
+    """What the parser found in a frame beyond its Packet: fragment and ICMP-error details.
+
+    `frag` 0 none, 1 first fragment, 2 later fragment (its `packet` has ports 0 and the
+    fragment key's protocol); `frag_key` (family, protocol, id); `frag_off` a later fragment's
+    offset in bytes, or a first fragment's L4 header end from its fragmentable part's start;
+    `quoted` the tuple an ICMP error quotes (family, proto, src, dst, sport, dport) when it
+    can be read and goes back to the quoted packet's sender."""
+
+    packet: Packet
+    frag: int = 0
+    frag_key: tuple[int, int, int] | None = None
+    frag_off: int = 0
+    icmp_err: bool = False
+    quoted: Packet | None = None
 
 
 @dataclass
@@ -257,11 +435,18 @@ class StatefulReference:
     A flow's verdict is taken on its first packet (either direction) and shared by every later
     packet of either direction. After `set_policy`, each session is judged again at its next
     packet, by the new set, on its original packet (original direction and tuple).
+    `capacity` (None: unbounded) is the kernel table's size: when it is full a new flow's
+    packet is judged alone and nothing is recorded. `now` arguments are ns on any clock that
+    only moves forward; `timeouts` decides when sessions and remembered fragments expire.
     """
 
     policy: PolicySet
     generation: int = 0
     sessions: dict[FlowKey, Session] = field(default_factory=dict)
+    capacity: int | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    frags: dict[tuple[object, ...], _FragEntry] = field(default_factory=dict)
+    counters: Counter[str] = field(default_factory=Counter)
 
     def set_policy(self, policy: PolicySet) -> None:
         """Replace the policy set; live sessions are re-judged lazily."""
@@ -272,30 +457,148 @@ class StatefulReference:
         """Forget every session."""
         self.sessions.clear()
 
-    def process(self, pkt: Packet) -> Decision:
-        """The verdict for `pkt`, creating or refreshing its session."""
+    def _expired(self, s: Session, now: int) -> bool:
+        limit = self.timeouts.by_class_ns()[s.tclass]
+        return now > s.last_seen and now - s.last_seen > limit
+
+    def expire(self, now: int) -> tuple[int, int]:
+        """What the reaper does at `now`: remove expired sessions and fragments; returns
+        (open sessions removed, finished ones removed)."""
+        gone = [k for k, s in self.sessions.items() if self._expired(s, now)]
+        closed = sum(1 for k in gone if self.sessions[k].tcp_state >= TCP_TIME_WAIT)
+        for k in gone:
+            del self.sessions[k]
+        limit = self.timeouts.by_class_ns()[TO_FRAGMENT]
+        for fk in [
+            k for k, f in self.frags.items() if now > f.first_seen and now - f.first_seen > limit
+        ]:
+            del self.frags[fk]
+        return len(gone) - closed, closed
+
+    def _account(self, s: Session, pkt: Packet, now: int) -> list[str]:
+        """One packet on its session: counts, state, timeout class; the counters of the state
+        transitions it made (for the caller to add)."""
+        d = s.side(pkt)
+        s.packets += 1
+        if d:
+            s.replies += 1
+        s.last_seen = now
+        out: list[str] = []
+        if pkt.proto == IPPROTO_TCP:
+            old = s.tcp_state
+            s.tcp_state, s.fins = tcp_next(old, d, pkt.tcp_flags, s.fins)
+            s.tclass = s.tcp_state
+            new = s.tcp_state
+            if _half_open(new) and not _half_open(old):
+                out.append("half_open_opened")
+            if _half_open(old) and not _half_open(new):
+                out.append("half_open_left")
+            if new >= TCP_TIME_WAIT > old:
+                out.append("closed_sessions")
+        elif pkt.proto == IPPROTO_UDP:
+            s.tclass = TO_UDP_STREAM if s.replies else TO_UDP
+        elif pkt.proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+            s.tclass = TO_ICMP
+        else:
+            s.tclass = TO_OTHER
+        return out
+
+    def process(self, pkt: Packet, now: int = 0) -> Decision:
+        """The verdict for `pkt`, creating, refreshing or renewing its session."""
         key = flow_key(pkt)
         session = self.sessions.get(key)
-        if session is None:
-            session = Session(pkt, judge(self.policy, pkt), self.generation)
-            self.sessions[key] = session
-        elif session.generation != self.generation:
-            session.decision = judge(self.policy, session.origin)
-            session.generation = self.generation
-        session.packets += 1
-        return session.decision
+        renew = 0
+        if session is not None:
+            if self._expired(session, now):
+                renew = 1
+            elif (
+                pkt.proto == IPPROTO_TCP
+                and session.tcp_state >= TCP_TIME_WAIT
+                and pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+            ):
+                renew = 2
+        if session is not None and not renew:
+            if session.generation != self.generation:
+                session.decision = judge(self.policy, session.origin)
+                session.generation = self.generation
+            self.counters.update(self._account(session, pkt, now))
+            return session.decision
+        decision = judge(self.policy, pkt)
+        new = Session(pkt, decision, self.generation, first_seen=now)
+        transitions = self._account(new, pkt, now)
+        if session is not None:
+            del self.sessions[key]
+            self.counters["renewed_expired" if renew == 1 else "renewed_closed"] += 1
+            if _half_open(session.tcp_state):
+                self.counters["half_open_left"] += 1
+        if self.capacity is None or len(self.sessions) < self.capacity:
+            self.sessions[key] = new
+            self.counters["new_sessions"] += 1
+            if pkt.proto == IPPROTO_TCP and pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+                self.counters["syn_new_sessions"] += 1
+            self.counters.update(transitions)
+        else:
+            self.counters["session_create_failed"] += 1
+        return decision
 
-    def process_frame(self, frame: bytes, direction: PacketDirection, ifindex: int = 1) -> Decision:
-        """Parse a frame and process it; PASS_L2 / DROP_* frames create no session."""
-        parsed = parse_frame(frame, direction, ifindex)
-        if isinstance(parsed, Decision):
-            return parsed
-        return self.process(parsed)
+    def _related(self, quoted: Packet, now: int) -> bool:
+        s = self.sessions.get(flow_key(quoted))
+        return (
+            s is not None
+            and s.generation == self.generation
+            and not self._expired(s, now)
+            and s.decision.verdict in (Verdict.ALLOW, Verdict.LOG)
+        )
+
+    def _drop_fragment(self, reason: str) -> Decision:
+        self.counters["fragment_drops"] += 1
+        self.counters[reason] += 1
+        return _DROP_FRAGMENT
+
+    def process_frame(
+        self, frame: bytes, direction: PacketDirection, ifindex: int = 1, now: int = 0
+    ) -> Decision:
+        """Parse a frame and process it as the kernel does; PASS_L2 / DROP_* / PASS_RELATED
+        frames create no session."""
+        d = dissect(frame, direction, ifindex)
+        if isinstance(d, Decision):
+            if d.verdict is Verdict.DROP_FRAGMENT:
+                return self._drop_fragment("fragment_drops_tiny")
+            return d
+        pkt = d.packet
+        icmp_err = d.icmp_err
+        if d.frag:
+            fkey = (ifindex, d.frag_key, pkt.src, pkt.dst)
+            entry = self.frags.get(fkey)
+            limit = self.timeouts.by_class_ns()[TO_FRAGMENT]
+            if entry is not None and now > entry.first_seen and now - entry.first_seen > limit:
+                entry = None
+            if d.frag == 2:
+                if entry is None:
+                    return self._drop_fragment("fragment_drops_no_first")
+                if d.frag_off < entry.l4_end:
+                    return self._drop_fragment("fragment_drops_overlap")
+                pkt = replace(
+                    pkt, proto=entry.proto, sport=entry.sport, dport=entry.dport, tcp_flags=0
+                )
+                self.counters["fragments_followed"] += 1
+            elif entry is not None:
+                if (entry.proto, entry.sport, entry.dport) != (pkt.proto, pkt.sport, pkt.dport):
+                    return self._drop_fragment("fragment_drops_overlap")
+            else:
+                self.frags[fkey] = _FragEntry(now, pkt.proto, pkt.sport, pkt.dport, d.frag_off)
+                self.counters["fragments_first"] += 1
+            icmp_err = False
+        if icmp_err and d.quoted is not None and self._related(d.quoted, now):
+            self.counters["related_passed"] += 1
+            return _RELATED
+        return self.process(pkt, now)
 
 
 _PASS_L2: Final = Decision(Verdict.PASS_L2)
 _DROP_PARSE: Final = Decision(Verdict.DROP_PARSE)
 _DROP_FRAGMENT: Final = Decision(Verdict.DROP_FRAGMENT)
+_RELATED: Final = Decision(Verdict.PASS_RELATED)
 
 
 def _u16(frame: bytes, offset: int) -> int:
@@ -303,15 +606,82 @@ def _u16(frame: bytes, offset: int) -> int:
 
 
 def parse_frame(frame: bytes, direction: str, ifindex: int = 1) -> Packet | Decision:
-    """Parse an Ethernet frame the way the kernel classifier does.
+    """Parse an Ethernet frame the way the kernel classifier does, without state.
 
     Returns the Packet to judge, or a Decision when the frame is not judged by the policy:
     PASS_L2 (ARP, IPv6 neighbour discovery), DROP_PARSE (truncated, malformed, unknown
     ethertype, more than 2 VLAN tags or 8 IPv6 extension headers, headers reaching past
-    MAX_L4_OFFSET), DROP_FRAGMENT (a non-first fragment). `length` is len(frame).
+    MAX_L4_OFFSET), DROP_FRAGMENT (a tiny first fragment, or a later fragment: whether that
+    one passes depends on its first, which only `StatefulReference` remembers). A first
+    fragment is returned as its Packet. `length` is len(frame).
     """
+    d = dissect(frame, direction, ifindex)
+    if isinstance(d, Decision):
+        return d
+    if d.frag == 2:
+        return _DROP_FRAGMENT
+    return d.packet
+
+
+def _l4_min(family: int, proto: int) -> int:
+    if proto == IPPROTO_TCP:
+        return 20
+    if proto == IPPROTO_UDP:
+        return 8
+    if (proto == IPPROTO_ICMP and family == 4) or (proto == IPPROTO_ICMPV6 and family == 6):
+        return 8
+    return 0
+
+
+def _quoted(
+    frame: bytes, off: int, family: int, outer_dst: IPAddress, ifindex: int
+) -> Packet | None:
+    """The packet an ICMP error at `off` quotes (inner IP header and 8 bytes of L4), if it
+    can be read and the error goes back to its sender (mirrors `related` in the kernel)."""
+    end = len(frame)
+    off += 8
+    src: IPAddress
+    dst: IPAddress
+    if family == 4:
+        if off + 20 > end:
+            return None
+        ihl = frame[off] & 0x0F
+        if frame[off] >> 4 != 4 or ihl < 5 or _u16(frame, off + 6) & 0x1FFF:
+            return None
+        proto = frame[off + 9]
+        src = IPv4Address(frame[off + 12 : off + 16])
+        dst = IPv4Address(frame[off + 16 : off + 20])
+        off += ihl * 4
+    else:
+        if off + 40 > end:
+            return None
+        if frame[off] >> 4 != 6:
+            return None
+        proto = frame[off + 6]
+        src = IPv6Address(frame[off + 8 : off + 24])
+        dst = IPv6Address(frame[off + 24 : off + 40])
+        off += 40
+    if outer_dst != src:
+        return None
+    if off + 8 > end:
+        return None
+    sport = dport = 0
+    if proto in _PORTED_PROTOCOLS:
+        sport, dport = _u16(frame, off), _u16(frame, off + 2)
+    elif (proto == IPPROTO_ICMP and family == 4 and frame[off] in ICMP_ECHO_TYPES) or (
+        proto == IPPROTO_ICMPV6 and family == 6 and frame[off] in ICMPV6_ECHO_TYPES
+    ):
+        sport = dport = _u16(frame, off + 4)
+    return Packet(family, src, dst, proto, sport, dport, ifindex=ifindex)
+
+
+def dissect(frame: bytes, direction: str, ifindex: int = 1) -> Dissected | Decision:
+    """Parse an Ethernet frame exactly as the kernel classifier does: the Packet and its
+    fragment and ICMP-error details, or the Decision of a frame no policy judges (PASS_L2,
+    DROP_PARSE, DROP_FRAGMENT for a first fragment too short for its L4 header)."""
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be ingress or egress, not {direction!r}")
+    pdir: PacketDirection = "ingress" if direction == "ingress" else "egress"
     end = len(frame)
     if end < 14:
         return _DROP_PARSE
@@ -331,6 +701,9 @@ def parse_frame(frame: bytes, direction: str, ifindex: int = 1) -> Packet | Deci
 
     src: IPAddress
     dst: IPAddress
+    frag = 0
+    frag_key: tuple[int, int, int] | None = None
+    frag_off = 0
     if ethertype == ETH_P_IP:
         family = 4
         if offset + 20 > end:
@@ -340,13 +713,21 @@ def parse_frame(frame: bytes, direction: str, ifindex: int = 1) -> Packet | Deci
         header_len = (frame[offset] & 0x0F) * 4
         if header_len < 20 or offset + header_len > end:
             return _DROP_PARSE
-        if _u16(frame, offset + 2) < header_len:
+        total = _u16(frame, offset + 2)
+        if total < header_len:
             return _DROP_PARSE
-        if _u16(frame, offset + 6) & 0x1FFF:
-            return _DROP_FRAGMENT  # MF with offset 0 is a first fragment: parsed on
         proto = frame[offset + 9]
         src = IPv4Address(frame[offset + 12 : offset + 16])
         dst = IPv4Address(frame[offset + 16 : offset + 20])
+        fo = _u16(frame, offset + 6)
+        if fo & 0x3FFF:  # MF or an offset: a fragment
+            frag_key = (4, proto, _u16(frame, offset + 4))
+            if fo & 0x1FFF:
+                later = Packet(family, src, dst, proto, 0, 0, pdir, ifindex, end)
+                return Dissected(later, 2, frag_key, (fo & 0x1FFF) * 8)
+            frag = 1
+        ip_end = offset + total
+        frag_start = offset + header_len
         offset += header_len
     elif ethertype == ETH_P_IPV6:
         family = 6
@@ -357,63 +738,76 @@ def parse_frame(frame: bytes, direction: str, ifindex: int = 1) -> Packet | Deci
         proto = frame[offset + 6]
         src = IPv6Address(frame[offset + 8 : offset + 24])
         dst = IPv6Address(frame[offset + 24 : offset + 40])
+        ip_end = offset + 40 + _u16(frame, offset + 4)
+        frag_start = 0
         offset += 40
         walked = 0
         while proto in IPV6_EXT_HEADERS:
             if walked == MAX_IPV6_EXT_HEADERS:
                 return _DROP_PARSE
             walked += 1
+            if offset > MAX_L4_OFFSET:
+                return _DROP_PARSE
+            if offset + 8 > end:  # cut short: in a first fragment, a tiny one
+                return _DROP_FRAGMENT if frag else _DROP_PARSE
             if proto == IPV6_EXT_FRAGMENT:
                 ext_len = 8
+                fo = _u16(frame, offset + 2)
+                ident = int.from_bytes(frame[offset + 4 : offset + 8], "big")
+                if fo & 0xFFF8:
+                    key = (6, frame[offset], ident)
+                    later = Packet(family, src, dst, frame[offset], 0, 0, pdir, ifindex, end)
+                    return Dissected(later, 2, key, fo & 0xFFF8)
+                if fo & 1:  # offset 0 with M: a first fragment (without M: atomic, whole)
+                    frag = 1
+                    frag_key = (6, frame[offset], ident)
+                    frag_start = offset + 8
+            elif proto == IPV6_EXT_AH:
+                ext_len = (frame[offset + 1] + 2) * 4
             else:
-                if offset + 2 > end:
-                    return _DROP_PARSE
-                if proto == IPV6_EXT_AH:
-                    ext_len = (frame[offset + 1] + 2) * 4
-                else:
-                    ext_len = (frame[offset + 1] + 1) * 8
-            if offset + ext_len > end:
-                return _DROP_PARSE
-            if proto == IPV6_EXT_FRAGMENT and _u16(frame, offset + 2) >> 3:
-                return _DROP_FRAGMENT
+                ext_len = (frame[offset + 1] + 1) * 8
             proto = frame[offset]
             offset += ext_len
             if offset > MAX_L4_OFFSET:
                 return _DROP_PARSE
+            if offset > end:
+                return _DROP_FRAGMENT if frag else _DROP_PARSE
     else:
         return _DROP_PARSE
     if offset > MAX_L4_OFFSET:
         return _DROP_PARSE
 
     sport = dport = tcp_flags = 0
+    icmp_err = False
+    quoted: Packet | None = None
+    # An L4 header cut short by the frame's end: in a first fragment, a tiny fragment.
+    short = _DROP_FRAGMENT if frag else _DROP_PARSE
     if proto == IPPROTO_TCP:
         if offset + 20 > end:
-            return _DROP_PARSE
+            return short
         sport, dport = _u16(frame, offset), _u16(frame, offset + 2)
         tcp_flags = frame[offset + 13]
     elif proto == IPPROTO_UDP:
         if offset + 8 > end:
-            return _DROP_PARSE
+            return short
         sport, dport = _u16(frame, offset), _u16(frame, offset + 2)
     elif (proto == IPPROTO_ICMP and family == 4) or (proto == IPPROTO_ICMPV6 and family == 6):
         # ICMP only in IPv4 and ICMPv6 only in IPv6: elsewhere they are just other protocols,
         # so an IPv4 packet cannot pass as neighbour discovery.
         if offset + 8 > end:
-            return _DROP_PARSE
+            return short
         icmp_type = frame[offset]
         if family == 6 and icmp_type in ICMPV6_ND_TYPES:
             return _PASS_L2
         if icmp_type in (ICMP_ECHO_TYPES if family == 4 else ICMPV6_ECHO_TYPES):
             sport = dport = _u16(frame, offset + 4)
-    return Packet(
-        family,
-        src,
-        dst,
-        proto,
-        sport,
-        dport,
-        "ingress" if direction == "ingress" else "egress",
-        ifindex,
-        end,
-        tcp_flags,
-    )
+        elif icmp_type in (ICMP_ERROR_TYPES if family == 4 else ICMPV6_ERROR_TYPES):
+            icmp_err = True
+            quoted = _quoted(frame, offset, family, dst, ifindex)
+    if frag == 1:
+        need = _l4_min(family, proto)
+        if offset + need > ip_end:
+            return _DROP_FRAGMENT  # a tiny first fragment: its L4 header is not all there
+        frag_off = offset - frag_start + need
+    pkt = Packet(family, src, dst, proto, sport, dport, pdir, ifindex, end, tcp_flags)
+    return Dissected(pkt, frag, frag_key, frag_off, icmp_err, quoted)

@@ -42,6 +42,8 @@ __all__ = [
     "dstopts_ext",
     "eth",
     "frag_ext",
+    "fragments4",
+    "fragments6",
     "frame",
     "hbh_ext",
     "icmp",
@@ -390,3 +392,40 @@ def frame(
             raise ValueError(f"pkt.length {pkt.length} is shorter than the frame ({len(data)})")
         data = build(payload + b"\0" * (pkt.length - len(data)))
     return data
+
+
+def fragments4(
+    src: Address, dst: Address, proto: int, segment: bytes, size: int = 16, ident: int = 1
+) -> list[bytes]:
+    """The IPv4 packets of `segment` (an L4 header and payload) cut into `size`-byte pieces
+    (a multiple of 8), first fragment first."""
+    if size % 8:
+        raise ValueError("fragment size must be a multiple of 8")
+    out = []
+    for off in range(0, len(segment), size):
+        piece = segment[off : off + size]
+        more = off + size < len(segment)
+        out.append(ipv4(src, dst, proto, piece, frag_offset=off // 8, mf=more, ident=ident))
+    return out
+
+
+def fragments6(
+    src: Address,
+    dst: Address,
+    proto: int,
+    segment: bytes,
+    size: int = 16,
+    ident: int = 1,
+    ext: Sequence[tuple[int, bytes]] = (),
+) -> list[bytes]:
+    """The IPv6 packets of `segment` cut into `size`-byte pieces (a multiple of 8), each with
+    `ext` (the unfragmentable headers) and a fragment header, first fragment first."""
+    if size % 8:
+        raise ValueError("fragment size must be a multiple of 8")
+    out = []
+    for off in range(0, len(segment), size):
+        piece = segment[off : off + size]
+        more = off + size < len(segment)
+        chain = [*ext, frag_ext(offset=off // 8, more=more, ident=ident)]
+        out.append(ipv6(src, dst, proto, piece, ext=chain))
+    return out

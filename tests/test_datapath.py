@@ -46,8 +46,12 @@ from streamer.compiler import (
     pack_shape,
 )
 from streamer.datapath import (
+    FRAG_KEY,
+    FRAG_VAL,
+    REAPED,
     SESS_KEY,
     SESS_VAL,
+    SETTINGS,
     TC_ACT_OK,
     TC_ACT_SHOT,
     Datapath,
@@ -162,7 +166,11 @@ def test_map_layouts_match_python_packing(dp: Datapath) -> None:
     assert ct.sizeof(bpf["shapes"].Leaf) == len(pack_shape(c.v4.shapes[0], 1)) == 56
     assert ct.sizeof(bpf["banks"].Leaf) == 16
     assert ct.sizeof(bpf["rule_stats"].sLeaf) == 24
-    assert ct.sizeof(bpf["counters"].sLeaf) == 32 * 8
+    assert ct.sizeof(bpf["counters"].sLeaf) == 48 * 8
+    assert ct.sizeof(bpf["frags"].Key) == FRAG_KEY.size
+    assert ct.sizeof(bpf["frags"].Leaf) == FRAG_VAL.size
+    assert ct.sizeof(bpf["reaped"].Leaf) == REAPED.size
+    assert ct.sizeof(bpf["settings"].Leaf) == SETTINGS.size
     assert EVENT_LAYOUT.size == 80
 
 
@@ -858,6 +866,9 @@ def test_counters_match_what_was_sent(dp: Datapath, datapath_events: EventSink) 
         "l2_passed": 1,
         "parse_drops": 1,
         "fragment_drops": 1,
+        "fragment_drops_no_first": 1,
+        "policy_drops": 5,
+        "active_sessions": 4,
         "egress_allow_packets": 2,
         "ingress_allow_packets": 1,
         "egress_log_packets": 1,

@@ -72,11 +72,13 @@ def test_verdict_numbers_are_the_kernel_contract() -> None:
         ("PASS_L2", 3),
         ("DROP_PARSE", 4),
         ("DROP_FRAGMENT", 5),
+        ("PASS_RELATED", 6),
+        ("DROP_PRESSURE", 7),
     ]
 
 
 def test_decision_passes() -> None:
-    passing = {Verdict.ALLOW, Verdict.LOG, Verdict.PASS_L2}
+    passing = {Verdict.ALLOW, Verdict.LOG, Verdict.PASS_L2, Verdict.PASS_RELATED}
     for verdict in Verdict:
         assert Decision(verdict).passes is (verdict in passing)
 
@@ -606,9 +608,28 @@ def test_ipv6_extension_chains(chain: list[tuple[int, bytes]]) -> None:
     data = _tcp6_frame(chain)
     parsed = parse_frame(data, "ingress")
     assert parsed == Packet.of(A6, B6, 6, 1234, 443, length=len(data), tcp_flags=2)
-    # every truncation inside the extension headers or TCP header is a parse drop
+    # every truncation inside the extension headers or TCP header is a parse drop; behind a
+    # first fragment's header it is a tiny fragment (a first that does not hold its headers)
     for size in range(54, len(data)):
-        assert parse_frame(data[:size], "ingress") == Decision(Verdict.DROP_PARSE), size
+        assert parse_frame(data[:size], "ingress") == _cut_verdict(data, size), size
+
+
+def _cut_verdict(data: bytes, size: int) -> Decision:
+    """What a TCP/IPv6 frame cut at `size` is: a tiny fragment once a first fragment's header
+    (offset 0 with M) lies whole before the cut, else unparsable."""
+    offset, nh = 54, data[20]
+    while nh in (0, 43, 44, 51, 60) and offset + 8 <= size:
+        if nh == 44 and data[offset + 3] & 1:
+            return Decision(Verdict.DROP_FRAGMENT)
+        length = (
+            8
+            if nh == 44
+            else (data[offset + 1] + 2) * 4
+            if nh == 51
+            else (data[offset + 1] + 1) * 8
+        )
+        nh, offset = data[offset], offset + length
+    return Decision(Verdict.DROP_PARSE)
 
 
 def test_ipv6_nine_extension_headers_dropped() -> None:
@@ -674,10 +695,14 @@ def test_l4_offset_limit() -> None:
     ids=["v4", "v4-options", "v4-qinq", "v6", "v6-ext"],
 )
 def test_truncated_tcp_frames(data: bytes) -> None:
-    """Every cut of a TCP frame without payload is DROP_PARSE, never a Packet."""
+    """Every cut of a TCP frame without payload is DROP_PARSE (DROP_FRAGMENT behind a first
+    fragment's header), never a Packet."""
     assert isinstance(parse_frame(data, "ingress"), Packet)
     for size in range(len(data)):
-        assert parse_frame(data[:size], "ingress") == Decision(Verdict.DROP_PARSE), size
+        want = (
+            _cut_verdict(data, size) if data[12:14] == b"\x86\xdd" else Decision(Verdict.DROP_PARSE)
+        )
+        assert parse_frame(data[:size], "ingress") == want, size
 
 
 def test_truncated_payload_keeps_fields() -> None:
@@ -783,3 +808,82 @@ def test_checksums() -> None:
     header = ipv4(A4, B4, 6, b"", options=b"\1" * 4)[:24]
     assert checksum(header) == 0
     assert checksum(icmp(8, 0, 1, 2, b"xyz")) == 0
+
+
+# --- state: the TCP state machine, timeouts, fragments, related ICMP (issue 5) ------------
+
+
+def test_tcp_state_machine_transitions() -> None:
+    from streamer.reference import TCP_STATE_NAMES, tcp_next
+
+    def run(steps: list[tuple[int, str]]) -> list[str]:
+        state, fins, out = 0, 0, []
+        for d, flags in steps:
+            bits = sum({"F": 1, "S": 2, "R": 4, "A": 16}[c] for c in flags)
+            state, fins = tcp_next(state, d, bits, fins)
+            out.append(TCP_STATE_NAMES[state])
+        return out
+
+    assert run([(0, "S"), (1, "SA"), (0, "A"), (0, "FA"), (1, "A"), (1, "FA"), (0, "A")]) == [
+        "SYN_SENT",
+        "SYN_RECV",
+        "ESTABLISHED",
+        "FIN_WAIT",
+        "CLOSE_WAIT",
+        "LAST_ACK",
+        "TIME_WAIT",
+    ]
+    # the responder closes first; both FINs before any ACK
+    assert run([(0, "A"), (1, "FA"), (0, "FA"), (1, "A")])[-2:] == ["LAST_ACK", "TIME_WAIT"]
+    assert run([(0, "S"), (1, "R")]) == ["SYN_SENT", "CLOSED"]
+    assert run([(0, "S"), (0, "SA")]) == ["SYN_SENT", "SYN_SENT"]  # our own SYN/ACK: no answer
+    assert run([(0, "")]) == ["NONE"]
+    assert run([(0, "S"), (1, "SA"), (0, "A"), (0, "R"), (0, "A"), (1, "F")])[-1] == "CLOSED"
+
+
+def test_timeouts() -> None:
+    from streamer.reference import Timeouts
+
+    t = Timeouts()
+    ns = t.by_class_ns()
+    assert len(ns) == 16 and ns[3] == 432_000 * 10**9 and ns[9] == 30 * 10**9
+    assert Timeouts.uniform(2.5).by_class_ns()[12] == 2_500_000_000
+    for bad in (0, -1, "x", 10**12):
+        with pytest.raises(ValueError, match="tcp_close"):
+            Timeouts(tcp_close=bad)  # type: ignore[arg-type]
+
+
+def test_stateful_reference_fragments_and_related() -> None:
+    from packets import fragments4
+
+    from streamer.reference import StatefulReference, dissect
+
+    pol = policy(rule(1, protocol="udp", dst_port=53), default="deny")
+    ref = StatefulReference(pol)
+    seg = udp(1000, 53, bytes(40))
+    first, *rest = [eth(f, ETH_P_IP) for f in fragments4("10.0.0.1", "10.0.0.2", 17, seg, 16, 5)]
+    d = dissect(rest[0], "ingress")
+    assert not isinstance(d, Decision) and d.frag == 2 and d.frag_off == 16
+    assert ref.process_frame(rest[0], "ingress").verdict is Verdict.DROP_FRAGMENT
+    assert ref.process_frame(first, "ingress").verdict is Verdict.ALLOW
+    assert all(ref.process_frame(f, "ingress").verdict is Verdict.ALLOW for f in rest)
+    assert ref.counters["fragment_drops_no_first"] == 1 and ref.counters["fragments_followed"] == 2
+    quote = ipv4("10.0.0.1", "10.0.0.2", 17, udp(1000, 53))[:28]
+    err = eth(ipv4("10.0.0.9", "10.0.0.1", 1, icmp(3, 4, 0, 1400, quote)), ETH_P_IP)
+    assert ref.process_frame(err, "egress").verdict is Verdict.PASS_RELATED
+    # to someone else than the quoted packet's sender: judged by the policy
+    wrong = eth(ipv4("10.0.0.9", "10.0.0.3", 1, icmp(3, 4, 0, 1400, quote)), ETH_P_IP)
+    assert ref.process_frame(wrong, "egress").verdict is Verdict.DENY
+
+
+def test_stateful_reference_capacity() -> None:
+    from streamer.reference import StatefulReference
+
+    pol = policy(rule(1, protocol="udp", dst_port=53, direction="egress"), default="deny")
+    ref = StatefulReference(pol, capacity=1)
+    a = Packet.of("10.0.0.1", "10.0.0.2", "udp", 1000, 53, "egress")
+    b = Packet.of("10.0.0.1", "10.0.0.2", "udp", 1001, 53, "egress")
+    assert ref.process(a).passes and ref.process(a.reply()).passes
+    assert ref.process(b).passes  # judged, not recorded
+    assert not ref.process(b.reply()).passes  # so its reply is a new, denied flow
+    assert ref.counters["session_create_failed"] == 2 and len(ref.sessions) == 1
