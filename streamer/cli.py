@@ -7,6 +7,7 @@ the work (agent, lab, datapath). Bad flags exit with status 2 and a message nami
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import sys
@@ -19,6 +20,7 @@ from streamer.lab import add_lab_parser
 from streamer.monitor import add_monitor_parser
 from streamer.observe import add_flow_parsers
 from streamer.pressure import PressureConfig
+from streamer.reference import Timeouts
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
@@ -148,8 +150,26 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--kafka-spool-max-bytes", type=_size, default=256 << 20, metavar="SIZE",
                    help="events wait in <state-dir>/spool while Kafka is unreachable, up to"
                    " this much (then the oldest are dropped, and counted)")
+    p.add_argument("--timeout", action="append", type=_timeout, metavar="CLASS=SECONDS",
+                   default=[],
+                   help="idle timeout of a session class (repeatable); classes: "
+                   + ", ".join(f.name for f in dataclasses.fields(Timeouts))
+                   + " (defaults: Linux conntrack's; see README)")
     _pressure_flags(p)
     p.set_defaults(func=cmd_run)
+
+
+def _timeout(value: str) -> tuple[str, float]:
+    name, sep, seconds = value.partition("=")
+    names = [f.name for f in dataclasses.fields(Timeouts)]
+    if not sep or name.strip() not in names:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not CLASS=SECONDS with CLASS one of {', '.join(names)}"
+        )
+    try:
+        return name.strip(), float(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: {seconds!r} is not a number") from None
 
 
 def _fraction(value: str) -> float:
@@ -212,6 +232,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"microseg run: --netns {args.netns}: no such network namespace", file=sys.stderr)
         return 2
     try:
+        timeouts = Timeouts(**dict(args.timeout))
+    except ValueError as e:
+        print(f"microseg run: --timeout: {e}", file=sys.stderr)
+        return 2
+    try:
         pressure = PressureConfig(
             interval=args.pressure_interval,
             half_open_threshold=args.syn_flood_half_open,
@@ -252,6 +277,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             max_shapes=args.max_shapes,
             ringbuf_pages=args.ringbuf_pages,
             event_interval_ns=int(args.event_interval * 1e9),
+            timeouts=timeouts,
         ),
     )
     return run_agent(config)

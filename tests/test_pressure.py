@@ -143,9 +143,12 @@ def test_bad_pressure_config_is_refused(kwargs: dict[str, Any]) -> None:
         (["--syn-flood-rate", "lots"], "is not a number per second"),
         (["--syn-flood-half-open", "-3"], "must be 0 or more"),
         (["--pressure-interval", "0"], "pressure interval must be positive"),
+        (["--timeout", "udp=0"], "timeout udp must be a number of seconds above 0"),
+        (["--timeout", "tcp=5"], "is not CLASS=SECONDS with CLASS one of tcp_syn_sent"),
+        (["--timeout", "icmp=soon"], "'soon' is not a number"),
     ],
 )
-def test_bad_pressure_flags_are_refused(flags: list[str], message: str) -> None:
+def test_bad_pressure_and_timeout_flags_are_refused(flags: list[str], message: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "streamer", "run", "--iface", "lo", "--api", "none", *flags],
         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
@@ -197,7 +200,8 @@ def pressured_agent(
     agent = agent_factory(
         module_lab, policy, api=f"127.0.0.1:{free_port()}",
         extra_args=["--syn-flood-half-open", "100", "--syn-flood-rate", "0",
-                    "--session-table-size", "512", "--pressure-interval", "0.2"],
+                    "--session-table-size", "512", "--pressure-interval", "0.2",
+                    "--timeout", "tcp_syn_sent=2"],
     )
     agent.start()
     agent.wait_api()
@@ -253,3 +257,14 @@ def test_a_syn_flood_from_the_peer_raises_alerts_everywhere(
         )
         lines = [json.loads(x) for x in js.stdout.splitlines()]
         assert len(lines) == 2 and lines[0]["half_open_sessions"] >= 100
+    # The half-open sessions expire (--timeout tcp_syn_sent=2) and are reaped: both alerts
+    # end, each with one `resolved` record.
+    def resolved() -> set[tuple[str, str]]:
+        return {(e["alert"], e["subject"]) for e in agent.events()
+                if e.get("type") == "alert" and e["state"] == "resolved"}
+
+    assert wait_until(lambda: resolved() >= {("syn_flood", "tcp"), ("map_fill", "sessions")},
+                      timeout=30), agent.log
+    stats = json.loads(_get(agent, "/api/v1/stats"))
+    assert stats["half_open_sessions"] == 0 and stats["pressure"]["alerts"] == []
+    assert stats["expired_sessions"] >= 450
