@@ -407,6 +407,26 @@ def _run(
         return 130
 
 
+def run_client(args: argparse.Namespace, action: Callable[[Api], Awaitable[int]],
+               timeout: float) -> int:
+    """For commands that only read and may run until Ctrl-C (`flows observe`, `monitor`):
+    `action` with an open Api (`timeout` bounds each request); errors -> stderr and exit
+    status; Ctrl-C -> 0."""
+    try:
+        token = _resolve_token(args)
+
+        async def main() -> int:
+            async with Api(args.api, token, timeout) as api:
+                return await action(api)
+
+        return asyncio.run(main())
+    except ClientError as e:
+        print(f"microseg: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        return 0
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -964,9 +984,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parsers
 
 
-def _common_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("connection and output")
+def add_connection_args(g: Any) -> None:
+    """--api, --state-dir and --token on a parser or an argument group."""
     g.add_argument(
         "--api",
         type=_api_type,
@@ -985,6 +1004,12 @@ def _common_parser() -> argparse.ArgumentParser:
         help=f"API token (default: ${TOKEN_ENV}, else <state-dir>/{TOKEN_FILE}); "
         "visible to other users in the process list, prefer the variable",
     )
+
+
+def _common_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection and output")
+    add_connection_args(g)
     g.add_argument(
         "-o",
         "--output",

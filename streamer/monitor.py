@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import orjson
 
-from streamer.client import Api, ClientError, _common_parser, _resolve_token
+from streamer.client import Api, ClientError, _common_parser, run_client
 
 CLEAR = "\033[H\033[2J"
 
@@ -117,19 +117,7 @@ async def monitor(api: Api, args: argparse.Namespace, out: IO[str]) -> int:
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     """`monitor`: sessions, table fill, SYN rate, drops by reason and alerts, live."""
-    try:
-        token = _resolve_token(args)
-
-        async def main() -> int:
-            async with Api(args.api, token, 10.0) as api:
-                return await monitor(api, args, sys.stdout)
-
-        return asyncio.run(main())
-    except ClientError as e:
-        print(f"microseg: {e}", file=sys.stderr)
-        return e.exit_status
-    except KeyboardInterrupt:
-        return 0
+    return run_client(args, lambda api: monitor(api, args, sys.stdout), 10.0)
 
 
 def _interval(value: str) -> float:

@@ -17,31 +17,28 @@ refused, could not be reached, closed the feed or dropped us as too slow, 2 bad 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any, Final
 
 import aiohttp
 
 from streamer.client import (
     API_PREFIX,
-    DEFAULT_API,
-    DEFAULT_STATE_DIR,
     TOKEN_ENV,
     Api,
     ApiError,
     ClientError,
     Endpoint,
-    _resolve_token,
     _unreachable,
+    add_connection_args,
     format_table,
     parse_api_address,
+    run_client,
 )
 
 __all__ = [
@@ -441,31 +438,13 @@ async def _follow(
 # --------------------------------------------------------------------------- commands
 
 
-def _client(args: argparse.Namespace, action: Callable[[Api], Any], timeout: float) -> int:
-    try:
-        token = _resolve_token(args)
-
-        async def main() -> int:
-            # The timeout bounds each request and the feed's handshake, not the feed itself.
-            async with Api(args.api, token, timeout) as api:
-                result: int = await action(api)
-                return result
-
-        return asyncio.run(main())
-    except ClientError as e:
-        print(f"microseg: {e}", file=sys.stderr)
-        return e.exit_status
-    except KeyboardInterrupt:
-        return 0
-
-
 def cmd_flows_observe(args: argparse.Namespace) -> int:
     """`flows observe`: recent flow events, and with --follow the live feed."""
     cfg = ObserveConfig.from_args(args, sys.stdout)
     if not cfg.follow and cfg.last == 0:
         print("microseg: --last 0 without --follow shows nothing", file=sys.stderr)
         return 2
-    return _client(args, lambda api: observe(api, cfg, sys.stdout), 10.0)
+    return run_client(args, lambda api: observe(api, cfg, sys.stdout), 10.0)
 
 
 def cmd_viewer_url(args: argparse.Namespace) -> int:
@@ -491,28 +470,14 @@ def cmd_viewer_url(args: argparse.Namespace) -> int:
         print(f"(one-time link: open it once, within {minutes} min)", file=sys.stderr)
         return 0
 
-    return _client(args, mint, 10.0)
+    return run_client(args, mint, 10.0)
 
 
 # --------------------------------------------------------------------------- parsers
 
 
 def _connection(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("connection")
-    g.add_argument(
-        "--api",
-        type=_api_type,
-        default=parse_api_address(DEFAULT_API),
-        metavar="ADDR",
-        help=f"the agent's API: HOST:PORT, http://HOST:PORT or unix:/PATH (default {DEFAULT_API})",
-    )
-    g.add_argument(
-        "--state-dir",
-        type=Path,
-        default=DEFAULT_STATE_DIR,
-        help=f"the agent's state dir, where api-token is read (default {DEFAULT_STATE_DIR})",
-    )
-    g.add_argument("--token", help=f"API token (default: ${TOKEN_ENV}, else <state-dir>/api-token)")
+    add_connection_args(p.add_argument_group("connection"))
 
 
 def add_flow_parsers(subparsers: Any) -> None:
