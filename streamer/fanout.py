@@ -215,6 +215,20 @@ class Channel:
     def owes_lost(self) -> bool:
         return self._gap is not None
 
+    @property
+    def room(self) -> int:
+        """Items `offer_batch` would take now (a pending gap's record needs a slot first)."""
+        if self.closed:
+            return 0
+        return max(0, self.maxsize - self._count - (1 if self._gap is not None else 0))
+
+    def shed(self, events: int, first_seq: int, last_seq: int) -> None:
+        """`events` flow events (seq `first_seq`..`last_seq`) that were never made, because no
+        sink had room for them: counted as received and dropped here, and a gap noted."""
+        self.received += events
+        self.dropped += events
+        self.report_lost(events, first_seq, last_seq)
+
     def close(self) -> None:
         """No more items: the sink drains what is queued, then its `get_batch` returns []."""
         if self.closed:
@@ -290,6 +304,15 @@ class Fanout:
             self.channels[s.name] = Channel(s.name, size, make_lost)
         self.sink_errors: dict[str, int] = {s.name: 0 for s in self.sinks}
         self._ratelog = RateLimitedLog(log)
+
+    def room(self) -> int:
+        """The most items any sink's queue would take now."""
+        return max((ch.room for ch in self.channels.values()), default=0)
+
+    def shed(self, events: int, first_seq: int, last_seq: int) -> None:
+        """Account `events` flow events no sink had room for (see `Channel.shed`)."""
+        for ch in self.channels.values():
+            ch.shed(events, first_seq, last_seq)
 
     def publish(self, items: list[Item]) -> None:
         """Offer every item to every sink; never waits."""

@@ -58,6 +58,7 @@ class Pipeline:
         self.decoded = 0
         self.undecodable = 0
         self.enriched = 0
+        self.shed = 0  # decoded, then dropped for every sink before rendering
         sinks: list[Sink] = []
         self.file: FileSink | None = None
         self.kafka: KafkaSink | None = None
@@ -88,11 +89,24 @@ class Pipeline:
     # ---- decode and enrich (synchronous, per drained batch) -----------------------------------
 
     def handle(self, records: list[bytes]) -> None:
-        """Decode and enrich `records` (one drained batch), then offer them to every sink."""
+        """Decode and enrich `records` (one drained batch), then offer them to every sink.
+
+        Events no sink has room for are not rendered: they get their sequence numbers and
+        each sink a gap to report (under overload the reader would otherwise spend its core
+        making records that are dropped anyway, and starve the sinks)."""
         rows, bad = decode_batch(records)
-        items = self.enricher.render(rows)
         self.decoded += len(rows)
+        shed = max(0, len(rows) - self.fanout.room())
+        if shed:
+            rows = rows[: len(rows) - shed]
+        items = self.enricher.render(rows)
         self.enriched += len(items)
+        self.fanout.publish(items)
+        if shed:
+            first = self.enricher.seq + 1
+            self.enricher.seq += shed
+            self.shed += shed
+            self.fanout.shed(shed, first, first + shed - 1)
         if bad:
             if self.undecodable < 10:
                 sizes = sorted({len(r) for r in records if len(r) != EVENT_SIZE})
@@ -100,8 +114,7 @@ class Pipeline:
                     "%d undecodable flow events (wrong size %s or address family)", bad, sizes
                 )
             self.undecodable += bad
-            items.append(make_item(self.enricher.lost_record(bad, "decode"), bad))
-        self.fanout.publish(items)
+            self.fanout.publish([make_item(self.enricher.lost_record(bad, "decode"), bad)])
 
     def publish_alert(self, fields: dict[str, Any]) -> None:
         """An `alert` record (see streamer.pressure) into every sink's stream."""
@@ -169,7 +182,7 @@ class Pipeline:
             "enrich": {
                 "received": self.decoded,
                 "delivered": self.enriched,
-                "dropped": 0,
+                "dropped": self.shed,
                 "seq": self.enricher.seq,
                 "generations": self.enricher.generations,
             },

@@ -673,3 +673,29 @@ def test_both_ring_readers_take_every_record_in_order_across_wraparounds(
     assert dp.counters()["events_lost"] == lost0
     ports = [decode(r).src_port for r in got]
     assert ports == list(range(sport - 300, sport))
+
+
+async def test_events_no_sink_has_room_for_are_shed_before_rendering(tmp_path: Path) -> None:
+    """A drained batch larger than every sink's free room: what fits is rendered and queued,
+    the rest only gets its sequence numbers, and each sink a lost record for the gap, in
+    place (nothing is rendered that every sink would drop)."""
+    en = Enricher({1: "eth0"}, host="h")
+    path = tmp_path / "events.jsonl"
+    pipe = Pipeline(PipelineConfig(file=FileSinkConfig(path), queue_size=10), None, en)
+    ev = FlowEvent(1, 1, 60, 1, None, 1, 4, 6, "ingress", "deny", "10.0.0.1", "10.0.0.2",
+                   1, 2, 2, "new")
+    pipe.handle([encode(ev)] * 25)
+    assert (pipe.enriched, pipe.shed, en.seq) == (10, 15, 25)
+    ch = pipe.fanout.channels["file"]
+    assert (ch.received, ch.dropped, ch.depth, ch.room) == (25, 15, 10, 0)
+    pipe.handle([encode(ev)] * 3)  # still no room: shed whole
+    assert (pipe.enriched, pipe.shed, en.seq) == (10, 18, 28)
+    pipe.fanout.close()
+    await asyncio.wait_for(pipe.fanout.run(), 10)
+    got = [json.loads(x) for x in path.read_bytes().splitlines()]
+    assert [o["seq"] for o in got if o["type"] == "flow"] == list(range(1, 11))
+    (lost,) = [o for o in got if o["type"] == "lost"]
+    assert (lost["first_seq"], lost["seq"], lost["lost"], lost["stage"]) == (11, 28, 18, "file")
+    gap_check(got, 28)
+    st = pipe.stats()
+    assert st["enrich"]["dropped"] == 18 and st["lost"]["queues"] == 18
