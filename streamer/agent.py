@@ -27,7 +27,7 @@ from pyroute2 import config as pyroute2_config
 from streamer.compiler import CompileError, compile_policy
 from streamer.datapath import Datapath, DatapathConfig, DatapathError, detach
 from streamer.enrich import Enricher
-from streamer.pipeline import Pipeline, PipelineConfig, register_metrics
+from streamer.pipeline import Pipeline, PipelineConfig, register_metrics, tune_gc
 from streamer.policy import DefaultAction, PolicyError, PolicySet, load_policy_file
 from streamer.pressure import AlertChange, PressureCollector, PressureConfig, PressureWatch
 from streamer.sinks.file import DEFAULT_KEEP, DEFAULT_MAX_BYTES, FileSinkConfig
@@ -257,6 +257,7 @@ class Agent:
             return 2 if isinstance(e, PolicyLoadError | PolicyError) else 1
 
         pipeline = self.pipeline = Pipeline(self.pipeline_config(), self.datapath, self._enricher)
+        tune_gc()
         async with contextlib.AsyncExitStack() as stack:
             if cfg.api_listen:
                 runner = await self._start_api(loop)
