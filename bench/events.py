@@ -72,7 +72,7 @@ class EventSettings:
     quick: bool
 
 
-FULL_EVENTS = EventSettings((10_000, 25_000, 50_000, 100_000), 5.0, 20.0, False)
+FULL_EVENTS = EventSettings((10_000, 25_000, 50_000, 75_000, 100_000), 5.0, 20.0, False)
 QUICK_EVENTS = EventSettings((5_000,), 1.0, 10.0, True)
 
 
@@ -474,7 +474,7 @@ class EventsBench:
 
     async def run(self) -> None:
         from streamer.enrich import Enricher
-        from streamer.pipeline import Pipeline, PipelineConfig
+        from streamer.pipeline import Pipeline, PipelineConfig, tune_gc
         from streamer.sinks.kafka import KafkaSinkConfig
 
         assert self.consumer is not None
@@ -487,6 +487,7 @@ class EventsBench:
             )
         )
         pipeline = Pipeline(cfg, self.dp, enricher)
+        tune_gc()  # as the agent does
         task = asyncio.create_task(pipeline.run(), name="bench-pipeline")
         try:
             deadline = time.monotonic() + 30
