@@ -60,8 +60,12 @@ run: setup
 	echo "demo traffic: tail -f $(TRAFFIC_LOG)"
 	$(MICROSEG) run --netns "$$host_ns" --iface "$$host_if" $(RUN_ARGS)
 
+# Every suite (datapath micro-benchmarks, admin API, flow events to Kafka, side by side with
+# nftables on real traffic): tables on stdout, bench/results.json, docs/bench.png. Under 20
+# minutes on 2 cores. BENCH_ARGS='--only compare' (or --quick, --compare-runs N, ...).
+BENCH_ARGS ?=
 bench: setup
-	@exec $(PY) -m bench
+	@exec $(PY) -m bench $(BENCH_ARGS)
 
 lint: setup
 	@rc=0

@@ -1,6 +1,9 @@
-"""Micro-benchmarks of the microseg datapath (`make bench`, or `python -m bench`).
+"""The microseg benchmarks (`make bench`, or `python -m bench`).
 
-Runs the TC classifier on crafted frames with BPF_PROG_TEST_RUN and reports nanoseconds per
-packet next to an empty classifier (the floor): session hits, new flows at 10 to 100,000 rules,
-cost against the number of rule shapes, and the time to apply a large policy set.
+bench.datapath runs the TC classifier on crafted frames with BPF_PROG_TEST_RUN (ns per packet
+next to an empty classifier: session hits, new flows at 10 to 100,000 rules, cost against the
+number of rule shapes, the time to apply a large set) and drives the other suites: bench.api
+(the admin API against a real agent), bench.events (flow events to Kafka) and bench.compare
+(microseg side by side with nftables and with no filter, on real traffic in a lab of its own:
+bench.lab, bench.workloads, bench.nft, bench/nettool.c).
 """

@@ -93,9 +93,10 @@ def _free_port() -> int:
 
 
 class BenchAgent:
-    """`microseg run --no-auth` on a fresh lab's host interface, its log in a file."""
+    """`microseg run --no-auth` on a lab's host interface, its log in a file. The lab is a
+    fresh one unless `lab` is given (then the caller keeps it: `close` leaves it standing)."""
 
-    def __init__(self, workdir: Path, base_doc: dict[str, Any]) -> None:
+    def __init__(self, workdir: Path, base_doc: dict[str, Any], lab: Any = None) -> None:
         from streamer.lab import Lab
 
         self.workdir = workdir
@@ -104,7 +105,8 @@ class BenchAgent:
         self.policy_file = workdir / "policy.json"
         self.policy_file.write_bytes(orjson.dumps(base_doc))
         self.log_file = workdir / "agent.log"
-        self.lab: Any = Lab.create()
+        self.own_lab = lab is None
+        self.lab: Any = Lab.create() if lab is None else lab
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> None:
@@ -161,7 +163,8 @@ class BenchAgent:
         finally:
             shutil.rmtree(DEFAULT_PIN_ROOT / self.instance, ignore_errors=True)
             shutil.rmtree(DEFAULT_RUN_DIR / self.instance, ignore_errors=True)
-            self.lab.destroy()
+            if self.own_lab:
+                self.lab.destroy()
 
 
 class Client:

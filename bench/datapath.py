@@ -785,6 +785,16 @@ def _int_in(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.1 <= value <= 60:
+        raise argparse.ArgumentTypeError(f"{value:g} is out of range: use 0.1..60 seconds")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -820,6 +830,22 @@ def _parser() -> argparse.ArgumentParser:
         help="single-rule writes against the agent (default 1000; --quick 50)",
     )
     p.add_argument(
+        "--compare-runs",
+        type=_int_in(1, 100),
+        help="runs of each workload in the side-by-side suite (default 5; --quick 1)",
+    )
+    p.add_argument(
+        "--compare-seconds",
+        type=_seconds,
+        help="seconds one workload run lasts in the side-by-side suite (default 1; --quick 0.3)",
+    )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        help="where the side-by-side suite writes its PNG (default docs/bench.png; with"
+        " --quick: next to --out)",
+    )
+    p.add_argument(
         "--api-rules",
         type=_int_in(2, 1_000_000),
         help="rules in the whole-set PUT (default 100,000; --quick 1,000)",
@@ -852,7 +878,7 @@ def _meta(s: Settings, cpu: int) -> dict[str, Any]:
     }
 
 
-SUITES = ("datapath", "api", "events")
+SUITES = ("datapath", "api", "events", "compare")
 
 
 def _on_term(_signum: int, _frame: FrameType | None) -> None:
@@ -887,6 +913,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return rc
     if args.only in (None, "events"):
         rc = _run_events(args, res)
+        if rc:
+            return rc
+    if args.only in (None, "compare"):
+        rc = _run_compare(args, res)
         if rc:
             return rc
     if args.only is not None:
@@ -996,9 +1026,41 @@ def _run_events(args: argparse.Namespace, res: dict[str, Any]) -> int:
     return 0
 
 
+def _run_compare(args: argparse.Namespace, res: dict[str, Any]) -> int:
+    """The side-by-side suite (bench.compare): prints its table, writes its plot, fills
+    res["compare"]; 0 or the exit status."""
+    from bench.compare import PLOT, plot_compare, render_compare, run_compare, settings_for
+    from streamer.lab import LabError
+
+    settings = settings_for(args.quick, args.compare_runs, args.compare_seconds, args.seed)
+    plot: Path = args.plot or (args.out.with_suffix(".png") if args.quick else PLOT)
+    try:
+        compare = run_compare(
+            settings, lambda text: print(f"bench: {text}", file=sys.stderr, flush=True)
+        )
+    except (BenchError, LabError, OSError) as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    res["compare"] = compare
+    if len(res) > 1:
+        print()
+    print(render_compare(compare, res.get("events")))
+    try:
+        plot_compare(compare, plot)
+    except (ImportError, OSError, ValueError) as e:
+        print(f"bench: error: the plot {plot}: {e}", file=sys.stderr)
+        return 1
+    compare["meta"]["plot"] = str(plot)
+    print(f"plot written to {plot}")
+    return 0
+
+
 def _suite_of(key: str) -> str:
     """Which suite wrote a top-level key of the results file."""
-    return key if key in ("api", "events") else "datapath"
+    return key if key in ("api", "events", "compare") else "datapath"
 
 
 def _keep_other_suite(out: Path, res: dict[str, Any], only: str) -> None:

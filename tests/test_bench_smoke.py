@@ -2,9 +2,9 @@
 
 Checks that it runs end to end on the real kernel, prints its tables (datapath, then the admin
 API against a real agent in a lab of its own, then flow events through the pipeline to a Kafka
-broker of its own), writes its JSON where --out says, removes its pinned maps, its lab and its
-broker, keeps the other suites' results on `--only`, and refuses bad options without a
-traceback.
+broker of its own, then microseg side by side with nftables and no filter on real traffic),
+writes its JSON and plot where --out says, removes its pinned maps, its labs and its broker,
+keeps the other suites' results on `--only`, and refuses bad options without a traceback.
 """
 
 from __future__ import annotations
@@ -73,6 +73,35 @@ def _check_events_results(ev: dict[str, Any], stdout: str) -> None:
     assert len(ev["targets"]) == 2
 
 
+def _check_compare_results(cmp: dict[str, Any], stdout: str, stderr: str, plot: Path) -> None:
+    """The quick side-by-side section: every configuration measured, on the intended path."""
+    for heading in ("microseg side by side with nftables", "microseg against nftables",
+                    "Time to apply the rule set", "Not controlled on this machine"):  # fmt: skip
+        assert heading in stdout, f"{heading!r} missing from:\n{stdout}"
+    assert cmp["meta"]["quick"] is True
+    seen = {(p["config"], p["family"], p["case"]) for p in cmp["points"]}
+    assert {("B0", 4, "-"), ("B1", 4, "-")} <= seen
+    for config in ("MS", "NL", "NS"):
+        assert {(config, 4, c) for c in ("first", "last", "default")} <= seen, config
+        assert (config, 6, "default") in seen, config
+    for p in cmp["points"]:
+        for w in ("tcp", "udp", "rr", "crr"):
+            got = p["workloads"][w]
+            assert got["median"] > 0 and got["b0"]["median"] > 0, (p["config"], w)
+            assert got["vs_b0"]["min"] <= got["vs_b0"]["median"] <= got["vs_b0"]["max"]
+        # The counters saw the intended rule (or the default) decide the traffic.
+        assert p["rx_packets"] > 0 and p["decided_packets"] >= 0.95 * p["rx_packets"] - 50, p
+        if p["config"] in ("B1", "MS"):
+            assert (p["classifier_ns"] or {}).get("ingress", 0) > 0, p
+    assert {a["config"] for a in cmp["apply"]} == {"MS", "NL", "NS"}
+    assert cmp["agent"][0]["when"] == "start" and cmp["agent"][0]["rss_mib"] > 0
+    assert cmp["targets"]
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+    m = re.search(r"compare: lab (\S+),", stderr)
+    assert m, stderr[-2000:]
+    assert not Path(f"/run/netns/{m[1]}-host").exists(), f"lab {m[1]} left behind"
+
+
 def _kafka_dirs() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("microseg-kafka-test-*")}
 
@@ -92,7 +121,7 @@ def test_quick_run_prints_table_and_writes_json(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=420,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -131,6 +160,9 @@ def test_quick_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     _check_events_results(res["events"], proc.stdout)
     assert _kafka_dirs() <= kafka_before, "the events bench left its Kafka broker behind"
 
+    # Side by side on real traffic; the quick plot goes next to --out, not to docs/.
+    _check_compare_results(res["compare"], proc.stdout, proc.stderr, out.with_suffix(".png"))
+
     # --only api: a new API section, the datapath results kept as they were.
     again = tmp_path / "again.json"
     shutil.copy(out, again)
@@ -142,6 +174,7 @@ def test_quick_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Floor:" not in proc.stdout and "kept the datapath results" in proc.stdout
     assert "kept the events results" in proc.stdout
+    assert "kept the compare results" in proc.stdout
     res2 = json.loads(again.read_text())
     _check_api_results(res2["api"], proc.stdout, 5, 200)
     assert {k: v for k, v in res2.items() if k != "api"} == {
