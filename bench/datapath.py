@@ -24,6 +24,7 @@ import os
 import platform
 import signal
 import statistics
+import struct
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -141,6 +142,7 @@ class Bench:
         self.floor_fd = -1
         self.blocks: list[Block] = []
         self.rule_sets: list[dict[str, Any]] = []
+        self.fragments: dict[str, Any] = {}
         self._events = 0
 
     # -- setup / teardown --
@@ -389,6 +391,38 @@ class Bench:
         cases = self.floor_cases((4, 6), floor_flows) + hit_cases + new_cases
         self.measure(Block("rules", count, info["shapes_v4"], info["shapes_v6"], cases))
 
+    def fragment_block(self) -> None:
+        """Issue 5's fragment costs under the rule set applied last (the largest): a first
+        fragment (a new flow: judged, its ports remembered) and a later fragment of a known
+        datagram (fragment table + session hit), IPv4 UDP, against the floor's repeat cost.
+        Checked by the kernel's counters: every first remembered, every later one followed."""
+        from streamer.datapath import prog_fd, test_run
+
+        fd = prog_fd(self.dp, "ingress")
+        n = self.s.packets
+        firsts = [_fragment4(0x0A640000 + i, 0x0A000005, 1000 + i, first=True) for i in range(n)]
+        later = _fragment4(0x0A640000, 0x0A000005, 1000, first=False)
+        first_ns: list[float] = []
+        later_ns: list[float] = []
+        for _ in range(self.s.runs):
+            self.dp.clear_sessions()
+            self.dp.clear_fragments()
+            before = self.dp.counters()
+            durations = [test_run(fd, f, 1)[1] for f in firsts]
+            first_ns.append(float(statistics.median(durations)))
+            later_ns.append(float(test_run(fd, later, HIT_REPEAT)[1]))
+            after = self.dp.counters()
+            got = (after["fragments_first"] - before["fragments_first"],
+                   after["fragments_followed"] - before["fragments_followed"])
+            if got != (n, HIT_REPEAT):
+                raise BenchError(f"fragments: {got[0]} firsts remembered of {n},"
+                                 f" {got[1]} later ones followed of {HIT_REPEAT}")
+            self.dp.consume_events()
+        self.fragments = {
+            "rules": self.blocks[-1].rules if self.blocks else 0,
+            "first": summary(first_ns), "later": summary(later_ns),
+        }
+
     def shapes_block(self, k: int) -> None:
         """IPv4 new flows over k shapes; k=0 is an empty policy (session create, no probes)."""
         count = self.s.sweep_rules if k else 0
@@ -435,6 +469,19 @@ class Bench:
             )
         )
         self.measure(Block("shapes", count, info["shapes_v4"], info["shapes_v6"], cases))
+
+
+def _fragment4(src: int, dst: int, ident: int, *, first: bool) -> bytes:
+    """A fragment of a 72-byte UDP datagram to port 5353: the first (MF, the UDP header and
+    32 bytes) or the one after it (offset 40, the last 32 bytes)."""
+    payload = b"\0" * 32
+    if first:
+        l4 = struct.pack("!HHHH", 40000, 5353, 72, 0) + payload
+        flags = 0x2000
+    else:
+        l4, flags = payload, 40 // 8
+    ip = struct.pack("!BBHHHBBHII", 0x45, 0, 20 + len(l4), ident, flags, 64, 17, 0, src, dst)
+    return bytes.fromhex("0200000000020200000000010800") + ip + l4
 
 
 def _expected_rc(target: Target, policy: Any) -> int:
@@ -533,6 +580,8 @@ def results(bench: Bench, meta: dict[str, Any]) -> dict[str, Any]:
             {"case": key, "family": fam, "method": method, **summary(values), "runs_ns": values}
         )
     out = {"meta": meta, "floor": floor, "rule_sets": bench.rule_sets, "cases": cases}
+    if bench.fragments:
+        out["fragments"] = bench.fragments
     out["shape_sweep"] = _sweep(out)
     out["targets"] = _targets(out, bench.s)
     return out
@@ -765,6 +814,14 @@ def render(res: dict[str, Any]) -> str:
             f"+ datapath.apply {r['apply_s']:.2f} s = {r['compile_apply_s']:.2f} s"
             f" (validating the document before that: {r['parse_s']:.2f} s)"
         )
+    fr = res.get("fragments")
+    if fr:
+        add("")
+        add(f"Fragments (IPv4 UDP, {fr['rules']:,} rules):"
+            f" first fragment (new flow) {_ns(fr['first']['median_ns'])} ns"
+            f" [{_ns(fr['first']['min_ns'])}..{_ns(fr['first']['max_ns'])}];"
+            f" a later fragment of a known datagram {_ns(fr['later']['median_ns'])} ns"
+            f" [{_ns(fr['later']['min_ns'])}..{_ns(fr['later']['max_ns'])}]")
     add(f"Total bench time {m['elapsed_s']:.0f} s.")
     return "\n".join(lines)
 
@@ -960,6 +1017,8 @@ def _run_datapath(args: argparse.Namespace, res: dict[str, Any]) -> int:
         for count in s.rule_counts:
             print(f"bench: {count:,} rules ...", file=sys.stderr, flush=True)
             bench.rules_block(count)
+        print("bench: fragments ...", file=sys.stderr, flush=True)
+        bench.fragment_block()
         for k in s.sweep_shapes:
             print(f"bench: {k} shapes ...", file=sys.stderr, flush=True)
             bench.shapes_block(k)

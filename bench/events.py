@@ -49,6 +49,7 @@ from typing import Any
 
 from bench.datapath import BenchError
 from bench.frames import TCP, Flow, frame
+from bench.workloads import c_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "microseg.flows"
@@ -116,27 +117,6 @@ def _kafkabroker() -> ModuleType:
 
 
 # ---- the sender (a forked process) ------------------------------------------------------------
-
-
-EVGEN_SRC = Path(__file__).resolve().parent / "evgen.c"
-EVGEN = ROOT / "build" / "bench" / "evgen"
-
-
-def evgen() -> Path:
-    """The compiled bench/evgen.c (built when missing or older than its source)."""
-    if EVGEN.exists() and EVGEN.stat().st_mtime >= EVGEN_SRC.stat().st_mtime:
-        return EVGEN
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise BenchError("no C compiler (cc) to build bench/evgen.c: run `make setup`")
-    EVGEN.parent.mkdir(parents=True, exist_ok=True)
-    tmp = EVGEN.with_suffix(".tmp")
-    proc = subprocess.run([cc, "-O2", "-Wall", "-o", str(tmp), str(EVGEN_SRC)],
-                          capture_output=True, text=True, timeout=120, check=False)
-    if proc.returncode != 0:
-        raise BenchError(f"building bench/evgen.c failed:\n{proc.stderr[-1500:]}")
-    tmp.replace(EVGEN)
-    return EVGEN
 
 
 def _sender_main(conn: Connection, fd: int, tool: str) -> None:
@@ -312,7 +292,7 @@ class EventsBench:
         ctx = mp.get_context("fork")
         mine, theirs = ctx.Pipe()
         p = ctx.Process(
-            target=_sender_main, args=(theirs, fd, str(evgen())), name="bench-sender",
+            target=_sender_main, args=(theirs, fd, str(c_tool("evgen"))), name="bench-sender",
             daemon=True,
         )
         p.start()

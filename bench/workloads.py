@@ -31,8 +31,6 @@ from bench.datapath import BenchError
 from bench.lab import BenchLab
 
 ROOT = Path(__file__).resolve().parent.parent
-NETTOOL_SRC = Path(__file__).resolve().parent / "nettool.c"
-NETTOOL = ROOT / "build" / "bench" / "nettool"
 IPERF_PORT = 5201
 ECHO_PORT = 5202
 UDP_PORT = 5204
@@ -42,23 +40,30 @@ UDP_PAYLOAD = 18
 WORKLOADS = ("tcp", "udp", "rr", "crr")
 
 
-def nettool() -> Path:
-    """The compiled bench/nettool.c (built when missing or older than its source)."""
-    if NETTOOL.exists() and NETTOOL.stat().st_mtime >= NETTOOL_SRC.stat().st_mtime:
-        return NETTOOL
+def c_tool(name: str) -> Path:
+    """bench/<name>.c compiled into build/bench/<name> (again when older than its source)."""
+    src = Path(__file__).resolve().parent / f"{name}.c"
+    out = ROOT / "build" / "bench" / name
+    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+        return out
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        raise BenchError("no C compiler (cc) to build bench/nettool.c: run `make setup`")
-    NETTOOL.parent.mkdir(parents=True, exist_ok=True)
-    tmp = NETTOOL.with_suffix(".tmp")
+        raise BenchError(f"no C compiler (cc) to build bench/{name}.c: run `make setup`")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
     proc = subprocess.run(
-        [cc, "-O2", "-Wall", "-o", str(tmp), str(NETTOOL_SRC)],
+        [cc, "-O2", "-Wall", "-o", str(tmp), str(src)],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     if proc.returncode != 0:
-        raise BenchError(f"building bench/nettool.c failed:\n{proc.stderr[-1500:]}")
-    tmp.replace(NETTOOL)
-    return NETTOOL
+        raise BenchError(f"building bench/{name}.c failed:\n{proc.stderr[-1500:]}")
+    tmp.replace(out)
+    return out
+
+
+def nettool() -> Path:
+    """The compiled bench/nettool.c."""
+    return c_tool("nettool")
 
 
 def _json(text: str, what: str) -> dict[str, Any]:
