@@ -1039,27 +1039,39 @@ def _run_datapath(args: argparse.Namespace, res: dict[str, Any]) -> int:
     return 0
 
 
+def _progress(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+def _suite(
+    res: dict[str, Any], key: str, run: Callable[[], dict[str, Any]],
+    render_it: Callable[[dict[str, Any]], str], errors: tuple[type[BaseException], ...],
+) -> int:
+    """Run one suite into res[key] and print its table; 0, or 1 for `errors`, 130 for Ctrl-C."""
+    caught: tuple[type[BaseException], ...] = (BenchError, OSError, *errors)
+    try:
+        out = run()
+    except caught as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    res[key] = out
+    if len(res) > 1:
+        print()
+    print(render_it(out))
+    return 0
+
+
 def _run_api(args: argparse.Namespace, res: dict[str, Any]) -> int:
     """The admin API suite (bench.api): prints its table, fills res["api"]; 0 or the status."""
     from bench.api import render_api, run_api_bench, settings_for
     from streamer.lab import LabError
 
     settings = settings_for(args.quick, args.api_requests, args.api_rules, args.seed)
-    try:
-        api = run_api_bench(
-            settings, lambda text: print(f"bench: {text}", file=sys.stderr, flush=True)
-        )
-    except (BenchError, LabError, OSError) as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    res["api"] = api
-    if len(res) > 1:
-        print()
-    print(render_api(api))
-    return 0
+    return _suite(res, "api", lambda: run_api_bench(settings, _progress), render_api,
+                  (LabError,))
 
 
 def _run_events(args: argparse.Namespace, res: dict[str, Any]) -> int:
@@ -1067,22 +1079,8 @@ def _run_events(args: argparse.Namespace, res: dict[str, Any]) -> int:
     exit status."""
     from bench.events import render_events, run_events_bench, settings_for
 
-    try:
-        events = run_events_bench(
-            settings_for(args.quick),
-            lambda text: print(f"bench: {text}", file=sys.stderr, flush=True),
-        )
-    except (BenchError, OSError) as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    res["events"] = events
-    if len(res) > 1:
-        print()
-    print(render_events(events))
-    return 0
+    return _suite(res, "events", lambda: run_events_bench(settings_for(args.quick), _progress),
+                  render_events, ())
 
 
 def _run_compare(args: argparse.Namespace, res: dict[str, Any]) -> int:
@@ -1093,20 +1091,11 @@ def _run_compare(args: argparse.Namespace, res: dict[str, Any]) -> int:
 
     settings = settings_for(args.quick, args.compare_runs, args.compare_seconds, args.seed)
     plot: Path = args.plot or (args.out.with_suffix(".png") if args.quick else PLOT)
-    try:
-        compare = run_compare(
-            settings, lambda text: print(f"bench: {text}", file=sys.stderr, flush=True)
-        )
-    except (BenchError, LabError, OSError) as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    res["compare"] = compare
-    if len(res) > 1:
-        print()
-    print(render_compare(compare, res.get("events")))
+    rc = _suite(res, "compare", lambda: run_compare(settings, _progress),
+                lambda c: render_compare(c, res.get("events")), (LabError,))
+    if rc:
+        return rc
+    compare = res["compare"]
     try:
         plot_compare(compare, plot)
     except (ImportError, OSError, ValueError) as e:
