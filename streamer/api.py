@@ -52,7 +52,6 @@ from streamer.decode import PROTOCOLS, TCP_FLAG_NAMES
 from streamer.metrics import (
     ApiMetrics,
     MicrosegCollector,
-    SessionCountCache,
     api_metrics,
     read_stats,
     register_collector,
@@ -145,10 +144,6 @@ class ApiContext:
     flows: Any = None
     # The browser viewer's one-time sign-in codes and sessions (see "the viewer" below).
     viewer: ViewerAuth = field(default_factory=lambda: ViewerAuth(), repr=False)
-    sessions: SessionCountCache = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.sessions = SessionCountCache(self.datapath)
 
 
 CTX: Final = web.AppKey("microseg_ctx", ApiContext)
@@ -537,7 +532,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def _stats(ctx: ApiContext) -> dict[str, Any]:
     # A stale session count walks the whole session table: not on the event loop.
-    return await asyncio.to_thread(read_stats, ctx.datapath, ctx.sessions, ctx.extra_stats)
+    return await asyncio.to_thread(read_stats, ctx.datapath, ctx.extra_stats)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -954,7 +949,7 @@ def make_app(ctx: ApiContext) -> web.Application:
     """The aiohttp application serving `ctx`; registers the metrics on `ctx.registry`."""
     register_collector(
         ctx.registry,
-        MicrosegCollector(ctx.datapath, ctx.store, ctx.sessions, ctx.extra_stats),
+        MicrosegCollector(ctx.datapath, ctx.store, ctx.extra_stats),
     )
     # Handlers enforce their own body limits (64 KiB, or 64 MiB for a whole set).
     app = web.Application(middlewares=[_middleware], client_max_size=WHOLE_SET_BODY_LIMIT)

@@ -198,6 +198,20 @@ class MapFill:
         }
 
 
+# Why packets are dropped, and the counter of each (streamer.metrics reports them too).
+DROP_REASONS = {
+    "policy": "denied_packets",  # deny verdicts
+    "parse": "parse_drops",  # unjudgeable headers
+    "fragment": "fragment_drops",  # no first, overlapping, tiny
+    "pressure": "pressure_drops",  # a map or program failed
+}
+
+
+def drops_by_reason(counters: dict[str, int]) -> dict[str, int]:
+    """Dropped packets by reason, from a reading of `Datapath.counters()`."""
+    return {reason: int(counters.get(name, 0)) for reason, name in DROP_REASONS.items()}
+
+
 def proto_is_tcp(sess_key: bytes) -> bool:
     """Whether a raw struct ms_sess_key is a TCP flow's."""
     return sess_key[5] == 6
@@ -656,15 +670,8 @@ class Datapath:
         return {k: c[k] for k in self._gauges(c)}
 
     def drops_by_reason(self) -> dict[str, int]:
-        """Dropped packets by reason: policy (deny verdicts), parse (unjudgeable headers),
-        fragment (no first, overlapping, tiny), pressure (a map or program failed)."""
-        c = self.counters()
-        return {
-            "policy": c["denied_packets"],
-            "parse": c["parse_drops"],
-            "fragment": c["fragment_drops"],
-            "pressure": c["pressure_drops"],
-        }
+        """Dropped packets by reason (see the module function)."""
+        return drops_by_reason(self.counters())
 
     def rule_counters(self, rule_id: int) -> RuleCounters:
         """Hits of one rule (packets and bytes of the flows it decided), or zeros if unknown."""
@@ -923,12 +930,7 @@ class Datapath:
             "fragment_drops_tiny",
         )
         out: dict[str, Any] = {k: c[k] for k in keys}
-        out["drops"] = {
-            "policy": c["denied_packets"],
-            "parse": c["parse_drops"],
-            "fragment": c["fragment_drops"],
-            "pressure": c["pressure_drops"],
-        }
+        out["drops"] = drops_by_reason(c)
         out["fill"] = {name: f.to_dict() for name, f in self.map_fill(c).items()}
         return out
 

@@ -1,6 +1,6 @@
 """Counters for people and for Prometheus: one reading of the datapath, two renderings.
 
-In: the datapath (duck-typed: `counters()`, `session_count()`, `config.session_entries`), the
+In: the datapath (duck-typed: `counters()`, `map_fill()`, `config.session_entries`), the
 policy store and optional extra counters (the event pipeline's). Out: `read_stats()`, the dict
 behind `/api/v1/stats`, and `MicrosegCollector`, a prometheus-client collector that reads the
 same numbers at scrape time; `ApiMetrics` counts API requests. Everything is registered on an
@@ -14,7 +14,6 @@ was taken for (parse drops, ARP and neighbour discovery), so allowed + denied <=
 from __future__ import annotations
 
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,12 +22,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from streamer.datapath import drops_by_reason
 from streamer.store import PolicyStore
 
 __all__ = [
     "ApiMetrics",
     "MicrosegCollector",
-    "SessionCountCache",
     "api_metrics",
     "read_stats",
     "register_collector",
@@ -67,34 +66,8 @@ SESSION_GAUGES = (
 )
 
 
-class SessionCountCache:
-    """`datapath.session_count()` (a walk of the whole session table), at most once per `ttl`.
-
-    Thread-safe: the API reads it from worker threads and the scrape from its own.
-    """
-
-    def __init__(self, datapath: Any, ttl: float = 1.0) -> None:
-        self._datapath = datapath
-        self._ttl = ttl
-        self._lock = threading.Lock()
-        self._value = 0
-        self._at = -float("inf")
-
-    def fresh(self) -> bool:
-        return time.monotonic() - self._at < self._ttl
-
-    def get(self) -> int:
-        with self._lock:
-            if not self.fresh():
-                self._value = int(self._datapath.session_count())
-                self._at = time.monotonic()
-            return self._value
-
-
 def read_stats(
-    datapath: Any,
-    sessions: SessionCountCache,
-    extra: Callable[[], dict[str, Any]] | None = None,
+    datapath: Any, extra: Callable[[], dict[str, Any]] | None = None
 ) -> dict[str, Any]:
     """The `/api/v1/stats` object: kernel counters renamed for people, plus `extra()`.
 
@@ -106,19 +79,10 @@ def read_stats(
     out: dict[str, Any] = {name: int(c.get(name, 0)) for name in _PLAIN}
     # log = allow and report: a logged packet was allowed.
     out["allowed_packets"] = int(c.get("allowed_packets", 0)) + out["logged_packets"]
-    if "active_sessions" in c:
-        # The classifier keeps these exact (inserts minus removals): no walk needed.
-        for name in SESSION_GAUGES:
-            out[name] = int(c.get(name, 0))
-    else:
-        out["closed_sessions"] = 0
-        out["active_sessions"] = sessions.get()
-    out["drops"] = {
-        "policy": int(c.get("denied_packets", 0)),
-        "parse": int(c.get("parse_drops", 0)),
-        "fragment": int(c.get("fragment_drops", 0)),
-        "pressure": int(c.get("pressure_drops", 0)),
-    }
+    # The classifier keeps these exact (inserts minus removals): no walk of the table.
+    for name in SESSION_GAUGES:
+        out[name] = int(c.get(name, 0))
+    out["drops"] = drops_by_reason(c)
     out["rejudged_sessions"] = int(c.get("rejudged_sessions", 0))
     out["session_table_capacity"] = int(datapath.config.session_entries)
     out["by_direction"] = {
@@ -141,12 +105,10 @@ class MicrosegCollector(Collector):
         self,
         datapath: Any,
         store: PolicyStore,
-        sessions: SessionCountCache,
         extra: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._datapath = datapath
         self._store = store
-        self._sessions = sessions
         self._extra = extra
 
     def describe(self) -> list[Metric]:
@@ -154,7 +116,7 @@ class MicrosegCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        s = read_stats(self._datapath, self._sessions, self._extra)
+        s = read_stats(self._datapath, self._extra)
         packets = CounterMetricFamily(
             "microseg_packets",
             "Packets judged, by verdict and by direction across the attached interface",
@@ -182,7 +144,7 @@ class MicrosegCollector(Collector):
         yield GaugeMetricFamily(
             "microseg_session_table_capacity", "Size of the session table", value=capacity
         )
-        yield from self._maps(s, capacity)
+        yield from self._maps()
         drops = CounterMetricFamily(
             "microseg_drops", "Packets dropped, by reason", labels=["reason"]
         )
@@ -226,17 +188,12 @@ class MicrosegCollector(Collector):
         yield events
 
 
-    def _maps(self, s: dict[str, Any], capacity: int) -> Iterator[Metric]:
-        """Fill of every map the datapath reports (`map_fill()`), else the session table's."""
+    def _maps(self) -> Iterator[Metric]:
+        """Fill, entries, capacity and evictions of every map (`Datapath.map_fill()`)."""
         fill = GaugeMetricFamily(
             "microseg_map_fill_ratio", "Used fraction of a kernel map (0..1)", labels=["map"]
         )
-        map_fill = getattr(self._datapath, "map_fill", None)
-        if map_fill is None:
-            fill.add_metric(["sessions"], s["active_sessions"] / capacity if capacity else 0.0)
-            yield fill
-            return
-        maps = map_fill()
+        maps = self._datapath.map_fill()
         entries = GaugeMetricFamily("microseg_map_entries", "Entries in a kernel map",
                                     labels=["map"])
         evictions = CounterMetricFamily(
@@ -315,6 +272,6 @@ def register_datapath_metrics(
 ) -> MicrosegCollector:
     """Register the `microseg_*` datapath and policy metrics on `registry` (before or without
     the API; `make_app` later replaces this collector with one sharing the API's caches)."""
-    collector = MicrosegCollector(datapath, store, SessionCountCache(datapath), extra)
+    collector = MicrosegCollector(datapath, store, extra)
     register_collector(registry, collector)
     return collector
