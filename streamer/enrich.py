@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -66,6 +66,13 @@ _FLOW_TEMPLATE = (
 )
 
 
+class _Generation(NamedTuple):
+    """One policy generation's rules: rule_id -> metadata, and the same serialized."""
+
+    meta: dict[int, dict[str, Any]]
+    json: dict[int, bytes]
+
+
 class Enricher:
     """Stateful: owns the sequence counter and the generations' rule metadata.
 
@@ -78,8 +85,7 @@ class Enricher:
         self.host = host or socket.gethostname()
         self.ifnames = dict(ifnames)
         self.seq = 0
-        self._rules: dict[int, dict[int, dict[str, Any]]] = {}
-        self._rules_json: dict[int, dict[int, bytes]] = {}  # the same, serialized
+        self._gens: dict[int, _Generation] = {}
         self._host_json = orjson.dumps(self.host)
         self._iface_json = {i: orjson.dumps(n) for i, n in self.ifnames.items()}
         self._ip4: dict[bytes, bytes] = {}
@@ -108,23 +114,18 @@ class Enricher:
             }
             for r in policy.policies
         }
-        serialized = {rid: orjson.dumps(meta) for rid, meta in table.items()}
+        gen = _Generation(table, {rid: orjson.dumps(meta) for rid, meta in table.items()})
         with self._lock:
-            rules = dict(self._rules)
-            rules[generation] = table
-            while len(rules) > MAX_GENERATIONS:
-                del rules[min(rules)]
-            self._rules = rules
-            self._rules_json = {g: serialized if g == generation else self._rules_json[g]
-                                for g in rules if g == generation or g in self._rules_json}
+            gens = dict(self._gens)
+            gens[generation] = gen
+            while len(gens) > MAX_GENERATIONS:
+                del gens[min(gens)]
+            self._gens = gens
 
     def forget(self, generation: int) -> None:
         """Drop a generation registered for a switch that did not happen."""
         with self._lock:
-            rules = dict(self._rules)
-            rules.pop(generation, None)
-            self._rules = rules
-            self._rules_json = {g: j for g, j in self._rules_json.items() if g != generation}
+            self._gens = {g: r for g, r in self._gens.items() if g != generation}
 
     def switched(self, generation: int) -> None:
         """The kernel now stamps events with `generation` (and nothing older from now on)."""
@@ -138,23 +139,22 @@ class Enricher:
     def retire(self, below: int) -> None:
         """Forget generations older than `below`: the drain that just finished started after
         the kernel switched to `below`, so no event of an older one is left to describe."""
-        if below <= 0 or not any(g < below for g in self._rules):
+        if below <= 0 or not any(g < below for g in self._gens):
             return
         with self._lock:
-            self._rules = {g: r for g, r in self._rules.items() if g >= below}
-            self._rules_json = {g: j for g, j in self._rules_json.items() if g >= below}
+            self._gens = {g: r for g, r in self._gens.items() if g >= below}
 
     @property
     def generations(self) -> list[int]:
-        return sorted(self._rules)
+        return sorted(self._gens)
 
     def rule(self, generation: int, rule_id: int | None) -> dict[str, Any] | None:
         if rule_id is None:
             return None
-        rules = self._rules.get(generation)
-        if rules is None or rule_id not in rules:
+        gen = self._gens.get(generation)
+        if gen is None or rule_id not in gen.meta:
             return {"rule_id": rule_id, "name": "", "priority": None, "action": None}
-        return rules[rule_id]
+        return gen.meta[rule_id]
 
     # ---- time and sequence -------------------------------------------------------------------
 
@@ -188,17 +188,6 @@ class Enricher:
 
     # ---- records -------------------------------------------------------------------------------
 
-    def _rule_json(self, generation: int, rule_id: int) -> bytes:
-        """The rule's metadata as JSON (`null` for none), like `rule()`."""
-        if not rule_id:
-            return b"null"
-        table = self._rules_json.get(generation)
-        if table is not None:
-            j = table.get(rule_id)
-            if j is not None:
-                return j
-        return orjson.dumps(self.rule(generation, rule_id))
-
     def _ip_text(self, family: int, raw: bytes) -> bytes:
         cache = self._ip4 if family == 4 else self._ip6
         text = cache.get(raw)
@@ -220,7 +209,7 @@ class Enricher:
         sec_cached, sec_text = -1, b""
         seq = self.seq
         ip4, ip6 = self._ip4, self._ip6
-        rules_json = self._rules_json
+        gens = self._gens
         iface_json = self._iface_json
         host = self._host_json
         tpl = _FLOW_TEMPLATE
@@ -245,9 +234,9 @@ class Enricher:
                 iface = orjson.dumps(self.ifnames.get(ifindex, str(ifindex)))
             rule = b"null"
             if rule_id:
-                table = rules_json.get(gen)
-                known = table.get(rule_id) if table is not None else None
-                rule = known if known is not None else self._rule_json(gen, rule_id)
+                g = gens.get(gen)
+                known = g.json.get(rule_id) if g is not None else None
+                rule = known if known is not None else orjson.dumps(self.rule(gen, rule_id))
             append(Item(
                 seq, 1,
                 tpl % (
