@@ -80,7 +80,7 @@ class KafkaSinkConfig:
 
 @dataclass
 class _Batch:
-    recs: list[Record]
+    recs: Sequence[Record]
     future: asyncio.Future[Any]
     sent_ns: int
     producer: Any  # the producer it was handed to
@@ -273,7 +273,7 @@ class KafkaSink:
 
     # ---- sending ----------------------------------------------------------------------------
 
-    def _next_recs(self) -> list[Record]:
+    def _next_recs(self) -> Sequence[Record]:
         """Up to one round of records to send: retries, then direct ones, then the spool."""
         assert self.spool is not None
         room = self.config.window_records - self._inflight_recs
@@ -296,7 +296,7 @@ class KafkaSink:
             return res
         if self.up and not self.spool.empty:
             try:
-                return list(self.spool.take(n, 1 << 20))
+                return self.spool.take(n, 1 << 20)
             except OSError as e:
                 self._ratelog(
                     logging.ERROR, "spool-read", "Kafka spool %s: reading failed: %s",
@@ -314,13 +314,13 @@ class KafkaSink:
                     break
                 await self._send(recs)
 
-    async def _send(self, recs: list[Record]) -> None:
+    async def _send(self, recs: Sequence[Record]) -> None:
         """Hand `recs` to the producer in per-partition batches; on any failure (or being
         cancelled) what was not handed over goes back to the retry heap."""
         from aiokafka.errors import KafkaTimeoutError
 
         producer = self._producer
-        pending: list[tuple[int, list[Record]]]
+        pending: list[tuple[int, Sequence[Record]]]
         if len(self._partitions) == 1:
             pending = [(self._partitions[0], recs)]
         else:
@@ -369,7 +369,7 @@ class KafkaSink:
                 return
             self._producer_failed(e, producer)
 
-    def _refused(self, recs: list[Record], why: str) -> None:
+    def _refused(self, recs: Sequence[Record], why: str) -> None:
         events = [r for r in recs if not r.is_lost]
         self.failed += len(events)
         self._ratelog(
