@@ -460,8 +460,11 @@ static __always_inline __u32 advance(struct ms_sess_val *s, __u8 proto, __u32 d,
             return 0;
         __u8 fins = s->fins;
         __u8 st = tcp_next(old, d, flags, &fins);
-        s->fins = fins;
-        s->tclass = st;
+        /* stores only on change: the line is read by the other direction's CPU */
+        if (fins != s->fins)
+            s->fins = fins;
+        if (st != s->tclass)
+            s->tclass = st;
         if (st == old)
             return 0;
         s->tcp_state = st;
@@ -474,12 +477,17 @@ static __always_inline __u32 advance(struct ms_sess_val *s, __u8 proto, __u32 d,
             tr |= TR_CLOSED;
         return tr;
     }
+    __u8 tc;
+    /* a UDP flow is a stream once it has seen a reply; read from the class itself, not the
+     * reply counter, whose line belongs to the other direction's CPU */
     if (proto == IPPROTO_UDP)
-        s->tclass = s->pkts[1] ? MS_TO_UDP_STREAM : MS_TO_UDP;
+        tc = d || s->tclass == MS_TO_UDP_STREAM ? MS_TO_UDP_STREAM : MS_TO_UDP;
     else if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6)
-        s->tclass = MS_TO_ICMP;
+        tc = MS_TO_ICMP;
     else
-        s->tclass = MS_TO_OTHER;
+        tc = MS_TO_OTHER;
+    if (tc != s->tclass)
+        s->tclass = tc;
     return 0;
 }
 
@@ -686,10 +694,19 @@ static __always_inline int account(struct ms_sess_key *key, struct ms_sess_val *
                                    struct ms_settings *st, struct ms_counters *ctr, __u32 *tr)
 {
     __u32 d = src_is_a == s->a_is_src ? 0 : 1;
-    s->pkts[d & 1]++;
-    s->bytes[d & 1] += len;
-    s->last_seen = now;
-    s->tcp_flags |= tcp_flags;
+    if (d) {
+        s->pkts_reply++;
+        s->bytes_reply += len;
+    } else {
+        s->pkts_orig++;
+        s->bytes_orig += len;
+    }
+    /* the shared line is written only when a value changes (see struct ms_sess_val) */
+    if (s->last_seen != now)
+        s->last_seen = now;
+    __u8 flags = s->tcp_flags | tcp_flags;
+    if (flags != s->tcp_flags)
+        s->tcp_flags = flags;
     *tr = advance(s, key->proto, d, tcp_flags);
     __u8 verdict = s->verdict;
     __u32 slot = s->slot;

@@ -8,7 +8,7 @@
 #ifndef MICROSEG_CLASSIFIER_H
 #define MICROSEG_CLASSIFIER_H
 
-#define MS_LAYOUT_VERSION 3
+#define MS_LAYOUT_VERSION 4
 
 /* Verdicts: the same numbers as streamer.reference.Verdict. */
 #define MS_ALLOW 0
@@ -98,17 +98,19 @@ struct ms_sess_key {
     __u16 bport;
 };
 
+/* One session. Both directions of a flow use it, and on real traffic they run on different
+ * CPUs (a veth's ingress on the sender's, egress on the replier's). So the entry is laid out in
+ * cache lines by writer: the first 32 bytes share a line with the key's tail and are read by
+ * every packet but written only when a value really changes (last_seen moves once a coarse
+ * clock tick, flags and states rarely); each direction's counters have a line of their own.
+ * This assumes the kernel's hash element layout (48-byte header, 44-byte key rounded to 48:
+ * the value starts at byte 96 of a 256-byte element, elements page aligned); were it other,
+ * only the speed would change. */
 struct ms_sess_val {
-    __u64 first_seen; /* ktime (coarse) ns */
-    __u64 last_seen;
-    __u64 pkts[2];  /* [0] from the flow's originator, [1] replies */
-    __u64 bytes[2];
-    __u64 ev_last;  /* when the last event of this flow was sent (ktime ns) */
-    __u64 ev_pkts;  /* since then */
-    __u64 ev_bytes;
-    __u32 gen;      /* policy generation the verdict was taken under */
-    __u32 rule_id;  /* 0: the default action decided */
-    __u32 slot;     /* per-rule counter slot (0: default action) */
+    __u64 last_seen; /* ktime (coarse) ns */
+    __u32 gen;       /* policy generation the verdict was taken under */
+    __u32 rule_id;   /* 0: the default action decided */
+    __u32 slot;      /* per-rule counter slot (0: default action) */
     __u8 verdict;
     __u8 orig_dir;  /* MS_DIR_* of the flow's first packet */
     __u8 a_is_src;  /* endpoint a sent the first packet */
@@ -117,6 +119,19 @@ struct ms_sess_val {
     __u8 tclass;    /* timeout class: MS_TCP_* state or MS_TO_* */
     __u8 fins;      /* 1: originator sent FIN, 2: reply sent FIN, 4: the first FIN was a reply's */
     __u8 pad;
+    __u32 pad1;
+    /* written by the originator's packets (and, for deny/log flows, the event state) */
+    __u64 pkts_orig;
+    __u64 bytes_orig;
+    __u64 first_seen;
+    __u64 ev_last;  /* when the last event of this flow was sent (ktime ns) */
+    __u64 ev_pkts;  /* since then */
+    __u64 ev_bytes;
+    __u64 pad2[2];
+    /* written by the replies */
+    __u64 pkts_reply;
+    __u64 bytes_reply;
+    __u64 pad3[6];
 };
 
 /* Remembered first fragments (an LRU: under a flood old ones go, and their later fragments

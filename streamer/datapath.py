@@ -99,17 +99,18 @@ VERDICT_NAMES = {0: "allow", 1: "deny", 2: "log"}
 DIRECTION_NAMES = {1: "ingress", 2: "egress"}
 
 SESS_KEY = struct.Struct("<IBBH16s16s2s2s")  # struct ms_sess_key
-SESS_VAL = struct.Struct("<9Q3I8B4x")  # struct ms_sess_val
+# struct ms_sess_val: the shared line, the originator's line, the replies' line
+SESS_VAL = struct.Struct("<Q3I8B4x" "6Q16x" "2Q48x")
 FRAG_KEY = struct.Struct("<IBBHI16s16s")  # struct ms_frag_key
 FRAG_VAL = struct.Struct("<QHHHBx")  # struct ms_frag_val
 REAPED = struct.Struct("<8Q")  # struct ms_reaped
 SETTINGS = struct.Struct("<17Q")  # struct ms_settings
-_LAST_SEEN_OFF = 8
-_TCP_STATE_OFF = 87
-_TCLASS_OFF = 89
+_LAST_SEEN_OFF = 0
+_TCP_STATE_OFF = 23
+_TCLASS_OFF = 25
 EVENT = struct.Struct("<3Q3I4B16s16sHHBBH")  # struct ms_event
 RULE_CTR = struct.Struct("<3Q")
-assert SESS_KEY.size == 44 and SESS_VAL.size == 96 and EVENT.size == 80
+assert SESS_KEY.size == 44 and SESS_VAL.size == 160 and EVENT.size == 80
 assert FRAG_KEY.size == 44 and FRAG_VAL.size == 16 and REAPED.size == 64
 
 
@@ -717,8 +718,10 @@ class Datapath:
     def _session(key: bytes, raw: bytes) -> Session:
         ifindex, family, proto, _, a, b, ap, bp = SESS_KEY.unpack(key)
         v = SESS_VAL.unpack(raw)
-        first, last, p0, p1, b0, b1, _evl, _evp, _evb, gen, rule_id, _slot = v[:12]
-        verdict, orig_dir, a_is_src, tcp_state, tcp_flags = v[12:17]
+        last, gen, rule_id, _slot = v[:4]
+        verdict, orig_dir, a_is_src, tcp_state, tcp_flags = v[4:9]
+        p0, b0, first = v[12:15]
+        p1, b1 = v[18:20]
         aport, bport = struct.unpack(">H", ap)[0], struct.unpack(">H", bp)[0]
         if a_is_src:
             src, dst, sport, dport = a, b, aport, bport

@@ -46,6 +46,9 @@ from streamer.compiler import (
     pack_shape,
 )
 from streamer.datapath import (
+    _LAST_SEEN_OFF,
+    _TCLASS_OFF,
+    _TCP_STATE_OFF,
     FRAG_KEY,
     FRAG_VAL,
     REAPED,
@@ -156,6 +159,11 @@ def test_map_layouts_match_python_packing(dp: Datapath) -> None:
     bpf = dp._bpf
     assert ct.sizeof(bpf["sessions"].Key) == SESS_KEY.size
     assert ct.sizeof(bpf["sessions"].Leaf) == SESS_VAL.size
+    leaf = bpf["sessions"].Leaf
+    # the offsets streamer reads, and the cache-line split by writer (see struct ms_sess_val)
+    assert leaf.last_seen.offset == _LAST_SEEN_OFF
+    assert leaf.tcp_state.offset == _TCP_STATE_OFF and leaf.tclass.offset == _TCLASS_OFF
+    assert leaf.pkts_orig.offset == 32 and leaf.pkts_reply.offset == 96
     assert ct.sizeof(bpf["rules4"].Key) == len(pack_rule_key(4, 0, (1, 6, 0, 0, 0, 0))) == 16
     assert ct.sizeof(bpf["rules6"].Key) == len(pack_rule_key(6, 0, (1, 6, 0, 0, 0, 0))) == 40
     pol = parse_policy_document({"policies": [R(1)]})
