@@ -220,7 +220,6 @@ class Compare:
     progress: Callable[[str], None]
     lab: Any = None  # the lab whose host end is filtered
     ref: Any = None  # its twin, never filtered: every run is paired with a B0 run here
-    stats: Any = None
     servers: Any = None
     ref_servers: Any = None
     points: list[dict[str, Any]] = field(default_factory=list)
@@ -241,14 +240,15 @@ class Compare:
             self.progress(f"compare: {label}: {w} failed ({e}); once more")
             return RUNNERS[w](lab, family, self.s.seconds)
 
-    def measure(self, point: Point, decided: Callable[[], int],
+    def measure(self, point: Point, decided: Callable[[], int] | None,
                 progs: dict[str, int] | None = None) -> None:  # fmt: skip
         """Every run of every workload of `point`, each paired with the same run in the twin
-        lab that has no filter (B0, the order alternating run by run); then the counter check.
+        lab that has no filter (B0, the order alternating run by run); then the counter check
+        (`decided`: packets the intended rule decided; None for the empty classifier, checked
+        by its run count in the extra runs of `_classifier_ns`).
         """
         self.progress(f"compare: {point.label} ...")
-        rx0, hit0 = self.lab.rx_packets(), decided()
-        prog0 = {k: self.stats.read(v) for k, v in (progs or {}).items()}
+        rx0, hit0 = self.lab.rx_packets(), decided() if decided else 0
         values: dict[str, list[float]] = {w: [] for w in WORKLOADS}
         refs: dict[str, list[float]] = {w: [] for w in WORKLOADS}
         extra: dict[str, list[dict[str, Any]]] = {w: [] for w in WORKLOADS}
@@ -263,7 +263,12 @@ class Compare:
                         extra[w].append(r)
                     else:
                         refs[w].append(float(r["value"]))
-        rx, hit = self.lab.rx_packets() - rx0, decided() - hit0
+        rx, hit = self.lab.rx_packets() - rx0, (decided() if decided else 0) - hit0
+        cls: dict[str, dict[str, float | None]] = {}
+        if progs:
+            cls, rx_counted, runs = self._classifier_ns(point, progs, retries)
+            if decided is None:
+                rx, hit = rx_counted, runs  # the empty classifier: what it saw while counted
         if hit < DECIDED_SHARE * rx - DECIDED_SLACK:
             raise BenchError(
                 f"{point.label}: the intended rule decided {hit:,} of the {rx:,} packets the"
@@ -286,14 +291,38 @@ class Compare:
         res["workloads"]["rr"]["p50_us"] = statistics.median(r["p50_us"] for r in rr)
         res["workloads"]["crr"]["errors"] = sum(int(r["errors"]) for r in extra["crr"])
         res["workloads"]["tcp"]["retransmits"] = sum(int(r["retransmits"]) for r in extra["tcp"])
-        if progs:
-            per: dict[str, float | None] = {}
-            for hook, pid in progs.items():
-                t1, c1 = self.stats.read(pid)
-                t0, c0 = prog0[hook]
-                per[hook] = round((t1 - t0) / (c1 - c0), 1) if c1 > c0 else None
-            res["classifier_ns"] = per
+        if cls:
+            for w in WORKLOADS:
+                res["workloads"][w]["classifier_ns"] = cls[w]
+            # the hit path on small packets: the UDP flood's (one-way: ingress only)
+            res["classifier_ns"] = cls["udp"]
         self.points.append(res)
+
+    def _classifier_ns(self, point: Point, progs: dict[str, int], retries: list[str]
+                       ) -> tuple[dict[str, dict[str, float | None]], int, int]:  # fmt: skip
+        """One more run of each workload with the kernel's BPF run-time statistics on: the
+        classifier's ns per packet by workload and hook, the packets the host end received
+        meanwhile and the ingress program's runs. Not during the paired runs: the statistics
+        read the clock twice per program run (a paravirtual clock here), which no B0 pays."""
+        from bench.lab import BpfStats
+
+        out: dict[str, dict[str, float | None]] = {}
+        rx0 = self.lab.rx_packets()
+        runs = 0
+        stats = BpfStats()
+        try:
+            for w in WORKLOADS:
+                before = {h: stats.read(i) for h, i in progs.items()}
+                self._once(self.lab, w, point.family, point.label, retries)
+                out[w] = {}
+                for h, i in progs.items():
+                    (t0, c0), (t1, c1) = before[h], stats.read(i)
+                    out[w][h] = round((t1 - t0) / (c1 - c0), 1) if c1 > c0 else None
+                    if h == "ingress":
+                        runs += c1 - c0
+        finally:
+            stats.close()
+        return out, self.lab.rx_packets() - rx0, runs
 
     # -- configurations --
 
@@ -306,10 +335,9 @@ class Compare:
             progs = self.lab.filter_prog_ids()
             if "ingress" not in progs:
                 raise BenchError("the empty classifier is not attached")
-            ingress = progs["ingress"]
             for p in points:
                 if p.config == "B1":
-                    self.measure(p, lambda: int(self.stats.read(ingress)[1]), progs)
+                    self.measure(p, None, progs)
         finally:
             self.lab.detach_empty()
 
@@ -426,7 +454,7 @@ def _uncontrolled() -> list[str]:
 
 def run_compare(settings: CompareSettings, progress: Callable[[str], None]) -> dict[str, Any]:
     """Run every configuration of `settings`; the results dict (see render_compare)."""
-    from bench.lab import BenchLab, BpfStats
+    from bench.lab import BenchLab
     from bench.workloads import nettool
 
     nettool()
@@ -436,7 +464,6 @@ def run_compare(settings: CompareSettings, progress: Callable[[str], None]) -> d
     c = Compare(settings, progress)
     points = plan(settings)
     try:
-        c.stats = BpfStats()
         c.lab = BenchLab()
         c.ref = BenchLab()
         progress(f"compare: lab {c.lab.name}, twin {c.ref.name}, {len(points)} points ...")
@@ -455,8 +482,6 @@ def run_compare(settings: CompareSettings, progress: Callable[[str], None]) -> d
                 if lab is not None:
                     lab.close()
         finally:
-            if c.stats is not None:
-                c.stats.close()
             import shutil
 
             shutil.rmtree(workdir, ignore_errors=True)
@@ -625,11 +650,12 @@ def render_compare(res: dict[str, Any], events: dict[str, Any] | None = None) ->
     add("in a twin lab without any filter, right before or after it (B0); (x.xx) = median of")
     add("the per-run ratios to B0 (>1 better; RR: B0's p99 over this p99). The B0 row pairs")
     add("B0 with B0: how far apart two identical set-ups land on this machine.")
-    add("cls ns: the classifier's own time per packet from the kernel (bpf_stats), in/egress.")
+    add("cls ns: the classifier's own time per packet from the kernel (bpf_stats) at ingress,")
+    add("in the UDP / RR / CRR runs (UDP: the session hit; CRR: mostly new flows).")
     add("")
     add(
         f"  {'config':<6} {'rules':>7} {'fam':>3} {'path':<7}  {'TCP':>12}  {'UDP':>12}"
-        f"  {'RR p50/p99':>16}  {'CRR':>13}  {'cls ns':>10}"
+        f"  {'RR p50/p99':>16}  {'CRR':>13}  {'cls ns':>14}"
     )
     for p in res["points"]:
         cells = []
@@ -638,13 +664,11 @@ def render_compare(res: dict[str, Any], events: dict[str, Any] | None = None) ->
             if w == "rr":
                 cell = f"{p['workloads']['rr']['p50_us']:.0f}/{cell}"
             cells.append(cell)
-        cls = p.get("classifier_ns") or {}
-        cls_s = "/".join("-" if cls.get(h) is None else f"{cls[h]:.0f}"
-                         for h in ("ingress", "egress")) if cls else ""  # fmt: skip
+        cls_s = _cls_cell(p)
         rules = f"{p['rules']:,}" if p["config"] in ("MS", "NL", "NS") else ""
         add(
             f"  {p['config']:<6} {rules:>7} {'v' + str(p['family']):>3} {p['case']:<7}"
-            f"  {cells[0]:>12}  {cells[1]:>12}  {cells[2]:>16}  {cells[3]:>13}  {cls_s:>10}"
+            f"  {cells[0]:>12}  {cells[1]:>12}  {cells[2]:>16}  {cells[3]:>13}  {cls_s:>14}"
         )
     add("")
     add("The paired B0 runs (median) and the spread [min..max] of the per-run ratios to them:")
@@ -723,6 +747,15 @@ def render_compare(res: dict[str, Any], events: dict[str, Any] | None = None) ->
         add(f"  - {n}")
     add(f"Compare bench time {m['elapsed_s']:.0f} s.")
     return "\n".join(lines)
+
+
+def _cls_cell(p: dict[str, Any]) -> str:
+    """The ingress classifier ns of the UDP, RR and CRR runs ("" where none was measured)."""
+    wl = p["workloads"]
+    ns = [(wl[w].get("classifier_ns") or {}).get("ingress") for w in ("udp", "rr", "crr")]
+    if all(v is None for v in ns):
+        return ""
+    return "/".join("-" if v is None else f"{v:.0f}" for v in ns)
 
 
 def _cost_ns(p: dict[str, Any]) -> float:
