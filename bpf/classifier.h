@@ -27,14 +27,18 @@
  * exactly one of ALLOWED, DENIED, LOGGED, L2_PASSED, PARSE_DROPS, FRAGMENT_DROPS,
  * RELATED_PASSED, PRESSURE_DROPS (what it became). */
 enum ms_counter {
+    /* the first two cache lines hold what every packet of a known flow counts */
     C_TOTAL = 0,
     C_ALLOWED,         /* passed by an allow verdict */
     C_DENIED,          /* dropped by a deny verdict (drop reason "policy") */
     C_LOGGED,          /* passed by a log verdict */
-    C_NEW_SESSIONS,    /* entries put in the session table (renewals included) */
+    C_BYTES_TOTAL,
     C_SESSION_HITS,
     C_POLICY_HITS,     /* new or re-judged flows decided by a rule */
     C_POLICY_MISSES,   /* ... decided by the default action */
+    /* [8 + (dir-1)*4 + verdict] for verdict ALLOW/DENY/LOG: packets by direction and verdict */
+    C_DIR_VERDICT = 8,
+    C_NEW_SESSIONS = 16, /* entries put in the session table (renewals included) */
     C_PARSE_DROPS,     /* drop reason "parse" */
     C_FRAGMENT_DROPS,  /* drop reason "fragment": no first, overlapping, tiny */
     C_L2_PASSED,       /* ARP and IPv6 neighbour discovery */
@@ -43,12 +47,9 @@ enum ms_counter {
     C_REJUDGED,        /* sessions judged again after a policy change */
     C_SHAPE_PROBES,    /* hash probes of the tuple-space search */
     C_SESSION_CREATE_FAILED, /* new flows judged without a session: the table was full */
-    C_BYTES_TOTAL,
     C_CLOSED_SESSIONS, /* TCP sessions that reached TIME_WAIT or CLOSED (FIN both ways, RST) */
     C_RENEWED_EXPIRED, /* idle-expired entries a new flow replaced on the datapath */
     C_RENEWED_CLOSED,  /* TIME_WAIT/CLOSED entries a new SYN replaced */
-    /* [20 + (dir-1)*4 + verdict] for verdict ALLOW/DENY/LOG: packets by direction and verdict */
-    C_DIR_VERDICT = 20,
     C_RELATED_PASSED = 28, /* ICMP errors passed as part of a live allowed flow */
     C_SYN_NEW,         /* new sessions whose first packet was a SYN without ACK */
     C_HALF_OPEN_IN,    /* sessions that entered SYN_SENT/SYN_RECV ... */

@@ -56,30 +56,30 @@ TC_ACT_SHOT = 2
 PARENT_INGRESS = "ffff:fff2"
 PARENT_EGRESS = "ffff:fff3"
 
-# enum ms_counter (bpf/classifier.h), in order; 20..27 are packets by direction and verdict.
-COUNTER_NAMES = [
-    "total_packets",
-    "allowed_packets",
-    "denied_packets",
-    "logged_packets",
-    "new_sessions",
-    "session_hits",
-    "policy_hits",
-    "policy_misses",
-    "parse_drops",
-    "fragment_drops",
-    "l2_passed",
-    "events_sent",
-    "events_lost",
-    "rejudged_sessions",
-    "shape_probes",
-    "session_create_failed",
-    "total_bytes",
-    "closed_sessions",
-    "renewed_expired",
-    "renewed_closed",
-]
-C_DIR_VERDICT = 20
+# enum ms_counter (bpf/classifier.h): name -> index; 8..15 are packets by direction and verdict.
+COUNTERS = {
+    "total_packets": 0,
+    "allowed_packets": 1,
+    "denied_packets": 2,
+    "logged_packets": 3,
+    "total_bytes": 4,
+    "session_hits": 5,
+    "policy_hits": 6,
+    "policy_misses": 7,
+    "new_sessions": 16,
+    "parse_drops": 17,
+    "fragment_drops": 18,
+    "l2_passed": 19,
+    "events_sent": 20,
+    "events_lost": 21,
+    "rejudged_sessions": 22,
+    "shape_probes": 23,
+    "session_create_failed": 24,
+    "closed_sessions": 25,
+    "renewed_expired": 26,
+    "renewed_closed": 27,
+}
+C_DIR_VERDICT = 8
 # Counters from index 28 on (issue 5: state, fragments, pressure).
 COUNTER_NAMES_28 = [
     "related_passed",
@@ -641,7 +641,7 @@ class Datapath:
         for raw in per_cpu:
             for i, v in enumerate(struct.unpack(f"<{C_MAX}Q", raw[: 8 * C_MAX])):
                 sums[i] += v
-        out = {name: sums[i] for i, name in enumerate(COUNTER_NAMES)}
+        out = {name: sums[i] for name, i in COUNTERS.items()}
         out.update({name: sums[28 + i] for i, name in enumerate(COUNTER_NAMES_28)})
         for d, dname in DIRECTION_NAMES.items():
             for v, vname in VERDICT_NAMES.items():
