@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -86,6 +87,7 @@ class Agent:
     pipeline: Pipeline | None = None
     store: PolicyStore = field(init=False)
     pressure: PressureWatch = field(init=False)
+    _heap_dirty: bool = False  # a policy was applied since the heap was last trimmed
 
     def __post_init__(self) -> None:
         self.datapath = Datapath(self.config.datapath)
@@ -142,6 +144,7 @@ class Agent:
             raise
         self.policy = policy
         self.generation = gen
+        self._heap_dirty = True
         if enricher is not None:
             if gen != expected:
                 enricher.add_generation(gen, policy)
@@ -380,6 +383,11 @@ class Agent:
                 continue
             if any(got.values()):
                 log.debug("reaped %s", got)
+            if self._heap_dirty:
+                # By now the replaced set (and its retired generation) is garbage; hand the
+                # freed heap back, or each large replace leaves its peak in the RSS.
+                self._heap_dirty = False
+                await asyncio.to_thread(release_heap)
 
     async def _print_stats(self, interval: float) -> None:
         while True:
@@ -393,6 +401,16 @@ class Agent:
                 f" events={c['events_sent']} lost={c['events_lost']}",
                 flush=True,
             )
+
+
+def release_heap() -> None:
+    """Return free heap pages to the system (glibc's malloc_trim); a no-op elsewhere."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
 
 
 def run_agent(config: AgentConfig) -> int:
