@@ -1,12 +1,15 @@
 """Enrich: decoded events into SPEC §4 event records.
 
-`render` is the hot path: a drained batch of raw rows straight into serialized records (one
-bytes template per event, every name pre-serialized, addresses' text cached), ready for the
-fan-out. `enrich` makes the same object as a dict from one FlowEvent (tests check the two
-agree byte for byte). Both add the rule's metadata as it was at the event's policy
-generation, host and interface names, wall-clock time from the kernel's monotonic stamp and
-a per-agent sequence number. Also builds the `lost` records that stand in the stream for
-events that never made it (docs/flow-event.schema.json describes both).
+`render` is the hot path: a drained batch of raw rows straight into serialized records, ready
+for the fan-out. Per combination of the fields events mostly repeat (interface, rule,
+generation, protocol, direction, verdict, flags, kind) a record template is made once with
+those filled in; per event only nine values are formatted into it (IPv4 text from a cached
+"a.b.c." prefix and an octet table: a flood of new sources costs no cache misses). `enrich`
+makes the same object as a dict from one FlowEvent (tests check the two agree byte for byte).
+Both add the rule's metadata as it was at the event's policy generation, host and interface
+names, wall-clock time from the kernel's monotonic stamp and a per-agent sequence number.
+Also builds the `lost` records that stand in the stream for events that never made it
+(docs/flow-event.schema.json describes both).
 
 Rule metadata of a generation is registered before the kernel switches to it (so no event of
 it is ever described without it) and dropped once no event can still refer to an older one:
@@ -28,6 +31,7 @@ from streamer.decode import (
     _FLAG_TEXT,
     DIRECTIONS,
     KINDS,
+    META_STRUCT,
     PROTOCOLS,
     VERDICTS,
     FlowEvent,
@@ -45,25 +49,38 @@ MAX_GENERATIONS = 64
 CLOCK_RESYNC_NS = 5_000_000_000
 # Addresses' text is cached by their raw bytes; past this many the cache starts over.
 MAX_CACHED_ADDRESSES = 65536
+MAX_CACHED_PREFIXES = 16384  # IPv4 /24s
+# Records pre-filled per combination of repeated fields (`Enricher._template`); past this many
+# the cache starts over.
+MAX_TEMPLATES = 4096
+
+
+def _kept_json(obj: Any) -> bytes:
+    """orjson's serialization of `obj`, copied to its exact size: orjson hands back bytes
+    that keep their 4 KiB output buffer, which for 100,000 rules of a generation is 400 MiB
+    where 10 would do. For values kept long; transient ones need no copy."""
+    return bytes(memoryview(orjson.dumps(obj)))
 
 
 def _names(table: dict[int, str]) -> tuple[bytes, ...]:
     """A JSON string for each byte value: the table's name or "unknown"."""
-    return tuple(orjson.dumps(table.get(v, "unknown")) for v in range(256))
+    return tuple(_kept_json(table.get(v, "unknown")) for v in range(256))
 
 
 _DIRECTION_JSON = _names(DIRECTIONS)
 _VERDICT_JSON = _names(VERDICTS)
 _KIND_JSON = _names(KINDS)
-_PROTOCOL_JSON = tuple(orjson.dumps(PROTOCOLS.get(v, str(v))) for v in range(256))
-_FLAGS_JSON = tuple(orjson.dumps(t) for t in _FLAG_TEXT)
-# The record `enrich` makes, as orjson writes it, with a slot per value (tests compare them).
+_PROTOCOL_JSON = tuple(_kept_json(PROTOCOLS.get(v, str(v))) for v in range(256))
+_FLAGS_JSON = tuple(_kept_json(t) for t in _FLAG_TEXT)
+# The record `enrich` makes, as orjson writes it (tests compare them), filled in two steps:
+# the names events mostly repeat first (`Enricher._template`), then the per-event values.
 _FLOW_TEMPLATE = (
-    b'{"schema":"' + SCHEMA.encode() + b'","type":"flow","seq":%d,"time":"%b.%09dZ",'
-    b'"host":%b,"iface":%b,"direction":%b,"verdict":%b,"src_ip":"%b","dst_ip":"%b",'
-    b'"src_port":%d,"dst_port":%d,"protocol":%b,"tcp_flags":%b,"packets":%d,"bytes":%d,'
-    b'"kind":%b,"rule":%b,"policy_generation":%d}'
+    b'{"schema":"' + SCHEMA.encode() + b'","type":"flow","seq":%%d,"time":"%%b.%%09dZ",'
+    b'"host":%b,"iface":%b,"direction":%b,"verdict":%b,"src_ip":"%%b","dst_ip":"%%b",'
+    b'"src_port":%%d,"dst_port":%%d,"protocol":%b,"tcp_flags":%b,"packets":%%d,"bytes":%%d,'
+    b'"kind":%b,"rule":%b,"policy_generation":%b}'
 )
+_OCTETS = tuple(b"%d" % i for i in range(256))
 
 
 class _Generation(NamedTuple):
@@ -86,10 +103,13 @@ class Enricher:
         self.ifnames = dict(ifnames)
         self.seq = 0
         self._gens: dict[int, _Generation] = {}
-        self._host_json = orjson.dumps(self.host)
-        self._iface_json = {i: orjson.dumps(n) for i, n in self.ifnames.items()}
-        self._ip4: dict[bytes, bytes] = {}
+        self._host_json = _kept_json(self.host)
+        self._iface_json = {i: _kept_json(n) for i, n in self.ifnames.items()}
         self._ip6: dict[bytes, bytes] = {}
+        self._ip4_prefix: dict[bytes, bytes] = {}
+        # meta + tail bytes of a row -> (record template, address family); replaced
+        # whenever names or rules change (by another thread, too: a whole new dict).
+        self._templates: dict[bytes, tuple[bytes, int]] = {}
         self._retire_below = 0  # generations below this can go at the next drain
         self._lock = threading.Lock()
         self._clock_offset_ns = 0
@@ -99,7 +119,8 @@ class Enricher:
     def add_interfaces(self, ifnames: dict[int, str]) -> None:
         """Name more interfaces (index -> name) in events from now on."""
         self.ifnames.update(ifnames)
-        self._iface_json = {i: orjson.dumps(n) for i, n in self.ifnames.items()}
+        self._iface_json = {i: _kept_json(n) for i, n in self.ifnames.items()}
+        self._templates = {}
 
     # ---- generations -----------------------------------------------------------------------
 
@@ -114,18 +135,20 @@ class Enricher:
             }
             for r in policy.policies
         }
-        gen = _Generation(table, {rid: orjson.dumps(meta) for rid, meta in table.items()})
+        gen = _Generation(table, {rid: _kept_json(meta) for rid, meta in table.items()})
         with self._lock:
             gens = dict(self._gens)
             gens[generation] = gen
             while len(gens) > MAX_GENERATIONS:
                 del gens[min(gens)]
             self._gens = gens
+            self._templates = {}
 
     def forget(self, generation: int) -> None:
         """Drop a generation registered for a switch that did not happen."""
         with self._lock:
             self._gens = {g: r for g, r in self._gens.items() if g != generation}
+            self._templates = {}
 
     def switched(self, generation: int) -> None:
         """The kernel now stamps events with `generation` (and nothing older from now on)."""
@@ -189,63 +212,96 @@ class Enricher:
     # ---- records -------------------------------------------------------------------------------
 
     def _ip_text(self, family: int, raw: bytes) -> bytes:
-        cache = self._ip4 if family == 4 else self._ip6
+        """An address's text (IPv6: cached by its raw bytes)."""
+        if family == 4:
+            return self._ip4_prefix_text(raw) + _OCTETS[raw[3]]
+        cache = self._ip6
         text = cache.get(raw)
         if text is None:
             if len(cache) >= MAX_CACHED_ADDRESSES:
                 cache.clear()
-            if family == 4:
-                text = socket.inet_ntop(socket.AF_INET, raw[:4]).encode()
-            else:
-                text = socket.inet_ntop(socket.AF_INET6, raw).encode()
-            cache[raw] = text
+            text = cache[raw] = socket.inet_ntop(socket.AF_INET6, raw).encode()
         return text
+
+    def _ip4_prefix_text(self, raw: bytes) -> bytes:
+        """"a.b.c." of an IPv4 address's first three octets (cached by them: a table of
+        whole addresses would miss on every new host, and thrash the CPU's caches when
+        there are many; one entry per /24 does neither)."""
+        cache = self._ip4_prefix
+        text = cache.get(raw[:3])
+        if text is None:
+            if len(cache) >= MAX_CACHED_PREFIXES:
+                cache.clear()
+            text = cache[raw[:3]] = b"%d.%d.%d." % (raw[0], raw[1], raw[2])
+        return text
+
+    def _template(self, meta: bytes, tail: bytes) -> tuple[bytes, int]:
+        """The record of one combination of the fields events mostly repeat (interface,
+        rule, generation, family, protocol, direction, verdict, flags, kind) with those
+        filled in: what is left per event is 9 values. With the address family."""
+        ifindex, rule_id, gen, family, proto, direction, verdict = META_STRUCT.unpack(meta)
+        tcp_flags, kind = tail[0], tail[1]
+        iface = self._iface_json.get(ifindex)
+        if iface is None:
+            iface = orjson.dumps(self.ifnames.get(ifindex, str(ifindex)))
+        rule = b"null"
+        if rule_id:
+            g = self._gens.get(gen)
+            known = g.json.get(rule_id) if g is not None else None
+            rule = known if known is not None else orjson.dumps(self.rule(gen, rule_id))
+        consts = (
+            self._host_json, iface, _DIRECTION_JSON[direction], _VERDICT_JSON[verdict],
+            _PROTOCOL_JSON[proto], _FLAGS_JSON[tcp_flags] if proto == 6 else b"null",
+            _KIND_JSON[kind], rule, b"%d" % gen,
+        )
+        # Names may hold a '%': escaped, they come out of the second formatting as they are.
+        tpl = _FLOW_TEMPLATE % tuple(c.replace(b"%", b"%%") for c in consts)
+        return tpl, family
 
     def render(self, rows: list[Row]) -> list[Item]:
         """Decoded rows (address family 4 or 6) into serialized flow records, each with the
         next sequence number; the same records `enrich` describes."""
         born = time.monotonic_ns()
         offset = self._clock_offset()
-        sec_cached, sec_text = -1, b""
+        sec_text = b""
         seq = self.seq
-        ip4, ip6 = self._ip4, self._ip6
-        gens = self._gens
-        iface_json = self._iface_json
-        host = self._host_json
-        tpl = _FLOW_TEMPLATE
-        dirs, verdicts, kinds, protos, flags_json = (
-            _DIRECTION_JSON, _VERDICT_JSON, _KIND_JSON, _PROTOCOL_JSON, _FLAGS_JSON
-        )
+        templates = self._templates
+        if len(templates) >= MAX_TEMPLATES:
+            templates.clear()
+        prefixes, prefix_text, octets = self._ip4_prefix, self._ip4_prefix_text, _OCTETS
+        ip6, ip_text = self._ip6, self._ip_text
         out: list[Item] = []
         append = out.append
-        for (ts, packets, nbytes, ifindex, rule_id, gen, family, proto, direction, verdict,
-             src, dst, sport, dport, tcp_flags, kind, _pad) in rows:
+        # The monotonic stamps [lo, hi) fall in the wall-clock second whose text is sec_text.
+        lo = hi = 0
+        last_meta = last_tail = b""
+        tpl, family = b"", 0
+        for ts, packets, nbytes, meta, src, dst, sport, dport, tail in rows:
             seq += 1
-            sec, frac = divmod(ts + offset, 1_000_000_000)
-            if sec != sec_cached:
-                sec_cached, sec_text = sec, self._second(sec).encode()
-            cache = ip4 if family == 4 else ip6
-            s = cache.get(src)
-            d = cache.get(dst)
-            if s is None or d is None:
-                s, d = self._ip_text(family, src), self._ip_text(family, dst)
-            iface = iface_json.get(ifindex)
-            if iface is None:
-                iface = orjson.dumps(self.ifnames.get(ifindex, str(ifindex)))
-            rule = b"null"
-            if rule_id:
-                g = gens.get(gen)
-                known = g.json.get(rule_id) if g is not None else None
-                rule = known if known is not None else orjson.dumps(self.rule(gen, rule_id))
+            if not lo <= ts < hi:
+                sec = (ts + offset) // 1_000_000_000
+                sec_text = self._second(sec).encode()
+                lo = sec * 1_000_000_000 - offset
+                hi = lo + 1_000_000_000
+            frac = ts - lo
+            if meta != last_meta or tail != last_tail:
+                # Events come in runs of the same kind (one interface, rule, verdict).
+                t = templates.get(meta + tail)
+                if t is None:
+                    t = templates[meta + tail] = self._template(meta, tail)
+                tpl, family = t
+                last_meta, last_tail = meta, tail
+            if family == 4:
+                s = prefixes.get(src[:3]) or prefix_text(src)
+                s += octets[src[3]]
+                d = prefixes.get(dst[:3]) or prefix_text(dst)
+                d += octets[dst[3]]
+            else:
+                s = ip6.get(src) or ip_text(6, src)
+                d = ip6.get(dst) or ip_text(6, dst)
             append(Item(
-                seq, 1,
-                tpl % (
-                    seq, sec_text, frac, host, iface, dirs[direction], verdicts[verdict], s, d,
-                    sport, dport, protos[proto], flags_json[tcp_flags] if proto == 6 else b"null",
-                    packets, nbytes, kinds[kind], rule, gen,
-                ),
-                b"%b->%b" % (s, d),
-                born,
+                seq, 1, tpl % (seq, sec_text, frac, s, d, sport, dport, packets, nbytes),
+                s + b"->" + d, born,
             ))
         self.seq = seq
         return out

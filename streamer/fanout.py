@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Protocol
 
 import orjson
@@ -34,6 +35,7 @@ class Item:
     """
 
     __slots__ = ("_obj", "born_ns", "data", "is_lost", "key", "seq", "weight")
+    spooled = False  # never read back from the Kafka spool (that makes a spool.Rec)
 
     def __init__(
         self,
@@ -64,6 +66,7 @@ class Item:
         return f"Item(seq={self.seq}, weight={self.weight}, data={self.data[:60]!r}...)"
 
 
+_IS_LOST = attrgetter("is_lost")
 LOST_KEY_PREFIX = b"lost@"
 
 
@@ -145,6 +148,8 @@ class Channel:
         self._batches: deque[list[Item]] = deque()
         self._count = 0
         self._ready = asyncio.Event()
+        self._high_level = 0
+        self._on_high: Callable[[], None] | None = None
 
     # ---- producer side ----------------------------------------------------------------------
 
@@ -158,7 +163,7 @@ class Channel:
         The rest is dropped, counted and noted as a gap. `events`: how many of `items` are
         flow events (not lost records), if the caller knows."""
         if events is None:
-            events = sum(1 for i in items if not i.is_lost)
+            events = len(items) - sum(map(_IS_LOST, items))
         self.received += events
         if not items:
             return 0
@@ -180,7 +185,16 @@ class Channel:
         self._batches.append(items)
         self._count += len(items)
         self._ready.set()
+        if self._on_high is not None and self._count >= self._high_level:
+            self._on_high()
         return len(items)
+
+    def notify_at(self, level: int, callback: Callable[[], None] | None) -> None:
+        """Call `callback` whenever an offer leaves `level` or more items queued (a sink
+        that leaves items queued on purpose learns when it must take them after all);
+        None: no more calls."""
+        self._high_level = level
+        self._on_high = callback
 
     def _note_drop(self, items: list[Item]) -> None:
         self.dropped += sum(1 for i in items if not i.is_lost)
@@ -318,7 +332,7 @@ class Fanout:
         """Offer every item to every sink; never waits."""
         if not items:
             return
-        events = sum(1 for i in items if not i.is_lost)
+        events = len(items) - sum(map(_IS_LOST, items))
         for ch in self.channels.values():
             ch.offer_batch(items, events)
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamer.decode import EVENT_SIZE, decode_batch
+from streamer.decode import EVENT_SIZE, Packed, decode_batch
 from streamer.enrich import Enricher
 from streamer.fanout import Fanout, Item, Sink, make_item
 from streamer.sinks.console import ConsoleSink
@@ -100,7 +100,7 @@ class Pipeline:
 
     # ---- decode and enrich (synchronous, per drained batch) -----------------------------------
 
-    def handle(self, records: list[bytes]) -> None:
+    def handle(self, records: list[bytes] | Packed) -> None:
         """Decode and enrich `records` (one drained batch), then offer them to every sink.
 
         Events no sink has room for are not rendered: they get their sequence numbers and

@@ -51,6 +51,8 @@ class Record(Protocol):
     def data(self) -> bytes: ...
     @property
     def is_lost(self) -> bool: ...
+    @property
+    def spooled(self) -> bool: ...  # read back from a spool
 
 
 class Rec(NamedTuple):
@@ -65,6 +67,10 @@ class Rec(NamedTuple):
     @property
     def is_lost(self) -> bool:
         return self.key.startswith(LOST_KEY_PREFIX)
+
+
+# Rec(...) without its Python-level __new__ (the spool reads back many records at a time).
+_new_rec = tuple.__new__
 
 
 @dataclass
@@ -258,21 +264,36 @@ class Spool:
     def append(self, recs: Sequence[Record]) -> Dropped | None:
         """Write `recs` after everything spooled; if that passes `max_bytes`, delete the
         oldest segments and return what they held. OSError if the disk refuses."""
-        for rec in recs:
+        pack, hsize = HEADER.pack, HEADER.size
+        i, n = 0, len(recs)
+        while i < n:
+            # One write per segment: the records that go into the tail before it is full
+            # (a segment is full once it holds segment_bytes; the record that fills it may
+            # go past).
             tail, w = self._tail_writer()
-            w.write(HEADER.pack(len(rec.key), len(rec.data), rec.seq, rec.weight))
-            w.write(rec.key)
-            w.write(rec.data)
-            n = HEADER.size + len(rec.key) + len(rec.data)
+            parts: list[bytes] = []
+            size, limit = tail.size, self.segment_bytes
+            weight = 0
+            j = i
+            while j < n and (size < limit or j == i):
+                rec = recs[j]
+                key, data = rec.key, rec.data
+                parts += (pack(len(key), len(data), rec.seq, rec.weight), key, data)
+                size += hsize + len(key) + len(data)
+                weight += rec.weight
+                j += 1
+            w.write(b"".join(parts))
+            added = size - tail.size
             if tail.records == 0:
-                tail.first_seq = rec.seq
-            tail.size += n
-            tail.records += 1
-            tail.weight += rec.weight
-            tail.last_seq = rec.seq
-            self._bytes += n
-            self._records += 1
-            self._weight += rec.weight
+                tail.first_seq = recs[i].seq
+            tail.size = size
+            tail.records += j - i
+            tail.weight += weight
+            tail.last_seq = recs[j - 1].seq
+            self._bytes += added
+            self._records += j - i
+            self._weight += weight
+            i = j
         return self._enforce_limit()
 
     def _enforce_limit(self) -> Dropped | None:
@@ -364,7 +385,8 @@ class Spool:
                         if end > len(buf):
                             raise OSError(f"spool segment {seg.path} is truncated")
                     k0 = off + HEADER.size
-                    out.append(Rec(seq, weight, buf[k0 : k0 + klen], buf[k0 + klen : end], True))
+                    out.append(_new_rec(Rec, (seq, weight, buf[k0 : k0 + klen],
+                                              buf[k0 + klen : end], True)))
                     seg.records -= 1
                     seg.weight -= weight
                     self._records -= 1
