@@ -73,7 +73,11 @@ class EventSettings:
     quick: bool
 
 
-FULL_EVENTS = EventSettings((10_000, 25_000, 50_000, 75_000, 100_000), 5.0, 20.0, False)
+# Past the 100,000/s target too: delivered/s is measured up to the last acknowledgement,
+# so a step offering exactly the target delivers a little less.
+FULL_EVENTS = EventSettings(
+    (10_000, 25_000, 50_000, 75_000, 100_000, 125_000), 5.0, 20.0, False
+)
 QUICK_EVENTS = EventSettings((5_000,), 1.0, 10.0, True)
 
 
@@ -159,38 +163,66 @@ class _Tally:
         self._seen = bytearray(1 << 20)
         self._sec: dict[bytes, int] = {}
 
-    def _wall_ns(self, text: bytes) -> int:
-        # "YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ": the seconds' prefix parsed once per second.
-        head = text[:19]
-        sec = self._sec.get(head)
-        if sec is None:
-            sec = calendar.timegm(time.strptime(head.decode(), "%Y-%m-%dT%H:%M:%S"))
-            if len(self._sec) > 4096:
-                self._sec.clear()
-            self._sec[head] = sec
-        return sec * 1_000_000_000 + int(text[20:29])
+    def _second_ns(self, head: bytes) -> int:
+        """"YYYY-MM-DDTHH:MM:SS" as ns since the epoch (parsed once per second, then cached)."""
+        sec = calendar.timegm(time.strptime(head.decode(), "%Y-%m-%dT%H:%M:%S"))
+        if len(self._sec) > 4096:
+            self._sec.clear()
+        self._sec[head] = sec * 1_000_000_000
+        return sec * 1_000_000_000
 
-    def add(self, value: bytes, recv_ns: int) -> None:
-        head = value[:80]
-        if b'"type":"lost"' in head:
+    def add_block(self, block: bytes, recv_ns: int, start: int = 0, end: int = -1) -> None:
+        """Complete records, one a line, all received at `recv_ns` (those of block[start:end],
+        end -1: to the end). A flow record's seq and time sit right after a fixed prefix: they
+        are read where they are, without copying the line (this process shares the cores with
+        what is measured); anything else (lost records, rare) is parsed whole."""
+        seen, secs = self._seen, self._sec
+        event_ns, lat_ns = self.event_ns, self.lat_ns
+        find, startswith = block.find, block.startswith
+        prefix, skip = _FLOW_PREFIX, len(_FLOW_PREFIX)
+        if end < 0:
+            end = len(block)
+        while start < end:
+            nl = find(b"\n", start, end)
+            if nl < 0:
+                nl = end
+            if not startswith(prefix, start):
+                if nl > start:
+                    self._other(block[start:nl])
+                start = nl + 1
+                continue
+            i = start + skip
+            comma = find(b",", i, nl)
+            seq = int(block[i:comma])
+            start = nl + 1
+            if seq >= len(seen):
+                seen.extend(bytes(max(seq + 1, 2 * len(seen)) - len(seen)))
+            if seen[seq]:
+                self.dups += 1
+                continue
+            seen[seq] = 1
+            self.flows += 1
+            # ',"time":"' then "YYYY-MM-DDTHH:MM:SS" "." nine digits "Z"
+            head = block[comma + 9 : comma + 28]
+            sec = secs.get(head)
+            if sec is None:
+                sec = self._second_ns(head)
+            ev = sec + int(block[comma + 29 : comma + 38])
+            event_ns.append(ev)
+            lat_ns.append(recv_ns - ev)
+
+    def _other(self, line: bytes) -> None:
+        """A record that is not a flow: a lost record is counted, with the events it stands
+        for."""
+        if b'"type":"lost"' in line[:80]:
             import orjson
 
             self.lost_records += 1
-            self.lost_events += int(orjson.loads(value).get("lost", 0))
-            return
-        i = value.find(b'"seq":')
-        seq = int(value[i + 6 : value.find(b",", i)])
-        if seq >= len(self._seen):
-            self._seen.extend(bytes(max(seq + 1, 2 * len(self._seen)) - len(self._seen)))
-        if self._seen[seq]:
-            self.dups += 1
-            return
-        self._seen[seq] = 1
-        self.flows += 1
-        j = value.find(b'"time":"') + 8
-        ev = self._wall_ns(value[j : j + 30])
-        self.event_ns.append(ev)
-        self.lat_ns.append(recv_ns - ev)
+            self.lost_events += int(orjson.loads(line).get("lost", 0))
+
+
+# How every flow record starts (streamer.enrich writes schema, type and seq first).
+_FLOW_PREFIX = b'{"schema":"microseg.flow/v1","type":"flow","seq":'
 
 
 def _consumer_main(conn: Connection, bootstrap: str, topic: str) -> None:
@@ -223,11 +255,19 @@ def _consumer_main(conn: Connection, bootstrap: str, topic: str) -> None:
                     conn.send(("error", f"kcat ended (exit {proc.wait()})"))
                     return
                 recv = time.time_ns()
-                lines = (rest + chunk).split(b"\n")
-                rest = lines.pop()
-                for line in lines:
-                    if line:
-                        tally.add(line, recv)
+                # The chunk is scanned where it is (no copies of it): the line cut at the
+                # previous chunk's end is completed first.
+                cut = chunk.rfind(b"\n") + 1
+                if not cut:
+                    rest += chunk
+                else:
+                    start = 0
+                    if rest:
+                        start = chunk.find(b"\n") + 1
+                        tally.add_block(rest + chunk[:start], recv)
+                    if cut > start:
+                        tally.add_block(chunk, recv, start, cut)
+                    rest = chunk[cut:]
             while conn.poll():
                 cmd = conn.recv()
                 counts = (tally.flows, tally.lost_records, tally.lost_events, tally.dups)
