@@ -759,12 +759,13 @@ def _cls_cell(p: dict[str, Any]) -> str:
 
 
 def _cost_ns(p: dict[str, Any]) -> float:
-    """Nanoseconds a small packet costs more than under B0, from the medians of the point's
-    UDP rates and of its paired B0 runs."""
-    rate, b0 = p["workloads"]["udp"]["median"], p["workloads"]["udp"]["b0"]["median"]
-    if rate <= 0 or b0 <= 0:
+    """Nanoseconds a small packet costs more than under B0: from the median of the point's
+    per-run UDP ratios to their paired B0 runs (as the table), at the paired B0's median rate.
+    Medians of the rates alone would mix runs of different moments of the machine."""
+    r, b0 = vs_b0(p, "udp"), p["workloads"]["udp"]["b0"]["median"]
+    if not r or r <= 0 or b0 <= 0:
         return float("nan")
-    return float(1e9 / rate - 1e9 / b0)
+    return float((1.0 / r - 1.0) * 1e9 / b0)
 
 
 def _events_eps(events: dict[str, Any] | None) -> float | None:
