@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Protocol
@@ -68,6 +68,13 @@ class Item:
 
 _IS_LOST = attrgetter("is_lost")
 LOST_KEY_PREFIX = b"lost@"
+
+
+def count_events(records: Sequence[Any]) -> int:
+    """How many of `records` (Items, or the Kafka spool's records) are flow events, not
+    `lost` records: what the per-stage counters count."""
+    lost: int = sum(map(_IS_LOST, records))
+    return len(records) - lost
 
 
 def flow_key(obj: dict[str, Any]) -> bytes:
@@ -163,7 +170,7 @@ class Channel:
         The rest is dropped, counted and noted as a gap. `events`: how many of `items` are
         flow events (not lost records), if the caller knows."""
         if events is None:
-            events = len(items) - sum(map(_IS_LOST, items))
+            events = count_events(items)
         self.received += events
         if not items:
             return 0
@@ -197,7 +204,7 @@ class Channel:
         self._on_high = callback
 
     def _note_drop(self, items: list[Item]) -> None:
-        self.dropped += sum(1 for i in items if not i.is_lost)
+        self.dropped += count_events(items)
         self.report_lost(
             sum(i.weight for i in items),
             min(i.seq for i in items),
@@ -332,7 +339,7 @@ class Fanout:
         """Offer every item to every sink; never waits."""
         if not items:
             return
-        events = len(items) - sum(map(_IS_LOST, items))
+        events = count_events(items)
         for ch in self.channels.values():
             ch.offer_batch(items, events)
 

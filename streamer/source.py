@@ -110,7 +110,7 @@ class RingReader:
         end: int = self._prod_pos[0]
         pos = self._pos
         n = min((end - pos) // stride, max_records)
-        if n <= 0 or stride % 4:
+        if n <= 0:
             return self.read(max_records)
         off = self._base + (pos & self._mask)
         # The headers are read from a first copy; only records already committed in it are

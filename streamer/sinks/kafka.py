@@ -36,7 +36,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
-from streamer.fanout import Channel, Item, LostFactory, RateLimitedLog
+from streamer.fanout import Channel, Item, LostFactory, RateLimitedLog, count_events
 from streamer.sinks.spool import Dropped, Rec, Record, Spool
 
 log = logging.getLogger("microseg.sink.kafka")
@@ -100,7 +100,6 @@ class _Batch:
     replayed: int  # of those, how many came out of the spool
 
 
-_IS_LOST = attrgetter("is_lost")
 _SPOOLED = attrgetter("spooled")  # Rec.spooled; an Item's is always False
 
 
@@ -280,7 +279,7 @@ class KafkaSink:
             items = await channel.get_batch(await self._await_room(channel))
             if not items:
                 return
-            self.received += len(items) - sum(map(_IS_LOST, items))
+            self.received += count_events(items)
             direct = self._direct_room()
             if direct >= len(items):
                 self._out.extend(items)
@@ -295,7 +294,7 @@ class KafkaSink:
             dropped = self.spool.append(recs)
             self.spool.flush()
         except OSError as e:
-            n = sum(1 for r in recs if not r.is_lost)
+            n = count_events(recs)
             self.spool_dropped += n
             self._ratelog(
                 logging.ERROR,
@@ -309,7 +308,7 @@ class KafkaSink:
                 sum(r.weight for r in recs), "kafka-spool", recs[0].seq, recs[-1].seq
             )
             return
-        self.spooled += sum(1 for r in recs if not r.is_lost)
+        self.spooled += count_events(recs)
         if dropped is not None:
             self._spool_overflow(dropped)
 
@@ -413,7 +412,7 @@ class KafkaSink:
                         replayed = sum(1 for r in sent if r.spooled and not r.is_lost)
                     self._inflight.append(_Batch(
                         sent, fut, time.monotonic_ns(), producer,
-                        taken - sum(map(_IS_LOST, sent)), replayed,
+                        count_events(sent), replayed,
                     ))
                     self._inflight_recs += taken
                     self._wake_acks.set()
@@ -551,7 +550,7 @@ class KafkaSink:
             log.info("Kafka: %d unacknowledged records kept in the spool for the next start",
                      len(recs))
         except OSError as e:
-            n = sum(1 for r in recs if not r.is_lost)
+            n = count_events(recs)
             self.spool_dropped += n
             log.error("Kafka spool %s: could not keep %d unsent events: %s",
                       self.config.spool_dir, n, e)

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
-from streamer.fanout import Channel, Item
+from streamer.fanout import Channel, Item, count_events
 
 log = logging.getLogger("microseg.sink.websocket")
 
@@ -199,7 +199,7 @@ class WebSocketHub:
 
     def publish(self, items: list[Item]) -> None:
         """Queue `items` for every client whose filter matches; never waits."""
-        self.received += sum(1 for i in items if not i.is_lost)
+        self.received += count_events(items)
         self.recent.extend(items)
         for c in list(self._clients.values()):
             if c.kicked:
