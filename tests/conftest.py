@@ -136,17 +136,26 @@ def kernel_retval(dp: Datapath, pkt_or_frame: Packet | bytes, direction: str | N
     return test_run(prog_fd(dp, direction), data)[0]
 
 
-@pytest.fixture(scope="session")
-def datapath() -> Iterator[Datapath]:
-    """One loaded classifier for the session; its pins are removed afterwards."""
-    _remove_stale_test_pins()
-    dp = Datapath(DatapathConfig(instance=unique_instance("dp"), session_entries=65536))
+@contextlib.contextmanager
+def loaded_datapath(cfg: DatapathConfig) -> Iterator[Datapath]:
+    """A classifier loaded from `cfg`; closed and its pins removed on leaving, also on failure."""
+    dp = Datapath(cfg)
     try:
         dp.load()
         yield dp
     finally:
         dp.close()
         dp.remove_pins()
+
+
+@pytest.fixture(scope="session")
+def datapath() -> Iterator[Datapath]:
+    """One loaded classifier for the session; its pins are removed afterwards."""
+    _remove_stale_test_pins()
+    with loaded_datapath(
+        DatapathConfig(instance=unique_instance("dp"), session_entries=65536)
+    ) as dp:
+        yield dp
 
 
 class EventSink:

@@ -394,19 +394,26 @@ def frame(
     return data
 
 
+def _pieces(segment: bytes, size: int) -> list[tuple[int, bytes, bool]]:
+    """`segment` cut into `size`-byte pieces (a multiple of 8): (offset in 8-byte units, piece,
+    more fragments follow), first piece first."""
+    if size % 8:
+        raise ValueError("fragment size must be a multiple of 8")
+    return [
+        (off // 8, segment[off : off + size], off + size < len(segment))
+        for off in range(0, len(segment), size)
+    ]
+
+
 def fragments4(
     src: Address, dst: Address, proto: int, segment: bytes, size: int = 16, ident: int = 1
 ) -> list[bytes]:
     """The IPv4 packets of `segment` (an L4 header and payload) cut into `size`-byte pieces
     (a multiple of 8), first fragment first."""
-    if size % 8:
-        raise ValueError("fragment size must be a multiple of 8")
-    out = []
-    for off in range(0, len(segment), size):
-        piece = segment[off : off + size]
-        more = off + size < len(segment)
-        out.append(ipv4(src, dst, proto, piece, frag_offset=off // 8, mf=more, ident=ident))
-    return out
+    return [
+        ipv4(src, dst, proto, piece, frag_offset=units, mf=more, ident=ident)
+        for units, piece, more in _pieces(segment, size)
+    ]
 
 
 def fragments6(
@@ -420,12 +427,7 @@ def fragments6(
 ) -> list[bytes]:
     """The IPv6 packets of `segment` cut into `size`-byte pieces (a multiple of 8), each with
     `ext` (the unfragmentable headers) and a fragment header, first fragment first."""
-    if size % 8:
-        raise ValueError("fragment size must be a multiple of 8")
-    out = []
-    for off in range(0, len(segment), size):
-        piece = segment[off : off + size]
-        more = off + size < len(segment)
-        chain = [*ext, frag_ext(offset=off // 8, more=more, ident=ident)]
-        out.append(ipv6(src, dst, proto, piece, ext=chain))
-    return out
+    return [
+        ipv6(src, dst, proto, piece, ext=[*ext, frag_ext(offset=units, more=more, ident=ident)])
+        for units, piece, more in _pieces(segment, size)
+    ]

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from conftest import loaded_datapath
 from packets import (
     ETH_P_8021AD,
     ETH_P_8021Q,
@@ -1012,13 +1013,8 @@ def small_dp() -> Iterator[Datapath]:
         rule_entries=4096,
         event_interval_ns=50_000_000,
     )
-    dp = Datapath(cfg)
-    try:
-        dp.load()
+    with loaded_datapath(cfg) as dp:
         yield dp
-    finally:
-        dp.close()
-        dp.remove_pins()
 
 
 def _many_shapes(n: int, first_id: int = 100) -> PolicySet:

@@ -23,7 +23,7 @@ from typing import Any
 import jsonschema
 import orjson
 import pytest
-from conftest import EventSink, unique_instance
+from conftest import EventSink, loaded_datapath, unique_instance
 from packets import frame
 
 from streamer.compiler import compile_policy
@@ -597,14 +597,9 @@ def test_spool_cuts_a_torn_record(tmp_path: Path) -> None:
 
 @pytest.fixture
 def tiny_ringbuf() -> Iterator[Datapath]:
-    dp = Datapath(DatapathConfig(instance=unique_instance("rb"), session_entries=8192,
-                                 ringbuf_pages=1, rule_slots=1024))
-    try:
-        dp.load()
+    with loaded_datapath(DatapathConfig(instance=unique_instance("rb"), session_entries=8192,
+                                        ringbuf_pages=1, rule_slots=1024)) as dp:
         yield dp
-    finally:
-        dp.close()
-        dp.remove_pins()
 
 
 async def test_kernel_lost_counts_equal_the_shortfall(

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import unique_instance
+from conftest import loaded_datapath, unique_instance
 from diffkit import Harness
 from netutil import echo_server, wait_until
 from packets import ETH_P_IP, ETH_P_IPV6, eth, fragments4, icmp, icmpv6, ipv4, ipv6, tcp, udp
@@ -200,13 +200,9 @@ def test_fragment_memory_expires(datapath: Datapath) -> None:
 @pytest.fixture(scope="module")
 def tiny_dp() -> Iterator[Datapath]:
     """A classifier whose session table holds 16 flows."""
-    dp = Datapath(DatapathConfig(instance=unique_instance("tiny"), session_entries=16))
-    try:
-        dp.load()
+    cfg = DatapathConfig(instance=unique_instance("tiny"), session_entries=16)
+    with loaded_datapath(cfg) as dp:
         yield dp
-    finally:
-        dp.close()
-        dp.remove_pins()
 
 
 def test_full_table_keeps_every_verdict_right(tiny_dp: Datapath) -> None:
@@ -286,35 +282,30 @@ def lab_dp(module_lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     cfg = DatapathConfig(
         instance=unique_instance("lab"), run_dir=Path(run_dir), session_entries=4096
     )
-    dp = Datapath(cfg)
-    try:
-        dp.load()
-        pol = _policy(
-            "deny",
-            {
-                "rule_id": 1,
-                "protocol": "tcp",
-                "dst_port": P_TCP,
-                "direction": "ingress",
-                "action": "allow",
-            },
-            {
-                "rule_id": 2,
-                "protocol": "udp",
-                "dst_port": P_UDP_OK,
-                "direction": "ingress",
-                "action": "allow",
-            },
-        )
-        dp.apply(compile_policy(pol, cfg.max_shapes))
-        dp.attach(module_lab.host_if, module_lab.host_ns)
-        yield dp
-    finally:
+    pol = _policy(
+        "deny",
+        {
+            "rule_id": 1,
+            "protocol": "tcp",
+            "dst_port": P_TCP,
+            "direction": "ingress",
+            "action": "allow",
+        },
+        {
+            "rule_id": 2,
+            "protocol": "udp",
+            "dst_port": P_UDP_OK,
+            "direction": "ingress",
+            "action": "allow",
+        },
+    )
+    with loaded_datapath(cfg) as dp:
         try:
-            detach(module_lab.host_if, module_lab.host_ns, cfg.run_dir)
+            dp.apply(compile_policy(pol, cfg.max_shapes))
+            dp.attach(module_lab.host_if, module_lab.host_ns)
+            yield dp
         finally:
-            dp.close()
-            dp.remove_pins()
+            detach(module_lab.host_if, module_lab.host_ns, cfg.run_dir)
 
 
 def _receive_big(lab: Lab, family: int, port: int, size: int) -> bool:
