@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from streamer import __version__
-from streamer.client import add_client_parsers
+from streamer.client import add_client_parsers, seconds_between
 from streamer.lab import add_lab_parser
 from streamer.monitor import add_monitor_parser
 from streamer.observe import add_flow_parsers
@@ -41,14 +41,7 @@ def _positive_int(value: str) -> int:
     return n
 
 
-def _seconds(value: str) -> float:
-    try:
-        n = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if not 0 <= n <= 86400:
-        raise argparse.ArgumentTypeError(f"{value!r} must be between 0 and 86400 seconds")
-    return n
+_seconds = seconds_between(0, 86400)
 
 
 _SIZE = re.compile(r"^(\d+)\s*([kKmMgG]i?[bB]?|[bB])?$")

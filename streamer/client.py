@@ -670,6 +670,21 @@ def _read_policy_file(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- argument types
 
 
+def seconds_between(lo: float, hi: float) -> Callable[[str], float]:
+    """An argparse type: a number of seconds in lo..hi (both commands' flags use it)."""
+
+    def parse(value: str) -> float:
+        try:
+            n = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"{value!r} must be between {lo:g} and {hi:g} seconds")
+        return n
+
+    return parse
+
+
 def _rule_id(value: str) -> int:
     try:
         n = int(value)

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import orjson
 
-from streamer.client import Api, ClientError, _common_parser, run_client
+from streamer.client import Api, ClientError, _common_parser, run_client, seconds_between
 
 CLEAR = "\033[H\033[2J"
 
@@ -120,14 +120,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return run_client(args, lambda api: monitor(api, args, sys.stdout), 10.0)
 
 
-def _interval(value: str) -> float:
-    try:
-        n = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if not 0.1 <= n <= 3600:
-        raise argparse.ArgumentTypeError(f"{value!r} must be between 0.1 and 3600 seconds")
-    return n
+_interval = seconds_between(0.1, 3600)
 
 
 def _count(value: str) -> int:
