@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import ip_address, ip_network
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -49,8 +49,10 @@ from bench.workloads import (
     RUNNERS,
     WORKLOADS,
     Servers,
+    run_udp_pair,
 )
 
+T = TypeVar("T")
 PLOT = Path(__file__).resolve().parent.parent / "docs" / "bench.png"
 CONFIGS = ("B0", "B1", "MS", "NL", "NS")
 CASES = ("first", "last", "default")
@@ -232,13 +234,22 @@ class Compare:
 
     def _once(self, lab: Any, w: str, family: int, label: str, retries: list[str]
               ) -> dict[str, Any]:  # fmt: skip
+        return self._retrying(w, label, retries, lambda: RUNNERS[w](lab, family, self.s.seconds))
+
+    def _udp_pair(self, point: Point, ref_first: bool, retries: list[str]
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+        """One paired UDP run: this lab's result and its twin's, from one interleaved flood."""
+        return self._retrying("udp", point.label, retries, lambda: run_udp_pair(
+            self.lab, self.ref, point.family, self.s.seconds, ref_first))  # fmt: skip
+
+    def _retrying(self, w: str, label: str, retries: list[str], run: Callable[[], T]) -> T:
         try:
-            return RUNNERS[w](lab, family, self.s.seconds)
+            return run()
         except BenchError as e:
             # One retry: a tool can hang on a machine this busy; twice is a failure.
             retries.append(f"{w}: {e}")
             self.progress(f"compare: {label}: {w} failed ({e}); once more")
-            return RUNNERS[w](lab, family, self.s.seconds)
+            return run()
 
     def measure(self, point: Point, decided: Callable[[], int] | None,
                 progs: dict[str, int] | None = None) -> None:  # fmt: skip
@@ -255,6 +266,12 @@ class Compare:
         retries: list[str] = []
         for run in range(self.s.runs):
             for w in WORKLOADS:
+                if w == "udp":
+                    r, b = self._udp_pair(point, run % 2 == 0, retries)
+                    values[w].append(float(r["value"]))
+                    extra[w].append(r)
+                    refs[w].append(float(b["value"]))
+                    continue
                 order = (self.ref, self.lab) if run % 2 == 0 else (self.lab, self.ref)
                 for lab in order:
                     r = self._once(lab, w, point.family, point.label, retries)

@@ -5,6 +5,10 @@
  *   nettool rr     ADDR PORT SECONDS SIZE   one connection, SIZE-byte request/response loop
  *   nettool crr    ADDR PORT SECONDS        a new connection per 1-byte request/response
  *   nettool udp    ADDR PORT SECONDS SIZE   send SIZE-byte datagrams as fast as possible
+ *   nettool udpab  NETNS_A ADDR_A NETNS_B ADDR_B PORT SECONDS SIZE SLICE_MS
+ *                  the same flood from two network namespaces (paths of their netns files)
+ *                  in turn, SLICE_MS each, for SECONDS in all: the time and datagrams sent
+ *                  to each, so a machine's drift (other tenants, clocks) hits both alike
  *
  * Clients print one JSON object on stdout. Every mode stops by itself after SECONDS (the
  * servers after SECONDS + a grace), every blocking call has a 1 s timeout, so nothing runs
@@ -21,6 +25,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -240,7 +246,9 @@ static int rr_client(const char *addr, int port, double secs, size_t size, int c
     return 0;
 }
 
-static int udp_client(const char *addr, int port, double secs, size_t size) {
+/* A UDP socket connected to ADDR:PORT with `msgs` ready to send SIZE-byte datagrams. */
+static int udp_sender(const char *addr, int port, size_t size, struct mmsghdr *msgs,
+                      struct iovec *iov) {
     struct sockaddr_storage ss;
     socklen_t len = make_addr(addr, port, &ss);
     int fd = socket(ss.ss_family, SOCK_DGRAM, 0);
@@ -249,13 +257,20 @@ static int udp_client(const char *addr, int port, double secs, size_t size) {
     timeouts(fd);
     char *buf = calloc(1, size);
     if (!buf) die("malloc");
-    struct mmsghdr msgs[BATCH];
-    struct iovec iov = {buf, size};
+    iov->iov_base = buf;
+    iov->iov_len = size;
     for (int i = 0; i < BATCH; i++) {
         memset(&msgs[i], 0, sizeof(msgs[i]));
-        msgs[i].msg_hdr.msg_iov = &iov;
+        msgs[i].msg_hdr.msg_iov = iov;
         msgs[i].msg_hdr.msg_iovlen = 1;
     }
+    return fd;
+}
+
+static int udp_client(const char *addr, int port, double secs, size_t size) {
+    struct mmsghdr msgs[BATCH];
+    struct iovec iov;
+    int fd = udp_sender(addr, port, size, msgs, &iov);
     uint64_t sent = 0, errors = 0, start = now_ns(), end = start + (uint64_t)(secs * 1e9);
     uint64_t t = start;
     while (t < end) {
@@ -272,9 +287,62 @@ static int udp_client(const char *addr, int port, double secs, size_t size) {
     return 0;
 }
 
+/* The flood of `udp` from two network namespaces in turn (this process enters each to make
+ * its socket; a socket stays in the namespace it was made in). */
+static int udp_ab(char **argv) {
+    const char *ns[2] = {argv[2], argv[4]}, *addr[2] = {argv[3], argv[5]};
+    int port = atoi(argv[6]);
+    double secs = atof(argv[7]);
+    int size = atoi(argv[8]), slice_ms = atoi(argv[9]);
+    if (port <= 0 || port > 65535 || secs <= 0 || secs > 3600 || size < 1 || size > 65536 ||
+        slice_ms < 1 || slice_ms > 10000) {
+        fprintf(stderr, "nettool: bad port, seconds, size or slice\n");
+        return 2;
+    }
+    static struct mmsghdr msgs[2][BATCH];
+    struct iovec iov[2];
+    int fd[2];
+    for (int i = 0; i < 2; i++) {
+        int nsfd = open(ns[i], O_RDONLY | O_CLOEXEC);
+        if (nsfd < 0) die(ns[i]);
+        if (setns(nsfd, CLONE_NEWNET) < 0) die("setns");
+        close(nsfd);
+        fd[i] = udp_sender(addr[i], port, (size_t)size, msgs[i], &iov[i]);
+    }
+    uint64_t sent[2] = {0, 0}, errors[2] = {0, 0}, spent[2] = {0, 0};
+    uint64_t start = now_ns(), end = start + (uint64_t)(secs * 1e9), t = start;
+    uint64_t slice = (uint64_t)slice_ms * 1000000ull;
+    for (int k = 0; t < end; k ^= 1) {
+        uint64_t t0 = t, stop = t0 + slice < end ? t0 + slice : end;
+        while (t < stop) {
+            int r = sendmmsg(fd[k], msgs[k], BATCH, 0);
+            if (r > 0)
+                sent[k] += (uint64_t)r;
+            else
+                errors[k]++;
+            t = now_ns();
+        }
+        spent[k] += t - t0;
+    }
+    printf("{\"mode\":\"udpab\"");
+    for (int i = 0; i < 2; i++) {
+        double s = spent[i] / 1e9;
+        printf(",\"%c\":{\"count\":%llu,\"errors\":%llu,\"seconds\":%.6f,\"rate\":%.1f}",
+               'a' + i, (unsigned long long)sent[i], (unsigned long long)errors[i], s,
+               s > 0 ? sent[i] / s : 0.0);
+    }
+    printf("}\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 10 && !strcmp(argv[1], "udpab")) {
+        setvbuf(stdout, NULL, _IOLBF, 0);
+        return udp_ab(argv);
+    }
     if (argc < 5) {
-        fprintf(stderr, "usage: nettool echo|sink|rr|crr|udp ADDR PORT SECONDS [SIZE]\n");
+        fprintf(stderr, "usage: nettool echo|sink|rr|crr|udp ADDR PORT SECONDS [SIZE]\n"
+                        "       nettool udpab NETNS_A ADDR_A NETNS_B ADDR_B PORT SECONDS SIZE SLICE_MS\n");
         return 2;
     }
     const char *mode = argv[1], *addr = argv[2];

@@ -6,7 +6,10 @@ receiver to the other:
 
 - `tcp`: TCP bulk throughput, iperf3 (Gbit/s received);
 - `udp`: small-packet UDP rate, 18-byte payloads (64-byte frames with IPv4) sent flat out with
-  sendmmsg, datagrams/s delivered to the receiving socket (bench/nettool.c);
+  sendmmsg, datagrams/s delivered to the receiving socket (bench/nettool.c). Paired with a
+  twin lab (`run_udp_pair`), one sender floods both in turn, `UDP_SLICE_MS` each: this
+  workload's rate moves by tens of percent within seconds on a shared machine, and only
+  slices that close together see the same machine;
 - `rr`: request/response latency, one TCP connection, 1-byte ping-pong (netperf's TCP_RR):
   p50 and p99 per transaction in microseconds;
 - `crr`: new connections per second, each connect + 1-byte exchange + close a new flow
@@ -37,6 +40,7 @@ UDP_PORT = 5204
 PORTS = (IPERF_PORT, ECHO_PORT, UDP_PORT)
 PORT_RANGE = "5200-5215"
 UDP_PAYLOAD = 18
+UDP_SLICE_MS = 20
 WORKLOADS = ("tcp", "udp", "rr", "crr")
 
 
@@ -191,6 +195,39 @@ def run_udp(lab: BenchLab, family: int, seconds: float) -> dict[str, Any]:
             sink.wait(5)
     got = _json(out, "nettool sink")
     return {"value": float(got["rate"]), "received": got["count"], "sent_rate": sent["rate"]}
+
+
+def run_udp_pair(lab: BenchLab, twin: BenchLab, family: int, seconds: float, twin_first: bool
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """The UDP flood into `lab` and `twin` in turn (`UDP_SLICE_MS` each, `seconds` each in
+    all; one sender on the sender CPU, each lab's sink on the receiver CPU): the result of
+    `run_udp` for each, "value" = datagrams its sink got / seconds the sender spent on it."""
+    from streamer.lab import netns_path
+
+    tool = str(nettool())
+    sides = (twin, lab) if twin_first else (lab, twin)
+    sinks = [s.popen("host", [tool, "sink", "::", str(UDP_PORT), f"{2 * seconds + 3:g}"],
+                     2 * seconds + 6) for s in sides]  # fmt: skip
+    try:
+        for sink in sinks:
+            _ready(sink, "the UDP sink")
+        argv = [tool, "udpab"]
+        for s in sides:
+            argv += [str(netns_path(s.lab.peer_ns)), s.addr("host", family)]
+        argv += [str(UDP_PORT), f"{2 * seconds:g}", str(UDP_PAYLOAD), str(UDP_SLICE_MS)]
+        sent = _json(lab.run("peer", argv, 2 * seconds + 10), "nettool udpab")
+        outs = [sink.communicate(timeout=2 * seconds + 8)[0] for sink in sinks]
+    finally:
+        for sink in sinks:
+            if sink.poll() is None:
+                sink.kill()
+                sink.wait(5)
+    res = []
+    for k, out in zip("ab", outs, strict=True):
+        got, snd = _json(out, "nettool sink"), sent[k]
+        res.append({"value": got["count"] / max(snd["seconds"], 1e-9), "received": got["count"],
+                    "sent_rate": snd["rate"]})  # fmt: skip
+    return (res[1], res[0]) if twin_first else (res[0], res[1])
 
 
 def run_rr(lab: BenchLab, family: int, seconds: float) -> dict[str, Any]:

@@ -109,6 +109,16 @@ BPF_TABLE_PINNED("percpu_array", u32, struct ms_rule_ctr, rule_stats, MS_RULE_SL
                  MS_PIN "/rule_stats");
 BPF_RINGBUF_OUTPUT(events, MS_RINGBUF_PAGES);
 
+/* The event state of deny/log flows that found the session table full (their own would be in
+ * their session): without it each of their packets would be a "new" flow with an event. Not
+ * pinned: it only thins events. An LRU: a flow pushed out sends one event early. */
+struct ms_evlimit {
+    __u64 ev_last;
+    __u64 ev_pkts;
+    __u64 ev_bytes;
+};
+BPF_TABLE("lru_hash", struct ms_sess_key, struct ms_evlimit, evlimit, 8192);
+
 /* Updating a map-of-maps waits for every running BPF program to finish (the kernel calls
  * synchronize_rcu), which lets userspace know no packet still reads the bank it just retired. */
 BPF_ARRAY(barrier_inner, u32, 1);
@@ -1072,6 +1082,16 @@ int ms_record(struct __sk_buff *skb)
         return account(&key, &nv, src_is_a, flags, dir, len, now, st, ctr, &tr);
     }
 
+    /* A flow the full table turned away before: its events go on where they stopped. */
+    struct ms_evlimit *el = 0;
+    if (rv->action != MS_ALLOW) {
+        el = evlimit.lookup(&key);
+        if (el) {
+            nv.ev_last = el->ev_last;
+            nv.ev_pkts = el->ev_pkts;
+            nv.ev_bytes = el->ev_bytes;
+        }
+    }
     /* Count the first packet (and send its event) in the new entry before inserting it, so
      * the insert is the only map operation on the way: no lookup after it. */
     action = account(&key, &nv, src_is_a, flags, dir, len, now, st, ctr, &tr);
@@ -1089,6 +1109,8 @@ int ms_record(struct __sk_buff *skb)
     }
     int err = sessions.insert(&key, &nv);
     if (err == 0) {
+        if (el)
+            evlimit.delete(&key);
         ctr->c[C_NEW_SESSIONS]++;
         if (syn)
             ctr->c[C_SYN_NEW]++;
@@ -1097,6 +1119,13 @@ int ms_record(struct __sk_buff *skb)
         /* -EEXIST: another CPU recorded the flow meanwhile (same verdict). Else the table is
          * full: this packet's verdict stands, and the flow's next packet is judged again. */
         ctr->c[C_SESSION_CREATE_FAILED]++;
+        if (rv->action != MS_ALLOW) {
+            struct ms_evlimit ev = {nv.ev_last, nv.ev_pkts, nv.ev_bytes};
+            if (el)
+                *el = ev;
+            else
+                evlimit.update(&key, &ev);
+        }
     }
     return action;
 }

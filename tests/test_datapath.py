@@ -1115,6 +1115,40 @@ def test_events_update_after_interval(small_dp: Datapath) -> None:
     assert e_upd[0] > e_new[0]
 
 
+def test_full_table_keeps_the_event_rate_limit() -> None:
+    """A denied flow that finds the session table full is judged on every packet, but sends
+    one `new` event and then, after the interval, one `update` with every packet since."""
+    cfg = DatapathConfig(
+        instance=f"test-full-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+        session_entries=4,
+        event_interval_ns=50_000_000,
+    )
+    with loaded_datapath(cfg) as dp:
+        install(dp, "deny")
+        records: list[bytes] = []
+        dp.open_events(records.append)
+        for i in range(8):  # fill the table (4 flows; the rest are turned away)
+            run(dp, pk(f"10.1.0.{i + 1}", "10.0.0.2", "udp", 7, 8))
+        assert dp.counters()["active_sessions"] == 4
+        dp.consume_events()
+        records.clear()
+        c0 = dp.counters()["session_create_failed"]
+        p = pk("10.0.0.1", "10.0.0.2", "udp", 7, 9, length=100)
+        for _ in range(5):
+            assert run(dp, p) == DROP
+        dp.consume_events()
+        assert dp.counters()["session_create_failed"] == c0 + 5
+        (new,) = records
+        records.clear()
+        threading.Event().wait(cfg.event_interval_ns / 1e9 * 3)
+        assert run(dp, p) == DROP
+        dp.consume_events()
+        (upd,) = records
+        e_new, e_upd = EVENT_LAYOUT.unpack(new), EVENT_LAYOUT.unpack(upd)
+        assert (e_new[1], e_new[2], e_new[15]) == (1, 100, 1)  # packets, bytes, kind new
+        assert (e_upd[1], e_upd[2], e_upd[15]) == (5, 500, 2)  # the 4 held back and this one
+
+
 def test_restart_adopts_pinned_state(small_dp: Datapath) -> None:
     """A second Datapath on the same pins (an agent restart) keeps enforcing, knows the live
     bank's rules and counters, and replaces the set cleanly. Runs last in this module: the
