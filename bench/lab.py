@@ -103,9 +103,16 @@ class BenchLab:
             return int(stats["rx_packets"])
 
     def filter_prog_ids(self) -> dict[str, int]:
-        """Ids of the BPF programs attached to the host end: {"ingress": id, "egress": id}.
-        (`tc -j`: the pyroute2 here does not decode TCA_BPF_ID.)"""
-        out: dict[str, int] = {}
+        """Ids of the BPF programs attached to the host end: {"ingress": id, "egress": id},
+        tcx links (microseg's, where the kernel has tcx) or clsact filters (`tc -j`: the
+        pyroute2 here does not decode TCA_BPF_ID)."""
+        from streamer.datapath import tcx_programs
+
+        out: dict[str, int] = {
+            hook: progs[0][0]
+            for hook, progs in tcx_programs(self.lab.host_if, self.lab.host_ns).items()
+            if progs
+        }
         for hook in ("ingress", "egress"):
             argv = ["ip", "netns", "exec", self.lab.host_ns, "tc", "-j", "filter", "show",
                     "dev", self.lab.host_if, hook]  # fmt: skip
@@ -116,7 +123,7 @@ class BenchLab:
                 filters = []
             for f in filters:
                 prog = f.get("options", {}).get("prog", {})
-                if "id" in prog:
+                if "id" in prog and hook not in out:
                     out[hook] = int(prog["id"])
         return out
 

@@ -287,7 +287,9 @@ class Agent:
         if not cfg.keep_on_exit:
             for ifname in cfg.ifaces:
                 with contextlib.suppress(DatapathError):
-                    await asyncio.to_thread(detach, ifname, cfg.netns, cfg.datapath.run_dir)
+                    await asyncio.to_thread(
+                        detach, ifname, cfg.netns, cfg.datapath.run_dir, cfg.datapath.pin_root
+                    )
             self.datapath.close()
             self.datapath.remove_pins()
             # Our attachment record (/run/microseg/<instance>) is obsolete once detached.

@@ -123,6 +123,9 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--event-interval", type=_seconds, default=1.0,
                    help="at most one event per flow per this many seconds after its first")
     p.add_argument("--ringbuf-pages", type=_positive_int, default=256)
+    p.add_argument("--attach-mode", choices=["auto", "tcx", "tc"], default="auto",
+                   help="tcx: BPF links on the TC hook (Linux 6.6+, the cheaper hook); tc:"
+                   " filters on a clsact qdisc; auto: tcx where the kernel has it")
     p.add_argument("--keep-on-exit", action="store_true",
                    help="leave the filters attached and enforcing after a clean exit")
     p.add_argument("--stats-interval", type=_seconds, default=0.0,
@@ -271,6 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             ringbuf_pages=args.ringbuf_pages,
             event_interval_ns=int(args.event_interval * 1e9),
             timeouts=timeouts,
+            attach_mode=args.attach_mode,
         ),
     )
     return run_agent(config)

@@ -1,16 +1,17 @@
 """The datapath: the only module that talks to bcc and the kernel's BPF and TC objects.
 
 In: a DatapathConfig (which instance, table sizes, idle timeouts) and compiled policies. Out:
-programs attached at clsact ingress and egress, a policy bank switched atomically per apply,
+programs attached at the TC ingress and egress hooks (tcx links, or clsact filters on kernels
+without tcx), a policy bank switched atomically per apply,
 counters, sessions (with their TCP state), per-rule hits, a ring buffer of flow events, and
 BPF_PROG_TEST_RUN for crafted packets. Under load: `reap_expired` (call it periodically: it
 removes sessions past their idle timeout and stale first fragments), `pressure`, `map_fill`,
 `session_gauges` and `drops_by_reason` (exact gauges from counters; no walk of the session
 table).
 
-Maps are pinned under <pin_root>/<instance>/ so enforcement outlives the agent: filters stay
-attached when the process dies, and the next start adopts the same maps (sessions, rules,
-counters) and swaps its programs in with `tc filter replace`, which the kernel does atomically.
+Maps (and tcx links) are pinned under <pin_root>/<instance>/ so enforcement outlives the agent:
+programs stay attached when the process dies, and the next start adopts the same maps (sessions,
+rules, counters) and swaps its programs in atomically (a link update, or `tc filter replace`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes as ct
 import errno
+import functools
 import ipaddress
 import json
 import logging
@@ -29,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from streamer.compiler import (
     BLOOM_BANK_WORDS,
@@ -43,11 +45,12 @@ from streamer.compiler import (
 from streamer.reference import TCP_STATE_NAMES, Timeouts
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/microseg")
 DEFAULT_RUN_DIR = Path("/run/microseg")
-LAYOUT_VERSION = 3  # MS_LAYOUT_VERSION in bpf/classifier.h
+LAYOUT_VERSION = 4  # MS_LAYOUT_VERSION in bpf/classifier.h (a test checks they agree)
 
 TC_PRIO = 0x4D53  # "MS": our filters' preference and handle on every hook
 TC_HANDLE = 0x4D53
@@ -55,6 +58,13 @@ TC_ACT_OK = 0
 TC_ACT_SHOT = 2
 PARENT_INGRESS = "ffff:fff2"
 PARENT_EGRESS = "ffff:fff3"
+BPF_TCX_INGRESS = 46  # enum bpf_attach_type
+BPF_TCX_EGRESS = 47
+ATTACH_MODES = ("auto", "tcx", "tc")
+LINKS_DIR = "links"  # <instance>/links/: our pinned tcx links, beside the maps' layout dirs
+# hook, program, tcx attach type
+HOOKS = (("ingress", "ms_ingress", BPF_TCX_INGRESS), ("egress", "ms_egress", BPF_TCX_EGRESS))
+_CLONE_NEWNET = 0x40000000
 
 # enum ms_counter (bpf/classifier.h): name -> index; 8..15 are packets by direction and verdict.
 COUNTERS = {
@@ -132,6 +142,9 @@ class DatapathConfig:
     event_interval_ns: int = 1_000_000_000
     frag_entries: int = 16384  # remembered first fragments (an LRU)
     timeouts: Timeouts = field(default_factory=Timeouts)  # idle timeouts per protocol and TCP state
+    # "tcx": BPF links on the TC hook (kernel 6.6+; no qdisc, and the cheaper hook), "tc":
+    # direct-action filters on a clsact qdisc, "auto": tcx where the kernel has it
+    attach_mode: str = "auto"
 
     run_dir: Path = DEFAULT_RUN_DIR
 
@@ -280,6 +293,21 @@ def _libbpf() -> ct.CDLL:
         ct.c_void_p,
     ]
     lib.ring_buffer__epoll_fd.argtypes = [ct.c_void_p]
+    lib.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
+    lib.bpf_link_update.argtypes = [ct.c_int, ct.c_int, ct.c_void_p]
+    lib.bpf_link_detach.argtypes = [ct.c_int]
+    lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+    lib.bpf_obj_get.argtypes = [ct.c_char_p]
+    lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+    lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
+    lib.bpf_prog_query.argtypes = [
+        ct.c_int,
+        ct.c_int,
+        ct.c_uint32,
+        ct.POINTER(ct.c_uint32),
+        ct.POINTER(ct.c_uint32),
+        ct.POINTER(ct.c_uint32),
+    ]
     return lib
 
 
@@ -352,7 +380,7 @@ class Datapath:
         pin = self.config.pin_dir
         if self.config.instance_dir.exists():
             for other in self.config.instance_dir.iterdir():
-                if other != pin:
+                if other != pin and other.name != LINKS_DIR:
                     log.warning("pinned maps of another layout in %s: removing them", other)
                     _remove_tree(other)
         pin.mkdir(parents=True, exist_ok=True)
@@ -965,13 +993,18 @@ class Datapath:
     # ---- attaching ---------------------------------------------------------------------------
 
     def attach(self, ifname: str, netns: str | None = None) -> int:
-        """Attach (or atomically replace) our filters on clsact ingress and egress of ifname.
+        """Attach (or atomically replace) our programs on the TC ingress and egress hooks of
+        ifname: as pinned tcx links, or as filters on a clsact qdisc (`attach_mode`).
 
-        Returns the interface index. Records whether we created the clsact qdisc so detach
-        removes only what we added.
+        Returns the interface index. An attachment of ours in the other form goes only once
+        the new one judges, so no packet passes unjudged. Records what it made (the pins, and
+        whether it created the clsact qdisc) so detach removes only what we added.
         """
         from pyroute2 import IPRoute
 
+        mode = self.config.attach_mode
+        if mode not in ATTACH_MODES:
+            raise DatapathError(f"attach mode {mode!r}: expected one of {', '.join(ATTACH_MODES)}")
         with IPRoute(netns=netns) if netns else IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=ifname)
             if not idx:
@@ -979,41 +1012,219 @@ class Datapath:
                 raise DatapathError(f"no interface named {ifname}{where}")
             index = int(idx[0])
             created = False
-            qdiscs = [q for q in ipr.get_qdiscs(index=index) if q.get_attr("TCA_KIND") == "clsact"]
-            if not qdiscs:
-                ipr.tc("add", "clsact", index)
-                created = True
-            for parent, prog in ((PARENT_INGRESS, "ms_ingress"), (PARENT_EGRESS, "ms_egress")):
-                fn = self._progs[prog]
-                ipr.tc(
-                    "replace-filter",
-                    "bpf",
-                    index,
-                    TC_HANDLE,
-                    fd=fn.fd,
-                    name=fn.name.decode() if isinstance(fn.name, bytes) else fn.name,
-                    parent=parent,
-                    prio=TC_PRIO,
-                    classid=1,
-                    direct_action=True,
-                )
-        self._record_attachment(ifname, netns, created)
+            if mode != "tc":
+                try:
+                    self._attach_tcx(ifname, netns, index)
+                except _NoTcx as e:
+                    if mode == "tcx":
+                        raise DatapathError(f"{ifname}: the kernel has no tcx hook ({e})") from e
+                    mode = "tc"
+                else:
+                    _del_tc_filters(ipr, index)
+            if mode == "tc":
+                qdiscs = [
+                    q for q in ipr.get_qdiscs(index=index) if q.get_attr("TCA_KIND") == "clsact"
+                ]
+                if not qdiscs:
+                    ipr.tc("add", "clsact", index)
+                    created = True
+                for hook, prog, _ in HOOKS:
+                    fn = self._progs[prog]
+                    ipr.tc(
+                        "replace-filter",
+                        "bpf",
+                        index,
+                        TC_HANDLE,
+                        fd=fn.fd,
+                        name=fn.name.decode() if isinstance(fn.name, bytes) else fn.name,
+                        parent=PARENT_INGRESS if hook == "ingress" else PARENT_EGRESS,
+                        prio=TC_PRIO,
+                        classid=1,
+                        direct_action=True,
+                    )
+                _unpin_links(self.config.pin_root, ifname, netns)
+        self._record_attachment(ifname, netns, created, mode)
         return index
 
-    def _record_attachment(self, ifname: str, netns: str | None, created_qdisc: bool) -> None:
+    def _attach_tcx(self, ifname: str, netns: str | None, index: int) -> None:
+        """Our programs as tcx links pinned under <instance>/links/: a pinned link of ours on
+        this interface is updated in place (atomic), a stale one (its interface gone or
+        renumbered) replaced. _NoTcx when the kernel has no tcx hook."""
+        lib = libbpf()
+        for hook, prog, atype in HOOKS:
+            path = _link_pin(self.config.instance_dir, ifname, netns, hook)
+            prog_fd = int(self._progs[prog].fd)
+            if path.exists():
+                fd = lib.bpf_obj_get(str(path).encode())
+                if fd >= 0:
+                    try:
+                        same = _link_ifindex(fd) == index
+                        if same and lib.bpf_link_update(fd, prog_fd, None) == 0:
+                            continue
+                        lib.bpf_link_detach(fd)
+                    finally:
+                        os.close(fd)
+                path.unlink()
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+            def create(prog_fd: int = prog_fd, atype: int = atype) -> int:
+                return int(lib.bpf_link_create(prog_fd, index, atype, None))
+
+            fd = _in_netns(netns, create)
+            if fd < 0:
+                err = -fd
+                if err == errno.EINVAL and hook == "ingress":
+                    raise _NoTcx(os.strerror(err))
+                raise DatapathError(f"{ifname} {hook}: attaching (tcx) failed: {os.strerror(err)}")
+            try:
+                if lib.bpf_obj_pin(fd, str(path).encode()) != 0:
+                    err = ct.get_errno()
+                    lib.bpf_link_detach(fd)
+                    raise DatapathError(f"pinning {path} failed: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+
+    def _record_attachment(
+        self, ifname: str, netns: str | None, created_qdisc: bool, mode: str
+    ) -> None:
         path = self.config.attachments_file
         path.parent.mkdir(parents=True, exist_ok=True)
         data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
         key = f"{netns or ''}/{ifname}"
         prev = data.get(key, {})
-        data[key] = {"created_qdisc": prev.get("created_qdisc", False) or created_qdisc}
+        data[key] = {
+            "created_qdisc": prev.get("created_qdisc", False) or created_qdisc,
+            "mode": mode,
+        }
         path.write_text(json.dumps(data))
 
 
-def detach(ifname: str, netns: str | None = None, run_dir: Path = DEFAULT_RUN_DIR) -> list[str]:
-    """Remove our filters (and the clsact qdisc if we created it and nothing else uses it).
+class _NoTcx(Exception):
+    """The kernel refused a tcx link for a TC program: it predates tcx (Linux 6.6)."""
 
-    Returns what was removed, for the operator. Filters of other tools are left alone.
+
+def _link_pin(instance_dir: Path, ifname: str, netns: str | None, hook: str) -> Path:
+    """Where our tcx link on one hook of one interface is pinned (interface names hold no
+    '/'; the namespace part is prefixed so no netns name can pass for the host's)."""
+    return instance_dir / LINKS_DIR / (f"ns-{netns}" if netns else "host") / ifname / hook
+
+
+def _link_ifindex(fd: int) -> int:
+    """The interface of a tcx link (struct bpf_link_info: tcx.ifindex at byte 16); 0 when the
+    link is defunct or not a tcx link."""
+    info = ct.create_string_buffer(64)
+    size = ct.c_uint32(len(info))
+    if libbpf().bpf_obj_get_info_by_fd(fd, info, ct.byref(size)) != 0:
+        return 0
+    return int(struct.unpack_from("<I", info.raw, 16)[0])
+
+
+def _in_netns(netns: str | None, fn: Callable[[], T]) -> T:
+    """fn() run in network namespace `netns` (by name, /run/netns), for calls that name an
+    interface by index. Runs in a thread of its own: a namespace is a per-thread property,
+    and that thread ends with the call."""
+    if not netns:
+        return fn()
+    out: list[T] = []
+    errs: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fd = os.open(Path("/run/netns") / netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if ct.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
+                    raise DatapathError(f"entering netns {netns}: {os.strerror(ct.get_errno())}")
+            finally:
+                os.close(fd)
+            out.append(fn())
+        except BaseException as e:  # handed to the caller's thread
+            errs.append(e)
+
+    t = threading.Thread(target=run, name=f"netns-{netns}")
+    t.start()
+    t.join()
+    if errs:
+        if isinstance(errs[0], OSError):
+            raise DatapathError(f"netns {netns}: {errs[0]}") from errs[0]
+        raise errs[0]
+    return out[0]
+
+
+def _del_tc_filters(ipr: Any, index: int) -> list[str]:
+    """Remove our clsact filters (handle and preference 0x4d53) from the interface's hooks."""
+    removed = []
+    for hook, parent in (("ingress", PARENT_INGRESS), ("egress", PARENT_EGRESS)):
+        with contextlib.suppress(Exception):
+            ipr.tc("del-filter", "bpf", index, TC_HANDLE, parent=parent, prio=TC_PRIO)
+            removed.append(hook)
+    return removed
+
+
+def _unpin_links(pin_root: Path, ifname: str, netns: str | None) -> list[str]:
+    """Detach and unpin every instance's tcx links of ours on the interface; the hooks whose
+    link went."""
+    removed = []
+    lib = libbpf()
+    nsdir = f"ns-{netns}" if netns else "host"
+    pins = pin_root.glob(f"*/{LINKS_DIR}/{nsdir}/{ifname}/*") if pin_root.exists() else []
+    for path in sorted(pins):
+        fd = lib.bpf_obj_get(str(path).encode())
+        if fd >= 0:
+            lib.bpf_link_detach(fd)
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path.name)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+    return removed
+
+
+def tcx_programs(ifname: str, netns: str | None = None) -> dict[str, list[tuple[int, str]]]:
+    """(id, name) of the programs on the interface's tcx ingress and egress hooks, in order
+    (anyone's, not only ours; empty where the kernel has no tcx)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute(netns=netns) if netns else IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+    if not idx:
+        raise DatapathError(f"no interface named {ifname}")
+    lib = libbpf()
+    index = int(idx[0])
+
+    def query(atype: int) -> list[int]:
+        ids = (ct.c_uint32 * 64)()
+        cnt, flags = ct.c_uint32(64), ct.c_uint32(0)
+        if lib.bpf_prog_query(index, atype, 0, ct.byref(flags), ids, ct.byref(cnt)) != 0:
+            return []
+        return list(ids[: cnt.value])
+
+    out: dict[str, list[tuple[int, str]]] = {}
+    for hook, _, atype in HOOKS:
+        out[hook] = []
+        for pid in _in_netns(netns, functools.partial(query, atype)):
+            fd = lib.bpf_prog_get_fd_by_id(pid)
+            name = ""
+            if fd >= 0:
+                info = ct.create_string_buffer(256)
+                size = ct.c_uint32(len(info))
+                if lib.bpf_obj_get_info_by_fd(fd, info, ct.byref(size)) == 0:
+                    name = info.raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
+                os.close(fd)
+            out[hook].append((int(pid), name))
+    return out
+
+
+def detach(
+    ifname: str,
+    netns: str | None = None,
+    run_dir: Path = DEFAULT_RUN_DIR,
+    pin_root: Path = DEFAULT_PIN_ROOT,
+) -> list[str]:
+    """Remove our programs from the interface: tcx links and clsact filters (and the clsact
+    qdisc if we created it and nothing else uses it).
+
+    Returns what was removed, for the operator. Other tools' programs are left alone.
     """
     from pyroute2 import IPRoute
 
@@ -1032,10 +1243,8 @@ def detach(ifname: str, netns: str | None = None, run_dir: Path = DEFAULT_RUN_DI
         if not idx:
             raise DatapathError(f"no interface named {ifname}")
         index = idx[0]
-        for parent in (PARENT_INGRESS, PARENT_EGRESS):
-            with contextlib.suppress(Exception):
-                ipr.tc("del-filter", "bpf", index, TC_HANDLE, parent=parent, prio=TC_PRIO)
-                removed.append(f"{ifname} {'ingress' if parent == PARENT_INGRESS else 'egress'}")
+        removed += [f"{ifname} {hook} (tcx)" for hook in _unpin_links(pin_root, ifname, netns)]
+        removed += [f"{ifname} {hook}" for hook in _del_tc_filters(ipr, index)]
         if created_qdisc:
             others = [
                 f

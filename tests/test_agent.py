@@ -40,6 +40,7 @@ from netutil import (
     wait_until,
 )
 
+from streamer.datapath import tcx_programs
 from streamer.lab import Lab
 
 AgentFactory = Callable[..., AgentProcess]
@@ -130,22 +131,31 @@ def tc_filters(lab: Lab, hook: str) -> str:
     return ns_run(None, "tc", "-n", lab.host_ns, "filter", "show", "dev", lab.host_if, hook).stdout
 
 
+def hook_programs(lab: Lab) -> dict[str, list[tuple[int, str]]]:
+    """(id, name) of the programs on the lab host interface's hooks: tcx links (from the
+    kernel's BPF_PROG_QUERY) and then clsact filters (from `tc filter show`)."""
+    out = tcx_programs(lab.host_if, lab.host_ns)
+    for hook in out:
+        out[hook] += [
+            (int(m[2]), m[1])
+            for m in re.finditer(r"\b(ms_\w+) .*?\bid (\d+)", tc_filters(lab, hook))
+        ]
+    return out
+
+
 def ours_attached(lab: Lab) -> dict[str, bool]:
-    """Whether our filter (handle 0x4d53, program ms_<hook>) sits on each clsact hook."""
+    """Whether our program (ms_<hook>) sits on each hook, as a tcx link or a clsact filter."""
     return {
-        hook: bool(re.search(rf"handle 0x4d53 .*ms_{hook}", tc_filters(lab, hook)))
-        for hook in ("ingress", "egress")
+        hook: any(name == f"ms_{hook}" for _, name in progs)
+        for hook, progs in hook_programs(lab).items()
     }
 
 
 def our_prog_ids(lab: Lab) -> dict[str, list[int]]:
-    """Program ids of our filters on each clsact hook (exactly one each while attached)."""
+    """Ids of our programs on each hook (exactly one each while attached)."""
     return {
-        hook: [
-            int(m[1])
-            for m in re.finditer(r"handle 0x4d53 .*?ms_\w+ .*?\bid (\d+)", tc_filters(lab, hook))
-        ]
-        for hook in ("ingress", "egress")
+        hook: [pid for pid, name in progs if name.startswith("ms_")]
+        for hook, progs in hook_programs(lab).items()
     }
 
 
@@ -467,20 +477,42 @@ def test_kill9_keeps_enforcing_and_restart_adopts(
 # ---- 6. clean exit detaches (or not, with --keep-on-exit) --------------------------------------
 
 
-def test_clean_exit_detaches(module_lab: Lab, agent_factory: AgentFactory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["auto", "tc"])
+def test_clean_exit_detaches(
+    module_lab: Lab, agent_factory: AgentFactory, tmp_path: Path, mode: str
+) -> None:
+    """auto: tcx links (this kernel has tcx), no qdisc; tc: clsact filters, and the clsact
+    qdisc the agent created. Either way a clean exit removes all of it."""
     lab = module_lab
     denied = {Probe("tcp", lab.peer_ns, host(lab, fam), 81): False for fam in FAMILIES}
+
+    def qdiscs() -> str:
+        return ns_run(None, "tc", "-n", lab.host_ns, "qdisc", "show").stdout
+
     with echo_server(lab.host_ns, (80, 81)):
-        agent = start(agent_factory, lab, tmp_path, [rule(70, "tcp", "allow", dst_port=80)])
+        agent = start(
+            agent_factory,
+            lab,
+            tmp_path,
+            [rule(70, "tcp", "allow", dst_port=80)],
+            extra_args=["--attach-mode", mode],
+        )
         assert ours_attached(lab) == {"ingress": True, "egress": True}
-        assert "clsact" in ns_run(None, "tc", "-n", lab.host_ns, "qdisc", "show").stdout
+        tcx = tcx_programs(lab.host_if, lab.host_ns)
+        if mode == "auto":
+            assert [n for _, n in tcx["ingress"]] == ["ms_ingress"], tcx
+            assert "clsact" not in qdiscs() and tc_filters(lab, "ingress").strip() == ""
+        else:
+            assert tcx == {"ingress": [], "egress": []}
+            assert "clsact" in qdiscs() and "handle 0x4d53" in tc_filters(lab, "ingress")
         expect(denied)
         assert agent.stop() == 0
         agent.wait_log(r"detached from", timeout=1)
+        assert hook_programs(lab) == {"ingress": [], "egress": []}
         for hook in ("ingress", "egress"):
             assert tc_filters(lab, hook).strip() == "", f"{hook}: {tc_filters(lab, hook)}"
-        # The agent created the clsact qdisc, so it removes it too.
-        assert "clsact" not in ns_run(None, "tc", "-n", lab.host_ns, "qdisc", "show").stdout
+        # Any clsact qdisc was the agent's, so it removes it too.
+        assert "clsact" not in qdiscs()
         assert not agent.pin_dir.exists(), list(agent.pin_dir.rglob("*"))
         assert not agent.run_dir.exists(), list(agent.run_dir.rglob("*"))
         expect({p: True for p in denied}, timeout=2.0)

@@ -10,10 +10,16 @@ import ctypes as ct
 import ipaddress
 import os
 import random
+import re
+import shutil
 import struct
+import subprocess
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -50,8 +56,10 @@ from streamer.datapath import (
     _LAST_SEEN_OFF,
     _TCLASS_OFF,
     _TCP_STATE_OFF,
+    BPF_DIR,
     FRAG_KEY,
     FRAG_VAL,
+    LAYOUT_VERSION,
     REAPED,
     SESS_KEY,
     SESS_VAL,
@@ -62,7 +70,9 @@ from streamer.datapath import (
     DatapathConfig,
     DatapathError,
     RuleCounters,
+    detach,
     prog_fd,
+    tcx_programs,
 )
 from streamer.datapath import test_run as bpf_test_run
 from streamer.policy import PolicySet, parse_policy_document
@@ -77,6 +87,8 @@ from streamer.reference import (
 
 if TYPE_CHECKING:
     from conftest import EventSink
+
+    from streamer.lab import Lab
 
 PASS = TC_ACT_OK
 DROP = TC_ACT_SHOT
@@ -153,6 +165,13 @@ def dp(datapath: Datapath) -> Datapath:
 
 
 # ---- layout --------------------------------------------------------------------------------
+
+
+def test_layout_version_matches_the_header() -> None:
+    """The pin directory's layout version is the header's: maps of an older layout are never
+    adopted by a classifier that would misread them."""
+    header = (BPF_DIR / "classifier.h").read_text()
+    assert f"#define MS_LAYOUT_VERSION {LAYOUT_VERSION}\n" in header
 
 
 def test_map_layouts_match_python_packing(dp: Datapath) -> None:
@@ -1147,6 +1166,56 @@ def test_full_table_keeps_the_event_rate_limit() -> None:
         e_new, e_upd = EVENT_LAYOUT.unpack(new), EVENT_LAYOUT.unpack(upd)
         assert (e_new[1], e_new[2], e_new[15]) == (1, 100, 1)  # packets, bytes, kind new
         assert (e_upd[1], e_upd[2], e_upd[15]) == (5, 500, 2)  # the 4 held back and this one
+
+
+def test_attach_modes_replace_each_other(lab: Lab) -> None:
+    """tcx links and clsact filters: each mode replaces the other's attachment (after its own
+    is in), a second attach in the same mode swaps the program in place, and detach removes
+    whatever is there; traffic is judged by one of ours throughout."""
+    cfg = DatapathConfig(
+        instance=f"test-attach-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+        session_entries=1024,
+        run_dir=Path(tempfile.mkdtemp(prefix="ms-attach-")),
+    )
+
+    def ours() -> dict[str, list[int]]:
+        tcx = tcx_programs(lab.host_if, lab.host_ns)
+        out = {h: [i for i, n in progs if n == f"ms_{h}"] for h, progs in tcx.items()}
+        for h in out:
+            shown = subprocess.run(
+                ["tc", "-n", lab.host_ns, "filter", "show", "dev", lab.host_if, h],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            out[h] += [-int(m[1]) for m in re.finditer(rf"ms_{h} .*?\bid (\d+)", shown)]
+        return out  # tcx ids positive, clsact filter ids negative
+
+    try:
+        with loaded_datapath(replace(cfg, attach_mode="tc")) as dp:
+            dp.apply(compile_policy(parse_policy_document({"default_action": "allow"}), 1024))
+            dp.attach(lab.host_if, lab.host_ns)
+            first = ours()
+            assert all(len(v) == 1 and v[0] < 0 for v in first.values()), first
+            for mode, sign in (("tcx", 1), ("tcx", 1), ("auto", 1), ("tc", -1)):
+                again = Datapath(replace(cfg, attach_mode=mode))
+                again.load()
+                try:
+                    again.attach(lab.host_if, lab.host_ns)
+                finally:
+                    again.close()
+                now = ours()
+                assert all(len(v) == 1 and v[0] * sign > 0 for v in now.values()), (mode, now)
+                assert now != first, mode  # the new programs, in place
+                first = now
+            with pytest.raises(DatapathError, match="attach mode"):
+                Datapath(replace(cfg, attach_mode="xdp")).attach(lab.host_if, lab.host_ns)
+            removed = detach(lab.host_if, lab.host_ns, cfg.run_dir)
+            # the first attach made the clsact qdisc, so it goes too
+            want = [f"{lab.host_if} {x}" for x in ("clsact", "egress", "ingress")]
+            assert sorted(removed) == want
+            assert ours() == {"ingress": [], "egress": []}
+    finally:
+        detach(lab.host_if, lab.host_ns, cfg.run_dir)
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
 
 
 def test_restart_adopts_pinned_state(small_dp: Datapath) -> None:
