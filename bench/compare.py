@@ -12,7 +12,7 @@ filter configuration at a time:
 |---|---|
 | B0 | no qdisc, no filter, no nftables |
 | B1 | clsact with an empty classifier returning TC_ACT_OK (ingress and egress) |
-| MS | a real `microseg run` on the veth, the rule set PUT through its API |
+| MS | a real `microseg run` on the veth (tcx links here), the rule set PUT through its API |
 | NL | nftables, the same rules as a linear chain (netdev ingress) |
 | NS | nftables as an expert writes them: sets, concatenations, a verdict map (bench.nft) |
 
@@ -462,7 +462,9 @@ def _uncontrolled() -> list[str]:
         " filter) in its softirq, so filter cost shows up as lost sender throughput",
         "background load changes within seconds: each run is paired with a B0 run in a twin"
         " lab right next to it, and ratios are taken run by run (the B0 row is the A/A check);"
-        " RR p99 is mostly other processes' scheduling on these 2 CPUs",
+        " the UDP flood goes to both labs in turn, 20 ms slices, from one sender (its rate moves"
+        " by tens of percent from one second to the next); RR p99 is mostly other processes'"
+        " scheduling on these 2 CPUs",
     ]
     if os.cpu_count() == 1:
         notes.append("one CPU: sender and receiver could not be pinned apart")
