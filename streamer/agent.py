@@ -252,7 +252,12 @@ class Agent:
                 # pyroute2's synchronous API runs its own event loop: keep it off ours.
                 idx = await asyncio.to_thread(self.datapath.attach, ifname, cfg.netns)
                 ifindexes[idx] = ifname
-                log.info("enforcing on %s%s", ifname, f" (netns {cfg.netns})" if cfg.netns else "")
+                log.info(
+                    "enforcing on %s%s (%s)",
+                    ifname,
+                    f" in netns {cfg.netns}" if cfg.netns else "",
+                    "tcx link" if self.datapath.attached_as[ifname] == "tcx" else "clsact filter",
+                )
             self._enricher.add_interfaces(ifindexes)
         except (PolicyLoadError, PolicyError, StoreError, DatapathError, OSError) as e:
             log.error("%s", e)

@@ -364,6 +364,7 @@ class Datapath:
         self._bank_keys: dict[int, dict[int, list[bytes]]] = {0: {4: [], 6: []}, 1: {4: [], 6: []}}
         self._lock = threading.Lock()
         self.adopted = False  # the pinned maps held an applied generation when we loaded
+        self.attached_as: dict[str, str] = {}  # interface -> "tcx" or "tc", as attach chose
         self._retiring: threading.Thread | None = None
         self._timeouts = config.timeouts
         # struct ms_reaped, as last written: userspace removals (the kernel never writes it)
@@ -997,8 +998,8 @@ class Datapath:
         ifname: as pinned tcx links, or as filters on a clsact qdisc (`attach_mode`).
 
         Returns the interface index. An attachment of ours in the other form goes only once
-        the new one judges, so no packet passes unjudged. Records what it made (the pins, and
-        whether it created the clsact qdisc) so detach removes only what we added.
+        the new one judges, so no packet passes unjudged. Records the mode and whether it
+        created the clsact qdisc, so detach removes only what we added.
         """
         from pyroute2 import IPRoute
 
@@ -1044,6 +1045,7 @@ class Datapath:
                     )
                 _unpin_links(self.config.pin_root, ifname, netns)
         self._record_attachment(ifname, netns, created, mode)
+        self.attached_as[ifname] = mode
         return index
 
     def _attach_tcx(self, ifname: str, netns: str | None, index: int) -> None:
