@@ -1,7 +1,10 @@
 """The Kafka sink against a stand-in producer (no broker): a broker that is up but slower
 than the events spools only what would otherwise overflow the sink's queue, keeps the order
-and loses nothing; one that keeps up gets everything directly. And the batch filling that
-goes straight into aiokafka's record builder writes what the public `append` would.
+and loses nothing; one that keeps up gets everything directly. Batches are sized by the round
+trip: keeping up, the next batch is handed over only once the previous one is answered (and
+takes everything that came meanwhile), closed so the producer does not linger on it; behind,
+one more waits in the producer behind the one in flight, never more. And the batch filling
+that goes straight into aiokafka's record builder writes what the public `append` would.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from streamer.fanout import Channel, Item
 from streamer.sinks.kafka import KafkaSink, KafkaSinkConfig, _fill_batch
@@ -20,6 +25,10 @@ class _Batch:
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.recs: list[tuple[bytes, bytes]] = []
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
     def append(self, *, key: bytes, value: bytes, timestamp: int | None) -> object | None:
         if len(self.recs) >= self.cap:
@@ -32,21 +41,29 @@ class _Producer:
     """Acknowledges each batch `delay` seconds after the previous one (one at a time, in
     order, like the idempotent producer on one partition)."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, cap: int = 50) -> None:
         self.delay = delay
+        self.cap = cap
         self.delivered: list[bytes] = []
+        self.batches: list[_Batch] = []
+        self.unanswered = 0
+        self.max_unanswered = 0
         self._last = 0.0
 
     def create_batch(self) -> _Batch:
-        return _Batch(50)
+        return _Batch(self.cap)
 
     async def send_batch(self, batch: _Batch, topic: str, partition: int) -> Any:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._last = max(self._last, loop.time()) + self.delay
+        self.batches.append(batch)
+        self.unanswered += 1
+        self.max_unanswered = max(self.max_unanswered, self.unanswered)
 
         def ack() -> None:
             self.delivered.extend(v for _k, v in batch.recs)
+            self.unanswered -= 1
             fut.set_result(None)
 
         loop.call_at(self._last, ack)
@@ -73,17 +90,22 @@ def _item(seq: int) -> Item:
     return Item(seq, 1, b'{"seq":%d}' % seq, b"10.0.0.1->10.0.0.2")
 
 
-async def _stream(tmp_path: Path, delay: float, per_ms: int, total: int) -> tuple[_Sink, Channel]:
-    """`total` events offered `per_ms` at a time every millisecond to a sink whose broker
-    takes a batch of 50 every `delay` s; returns once the sink has written everything."""
+async def _stream(
+    tmp_path: Path, delay: float, per_ms: int, total: int, *, cap: int = 50,
+    window: int = 200, burst: int = 0,
+) -> tuple[_Sink, Channel]:
+    """`total` events offered `per_ms` at a time every millisecond (after `burst` at once) to
+    a sink whose broker takes a batch of `cap` every `delay` s; returns once the sink has
+    written everything."""
     cfg = KafkaSinkConfig(bootstrap="127.0.0.1:9", spool_dir=tmp_path / "spool",
-                          window_records=200, stall_seconds=30.0)
-    sink = _Sink(cfg, _Producer(delay))
+                          window_records=window, stall_seconds=30.0)
+    sink = _Sink(cfg, _Producer(delay, cap))
     ch = Channel("kafka", 2000, lambda lost, stage, a, b: _item(b))
     task = asyncio.create_task(sink.run(ch))
     while not sink.up:
         await asyncio.sleep(0.005)
-    seq = 0
+    seq = min(burst, total)
+    assert ch.offer_batch([_item(s) for s in range(1, seq + 1)]) == seq
     while seq < total:
         n = min(per_ms, total - seq)
         assert ch.offer_batch([_item(s) for s in range(seq + 1, seq + n + 1)]) == n
@@ -115,6 +137,35 @@ async def test_a_busy_broker_that_keeps_up_gets_everything_directly(tmp_path: Pa
     sink, ch = await _stream(tmp_path, 0.002, 10, 3000)
     assert ch.dropped == 0 and sink.spooled == 0
     assert sink.fake.delivered == [b'{"seq":%d}' % s for s in range(1, 3001)]
+
+
+async def test_keeping_up_the_next_batch_waits_for_the_answer_and_takes_what_came(
+    tmp_path: Path,
+) -> None:
+    # 10 events a ms, each batch answered 20 ms after it is handed over: one batch out at a
+    # time, each with what arrived during the previous round trip (~200), none lingering.
+    sink, _ch = await _stream(tmp_path, 0.02, 10, 3000, cap=5000, window=20_000)
+    p = sink.fake
+    assert p.delivered == [b'{"seq":%d}' % s for s in range(1, 3001)]
+    assert p.max_unanswered == 1
+    assert all(b.closed for b in p.batches)
+    # ~300 ms of events in 20 ms round trips: about 15 batches (not 3,000, not 1)
+    assert 8 <= len(p.batches) <= 40, [len(b.recs) for b in p.batches]
+    assert max(len(b.recs) for b in p.batches) >= 100
+
+
+async def test_behind_one_more_batch_waits_behind_the_one_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import streamer.sinks.kafka as kafka
+
+    monkeypatch.setattr(kafka, "SEND_ROUND", 100)
+    # A backlog of 1,500 (15 rounds) at once: two batches out at a time while it lasts.
+    sink, ch = await _stream(tmp_path, 0.01, 1, 1600, cap=100, window=20_000, burst=1500)
+    p = sink.fake
+    assert p.delivered == [b'{"seq":%d}' % s for s in range(1, 1601)]
+    assert p.max_unanswered == 2
+    assert sink.spooled == 0 and ch.dropped == 0
 
 
 def test_fill_batch_writes_what_aiokafkas_append_would() -> None:

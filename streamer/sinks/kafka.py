@@ -2,7 +2,12 @@
 
 In: a channel of Items. Out: one Kafka record per Item on `topic` (created if missing), key
 `<src_ip>-><dst_ip>`, value the JSON object; `acks=all`, idempotent producer, zstd (or lz4,
-else gzip) compression, batches with a small linger.
+else gzip) compression, batches sized by the round trip: a batch is closed and sent as soon as
+no request of ours is out (aiokafka keeps one request per broker in flight anyway), with what
+arrived meanwhile, and only while a batch or more is waiting does one more wait in the
+producer behind the one in flight; no fixed linger, so the wait adapts to the rate (tens of
+records a batch at a few thousand events/s, hundreds to thousands at 100,000/s: the slower the
+broker, the bigger and fewer its requests).
 
 Every record is either sent directly or, when it cannot be right now, appended to the spool;
 the spool is replayed, oldest first, whenever the broker acknowledges again, and records go
@@ -44,11 +49,17 @@ log = logging.getLogger("microseg.sink.kafka")
 DEFAULT_TOPIC = "microseg.flows"
 DEFAULT_SPOOL_MAX_BYTES = 256 * 1024 * 1024
 # While the broker is up, new records start going to the spool only once the sink's channel
-# has less free room than this (four of the source's largest drains: the source may drain
+# has less free room than this (sixteen of the source's largest drains: the source may drain
 # several times before the intake looks again), and then enough of them to leave twice that.
 SPOOL_HEADROOM = 16384
 SPOOL_CHECK_SECONDS = 0.05  # a waiting intake looks at the channel at least this often
 INTAKE_BATCH = 4096  # records taken from the channel at a time
+# Records handed to the producer per round at most: about one full batch. At a steady rate a
+# round is what arrived during the previous round trip (hundreds of records); after a stall
+# rounds of this size still clear a backlog at ~300,000/s. Larger rounds (several batches
+# queued in the producer behind each other) made each round trip several, and the next round
+# as large again: at 100,000/s the batches then stayed big and p50 went from ~10 to ~120 ms.
+SEND_ROUND = 4096
 
 
 def best_compression() -> str:
@@ -71,14 +82,15 @@ class KafkaSinkConfig:
     spool_dir: Path
     topic: str = DEFAULT_TOPIC
     spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
-    # A batch waits this long for more records: longer batches cost the broker far less per
-    # event (on 2 cores shared with the broker, 10 ms sustains ~50% more than 5 ms).
-    linger_ms: int = 10
-    # Records per batch, before compression. The idempotent producer keeps one request in
-    # flight per partition, each carrying one batch, so a partition's throughput is about
-    # a batch per (linger + round trip): 2 MiB (~4,600 events) gives room far above
-    # 100,000/s and fewer requests per event when behind, and compressed (~25x; JSON this
-    # repetitive never below 3x) it stays below the broker's 1 MB message limit.
+    # 0: round-trip batching (a batch goes as soon as the previous request is answered).
+    # More: every batch also waits this long in the producer after it is handed over (a
+    # fixed linger on top of the round trip: 10 ms cost ~20 ms of latency at any rate).
+    linger_ms: int = 0
+    # Records per batch, before compression. aiokafka keeps one request in flight per
+    # broker, each carrying one batch per partition, so a partition's throughput is about a
+    # batch per round trip: 2 MiB (~4,600 events) gives room far above 100,000/s and fewer
+    # requests per event when behind, and compressed (~25x; JSON this repetitive never
+    # below 3x) it stays below the broker's 1 MB message limit.
     max_batch_bytes: int = 2 * 1024 * 1024
     window_records: int = 20_000
     stall_seconds: float = 2.0
@@ -343,10 +355,14 @@ class KafkaSink:
         room = self.config.window_records - self._inflight_recs
         if room <= 0:
             return []
-        n = min(room, 4096)
+        n = min(room, SEND_ROUND)
         if self._out and not self._retry:
             out = self._out
-            return [out.popleft() for _ in range(min(n, len(out)))]
+            if len(out) <= n:  # the usual case: everything that came since the last round
+                every = list(out)
+                out.clear()
+                return every
+            return [out.popleft() for _ in range(n)]
         if self._retry or self._out:
             # Both in sequence order: merge them (a lost record in the heap may belong
             # after some of the direct ones).
@@ -360,7 +376,7 @@ class KafkaSink:
             return res
         if self.up and not self.spool.empty:
             try:
-                recs = self.spool.take(n, 1 << 20)
+                recs = self.spool.take(n, 2 * self.config.max_batch_bytes)
                 if self.spool.empty:
                     self._room.set()  # new records may go directly again
                 return recs
@@ -375,11 +391,43 @@ class KafkaSink:
         while True:
             await self._wake_pump.wait()
             self._wake_pump.clear()
-            while self._producer is not None and self._connected:
+            while self._producer is not None and self._connected and not self._awaiting_ack():
                 recs = self._next_recs()
                 if not recs:
                     break
                 await self._send(recs)
+
+    def _awaiting_ack(self) -> bool:
+        """Whether the next batch must wait for an answer first.
+
+        Keeping up (less than a round waiting): while a batch handed to the producer is
+        unanswered, so the next one goes when the answer comes and takes everything that
+        arrived meanwhile (aiokafka sends one request per broker at a time: a batch handed
+        over earlier would only wait in the producer, closed to what came after it). Behind
+        (a round or more waiting): one more batch may wait in the producer behind the one
+        in flight, so the broker gets it the moment it answers, without waiting for this
+        task to fill it. Also while a batch failed and the acks task has yet to take its
+        records back."""
+        unanswered = 0
+        for b in self._inflight:
+            f = b.future
+            if not f.done():
+                unanswered += 1
+            elif f.cancelled() or f.exception() is not None:
+                return True
+        if unanswered == 0:
+            return False
+        return unanswered > 1 or self._backlog() < SEND_ROUND
+
+    def _backlog(self) -> int:
+        """Records waiting to be handed to the producer (the spool's included)."""
+        n = len(self._out) + len(self._retry)
+        if n < SEND_ROUND and self.spool is not None and self.up:
+            n += self.spool.records
+        return n
+
+    def _answered(self, _fut: asyncio.Future[Any]) -> None:
+        self._wake_pump.set()
 
     async def _send(self, recs: Sequence[Record]) -> None:
         """Hand `recs` to the producer in per-partition batches; on any failure (or being
@@ -405,7 +453,14 @@ class KafkaSink:
                     self._refused(group[:1], "larger than the producer's batch size")
                     taken = 1
                 else:
+                    if self.config.linger_ms == 0:
+                        # Closed: aiokafka sends it as soon as the broker's connection is
+                        # free (an open batch lingers linger_ms from being handed over).
+                        close = getattr(batch, "close", None)
+                        if close is not None:
+                            close()
                     fut = await producer.send_batch(batch, self.config.topic, partition=part)
+                    fut.add_done_callback(self._answered)
                     sent = group[:taken] if taken < len(group) else group
                     replayed: int = sum(map(_SPOOLED, sent))
                     if replayed:  # events only (spooled lost records are not counted)
