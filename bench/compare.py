@@ -45,11 +45,11 @@ from bench.rulesets import BOTTOM4_ID, BOTTOM6_ID, TOP4_ID, TOP6_ID, palette_pol
 from bench.workloads import (
     HIGHER_IS_BETTER,
     IPERF_PORT,
+    PAIRED,
     PORT_RANGE,
     RUNNERS,
     WORKLOADS,
     Servers,
-    run_udp_pair,
 )
 
 T = TypeVar("T")
@@ -236,10 +236,10 @@ class Compare:
               ) -> dict[str, Any]:  # fmt: skip
         return self._retrying(w, label, retries, lambda: RUNNERS[w](lab, family, self.s.seconds))
 
-    def _udp_pair(self, point: Point, ref_first: bool, retries: list[str]
-                  ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
-        """One paired UDP run: this lab's result and its twin's, from one interleaved flood."""
-        return self._retrying("udp", point.label, retries, lambda: run_udp_pair(
+    def _pair(self, w: str, point: Point, ref_first: bool, retries: list[str]
+              ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+        """One interleaved run of workload `w` (in PAIRED): this lab's result and its twin's."""
+        return self._retrying(w, point.label, retries, lambda: PAIRED[w](
             self.lab, self.ref, point.family, self.s.seconds, ref_first))  # fmt: skip
 
     def _retrying(self, w: str, label: str, retries: list[str], run: Callable[[], T]) -> T:
@@ -266,8 +266,8 @@ class Compare:
         retries: list[str] = []
         for run in range(self.s.runs):
             for w in WORKLOADS:
-                if w == "udp":
-                    r, b = self._udp_pair(point, run % 2 == 0, retries)
+                if w in PAIRED:
+                    r, b = self._pair(w, point, run % 2 == 0, retries)
                     values[w].append(float(r["value"]))
                     extra[w].append(r)
                     refs[w].append(float(b["value"]))
@@ -463,8 +463,9 @@ def _uncontrolled() -> list[str]:
         "background load changes within seconds: each run is paired with a B0 run in a twin"
         " lab right next to it, and ratios are taken run by run (the B0 row is the A/A check);"
         " the UDP flood goes to both labs in turn, 20 ms slices, from one sender (its rate moves"
-        " by tens of percent from one second to the next); RR p99 is mostly other processes'"
-        " scheduling on these 2 CPUs",
+        " by tens of percent from one second to the next); RR alternates transactions between"
+        " the labs from one client, as its p99 is mostly other processes' scheduling on these"
+        " 2 CPUs",
     ]
     if os.cpu_count() == 1:
         notes.append("one CPU: sender and receiver could not be pinned apart")
@@ -666,7 +667,8 @@ def render_compare(res: dict[str, Any], events: dict[str, Any] | None = None) ->
     )
     add("TCP: iperf3 Gbit/s; UDP: 18-byte datagrams delivered/s; RR: 1-byte TCP_RR p50/p99 µs;")
     add("CRR: new TCP connections/s (each a new flow). Every run is paired with the same run")
-    add("in a twin lab without any filter, right before or after it (B0); (x.xx) = median of")
+    add("in a twin lab without any filter (B0): right before or after it, UDP and RR interleaved")
+    add("with it (UDP 20 ms slices, RR transaction by transaction); (x.xx) = median of")
     add("the per-run ratios to B0 (>1 better; RR: B0's p99 over this p99). The B0 row pairs")
     add("B0 with B0: how far apart two identical set-ups land on this machine.")
     add("cls ns: the classifier's own time per packet from the kernel (bpf_stats) at ingress,")

@@ -74,10 +74,11 @@ class EventSettings:
 
 
 # Past the 100,000/s target too: delivered/s is measured up to the last acknowledgement, so a
-# step offering exactly the target delivers a little less (105,000: just past it; 125,000:
-# where this machine's 2 cores run out).
+# step offering exactly the target delivers a little less (105,000: just past it, where the
+# latency target is judged; 150,000 and 200,000: the headroom).
 FULL_EVENTS = EventSettings(
-    (10_000, 25_000, 50_000, 75_000, 100_000, 105_000, 125_000), 5.0, 20.0, False
+    (10_000, 25_000, 50_000, 75_000, 100_000, 105_000, 125_000, 150_000, 200_000), 5.0, 20.0,
+    False,
 )
 QUICK_EVENTS = EventSettings((5_000,), 1.0, 10.0, True)
 
@@ -564,9 +565,13 @@ class EventsBench:
                 await asyncio.wait_for(task, cfg.stop_timeout + 5)
 
 
-def _targets(sustained: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _targets(
+    sustained: dict[str, Any] | None, at_target: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """The rate target judged at the sustained step; the latency target at `at_target` (the
+    first step that delivered the target rate: latency past it is informational)."""
     eps = sustained["delivered_eps"] if sustained else 0
-    p99 = sustained["p99_ms"] if sustained else None
+    p99 = at_target["p99_ms"] if at_target else None
     return [
         {
             "target": "sustained events/s to Kafka (acks=all), nothing lost",
@@ -575,7 +580,7 @@ def _targets(sustained: dict[str, Any] | None) -> list[dict[str, Any]]:
             "met": eps >= TARGET_EPS,
         },
         {
-            "target": "p99 packet -> consumer at that rate (ms)",
+            "target": f"p99 packet -> consumer at {TARGET_EPS:,}/s (ms)",
             "goal": f"< {TARGET_P99_MS:g}",
             "value": p99,
             "met": p99 is not None and p99 < TARGET_P99_MS,
@@ -601,6 +606,8 @@ def run_events_bench(settings: EventSettings, progress: Callable[[str], None]) -
         bench.stop()
     good = [s for s in bench.steps if s["nothing_lost"] and s["kept_up"]]
     sustained = max(good, key=lambda s: s["delivered_eps"]) if good else None
+    reaching = [s for s in good if s["delivered_eps"] >= TARGET_EPS]
+    at_target = min(reaching, key=lambda s: s["offered_rate"]) if reaching else sustained
     k = bench.kafka_stats
     return {
         "meta": {
@@ -628,7 +635,8 @@ def run_events_bench(settings: EventSettings, progress: Callable[[str], None]) -
         "sustained_offered_rate": sustained["offered_rate"] if sustained else None,
         "sustained_p50_ms": sustained["p50_ms"] if sustained else None,
         "sustained_p99_ms": sustained["p99_ms"] if sustained else None,
-        "targets": _targets(sustained),
+        "target_offered_rate": at_target["offered_rate"] if at_target else None,
+        "targets": _targets(sustained, at_target),
     }
 
 

@@ -9,6 +9,10 @@
  *                  the same flood from two network namespaces (paths of their netns files)
  *                  in turn, SLICE_MS each, for SECONDS in all: the time and datagrams sent
  *                  to each, so a machine's drift (other tenants, clocks) hits both alike
+ *   nettool rrab   NETNS_A ADDR_A NETNS_B ADDR_B PORT SECONDS SIZE
+ *                  `rr` over one connection into each namespace, transactions alternating
+ *                  A, B, A, B for SECONDS in all: the latencies of each, so a stall of the
+ *                  machine lands in both tails alike
  *
  * Clients print one JSON object on stdout. Every mode stops by itself after SECONDS (the
  * servers after SECONDS + a grace), every blocking call has a 1 s timeout, so nothing runs
@@ -75,8 +79,9 @@ static int cmp_u64(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-static void print_latency(const char *mode, uint64_t n, uint64_t errors, double secs,
-                          uint64_t *lat, uint64_t kept) {
+/* The fields of a latency result (no braces): count, errors, rate, p50/p99/mean in µs. */
+static void latency_fields(uint64_t n, uint64_t errors, double secs, uint64_t *lat,
+                           uint64_t kept) {
     double p50 = 0, p99 = 0, mean = 0;
     if (kept) {
         qsort(lat, kept, sizeof(*lat), cmp_u64);
@@ -86,10 +91,17 @@ static void print_latency(const char *mode, uint64_t n, uint64_t errors, double 
         for (uint64_t i = 0; i < kept; i++) sum += lat[i];
         mean = sum / kept / 1e3;
     }
-    printf("{\"mode\":\"%s\",\"count\":%llu,\"errors\":%llu,\"seconds\":%.6f,\"rate\":%.1f,"
-           "\"p50_us\":%.2f,\"p99_us\":%.2f,\"mean_us\":%.2f}\n",
-           mode, (unsigned long long)n, (unsigned long long)errors, secs, n / secs, p50, p99,
-           mean);
+    printf("\"count\":%llu,\"errors\":%llu,\"seconds\":%.6f,\"rate\":%.1f,"
+           "\"p50_us\":%.2f,\"p99_us\":%.2f,\"mean_us\":%.2f",
+           (unsigned long long)n, (unsigned long long)errors, secs, secs > 0 ? n / secs : 0.0,
+           p50, p99, mean);
+}
+
+static void print_latency(const char *mode, uint64_t n, uint64_t errors, double secs,
+                          uint64_t *lat, uint64_t kept) {
+    printf("{\"mode\":\"%s\",", mode);
+    latency_fields(n, errors, secs, lat, kept);
+    printf("}\n");
 }
 
 static int listener(const char *addr, int port, int type) {
@@ -287,6 +299,14 @@ static int udp_client(const char *addr, int port, double secs, size_t size) {
     return 0;
 }
 
+/* Into the network namespace at `path`: sockets made from now on belong to it. */
+static void enter_netns(const char *path) {
+    int nsfd = open(path, O_RDONLY | O_CLOEXEC);
+    if (nsfd < 0) die(path);
+    if (setns(nsfd, CLONE_NEWNET) < 0) die("setns");
+    close(nsfd);
+}
+
 /* The flood of `udp` from two network namespaces in turn (this process enters each to make
  * its socket; a socket stays in the namespace it was made in). */
 static int udp_ab(char **argv) {
@@ -303,10 +323,7 @@ static int udp_ab(char **argv) {
     struct iovec iov[2];
     int fd[2];
     for (int i = 0; i < 2; i++) {
-        int nsfd = open(ns[i], O_RDONLY | O_CLOEXEC);
-        if (nsfd < 0) die(ns[i]);
-        if (setns(nsfd, CLONE_NEWNET) < 0) die("setns");
-        close(nsfd);
+        enter_netns(ns[i]);
         fd[i] = udp_sender(addr[i], port, (size_t)size, msgs[i], &iov[i]);
     }
     uint64_t sent[2] = {0, 0}, errors[2] = {0, 0}, spent[2] = {0, 0};
@@ -335,14 +352,65 @@ static int udp_ab(char **argv) {
     return 0;
 }
 
+/* `rr` into two network namespaces, one transaction each in turn. */
+static int rr_ab(char **argv) {
+    const char *ns[2] = {argv[2], argv[4]}, *addr[2] = {argv[3], argv[5]};
+    int port = atoi(argv[6]);
+    double secs = atof(argv[7]);
+    int size = atoi(argv[8]);
+    if (port <= 0 || port > 65535 || secs <= 0 || secs > 3600 || size < 1 || size > 65536) {
+        fprintf(stderr, "nettool: bad port, seconds or size\n");
+        return 2;
+    }
+    uint64_t *lat[2], n[2] = {0, 0}, errors[2] = {0, 0}, spent[2] = {0, 0};
+    int fd[2];
+    char *buf = calloc(1, (size_t)size);
+    if (!buf) die("malloc");
+    for (int i = 0; i < 2; i++) {
+        lat[i] = malloc(MAX_SAMPLES / 2 * sizeof(uint64_t));
+        if (!lat[i]) die("malloc");
+        enter_netns(ns[i]);
+        fd[i] = connect_to(addr[i], port);
+        if (fd[i] < 0) die("connect");
+    }
+    uint64_t start = now_ns(), end = start + (uint64_t)(secs * 1e9), t = start;
+    for (int k = 0; t < end; k ^= 1) {
+        uint64_t t0 = t;
+        int bad = exchange(fd[k], buf, (size_t)size);
+        t = now_ns();
+        spent[k] += t - t0;
+        if (bad) {
+            errors[k]++;
+            break;  /* the connection is gone: the other side's samples stay paired */
+        }
+        if (n[k] < MAX_SAMPLES / 2) lat[k][n[k]] = t - t0;
+        n[k]++;
+    }
+    printf("{\"mode\":\"rrab\"");
+    for (int i = 0; i < 2; i++) {
+        printf(",\"%c\":{", 'a' + i);
+        latency_fields(n[i], errors[i], spent[i] / 1e9, lat[i],
+                       n[i] < MAX_SAMPLES / 2 ? n[i] : MAX_SAMPLES / 2);
+        printf("}");
+        close(fd[i]);
+    }
+    printf("}\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc == 10 && !strcmp(argv[1], "udpab")) {
         setvbuf(stdout, NULL, _IOLBF, 0);
         return udp_ab(argv);
     }
+    if (argc == 9 && !strcmp(argv[1], "rrab")) {
+        setvbuf(stdout, NULL, _IOLBF, 0);
+        return rr_ab(argv);
+    }
     if (argc < 5) {
         fprintf(stderr, "usage: nettool echo|sink|rr|crr|udp ADDR PORT SECONDS [SIZE]\n"
-                        "       nettool udpab NETNS_A ADDR_A NETNS_B ADDR_B PORT SECONDS SIZE SLICE_MS\n");
+                        "       nettool udpab NETNS_A ADDR_A NETNS_B ADDR_B PORT SECONDS SIZE SLICE_MS\n"
+                        "       nettool rrab NETNS_A ADDR_A NETNS_B ADDR_B PORT SECONDS SIZE\n");
         return 2;
     }
     const char *mode = argv[1], *addr = argv[2];

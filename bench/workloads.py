@@ -11,7 +11,9 @@ receiver to the other:
   workload's rate moves by tens of percent within seconds on a shared machine, and only
   slices that close together see the same machine;
 - `rr`: request/response latency, one TCP connection, 1-byte ping-pong (netperf's TCP_RR):
-  p50 and p99 per transaction in microseconds;
+  p50 and p99 per transaction in microseconds. Paired (`run_rr_pair`), one client alternates
+  transactions between the lab and its twin: p99 here is set by stalls of the machine (other
+  processes, interrupts), which back-to-back runs catch in one and not the other;
 - `crr`: new connections per second, each connect + 1-byte exchange + close a new flow
   (netperf's TCP_CRR; closed with RST so no TIME_WAIT piles up in a long run).
 
@@ -246,6 +248,29 @@ def run_rr(lab: BenchLab, family: int, seconds: float) -> dict[str, Any]:
             "rate": out["rate"]}  # fmt: skip
 
 
+def run_rr_pair(lab: BenchLab, twin: BenchLab, family: int, seconds: float, twin_first: bool
+                ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """TCP_RR into `lab` and `twin` from one client, transactions alternating between them
+    (`seconds` each in all; each lab's echo server must be running): the result of `run_rr`
+    for each. A stall of the machine (what sets this workload's p99 here) lands in both."""
+    from streamer.lab import netns_path
+
+    sides = (twin, lab) if twin_first else (lab, twin)
+    argv = [str(nettool()), "rrab"]
+    for s in sides:
+        argv += [str(netns_path(s.lab.peer_ns)), s.addr("host", family)]
+    argv += [str(ECHO_PORT), f"{2 * seconds:g}", "1"]
+    out = _json(lab.run("peer", argv, 2 * seconds + 10), "nettool rrab")
+    res = []
+    for k in "ab":
+        r = out[k]
+        if r["count"] == 0:
+            raise BenchError("TCP_RR: no transaction completed")
+        res.append({"value": r["p99_us"], "p50_us": r["p50_us"], "p99_us": r["p99_us"],
+                    "rate": r["rate"]})  # fmt: skip
+    return (res[1], res[0]) if twin_first else (res[0], res[1])
+
+
 def run_crr(lab: BenchLab, family: int, seconds: float) -> dict[str, Any]:
     """TCP_CRR: {"value": connections/s, "errors": failed connections, "p99_us"}."""
     out = _json(
@@ -264,6 +289,12 @@ RUNNERS: dict[str, Callable[[BenchLab, int, float], dict[str, Any]]] = {
     "udp": run_udp,
     "rr": run_rr,
     "crr": run_crr,
+}
+# Workloads run in both labs at once by one client, interleaved (the others: back to back).
+PAIRED: dict[str, Callable[[BenchLab, BenchLab, int, float, bool],
+                           tuple[dict[str, Any], dict[str, Any]]]] = {
+    "udp": run_udp_pair,
+    "rr": run_rr_pair,
 }
 UNITS = {"tcp": "Gbit/s", "udp": "pkt/s", "rr": "µs p99", "crr": "conn/s"}
 HIGHER_IS_BETTER = {"tcp": True, "udp": True, "rr": False, "crr": True}
