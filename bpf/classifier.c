@@ -165,7 +165,8 @@ BPF_TABLE_PINNED("prog", int, int, slow_path, 3, MS_PIN "/slow_path");
 #define SLOW_RELATED 1 /* ms_related: ICMP errors */
 #define SLOW_RECORD 2  /* ms_record: the session table after a judgement */
 
-/* L4 header at data+off: ports, flags, or a verdict (PASS_L2 for neighbour discovery). */
+/* L4 header at data+off: ports, flags, or a verdict (PASS_L2 for neighbour discovery and
+ * link-local MLD). */
 static __always_inline int parse_l4(void *data, void *data_end, __u32 off, struct ms_pkt *p)
 {
     if (off > MS_MAX_L4_OFF)
@@ -207,6 +208,15 @@ static __always_inline int parse_l4(void *data, void *data_end, __u32 off, struc
             return PARSE_NEED_PULL;
         if (l4[0] >= 133 && l4[0] <= 137) /* RS, RA, NS, NA, redirect */
             return MS_PASS_L2;
+        /* MLD (query, v1 report, done, v2 report) from a link-local or unspecified source:
+         * link-scoped like ND (routers never forward such sources), and needed by it: a
+         * snooping switch that sees no reports stops forwarding the solicited-node groups. */
+        if ((l4[0] >= 130 && l4[0] <= 132) || l4[0] == 143) {
+            __u8 *s = (__u8 *)p->src;
+            if ((s[0] == 0xfe && (s[1] & 0xc0) == 0x80) ||
+                (p->src[0] | p->src[1] | p->src[2] | p->src[3]) == 0)
+                return MS_PASS_L2;
+        }
         if (l4[0] == 128 || l4[0] == 129) {
             p->sport = *(__u16 *)(l4 + 4);
             p->dport = p->sport;

@@ -41,7 +41,7 @@ enum ms_counter {
     C_NEW_SESSIONS = 16, /* entries put in the session table (renewals included) */
     C_PARSE_DROPS,     /* drop reason "parse" */
     C_FRAGMENT_DROPS,  /* drop reason "fragment": no first, overlapping, tiny */
-    C_L2_PASSED,       /* ARP and IPv6 neighbour discovery */
+    C_L2_PASSED,       /* ARP, IPv6 neighbour discovery, link-local MLD */
     C_EVENTS_SENT,
     C_EVENTS_LOST,     /* ring buffer full */
     C_REJUDGED,        /* sessions judged again after a policy change */

@@ -85,6 +85,8 @@ ICMP_ERROR_TYPES: Final = frozenset({3, 11})
 ICMPV6_ERROR_TYPES: Final = frozenset({1, 2, 3})
 # Router solicitation/advertisement, neighbour solicitation/advertisement, redirect.
 ICMPV6_ND_TYPES: Final = frozenset(range(133, 138))
+# Multicast listener query, report (v1), done, report (v2): pass like ND when link-scoped.
+ICMPV6_MLD_TYPES: Final = frozenset({130, 131, 132, 143})
 
 _PORTED_PROTOCOLS: Final = frozenset({IPPROTO_TCP, IPPROTO_UDP})
 _DIRECTIONS: Final = ("ingress", "egress")
@@ -96,7 +98,7 @@ class Verdict(IntEnum):
     ALLOW = 0
     DENY = 1
     LOG = 2
-    PASS_L2 = 3  # ARP / IPv6 neighbour discovery: always passes, no policy
+    PASS_L2 = 3  # ARP / IPv6 neighbour discovery / link-local MLD: always passes, no policy
     DROP_PARSE = 4  # cannot be judged safely: dropped
     DROP_FRAGMENT = 5  # a fragment with no remembered first, overlapping, or tiny: dropped
     PASS_RELATED = 6  # an ICMP error quoting a packet of a live allowed flow: passes
@@ -609,8 +611,8 @@ def parse_frame(frame: bytes, direction: str, ifindex: int = 1) -> Packet | Deci
     """Parse an Ethernet frame the way the kernel classifier does, without state.
 
     Returns the Packet to judge, or a Decision when the frame is not judged by the policy:
-    PASS_L2 (ARP, IPv6 neighbour discovery), DROP_PARSE (truncated, malformed, unknown
-    ethertype, more than 2 VLAN tags or 8 IPv6 extension headers, headers reaching past
+    PASS_L2 (ARP, IPv6 neighbour discovery, link-local MLD), DROP_PARSE (truncated, malformed,
+    unknown ethertype, more than 2 VLAN tags or 8 IPv6 extension headers, headers reaching past
     MAX_L4_OFFSET), DROP_FRAGMENT (a tiny first fragment, or a later fragment: whether that
     one passes depends on its first, which only `StatefulReference` remembers). A first
     fragment is returned as its Packet. `length` is len(frame).
@@ -798,6 +800,10 @@ def dissect(frame: bytes, direction: str, ifindex: int = 1) -> Dissected | Decis
             return short
         icmp_type = frame[offset]
         if family == 6 and icmp_type in ICMPV6_ND_TYPES:
+            return _PASS_L2
+        if family == 6 and icmp_type in ICMPV6_MLD_TYPES and (
+            src.is_link_local or src.is_unspecified
+        ):
             return _PASS_L2
         if icmp_type in (ICMP_ECHO_TYPES if family == 4 else ICMPV6_ECHO_TYPES):
             sport = dport = _u16(frame, offset + 4)

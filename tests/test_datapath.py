@@ -537,7 +537,7 @@ def test_default_actions(dp: Datapath) -> None:
 # ---- L2, malformed and fragmented traffic --------------------------------------------------
 
 
-def test_arp_and_neighbour_discovery_pass_under_default_deny(dp: Datapath) -> None:
+def test_arp_neighbour_discovery_and_link_local_mld_pass_under_default_deny(dp: Datapath) -> None:
     install(dp, "deny")
     target = ipaddress.IPv6Address("2001:db8::2").packed
     frames = [
@@ -556,6 +556,12 @@ def test_arp_and_neighbour_discovery_pass_under_default_deny(dp: Datapath) -> No
             ETH_P_IPV6,
         )
     )
+    # MLD (query, v1 report, done, v2 report) from a link-local or unspecified source, behind
+    # its router-alert hop-by-hop header: ND needs it (snooping switches)
+    for mld_type, src in ((130, "fe80::1"), (131, "fe80::2"), (132, "fe80::1"), (143, "::")):
+        body = icmpv6(mld_type, 0, 0, 0, bytes(16), src=src, dst="ff02::16")
+        frames.append(eth(ipv6(src, "ff02::16", 58, body, hop_limit=1, ext=[hbh_ext()]),
+                          ETH_P_IPV6))  # fmt: skip
     delta = Delta(dp)
     for data in frames:
         for direction in ("ingress", "egress"):
@@ -566,10 +572,14 @@ def test_arp_and_neighbour_discovery_pass_under_default_deny(dp: Datapath) -> No
     assert d["total_packets"] == 2 * len(frames)
     assert "new_sessions" not in d and "policy_misses" not in d
     assert list(dp.sessions()) == []
-    # ICMPv6 that is not ND is judged: echo and type 138 (router renumbering) are dropped.
-    for icmp_type in (128, 138):
-        data = eth(ipv6("fe80::1", "ff02::1", 58, icmpv6(icmp_type)), ETH_P_IPV6)
-        assert run(dp, data, "ingress") == DROP
+    # ICMPv6 that is not ND is judged: echo and type 138 (router renumbering) are dropped,
+    # and so is MLD from a routable source (it cannot be link-scoped).
+    for icmp_type, src in ((128, "fe80::1"), (138, "fe80::1"), (130, "2001:db8::1"),
+                           (143, "2001:db8::1")):  # fmt: skip
+        data = eth(ipv6(src, "ff02::1", 58, icmpv6(icmp_type)), ETH_P_IPV6)
+        parsed = parse_frame(data, "ingress")
+        assert isinstance(parsed, Packet), (icmp_type, src)
+        assert run(dp, data, "ingress") == DROP, (icmp_type, src)
 
 
 def _malformed_frames() -> dict[str, bytes]:

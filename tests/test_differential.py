@@ -72,6 +72,7 @@ V6_ANCHORS = [
 PORT_ANCHORS = [0, 1, 22, 53, 80, 443, 1023, 1024, 8080, 32767, 32768, 65534, 65535]
 PRIORITIES = [50, 100, 100, 200]
 ND_TYPES = (133, 134, 135, 136, 137)
+MLD_TYPES = (130, 131, 132, 143)  # pass like ND only from a link-local or unspecified source
 
 # Verdicts as the kernel counts them, by counter name.
 _COUNTER_VERDICT = {
@@ -294,7 +295,7 @@ class Generator:
                     Packet(family, a, b, proto, ident, ident, dirn), icmp_type=t, vlan=vlan, ext=ext
                 )
             if family == 6 and r < 0.75:
-                t = rng.choice(ND_TYPES)
+                t = rng.choice(ND_TYPES + MLD_TYPES)
                 return Spec(
                     Packet(family, a, b, proto, 0, 0, dirn),
                     icmp_type=t,

@@ -171,7 +171,7 @@ async def test_denied_and_logged_flows_reach_every_sink_once(
             file_events = agent.events()
             n = len(file_events)
             assert await everything.wait(lambda: len(everything.got) >= n, 10), (
-                len(everything.got), n)
+                len(everything.got), n, [e for e in file_events if e not in everything.got])
             kafka = await asyncio.to_thread(
                 lambda: kcat_consume(kafka_broker.bootstrap, topic, count=n, timeout=20))
             await asyncio.sleep(0.5)

@@ -544,6 +544,18 @@ def test_icmpv6(icmp_type: int, expected: str) -> None:
     assert parse_frame(data[:-1], "ingress") == Decision(Verdict.DROP_PARSE)
 
 
+@pytest.mark.parametrize("icmp_type", [130, 131, 132, 143])
+@pytest.mark.parametrize(("src", "passes"), [("fe80::1", True), ("::", True), (A6, False)])
+def test_mld_passes_like_nd_only_when_link_scoped(icmp_type: int, src: str, passes: bool) -> None:
+    data = eth(ipv6(src, "ff02::16", 58, icmpv6(icmp_type, 0, src=src, dst="ff02::16")),
+               ETH_P_IPV6)  # fmt: skip
+    parsed = parse_frame(data, "ingress")
+    if passes:
+        assert parsed == Decision(Verdict.PASS_L2)
+    else:
+        assert parsed == Packet.of(src, "ff02::16", 58, 0, 0, length=len(data))
+
+
 def test_icmp_numbers_belong_to_their_family() -> None:
     # ICMPv6 neighbour discovery inside IPv4 is not neighbour discovery: judged, ports 0
     nd_in_v4 = eth(ipv4(A4, B4, 58, icmpv6(135, 0)), ETH_P_IP)
