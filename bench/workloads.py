@@ -199,13 +199,22 @@ def run_udp(lab: BenchLab, family: int, seconds: float) -> dict[str, Any]:
     return {"value": float(got["rate"]), "received": got["count"], "sent_rate": sent["rate"]}
 
 
+def _ab_argv(mode: str, sides: tuple[BenchLab, BenchLab], family: int, *rest: str) -> list[str]:
+    """nettool's two-namespace `mode` (udpab, rrab): each side's peer namespace (where the
+    client makes its socket) and host address, then `rest` (port, seconds, ...)."""
+    from streamer.lab import netns_path
+
+    argv = [str(nettool()), mode]
+    for s in sides:
+        argv += [str(netns_path(s.lab.peer_ns)), s.addr("host", family)]
+    return argv + list(rest)
+
+
 def run_udp_pair(lab: BenchLab, twin: BenchLab, family: int, seconds: float, twin_first: bool
                  ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """The UDP flood into `lab` and `twin` in turn (`UDP_SLICE_MS` each, `seconds` each in
     all; one sender on the sender CPU, each lab's sink on the receiver CPU): the result of
     `run_udp` for each, "value" = datagrams its sink got / seconds the sender spent on it."""
-    from streamer.lab import netns_path
-
     tool = str(nettool())
     sides = (twin, lab) if twin_first else (lab, twin)
     sinks = [s.popen("host", [tool, "sink", "::", str(UDP_PORT), f"{2 * seconds + 3:g}"],
@@ -213,10 +222,8 @@ def run_udp_pair(lab: BenchLab, twin: BenchLab, family: int, seconds: float, twi
     try:
         for sink in sinks:
             _ready(sink, "the UDP sink")
-        argv = [tool, "udpab"]
-        for s in sides:
-            argv += [str(netns_path(s.lab.peer_ns)), s.addr("host", family)]
-        argv += [str(UDP_PORT), f"{2 * seconds:g}", str(UDP_PAYLOAD), str(UDP_SLICE_MS)]
+        argv = _ab_argv("udpab", sides, family, str(UDP_PORT), f"{2 * seconds:g}",
+                        str(UDP_PAYLOAD), str(UDP_SLICE_MS))
         sent = _json(lab.run("peer", argv, 2 * seconds + 10), "nettool udpab")
         outs = [sink.communicate(timeout=2 * seconds + 8)[0] for sink in sinks]
     finally:
@@ -232,6 +239,14 @@ def run_udp_pair(lab: BenchLab, twin: BenchLab, family: int, seconds: float, twi
     return (res[1], res[0]) if twin_first else (res[0], res[1])
 
 
+def _rr_result(out: dict[str, Any]) -> dict[str, Any]:
+    """A TCP_RR result of nettool: {"value": p99 µs, "p50_us", "p99_us", "rate"}."""
+    if out["count"] == 0:
+        raise BenchError("TCP_RR: no transaction completed")
+    return {"value": out["p99_us"], "p50_us": out["p50_us"], "p99_us": out["p99_us"],
+            "rate": out["rate"]}  # fmt: skip
+
+
 def run_rr(lab: BenchLab, family: int, seconds: float) -> dict[str, Any]:
     """TCP_RR: {"value": p99 µs, "p50_us", "p99_us", "rate": transactions/s}."""
     out = _json(
@@ -242,10 +257,7 @@ def run_rr(lab: BenchLab, family: int, seconds: float) -> dict[str, Any]:
         ),
         "nettool rr",
     )
-    if out["count"] == 0:
-        raise BenchError("TCP_RR: no transaction completed")
-    return {"value": out["p99_us"], "p50_us": out["p50_us"], "p99_us": out["p99_us"],
-            "rate": out["rate"]}  # fmt: skip
+    return _rr_result(out)
 
 
 def run_rr_pair(lab: BenchLab, twin: BenchLab, family: int, seconds: float, twin_first: bool
@@ -253,22 +265,11 @@ def run_rr_pair(lab: BenchLab, twin: BenchLab, family: int, seconds: float, twin
     """TCP_RR into `lab` and `twin` from one client, transactions alternating between them
     (`seconds` each in all; each lab's echo server must be running): the result of `run_rr`
     for each. A stall of the machine (what sets this workload's p99 here) lands in both."""
-    from streamer.lab import netns_path
-
     sides = (twin, lab) if twin_first else (lab, twin)
-    argv = [str(nettool()), "rrab"]
-    for s in sides:
-        argv += [str(netns_path(s.lab.peer_ns)), s.addr("host", family)]
-    argv += [str(ECHO_PORT), f"{2 * seconds:g}", "1"]
+    argv = _ab_argv("rrab", sides, family, str(ECHO_PORT), f"{2 * seconds:g}", "1")
     out = _json(lab.run("peer", argv, 2 * seconds + 10), "nettool rrab")
-    res = []
-    for k in "ab":
-        r = out[k]
-        if r["count"] == 0:
-            raise BenchError("TCP_RR: no transaction completed")
-        res.append({"value": r["p99_us"], "p50_us": r["p50_us"], "p99_us": r["p99_us"],
-                    "rate": r["rate"]})  # fmt: skip
-    return (res[1], res[0]) if twin_first else (res[0], res[1])
+    a, b = _rr_result(out["a"]), _rr_result(out["b"])
+    return (b, a) if twin_first else (a, b)
 
 
 def run_crr(lab: BenchLab, family: int, seconds: float) -> dict[str, Any]:

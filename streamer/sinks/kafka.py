@@ -427,6 +427,9 @@ class KafkaSink:
         return n
 
     def _answered(self, _fut: asyncio.Future[Any]) -> None:
+        """Wake the pump the moment a batch is answered: the acks task wakes it too, but only
+        a few loop turns later (after its wait_for and shield), and a source drain of ~3 ms
+        may run in between; `_awaiting_ack` already counts an answered batch as done."""
         self._wake_pump.set()
 
     async def _send(self, recs: Sequence[Record]) -> None:
@@ -456,9 +459,7 @@ class KafkaSink:
                     if self.config.linger_ms == 0:
                         # Closed: aiokafka sends it as soon as the broker's connection is
                         # free (an open batch lingers linger_ms from being handed over).
-                        close = getattr(batch, "close", None)
-                        if close is not None:
-                            close()
+                        batch.close()
                     fut = await producer.send_batch(batch, self.config.topic, partition=part)
                     fut.add_done_callback(self._answered)
                     sent = group[:taken] if taken < len(group) else group
