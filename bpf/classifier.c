@@ -27,10 +27,11 @@
  * fail open. Userspace (streamer/datapath.py, reap_expired) removes expired entries.
  * A TCP packet of a connection the table does not know (it expired, or was never seen since a
  * restart) is judged as a new flow in its own direction: no SYN is required.
- * Fragments: a first fragment's ports are remembered (LRU `frags`, keyed by addresses,
- * protocol and id) and later fragments are judged as packets of that flow; a later fragment
- * with no remembered first, one overlapping the L4 header, or a first fragment too short to
- * hold it is dropped and counted. ICMP errors quoting a packet of a live allowed flow pass as
+ * Fragments: a first fragment is judged by its own header and its ports are remembered (LRU
+ * `frags`, keyed by addresses, protocol and id; a newer first with the same key takes the
+ * place of the older one), and later fragments are judged as packets of the newest first's
+ * flow; a later fragment with no remembered first, one overlapping the L4 header, or a first
+ * fragment too short to hold it is dropped and counted. ICMP errors quoting a packet of a live allowed flow pass as
  * part of it ("related"), whatever the policy says of ICMP.
  *
  * Atomic policy changes: rules and shapes exist in two banks; userspace fills the idle bank,
@@ -874,10 +875,8 @@ static __always_inline int classify(struct __sk_buff *skb, __u8 dir)
         __builtin_memcpy(fk.src, p.src, 16);
         __builtin_memcpy(fk.dst, p.dst, 16);
         struct ms_frag_val *fv = frags.lookup(&fk);
-        if (fv && now > fv->first_seen && now - fv->first_seen > st->timeout_ns[MS_TO_FRAGMENT])
-            fv = 0;
         if (p.frag == FRAG_LATER) {
-            if (!fv)
+            if (!fv || (now > fv->first_seen && now - fv->first_seen > st->timeout_ns[MS_TO_FRAGMENT]))
                 return drop(ctr, C_FRAG_NO_FIRST);
             if (p.frag_off < fv->l4_end)
                 return drop(ctr, C_FRAG_OVERLAP);
@@ -887,12 +886,11 @@ static __always_inline int classify(struct __sk_buff *skb, __u8 dir)
             p.dport = fv->dport;
             p.tcp_flags = 0;
             ctr->c[C_FRAG_FOLLOWED]++;
-        } else if (fv) {
-            /* another first fragment of the same datagram: the same header, or an attempt to
-             * give later fragments other ports than the ones judged */
-            if (fv->proto != p.proto || fv->sport != p.sport || fv->dport != p.dport)
-                return drop(ctr, C_FRAG_OVERLAP);
         } else {
+            /* A first fragment is judged by its own header, whatever came before with this key:
+             * IP IDs wrap and repeat (NFS, DNS, tunnels). Later fragments follow the newest
+             * first, so they go wherever it went: a denied first takes them down with it, and
+             * no first that reaches the receiver was judged by other ports than its own. */
             struct ms_frag_val nv = {};
             nv.first_seen = now;
             nv.sport = p.sport;
@@ -900,7 +898,10 @@ static __always_inline int classify(struct __sk_buff *skb, __u8 dir)
             nv.l4_end = p.frag_off;
             nv.proto = p.proto;
             if (frags.update(&fk, &nv) == 0)
-                ctr->c[C_FRAG_FIRST]++;
+                ctr->c[fv ? C_FRAG_REPLACED : C_FRAG_FIRST]++;
+            else if (fv)
+                /* the older first must not speak for this one's pieces: they find none */
+                frags.delete(&fk);
         }
         p.icmp_err = 0; /* a fragmented ICMP error is judged by the policy */
     }

@@ -54,12 +54,14 @@ enum ms_counter {
     C_SYN_NEW,         /* new sessions whose first packet was a SYN without ACK */
     C_HALF_OPEN_IN,    /* sessions that entered SYN_SENT/SYN_RECV ... */
     C_HALF_OPEN_OUT,   /* ... and that left them on the datapath */
-    C_FRAG_FIRST,      /* first fragments whose ports were remembered */
+    C_FRAG_FIRST,      /* first fragments remembered where no first of their key was */
     C_FRAG_FOLLOWED,   /* later fragments that found their first */
     C_FRAG_NO_FIRST,   /* later fragments with no (live) remembered first: dropped */
-    C_FRAG_OVERLAP,    /* fragments overlapping the L4 header or a first of other ports */
+    C_FRAG_OVERLAP,    /* later fragments overlapping their first's L4 header */
     C_FRAG_TINY,       /* first fragments too short to hold their L4 header */
     C_PRESSURE_DROPS,  /* drop reason "pressure": a map or the judge program failed */
+    C_FRAG_REPLACED,   /* first fragments remembered in the place of an older first of their
+                        * key (an IP ID reused, a retransmission, one past its timeout) */
     C_MAX = 48,
 };
 

@@ -102,6 +102,7 @@ COUNTER_NAMES_28 = [
     "fragment_drops_overlap",
     "fragment_drops_tiny",
     "pressure_drops",
+    "fragments_replaced",
 ]
 C_MAX = 48
 CLOCK_MONOTONIC_COARSE = 6  # bpf_ktime_get_coarse_ns() reads this clock
@@ -956,6 +957,7 @@ class Datapath:
             "session_create_failed",
             "related_passed",
             "fragments_first",
+            "fragments_replaced",
             "fragments_followed",
             "fragment_drops_no_first",
             "fragment_drops_overlap",

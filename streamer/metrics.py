@@ -131,7 +131,7 @@ class MicrosegCollector(Collector):
         )
         yield CounterMetricFamily(
             "microseg_fragment_drops",
-            "Non-first IP fragments dropped",
+            "IP fragments dropped (no first seen, overlapping its L4 header, tiny)",
             value=s["fragment_drops"],
         )
         yield GaugeMetricFamily(

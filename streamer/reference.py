@@ -573,10 +573,8 @@ class StatefulReference:
             fkey = (ifindex, d.frag_key, pkt.src, pkt.dst)
             entry = self.frags.get(fkey)
             limit = self.timeouts.by_class_ns()[TO_FRAGMENT]
-            if entry is not None and now > entry.first_seen and now - entry.first_seen > limit:
-                entry = None
             if d.frag == 2:
-                if entry is None:
+                if entry is None or (now > entry.first_seen and now - entry.first_seen > limit):
                     return self._drop_fragment("fragment_drops_no_first")
                 if d.frag_off < entry.l4_end:
                     return self._drop_fragment("fragment_drops_overlap")
@@ -584,12 +582,10 @@ class StatefulReference:
                     pkt, proto=entry.proto, sport=entry.sport, dport=entry.dport, tcp_flags=0
                 )
                 self.counters["fragments_followed"] += 1
-            elif entry is not None:
-                if (entry.proto, entry.sport, entry.dport) != (pkt.proto, pkt.sport, pkt.dport):
-                    return self._drop_fragment("fragment_drops_overlap")
             else:
+                # judged by its own header; its later fragments follow the newest first
                 self.frags[fkey] = _FragEntry(now, pkt.proto, pkt.sport, pkt.dport, d.frag_off)
-                self.counters["fragments_first"] += 1
+                self.counters["fragments_first" if entry is None else "fragments_replaced"] += 1
             icmp_err = False
         if icmp_err and d.quoted is not None and self._related(d.quoted, now):
             self.counters["related_passed"] += 1

@@ -42,6 +42,7 @@ STATE_COUNTERS = (
     "renewed_closed",
     "session_create_failed",
     "fragments_first",
+    "fragments_replaced",
     "fragments_followed",
     "fragment_drops_no_first",
     "fragment_drops_overlap",

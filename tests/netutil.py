@@ -12,6 +12,7 @@ are ready when the constructor returns and must be stopped (they are context man
 
 from __future__ import annotations
 
+import json
 import secrets
 import socket
 import subprocess
@@ -35,10 +36,13 @@ __all__ = [
     "LabError",
     "TcpConn",
     "echo_server",
+    "link_mac",
     "netns_socket",
     "ns_popen",
     "ns_run",
     "ping",
+    "receive_all",
+    "send_frames",
     "tcp_connect",
     "tcp_echo_server",
     "tcp_exchange",
@@ -185,3 +189,29 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0,
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+def link_mac(ns: str | None, ifname: str) -> bytes:
+    """The hardware address of `ifname` in netns `ns`."""
+    out = ns_run(ns, "ip", "-j", "link", "show", "dev", ifname).stdout
+    return bytes.fromhex(json.loads(out)[0]["address"].replace(":", ""))
+
+
+def send_frames(ns: str | None, ifname: str, frames: Sequence[bytes]) -> None:
+    """Put whole Ethernet frames on the wire of `ifname` in netns `ns`, in order."""
+    with netns_socket(ns, socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((ifname, 0))
+        for frame in frames:
+            s.send(frame)
+
+
+def receive_all(sock: socket.socket, quiet: float) -> list[bytes]:
+    """Every datagram `sock` receives until none has come for `quiet` seconds."""
+    sock.settimeout(quiet)
+    out = []
+    try:
+        while len(out) < 1000:
+            out.append(sock.recv(65535))
+    except TimeoutError:
+        pass
+    return out

@@ -6,8 +6,9 @@ Frames come from small pools of addresses and ports, so flows repeat, replies an
 sequences happen, ICMP errors quote live flows and fragments meet their firsts: plain TCP (any
 flags), UDP, ICMP echo and errors, other protocols; VLAN/QinQ (sometimes a tag too many), IPv4
 options, IPv6 extension chains (sometimes too long); fragmented datagrams in and out of order,
-with pieces missing or overlapping; and mutations of earlier frames (flipped bytes, cuts,
-garbage tails). The policy changes twice, so live sessions are judged again.
+with pieces missing or overlapping, their IDs now and then reused by other datagrams; and
+mutations of earlier frames (flipped bytes, cuts, garbage tails). The policy changes twice,
+so live sessions are judged again.
 
 The seed is random unless PYTEST_SEED is set; it is printed, and a failure names it.
 """
@@ -154,7 +155,8 @@ class FrameMaker:
         fam, proto, src, dst, sport, dport, direction = flow
         seg = self._l4(fam, proto, src, dst, sport, dport) + bytes(rng.choice([16, 40, 64]))
         size = rng.choice([8, 16, 24])
-        self.ident += 1
+        # IDs wrap and repeat: now and then one of the first few again, for other ports
+        self.ident = rng.randint(1, 4) if rng.random() < 0.2 else self.ident + 1
         pieces = []
         for off in range(0, len(seg), size):
             start = off
@@ -274,6 +276,7 @@ def test_fuzz_kernel_against_reference(datapath: Datapath) -> None:
         # the run reached what it is for
         for name in (
             "fragments_followed",
+            "fragments_replaced",
             "fragment_drops_no_first",
             "related_passed",
             "closed_sessions",

@@ -1,7 +1,7 @@
 """A hostile corpus through BPF_PROG_TEST_RUN, each verdict equal to the reference model's:
 every IPv4 header length, IPv6 extension chains of every kind and length (and one too many),
 VLAN/QinQ (and one tag too many), fragments in order, out of order, missing their first,
-overlapping, tiny, and repeated firsts with other ports; ICMP errors quoting allowed, denied,
+overlapping, tiny, and firsts of other ports reusing an ID; ICMP errors quoting allowed, denied,
 unknown and misdirected flows; TCP flag sequences; and every frame truncated at every byte.
 A packet the model cannot judge must be a counted drop in the kernel too (`diffkit`).
 """
@@ -208,10 +208,10 @@ def test_overlapping_and_tiny_fragments(harness: Harness) -> None:
         harness.send(eth(first, ETH_P_IP), "ingress")
         over = ipv4(A4, B4, proto, seg[8:24], frag_offset=1, mf=True, ident=8)
         harness.send(eth(over, ETH_P_IP), "ingress")
-        # a second first fragment with other ports (the denied SSH port)
+        # a second first fragment with other ports (the denied SSH port), judged by its own
+        # header, then the first again (a retransmission): the later fragment follows the newest
         other = _l4(proto, sport, 22, A4, B4, bytes(40))
         harness.send(eth(ipv4(A4, B4, proto, other[:24], mf=True, ident=8), ETH_P_IP), "ingress")
-        # ... and the same first again (a retransmission) is fine
         harness.send(eth(first, ETH_P_IP), "ingress")
         harness.send(
             eth(ipv4(A4, B4, proto, seg[24:], frag_offset=3, ident=8), ETH_P_IP), "ingress"

@@ -8,6 +8,7 @@ moving the half-open and new-flow counters.
 
 from __future__ import annotations
 
+import secrets
 import socket
 import struct
 import time
@@ -18,8 +19,20 @@ from pathlib import Path
 import pytest
 from conftest import loaded_datapath, unique_instance
 from diffkit import Harness
-from netutil import echo_server, wait_until
-from packets import ETH_P_IP, ETH_P_IPV6, eth, fragments4, icmp, icmpv6, ipv4, ipv6, tcp, udp
+from netutil import echo_server, link_mac, receive_all, send_frames, wait_until
+from packets import (
+    ETH_P_IP,
+    ETH_P_IPV6,
+    eth,
+    fragments4,
+    fragments6,
+    icmp,
+    icmpv6,
+    ipv4,
+    ipv6,
+    tcp,
+    udp,
+)
 
 from streamer.compiler import compile_policy
 from streamer.datapath import Datapath, DatapathConfig, detach, prog_fd
@@ -194,6 +207,47 @@ def test_fragment_memory_expires(datapath: Datapath) -> None:
         h.close()
 
 
+
+# A first fragment is judged by its own header, whatever came before with its IP ID; later
+# fragments follow the newest first. Datagrams A (allowed: egress UDP 53) and D (denied: 54)
+# share addresses, protocol and ID; each order says which of the six pieces pass.
+FRAG_ORDERS = {
+    "deny then allow": (("D0", "D1", "D2", "A0", "A1", "A2"), "xxxppp"),
+    "allow then deny": (("A0", "A1", "A2", "D0", "D1", "D2"), "pppxxx"),
+    # D's later pieces follow A's first: they pass, but D has no first at the receiver
+    "deny's first, allow's first, the rest": (("D0", "A0", "A1", "A2", "D1", "D2"), "xppppp"),
+    # A's later pieces follow D's first (the newest): dropped with it
+    "allow's first, deny's first, the rest": (("A0", "D0", "A1", "A2", "D1", "D2"), "pxxxxx"),
+}
+
+
+def _frag_pieces(family: int, ident: int) -> dict[str, bytes]:
+    """The three fragments of an allowed (A) and a denied (D) UDP datagram with one ID."""
+    out = {}
+    for name, dport in (("A", 53), ("D", 54)):
+        if family == 4:
+            seg = udp(5300, dport, bytes(40), src=A4, dst=B4)
+            frames = [eth(f, ETH_P_IP) for f in fragments4(A4, B4, 17, seg, 16, ident)]
+        else:
+            seg = udp(5300, dport, bytes(40), src=A6, dst=B6)
+            frames = [eth(f, ETH_P_IPV6) for f in fragments6(A6, B6, 17, seg, 16, ident)]
+        out.update({f"{name}{i}": f for i, f in enumerate(frames)})
+    return out
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["v4", "v6"])
+@pytest.mark.parametrize("order", list(FRAG_ORDERS))
+def test_a_first_fragment_is_judged_by_its_own_header(
+    harness: Harness, family: int, order: str
+) -> None:
+    names, want = FRAG_ORDERS[order]
+    pieces = _frag_pieces(family, 4000 + list(FRAG_ORDERS).index(order))
+    got = "".join("p" if harness.send(pieces[n], "egress").passes else "x" for n in names)
+    assert got == want, (order, got)
+    harness.check(f"fragment order {order!r}, IPv{family}")
+    assert harness.ref.counters["fragments_replaced"] > 0
+
+
 # ---- a full session table -------------------------------------------------------------------
 
 
@@ -338,6 +392,57 @@ def test_fragmented_udp_delivered_only_to_the_allowed_port(
     assert c["fragments_followed"] - before["fragments_followed"] >= 4
     assert c["fragment_drops"] == before["fragment_drops"]
     assert c["denied_packets"] - before["denied_packets"] >= 3
+
+
+# What reaches the listeners on P_UDP_OK and P_UDP_NO in each order of FRAG_ORDERS: A is
+# whole at the receiver when its first and its later pieces all passed; D never is.
+FRAG_DELIVERED = {
+    "deny then allow": True,
+    "allow then deny": True,
+    "deny's first, allow's first, the rest": True,
+    "allow's first, deny's first, the rest": False,
+}
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
+@pytest.mark.parametrize("order", list(FRAG_ORDERS))
+def test_real_fragments_reusing_an_ip_id(
+    lab_dp: Datapath, module_lab: Lab, family: int, order: str
+) -> None:
+    """Crafted fragments of two datagrams with one IP ID, from the peer's interface to the
+    host's stack: the allowed one is delivered (unless the denied first came between its
+    first and its later pieces), the denied one never."""
+    lab = module_lab
+    names, _ = FRAG_ORDERS[order]
+    v4 = family == socket.AF_INET
+    src, dst = (lab.peer_v4, lab.host_v4) if v4 else (lab.peer_v6, lab.host_v6)
+    ident = secrets.randbelow(0xFFFF) + 1
+    payloads = {"A": secrets.token_bytes(1200), "D": secrets.token_bytes(1200)}
+    frames: dict[str, bytes] = {}
+    macs = {"dst_mac": link_mac(lab.host_ns, lab.host_if),
+            "src_mac": link_mac(lab.peer_ns, lab.peer_if)}
+    for name, port in (("A", P_UDP_OK), ("D", P_UDP_NO)):
+        seg = udp(40000, port, payloads[name], src=src, dst=dst)
+        if v4:
+            ips = fragments4(src, dst, 17, seg, 512, ident)
+        else:
+            ips = fragments6(src, dst, 17, seg, 512, ident)
+        ethertype = ETH_P_IP if v4 else ETH_P_IPV6
+        frames.update({f"{name}{i}": eth(f, ethertype, **macs) for i, f in enumerate(ips)})
+    before = lab_dp.counters()
+    with (
+        netns_socket(lab.host_ns, family, socket.SOCK_DGRAM) as ok,
+        netns_socket(lab.host_ns, family, socket.SOCK_DGRAM) as no,
+    ):
+        ok.bind((dst, P_UDP_OK))
+        no.bind((dst, P_UDP_NO))
+        send_frames(lab.peer_ns, lab.peer_if, [frames[n] for n in names])
+        got = {name: receive_all(sock, 0.5) for name, sock in (("A", ok), ("D", no))}
+    assert got["D"] == []
+    assert got["A"] == ([payloads["A"]] if FRAG_DELIVERED[order] else []), order
+    c = lab_dp.counters()
+    assert c["fragments_replaced"] - before["fragments_replaced"] == 1
+    assert c["fragment_drops"] == before["fragment_drops"]
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
