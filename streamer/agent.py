@@ -256,7 +256,7 @@ class Agent:
                     "enforcing on %s%s (%s)",
                     ifname,
                     f" in netns {cfg.netns}" if cfg.netns else "",
-                    "tcx link" if self.datapath.attached_as[ifname] == "tcx" else "clsact filter",
+                    self._attached_as(ifname),
                 )
             self._enricher.add_interfaces(ifindexes)
         except (PolicyLoadError, PolicyError, StoreError, DatapathError, OSError) as e:
@@ -302,8 +302,15 @@ class Agent:
             log.info("detached from %s", ", ".join(cfg.ifaces))
         else:
             self.datapath.close()
-            log.info("exiting; filters stay attached and enforcing (--keep-on-exit)")
+            log.info(
+                "exiting; %s stay attached and enforcing (--keep-on-exit)",
+                ", ".join(f"{i} ({self._attached_as(i)}s)" for i in cfg.ifaces),
+            )
         return 0
+
+    def _attached_as(self, ifname: str) -> str:
+        """What the datapath attached on `ifname`, as the operator knows it."""
+        return "tcx link" if self.datapath.attached_as.get(ifname) == "tcx" else "clsact filter"
 
     @staticmethod
     def _queue_reload(reloads: asyncio.Queue[str]) -> None:

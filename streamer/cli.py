@@ -127,7 +127,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="tcx: BPF links on the TC hook (Linux 6.6+, the cheaper hook); tc:"
                    " filters on a clsact qdisc; auto: tcx where the kernel has it")
     p.add_argument("--keep-on-exit", action="store_true",
-                   help="leave the filters attached and enforcing after a clean exit")
+                   help="leave the classifier attached and enforcing after a clean exit")
     p.add_argument("--stats-interval", type=_seconds, default=0.0,
                    help="print counters every this many seconds (0: never)")
     p.add_argument("--print-events", action="store_true", help="print flow events to stdout")
@@ -281,7 +281,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _add_detach(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("detach", help="remove microseg's filters from interfaces")
+    p = sub.add_parser(
+        "detach", help="remove microseg's classifier (tcx links, clsact filters) from interfaces"
+    )
     p.add_argument("--iface", action="append", type=_ifname, required=True)
     p.add_argument("--netns")
     p.set_defaults(func=cmd_detach)

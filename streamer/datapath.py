@@ -1023,6 +1023,7 @@ class Datapath:
                         raise DatapathError(f"{ifname}: the kernel has no tcx hook ({e})") from e
                     mode = "tc"
                 else:
+                    mode = "tcx"
                     _del_tc_filters(ipr, index)
             if mode == "tc":
                 qdiscs = [

@@ -12,6 +12,7 @@ expectations costs about one timeout.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import signal
 import socket
@@ -499,6 +500,12 @@ def test_clean_exit_detaches(
         )
         assert ours_attached(lab) == {"ingress": True, "egress": True}
         tcx = tcx_programs(lab.host_if, lab.host_ns)
+        # the log line and the attachments record name what was attached, not the mode asked
+        attached = "tcx" if mode == "auto" else "tc"
+        agent.wait_log(rf"enforcing on {lab.host_if} in netns \S+ \("
+                       + ("tcx link" if attached == "tcx" else "clsact filter") + r"\)", timeout=1)
+        record = json.loads((agent.run_dir / "attachments.json").read_text())
+        assert record[f"{lab.host_ns}/{lab.host_if}"]["mode"] == attached, record
         if mode == "auto":
             assert [n for _, n in tcx["ingress"]] == ["ms_ingress"], tcx
             assert "clsact" not in qdiscs() and tc_filters(lab, "ingress").strip() == ""
@@ -532,7 +539,7 @@ def test_keep_on_exit_then_detach(
             keep_on_exit=True,
         )
         assert agent.stop() == 0
-        agent.wait_log(r"filters stay attached", timeout=1)
+        agent.wait_log(rf"{lab.host_if} \(tcx links\) stay attached", timeout=1)
         assert ours_attached(lab) == {"ingress": True, "egress": True}
         assert agent.pin_dir.is_dir()
         expect(denied)  # still enforcing without a process

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import ipaddress
+import json
 import os
 import random
 import re
@@ -1210,6 +1211,11 @@ def test_attach_modes_replace_each_other(lab: Lab) -> None:
                 again.load()
                 try:
                     again.attach(lab.host_if, lab.host_ns)
+                    # what was attached, never the mode asked ("auto")
+                    attached = "tc" if sign < 0 else "tcx"
+                    assert again.attached_as == {lab.host_if: attached}, mode
+                    record = json.loads(cfg.attachments_file.read_text())
+                    assert record[f"{lab.host_ns}/{lab.host_if}"]["mode"] == attached, record
                 finally:
                     again.close()
                 now = ours()
