@@ -40,6 +40,7 @@ from streamer.client import (
     parse_api_address,
     run_client,
 )
+from streamer.eventtext import cells, compact_line
 
 __all__ = [
     "ObserveConfig",
@@ -202,86 +203,6 @@ class ObserveConfig:
 # --------------------------------------------------------------------------- output
 
 
-def _clock(time: Any) -> str:
-    """`2026-11-22T10:01:02.123456789Z` -> `10:01:02.123` (UTC)."""
-    text = str(time or "")
-    _, sep, rest = text.partition("T")
-    if not sep:
-        return text or "-"
-    return rest.rstrip("Z")[:12]
-
-
-def _endpoint(ip: Any, port: Any) -> str:
-    addr = str(ip or "-")
-    if port in (None, 0):
-        return addr
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-
-
-def _rule_text(rule: Any) -> str:
-    if not isinstance(rule, dict):
-        return "default"
-    name = rule.get("name") or ""
-    return f"{rule.get('rule_id')} {name}".strip()
-
-
-def _alert_text(obj: Mapping[str, Any]) -> str:
-    return (
-        f"{obj.get('alert')} {obj.get('state')} ({obj.get('severity')}):"
-        f" {obj.get('message', '')}"
-    )
-
-
-def _cells(obj: Mapping[str, Any]) -> list[str]:
-    if obj.get("type") == "alert":
-        return [_clock(obj.get("time")), "ALERT", "-", _alert_text(obj), "-", "-", "-", "-", "-"]
-    if obj.get("type") == "lost":
-        first = obj.get("first_seq")
-        span = f"seq {first}..{obj.get('seq')}" if first is not None else f"seq {obj.get('seq')}"
-        return [
-            _clock(obj.get("time")),
-            "LOST",
-            "-",
-            f"{obj.get('lost')} events lost",
-            f"at {obj.get('stage')}",
-            "-",
-            span,
-            "-",
-            "-",
-        ]
-    proto = str(obj.get("protocol") or "-")
-    return [
-        _clock(obj.get("time")),
-        str(obj.get("verdict", "-")).upper(),
-        str(obj.get("direction") or "-"),
-        _endpoint(obj.get("src_ip"), obj.get("src_port")),
-        _endpoint(obj.get("dst_ip"), obj.get("dst_port")),
-        proto,
-        _rule_text(obj.get("rule")),
-        str(obj.get("packets", "-")),
-        str(obj.get("bytes", "-")),
-    ]
-
-
-def _compact(obj: Mapping[str, Any]) -> str:
-    if obj.get("type") == "alert":
-        return f"{_clock(obj.get('time'))} ALERT {_alert_text(obj)}"
-    if obj.get("type") == "lost":
-        first = obj.get("first_seq")
-        span = f" seq {first}..{obj.get('seq')}" if first is not None else ""
-        return (
-            f"{_clock(obj.get('time'))} LOST {obj.get('lost')} events at {obj.get('stage')}{span}"
-        )
-    flags = f" {obj['tcp_flags']}" if obj.get("tcp_flags") else ""
-    return (
-        f"{_clock(obj.get('time'))} {str(obj.get('verdict', '-')).upper():<5}"
-        f" {obj.get('direction', '-'):<7} {_endpoint(obj.get('src_ip'), obj.get('src_port'))}"
-        f" -> {_endpoint(obj.get('dst_ip'), obj.get('dst_port'))} {obj.get('protocol', '-')}"
-        f"{flags} rule={_rule_text(obj.get('rule')).replace(' ', ':', 1)}"
-        f" pkts={obj.get('packets', '-')} bytes={obj.get('bytes', '-')} {obj.get('kind', '')}"
-    ).rstrip()
-
-
 class Printer:
     """Writes records to `stream` in one of OUTPUTS; `raw` is the record's JSON text when we
     have it (printed unchanged with -o json)."""
@@ -306,7 +227,7 @@ class Printer:
             for obj, raw in records:
                 self.one(obj, raw)
             return
-        rows = [_cells(obj) for obj, _ in records]
+        rows = [cells(obj) for obj, _ in records]
         text = format_table(HEADERS, rows, right=_RIGHT)
         lines = text.split("\n")
         out = [lines[0]] + [
@@ -321,12 +242,12 @@ class Printer:
         if self.cfg.output == "json":
             line = raw if raw is not None else json.dumps(obj, separators=(",", ":"))
         elif self.cfg.output == "compact":
-            line = self._paint(obj, _compact(obj))
+            line = self._paint(obj, compact_line(obj))
         else:
             if not self.header_done:
                 self.stream.write(self._fixed(list(HEADERS)) + "\n")
                 self.header_done = True
-            line = self._paint(obj, self._fixed(_cells(obj)))
+            line = self._paint(obj, self._fixed(cells(obj)))
         self.stream.write(line + "\n")
         self.stream.flush()
         self.count += 1

@@ -39,7 +39,7 @@ def agent(module_lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     tmp = tmp_path_factory.mktemp("observe")
     policy = write_policy(tmp / "policy.json", RULES, "deny")
     with AgentProcess(module_lab, policy, tmp / "events.jsonl",
-                      api=f"127.0.0.1:{free_port()}") as a:
+                      api=f"127.0.0.1:{free_port()}", extra_args=["--print-events"]) as a:
         a.start()
         a.wait_api()
         for fam in ("v4", "v6"):
@@ -144,6 +144,19 @@ def test_table_and_compact_output(agent: AgentProcess, module_lab: Lab) -> None:
     lines = out.stdout.splitlines()
     assert lines and all(ln.startswith("\033[33m") and ln.endswith("\033[0m") for ln in lines)
     assert all(" LOG " in ln and " -> " in ln and "rule=1005:audit-pg" in ln for ln in lines)
+
+
+def test_the_agents_console_prints_the_compact_lines(agent: AgentProcess) -> None:
+    """`--print-events` prints what `-o compact` does: the rule with its name, `default` when
+    the default action decided."""
+    out = microseg(agent, "flows", "observe", "--last", "1000", "-o", "compact", "--color",
+                   "never")
+    assert out.returncode == 0, out.stderr
+    compact = out.stdout.splitlines()
+    printed = [ln for ln in agent.stdout_lines if " -> " in ln]
+    assert compact and printed[: len(compact)] == compact
+    assert any("rule=1002:no-ssh" in ln for ln in printed)
+    assert any("rule=default" in ln for ln in printed)
 
 
 def test_follow_prints_live_events_after_the_recent_ones_without_duplicates(

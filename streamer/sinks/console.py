@@ -1,8 +1,8 @@
-"""The console sink (`--print-events`): one line per event on stdout, for people.
+"""The console sink (`--print-events`): one line per record on stdout, for people.
 
-In: a channel of Items. Out: `event <verdict> <direction> <protocol> <src>:<port> -> <dst>:<port>
-rule=<id> pkts=<n>` lines, and `lost <n> at <stage>` for lost records. Writes are synchronous
-(stdout is a terminal or a pipe someone reads).
+In: a channel of Items. Out: the line `flows observe -o compact` prints (streamer.eventtext),
+for flow, lost and alert records alike. Writes are synchronous (stdout is a terminal or a pipe
+someone reads).
 """
 
 from __future__ import annotations
@@ -10,17 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
+from streamer.eventtext import compact_line
 from streamer.fanout import Channel
-
-
-def format_event(obj: dict[str, Any]) -> str:
-    if obj.get("type") == "lost":
-        return f"lost {obj['lost']} events at {obj['stage']} (seq {obj['seq']})"
-    return (
-        f"event {obj['verdict']:5} {obj['direction']:7} {obj['protocol']:6}"
-        f" {obj['src_ip']}:{obj['src_port']} -> {obj['dst_ip']}:{obj['dst_port']}"
-        f" rule={(obj['rule'] or {}).get('rule_id', '-')} pkts={obj['packets']}"
-    )
 
 
 class ConsoleSink:
@@ -36,7 +27,7 @@ class ConsoleSink:
             items = await channel.get_batch(1024)
             if not items:
                 return
-            out.write("".join(format_event(i.obj) + "\n" for i in items))
+            out.write("".join(compact_line(i.obj) + "\n" for i in items))
             out.flush()
             self.printed += len(items)
 

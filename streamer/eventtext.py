@@ -1,0 +1,91 @@
+"""Flow, lost and alert records as text for people: the one line the console sink
+(`--print-events`) and `flows observe -o compact` print, and the cells of its table.
+
+In: a record as a dict (SPEC §4 and docs/flow-event.schema.json). Out: text; missing fields
+show as `-`, a default-action decision as `default`, a rule as `<id> <name>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def clock(time: Any) -> str:
+    """`2026-11-22T10:01:02.123456789Z` -> `10:01:02.123` (UTC)."""
+    text = str(time or "")
+    _, sep, rest = text.partition("T")
+    if not sep:
+        return text or "-"
+    return rest.rstrip("Z")[:12]
+
+
+def endpoint(ip: Any, port: Any) -> str:
+    addr = str(ip or "-")
+    if port in (None, 0):
+        return addr
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def rule_text(rule: Any) -> str:
+    if not isinstance(rule, dict):
+        return "default"
+    name = rule.get("name") or ""
+    return f"{rule.get('rule_id')} {name}".strip()
+
+
+def alert_text(obj: Mapping[str, Any]) -> str:
+    return (
+        f"{obj.get('alert')} {obj.get('state')} ({obj.get('severity')}):"
+        f" {obj.get('message', '')}"
+    )
+
+
+def cells(obj: Mapping[str, Any]) -> list[str]:
+    if obj.get("type") == "alert":
+        return [clock(obj.get("time")), "ALERT", "-", alert_text(obj), "-", "-", "-", "-", "-"]
+    if obj.get("type") == "lost":
+        first = obj.get("first_seq")
+        span = f"seq {first}..{obj.get('seq')}" if first is not None else f"seq {obj.get('seq')}"
+        return [
+            clock(obj.get("time")),
+            "LOST",
+            "-",
+            f"{obj.get('lost')} events lost",
+            f"at {obj.get('stage')}",
+            "-",
+            span,
+            "-",
+            "-",
+        ]
+    proto = str(obj.get("protocol") or "-")
+    return [
+        clock(obj.get("time")),
+        str(obj.get("verdict", "-")).upper(),
+        str(obj.get("direction") or "-"),
+        endpoint(obj.get("src_ip"), obj.get("src_port")),
+        endpoint(obj.get("dst_ip"), obj.get("dst_port")),
+        proto,
+        rule_text(obj.get("rule")),
+        str(obj.get("packets", "-")),
+        str(obj.get("bytes", "-")),
+    ]
+
+
+def compact_line(obj: Mapping[str, Any]) -> str:
+    if obj.get("type") == "alert":
+        return f"{clock(obj.get('time'))} ALERT {alert_text(obj)}"
+    if obj.get("type") == "lost":
+        first = obj.get("first_seq")
+        span = f" seq {first}..{obj.get('seq')}" if first is not None else ""
+        return (
+            f"{clock(obj.get('time'))} LOST {obj.get('lost')} events at {obj.get('stage')}{span}"
+        )
+    flags = f" {obj['tcp_flags']}" if obj.get("tcp_flags") else ""
+    return (
+        f"{clock(obj.get('time'))} {str(obj.get('verdict', '-')).upper():<5}"
+        f" {obj.get('direction', '-'):<7} {endpoint(obj.get('src_ip'), obj.get('src_port'))}"
+        f" -> {endpoint(obj.get('dst_ip'), obj.get('dst_port'))} {obj.get('protocol', '-')}"
+        f"{flags} rule={rule_text(obj.get('rule')).replace(' ', ':', 1)}"
+        f" pkts={obj.get('packets', '-')} bytes={obj.get('bytes', '-')} {obj.get('kind', '')}"
+    ).rstrip()
