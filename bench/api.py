@@ -97,7 +97,7 @@ class BenchAgent:
     fresh one unless `lab` is given (then the caller keeps it: `close` leaves it standing)."""
 
     def __init__(self, workdir: Path, base_doc: dict[str, Any], lab: Any = None) -> None:
-        from streamer.lab import Lab
+        from streamer.lab.lab import Lab
 
         self.workdir = workdir
         self.instance = f"bench-api-{os.getpid()}-{time.time_ns() % 1_000_000:06d}"
@@ -147,7 +147,7 @@ class BenchAgent:
 
     def close(self) -> None:
         """Stop the agent (SIGTERM, then SIGKILL), detach, remove its pins and the lab."""
-        from streamer.datapath import DEFAULT_PIN_ROOT, DEFAULT_RUN_DIR, detach
+        from streamer.datapath.datapath import DEFAULT_PIN_ROOT, DEFAULT_RUN_DIR, detach
 
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -223,7 +223,7 @@ class ApiBench:
         self.targets = [lab.host_v4, lab.host_v6]
 
     def _passes(self, i: int, timeout: float) -> bool:
-        from streamer.lab import tcp_exchange
+        from streamer.lab.lab import tcp_exchange
 
         return tcp_exchange(self.agent.lab.peer_ns, self.targets[i % 2], PORT, timeout)
 
@@ -339,10 +339,10 @@ def split_pieces(
     Run it in a fresh interpreter (`split_in_subprocess`): in the bench process, the garbage
     collector walking everything the bench keeps alive would be timed too.
     """
-    from streamer.compiler import compile_policy
-    from streamer.datapath import Datapath, DatapathConfig
-    from streamer.policy import PolicySet, parse_policy_document
-    from streamer.store import PolicyStore
+    from streamer.datapath.compiler import compile_policy
+    from streamer.datapath.datapath import Datapath, DatapathConfig
+    from streamer.policy.model import PolicySet, parse_policy_document
+    from streamer.policy.store import PolicyStore
 
     dp = Datapath(DatapathConfig(instance=instance))
     t: dict[str, float] = {}
@@ -402,7 +402,7 @@ def split_pieces(
 
 def split_in_subprocess(settings: ApiSettings, workdir: Path) -> dict[str, float]:
     """`split_pieces` for the bulk PUT of `settings`, in a fresh `python -m bench.api`."""
-    from streamer.datapath import DEFAULT_PIN_ROOT
+    from streamer.datapath.datapath import DEFAULT_PIN_ROOT
 
     instance = f"bench-apisplit-{os.getpid()}-{time.time_ns() % 1_000_000:06d}"
     argv = [
@@ -468,7 +468,7 @@ def run_api_bench(settings: ApiSettings, progress: Callable[[str], None]) -> dic
         agent.start()
         client = Client(agent.port)
         bench = ApiBench(settings, agent, client)
-        from streamer.lab import EchoServer
+        from streamer.lab.lab import EchoServer
 
         with EchoServer(agent.lab.host_ns, [PORT]).start():
             writes = []

@@ -187,8 +187,8 @@ def check_decider(doc: dict[str, Any], marked: list[int], peer: dict[int, str],
                   host: dict[int, str]) -> None:  # fmt: skip
     """The reference model must pick the marked rule of each family (or the default) for
     the lab's TCP and UDP traffic; BenchError if not."""
-    from streamer.policy import parse_policy_document
-    from streamer.reference import Packet, judge
+    from streamer.datapath.reference import Packet, judge
+    from streamer.policy.model import parse_policy_document
 
     policy = parse_policy_document(doc)
     for fam in (4, 6):

@@ -148,7 +148,7 @@ class Bench:
     # -- setup / teardown --
 
     def start(self) -> None:
-        from streamer.datapath import Datapath, DatapathConfig
+        from streamer.datapath.datapath import Datapath, DatapathConfig
 
         try:
             from bcc import BPF
@@ -181,7 +181,7 @@ class Bench:
     # -- one run of one case --
 
     def _run(self, case: Case) -> float:
-        from streamer.datapath import test_run
+        from streamer.datapath.datapath import test_run
 
         dp = self.dp
         before = dp.counters()
@@ -265,8 +265,8 @@ class Bench:
     # -- building blocks --
 
     def apply(self, doc: dict[str, Any], gen_s: float) -> tuple[Any, dict[str, Any]]:
-        from streamer.compiler import compile_policy
-        from streamer.policy import parse_policy_document
+        from streamer.datapath.compiler import compile_policy
+        from streamer.policy.model import parse_policy_document
 
         t0 = time.perf_counter()
         policy = parse_policy_document(doc)
@@ -322,7 +322,7 @@ class Bench:
     def new_case(
         self, key: str, label: str, target: Target, flows: list[Flow], policy: Any
     ) -> Case:
-        from streamer.datapath import prog_fd
+        from streamer.datapath.datapath import prog_fd
 
         if len(flows) < max(8, self.s.packets // 2):
             raise BenchError(f"{label}: found only {len(flows)} flows taking the measured path")
@@ -340,7 +340,7 @@ class Bench:
         )
 
     def hit_case(self, key: str, label: str, target: Target, flow: Flow, policy: Any) -> Case:
-        from streamer.datapath import prog_fd
+        from streamer.datapath.datapath import prog_fd
 
         _verify(policy, flow, target, label)
         return Case(
@@ -396,7 +396,7 @@ class Bench:
         fragment (a new flow: judged, its ports remembered) and a later fragment of a known
         datagram (fragment table + session hit), IPv4 UDP, against the floor's repeat cost.
         Checked by the kernel's counters: every first remembered, every later one followed."""
-        from streamer.datapath import prog_fd, test_run
+        from streamer.datapath.datapath import prog_fd, test_run
 
         fd = prog_fd(self.dp, "ingress")
         n = self.s.packets
@@ -492,7 +492,7 @@ def _expected_rc(target: Target, policy: Any) -> int:
 
 def _verify(policy: Any, flow: Flow, target: Target, label: str) -> None:
     """The reference model (SPEC semantics) must agree on who decides the case's packets."""
-    from streamer.reference import Packet, judge
+    from streamer.datapath.reference import Packet, judge
 
     addr: Callable[[int], IPv4Address | IPv6Address] = (
         IPv4Address if flow.family == 4 else IPv6Address
@@ -1006,9 +1006,9 @@ def _run_datapath(args: argparse.Namespace, res: dict[str, Any]) -> int:
     cpu = max(affinity)
     os.sched_setaffinity(0, {cpu})
 
-    from streamer.compiler import CompileError
-    from streamer.datapath import DatapathError
-    from streamer.policy import PolicyError
+    from streamer.datapath.compiler import CompileError
+    from streamer.datapath.datapath import DatapathError
+    from streamer.policy.model import PolicyError
 
     started = time.perf_counter()
     bench = Bench(s)
@@ -1067,7 +1067,7 @@ def _suite(
 def _run_api(args: argparse.Namespace, res: dict[str, Any]) -> int:
     """The admin API suite (bench.api): prints its table, fills res["api"]; 0 or the status."""
     from bench.api import render_api, run_api_bench, settings_for
-    from streamer.lab import LabError
+    from streamer.lab.lab import LabError
 
     settings = settings_for(args.quick, args.api_requests, args.api_rules, args.seed)
     return _suite(res, "api", lambda: run_api_bench(settings, _progress), render_api,
@@ -1087,7 +1087,7 @@ def _run_compare(args: argparse.Namespace, res: dict[str, Any]) -> int:
     """The side-by-side suite (bench.compare): prints its table, writes its plot, fills
     res["compare"]; 0 or the exit status."""
     from bench.compare import PLOT, plot_compare, render_compare, run_compare, settings_for
-    from streamer.lab import LabError
+    from streamer.lab.lab import LabError
 
     settings = settings_for(args.quick, args.compare_runs, args.compare_seconds, args.seed)
     plot: Path = args.plot or (args.out.with_suffix(".png") if args.quick else PLOT)

@@ -7,7 +7,8 @@ spool directory, the sender and consumer processes.
 
 Set-up: a private Kafka broker (scripts/kafka.sh through tests/kafkabroker.py) on a free
 loopback port; a private classifier instance (default deny, no rules, a 16 MiB ring buffer);
-the real pipeline (`streamer.pipeline.Pipeline`, Kafka sink only) on this process's event loop.
+the real pipeline (`streamer.events.pipeline.Pipeline`, Kafka sink only) on this process's
+event loop.
 Two forked processes keep the loop's core free of other work: the sender, which runs
 bench/evgen.c (C, so generating the load costs little): one distinct new TCP flow per
 BPF_PROG_TEST_RUN call on the ingress program (each a deny, so each one ring-buffer event),
@@ -223,7 +224,7 @@ class _Tally:
             self.lost_events += int(orjson.loads(line).get("lost", 0))
 
 
-# How every flow record starts (streamer.enrich writes schema, type and seq first).
+# How every flow record starts (streamer.events.enrich writes schema, type and seq first).
 _FLOW_PREFIX = b'{"schema":"microseg.flow/v1","type":"flow","seq":'
 
 
@@ -312,9 +313,9 @@ class EventsBench:
     # -- set-up / teardown --
 
     def start(self) -> None:
-        from streamer.compiler import compile_policy
-        from streamer.datapath import Datapath, DatapathConfig, prog_fd
-        from streamer.policy import parse_policy_document
+        from streamer.datapath.compiler import compile_policy
+        from streamer.datapath.datapath import Datapath, DatapathConfig, prog_fd
+        from streamer.policy.model import parse_policy_document
 
         kb = _kafkabroker()
         self.progress("events: starting a Kafka broker ...")
@@ -501,9 +502,9 @@ class EventsBench:
         }
 
     async def run(self) -> None:
-        from streamer.enrich import Enricher
-        from streamer.pipeline import Pipeline, PipelineConfig, tune_gc
-        from streamer.sinks.kafka import KafkaSinkConfig
+        from streamer.events.enrich import Enricher
+        from streamer.events.pipeline import Pipeline, PipelineConfig, tune_gc
+        from streamer.events.sinks.kafka import KafkaSinkConfig
 
         assert self.consumer is not None
         enricher = Enricher({}, host="bench")
@@ -591,9 +592,9 @@ def _targets(
 def run_events_bench(settings: EventSettings, progress: Callable[[str], None]) -> dict[str, Any]:
     """Run the benchmark; the results dict (the JSON "events" section). BenchError when it
     cannot run or measured something other than it meant to."""
-    from streamer.compiler import CompileError
-    from streamer.datapath import DatapathError
-    from streamer.policy import PolicyError
+    from streamer.datapath.compiler import CompileError
+    from streamer.datapath.datapath import DatapathError
+    from streamer.policy.model import PolicyError
 
     started = time.perf_counter()
     bench = EventsBench(settings, progress)

@@ -22,7 +22,7 @@ from ipaddress import IPv6Address
 from typing import Any
 
 from bench.frames import TCP, UDP, Flow
-from streamer.compiler import DIR_EGRESS, DIR_INGRESS, CompiledPolicy, Entry, EntryKey
+from streamer.datapath.compiler import DIR_EGRESS, DIR_INGRESS, CompiledPolicy, Entry, EntryKey
 
 # Top rules: one per family, above every generated priority, so "the highest-priority rule"
 # is a fixed, allowed rule (the cost of judging a flow, not of emitting an event).

@@ -1,5 +1,5 @@
 import sys
 
-from streamer.cli import main
+from streamer.cli.main import main
 
 sys.exit(main())

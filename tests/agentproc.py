@@ -29,8 +29,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from streamer.datapath import DEFAULT_PIN_ROOT, DEFAULT_RUN_DIR, detach
-from streamer.lab import Lab
+from streamer.datapath.datapath import DEFAULT_PIN_ROOT, DEFAULT_RUN_DIR, detach
+from streamer.lab.lab import Lab
 
 _counter = itertools.count(1)
 

@@ -3,7 +3,7 @@
 - The suite runs as root with bpffs at /sys/fs/bpf (real kernel, real traffic). If not,
   every test errors with the reason: nothing is skipped.
 - Skips count as failures: a skipped test (or module) is reported as failed/error.
-- `lab` (per test) and `module_lab` (per module) give a fresh `streamer.lab.Lab` that is
+- `lab` (per test) and `module_lab` (per module) give a fresh `streamer.lab.lab.Lab` that is
   always destroyed afterwards, also when the test fails.
 - `datapath` (per session) is one loaded classifier (unique pins, removed afterwards) for
   BPF_PROG_TEST_RUN; a test applies its own policy and clears sessions. `datapath_events`
@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from streamer.datapath import TC_ACT_OK, Datapath, DatapathConfig, prog_fd, test_run
-from streamer.lab import Lab
-from streamer.reference import Packet
+from streamer.datapath.datapath import TC_ACT_OK, Datapath, DatapathConfig, prog_fd, test_run
+from streamer.datapath.reference import Packet
+from streamer.lab.lab import Lab
 
 
 def _environment_problems() -> list[str]:
@@ -110,7 +110,7 @@ _TEST_PIN = re.compile(r"test-[a-z]+-(\d+)-[0-9a-f]{8}")
 def _remove_stale_test_pins() -> None:
     """Pins of test runs that died before their teardown (killed, timed out): by name, only
     ours (unique_instance), only of processes that are gone."""
-    from streamer.datapath import DEFAULT_PIN_ROOT, _remove_tree
+    from streamer.datapath.datapath import DEFAULT_PIN_ROOT, _remove_tree
 
     if not DEFAULT_PIN_ROOT.is_dir():
         return

@@ -15,11 +15,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from streamer.compiler import compile_policy
-from streamer.datapath import TC_ACT_OK, TC_ACT_SHOT, Datapath, DatapathError, prog_fd
-from streamer.datapath import test_run as bpf_test_run
-from streamer.policy import PolicySet
-from streamer.reference import Decision, StatefulReference, Timeouts, Verdict
+from streamer.datapath.compiler import compile_policy
+from streamer.datapath.datapath import TC_ACT_OK, TC_ACT_SHOT, Datapath, DatapathError, prog_fd
+from streamer.datapath.datapath import test_run as bpf_test_run
+from streamer.datapath.reference import Decision, StatefulReference, Timeouts, Verdict
+from streamer.policy.model import PolicySet
 
 # What a packet became, by the kernel counter it increments.
 VERDICT_COUNTER = {

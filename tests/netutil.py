@@ -5,7 +5,7 @@ is bounded by its `timeout` (default 1 s) and returns a bool instead of raising,
 test reads `assert tcp_connect(...)` / `assert not tcp_connect(...)`.
 
 Sockets are created inside the target namespace by switching only the calling thread
-there for the instant of `socket()` (see `streamer.lab.netns_socket`), so probes cost
+there for the instant of `socket()` (see `streamer.lab.lab.netns_socket`), so probes cost
 microseconds, not a process spawn. Servers run as a thread of the test process; they
 are ready when the constructor returns and must be stopped (they are context managers).
 """
@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
-from streamer.lab import (
+from streamer.lab.lab import (
     EchoServer,
     Lab,
     LabError,

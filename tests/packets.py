@@ -2,7 +2,7 @@
 
 Every function returns bytes. Build inside out:
 `eth(ipv4("10.0.0.1", "10.0.0.2", 6, tcp(1234, 80, src=..., dst=...)), ETH_P_IP)`,
-or let `frame(pkt)` build a well-formed frame for a `streamer.reference.Packet`, so that
+or let `frame(pkt)` build a well-formed frame for a `streamer.datapath.reference.Packet`, so that
 `parse_frame(frame(pkt), pkt.direction, pkt.ifindex)` gives the packet back (with `length` set
 to the frame length, or exactly `pkt.length` when that is non-zero: the frame is padded).
 
@@ -19,7 +19,7 @@ import struct
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
 
-from streamer.reference import (
+from streamer.datapath.reference import (
     ETH_P_8021AD,
     ETH_P_8021Q,
     ETH_P_ARP,

@@ -41,8 +41,8 @@ from netutil import (
     wait_until,
 )
 
-from streamer.datapath import tcx_programs
-from streamer.lab import Lab
+from streamer.datapath.datapath import tcx_programs
+from streamer.lab.lab import Lab
 
 AgentFactory = Callable[..., AgentProcess]
 

@@ -1,4 +1,4 @@
-"""The admin API (streamer/api.py) through aiohttp's test client, against a real PolicyStore in
+"""The admin API (streamer/api/app.py) through aiohttp's test client, against a real PolicyStore in
 tmp_path and the real classifier (the session's `datapath`), so "enforced when answered" is
 checked with BPF_PROG_TEST_RUN verdicts right after each response.
 
@@ -30,7 +30,7 @@ from conftest import kernel_retval
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamer.api import (
+from streamer.api.app import (
     SMALL_BODY_LIMIT,
     ApiContext,
     ApiSetupError,
@@ -40,11 +40,11 @@ from streamer.api import (
     parse_listen,
     start_api,
 )
-from streamer.compiler import compile_policy
-from streamer.datapath import TC_ACT_OK, Datapath
-from streamer.policy import PolicySet
-from streamer.reference import Packet
-from streamer.store import LiveSession, PolicyStore, StoreError
+from streamer.datapath.compiler import compile_policy
+from streamer.datapath.datapath import TC_ACT_OK, Datapath
+from streamer.datapath.reference import Packet
+from streamer.policy.model import PolicySet
+from streamer.policy.store import LiveSession, PolicyStore, StoreError
 
 TOKEN = "test-token-0123456789abcdefghijklmnop"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

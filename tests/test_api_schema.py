@@ -28,12 +28,12 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from streamer.api import ApiContext, start_api
-from streamer.compiler import compile_policy
-from streamer.datapath import Datapath
-from streamer.openapi import build_openapi
-from streamer.policy import PolicySet
-from streamer.store import PolicyStore
+from streamer.api.app import ApiContext, start_api
+from streamer.api.openapi import build_openapi
+from streamer.datapath.compiler import compile_policy
+from streamer.datapath.datapath import Datapath
+from streamer.policy.model import PolicySet
+from streamer.policy.store import PolicyStore
 
 TOKEN = "schema-test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -1,4 +1,4 @@
-"""Unit tests of the API clients (`streamer.client`) against a stub admin API.
+"""Unit tests of the API clients (`streamer.cli.client`) against a stub admin API.
 
 The stub is a small real aiohttp server defined here (in-memory rules, canned sessions and
 stats, SPEC §3 shapes and error bodies), served on 127.0.0.1 and on a Unix socket from a
@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from streamer import client
-from streamer.client import (
+from streamer.cli import client
+from streamer.cli.client import (
     TOKEN_ENV,
     ClientError,
     add_client_parsers,
@@ -442,7 +442,7 @@ def _no_token_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The real `microseg` parser with the client commands on it (added here until the lead's
     one-line hookup in cli.py lands; afterwards the hookup's own registration is used)."""
-    from streamer.cli import build_parser as cli_parser
+    from streamer.cli.main import build_parser as cli_parser
 
     parser = cli_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -1,4 +1,5 @@
-"""The policy compiler (streamer/compiler.py), pure logic: port blocks, entries, shapes, order."""
+"""The policy compiler (streamer/datapath/compiler.py), pure logic: port blocks, entries,
+shapes, order."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from streamer.compiler import (
+from streamer.datapath.compiler import (
     ACTION_CODES,
     BLOOM_BANK_WORDS,
     DIR_EGRESS,
@@ -26,8 +27,8 @@ from streamer.compiler import (
     pack_shape,
     port_blocks,
 )
-from streamer.policy import Action, PolicySet, parse_policy_document
-from streamer.reference import Packet, judge
+from streamer.datapath.reference import Packet, judge
+from streamer.policy.model import Action, PolicySet, parse_policy_document
 
 MAX_SHAPES = 1024
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import io
 
-from streamer.fanout import Channel, make_item
-from streamer.sinks.console import ConsoleSink
+from streamer.events.fanout import Channel, make_item
+from streamer.events.sinks.console import ConsoleSink
 
 FLOW = {
     "schema": "microseg.flow/v1", "type": "flow", "seq": 7,

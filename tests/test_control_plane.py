@@ -35,7 +35,7 @@ import pytest
 from agentproc import AgentProcess, free_port, write_policy
 from netutil import TcpConn, echo_server, tcp_exchange
 
-from streamer.lab import Lab
+from streamer.lab.lab import Lab
 
 AgentFactory = Callable[..., AgentProcess]
 

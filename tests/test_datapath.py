@@ -1,7 +1,8 @@
 """The classifier in the real kernel, through BPF_PROG_TEST_RUN: verdicts on crafted frames for
 every policy field, L2 and malformed traffic, sessions and re-judging, counters, atomic
 apply, flow events and pinned-state adoption. Expected verdicts are written out by hand and
-also checked against the reference model (streamer/reference.py), so both agree with SPEC §2.
+also checked against the reference model (streamer/datapath/reference.py), so both agree
+with SPEC §2.
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ from packets import (
     udp,
 )
 
-from streamer.compiler import (
+from streamer.datapath.compiler import (
     compile_policy,
     pack_rule_key,
     pack_rule_val,
     pack_shape,
 )
-from streamer.datapath import (
+from streamer.datapath.datapath import (
     _LAST_SEEN_OFF,
     _TCLASS_OFF,
     _TCP_STATE_OFF,
@@ -75,9 +76,8 @@ from streamer.datapath import (
     prog_fd,
     tcx_programs,
 )
-from streamer.datapath import test_run as bpf_test_run
-from streamer.policy import PolicySet, parse_policy_document
-from streamer.reference import (
+from streamer.datapath.datapath import test_run as bpf_test_run
+from streamer.datapath.reference import (
     Decision,
     Packet,
     StatefulReference,
@@ -85,16 +85,17 @@ from streamer.reference import (
     judge,
     parse_frame,
 )
+from streamer.policy.model import PolicySet, parse_policy_document
 
 if TYPE_CHECKING:
     from conftest import EventSink
 
-    from streamer.lab import Lab
+    from streamer.lab.lab import Lab
 
 PASS = TC_ACT_OK
 DROP = TC_ACT_SHOT
 
-# struct ms_event (bpf/classifier.h), written out here independently of streamer/datapath.py.
+# struct ms_event (bpf/classifier.h), written out here independently of the datapath package.
 EVENT_LAYOUT = struct.Struct("<QQQIIIBBBB16s16sHHBBH")
 
 

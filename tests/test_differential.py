@@ -24,11 +24,10 @@ from typing import Any
 import pytest
 from packets import ETH_P_8021Q, frame, hbh_ext
 
-from streamer.compiler import compile_policy
-from streamer.datapath import TC_ACT_OK, Datapath, prog_fd
-from streamer.datapath import test_run as bpf_test_run
-from streamer.policy import PolicySet, Rule, parse_policy_document
-from streamer.reference import (
+from streamer.datapath.compiler import compile_policy
+from streamer.datapath.datapath import TC_ACT_OK, Datapath, prog_fd
+from streamer.datapath.datapath import test_run as bpf_test_run
+from streamer.datapath.reference import (
     Decision,
     Packet,
     StatefulReference,
@@ -37,6 +36,7 @@ from streamer.reference import (
     flow_key,
     rule_matches,
 )
+from streamer.policy.model import PolicySet, Rule, parse_policy_document
 
 N_RULES = 300
 PHASES = (2600, 1800, 1200)  # packets per policy set: the set changes between phases

@@ -28,7 +28,7 @@ from agentproc import AgentProcess, free_port, write_policy
 from kafkabroker import KafkaBroker, kcat_consume, unique_topic
 from netutil import TcpConn, echo_server, netns_socket, wait_until
 
-from streamer.lab import Lab
+from streamer.lab.lab import Lab
 
 AgentFactory = Callable[..., AgentProcess]
 ROOT = Path(__file__).resolve().parents[1]

@@ -40,9 +40,9 @@ from packets import (
     udp,
 )
 
-from streamer.compiler import compile_policy
-from streamer.datapath import Datapath
-from streamer.policy import PolicySet, parse_policy_document
+from streamer.datapath.compiler import compile_policy
+from streamer.datapath.datapath import Datapath
+from streamer.policy.model import PolicySet, parse_policy_document
 
 N_PACKETS = 100_000
 CHECK_EVERY = 2_000

@@ -34,9 +34,9 @@ from packets import (
     udp,
 )
 
-from streamer.datapath import Datapath
-from streamer.policy import PolicySet, parse_policy_document
-from streamer.reference import Verdict
+from streamer.datapath.datapath import Datapath
+from streamer.datapath.reference import Verdict
+from streamer.policy.model import PolicySet, parse_policy_document
 
 A4, B4 = "10.1.0.1", "10.2.0.2"
 A6, B6 = "2001:db8:1::1", "2001:db8:2::2"

@@ -28,7 +28,7 @@ from kafkabroker import (
 )
 from netutil import ns_run, tcp_connect
 
-from streamer.lab import Lab
+from streamer.lab.lab import Lab
 
 # Generous against a loaded CI machine; a start takes ~5-8 s here (see the report of
 # test_restart_keeps_topics_and_data in -rA output).

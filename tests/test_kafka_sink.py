@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from streamer.fanout import Channel, Item
-from streamer.sinks.kafka import KafkaSink, KafkaSinkConfig, _fill_batch
+from streamer.events.fanout import Channel, Item
+from streamer.events.sinks.kafka import KafkaSink, KafkaSinkConfig, _fill_batch
 
 
 class _Batch:
@@ -157,7 +157,7 @@ async def test_keeping_up_the_next_batch_waits_for_the_answer_and_takes_what_cam
 async def test_behind_one_more_batch_waits_behind_the_one_in_flight(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import streamer.sinks.kafka as kafka
+    import streamer.events.sinks.kafka as kafka
 
     monkeypatch.setattr(kafka, "SEND_ROUND", 100)
     # A backlog of 1,500 (15 rounds) at once: two batches out at a time while it lasts.

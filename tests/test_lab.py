@@ -25,7 +25,7 @@ from netutil import (
     wait_until,
 )
 
-from streamer.lab import (
+from streamer.lab.lab import (
     LAB_NET_V4,
     LAB_NET_V6,
     Lab,
@@ -296,7 +296,7 @@ def test_cli_bad_input_is_a_clear_error(tmp_path: Path,
 
 def test_module_entry_point(tmp_path: Path) -> None:
     state = str(tmp_path / "lab.json")
-    py = [sys.executable, "-m", "streamer.lab"]
+    py = [sys.executable, "-m", "streamer.lab.lab"]
     host_ns = ""
     try:
         out = subprocess.run([*py, "up", "--state-file", state], capture_output=True,

@@ -23,7 +23,7 @@ import pytest
 from agentproc import AgentProcess, free_port, write_policy
 from netutil import netns_socket, wait_until
 
-from streamer.lab import Lab
+from streamer.lab.lab import Lab
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = [

@@ -26,10 +26,11 @@ import pytest
 from conftest import EventSink, loaded_datapath, unique_instance
 from packets import frame
 
-from streamer.compiler import compile_policy
-from streamer.datapath import Datapath, DatapathConfig, prog_fd
-from streamer.datapath import test_run as prog_test_run
-from streamer.decode import (
+from streamer.datapath.compiler import compile_policy
+from streamer.datapath.datapath import Datapath, DatapathConfig, prog_fd
+from streamer.datapath.datapath import test_run as prog_test_run
+from streamer.datapath.reference import Packet
+from streamer.events.decode import (
     EVENT_SIZE,
     EVENT_STRUCT,
     DecodeError,
@@ -39,14 +40,13 @@ from streamer.decode import (
     decode_batch,
     encode,
 )
-from streamer.enrich import Enricher
-from streamer.fanout import Channel, Fanout, Item, flow_key, make_item
-from streamer.pipeline import Pipeline, PipelineConfig
-from streamer.policy import parse_policy_document
-from streamer.reference import Packet
-from streamer.sinks.file import FileSink, FileSinkConfig
-from streamer.sinks.spool import HEADER, Rec, Spool
-from streamer.source import SourceConfig
+from streamer.events.enrich import Enricher
+from streamer.events.fanout import Channel, Fanout, Item, flow_key, make_item
+from streamer.events.pipeline import Pipeline, PipelineConfig
+from streamer.events.sinks.file import FileSink, FileSinkConfig
+from streamer.events.sinks.spool import HEADER, Rec, Spool
+from streamer.events.source import SourceConfig
+from streamer.policy.model import parse_policy_document
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((ROOT / "docs" / "flow-event.schema.json").read_text())
@@ -658,7 +658,7 @@ def test_both_ring_readers_take_every_record_in_order_across_wraparounds(
     """Rounds of 30 events through the one-page ring buffer (it wraps around every ~46): the
     memory-mapped reader and libbpf's callbacks both hand over every record, in order, once,
     and free the space (no reservation ever fails)."""
-    from streamer.source import Source, own_reader_supported
+    from streamer.events.source import Source, own_reader_supported
 
     assert own_reader_supported(), "the CI machine is x86-64: the mmap reader must be tested"
     dp = tiny_ringbuf

@@ -16,7 +16,7 @@ import pydantic
 import pytest
 from pydantic import TypeAdapter
 
-from streamer.policy import (
+from streamer.policy.model import (
     PROTOCOL_NUMBERS,
     Action,
     DefaultAction,

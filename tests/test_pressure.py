@@ -1,4 +1,4 @@
-"""Pressure alerts (streamer/pressure.py), `microseg monitor` (streamer/monitor.py).
+"""Pressure alerts (streamer/agent/pressure.py), `microseg monitor` (streamer/cli/monitor.py).
 
 The alert logic on readings made up here (levels, rates, hysteresis, a restarted counter),
 then a real agent in the netns lab: a bounded SYN flood from the lab peer raises `syn_flood`
@@ -23,9 +23,9 @@ import pytest
 from agentproc import AgentProcess, free_port, write_policy
 from netutil import wait_until
 
-from streamer.lab import Lab, netns_socket
-from streamer.monitor import render
-from streamer.pressure import AlertChange, PressureConfig, PressureWatch
+from streamer.agent.pressure import AlertChange, PressureConfig, PressureWatch
+from streamer.cli.monitor import render
+from streamer.lab.lab import Lab, netns_socket
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((ROOT / "docs" / "flow-event.schema.json").read_text())

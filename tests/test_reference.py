@@ -30,8 +30,7 @@ from packets import (
     udp,
 )
 
-from streamer.policy import PolicySet, Rule
-from streamer.reference import (
+from streamer.datapath.reference import (
     MAX_L4_OFFSET,
     Decision,
     Packet,
@@ -42,6 +41,7 @@ from streamer.reference import (
     parse_frame,
     rule_matches,
 )
+from streamer.policy.model import PolicySet, Rule
 
 A4, B4 = "10.0.0.1", "10.0.0.2"
 A6, B6 = "2001:db8::1", "2001:db8::2"
@@ -826,7 +826,7 @@ def test_checksums() -> None:
 
 
 def test_tcp_state_machine_transitions() -> None:
-    from streamer.reference import TCP_STATE_NAMES, tcp_next
+    from streamer.datapath.reference import TCP_STATE_NAMES, tcp_next
 
     def run(steps: list[tuple[int, str]]) -> list[str]:
         state, fins, out = 0, 0, []
@@ -854,7 +854,7 @@ def test_tcp_state_machine_transitions() -> None:
 
 
 def test_timeouts() -> None:
-    from streamer.reference import Timeouts
+    from streamer.datapath.reference import Timeouts
 
     t = Timeouts()
     ns = t.by_class_ns()
@@ -868,7 +868,7 @@ def test_timeouts() -> None:
 def test_stateful_reference_fragments_and_related() -> None:
     from packets import fragments4
 
-    from streamer.reference import StatefulReference, dissect
+    from streamer.datapath.reference import StatefulReference, dissect
 
     pol = policy(rule(1, protocol="udp", dst_port=53), default="deny")
     ref = StatefulReference(pol)
@@ -889,7 +889,7 @@ def test_stateful_reference_fragments_and_related() -> None:
 
 
 def test_stateful_reference_capacity() -> None:
-    from streamer.reference import StatefulReference
+    from streamer.datapath.reference import StatefulReference
 
     pol = policy(rule(1, protocol="udp", dst_port=53, direction="egress"), default="deny")
     ref = StatefulReference(pol, capacity=1)

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from streamer.decode import EVENT_SIZE, FlowEvent, Packed, decode, decode_batch, encode
-from streamer.source import RingReader
+from streamer.events.decode import EVENT_SIZE, FlowEvent, Packed, decode, decode_batch, encode
+from streamer.events.source import RingReader
 
 PAGE = mmap.PAGESIZE
 SIZE = 8192  # ring data bytes
@@ -146,7 +146,7 @@ class _Datapath:
 def test_the_lost_check_drains_only_when_the_kernel_lost_events() -> None:
     # Draining a backlog in one go holds the event loop: without a loss there is no lost
     # record to order after the events that made it, so nothing is drained.
-    from streamer.source import Source
+    from streamer.events.source import Source
 
     dp = _Datapath()
     reported: list[int] = []

@@ -34,12 +34,12 @@ from packets import (
     udp,
 )
 
-from streamer.compiler import compile_policy
-from streamer.datapath import Datapath, DatapathConfig, detach, prog_fd
-from streamer.datapath import test_run as bpf_test_run
-from streamer.lab import Lab, netns_socket
-from streamer.policy import PolicySet, parse_policy_document
-from streamer.reference import Decision, StatefulReference, Timeouts, Verdict
+from streamer.datapath.compiler import compile_policy
+from streamer.datapath.datapath import Datapath, DatapathConfig, detach, prog_fd
+from streamer.datapath.datapath import test_run as bpf_test_run
+from streamer.datapath.reference import Decision, StatefulReference, Timeouts, Verdict
+from streamer.lab.lab import Lab, netns_socket
+from streamer.policy.model import PolicySet, parse_policy_document
 
 A4, B4 = "10.1.0.1", "10.2.0.2"
 A6, B6 = "2001:db8:1::1", "2001:db8:2::2"

@@ -37,7 +37,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select
 
-from streamer.lab import Lab
+from streamer.lab.lab import Lab
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -296,7 +296,7 @@ def test_each_filter_narrows_the_rows_and_pause_holds_them(
     def chosen(element_id: str, value: str) -> Callable[[], None]:
         return lambda: Select(browser.find_element(By.ID, element_id)).select_by_value(value)
 
-    v4_net = "198.18.0.0/15"  # every lab's IPv4 addresses (streamer/lab.py)
+    v4_net = "198.18.0.0/15"  # every lab's IPv4 addresses (streamer/lab/lab.py)
     narrowed(chosen("f-verdict", "log"), lambda r: r["verdict"] == "log")
     narrowed(chosen("f-protocol", "udp"), lambda r: r["proto"] == "udp")
     narrowed(typed("f-ip", v4_net), lambda r: ":" not in r["src"] and ":" not in r["dst"])
@@ -388,7 +388,7 @@ def test_lost_counter_shows_a_forced_gap(
 
 
 def test_sign_in_codes_expire_work_once_and_are_bounded() -> None:
-    from streamer.api import ViewerAuth
+    from streamer.api.app import ViewerAuth
 
     now = [1000.0]
     auth = ViewerAuth(code_ttl=60, session_ttl=3600, max_codes=3, max_sessions=2,

@@ -1023,8 +1023,8 @@ def cmd_lab_traffic(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m streamer.lab up|down|show|traffic ...` (same as `microseg lab ...`)."""
-    parser = argparse.ArgumentParser(prog="python -m streamer.lab")
+    """`python -m streamer.lab.lab up|down|show|traffic ...` (same as `microseg lab ...`)."""
+    parser = argparse.ArgumentParser(prog="python -m streamer.lab.lab")
     add_lab_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["lab", *(sys.argv[1:] if argv is None else argv)])
     if os.geteuid() != 0:

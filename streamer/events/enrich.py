@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from streamer.decode import (
+from streamer.events.decode import (
     _FLAG_TEXT,
     DIRECTIONS,
     KINDS,
@@ -37,8 +37,8 @@ from streamer.decode import (
     FlowEvent,
     Row,
 )
-from streamer.fanout import Item
-from streamer.policy import PolicySet
+from streamer.events.fanout import Item
+from streamer.policy.model import PolicySet
 
 SCHEMA = "microseg.flow/v1"
 # A bound on generations kept however the ring buffer is drained (a safety net: `retire`
@@ -332,7 +332,7 @@ class Enricher:
         }
 
     def alert_record(self, fields: dict[str, Any]) -> dict[str, Any]:
-        """An `alert` record (streamer.pressure.AlertChange.fields()) with its own sequence
+        """An `alert` record (streamer.agent.pressure.AlertChange.fields()) with its own sequence
         number: the classifier under pressure, in the same stream as the flows."""
         obj: dict[str, Any] = {
             "schema": SCHEMA,

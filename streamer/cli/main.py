@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from streamer import __version__
-from streamer.client import add_client_parsers, seconds_between
-from streamer.lab import add_lab_parser
-from streamer.monitor import add_monitor_parser
-from streamer.observe import add_flow_parsers
-from streamer.pressure import PressureConfig
-from streamer.reference import Timeouts
+from streamer.agent.pressure import PressureConfig
+from streamer.cli.client import add_client_parsers, seconds_between
+from streamer.cli.monitor import add_monitor_parser
+from streamer.cli.observe import add_flow_parsers
+from streamer.datapath.reference import Timeouts
+from streamer.lab.lab import add_lab_parser
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
@@ -211,9 +211,9 @@ def _pressure_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from streamer.agent import AgentConfig, default_instance, run_agent
-    from streamer.datapath import DatapathConfig
-    from streamer.policy import DefaultAction
+    from streamer.agent.service import AgentConfig, default_instance, run_agent
+    from streamer.datapath.datapath import DatapathConfig
+    from streamer.policy.model import DefaultAction
 
     if args.kafka_spool_max_bytes < 64 * 1024:
         print("microseg run: --kafka-spool-max-bytes must be at least 64K", file=sys.stderr)
@@ -290,7 +290,7 @@ def _add_detach(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
-    from streamer.datapath import DatapathError, detach
+    from streamer.datapath.datapath import DatapathError, detach
 
     rc = 0
     for ifname in args.iface:
@@ -311,8 +311,8 @@ def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
-    from streamer.compiler import CompileError, compile_policy
-    from streamer.policy import PolicyError, load_policy_file
+    from streamer.datapath.compiler import CompileError, compile_policy
+    from streamer.policy.model import PolicyError, load_policy_file
 
     try:
         policy = load_policy_file(args.file)

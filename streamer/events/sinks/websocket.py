@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
-from streamer.fanout import Channel, Item, count_events
+from streamer.events.fanout import Channel, Item, count_events
 
 log = logging.getLogger("microseg.sink.websocket")
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from streamer.compiler import (
+from streamer.datapath.compiler import (
     BLOOM_BANK_WORDS,
     CompiledPolicy,
     bloom_layout,
@@ -42,12 +42,12 @@ from streamer.compiler import (
     pack_rule_val,
     pack_shape,
 )
-from streamer.reference import TCP_STATE_NAMES, Timeouts
+from streamer.datapath.reference import TCP_STATE_NAMES, Timeouts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/microseg")
 DEFAULT_RUN_DIR = Path("/run/microseg")
 LAYOUT_VERSION = 4  # MS_LAYOUT_VERSION in bpf/classifier.h (a test checks they agree)
@@ -189,7 +189,7 @@ class Session:
     packets_in: int  # replies
     bytes_in: int
     tcp_flags: int
-    tcp_state: str = ""  # streamer.reference.TCP_STATE_NAMES ("" for other protocols)
+    tcp_state: str = ""  # streamer.datapath.reference.TCP_STATE_NAMES ("" for other protocols)
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ class MapFill:
         }
 
 
-# Why packets are dropped, and the counter of each (streamer.metrics reports them too).
+# Why packets are dropped, and the counter of each (streamer.api.metrics reports them too).
 DROP_REASONS = {
     "policy": "denied_packets",  # deny verdicts
     "parse": "parse_drops",  # unjudgeable headers
@@ -990,7 +990,7 @@ class Datapath:
 
     def events_ring(self) -> tuple[int, int]:
         """The ring buffer's map fd and its data size in bytes (a power of two), for a reader
-        that maps it itself (streamer.source.RingReader) instead of `open_events`."""
+        that maps it itself (streamer.events.source.RingReader) instead of `open_events`."""
         return int(self._bpf["events"].get_fd()), self.config.ringbuf_pages * mmap.PAGESIZE
 
     # ---- attaching ---------------------------------------------------------------------------

@@ -48,16 +48,16 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from streamer.decode import PROTOCOLS, TCP_FLAG_NAMES
-from streamer.metrics import (
+from streamer.api.metrics import (
     ApiMetrics,
     MicrosegCollector,
     api_metrics,
     read_stats,
     register_collector,
 )
-from streamer.openapi import RULE_LIMIT_MAX, SESSION_LIMIT_MAX, build_openapi
-from streamer.policy import (
+from streamer.api.openapi import RULE_LIMIT_MAX, SESSION_LIMIT_MAX, build_openapi
+from streamer.events.decode import PROTOCOLS, TCP_FLAG_NAMES
+from streamer.policy.model import (
     MAX_RULE_ID,
     PolicyError,
     PolicySet,
@@ -65,7 +65,7 @@ from streamer.policy import (
     format_validation_error,
     parse_policy_document,
 )
-from streamer.store import ChangeResult, PolicyStore, StoreError
+from streamer.policy.store import ChangeResult, PolicyStore, StoreError
 
 __all__ = [
     "API_PREFIX",
@@ -127,7 +127,7 @@ class ApiContext:
     `extra_stats`: more counters for /stats and /metrics (the event pipeline's).
     `reload(actor)`: re-apply the agent's policy file as a whole-set replace (`POST
     /api/v1/policies/reload`, `microseg policy load`); None: that route answers 404.
-    `flows`: the live flow feed (a `streamer.sinks.websocket.WebSocketHub`) behind
+    `flows`: the live flow feed (a `streamer.events.sinks.websocket.WebSocketHub`) behind
     `GET /api/v1/flows`; None: that route answers 503.
     """
 
@@ -902,8 +902,8 @@ _FLOW_PARAMS: Final = ("verdict", "ip", "port", "protocol", "rule_id", "token")
 
 async def flows(request: web.Request) -> web.StreamResponse:
     """GET /api/v1/flows: upgrade to a WebSocket streaming flow events (see
-    streamer/sinks/websocket.py); filters in the query string."""
-    from streamer.sinks.websocket import FlowFilter
+    streamer/events/sinks/websocket.py); filters in the query string."""
+    from streamer.events.sinks.websocket import FlowFilter
 
     query = _query(request, _FLOW_PARAMS)
     try:
@@ -1360,7 +1360,7 @@ async def viewer_codes(request: web.Request) -> web.Response:
 async def flows_recent(request: web.Request) -> web.Response:
     """GET /api/v1/flows/recent: the last `limit` records of the feed matching the filters
     (oldest first), from the feed's bounded memory of recent records."""
-    from streamer.sinks.websocket import FILTER_PARAMS, FlowFilter
+    from streamer.events.sinks.websocket import FILTER_PARAMS, FlowFilter
 
     query = _query(request, (*FILTER_PARAMS, "limit"))
     limit = _int_param("limit", query.pop("limit", "100"), 1, RECENT_LIMIT_MAX)

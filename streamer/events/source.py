@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from streamer.decode import EVENT_SIZE, Packed
+from streamer.events.decode import EVENT_SIZE, Packed
 
 log = logging.getLogger("microseg.source")
 

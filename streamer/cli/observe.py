@@ -3,7 +3,7 @@
 
 In: command-line filters (`--verdict`, `--ip`, `--port`, `--protocol`, `--rule`), `--last N`,
 `--follow`, `-o table|json|compact`, and the API address and token as for the other clients
-(streamer/client.py). Out: the agent's recent records (GET /api/v1/flows/recent) and, with
+(streamer/cli/client.py). Out: the agent's recent records (GET /api/v1/flows/recent) and, with
 `--follow`, the live feed (the WebSocket at /api/v1/flows) on stdout, one line per record;
 colours only when stdout is a terminal (`--color`), never with `-o json`. `lost` records always
 pass the filters: a gap concerns every view. Records already printed from the recent ones are
@@ -27,7 +27,7 @@ from typing import IO, Any, Final
 
 import aiohttp
 
-from streamer.client import (
+from streamer.cli.client import (
     API_PREFIX,
     TOKEN_ENV,
     Api,
@@ -40,7 +40,7 @@ from streamer.client import (
     parse_api_address,
     run_client,
 )
-from streamer.eventtext import cells, compact_line
+from streamer.events.text import cells, compact_line
 
 __all__ = [
     "ObserveConfig",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from streamer.policy import Action, PolicySet
+from streamer.policy.model import Action, PolicySet
 
 DIR_INGRESS = 1
 DIR_EGRESS = 2

@@ -1,7 +1,7 @@
 """`microseg monitor`: the classifier under load, live in a terminal.
 
 In: the agent's `GET /api/v1/stats` every `--interval` seconds (its `pressure` section is the
-agent's last reading of the tables: streamer/pressure.py). Out: one screen per reading —
+agent's last reading of the tables: streamer/agent/pressure.py). Out: one screen per reading —
 sessions (active, half-open, new/SYN/closed/expired per second), the fill and evictions of
 every kernel table, drops by reason (totals and per second), events sent and lost, and the
 alerts firing. On a terminal the screen is redrawn in place; otherwise readings follow each
@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import orjson
 
-from streamer.client import Api, ClientError, _common_parser, run_client, seconds_between
+from streamer.cli.client import Api, ClientError, _common_parser, run_client, seconds_between
 
 CLEAR = "\033[H\033[2J"
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from streamer.fanout import Channel, Item, RateLimitedLog
+from streamer.events.fanout import Channel, Item, RateLimitedLog
 
 log = logging.getLogger("microseg.sink.file")
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple, Protocol
 
-from streamer.fanout import LOST_KEY_PREFIX
+from streamer.events.fanout import LOST_KEY_PREFIX
 
 log = logging.getLogger("microseg.spool")
 

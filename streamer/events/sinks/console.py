@@ -1,6 +1,6 @@
 """The console sink (`--print-events`): one line per record on stdout, for people.
 
-In: a channel of Items. Out: the line `flows observe -o compact` prints (streamer.eventtext),
+In: a channel of Items. Out: the line `flows observe -o compact` prints (streamer.events.text),
 for flow, lost and alert records alike. Writes are synchronous (stdout is a terminal or a pipe
 someone reads).
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from streamer.eventtext import compact_line
-from streamer.fanout import Channel
+from streamer.events.fanout import Channel
+from streamer.events.text import compact_line
 
 
 class ConsoleSink:

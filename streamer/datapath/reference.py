@@ -23,7 +23,7 @@ from enum import IntEnum
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final, Literal
 
-from streamer.policy import Action, DefaultAction, Direction, PolicySet, Protocol, Rule
+from streamer.policy.model import Action, DefaultAction, Direction, PolicySet, Protocol, Rule
 
 __all__ = [
     "ETH_P_8021AD",

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 import orjson
 
-from streamer.policy import PolicyError, PolicySet, Rule, parse_policy_document
-from streamer.reference import Packet, Verdict, judge
+from streamer.datapath.reference import Packet, Verdict, judge
+from streamer.policy.model import PolicyError, PolicySet, Rule, parse_policy_document
 
 log = logging.getLogger("microseg.store")
 
@@ -60,8 +60,8 @@ class ApplyFailed(StoreError):
 
 
 class LiveSession(Protocol):
-    """What a dry run needs of a session (streamer.datapath.Session has it): the flow's first
-    packet and the verdict it holds."""
+    """What a dry run needs of a session (streamer.datapath.datapath.Session has it): the
+    flow's first packet and the verdict it holds."""
 
     @property
     def family(self) -> int: ...

@@ -41,8 +41,8 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
-from streamer.fanout import Channel, Item, LostFactory, RateLimitedLog, count_events
-from streamer.sinks.spool import Dropped, Rec, Record, Spool
+from streamer.events.fanout import Channel, Item, LostFactory, RateLimitedLog, count_events
+from streamer.events.sinks.spool import Dropped, Rec, Record, Spool
 
 log = logging.getLogger("microseg.sink.kafka")
 

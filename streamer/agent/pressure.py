@@ -266,7 +266,7 @@ class PressureWatch:
 class PressureCollector:
     """Rates and alerts (`microseg_rate_per_second`, `microseg_alert_active`,
     `microseg_alerts_total`) from `PressureWatch.snapshot()` at scrape time; the gauges
-    themselves (map fill, half-open sessions, drops) are streamer.metrics'."""
+    themselves (map fill, half-open sessions, drops) are streamer.api.metrics'."""
 
     def __init__(self, watch: PressureWatch) -> None:
         self._watch = watch

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from pydantic.json_schema import models_json_schema
 
-from streamer.policy import MAX_RULE_ID, PolicySet, Rule
+from streamer.policy.model import MAX_RULE_ID, PolicySet, Rule
 
 __all__ = ["SESSION_LIMIT_MAX", "build_openapi"]
 
@@ -658,7 +658,7 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
     return doc
 
 
-# ---- the viewer (streamer/api.py, "the viewer") ----------------------------------------------
+# ---- the viewer (streamer/api/app.py, "the viewer") ----------------------------------------------
 
 
 def _html_response(description: str) -> dict[str, Any]:

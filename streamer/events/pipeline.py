@@ -25,14 +25,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamer.decode import EVENT_SIZE, Packed, decode_batch
-from streamer.enrich import Enricher
-from streamer.fanout import Fanout, Item, Sink, make_item
-from streamer.sinks.console import ConsoleSink
-from streamer.sinks.file import FileSink, FileSinkConfig
-from streamer.sinks.kafka import KafkaSink, KafkaSinkConfig
-from streamer.sinks.websocket import WebSocketConfig, WebSocketHub
-from streamer.source import Source, SourceConfig
+from streamer.events.decode import EVENT_SIZE, Packed, decode_batch
+from streamer.events.enrich import Enricher
+from streamer.events.fanout import Fanout, Item, Sink, make_item
+from streamer.events.sinks.console import ConsoleSink
+from streamer.events.sinks.file import FileSink, FileSinkConfig
+from streamer.events.sinks.kafka import KafkaSink, KafkaSinkConfig
+from streamer.events.sinks.websocket import WebSocketConfig, WebSocketHub
+from streamer.events.source import Source, SourceConfig
 
 log = logging.getLogger("microseg.pipeline")
 
@@ -129,7 +129,7 @@ class Pipeline:
             self.fanout.publish([make_item(self.enricher.lost_record(bad, "decode"), bad)])
 
     def publish_alert(self, fields: dict[str, Any]) -> None:
-        """An `alert` record (see streamer.pressure) into every sink's stream."""
+        """An `alert` record (see streamer.agent.pressure) into every sink's stream."""
         self.fanout.publish([make_item(self.enricher.alert_record(fields), 0)])
 
     def _kernel_lost(self, n: int) -> None:

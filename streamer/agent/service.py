@@ -5,7 +5,7 @@ Start: load the classifier (adopting pinned state), restore the applied set from
 (replacing a previous agent's filters atomically), then serve the API. SIGHUP re-reads the
 policy file as a whole-set replace (a bad file is rejected whole and the live set stays);
 SIGINT/SIGTERM stop cleanly and detach unless --keep-on-exit. Flow events go through the
-pipeline (streamer/pipeline.py) to the events file, Kafka, the API's live feed and stdout.
+pipeline (streamer/events/pipeline.py) to the events file, Kafka, the API's live feed and stdout.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ from typing import Any
 import orjson
 from pyroute2 import config as pyroute2_config
 
-from streamer.compiler import CompileError, compile_policy
-from streamer.datapath import Datapath, DatapathConfig, DatapathError, detach
-from streamer.enrich import Enricher
-from streamer.pipeline import Pipeline, PipelineConfig, register_metrics, tune_gc
-from streamer.policy import DefaultAction, PolicyError, PolicySet, load_policy_file
-from streamer.pressure import AlertChange, PressureCollector, PressureConfig, PressureWatch
-from streamer.sinks.file import DEFAULT_KEEP, DEFAULT_MAX_BYTES, FileSinkConfig
-from streamer.sinks.kafka import DEFAULT_SPOOL_MAX_BYTES, DEFAULT_TOPIC, KafkaSinkConfig
-from streamer.sinks.websocket import WebSocketConfig
-from streamer.store import ChangeResult, PolicyStore, StoreError
+from streamer.agent.pressure import AlertChange, PressureCollector, PressureConfig, PressureWatch
+from streamer.datapath.compiler import CompileError, compile_policy
+from streamer.datapath.datapath import Datapath, DatapathConfig, DatapathError, detach
+from streamer.events.enrich import Enricher
+from streamer.events.pipeline import Pipeline, PipelineConfig, register_metrics, tune_gc
+from streamer.events.sinks.file import DEFAULT_KEEP, DEFAULT_MAX_BYTES, FileSinkConfig
+from streamer.events.sinks.kafka import DEFAULT_SPOOL_MAX_BYTES, DEFAULT_TOPIC, KafkaSinkConfig
+from streamer.events.sinks.websocket import WebSocketConfig
+from streamer.policy.model import DefaultAction, PolicyError, PolicySet, load_policy_file
+from streamer.policy.store import ChangeResult, PolicyStore, StoreError
 
 log = logging.getLogger("microseg.agent")
 # How often expired sessions and fragments are removed (the timeouts themselves are in
@@ -328,7 +328,7 @@ class Agent:
         from prometheus_client import CollectorRegistry
 
         from streamer import __version__
-        from streamer.api import ApiContext, load_or_create_token, start_api
+        from streamer.api.app import ApiContext, load_or_create_token, start_api
 
         cfg = self.config
         token = None if cfg.no_auth else load_or_create_token(cfg.state_dir)
@@ -375,7 +375,7 @@ class Agent:
 
     def _announce_viewer(self, ctx: Any, listen: str) -> None:
         # The one-time sign-in link goes to stdout only, never into the log.
-        from streamer.api import viewer_url
+        from streamer.api.app import viewer_url
 
         cfg = self.config
         print(f"viewer: {viewer_url(ctx, listen)}", flush=True)

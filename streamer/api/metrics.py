@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from streamer.datapath import drops_by_reason
-from streamer.store import PolicyStore
+from streamer.datapath.datapath import drops_by_reason
+from streamer.policy.store import PolicyStore
 
 __all__ = [
     "ApiMetrics",

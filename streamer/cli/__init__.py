@@ -1,0 +1,1 @@
+"""The `microseg` command: its parser and the clients of the admin API."""

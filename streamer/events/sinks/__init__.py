@@ -1,0 +1,1 @@
+"""Where the pipeline's records go: console, file, Kafka (with its spool), WebSocket."""

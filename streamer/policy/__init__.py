@@ -1,0 +1,1 @@
+"""A policy's life: the model and its validation, and the store that applies and persists it."""
