@@ -202,7 +202,7 @@ def run_udp(lab: BenchLab, family: int, seconds: float) -> dict[str, Any]:
 def _ab_argv(mode: str, sides: tuple[BenchLab, BenchLab], family: int, *rest: str) -> list[str]:
     """nettool's two-namespace `mode` (udpab, rrab): each side's peer namespace (where the
     client makes its socket) and host address, then `rest` (port, seconds, ...)."""
-    from streamer.lab.lab import netns_path
+    from streamer.lab.netns import netns_path
 
     argv = [str(nettool()), mode]
     for s in sides:

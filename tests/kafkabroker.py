@@ -80,7 +80,7 @@ def _netns_argv(netns: str | None, argv: list[str]) -> list[str]:
 
 
 def _port_free(port: int, netns: str | None) -> bool:
-    from streamer.lab.lab import netns_socket
+    from streamer.lab.netns import netns_socket
 
     try:
         with netns_socket(netns, socket.AF_INET, socket.SOCK_STREAM) as s:

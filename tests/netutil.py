@@ -5,7 +5,7 @@ is bounded by its `timeout` (default 1 s) and returns a bool instead of raising,
 test reads `assert tcp_connect(...)` / `assert not tcp_connect(...)`.
 
 Sockets are created inside the target namespace by switching only the calling thread
-there for the instant of `socket()` (see `streamer.lab.lab.netns_socket`), so probes cost
+there for the instant of `socket()` (see `streamer.lab.netns.netns_socket`), so probes cost
 microseconds, not a process spawn. Servers run as a thread of the test process; they
 are ready when the constructor returns and must be stopped (they are context managers).
 """
@@ -23,12 +23,11 @@ from types import TracebackType
 from streamer.lab.lab import (
     EchoServer,
     Lab,
-    LabError,
-    netns_socket,
     ping,
     tcp_exchange,
     udp_exchange,
 )
+from streamer.lab.netns import LabError, netns_socket
 
 __all__ = [
     "EchoServer",

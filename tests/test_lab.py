@@ -29,11 +29,9 @@ from streamer.lab.lab import (
     LAB_NET_V4,
     LAB_NET_V6,
     Lab,
-    LabError,
     add_lab_parser,
-    netns_exists,
-    netns_pids,
 )
+from streamer.lab.netns import LabError, netns_exists, netns_pids
 
 
 def _netns_list() -> set[str]:

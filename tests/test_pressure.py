@@ -25,7 +25,8 @@ from netutil import wait_until
 
 from streamer.agent.pressure import AlertChange, PressureConfig, PressureWatch
 from streamer.cli.monitor import render
-from streamer.lab.lab import Lab, netns_socket
+from streamer.lab.lab import Lab
+from streamer.lab.netns import netns_socket
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((ROOT / "docs" / "flow-event.schema.json").read_text())

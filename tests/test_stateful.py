@@ -38,7 +38,8 @@ from streamer.datapath.compiler import compile_policy
 from streamer.datapath.datapath import Datapath, DatapathConfig, detach, prog_fd
 from streamer.datapath.datapath import test_run as bpf_test_run
 from streamer.datapath.reference import Decision, StatefulReference, Timeouts, Verdict
-from streamer.lab.lab import Lab, netns_socket
+from streamer.lab.lab import Lab
+from streamer.lab.netns import netns_socket
 from streamer.policy.model import PolicySet, parse_policy_document
 
 A4, B4 = "10.1.0.1", "10.2.0.2"

@@ -6,15 +6,15 @@ plays the remote side. Every lab has its own names and its own addresses (IPv4 f
 no lab traffic ever leaves the lab's namespaces.
 
 Besides the `Lab` itself this module carries the small in-namespace networking kit the
-lab needs (`netns_socket`, `EchoServer`, `tcp_exchange`, `udp_exchange`, `ping`), the
-`microseg lab up|down|show|traffic` commands, and `add_lab_parser` to register them.
+lab needs (`EchoServer`, `tcp_exchange`, `udp_exchange`, `ping`; entering a namespace is
+`streamer.lab.netns`), the `microseg lab up|down|show|traffic` commands, and
+`add_lab_parser` to register them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import ipaddress
 import json
@@ -28,14 +28,23 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-NETNS_DIR = Path("/run/netns")
+from streamer.lab.netns import (
+    LabError,
+    kill_pids,
+    netns_exists,
+    netns_id,
+    netns_socket,
+    pids_in_netns,
+    write_sysctl,
+)
+
 DEFAULT_STATE_FILE = Path("/run/microseg/lab.json")
 
 # Labs only ever use these ranges; `Lab.load` refuses anything else so a tampered
@@ -46,135 +55,10 @@ LAB_SLOTS = 512  # number of /24s in 198.18.0.0/15
 
 IFNAMSIZ = 15
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,12}$")  # + "-h" stays <= 15
-_CLONE_NEWNET = 0x40000000
 _IFA_F_NODAD = 0x02
 
 DEMO_TCP_PORTS = (22, 80, 443, 5432)
 DEMO_UDP_PORTS = (53,)
-
-
-class LabError(RuntimeError):
-    """A lab could not be created, found, loaded or removed; the message says why."""
-
-
-# --------------------------------------------------------------------------- netns
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns failed: {os.strerror(err)}")
-
-
-def netns_path(name: str) -> Path:
-    """Path of the bind mount that keeps named netns `name` alive (as `ip netns` uses)."""
-    return NETNS_DIR / name
-
-
-def netns_exists(name: str) -> bool:
-    """True when a named network namespace `name` exists."""
-    return netns_path(name).exists()
-
-
-@contextlib.contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Switch the calling thread (only) into named netns `name` for the `with` body.
-
-    Keep the body minimal: sockets created inside stay bound to `name` for life, so the
-    usual pattern is to create the socket in here and use it outside.
-    """
-    try:
-        target = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise LabError(f"network namespace {name!r} does not exist") from None
-    try:
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(target)
-            try:
-                yield
-            finally:
-                # Failing to return would leave this thread in the wrong namespace for
-                # good; nothing sane can continue after that.
-                _setns(own)
-        finally:
-            os.close(own)
-    finally:
-        os.close(target)
-
-
-def netns_socket(ns: str | None, family: int, type_: int, proto: int = 0) -> socket.socket:
-    """A socket living in named netns `ns` (None: the caller's own namespace)."""
-    if ns is None:
-        return socket.socket(family, type_, proto)
-    with in_netns(ns):
-        return socket.socket(family, type_, proto)
-
-
-def _ns_id(name: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(netns_path(name))
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _pids_in(ns_ids: set[tuple[int, int]]) -> list[int]:
-    """Pids (never our own) of processes whose netns is one of `ns_ids` (nsfs dev, ino)."""
-    pids: list[int] = []
-    if not ns_ids:
-        return pids
-    me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            st = os.stat(f"/proc/{entry.name}/ns/net")
-        except OSError:
-            continue  # exited meanwhile, or a kernel thread
-        if (st.st_dev, st.st_ino) in ns_ids:
-            pids.append(int(entry.name))
-    return pids
-
-
-def netns_pids(name: str) -> list[int]:
-    """Pids of processes whose network namespace is named netns `name` (never our own)."""
-    ns_id = _ns_id(name)
-    return _pids_in({ns_id}) if ns_id else []
-
-
-def _kill(pids: list[int], grace: float = 1.0) -> None:
-    """SIGTERM `pids`, then SIGKILL whatever still runs after `grace` seconds."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while pids and time.monotonic() < deadline:
-            pids = [p for p in pids if _alive(p)]
-            if pids:
-                time.sleep(0.02)
-        if not pids:
-            return
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            # A zombie is already dead for our purposes (its parent reaps it).
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError, ProcessLookupError):
-        return False
-
-
-def _write_sysctl(ns: str, key: str, value: str) -> None:
-    # /proc/sys/net resolves against the opening thread's netns, hence the switch.
-    path = "/proc/sys/" + key.replace(".", "/")
-    with in_netns(ns), open(path, "w", encoding="ascii") as f:
-        f.write(value)
 
 
 # ----------------------------------------------------------------------------- lab
@@ -298,9 +182,9 @@ class Lab:
             for ns in (self.host_ns, self.peer_ns):
                 # Addresses get `nodad` below; this covers the link-local ones too, so
                 # IPv6 (including neighbour discovery) works the moment links are up.
-                _write_sysctl(ns, "net.ipv6.conf.all.accept_dad", "0")
-                _write_sysctl(ns, "net.ipv6.conf.default.accept_dad", "0")
-                _write_sysctl(ns, "net.ipv6.conf.default.router_solicitations", "0")
+                write_sysctl(ns, "net.ipv6.conf.all.accept_dad", "0")
+                write_sysctl(ns, "net.ipv6.conf.default.accept_dad", "0")
+                write_sysctl(ns, "net.ipv6.conf.default.router_solicitations", "0")
             with IPRoute(netns=self.host_ns) as ipr:
                 ipr.link(
                     "add",
@@ -359,8 +243,8 @@ class Lab:
 
     def destroy(self) -> None:
         """Remove both namespaces, the veth pair and any process left inside. Idempotent."""
-        ns_ids = {i for ns in (self.host_ns, self.peer_ns) if (i := _ns_id(ns)) is not None}
-        _kill(_pids_in(ns_ids))
+        ns_ids = {i for ns in (self.host_ns, self.peer_ns) if (i := netns_id(ns)) is not None}
+        kill_pids(pids_in_netns(ns_ids))
         if netns_exists(self.host_ns):
             # Deleting the veth explicitly makes it vanish now, even if some socket still
             # pins the namespace (netns teardown would otherwise be deferred).
@@ -374,7 +258,7 @@ class Lab:
             self._remove_netns(ns)
         # A process caught entering a namespace while we looked (`ip netns exec` between
         # open() and setns()) shows up only now, and would keep the namespace alive.
-        _kill(_pids_in(ns_ids))
+        kill_pids(pids_in_netns(ns_ids))
 
     def exists(self) -> bool:
         """True when both namespaces of this lab are still there."""
