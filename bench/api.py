@@ -223,7 +223,7 @@ class ApiBench:
         self.targets = [lab.host_v4, lab.host_v6]
 
     def _passes(self, i: int, timeout: float) -> bool:
-        from streamer.lab.lab import tcp_exchange
+        from streamer.lab.probes import tcp_exchange
 
         return tcp_exchange(self.agent.lab.peer_ns, self.targets[i % 2], PORT, timeout)
 
@@ -468,7 +468,7 @@ def run_api_bench(settings: ApiSettings, progress: Callable[[str], None]) -> dic
         agent.start()
         client = Client(agent.port)
         bench = ApiBench(settings, agent, client)
-        from streamer.lab.lab import EchoServer
+        from streamer.lab.probes import EchoServer
 
         with EchoServer(agent.lab.host_ns, [PORT]).start():
             writes = []

@@ -20,14 +20,9 @@ import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
-from streamer.lab.lab import (
-    EchoServer,
-    Lab,
-    ping,
-    tcp_exchange,
-    udp_exchange,
-)
+from streamer.lab.lab import Lab
 from streamer.lab.netns import LabError, netns_socket
+from streamer.lab.probes import EchoServer, ping, tcp_exchange, udp_exchange
 
 __all__ = [
     "EchoServer",
