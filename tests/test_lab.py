@@ -25,12 +25,8 @@ from netutil import (
     wait_until,
 )
 
-from streamer.lab.lab import (
-    LAB_NET_V4,
-    LAB_NET_V6,
-    Lab,
-    add_lab_parser,
-)
+from streamer.cli.lab import add_lab_parser
+from streamer.lab.lab import LAB_NET_V4, LAB_NET_V6, Lab
 from streamer.lab.netns import LabError, netns_exists, netns_pids
 
 
@@ -294,7 +290,7 @@ def test_cli_bad_input_is_a_clear_error(tmp_path: Path,
 
 def test_module_entry_point(tmp_path: Path) -> None:
     state = str(tmp_path / "lab.json")
-    py = [sys.executable, "-m", "streamer.lab.lab"]
+    py = [sys.executable, "-m", "streamer.cli.lab"]
     host_ns = ""
     try:
         out = subprocess.run([*py, "up", "--state-file", state], capture_output=True,

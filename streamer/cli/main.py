@@ -17,10 +17,10 @@ from pathlib import Path
 from streamer import __version__
 from streamer.agent.pressure import PressureConfig
 from streamer.cli.client import add_client_parsers, seconds_between
+from streamer.cli.lab import add_lab_parser
 from streamer.cli.monitor import add_monitor_parser
 from streamer.cli.observe import add_flow_parsers
 from streamer.datapath.reference import Timeouts
-from streamer.lab.lab import add_lab_parser
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
