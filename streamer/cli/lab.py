@@ -3,7 +3,7 @@
 In: the parsed flags (and the lab state file they name). Out: a lab created, shown, driven
 with demo traffic or removed, its description on stdout, errors as one `microseg lab:
 error:` line on stderr, and the exit status. The lab itself is `streamer.lab.lab`, the
-demo traffic `streamer.lab.lab.run_traffic`. `python -m streamer.cli.lab ...` runs the
+demo traffic `streamer.lab.traffic`. `python -m streamer.cli.lab ...` runs the
 same commands without the rest of `microseg`.
 """
 
@@ -22,8 +22,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from streamer.lab.lab import DEFAULT_STATE_FILE, LAB_SLOTS, Lab, run_traffic
+from streamer.lab.lab import DEFAULT_STATE_FILE, LAB_SLOTS, Lab
 from streamer.lab.netns import LabError
+from streamer.lab.traffic import run_traffic
 
 
 def _err(msg: str) -> int:

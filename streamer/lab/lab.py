@@ -5,9 +5,12 @@ plays the remote side. Every lab has its own names and its own addresses (IPv4 f
 198.18.0.0/15, IPv6 from fd6d:7365:67::/48), so several labs can live side by side and
 no lab traffic ever leaves the lab's namespaces.
 
-Besides the `Lab` itself this module carries the demo traffic (`run_traffic`); entering a
-namespace is `streamer.lab.netns`, the echo servers and probes the traffic uses
-`streamer.lab.probes`, and the `microseg lab` command `streamer.cli.lab`.
+In: a name prefix and an address slot (or none: random ones), or a state file. Out: the
+namespaces, veth pair and addresses built (`Lab.create`) and removed (`Lab.destroy`, which
+also stops whatever still runs inside), and the lab's description as text, a dict or a
+state file. Entering a namespace is `streamer.lab.netns`, the echo servers and probes
+`streamer.lab.probes`, the demo traffic `streamer.lab.traffic`, and the `microseg lab`
+command `streamer.cli.lab`.
 """
 
 from __future__ import annotations
@@ -19,10 +22,7 @@ import json
 import os
 import re
 import secrets
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -36,7 +36,6 @@ from streamer.lab.netns import (
     pids_in_netns,
     write_sysctl,
 )
-from streamer.lab.probes import EchoServer, ping, tcp_exchange, udp_exchange
 
 DEFAULT_STATE_FILE = Path("/run/microseg/lab.json")
 
@@ -49,12 +48,6 @@ LAB_SLOTS = 512  # number of /24s in 198.18.0.0/15
 IFNAMSIZ = 15
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,12}$")  # + "-h" stays <= 15
 _IFA_F_NODAD = 0x02
-
-DEMO_TCP_PORTS = (22, 80, 443, 5432)
-DEMO_UDP_PORTS = (53,)
-
-
-# ----------------------------------------------------------------------------- lab
 
 
 def _slot_v4(slot: int) -> tuple[str, str]:
@@ -356,69 +349,3 @@ class Lab:
                 f"  {self.peer_v4}/{self.V4_PREFIXLEN}  {self.peer_v6}/{self.V6_PREFIXLEN}",
             ]
         )
-
-
-@dataclass(frozen=True)
-class _Attempt:
-    kind: str  # tcp / udp / ping
-    dst: str
-    port: int
-
-    def label(self, src: str) -> str:
-        dst = f"[{self.dst}]" if ":" in self.dst else self.dst
-        where = f"{dst}:{self.port}" if self.kind != "ping" else dst
-        return f"{self.kind:<4} {src} -> {where}"
-
-
-def run_traffic(
-    lab: Lab,
-    *,
-    duration: float,
-    count: int = 0,
-    interval: float = 2.0,
-    timeout: float = 1.0,
-    out: Callable[[str], None] = print,
-    stop: threading.Event | None = None,
-) -> dict[str, int]:
-    """Serve the demo ports in `lab.host_ns` and probe them from `lab.peer_ns`.
-
-    Rounds run every `interval` s until `duration` s pass, `count` rounds are done
-    (0: no round limit) or `stop` is set. Each attempt is reported via `out` as one
-    line ending in "ok" or "blocked". Returns {"ok": n, "blocked": m}.
-    """
-    stop = stop or threading.Event()
-    attempts: list[tuple[_Attempt, str]] = []
-    for src, dst in ((lab.peer_v4, lab.host_v4), (lab.peer_v6, lab.host_v6)):
-        attempts += [(_Attempt("tcp", dst, p), src) for p in DEMO_TCP_PORTS]
-        attempts += [(_Attempt("udp", dst, p), src) for p in DEMO_UDP_PORTS]
-        attempts.append((_Attempt("ping", dst, 0), src))
-
-    def probe(a: _Attempt) -> bool:
-        if a.kind == "tcp":
-            return tcp_exchange(lab.peer_ns, a.dst, a.port, timeout)
-        if a.kind == "udp":
-            return udp_exchange(lab.peer_ns, a.dst, a.port, timeout)
-        return ping(lab.peer_ns, a.dst, timeout)
-
-    totals = {"ok": 0, "blocked": 0}
-    end = time.monotonic() + duration
-    rounds = 0
-    with (
-        EchoServer(lab.host_ns, DEMO_TCP_PORTS, DEMO_UDP_PORTS),
-        ThreadPoolExecutor(max_workers=len(attempts)) as pool,
-    ):
-        while not stop.is_set() and time.monotonic() < end and (count == 0 or rounds < count):
-            started = time.monotonic()
-            rounds += 1
-            results = list(pool.map(probe, [a for a, _ in attempts]))
-            stamp = time.strftime("%H:%M:%S")
-            for (a, src), ok in zip(attempts, results, strict=True):
-                verdict = "ok" if ok else "blocked"
-                totals[verdict] += 1
-                out(f"{stamp} round {rounds:<4} {a.label(src):<52} {verdict}")
-            if count and rounds >= count:
-                break
-            stop.wait(
-                max(0.0, min(interval - (time.monotonic() - started), end - time.monotonic()))
-            )
-    return totals
