@@ -5,9 +5,13 @@ chromedriver) against a real agent on the lab, with real traffic.
   cookie; the cookie reads but never writes; no code, token or cookie reaches the agent's log.
 - Denied and logged flows appear as rows with the right fields within a second.
 - Each filter (verdict, address/CIDR, port, protocol, rule) narrows the rows; pause holds them.
+- What is on screen, at 1024 to 1920 px wide: every column is displayed with a readable width
+  inside the window, headers unclipped, a denied row's rule cell reads "1002 no-ssh" in full;
+  the side panel is beside the table, or below it when the window is narrow; no sideways scroll.
 - A forced gap (a one-page ring buffer overflowed by a burst) shows in the lost counter, equal to
   what the agent counted.
-- At 1,000 events/s the page keeps answering, keeps the table capped and counts every event.
+- At 1,000 events/s the page keeps answering, keeps the table capped and counts every event;
+  the full table scrolls in its own box, its column headers and the side panel staying in view.
 
 A screenshot goes to tests/artifacts/viewer.png (and to docs/viewer.png, the README's, when
 MICROSEG_DOCS_SCREENSHOT=1).
@@ -332,6 +336,104 @@ def test_each_filter_narrows_the_rows_and_pause_holds_them(
     assert wait_until(lambda: str(sport) in {r["sport"] for r in flow_rows(browser)}, 2)
 
 
+HEADERS = ["time (UTC)", "verdict", "direction", "source", "src port", "destination",
+           "dst port", "protocol", "rule", "packets", "bytes"]  # streamer/viewer/index.html
+WIDTHS = (1024, 1280, 1400, 1920)
+SIDE_BY_SIDE = 1360  # from this width the side panel is beside the table (style.css)
+MIN_CELL_PX = 40     # any column: more than a couple of characters
+READABLE_PX = 100    # source, destination, rule: about 13 characters of the cells' monospace
+
+GEOMETRY_JS = """
+const box = (el) => { const r = el.getBoundingClientRect();
+  return {left: r.left, right: r.right, top: r.top, bottom: r.bottom, width: r.width,
+          height: r.height, scrollWidth: el.scrollWidth, clientWidth: el.clientWidth}; };
+const tr = [...document.querySelectorAll('#rows tr')].find(
+  (t) => t.querySelector('td.c-sport')?.textContent === arguments[0]);
+const doc = document.documentElement;
+return {viewport: doc.clientWidth,  // without a vertical scrollbar
+        pageScrollWidth: doc.scrollWidth,
+        section: box(document.querySelector('section.table')),
+        aside: box(document.querySelector('aside')), map: box(document.getElementById('map')),
+        heads: [...document.querySelectorAll('#flows thead th')].map(box),
+        cells: tr ? Object.fromEntries([...tr.cells].map((td) => [td.className.slice(2), box(td)]))
+                  : null};
+"""
+
+
+def window_width(driver: WebDriver) -> int:
+    """The layout viewport's width, scrollbar included (the media queries' width)."""
+    return int(driver.execute_script("return window.innerWidth"))
+
+
+def test_every_column_is_displayed_readably_at_common_window_widths(
+    agent: AgentProcess, browser: WebDriver, module_lab: Lab
+) -> None:
+    """What a person sees, not the DOM: rendered sizes and positions (getBoundingClientRect,
+    scrollWidth against clientWidth for clipped text) and Selenium's rendered text, for a real
+    denied IPv6 row (the longest addresses), at several window widths."""
+    lab = module_lab
+    sign_in(browser, mint_link(agent))
+    sport = str(syn(lab, "v6", 22))
+    assert wait_until(lambda: sport in {r["sport"] for r in flow_rows(browser)}, 5)
+    browser.find_element(By.ID, "pause").click()  # the rows stay put while they are measured
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        for width in WIDTHS:
+            browser.set_window_size(width, 900)
+            assert wait_until(lambda w=width: window_width(browser) == w, 3)
+            time.sleep(0.3)
+            browser.save_screenshot(str(ARTIFACTS / f"viewer-{width}.png"))
+            g = browser.execute_script(GEOMETRY_JS, sport)
+            assert g["cells"], f"{width} px: the denied row is not in the table"
+            at = f"{width} px wide"
+            # The visible part of the table: the section's box, within the window.
+            sec = g["section"]
+            lo = max(0.0, sec["left"])
+            hi = min(float(g["viewport"]), sec["left"] + sec["clientWidth"])
+            # Horizontal scrolling is a last resort, not needed at these widths.
+            assert sec["scrollWidth"] <= sec["clientWidth"], (at, sec)
+            assert g["pageScrollWidth"] <= g["viewport"], (at, g["pageScrollWidth"])
+
+            heads = browser.find_elements(By.CSS_SELECTOR, "#flows thead th")
+            assert [h.text for h in heads] == HEADERS, at  # rendered text: nothing hidden
+            for name, box in zip(HEADERS, g["heads"], strict=True):
+                assert box["width"] >= MIN_CELL_PX, (at, name, box)
+                assert lo - 0.5 <= box["left"] and box["right"] <= hi + 0.5, (at, name, box, lo, hi)
+                assert box["scrollWidth"] <= box["clientWidth"], (at, f"{name!r} clipped", box)
+            for cls, box in g["cells"].items():
+                assert box["width"] >= MIN_CELL_PX, (at, cls, box)
+                assert lo - 0.5 <= box["left"] and box["right"] <= hi + 0.5, (at, cls, box, lo, hi)
+                if cls not in ("src", "dst"):  # addresses may be ellipsised, not the rest
+                    assert box["scrollWidth"] <= box["clientWidth"], (at, f"{cls} clipped", box)
+            for cls in ("src", "dst", "rule"):
+                assert g["cells"][cls]["width"] >= READABLE_PX, (at, cls, g["cells"][cls])
+
+            row = browser.find_element(
+                By.XPATH, f"//tbody[@id='rows']/tr[td[@class='c-sport' and text()='{sport}']]")
+            shown = {c: row.find_element(By.CSS_SELECTOR, f"td.c-{c}").text
+                     for c in ("verdict", "src", "dst", "dport", "rule")}
+            assert shown["rule"] == "1002 no-ssh", (at, shown)
+            assert (shown["verdict"], shown["dport"]) == ("deny", "22"), (at, shown)
+            assert shown["src"] == lab.peer_v6 and shown["dst"] == lab.host_v6, (at, shown)
+            if width >= 1920:  # room for whole IPv6 addresses
+                for cls in ("src", "dst"):
+                    box = g["cells"][cls]
+                    assert box["scrollWidth"] <= box["clientWidth"], (at, f"{cls} clipped", box)
+
+            # The side panel: beside the table when there is room, else below it; never over it.
+            aside, m = g["aside"], g["map"]
+            if width >= SIDE_BY_SIDE:
+                assert sec["right"] <= aside["left"], (at, aside, sec)
+                assert aside["right"] <= g["viewport"], (at, aside)
+            else:
+                assert aside["top"] >= sec["bottom"], (at, aside, sec)
+            assert m["width"] >= 200 and m["right"] <= g["viewport"], (at, m)
+    finally:
+        browser.set_window_size(1400, 900)
+        browser.find_element(By.ID, "pause").click()
+    assert wait_until(lambda: window_width(browser) == 1400, 3)
+
+
 def test_page_keeps_up_at_1000_events_per_second(
     agent: AgentProcess, browser: WebDriver, module_lab: Lab
 ) -> None:
@@ -361,6 +463,27 @@ def test_page_keeps_up_at_1000_events_per_second(
     assert lag and lag[len(lag) // 2] < 500, f"timer lag median {lag[len(lag) // 2]:.0f} ms"
     assert browser.execute_script("return window.__rateMax") > 200
     assert text(browser, "lost") == "0"
+
+    # A full table scrolls in its own box: scrolled to its last row, the column headers and the
+    # side panel are still on screen (1400 x 900).
+    browser.find_element(By.ID, "pause").click()
+    try:
+        seen = browser.execute_script("""
+          const sec = document.querySelector('section.table');
+          sec.scrollTop = sec.scrollHeight;
+          const top = (el) => el.getBoundingClientRect().top;
+          const rows = document.querySelectorAll('#rows tr');
+          return {scrolled: sec.scrollTop, box: top(sec), head: top(document.querySelector('th')),
+                  last: rows[rows.length - 1].getBoundingClientRect().bottom,
+                  bottom: sec.getBoundingClientRect().bottom,
+                  aside: top(document.querySelector('aside')), height: window.innerHeight};""")
+        assert seen["scrolled"] > 0, seen
+        assert abs(seen["head"] - seen["box"]) <= 1, seen  # the headers stuck at the top
+        assert seen["last"] <= seen["bottom"] <= seen["height"], seen
+        assert 0 <= seen["aside"] < seen["height"], seen
+        assert browser.find_element(By.CSS_SELECTOR, "#flows th:nth-child(9)").text == "rule"
+    finally:
+        browser.find_element(By.ID, "pause").click()
 
 
 def test_lost_counter_shows_a_forced_gap(

@@ -308,9 +308,11 @@
     `<td class="c-${cls}"${title ? ` title="${esc(title)}"` : ""}>${esc(v)}</td>`;
 
   function row(ev) {
+    // Cells that may be ellipsised (addresses, rule, messages) carry their whole text as a title.
     if (ev.type === "alert") {
+      const msg = `ALERT ${ev.alert} ${ev.state} (${ev.severity}): ${ev.message}`;
       return `<tr class="alert a-${esc(ev.severity)}" data-seq="${esc(ev.seq)}"><td class="c-time">${esc(timeOf(ev.time))}</td>` +
-        `<td colspan="10">ALERT ${esc(ev.alert)} ${esc(ev.state)} (${esc(ev.severity)}): ${esc(ev.message)}</td></tr>`;
+        `<td colspan="10" title="${esc(msg)}">${esc(msg)}</td></tr>`;
     }
     if (ev.type === "lost") {
       const range = ev.first_seq ? ` (seq ${ev.first_seq}..${ev.seq})` : "";
@@ -318,12 +320,13 @@
         `<td colspan="10">${esc(ev.lost)} events lost at ${esc(ev.stage)}${esc(range)}</td></tr>`;
     }
     const r = ev.rule;
+    const rule = r ? `${r.rule_id} ${r.name || ""}`.trim() : "default";
     return `<tr class="v-${esc(ev.verdict)}" data-seq="${esc(ev.seq)}" data-verdict="${esc(ev.verdict)}">` +
       cell("time", timeOf(ev.time), ev.time) + cell("verdict", ev.verdict) +
-      cell("dir", ev.direction) + cell("src", ev.src_ip) + cell("sport", ev.src_port ?? "") +
-      cell("dst", ev.dst_ip) + cell("dport", ev.dst_port ?? "") +
+      cell("dir", ev.direction) + cell("src", ev.src_ip, ev.src_ip) + cell("sport", ev.src_port ?? "") +
+      cell("dst", ev.dst_ip, ev.dst_ip) + cell("dport", ev.dst_port ?? "") +
       cell("proto", ev.protocol, ev.tcp_flags || "") +
-      cell("rule", r ? `${r.rule_id} ${r.name || ""}`.trim() : "default", r ? `priority ${r.priority}, ${r.action}` : "") +
+      cell("rule", rule, r ? `${rule}: priority ${r.priority}, ${r.action}` : "the policy's default action") +
       cell("pkts", ev.packets) + cell("bytes", ev.bytes) + "</tr>";
   }
 
