@@ -1,4 +1,4 @@
-"""The admin API (streamer/api/app.py) through aiohttp's test client, against a real PolicyStore in
+"""The admin API (streamer/api/) through aiohttp's test client, against a real PolicyStore in
 tmp_path and the real classifier (the session's `datapath`), so "enforced when answered" is
 checked with BPF_PROG_TEST_RUN verdicts right after each response.
 
@@ -30,16 +30,12 @@ from conftest import kernel_retval
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamer.api.app import (
-    SMALL_BODY_LIMIT,
-    ApiContext,
-    ApiSetupError,
-    ListenAddress,
-    load_or_create_token,
-    make_app,
-    parse_listen,
-    start_api,
-)
+from streamer.api.app import make_app
+from streamer.api.context import ApiContext, ApiSetupError
+from streamer.api.listen import ListenAddress, parse_listen
+from streamer.api.params import SMALL_BODY_LIMIT
+from streamer.api.serve import start_api
+from streamer.api.tokens import load_or_create_token
 from streamer.datapath.compiler import compile_policy
 from streamer.datapath.datapath import TC_ACT_OK, Datapath
 from streamer.datapath.reference import Packet

@@ -28,8 +28,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from streamer.api.app import ApiContext, start_api
+from streamer.api.context import ApiContext
 from streamer.api.openapi import build_openapi
+from streamer.api.serve import start_api
 from streamer.datapath.compiler import compile_policy
 from streamer.datapath.datapath import Datapath
 from streamer.policy.model import PolicySet

@@ -511,7 +511,7 @@ def test_lost_counter_shows_a_forced_gap(
 
 
 def test_sign_in_codes_expire_work_once_and_are_bounded() -> None:
-    from streamer.api.app import ViewerAuth
+    from streamer.api.signin import ViewerAuth
 
     now = [1000.0]
     auth = ViewerAuth(code_ttl=60, session_ttl=3600, max_codes=3, max_sessions=2,

@@ -328,7 +328,9 @@ class Agent:
         from prometheus_client import CollectorRegistry
 
         from streamer import __version__
-        from streamer.api.app import ApiContext, load_or_create_token, start_api
+        from streamer.api.context import ApiContext
+        from streamer.api.serve import start_api
+        from streamer.api.tokens import load_or_create_token
 
         cfg = self.config
         token = None if cfg.no_auth else load_or_create_token(cfg.state_dir)
@@ -375,7 +377,7 @@ class Agent:
 
     def _announce_viewer(self, ctx: Any, listen: str) -> None:
         # The one-time sign-in link goes to stdout only, never into the log.
-        from streamer.api.app import viewer_url
+        from streamer.api.viewer import viewer_url
 
         cfg = self.config
         print(f"viewer: {viewer_url(ctx, listen)}", flush=True)

@@ -658,7 +658,7 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
     return doc
 
 
-# ---- the viewer (streamer/api/app.py, "the viewer") ----------------------------------------------
+# ---- the viewer (streamer/api/viewer.py) ---------------------------------------------------------
 
 
 def _html_response(description: str) -> dict[str, Any]:

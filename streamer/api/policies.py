@@ -1,0 +1,174 @@
+"""The policy routes: `/api/v1/policies` (list, add, replace the whole set), `.../reload` and
+`.../{rule_id}` (get with its counters, update, delete).
+
+In: requests, the `PolicyStore` and the datapath (for a rule's counters) of the `ApiContext`.
+Out: the rules as JSON. Writes go through the store and are answered only once the change is
+enforced in the kernel and saved; they carry the new generation in `X-Policy-Generation`, and
+with `?dry_run=1` answer what would change without changing it. A request cancelled mid-write
+does not cancel the write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+
+import orjson
+from aiohttp import web
+
+from streamer.api.context import (
+    ACTOR,
+    API_PREFIX,
+    CTX,
+    ApiError,
+    json_response,
+    short,
+    wall_time,
+)
+from streamer.api.params import (
+    SMALL_BODY_LIMIT,
+    WHOLE_SET_BODY_LIMIT,
+    dry_run_param,
+    path_rule_id,
+    query_params,
+    read_json,
+    validate_rule,
+    validate_set,
+)
+from streamer.policy.store import ChangeResult, PolicyStore
+
+__all__ = [
+    "add_policy",
+    "delete_policy",
+    "get_policy",
+    "list_policies",
+    "reload_policies",
+    "replace_policies",
+    "update_policy",
+]
+
+
+async def _write(coro: Awaitable[ChangeResult]) -> ChangeResult:
+    """Await a store change; if the request is cancelled, the change still completes (the
+    store's lock stays held until the kernel and disk agree)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        raise
+
+
+def _generation_header(result: ChangeResult) -> dict[str, str]:
+    return {"X-Policy-Generation": str(result.generation)}
+
+
+def _policy_list(store: PolicyStore) -> bytes:
+    policy, generation = store.policy, store.generation
+    return orjson.dumps(
+        {
+            "policies": [r.to_api() for r in policy.policies],
+            "count": len(policy.policies),
+            "default_action": policy.default_action.value,
+            "generation": generation,
+        }
+    )
+
+
+async def list_policies(request: web.Request) -> web.Response:
+    query_params(request)
+    store = request.app[CTX].store
+    if len(store.policy.policies) > 5000:
+        body = await asyncio.to_thread(_policy_list, store)
+    else:
+        body = _policy_list(store)
+    return web.Response(body=body, content_type="application/json")
+
+
+async def add_policy(request: web.Request) -> web.Response:
+    dry_run = dry_run_param(request)
+    ctx = request.app[CTX]
+    rule = validate_rule(await read_json(request, SMALL_BODY_LIMIT))
+    result = await _write(ctx.store.add(rule, request[ACTOR], dry_run))
+    headers = _generation_header(result)
+    if dry_run:
+        return json_response(result.to_api(), 200, headers)
+    headers["Location"] = f"{API_PREFIX}/policies/{rule.rule_id}"
+    return json_response(rule.to_api(), 201, headers)
+
+
+async def replace_policies(request: web.Request) -> web.Response:
+    dry_run = dry_run_param(request)
+    ctx = request.app[CTX]
+    data = await read_json(request, WHOLE_SET_BODY_LIMIT)
+    rules = data.get("policies") if isinstance(data, dict) else None
+    if isinstance(rules, list) and len(rules) > 1000:
+        policy = await asyncio.to_thread(validate_set, data)
+    else:
+        policy = validate_set(data)
+    result = await _write(ctx.store.replace(policy, request[ACTOR], dry_run))
+    size = len(result.added) + len(result.removed) + len(result.changed)
+    if size > 5000:
+        body = await asyncio.to_thread(lambda: orjson.dumps(result.to_api()))
+        return web.Response(
+            body=body, content_type="application/json", headers=_generation_header(result)
+        )
+    return json_response(result.to_api(), 200, _generation_header(result))
+
+
+async def reload_policies(request: web.Request) -> web.Response:
+    query_params(request)
+    ctx = request.app[CTX]
+    if ctx.reload is None:
+        raise ApiError(404, "this agent has no policy file to reload")
+    result = await _write(ctx.reload(request[ACTOR]))
+    return json_response(result.to_api(), 200, _generation_header(result))
+
+
+async def get_policy(request: web.Request) -> web.Response:
+    rule_id = path_rule_id(request)
+    query_params(request)
+    ctx = request.app[CTX]
+    rule = ctx.store.policy.get(rule_id)
+    if rule is None:
+        raise ApiError(404, f"no rule with rule_id {rule_id}")
+    counters = ctx.datapath.rule_counters(rule_id)
+    return json_response(
+        {
+            **rule.to_api(),
+            "packets": int(counters.packets),
+            "bytes": int(counters.bytes),
+            "last_hit": wall_time(int(counters.last_hit_ns)),
+        }
+    )
+
+
+async def update_policy(request: web.Request) -> web.Response:
+    rule_id = path_rule_id(request)
+    dry_run = dry_run_param(request)
+    ctx = request.app[CTX]
+    data = await read_json(request, SMALL_BODY_LIMIT)
+    if isinstance(data, dict):
+        if "rule_id" in data and not (type(data["rule_id"]) is int and data["rule_id"] == rule_id):
+            raise ApiError(
+                400,
+                f"rule_id: the body's rule_id ({short(orjson.dumps(data['rule_id']).decode())})"
+                f" is not the path's ({rule_id}): a rule's id cannot change; delete the rule "
+                "and add a new one",
+            )
+        data = {**data, "rule_id": rule_id}
+    rule = validate_rule(data)
+    result = await _write(ctx.store.update(rule, request[ACTOR], dry_run))
+    if dry_run:
+        return json_response(result.to_api(), 200, _generation_header(result))
+    return json_response(rule.to_api(), 200, _generation_header(result))
+
+
+async def delete_policy(request: web.Request) -> web.Response:
+    rule_id = path_rule_id(request)
+    dry_run = dry_run_param(request)
+    ctx = request.app[CTX]
+    result = await _write(ctx.store.delete(rule_id, request[ACTOR], dry_run))
+    if dry_run:
+        return json_response(result.to_api(), 200, _generation_header(result))
+    return json_response(result.removed[0].to_api(), 200, _generation_header(result))
