@@ -522,10 +522,6 @@ static __always_inline void count_transitions(struct ms_counters *ctr, __u32 tr)
         ctr->c[C_CLOSED_SESSIONS]++;
 }
 
-/* The tuple-space search for one family: the winning rule in *out, or out->score 0 (none).
- * Stored scores are the rule's score + 1, so 0 means "no match". *out must be map memory (the
- * scratch entry): the verifier does not track its contents, so the paths through the loop
- * (match or not, at each shape) stay one state instead of doubling per shape. */
 static __always_inline __u64 ms_mix(__u64 h)
 {
     h ^= h >> 33;
@@ -552,11 +548,19 @@ static __always_inline int bloom_maybe(struct ms_shape *s, __u64 h)
     return w && ((*w >> (bit & 63)) & 1);
 }
 
-static __always_inline __u32 judge4(struct ms_pkt *p, __u32 bank, __u32 n, struct ms_rule_val *out)
+/* The tuple-space search for one family: the winning rule in *out, or out->score 0 (none).
+ * Stored scores are the rule's score + 1, so 0 means "no match". *out must be map memory (the
+ * scratch entry): the verifier does not track its contents, so the paths through the loop
+ * (match or not, at each shape) stay one state instead of doubling per shape.
+ * family is a constant (4 or 6) at each call: once inlined, the compiler folds the family
+ * branches away, so each family gets its own loop, the same code as two hand-written copies. */
+static __always_inline __u32 judge_family(struct ms_pkt *p, __u32 bank, __u32 n,
+                                          struct ms_rule_val *out, const int family)
 {
-    struct ms_rule_key4 k = {};
+    struct ms_rule_key4 k4 = {};
+    struct ms_rule_key6 k6 = {};
     out->score = 0;
-    __u32 base = bank * 2 * MS_MAX_SHAPES;
+    __u32 base = (bank * 2 + (family == 6)) * MS_MAX_SHAPES;
     /* The verifier must see the loop's constant bound on every path: keep the compiler from
      * folding the two exits into one comparison against the unknown n. */
     asm volatile("" : "+r"(n));
@@ -570,63 +574,43 @@ static __always_inline __u32 judge4(struct ms_pkt *p, __u32 bank, __u32 n, struc
         struct ms_shape *s = shapes.lookup(&idx);
         if (!s || out->score >= s->max_score)
             break;
-        k.shape = bank * MS_MAX_SHAPES + i;
-        k.dir = p->dir;
-        k.proto = p->proto & s->proto_mask;
-        k.sport = p->sport & s->sport_mask;
-        k.dport = p->dport & s->dport_mask;
-        k.src = p->src[0] & s->src_mask[0];
-        k.dst = p->dst[0] & s->dst_mask[0];
-        __u64 h = ms_mix(ms_mix((__u64)k.src << 32 | k.dst) ^
-                         ms_ports_word(k.sport, k.dport, k.proto, k.dir));
-        if (!bloom_maybe(s, h))
-            continue;
-        struct ms_rule_val *v = rules4.lookup(&k);
-        if (v && v->score > out->score)
-            *out = *v;
-    }
-    return i; /* shapes examined (filtered out or probed) */
-}
-
-static __always_inline __u32 judge6(struct ms_pkt *p, __u32 bank, __u32 n, struct ms_rule_val *out)
-{
-    struct ms_rule_key6 k = {};
-    out->score = 0;
-    __u32 base = (bank * 2 + 1) * MS_MAX_SHAPES;
-    /* The verifier must see the loop's constant bound on every path: keep the compiler from
-     * folding the two exits into one comparison against the unknown n. */
-    asm volatile("" : "+r"(n));
-    __u32 i;
-#pragma clang loop unroll(disable)
-    for (i = 0; i < MS_MAX_SHAPES; i++) {
-        asm volatile("" : "+r"(i));
-        if (i >= n)
-            break;
-        __u32 idx = base + i;
-        struct ms_shape *s = shapes.lookup(&idx);
-        if (!s || out->score >= s->max_score)
-            break;
-        k.shape = bank * MS_MAX_SHAPES + i;
-        k.dir = p->dir;
-        k.proto = p->proto & s->proto_mask;
-        k.sport = p->sport & s->sport_mask;
-        k.dport = p->dport & s->dport_mask;
-        k.src[0] = p->src[0] & s->src_mask[0];
-        k.src[1] = p->src[1] & s->src_mask[1];
-        k.src[2] = p->src[2] & s->src_mask[2];
-        k.src[3] = p->src[3] & s->src_mask[3];
-        k.dst[0] = p->dst[0] & s->dst_mask[0];
-        k.dst[1] = p->dst[1] & s->dst_mask[1];
-        k.dst[2] = p->dst[2] & s->dst_mask[2];
-        k.dst[3] = p->dst[3] & s->dst_mask[3];
-        __u64 h = ms_mix((__u64)k.src[1] << 32 | k.src[0]);
-        h = ms_mix(h ^ ((__u64)k.src[3] << 32 | k.src[2]));
-        h = ms_mix(h ^ ((__u64)k.dst[1] << 32 | k.dst[0]));
-        h = ms_mix(h ^ ((__u64)k.dst[3] << 32 | k.dst[2]));
-        h = ms_mix(h ^ ms_ports_word(k.sport, k.dport, k.proto, k.dir));
-        if (!bloom_maybe(s, h))
-            continue;
-        struct ms_rule_val *v = rules6.lookup(&k);
+        struct ms_rule_val *v;
+        if (family == 4) {
+            k4.shape = bank * MS_MAX_SHAPES + i;
+            k4.dir = p->dir;
+            k4.proto = p->proto & s->proto_mask;
+            k4.sport = p->sport & s->sport_mask;
+            k4.dport = p->dport & s->dport_mask;
+            k4.src = p->src[0] & s->src_mask[0];
+            k4.dst = p->dst[0] & s->dst_mask[0];
+            __u64 h = ms_mix(ms_mix((__u64)k4.src << 32 | k4.dst) ^
+                             ms_ports_word(k4.sport, k4.dport, k4.proto, k4.dir));
+            if (!bloom_maybe(s, h))
+                continue;
+            v = rules4.lookup(&k4);
+        } else {
+            k6.shape = bank * MS_MAX_SHAPES + i;
+            k6.dir = p->dir;
+            k6.proto = p->proto & s->proto_mask;
+            k6.sport = p->sport & s->sport_mask;
+            k6.dport = p->dport & s->dport_mask;
+            k6.src[0] = p->src[0] & s->src_mask[0];
+            k6.src[1] = p->src[1] & s->src_mask[1];
+            k6.src[2] = p->src[2] & s->src_mask[2];
+            k6.src[3] = p->src[3] & s->src_mask[3];
+            k6.dst[0] = p->dst[0] & s->dst_mask[0];
+            k6.dst[1] = p->dst[1] & s->dst_mask[1];
+            k6.dst[2] = p->dst[2] & s->dst_mask[2];
+            k6.dst[3] = p->dst[3] & s->dst_mask[3];
+            __u64 h = ms_mix((__u64)k6.src[1] << 32 | k6.src[0]);
+            h = ms_mix(h ^ ((__u64)k6.src[3] << 32 | k6.src[2]));
+            h = ms_mix(h ^ ((__u64)k6.dst[1] << 32 | k6.dst[0]));
+            h = ms_mix(h ^ ((__u64)k6.dst[3] << 32 | k6.dst[2]));
+            h = ms_mix(h ^ ms_ports_word(k6.sport, k6.dport, k6.proto, k6.dir));
+            if (!bloom_maybe(s, h))
+                continue;
+            v = rules6.lookup(&k6);
+        }
         if (v && v->score > out->score)
             *out = *v;
     }
@@ -638,9 +622,9 @@ static __always_inline void judge(struct ms_pkt *p, __u32 bank, struct ms_bank *
                                   struct ms_rule_val *out, struct ms_counters *ctr)
 {
     if (p->family == 4)
-        ctr->c[C_SHAPE_PROBES] += judge4(p, bank, bk->nshapes4, out);
+        ctr->c[C_SHAPE_PROBES] += judge_family(p, bank, bk->nshapes4, out, 4);
     else
-        ctr->c[C_SHAPE_PROBES] += judge6(p, bank, bk->nshapes6, out);
+        ctr->c[C_SHAPE_PROBES] += judge_family(p, bank, bk->nshapes6, out, 6);
     if (out->score) {
         ctr->c[C_POLICY_HITS]++;
     } else {

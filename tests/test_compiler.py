@@ -266,7 +266,7 @@ def test_shapes_sorted_by_max_score() -> None:
 
 
 def _probe(compiled: CompiledPolicy, pkt: Packet) -> Entry | None:
-    """The kernel's probe loop (bpf/classifier.c judge4/judge6) over compiled tables."""
+    """The kernel's probe loop (bpf/classifier.c judge_family) over compiled tables."""
     tables = compiled.family(pkt.family)
     bits = 32 if pkt.family == 4 else 128
     ports = pkt.proto in (6, 17)
