@@ -1,4 +1,4 @@
-/* microseg: the TC classifier. Compiled at run time by bcc (streamer/datapath.py).
+/* microseg: the TC classifier. Compiled at run time by bcc (streamer/datapath/).
  *
  * Per packet: parse (Ethernet, VLAN/QinQ, IPv4 with options, IPv6 with extension headers,
  * TCP/UDP/ICMP/ICMPv6), find the flow's session (both directions share one entry), and on a
@@ -12,7 +12,7 @@
  * probes one hash per shape, so the cost follows the number of distinct shapes, not rules.
  * Shapes are probed best-first (by the highest score they hold) and probing stops as soon as
  * no remaining shape can beat the match in hand. Port ranges are split into prefix-aligned
- * blocks by the compiler (streamer/compiler.py) so they fit masks too. bcc cannot relocate
+ * blocks by the compiler (streamer/datapath/) so they fit masks too. bcc cannot relocate
  * bpf_loop callbacks, so the probe loop is a verifier-bounded loop over MS_MAX_SHAPES.
  *
  * Programs, chained by tail calls through `slow_path`: ms_ingress/ms_egress (parse, fragments,
@@ -24,15 +24,15 @@
  * flow (judged afresh and replacing the entry). The table is a plain preallocated hash, not an
  * LRU: nothing is ever evicted behind our back, so active sessions (inserts minus removals) are
  * exact, and when it is full a new flow is judged on every packet and simply not cached: never
- * fail open. Userspace (streamer/datapath.py, reap_expired) removes expired entries.
+ * fail open. Userspace (streamer/datapath/, reap_expired) removes expired entries.
  * A TCP packet of a connection the table does not know (it expired, or was never seen since a
  * restart) is judged as a new flow in its own direction: no SYN is required.
  * Fragments: a first fragment is judged by its own header and its ports are remembered (LRU
  * `frags`, keyed by addresses, protocol and id; a newer first with the same key takes the
  * place of the older one), and later fragments are judged as packets of the newest first's
  * flow; a later fragment with no remembered first, one overlapping the L4 header, or a first
- * fragment too short to hold it is dropped and counted. ICMP errors quoting a packet of a live allowed flow pass as
- * part of it ("related"), whatever the policy says of ICMP.
+ * fragment too short to hold it is dropped and counted. ICMP errors quoting a packet of a live
+ * allowed flow pass as part of it ("related"), whatever the policy says of ICMP.
  *
  * Atomic policy changes: rules and shapes exist in two banks; userspace fills the idle bank,
  * then flips `active` (generation << 1 | bank) in a single 8-byte write. A packet reads it once,
@@ -433,7 +433,7 @@ static __always_inline int half_open(__u8 st)
     return st == MS_TCP_SYN_SENT || st == MS_TCP_SYN_RECV;
 }
 
-/* The TCP state machine (mirrored by streamer/reference.py tcp_next): the state after a packet
+/* The TCP state machine (mirrored by tcp_next in streamer/datapath/): the state after a packet
  * with `flags` from side d (0: the originator, 1: the responder). */
 static __always_inline __u8 tcp_next(__u8 st, __u32 d, __u8 f, __u8 *fins)
 {
