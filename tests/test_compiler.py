@@ -28,7 +28,8 @@ from streamer.datapath.compiler import (
     port_blocks,
 )
 from streamer.datapath.reference import Packet, judge
-from streamer.policy.model import Action, PolicySet, parse_policy_document
+from streamer.policy.model import PolicySet, parse_policy_document
+from streamer.vocabulary import Action
 
 MAX_SHAPES = 1024
 

@@ -18,17 +18,14 @@ from pydantic import TypeAdapter
 
 from streamer.policy.model import (
     PROTOCOL_NUMBERS,
-    Action,
-    DefaultAction,
-    Direction,
     PolicyError,
     PolicySet,
-    Protocol,
     Rule,
     format_validation_error,
     load_policy_file,
     parse_policy_document,
 )
+from streamer.vocabulary import Action, DefaultAction, Direction, Protocol
 
 
 def rule(**fields: Any) -> Rule:

@@ -33,8 +33,9 @@ from streamer.events.pipeline import Pipeline, PipelineConfig, register_metrics,
 from streamer.events.sinks.file import DEFAULT_KEEP, DEFAULT_MAX_BYTES, FileSinkConfig
 from streamer.events.sinks.kafka import DEFAULT_SPOOL_MAX_BYTES, DEFAULT_TOPIC, KafkaSinkConfig
 from streamer.events.sinks.websocket import WebSocketConfig
-from streamer.policy.model import DefaultAction, PolicyError, PolicySet, load_policy_file
+from streamer.policy.model import PolicyError, PolicySet, load_policy_file
 from streamer.policy.store import ChangeResult, PolicyStore, StoreError
+from streamer.vocabulary import DefaultAction
 
 log = logging.getLogger("microseg.agent")
 # How often expired sessions and fragments are removed (the timeouts themselves are in

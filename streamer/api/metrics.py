@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from streamer.datapath.datapath import drops_by_reason
 from streamer.policy.store import PolicyStore
+from streamer.vocabulary import PACKET_DIRECTIONS, VERDICTS
 
 __all__ = [
     "ApiMetrics",
@@ -34,8 +35,7 @@ __all__ = [
     "register_datapath_metrics",
 ]
 
-DIRECTIONS = ("ingress", "egress")
-VERDICTS = ("allow", "deny", "log")
+DIRECTIONS = PACKET_DIRECTIONS
 
 # Kernel counters reported under the same name in /stats.
 _PLAIN = (

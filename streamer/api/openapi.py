@@ -13,6 +13,7 @@ from typing import Any, Final
 from pydantic.json_schema import models_json_schema
 
 from streamer.policy.model import MAX_RULE_ID, PolicySet, Rule
+from streamer.vocabulary import PACKET_DIRECTIONS, VERDICTS, Protocol
 
 __all__ = ["SESSION_LIMIT_MAX", "build_openapi"]
 
@@ -108,12 +109,12 @@ def _schemas() -> dict[str, Any]:
     schemas = _model_schemas()
     verdicts = {
         "type": "object",
-        "properties": {v: _COUNT for v in ("allow", "deny", "log")},
-        "required": ["allow", "deny", "log"],
+        "properties": {v: _COUNT for v in VERDICTS},
+        "required": list(VERDICTS),
         "additionalProperties": False,
     }
     by_direction = _obj(
-        {"ingress": verdicts, "egress": verdicts}, description="packets by direction and verdict"
+        {d: verdicts for d in PACKET_DIRECTIONS}, description="packets by direction and verdict"
     )
     counters = {
         "total_packets": _COUNT,
@@ -548,10 +549,10 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
                     ),
                     _query(
                         "protocol",
-                        {"enum": ["tcp", "udp", "icmp", "icmpv6", "any"]},
+                        {"enum": [p.value for p in Protocol]},
                         "protocol name",
                     ),
-                    _query("verdict", {"enum": ["allow", "deny", "log"]}, "the session's verdict"),
+                    _query("verdict", {"enum": list(VERDICTS)}, "the session's verdict"),
                     _query(
                         "limit",
                         {

@@ -19,6 +19,7 @@ from streamer.api.context import CTX, ApiError, json_response, short, wall_time
 from streamer.api.openapi import SESSION_LIMIT_MAX
 from streamer.api.params import int_param, query_params
 from streamer.events.decode import PROTOCOLS, TCP_FLAG_NAMES
+from streamer.vocabulary import PROTOCOL_NUMBERS, VERDICTS, Protocol
 
 __all__ = ["sessions"]
 
@@ -33,14 +34,7 @@ _SESSION_PARAMS: Final = (
     "verdict",
     "limit",
 )
-_PROTOCOL_FILTER: Final[dict[str, int | None]] = {
-    "tcp": 6,
-    "udp": 17,
-    "icmp": 1,
-    "icmpv6": 58,
-    "any": None,
-}
-_VERDICTS: Final = ("allow", "deny", "log")
+_PROTOCOL_FILTER: Final[dict[str, int | None]] = {**PROTOCOL_NUMBERS, Protocol.ANY.value: None}
 IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -100,10 +94,10 @@ def _session_filter(query: dict[str, str]) -> Callable[[Any], bool]:
             checks.append(lambda s: bool(s.protocol == number))
     if "verdict" in query:
         verdict = query["verdict"].lower()
-        if verdict not in _VERDICTS:
+        if verdict not in VERDICTS:
             raise ApiError(
                 400,
-                f"verdict: {short(query['verdict'], 40)!r} is not one of: " + ", ".join(_VERDICTS),
+                f"verdict: {short(query['verdict'], 40)!r} is not one of: " + ", ".join(VERDICTS),
             )
         checks.append(lambda s: bool(s.verdict == verdict))
     return lambda s: all(check(s) for check in checks)

@@ -213,7 +213,7 @@ def _pressure_flags(p: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from streamer.agent.service import AgentConfig, default_instance, run_agent
     from streamer.datapath.datapath import DatapathConfig
-    from streamer.policy.model import DefaultAction
+    from streamer.vocabulary import DefaultAction
 
     if args.kafka_spool_max_bytes < 64 * 1024:
         print("microseg run: --kafka-spool-max-bytes must be at least 64K", file=sys.stderr)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from streamer.policy.model import Action, PolicySet
+from streamer.policy.model import PolicySet
+from streamer.vocabulary import Action
 
 DIR_INGRESS = 1
 DIR_EGRESS = 2

@@ -23,7 +23,8 @@ from enum import IntEnum
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final, Literal
 
-from streamer.policy.model import Action, DefaultAction, Direction, PolicySet, Protocol, Rule
+from streamer.policy.model import PolicySet, Rule
+from streamer.vocabulary import Action, DefaultAction, Direction, Protocol
 
 __all__ = [
     "ETH_P_8021AD",

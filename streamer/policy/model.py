@@ -31,17 +31,16 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from streamer.vocabulary import PROTOCOL_NUMBERS as VOCABULARY_NUMBERS
+from streamer.vocabulary import Action, DefaultAction, Direction, Protocol
+
 __all__ = [
     "MAX_NAME_LEN",
     "MAX_RULE_ID",
     "PROTOCOL_NUMBERS",
-    "Action",
-    "DefaultAction",
-    "Direction",
     "IPNet",
     "PolicyError",
     "PolicySet",
-    "Protocol",
     "Rule",
     "format_validation_error",
     "load_policy_file",
@@ -56,50 +55,9 @@ MAX_NAME_LEN: Final = 128
 IPNet = IPv4Network | IPv6Network
 
 
-class _LowerEnum(StrEnum):
-    """A string enum that also accepts its values in any letter case ("TCP" -> tcp)."""
-
-    @classmethod
-    def _missing_(cls, value: object) -> Any:
-        if isinstance(value, str):
-            lowered = value.lower()
-            for member in cls:
-                if member.value == lowered:
-                    return member
-        return None
-
-
-class Action(_LowerEnum):
-    ALLOW = "allow"
-    DENY = "deny"
-    LOG = "log"
-
-
-class Protocol(_LowerEnum):
-    TCP = "tcp"
-    UDP = "udp"
-    ICMP = "icmp"
-    ICMPV6 = "icmpv6"
-    ANY = "any"
-
-
-class Direction(_LowerEnum):
-    INGRESS = "ingress"
-    EGRESS = "egress"
-    ANY = "any"
-
-
-class DefaultAction(_LowerEnum):
-    ALLOW = "allow"
-    DENY = "deny"
-
-
 # None = any protocol number.
 PROTOCOL_NUMBERS: Final[dict[Protocol, int | None]] = {
-    Protocol.TCP: 6,
-    Protocol.UDP: 17,
-    Protocol.ICMP: 1,
-    Protocol.ICMPV6: 58,
+    **{Protocol(name): number for name, number in VOCABULARY_NUMBERS.items()},
     Protocol.ANY: None,
 }
 

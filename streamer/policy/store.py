@@ -26,13 +26,13 @@ import orjson
 
 from streamer.datapath.reference import Packet, Verdict, judge
 from streamer.policy.model import PolicyError, PolicySet, Rule, parse_policy_document
+from streamer.vocabulary import Action
 
 log = logging.getLogger("microseg.store")
 
 STATE_FILE = "policy.json"
 CHANGES_FILE = "changes.log"
-PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
-VERDICT_NAMES = {Verdict.ALLOW: "allow", Verdict.DENY: "deny", Verdict.LOG: "log"}
+VERDICT_NAMES = {Verdict.ALLOW: Action.ALLOW, Verdict.DENY: Action.DENY, Verdict.LOG: Action.LOG}
 
 
 class StoreError(Exception):
