@@ -1,4 +1,5 @@
-"""Unit tests of the API clients (`streamer.cli.client`) against a stub admin API.
+"""Unit tests of the API clients (streamer/cli/: `policy`, `sessions`, `stats` and the modules
+they use) against a stub admin API.
 
 The stub is a small real aiohttp server defined here (in-memory rules, canned sessions and
 stats, SPEC §3 shapes and error bodies), served on 127.0.0.1 and on a Unix socket from a
@@ -24,15 +25,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from streamer.cli import client
-from streamer.cli.client import (
-    TOKEN_ENV,
-    ClientError,
-    add_client_parsers,
-    format_table,
-    parse_api_address,
-    render_diff,
-)
+from streamer.cli import connection, policy
+from streamer.cli.connection import TOKEN_ENV
+from streamer.cli.endpoint import parse_api_address
+from streamer.cli.errors import ClientError
+from streamer.cli.main import build_parser
+from streamer.cli.output import format_table, render_diff
 
 TOKEN = "s3cret-token"
 RULE_DEFAULTS: dict[str, Any] = {
@@ -437,18 +435,6 @@ def state_dir(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _no_token_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(TOKEN_ENV, raising=False)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The real `microseg` parser with the client commands on it (added here until the lead's
-    one-line hookup in cli.py lands; afterwards the hookup's own registration is used)."""
-    from streamer.cli.main import build_parser as cli_parser
-
-    parser = cli_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "policy" not in sub.choices:
-        add_client_parsers(sub)
-    return parser
 
 
 Result = tuple[int, str, str]
@@ -1241,7 +1227,7 @@ def test_unix_socket_missing(run: Cli, state_dir: Path, tmp_path: Path) -> None:
 
 
 def test_timeout(cli: Cli, stub: Stub, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(client, "TIMEOUT", 0.2)
+    monkeypatch.setattr(connection, "TIMEOUT", 0.2)
     stub.delay = 1.0
     rc, _, err = cli("policy", "list")
     assert rc == 1
@@ -1251,9 +1237,9 @@ def test_timeout(cli: Cli, stub: Stub, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_apply_has_its_own_timeout(
     cli: Cli, stub: Stub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert client.APPLY_TIMEOUT >= 60 and client.TIMEOUT == 10
-    monkeypatch.setattr(client, "TIMEOUT", 30.0)
-    monkeypatch.setattr(client, "APPLY_TIMEOUT", 0.2)
+    assert policy.APPLY_TIMEOUT >= 60 and connection.TIMEOUT == 10
+    monkeypatch.setattr(connection, "TIMEOUT", 30.0)
+    monkeypatch.setattr(policy, "APPLY_TIMEOUT", 0.2)
     stub.delay = 1.0
     f = write_set(tmp_path / "set.json", "deny", [])
     rc, _, err = cli("policy", "apply", str(f))

@@ -16,10 +16,13 @@ from pathlib import Path
 
 from streamer import __version__
 from streamer.agent.pressure import PressureConfig
-from streamer.cli.client import add_client_parsers, seconds_between
+from streamer.cli.argtypes import seconds_between
 from streamer.cli.lab import add_lab_parser
 from streamer.cli.monitor import add_monitor_parser
 from streamer.cli.observe import add_flow_parsers
+from streamer.cli.policy import add_policy_parser
+from streamer.cli.sessions import add_session_parser
+from streamer.cli.stats import add_stats_parser
 from streamer.datapath.reference import Timeouts
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
@@ -336,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detach(sub)
     _add_check(sub)
     add_lab_parser(sub)
-    add_client_parsers(sub)
+    add_policy_parser(sub)
+    add_session_parser(sub)
+    add_stats_parser(sub)
     add_flow_parsers(sub)
     add_monitor_parser(sub)
     return parser

@@ -20,7 +20,9 @@ from typing import IO, Any
 
 import orjson
 
-from streamer.cli.client import Api, ClientError, _common_parser, run_client, seconds_between
+from streamer.cli.argtypes import seconds_between
+from streamer.cli.connection import Api, common_parser, run_client
+from streamer.cli.errors import ClientError
 
 CLEAR = "\033[H\033[2J"
 
@@ -137,7 +139,7 @@ def add_monitor_parser(subparsers: Any) -> None:
     """Register `monitor` on the `microseg` subparsers."""
     p: argparse.ArgumentParser = subparsers.add_parser(
         "monitor",
-        parents=[_common_parser()],
+        parents=[common_parser()],
         help="the classifier under load, live: sessions, table fill, SYN rate, drops, alerts",
         description="Show the running agent's sessions, the fill of every kernel table, new and"
         " SYN sessions per second, drops by reason and the alerts firing, refreshed every"

@@ -3,7 +3,7 @@
 
 In: command-line filters (`--verdict`, `--ip`, `--port`, `--protocol`, `--rule`), `--last N`,
 `--follow`, `-o table|json|compact`, and the API address and token as for the other clients
-(streamer/cli/client.py). Out: the agent's recent records (GET /api/v1/flows/recent) and, with
+(streamer/cli/connection.py). Out: the agent's recent records (GET /api/v1/flows/recent) and, with
 `--follow`, the live feed (the WebSocket at /api/v1/flows) on stdout, one line per record;
 colours only when stdout is a terminal (`--color`), never with `-o json`. `lost` records always
 pass the filters: a gap concerns every view. Records already printed from the recent ones are
@@ -27,19 +27,10 @@ from typing import IO, Any, Final
 
 import aiohttp
 
-from streamer.cli.client import (
-    API_PREFIX,
-    TOKEN_ENV,
-    Api,
-    ApiError,
-    ClientError,
-    Endpoint,
-    _unreachable,
-    add_connection_args,
-    format_table,
-    parse_api_address,
-    run_client,
-)
+from streamer.cli.connection import TOKEN_ENV, Api, add_connection_args, run_client, unreachable
+from streamer.cli.endpoint import API_PREFIX, Endpoint
+from streamer.cli.errors import ApiError, ClientError
+from streamer.cli.output import format_table
 from streamer.events.text import cells, compact_line
 
 __all__ = [
@@ -131,10 +122,6 @@ def _last(value: str) -> int:
     if not (value.isascii() and value.isdigit()) or not 0 <= int(value) <= RECENT_MAX:
         raise argparse.ArgumentTypeError(f"{value!r} is not a count 0..{RECENT_MAX}")
     return int(value)
-
-
-def _api_type(value: str) -> Endpoint:
-    return parse_api_address(value)
 
 
 def _flatten(values: list[list[str]] | None) -> list[str]:
@@ -323,7 +310,7 @@ async def _connect(
             ) from None
         raise ApiError(e.status, None, f"the agent refused the flow feed: {e.message}") from None
     except aiohttp.ClientConnectorError as e:
-        raise ClientError(_unreachable(where, e.os_error, api.endpoint)) from None
+        raise ClientError(unreachable(where, e.os_error, api.endpoint)) from None
     except aiohttp.ClientError as e:
         raise ClientError(f"connecting to the flow feed at {where} failed: {e}") from None
 
