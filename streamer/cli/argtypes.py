@@ -1,8 +1,9 @@
-"""The argparse value types of the API clients, and the value domains behind them.
+"""Every argparse value type of the `microseg` command, and the value domains behind them.
 
-In: the text of one command-line value. Out: the typed value (int, float, str, an Endpoint for
-`--api`) or argparse.ArgumentTypeError with the message the user sees after
-`argument --flag: `. Nothing is dropped silently: a value is taken whole or refused.
+In: the text of one command-line value. Out: the typed value (int, float, str, a list for the
+comma-separated filters of `flows observe`, an Endpoint for `--api`) or
+argparse.ArgumentTypeError with the message the user sees after `argument --flag: `. Nothing is
+dropped silently: a value is taken whole or refused.
 
 Numbers of one shape come from the factories `bounded_int` and `bounded_float` (a bound, a
 "not a number" wording and an "out of range" wording), seconds from `seconds_between`; the
@@ -12,7 +13,9 @@ named instances below are what the parsers use.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import ipaddress
+import re
+from collections.abc import Callable, Sequence
 from typing import Final, TypeVar
 
 from streamer.cli.endpoint import Endpoint, parse_api_address
@@ -22,19 +25,40 @@ __all__ = [
     "DIRECTIONS",
     "MAX_RULE_ID",
     "PROTOCOLS",
+    "RECENT_MAX",
     "VERDICTS",
     "api_address",
     "bounded_float",
     "bounded_int",
+    "choice_list",
+    "class_seconds",
+    "fraction",
+    "ifname",
+    "instance_name",
+    "ip_list",
+    "kafka_servers",
+    "kafka_topic",
     "limit",
+    "monitor_count",
+    "monitor_interval",
+    "name_matching",
+    "non_negative_int",
+    "per_second",
+    "port_list",
     "port_number",
+    "positive_int",
     "priority",
+    "recent_count",
     "rule_id",
+    "rule_list",
     "rule_port",
+    "seconds",
     "seconds_between",
+    "size",
 ]
 
 MAX_RULE_ID: Final = 2**32 - 1
+RECENT_MAX: Final = 10_000  # the agent's cap on /flows/recent?limit=
 # The rule fields' domains (SPEC §2); `session list` filters by them too.
 PROTOCOLS: Final = ("tcp", "udp", "icmp", "icmpv6", "any")
 ACTIONS: Final = ("allow", "deny", "log")
@@ -109,6 +133,96 @@ def seconds_between(lo: float, hi: float) -> Callable[[str], float]:
     )
 
 
+def name_matching(pattern: re.Pattern[str], what: str) -> Callable[[str], str]:
+    """A name that `pattern` matches, never "." or ".." (path components); else "'V' is not
+    {what}"."""
+
+    def check(value: str) -> str:
+        if not pattern.match(value) or value in (".", ".."):
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}")
+        return value
+
+    return check
+
+
+def class_seconds(names: Sequence[str]) -> Callable[[str], tuple[str, float]]:
+    """`NAME=SECONDS` with NAME one of `names` -> (NAME, seconds); the seconds are not bounded
+    here (the config they go to checks them)."""
+    known = list(names)
+
+    def check(value: str) -> tuple[str, float]:
+        name, sep, seconds = value.partition("=")
+        if not sep or name.strip() not in known:
+            raise argparse.ArgumentTypeError(
+                f"{value!r} is not CLASS=SECONDS with CLASS one of {', '.join(known)}"
+            )
+        try:
+            return name.strip(), float(seconds)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r}: {seconds!r} is not a number") from None
+
+    return check
+
+
+# --------------------------------------------------------------------------- `microseg run`
+
+positive_int = bounded_int(1, None, "a whole number", "must be greater than 0")
+non_negative_int = bounded_int(0, None, "a whole number", "must be 0 or more")
+seconds = seconds_between(0, 86400)
+per_second = bounded_float(
+    0, 1e12, "a number per second", "must be 0 (off) or more", below_hi=True
+)
+
+
+def _ratio(value: str) -> float:
+    return float(value.rstrip("%")) / (100 if value.endswith("%") else 1)
+
+
+fraction = bounded_float(
+    0,
+    1,
+    "a fraction (0.8 or 80%)",
+    "must be above 0 and at most 1 (100%)",
+    above_lo=True,
+    parse=_ratio,
+)
+ifname = name_matching(
+    re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$"), "an interface name (1-15 characters)"
+)
+kafka_topic = name_matching(
+    re.compile(r"^[A-Za-z0-9._-]{1,249}$"),
+    "a Kafka topic name (letters, digits, '.', '_', '-'; up to 249)",
+)
+instance_name = name_matching(
+    re.compile(r"^[A-Za-z0-9_-]{1,64}$"),
+    "an instance name (letters, digits, - and _, up to 64)",
+)
+
+_SIZE = re.compile(r"^(\d+)\s*([kKmMgG]i?[bB]?|[bB])?$")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def size(value: str) -> int:
+    """Bytes: a whole number, optionally with K, M or G (powers of 1024)."""
+    m = _SIZE.match(value.strip())
+    if m is None:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a size: use bytes, or a number with K, M or G (e.g. 256M)"
+        )
+    return int(m[1]) * _SIZE_UNITS[(m[2] or "")[:1].lower()]
+
+
+def kafka_servers(value: str) -> str:
+    """HOST:PORT, or several separated by commas (the bootstrap servers)."""
+    servers = [v.strip() for v in value.split(",")]
+    for v in servers:
+        host, sep, port = v.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise argparse.ArgumentTypeError(f"{v!r} is not HOST:PORT (e.g. 127.0.0.1:9092)")
+    return ",".join(servers)
+
+
 # --------------------------------------------------------------------------- the API clients
 
 
@@ -139,3 +253,60 @@ def rule_port(value: str) -> int | str:
             raise argparse.ArgumentTypeError(f"{value!r}: the range must be LO-HI with LO <= HI")
         return f"{int(lo)}-{int(hi)}"
     return int(lo)
+
+
+# --------------------------------------------------------------------------- `flows observe`
+
+recent_count = bounded_int(0, RECENT_MAX, f"a count 0..{RECENT_MAX}", digits=True)
+
+
+def _split_values(value: str, check: Callable[[str], str]) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("give a value")
+    return [check(v) for v in items]
+
+
+def choice_list(options: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """Comma-separated alternatives among `options` (any case) -> lowercase list."""
+
+    def check_one(v: str) -> str:
+        if v.lower() not in options:
+            raise argparse.ArgumentTypeError(f"{v!r} is not a {what}: use {', '.join(options)}")
+        return v.lower()
+
+    return lambda value: _split_values(value, check_one)
+
+
+def ip_list(value: str) -> list[str]:
+    """Comma-separated addresses or CIDRs -> their network texts."""
+
+    def check_one(v: str) -> str:
+        try:
+            return str(ipaddress.ip_network(v, strict=False))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{v!r} is not an IPv4/IPv6 address or CIDR") from None
+
+    return _split_values(value, check_one)
+
+
+def port_list(value: str) -> list[str]:
+    """Comma-separated ports 1..65535 -> their decimal texts."""
+    return _split_values(value, lambda v: str(port_number(v)))
+
+
+def rule_list(value: str) -> list[str]:
+    """Comma-separated rule ids (1..MAX_RULE_ID) or rule names, as written."""
+
+    def check_one(v: str) -> str:
+        if v.isascii() and v.isdigit() and not 0 < int(v) <= MAX_RULE_ID:
+            raise argparse.ArgumentTypeError(f"{v!r} is not a rule_id (1..{MAX_RULE_ID})")
+        return v
+
+    return _split_values(value, check_one)
+
+
+# --------------------------------------------------------------------------- `monitor`
+
+monitor_interval = seconds_between(0.1, 3600)
+monitor_count = bounded_int(0, None, "a whole number", "must be 0 (until stopped) or more")

@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from streamer import __version__
 from streamer.agent.pressure import PressureConfig
-from streamer.cli.argtypes import seconds_between
+from streamer.cli import argtypes
 from streamer.cli.lab import add_lab_parser
 from streamer.cli.monitor import add_monitor_parser
 from streamer.cli.observe import add_flow_parsers
@@ -25,87 +24,12 @@ from streamer.cli.sessions import add_session_parser
 from streamer.cli.stats import add_stats_parser
 from streamer.datapath.reference import Timeouts
 
-_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
-
-
-def _ifname(value: str) -> str:
-    if not _IFNAME.match(value) or value in (".", ".."):
-        raise argparse.ArgumentTypeError(f"{value!r} is not an interface name (1-15 characters)")
-    return value
-
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be greater than 0")
-    return n
-
-
-_seconds = seconds_between(0, 86400)
-
-
-_SIZE = re.compile(r"^(\d+)\s*([kKmMgG]i?[bB]?|[bB])?$")
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def _size(value: str) -> int:
-    """Bytes: a whole number, optionally with K, M or G (powers of 1024)."""
-    m = _SIZE.match(value.strip())
-    if m is None:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not a size: use bytes, or a number with K, M or G (e.g. 256M)"
-        )
-    return int(m[1]) * _SIZE_UNITS[(m[2] or "")[:1].lower()]
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be 0 or more")
-    return n
-
-
-_KAFKA_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-
-
-def _kafka_topic(value: str) -> str:
-    if not _KAFKA_TOPIC.match(value) or value in (".", ".."):
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not a Kafka topic name (letters, digits, '.', '_', '-'; up to 249)"
-        )
-    return value
-
-
-def _kafka_servers(value: str) -> str:
-    """HOST:PORT, or several separated by commas (the bootstrap servers)."""
-    servers = [v.strip() for v in value.split(",")]
-    for v in servers:
-        host, sep, port = v.rpartition(":")
-        host = host.strip("[]")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-            raise argparse.ArgumentTypeError(
-                f"{v!r} is not HOST:PORT (e.g. 127.0.0.1:9092)"
-            )
-    return ",".join(servers)
-
-
-def _instance(value: str) -> str:
-    if not re.match(r"^[A-Za-z0-9_-]{1,64}$", value):
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not an instance name (letters, digits, - and _, up to 64)"
-        )
-    return value
+_TIMEOUT_CLASSES = [f.name for f in dataclasses.fields(Timeouts)]
 
 
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run the agent in the foreground")
-    p.add_argument("--iface", action="append", type=_ifname, required=True,
+    p.add_argument("--iface", action="append", type=argtypes.ifname, required=True,
                    help="interface to enforce on (repeatable)")
     p.add_argument("--netns", help="named network namespace the interfaces live in")
     p.add_argument("--policy-file", type=Path, help="policy file (JSON or YAML)")
@@ -113,25 +37,26 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="verdict when no rule matches (overrides the policy file's)")
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/microseg"))
     p.add_argument("--events-file", type=Path, help="write flow events as JSON lines here")
-    p.add_argument("--events-file-max-bytes", type=_size, default=100 << 20, metavar="SIZE",
+    p.add_argument("--events-file-max-bytes", type=argtypes.size, default=100 << 20,
+                   metavar="SIZE",
                    help="rotate the events file when it would grow past this (e.g. 100M;"
                    " 0: never)")
-    p.add_argument("--events-file-keep", type=_non_negative_int, default=5, metavar="N",
+    p.add_argument("--events-file-keep", type=argtypes.non_negative_int, default=5, metavar="N",
                    help="rotated events files kept (F.1 ... F.N)")
-    p.add_argument("--instance", type=_instance,
+    p.add_argument("--instance", type=argtypes.instance_name,
                    help="pin directory name under /sys/fs/bpf/microseg (default: per netns)")
-    p.add_argument("--session-table-size", type=_positive_int, default=262144)
-    p.add_argument("--max-shapes", type=_positive_int, default=512,
+    p.add_argument("--session-table-size", type=argtypes.positive_int, default=262144)
+    p.add_argument("--max-shapes", type=argtypes.positive_int, default=512,
                    help="distinct rule shapes per address family the classifier probes")
-    p.add_argument("--event-interval", type=_seconds, default=1.0,
+    p.add_argument("--event-interval", type=argtypes.seconds, default=1.0,
                    help="at most one event per flow per this many seconds after its first")
-    p.add_argument("--ringbuf-pages", type=_positive_int, default=256)
+    p.add_argument("--ringbuf-pages", type=argtypes.positive_int, default=256)
     p.add_argument("--attach-mode", choices=["auto", "tcx", "tc"], default="auto",
                    help="tcx: BPF links on the TC hook (Linux 6.6+, the cheaper hook); tc:"
                    " filters on a clsact qdisc; auto: tcx where the kernel has it")
     p.add_argument("--keep-on-exit", action="store_true",
                    help="leave the classifier attached and enforcing after a clean exit")
-    p.add_argument("--stats-interval", type=_seconds, default=0.0,
+    p.add_argument("--stats-interval", type=argtypes.seconds, default=0.0,
                    help="print counters every this many seconds (0: never)")
     p.add_argument("--print-events", action="store_true", help="print flow events to stdout")
     p.add_argument("--api", action="append", metavar="HOST:PORT|unix:PATH",
@@ -139,77 +64,49 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    " 'none' to serve no API)")
     p.add_argument("--no-auth", action="store_true",
                    help="serve the API without a bearer token (demos only)")
-    p.add_argument("--flow-feed-queue", type=_positive_int, default=4096, metavar="N",
+    p.add_argument("--flow-feed-queue", type=argtypes.positive_int, default=4096, metavar="N",
                    help="events queued per /api/v1/flows client; one that falls further"
                    " behind is disconnected")
-    p.add_argument("--kafka", metavar="HOST:PORT", type=_kafka_servers,
+    p.add_argument("--kafka", metavar="HOST:PORT", type=argtypes.kafka_servers,
                    help="also stream flow events to Kafka (bootstrap servers, comma-separated)")
-    p.add_argument("--kafka-topic", default="microseg.flows", type=_kafka_topic,
+    p.add_argument("--kafka-topic", default="microseg.flows", type=argtypes.kafka_topic,
                    help="topic for flow events (created if missing)")
-    p.add_argument("--kafka-spool-max-bytes", type=_size, default=256 << 20, metavar="SIZE",
+    p.add_argument("--kafka-spool-max-bytes", type=argtypes.size, default=256 << 20,
+                   metavar="SIZE",
                    help="events wait in <state-dir>/spool while Kafka is unreachable, up to"
                    " this much (then the oldest are dropped, and counted)")
-    p.add_argument("--timeout", action="append", type=_timeout, metavar="CLASS=SECONDS",
-                   default=[],
+    p.add_argument("--timeout", action="append", type=argtypes.class_seconds(_TIMEOUT_CLASSES),
+                   metavar="CLASS=SECONDS", default=[],
                    help="idle timeout of a session class (repeatable); classes: "
-                   + ", ".join(f.name for f in dataclasses.fields(Timeouts))
+                   + ", ".join(_TIMEOUT_CLASSES)
                    + " (defaults: Linux conntrack's; see README)")
     _pressure_flags(p)
     p.set_defaults(func=cmd_run)
 
 
-def _timeout(value: str) -> tuple[str, float]:
-    name, sep, seconds = value.partition("=")
-    names = [f.name for f in dataclasses.fields(Timeouts)]
-    if not sep or name.strip() not in names:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not CLASS=SECONDS with CLASS one of {', '.join(names)}"
-        )
-    try:
-        return name.strip(), float(seconds)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: {seconds!r} is not a number") from None
-
-
-def _fraction(value: str) -> float:
-    try:
-        n = float(value.rstrip("%")) / (100 if value.endswith("%") else 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a fraction (0.8 or 80%)") from None
-    if not 0 < n <= 1:
-        raise argparse.ArgumentTypeError(f"{value!r} must be above 0 and at most 1 (100%)")
-    return n
-
-
-def _rate(value: str) -> float:
-    try:
-        n = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number per second") from None
-    if not 0 <= n < 1e12:
-        raise argparse.ArgumentTypeError(f"{value!r} must be 0 (off) or more")
-    return n
-
-
 def _pressure_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pressure alerts (alert records in the event stream, metrics)")
     d = PressureConfig()
-    g.add_argument("--syn-flood-half-open", type=_non_negative_int, metavar="N",
+    g.add_argument("--syn-flood-half-open", type=argtypes.non_negative_int, metavar="N",
                    default=d.half_open_threshold,
                    help="alert syn_flood at this many half-open TCP sessions"
                    f" (default {d.half_open_threshold}; 0: off)")
-    g.add_argument("--syn-flood-rate", type=_rate, metavar="PER_S", default=d.syn_rate_threshold,
+    g.add_argument("--syn-flood-rate", type=argtypes.per_second, metavar="PER_S",
+                   default=d.syn_rate_threshold,
                    help="... or at this many new TCP sessions opened by a SYN per second"
                    f" (default {d.syn_rate_threshold:g}; 0: off)")
-    g.add_argument("--new-flow-rate-alert", type=_rate, metavar="PER_S",
+    g.add_argument("--new-flow-rate-alert", type=argtypes.per_second, metavar="PER_S",
                    default=d.new_flow_rate_threshold,
                    help="alert new_flow_rate at this many new sessions per second, any protocol"
                    f" (default {d.new_flow_rate_threshold:g}; 0: off)")
-    g.add_argument("--fill-warning", type=_fraction, metavar="RATIO", default=d.fill_warning,
+    g.add_argument("--fill-warning", type=argtypes.fraction, metavar="RATIO",
+                   default=d.fill_warning,
                    help="alert map_fill (warning) when a kernel table is this full (default 0.8)")
-    g.add_argument("--fill-critical", type=_fraction, metavar="RATIO", default=d.fill_critical,
+    g.add_argument("--fill-critical", type=argtypes.fraction, metavar="RATIO",
+                   default=d.fill_critical,
                    help="... and critical at this (default 0.95)")
-    g.add_argument("--pressure-interval", type=_seconds, metavar="SECONDS", default=d.interval,
+    g.add_argument("--pressure-interval", type=argtypes.seconds, metavar="SECONDS",
+                   default=d.interval,
                    help="how often the tables are read for alerts and rates (default 1)")
 
 
@@ -287,7 +184,7 @@ def _add_detach(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = sub.add_parser(
         "detach", help="remove microseg's classifier (tcx links, clsact filters) from interfaces"
     )
-    p.add_argument("--iface", action="append", type=_ifname, required=True)
+    p.add_argument("--iface", action="append", type=argtypes.ifname, required=True)
     p.add_argument("--netns")
     p.set_defaults(func=cmd_detach)
 

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import orjson
 
-from streamer.cli.argtypes import seconds_between
+from streamer.cli import argtypes
 from streamer.cli.connection import Api, common_parser, run_client
 from streamer.cli.errors import ClientError
 
@@ -122,19 +122,6 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return run_client(args, lambda api: monitor(api, args, sys.stdout), 10.0)
 
 
-_interval = seconds_between(0.1, 3600)
-
-
-def _count(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be 0 (until stopped) or more")
-    return n
-
-
 def add_monitor_parser(subparsers: Any) -> None:
     """Register `monitor` on the `microseg` subparsers."""
     p: argparse.ArgumentParser = subparsers.add_parser(
@@ -145,9 +132,9 @@ def add_monitor_parser(subparsers: Any) -> None:
         " SYN sessions per second, drops by reason and the alerts firing, refreshed every"
         " --interval seconds until Ctrl-C.",
     )
-    p.add_argument("--interval", type=_interval, default=1.0, metavar="SECONDS",
+    p.add_argument("--interval", type=argtypes.monitor_interval, default=1.0, metavar="SECONDS",
                    help="seconds between readings (default 1)")
     p.add_argument("--once", action="store_true", help="one reading, then exit")
-    p.add_argument("--count", type=_count, default=0, metavar="N",
+    p.add_argument("--count", type=argtypes.monitor_count, default=0, metavar="N",
                    help="stop after N readings (default 0: until Ctrl-C)")
     p.set_defaults(func=cmd_monitor)

@@ -17,16 +17,16 @@ refused, could not be reached, closed the feed or dropped us as too slow, 2 bad 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Final
 
 import aiohttp
 
+from streamer.cli import argtypes
 from streamer.cli.connection import TOKEN_ENV, Api, add_connection_args, run_client, unreachable
 from streamer.cli.endpoint import API_PREFIX, Endpoint
 from streamer.cli.errors import ApiError, ClientError
@@ -42,7 +42,6 @@ __all__ = [
     "observe",
 ]
 
-RECENT_MAX: Final = 10_000  # the agent's cap on ?limit=
 DEFAULT_LAST: Final = 20
 OUTPUTS: Final = ("table", "json", "compact")
 VERDICTS: Final = ("deny", "log", "allow")
@@ -69,59 +68,6 @@ _COLORS: Final = {
     "alert": "\033[1;33m",
 }
 _RESET: Final = "\033[0m"
-
-
-# --------------------------------------------------------------------------- arguments
-
-
-def _split_values(value: str, check: Callable[[str], str]) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("give a value")
-    return [check(v) for v in items]
-
-
-def _choice(options: Sequence[str], what: str) -> Callable[[str], list[str]]:
-    def check_one(v: str) -> str:
-        if v.lower() not in options:
-            raise argparse.ArgumentTypeError(f"{v!r} is not a {what}: use {', '.join(options)}")
-        return v.lower()
-
-    return lambda value: _split_values(value, check_one)
-
-
-def _ip_values(value: str) -> list[str]:
-    def check_one(v: str) -> str:
-        try:
-            return str(ipaddress.ip_network(v, strict=False))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{v!r} is not an IPv4/IPv6 address or CIDR") from None
-
-    return _split_values(value, check_one)
-
-
-def _port_values(value: str) -> list[str]:
-    def check_one(v: str) -> str:
-        if not (v.isascii() and v.isdigit()) or not 0 < int(v) <= 65535:
-            raise argparse.ArgumentTypeError(f"{v!r} is not a port (1..65535)")
-        return str(int(v))
-
-    return _split_values(value, check_one)
-
-
-def _rule_values(value: str) -> list[str]:
-    def check_one(v: str) -> str:
-        if v.isascii() and v.isdigit() and not 0 < int(v) < 2**32:
-            raise argparse.ArgumentTypeError(f"{v!r} is not a rule_id (1..4294967295)")
-        return v
-
-    return _split_values(value, check_one)
-
-
-def _last(value: str) -> int:
-    if not (value.isascii() and value.isdigit()) or not 0 <= int(value) <= RECENT_MAX:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a count 0..{RECENT_MAX}")
-    return int(value)
 
 
 def _flatten(values: list[list[str]] | None) -> list[str]:
@@ -257,7 +203,7 @@ def _url(endpoint: Endpoint, path: str) -> Any:
 
 async def _recent(api: Api, cfg: ObserveConfig) -> list[dict[str, Any]]:
     # Rule names are matched here, so ask for everything the agent keeps and cut after.
-    limit = RECENT_MAX if cfg.rule_names else cfg.last
+    limit = argtypes.RECENT_MAX if cfg.rule_names else cfg.last
     data = await api.call("GET", "/flows/recent", params={**cfg.params, "limit": str(limit)})
     events = data.get("events") if isinstance(data, dict) else None
     if not isinstance(events, list):
@@ -406,24 +352,31 @@ def add_flow_parsers(subparsers: Any) -> None:
     )
     g = p.add_argument_group("filters")
     g.add_argument(
-        "--verdict", action="append", type=_choice(VERDICTS, "verdict"), metavar="deny|log"
+        "--verdict",
+        action="append",
+        type=argtypes.choice_list(VERDICTS, "verdict"),
+        metavar="deny|log",
     )
     g.add_argument(
-        "--ip", action="append", type=_ip_values, metavar="ADDR|CIDR", help="either end is in it"
+        "--ip",
+        action="append",
+        type=argtypes.ip_list,
+        metavar="ADDR|CIDR",
+        help="either end is in it",
     )
     g.add_argument(
-        "--port", action="append", type=_port_values, metavar="PORT", help="either end has it"
+        "--port", action="append", type=argtypes.port_list, metavar="PORT", help="either end has it"
     )
     g.add_argument(
         "--protocol",
         action="append",
-        type=_choice(PROTOCOLS, "protocol"),
+        type=argtypes.choice_list(PROTOCOLS, "protocol"),
         metavar="tcp|udp|icmp|icmpv6",
     )
     g.add_argument(
         "--rule",
         action="append",
-        type=_rule_values,
+        type=argtypes.rule_list,
         metavar="ID|NAME",
         help="decided by this rule (rule_id or name; 'default': the default action)",
     )
@@ -435,7 +388,7 @@ def add_flow_parsers(subparsers: Any) -> None:
     )
     p.add_argument(
         "--last",
-        type=_last,
+        type=argtypes.recent_count,
         metavar="N",
         help=f"the last N recent events first (default {DEFAULT_LAST}; 0 with --follow)",
     )
