@@ -21,12 +21,8 @@ from typing import Final, TypeVar
 from streamer.cli.endpoint import Endpoint, parse_api_address
 
 __all__ = [
-    "ACTIONS",
-    "DIRECTIONS",
     "MAX_RULE_ID",
-    "PROTOCOLS",
     "RECENT_MAX",
-    "VERDICTS",
     "api_address",
     "bounded_float",
     "bounded_int",
@@ -60,10 +56,6 @@ __all__ = [
 MAX_RULE_ID: Final = 2**32 - 1
 RECENT_MAX: Final = 10_000  # the agent's cap on /flows/recent?limit=
 # The rule fields' domains (SPEC §2); `session list` filters by them too.
-PROTOCOLS: Final = ("tcp", "udp", "icmp", "icmpv6", "any")
-ACTIONS: Final = ("allow", "deny", "log")
-DIRECTIONS: Final = ("ingress", "egress", "any")
-VERDICTS: Final = ("allow", "deny", "log")
 
 _N = TypeVar("_N", int, float)
 

@@ -23,6 +23,7 @@ from streamer.cli.policy import add_policy_parser
 from streamer.cli.sessions import add_session_parser
 from streamer.cli.stats import add_stats_parser
 from streamer.datapath.reference import Timeouts
+from streamer.vocabulary import DefaultAction
 
 _TIMEOUT_CLASSES = [f.name for f in dataclasses.fields(Timeouts)]
 
@@ -33,7 +34,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="interface to enforce on (repeatable)")
     p.add_argument("--netns", help="named network namespace the interfaces live in")
     p.add_argument("--policy-file", type=Path, help="policy file (JSON or YAML)")
-    p.add_argument("--default-action", choices=["allow", "deny"],
+    p.add_argument("--default-action", choices=[a.value for a in DefaultAction],
                    help="verdict when no rule matches (overrides the policy file's)")
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/microseg"))
     p.add_argument("--events-file", type=Path, help="write flow events as JSON lines here")
@@ -113,7 +114,6 @@ def _pressure_flags(p: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from streamer.agent.service import AgentConfig, default_instance, run_agent
     from streamer.datapath.datapath import DatapathConfig
-    from streamer.vocabulary import DefaultAction
 
     if args.kafka_spool_max_bytes < 64 * 1024:
         print("microseg run: --kafka-spool-max-bytes must be at least 64K", file=sys.stderr)

@@ -32,6 +32,7 @@ from streamer.cli.endpoint import API_PREFIX, Endpoint
 from streamer.cli.errors import ApiError, ClientError
 from streamer.cli.output import format_table
 from streamer.events.text import cells, compact_line
+from streamer.vocabulary import PROTOCOL_NUMBERS, Action
 
 __all__ = [
     "ObserveConfig",
@@ -44,8 +45,9 @@ __all__ = [
 
 DEFAULT_LAST: Final = 20
 OUTPUTS: Final = ("table", "json", "compact")
-VERDICTS: Final = ("deny", "log", "allow")
-PROTOCOLS: Final = ("tcp", "udp", "icmp", "icmpv6")
+# deny first: the verdicts people watch for
+VERDICTS: Final = (Action.DENY.value, Action.LOG.value, Action.ALLOW.value)
+PROTOCOLS: Final = tuple(PROTOCOL_NUMBERS)
 HEADERS: Final = (
     "TIME",
     "VERDICT",

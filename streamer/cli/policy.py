@@ -31,6 +31,7 @@ from streamer.cli.output import (
     render_diff,
     rules_table,
 )
+from streamer.vocabulary import Action, Direction, Protocol
 
 __all__ = [
     "APPLY_TIMEOUT",
@@ -230,12 +231,12 @@ def _rule_flags(p: argparse.ArgumentParser, with_id: bool) -> None:
     g.add_argument("--dst-ip", metavar="IP|CIDR|any")
     g.add_argument("--src-port", type=argtypes.rule_port, metavar="PORT|LO-HI", help="0 = any")
     g.add_argument("--dst-port", type=argtypes.rule_port, metavar="PORT|LO-HI", help="0 = any")
-    g.add_argument("--protocol", type=str.lower, choices=argtypes.PROTOCOLS)
-    g.add_argument("--action", type=str.lower, choices=argtypes.ACTIONS)
+    g.add_argument("--protocol", type=str.lower, choices=[p.value for p in Protocol])
+    g.add_argument("--action", type=str.lower, choices=[a.value for a in Action])
     g.add_argument(
         "--priority", type=argtypes.priority, help="0..65535, higher wins (default 100)"
     )
-    g.add_argument("--direction", type=str.lower, choices=argtypes.DIRECTIONS)
+    g.add_argument("--direction", type=str.lower, choices=[d.value for d in Direction])
     p.add_argument(
         "--file",
         type=Path,

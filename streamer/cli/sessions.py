@@ -15,6 +15,7 @@ from typing import Any, Final
 from streamer.cli import argtypes
 from streamer.cli.connection import Api, common_parser, expect_dict, run_command
 from streamer.cli.output import cell, format_table, list_of_dicts, print_json
+from streamer.vocabulary import PROTOCOL_NUMBERS, VERDICTS
 
 __all__ = ["add_session_parser", "cmd_session_list"]
 
@@ -94,8 +95,8 @@ def add_session_parser(subparsers: Any) -> None:
     p = ssub.add_parser("list", parents=[common_parser()], help="list live sessions")
     p.add_argument("--ip", help="either end has this address")
     p.add_argument("--port", type=argtypes.port_number, help="either end has this port")
-    p.add_argument("--protocol", type=str.lower, choices=argtypes.PROTOCOLS[:-1])
-    p.add_argument("--verdict", type=str.lower, choices=argtypes.VERDICTS)
+    p.add_argument("--protocol", type=str.lower, choices=list(PROTOCOL_NUMBERS))
+    p.add_argument("--verdict", type=str.lower, choices=VERDICTS)
     p.add_argument(
         "--limit", type=argtypes.limit, help="at most this many (the agent caps it too)"
     )
