@@ -20,6 +20,7 @@ import contextlib
 import ctypes as ct
 import errno
 import functools
+import importlib.resources
 import ipaddress
 import json
 import logging
@@ -47,7 +48,9 @@ from streamer.datapath.reference import TCP_STATE_NAMES, Timeouts
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+# The classifier's C source, package data (in a checkout a link to the repository's bpf/).
+# A real directory: bcc takes it as -I, which an installed package's files on disk give.
+BPF_DIR = Path(str(importlib.resources.files("streamer.datapath") / "bpf"))
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/microseg")
 DEFAULT_RUN_DIR = Path("/run/microseg")
 LAYOUT_VERSION = 4  # MS_LAYOUT_VERSION in bpf/classifier.h (a test checks they agree)
