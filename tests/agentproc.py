@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -113,6 +113,9 @@ class AgentProcess:
     In: the lab, a policy file, an events file and optional extra flags. `start()` returns once
     the agent logs "enforcing on <iface>" (AgentError with the log if it exits or takes longer
     than `start_timeout`). Logs of earlier runs of the same object stay in `.previous_logs`.
+
+    `command` is the `microseg` to run (default: this interpreter's `-m streamer`, the
+    checkout's code); `cwd` (default: the repository) and `env` (default: ours) are its process's.
     """
 
     def __init__(
@@ -130,6 +133,9 @@ class AgentProcess:
         start_timeout: float = 30.0,
         state_dir: Path | None = None,
         api: str | None = None,
+        command: Sequence[str] = (sys.executable, "-m", "streamer"),
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.lab = lab
         self.policy_file = policy_file
@@ -144,6 +150,9 @@ class AgentProcess:
         # Each agent keeps its own applied set: restarts of this object restore from it.
         self.state_dir = state_dir or events_file.parent / f"state-{self.instance}"
         self.api = api
+        self.command = list(command)
+        self.cwd = cwd or Path(__file__).resolve().parent.parent
+        self.env = dict(env) if env is not None else None
         self.proc: subprocess.Popen[bytes] | None = None
         self._err: _LineReader | None = None
         self._out: _LineReader | None = None
@@ -153,9 +162,7 @@ class AgentProcess:
 
     def argv(self) -> list[str]:
         argv = [
-            sys.executable,
-            "-m",
-            "streamer",
+            *self.command,
             "run",
             "--netns",
             self.lab.host_ns,
@@ -197,7 +204,8 @@ class AgentProcess:
             # Its own session: a Ctrl-C at the terminal reaches pytest, whose teardown then
             # stops the agent in order, instead of both racing.
             start_new_session=True,
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=self.cwd,
+            env=self.env,
         )
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self._err = _LineReader(self.proc.stderr, f"agent-{self.instance}-stderr")
