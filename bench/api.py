@@ -38,7 +38,7 @@ from typing import Any
 
 import orjson
 
-from bench.datapath import BenchError
+from bench.common import BenchError
 from bench.rulesets import palette_policy
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from bench.datapath import BenchError
+from bench.common import BenchError
 from bench.rulesets import BOTTOM4_ID, BOTTOM6_ID, TOP4_ID, TOP6_ID, palette_policy
 from bench.workloads import (
     HIGHER_IS_BETTER,

@@ -1,8 +1,9 @@
 """The datapath micro-benchmarks: BPF_PROG_TEST_RUN on the real classifier, ns per packet.
 
-In: command-line options (see `main`). Out: a plain-text table on stdout and a JSON file
-(bench/results.json unless --out). Nothing is attached to any interface: a private classifier
-instance (unique pin directory, removed at the end) runs crafted frames only.
+In: `Settings` (`settings_for`: --quick, --runs, --packets, --seed). Out: a plain-text table on
+stdout and the results dict that bench.__main__ writes as JSON (bench/results.json unless
+--out). Nothing is attached to any interface: a private classifier instance (unique pin
+directory, removed at the end) runs crafted frames only.
 
 Measured, each as the median of several runs with min and max:
 - floor: an empty SCHED_CLS program, with repeat=10000 on one packet and with repeat=1 over
@@ -18,11 +19,8 @@ Measured, each as the median of several runs with min and max:
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
-import signal
 import statistics
 import struct
 import sys
@@ -31,9 +29,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
+from bench.common import BenchError
 from bench.frames import Flow, frame
 from bench.rulesets import (
     BOTTOM4_ID,
@@ -50,11 +48,7 @@ from bench.rulesets import (
     shape_sweep_policy,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results.json"
 HIT_REPEAT = 10_000
-# A deny verdict's event per new flow must fit the ring buffer (1 MiB, 88 bytes a record)
-# between two drains, or the bench would time the cheaper "event lost" path.
-MAX_PACKETS = 10_000
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
 VERDICTS = {0: "allow", 1: "deny", 2: "log"}
@@ -62,10 +56,6 @@ VERDICTS = {0: "allow", 1: "deny", 2: "log"}
 TARGET_HIT_NS = 25
 TARGET_NEW_NS = 150
 TARGET_NEW_RATIO = 2.0
-
-
-class BenchError(RuntimeError):
-    """The benchmark cannot run, or measured something other than what it meant to."""
 
 
 @dataclass(frozen=True)
@@ -826,88 +816,7 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ---- command line ----------------------------------------------------------------------------
-
-
-def _int_in(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{value} is out of range: use {lo}..{hi:,}")
-        return value
-
-    return parse
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.1 <= value <= 60:
-        raise argparse.ArgumentTypeError(f"{value:g} is out of range: use 0.1..60 seconds")
-    return value
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench",
-        description="Datapath micro-benchmarks of the microseg classifier (BPF_PROG_TEST_RUN)."
-        " Needs root. Prints a table and writes JSON.",
-    )
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny run (1 run, 10 and 1,000 rules, few packets) for smoke tests",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=RESULTS,
-        help=f"where to write the JSON results (default: {RESULTS})",
-    )
-    p.add_argument("--runs", type=_int_in(1, 1000), help="runs per case (default 9; --quick 1)")
-    p.add_argument(
-        "--packets",
-        type=_int_in(16, MAX_PACKETS),
-        help="distinct packets per new-flow run (default 2000; --quick 64)",
-    )
-    p.add_argument("--seed", type=_int_in(0, 2**32), default=1, help="rule-set seed (default 1)")
-    p.add_argument(
-        "--only",
-        choices=SUITES,
-        help="run one suite only; the others' results already in --out are kept",
-    )
-    p.add_argument(
-        "--api-requests",
-        type=_int_in(1, 100_000),
-        help="single-rule writes against the agent (default 1000; --quick 50)",
-    )
-    p.add_argument(
-        "--compare-runs",
-        type=_int_in(1, 100),
-        help="runs of each workload in the side-by-side suite (default 5; --quick 1)",
-    )
-    p.add_argument(
-        "--compare-seconds",
-        type=_seconds,
-        help="seconds one workload run lasts in the side-by-side suite (default 1; --quick 0.3)",
-    )
-    p.add_argument(
-        "--plot",
-        type=Path,
-        help="where the side-by-side suite writes its PNG (default docs/bench.png; with"
-        " --quick: next to --out)",
-    )
-    p.add_argument(
-        "--api-rules",
-        type=_int_in(2, 1_000_000),
-        help="rules in the whole-set PUT (default 100,000; --quick 1,000)",
-    )
-    return p
+# ---- the suite -------------------------------------------------------------------------------
 
 
 def _meta(s: Settings, cpu: int) -> dict[str, Any]:
@@ -935,70 +844,22 @@ def _meta(s: Settings, cpu: int) -> dict[str, Any]:
     }
 
 
-SUITES = ("datapath", "api", "events", "compare")
-
-
-def _on_term(_signum: int, _frame: FrameType | None) -> None:
-    # SystemExit unwinds through the finally that removes our pins.
-    raise SystemExit(143)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmarks; returns the exit status (0 done, 1 error, 2 usage, 130 interrupted).
-
-    Every suite by default (the datapath's, the admin API's: bench.api, the flow events' to
-    Kafka: bench.events); `--only` picks one and keeps the others' sections of an existing
-    --out file.
-    """
-    args = _parser().parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench: error: needs root (loading BPF programs, bpffs pins)", file=sys.stderr)
-        return 1
-    out: Path = args.out
-    if out.parent and not out.parent.is_dir():
-        print(f"bench: error: --out {out}: directory {out.parent} does not exist", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, _on_term)
-    res: dict[str, Any] = {}
-    if args.only in (None, "datapath"):
-        rc = _run_datapath(args, res)
-        if rc:
-            return rc
-    if args.only in (None, "api"):
-        rc = _run_api(args, res)
-        if rc:
-            return rc
-    if args.only in (None, "events"):
-        rc = _run_events(args, res)
-        if rc:
-            return rc
-    if args.only in (None, "compare"):
-        rc = _run_compare(args, res)
-        if rc:
-            return rc
-    if args.only is not None:
-        _keep_other_suite(out, res, args.only)
-    try:
-        out.write_text(json.dumps(res, indent=1) + "\n")
-    except OSError as e:
-        print(f"bench: error: writing {out}: {e.strerror}", file=sys.stderr)
-        return 1
-    print(f"results written to {out}")
-    return 0
-
-
-def _run_datapath(args: argparse.Namespace, res: dict[str, Any]) -> int:
-    """The datapath suite: prints its table and fills `res`; 0 or the exit status."""
-    base = QUICK if args.quick else FULL
-    s = Settings(
-        args.runs or base.runs,
-        args.packets or base.packets,
+def settings_for(quick: bool, runs: int | None, packets: int | None, seed: int) -> Settings:
+    """FULL or QUICK with the runs, packets and seed overridden."""
+    base = QUICK if quick else FULL
+    return Settings(
+        runs or base.runs,
+        packets or base.packets,
         base.rule_counts,
         base.sweep_rules,
         base.sweep_shapes,
-        args.seed,
+        seed,
         base.quick,
     )
+
+
+def run_datapath(s: Settings, res: dict[str, Any]) -> int:
+    """The datapath suite: prints its table and fills `res`; 0 or the exit status."""
     # One CPU for everything: BPF_PROG_TEST_RUN runs on the caller's CPU, and per-CPU
     # state (LRU free lists, counters) stays put between runs. Given back afterwards: the API
     # suite's agent must not share one CPU with its client.
@@ -1037,90 +898,3 @@ def _run_datapath(args: argparse.Namespace, res: dict[str, Any]) -> int:
     res.update(results(bench, meta))
     print(render(res))
     return 0
-
-
-def _progress(text: str) -> None:
-    print(f"bench: {text}", file=sys.stderr, flush=True)
-
-
-def _suite(
-    res: dict[str, Any], key: str, run: Callable[[], dict[str, Any]],
-    render_it: Callable[[dict[str, Any]], str], errors: tuple[type[BaseException], ...],
-) -> int:
-    """Run one suite into res[key] and print its table; 0, or 1 for `errors`, 130 for Ctrl-C."""
-    caught: tuple[type[BaseException], ...] = (BenchError, OSError, *errors)
-    try:
-        out = run()
-    except caught as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    res[key] = out
-    if len(res) > 1:
-        print()
-    print(render_it(out))
-    return 0
-
-
-def _run_api(args: argparse.Namespace, res: dict[str, Any]) -> int:
-    """The admin API suite (bench.api): prints its table, fills res["api"]; 0 or the status."""
-    from bench.api import render_api, run_api_bench, settings_for
-    from streamer.lab.netns import LabError
-
-    settings = settings_for(args.quick, args.api_requests, args.api_rules, args.seed)
-    return _suite(res, "api", lambda: run_api_bench(settings, _progress), render_api,
-                  (LabError,))
-
-
-def _run_events(args: argparse.Namespace, res: dict[str, Any]) -> int:
-    """The flow-event suite (bench.events): prints its table, fills res["events"]; 0 or the
-    exit status."""
-    from bench.events import render_events, run_events_bench, settings_for
-
-    return _suite(res, "events", lambda: run_events_bench(settings_for(args.quick), _progress),
-                  render_events, ())
-
-
-def _run_compare(args: argparse.Namespace, res: dict[str, Any]) -> int:
-    """The side-by-side suite (bench.compare): prints its table, writes its plot, fills
-    res["compare"]; 0 or the exit status."""
-    from bench.compare import PLOT, plot_compare, render_compare, run_compare, settings_for
-    from streamer.lab.netns import LabError
-
-    settings = settings_for(args.quick, args.compare_runs, args.compare_seconds, args.seed)
-    plot: Path = args.plot or (args.out.with_suffix(".png") if args.quick else PLOT)
-    rc = _suite(res, "compare", lambda: run_compare(settings, _progress),
-                lambda c: render_compare(c, res.get("events")), (LabError,))
-    if rc:
-        return rc
-    compare = res["compare"]
-    try:
-        plot_compare(compare, plot)
-    except (ImportError, OSError, ValueError) as e:
-        print(f"bench: error: the plot {plot}: {e}", file=sys.stderr)
-        return 1
-    compare["meta"]["plot"] = str(plot)
-    print(f"plot written to {plot}")
-    return 0
-
-
-def _suite_of(key: str) -> str:
-    """Which suite wrote a top-level key of the results file."""
-    return key if key in ("api", "events", "compare") else "datapath"
-
-
-def _keep_other_suite(out: Path, res: dict[str, Any], only: str) -> None:
-    """Copy the sections of the suites not run from an existing results file at `out` into `res`."""
-    try:
-        old = json.loads(out.read_text())
-    except (OSError, ValueError):
-        return
-    if not isinstance(old, dict):
-        return
-    kept = {k: v for k, v in old.items() if _suite_of(k) != only and k not in res}
-    res.update(kept)
-    for suite in SUITES:
-        if suite != only and any(_suite_of(k) == suite for k in kept):
-            print(f"kept the {suite} results already in {out}")

@@ -48,7 +48,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bench.datapath import BenchError
+from bench.common import BenchError
 from bench.frames import TCP, Flow, frame
 from bench.workloads import c_tool
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.datapath import BenchError
+from bench.common import BenchError
 
 NFT_TABLE = "msbench"
 _BPF_STATS_RUN_TIME = 0  # enum bpf_stats_type

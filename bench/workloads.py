@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.datapath import BenchError
+from bench.common import BenchError
 from bench.lab import BenchLab
 
 ROOT = Path(__file__).resolve().parent.parent
