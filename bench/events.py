@@ -5,7 +5,7 @@ and its plain-text table (`render_events`). Everything made is removed at the en
 failure or SIGTERM (SystemExit): the broker and its directory, the classifier's pins, the
 spool directory, the sender and consumer processes.
 
-Set-up: a private Kafka broker (scripts/kafka.sh through tests/kafkabroker.py) on a free
+Set-up: a private Kafka broker (scripts/kafka.sh through bench.kafkabroker) on a free
 loopback port; a private classifier instance (default deny, no rules, a 16 MiB ring buffer);
 the real pipeline (`streamer.events.pipeline.Pipeline`, Kafka sink only) on this process's
 event loop.
@@ -31,13 +31,11 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
-import importlib.util
 import multiprocessing as mp
 import os
 import select
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from array import array
@@ -45,14 +43,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from bench.common import BenchError
 from bench.frames import TCP, Flow, frame
+from bench.kafkabroker import KafkaBroker, KafkaError
 from bench.workloads import c_tool
 
-ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "microseg.flows"
 RINGBUF_PAGES = 4096  # 16 MiB: ~170,000 events of 96 bytes between two drains
 SRC_BASE = 0x0A000000  # 10.0.0.0/8: one source address per flow
@@ -109,18 +106,6 @@ def _cpu_s(pid: int | None, exclude: frozenset[int] = frozenset()) -> float:
     # user + system time of the process and of its children it has waited for
     own = sum(int(f) for f in fields[11:15]) / _CLK_TCK
     return own + sum(_cpu_s(c, exclude) for c in children if c not in exclude)
-
-
-def _kafkabroker() -> ModuleType:
-    """tests/kafkabroker.py, imported by path (tests/ is not a package)."""
-    path = ROOT / "tests" / "kafkabroker.py"
-    spec = importlib.util.spec_from_file_location("kafkabroker", path)
-    if spec is None or spec.loader is None:
-        raise BenchError(f"cannot import {path}")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("kafkabroker", mod)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ---- the sender (a forked process) ------------------------------------------------------------
@@ -317,12 +302,11 @@ class EventsBench:
         from streamer.datapath.datapath import Datapath, DatapathConfig, prog_fd
         from streamer.policy.model import parse_policy_document
 
-        kb = _kafkabroker()
         self.progress("events: starting a Kafka broker ...")
-        self.broker = kb.KafkaBroker()
+        self.broker = KafkaBroker()
         try:
             self.broker.start()
-        except kb.KafkaError as e:
+        except KafkaError as e:
             raise BenchError(str(e)) from e
         self.broker_start_s = float(self.broker.startup_seconds or 0.0)
         instance = f"bench-ev-{os.getpid()}-{time.time_ns() % 1_000_000:06d}"

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from bench.kafkabroker import KafkaBroker
 from streamer.datapath.datapath import TC_ACT_OK, Datapath, DatapathConfig, prog_fd, test_run
 from streamer.datapath.reference import Packet
 from streamer.lab.lab import Lab
@@ -221,16 +222,14 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 @pytest.fixture(scope="session")
 def kafka_broker() -> Iterator[Any]:
     """One real Kafka broker (single-node KRaft, scripts/kafka.sh) on 127.0.0.1:<free port>
-    for the whole session: a started `kafkabroker.KafkaBroker`; `.bootstrap` is its address.
+    for the whole session: a started `bench.kafkabroker.KafkaBroker`; `.bootstrap` is its address.
 
-    Share it: use `kafkabroker.unique_topic()` names. A test that takes it down uses
+    Share it: use `bench.kafkabroker.unique_topic()` names. A test that takes it down uses
     `with kafka_broker.outage(): ...` (or stop() and start() in a finally), so it is up again
     for the next test. Destroyed (process and data) at the end of the session, whatever
     happened. The jars come from the cache `make setup` fills (if it is empty, the start
     fetches them first: minutes); a broker that cannot start fails the tests, never skips them.
     """
-    from kafkabroker import KafkaBroker  # tests/ is on sys.path only once pytest runs
-
     broker = KafkaBroker()
     try:
         broker.start()

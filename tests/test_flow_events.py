@@ -25,9 +25,9 @@ from typing import Any
 import aiohttp
 import jsonschema
 from agentproc import AgentProcess, free_port, write_policy
-from kafkabroker import KafkaBroker, kcat_consume, unique_topic
 from netutil import TcpConn, echo_server, netns_socket, wait_until
 
+from bench.kafkabroker import KafkaBroker, kcat_consume, unique_topic
 from streamer.lab.lab import Lab
 
 AgentFactory = Callable[..., AgentProcess]

@@ -1,4 +1,4 @@
-"""The local Kafka broker (scripts/kafka.sh, tests/kafkabroker.py, the `kafka_broker` fixture).
+"""The local Kafka broker (scripts/kafka.sh, bench/kafkabroker.py, the `kafka_broker` fixture).
 
 A real broker throughout, read and written with kcat (and once with aiokafka, the client of
 the streamer's Kafka sink): round trips, restarts that keep topics and data, a broker inside
@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from kafkabroker import (
+from netutil import ns_run, tcp_connect
+
+from bench.kafkabroker import (
     KAFKA_SH,
     KafkaBroker,
     KafkaError,
@@ -26,8 +28,6 @@ from kafkabroker import (
     unique_topic,
     wait_topic,
 )
-from netutil import ns_run, tcp_connect
-
 from streamer.lab.lab import Lab
 
 # Generous against a loaded CI machine; a start takes ~5-8 s here (see the report of

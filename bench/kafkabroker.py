@@ -1,8 +1,10 @@
-"""A real Apache Kafka broker for tests, and kcat (a consumer we did not write) to talk to it.
+"""A real Apache Kafka broker for the tests and the events bench, and kcat (a consumer we did
+not write) to talk to it.
 
-Import as `from kafkabroker import KafkaBroker, kcat_consume, kcat_produce, wait_topic`
-(tests/ is on sys.path under pytest). The session-wide broker is the `kafka_broker` fixture of
-conftest.py; make a `KafkaBroker` of your own only when a test must not share one.
+Import as `from bench.kafkabroker import KafkaBroker, kcat_consume, kcat_produce, wait_topic`
+(from a checkout: scripts/kafka.sh runs the broker). The tests' session-wide broker is the
+`kafka_broker` fixture of tests/conftest.py; make a `KafkaBroker` of your own only when a test
+must not share one. bench.events starts one of its own.
 
 A `KafkaBroker` is one single-node KRaft broker run by scripts/kafka.sh (jars cached by
 `make setup`, so a start only costs the JVM: ~5-8 s) on 127.0.0.1:<free port> of the given
