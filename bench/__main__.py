@@ -105,7 +105,7 @@ def _suite(
 def _run_api(args: argparse.Namespace, res: dict[str, Any]) -> int:
     """The admin API suite (bench.api): prints its table, fills res["api"]; 0 or the status."""
     from bench.api import render_api, run_api_bench, settings_for
-    from streamer.lab.lab import LabError
+    from streamer.lab.netns import LabError
 
     settings = settings_for(args.quick, args.api_requests, args.api_rules, args.seed)
     return _suite(res, "api", lambda: run_api_bench(settings, _progress), render_api,
@@ -125,7 +125,7 @@ def _run_compare(args: argparse.Namespace, res: dict[str, Any]) -> int:
     """The side-by-side suite (bench.compare): prints its table, writes its plot, fills
     res["compare"]; 0 or the exit status."""
     from bench.compare import PLOT, plot_compare, render_compare, run_compare, settings_for
-    from streamer.lab.lab import LabError
+    from streamer.lab.netns import LabError
 
     settings = settings_for(args.quick, args.compare_runs, args.compare_seconds, args.seed)
     plot: Path = args.plot or (args.out.with_suffix(".png") if args.quick else PLOT)
