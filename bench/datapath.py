@@ -47,11 +47,9 @@ from bench.rulesets import (
     rule_target,
     shape_sweep_policy,
 )
+from streamer.datapath.layout import MS_DENY, TC_ACT_OK, TC_ACT_SHOT, VERDICT_NAMES
 
 HIT_REPEAT = 10_000
-TC_ACT_OK = 0
-TC_ACT_SHOT = 2
-VERDICTS = {0: "allow", 1: "deny", 2: "log"}
 # Informational targets (printed next to the numbers, never a failure).
 TARGET_HIT_NS = 25
 TARGET_NEW_NS = 150
@@ -477,7 +475,7 @@ def _fragment4(src: int, dst: int, ident: int, *, first: bool) -> bytes:
 def _expected_rc(target: Target, policy: Any) -> int:
     if target.action is None:
         return TC_ACT_SHOT if policy.default_action.value == "deny" else TC_ACT_OK
-    return TC_ACT_SHOT if target.action == 1 else TC_ACT_OK
+    return TC_ACT_SHOT if target.action == MS_DENY else TC_ACT_OK
 
 
 def _verify(policy: Any, flow: Flow, target: Target, label: str) -> None:
@@ -513,7 +511,7 @@ def verdict_of(case: Case, default_action: str = "deny") -> str:
         return "-"
     if case.target.action is None:
         return f"{default_action} (default)"
-    return VERDICTS[case.target.action]
+    return VERDICT_NAMES[case.target.action]
 
 
 def floor_for(block: Block, case: Case) -> float:

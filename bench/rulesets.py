@@ -22,7 +22,8 @@ from ipaddress import IPv6Address
 from typing import Any
 
 from bench.frames import TCP, UDP, Flow
-from streamer.datapath.compiler import DIR_EGRESS, DIR_INGRESS, CompiledPolicy, Entry, EntryKey
+from streamer.datapath.compiler import CompiledPolicy, Entry, EntryKey
+from streamer.datapath.layout import MS_DIR_EGRESS, MS_DIR_INGRESS
 
 # Top rules: one per family, above every generated priority, so "the highest-priority rule"
 # is a fixed, allowed rule (the cost of judging a flow, not of emitting an event).
@@ -261,7 +262,7 @@ def probe(compiled: CompiledPolicy, flow: Flow) -> tuple[Entry | None, int]:
     """(winning entry or None, shapes probed) for `flow`, as bpf/classifier.c judges it."""
     tables = compiled.family(flow.family)
     bits = 32 if flow.family == 4 else 128
-    direction = DIR_INGRESS if flow.direction == "ingress" else DIR_EGRESS
+    direction = MS_DIR_INGRESS if flow.direction == "ingress" else MS_DIR_EGRESS
     best: Entry | None = None
     score = 0
     probes = 0
@@ -335,7 +336,7 @@ def _random_flow(
         proto or TCP,
         sport,
         dport,
-        "ingress" if direction == DIR_INGRESS else "egress",
+        "ingress" if direction == MS_DIR_INGRESS else "egress",
     )
 
 

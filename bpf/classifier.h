@@ -1,16 +1,16 @@
 /* Shared layouts of the microseg classifier: maps' keys and values and the flow event.
  *
- * streamer/datapath.py mirrors every struct here with ctypes or struct formats; a test checks
- * sizes and offsets against this file (compiled by bcc), so change both together and bump
- * MS_LAYOUT_VERSION whenever a pinned map's layout changes (the agent then starts fresh maps
- * instead of adopting ones it cannot read).
+ * streamer/datapath/layout.py says every define, counter and struct here again, under the same
+ * names; tests/test_layout.py parses this file and compiles it (gcc) and fails on any
+ * difference, so change both together and bump MS_LAYOUT_VERSION whenever a pinned map's
+ * layout changes (the agent then starts fresh maps instead of adopting ones it cannot read).
  */
 #ifndef MICROSEG_CLASSIFIER_H
 #define MICROSEG_CLASSIFIER_H
 
 #define MS_LAYOUT_VERSION 4
 
-/* Verdicts: the same numbers as streamer.reference.Verdict. */
+/* Verdicts: the same numbers as streamer.datapath.reference.Verdict. */
 #define MS_ALLOW 0
 #define MS_DENY 1
 #define MS_LOG 2

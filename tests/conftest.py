@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 
 from bench.kafkabroker import KafkaBroker
-from streamer.datapath.datapath import TC_ACT_OK, Datapath, DatapathConfig, prog_fd, test_run
+from streamer.datapath.datapath import Datapath, DatapathConfig, prog_fd, test_run
+from streamer.datapath.layout import TC_ACT_OK
 from streamer.datapath.reference import Packet
 from streamer.lab.lab import Lab
 

@@ -16,8 +16,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 from streamer.datapath.compiler import compile_policy
-from streamer.datapath.datapath import TC_ACT_OK, TC_ACT_SHOT, Datapath, DatapathError, prog_fd
+from streamer.datapath.datapath import Datapath, DatapathError, prog_fd
 from streamer.datapath.datapath import test_run as bpf_test_run
+from streamer.datapath.layout import TC_ACT_OK, TC_ACT_SHOT
 from streamer.datapath.reference import Decision, StatefulReference, Timeouts, Verdict
 from streamer.policy.model import PolicySet
 

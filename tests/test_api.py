@@ -37,7 +37,8 @@ from streamer.api.params import SMALL_BODY_LIMIT
 from streamer.api.serve import start_api
 from streamer.api.tokens import load_or_create_token
 from streamer.datapath.compiler import compile_policy
-from streamer.datapath.datapath import TC_ACT_OK, Datapath
+from streamer.datapath.datapath import Datapath
+from streamer.datapath.layout import TC_ACT_OK
 from streamer.datapath.reference import Packet
 from streamer.policy.model import PolicySet
 from streamer.policy.store import LiveSession, PolicyStore, StoreError

@@ -12,9 +12,6 @@ import pytest
 
 from streamer.datapath.compiler import (
     ACTION_CODES,
-    BLOOM_BANK_WORDS,
-    DIR_EGRESS,
-    DIR_INGRESS,
     CompiledPolicy,
     Entry,
     Shape,
@@ -27,6 +24,7 @@ from streamer.datapath.compiler import (
     pack_shape,
     port_blocks,
 )
+from streamer.datapath.layout import MS_BLOOM_BANK_WORDS, MS_DIR_EGRESS, MS_DIR_INGRESS
 from streamer.datapath.reference import Packet, judge
 from streamer.policy.model import PolicySet, parse_policy_document
 from streamer.vocabulary import Action
@@ -120,8 +118,8 @@ def test_ipv4_rule_both_directions() -> None:
     assert c.v4.shapes[0] == Shape(4, 8, 0, 0, 16, False)
     keys = set(c.v4.entries[0])
     assert keys == {
-        (DIR_INGRESS, 6, 0, 22, 0x0A000000, 0),
-        (DIR_EGRESS, 6, 0, 22, 0x0A000000, 0),
+        (MS_DIR_INGRESS, 6, 0, 22, 0x0A000000, 0),
+        (MS_DIR_EGRESS, 6, 0, 22, 0x0A000000, 0),
     }
     assert c.entry_count == 2 and c.shape_count == 1
 
@@ -130,7 +128,7 @@ def test_any_address_rule_goes_to_both_families() -> None:
     c = _compile({"rule_id": 1, "protocol": "any", "direction": "ingress"})
     assert c.v4.shapes == [Shape(4, 0, 0, 0, 0, True)]
     assert c.v6.shapes == [Shape(6, 0, 0, 0, 0, True)]
-    assert list(c.v4.entries[0]) == [(DIR_INGRESS, 0, 0, 0, 0, 0)]
+    assert list(c.v4.entries[0]) == [(MS_DIR_INGRESS, 0, 0, 0, 0, 0)]
     assert c.entry_count == 2
 
 
@@ -385,7 +383,7 @@ def test_packed_layouts() -> None:
     key, entry = next(iter(c.v6.entries[0].items()))
     raw = pack_rule_key(6, 5, key)
     assert len(raw) == 40
-    assert raw[:8] == bytes([5, 0, DIR_INGRESS, 6, 0, 0, 0x01, 0xBB])
+    assert raw[:8] == bytes([5, 0, MS_DIR_INGRESS, 6, 0, 0, 0x01, 0xBB])
     assert raw[8:12] == bytes.fromhex("20010db8") and raw[24:] == bytes(16)
     assert len(pack_rule_key(4, 1, (1, 6, 0, 22, 0x0A000000, 0))) == 16
     val = pack_rule_val(entry, 3)
@@ -406,7 +404,7 @@ def test_bloom_layout_and_filters() -> None:
     offs = [o for o, _ in layout]
     assert offs == [0, 1, 2, 2 + (1 << 14) // 64]
     huge = bloom_layout([10_000_000] * 3)
-    assert sum((1 << b) // 64 for _, b in huge if b) <= BLOOM_BANK_WORDS
+    assert sum((1 << b) // 64 for _, b in huge if b) <= MS_BLOOM_BANK_WORDS
     keys = [pack_rule_key(4, 0, (1, 6, 0, p, 0x0A000000, 0)) for p in range(100)]
     words = build_bloom(4, keys, 12)
     for k in keys:  # no false negatives, ever

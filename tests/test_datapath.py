@@ -55,19 +55,6 @@ from streamer.datapath.compiler import (
     pack_shape,
 )
 from streamer.datapath.datapath import (
-    _LAST_SEEN_OFF,
-    _TCLASS_OFF,
-    _TCP_STATE_OFF,
-    BPF_DIR,
-    FRAG_KEY,
-    FRAG_VAL,
-    LAYOUT_VERSION,
-    REAPED,
-    SESS_KEY,
-    SESS_VAL,
-    SETTINGS,
-    TC_ACT_OK,
-    TC_ACT_SHOT,
     Datapath,
     DatapathConfig,
     DatapathError,
@@ -77,6 +64,17 @@ from streamer.datapath.datapath import (
     tcx_programs,
 )
 from streamer.datapath.datapath import test_run as bpf_test_run
+from streamer.datapath.layout import (
+    EVENT,
+    FRAG_KEY,
+    FRAG_VAL,
+    REAPED,
+    SESS_KEY,
+    SESS_VAL,
+    SETTINGS,
+    TC_ACT_OK,
+    TC_ACT_SHOT,
+)
 from streamer.datapath.reference import (
     Decision,
     Packet,
@@ -94,10 +92,6 @@ if TYPE_CHECKING:
 
 PASS = TC_ACT_OK
 DROP = TC_ACT_SHOT
-
-# struct ms_event (bpf/classifier.h), written out here independently of the datapath package.
-EVENT_LAYOUT = struct.Struct("<QQQIIIBBBB16s16sHHBBH")
-
 
 def R(rule_id: int, **fields: Any) -> dict[str, Any]:
     """A rule document: protocol any and action allow unless given."""
@@ -169,13 +163,6 @@ def dp(datapath: Datapath) -> Datapath:
 # ---- layout --------------------------------------------------------------------------------
 
 
-def test_layout_version_matches_the_header() -> None:
-    """The pin directory's layout version is the header's: maps of an older layout are never
-    adopted by a classifier that would misread them."""
-    header = (BPF_DIR / "classifier.h").read_text()
-    assert f"#define MS_LAYOUT_VERSION {LAYOUT_VERSION}\n" in header
-
-
 def test_map_layouts_match_python_packing(dp: Datapath) -> None:
     """The maps as bcc compiled them (bpf/classifier.h) against streamer's struct packing."""
     bpf = dp._bpf
@@ -183,8 +170,9 @@ def test_map_layouts_match_python_packing(dp: Datapath) -> None:
     assert ct.sizeof(bpf["sessions"].Leaf) == SESS_VAL.size
     leaf = bpf["sessions"].Leaf
     # the offsets streamer reads, and the cache-line split by writer (see struct ms_sess_val)
-    assert leaf.last_seen.offset == _LAST_SEEN_OFF
-    assert leaf.tcp_state.offset == _TCP_STATE_OFF and leaf.tclass.offset == _TCLASS_OFF
+    assert leaf.last_seen.offset == SESS_VAL.offset("last_seen")
+    assert leaf.tcp_state.offset == SESS_VAL.offset("tcp_state")
+    assert leaf.tclass.offset == SESS_VAL.offset("tclass")
     assert leaf.pkts_orig.offset == 32 and leaf.pkts_reply.offset == 96
     assert ct.sizeof(bpf["rules4"].Key) == len(pack_rule_key(4, 0, (1, 6, 0, 0, 0, 0))) == 16
     assert ct.sizeof(bpf["rules6"].Key) == len(pack_rule_key(6, 0, (1, 6, 0, 0, 0, 0))) == 40
@@ -201,7 +189,7 @@ def test_map_layouts_match_python_packing(dp: Datapath) -> None:
     assert ct.sizeof(bpf["frags"].Leaf) == FRAG_VAL.size
     assert ct.sizeof(bpf["reaped"].Leaf) == REAPED.size
     assert ct.sizeof(bpf["settings"].Leaf) == SETTINGS.size
-    assert EVENT_LAYOUT.size == 80
+    assert EVENT.size == 80
 
 
 # ---- addresses -----------------------------------------------------------------------------
@@ -1140,7 +1128,7 @@ def test_events_update_after_interval(small_dp: Datapath) -> None:
     threading.Event().wait(dp.config.event_interval_ns / 1e9 * 3)
     assert run(dp, p.reply()) == DROP
     (upd,) = drain()
-    e_new, e_upd = EVENT_LAYOUT.unpack(new), EVENT_LAYOUT.unpack(upd)
+    e_new, e_upd = EVENT.unpack(new), EVENT.unpack(upd)
     assert (e_new[1], e_new[2], e_new[15]) == (1, 100, 1)  # packets, bytes, kind new
     assert (e_upd[1], e_upd[2], e_upd[15]) == (2, 200, 2)  # since the first event; update
     assert e_upd[0] > e_new[0]
@@ -1175,7 +1163,7 @@ def test_full_table_keeps_the_event_rate_limit() -> None:
         assert run(dp, p) == DROP
         dp.consume_events()
         (upd,) = records
-        e_new, e_upd = EVENT_LAYOUT.unpack(new), EVENT_LAYOUT.unpack(upd)
+        e_new, e_upd = EVENT.unpack(new), EVENT.unpack(upd)
         assert (e_new[1], e_new[2], e_new[15]) == (1, 100, 1)  # packets, bytes, kind new
         assert (e_upd[1], e_upd[2], e_upd[15]) == (5, 500, 2)  # the 4 held back and this one
 
@@ -1284,7 +1272,7 @@ def test_restart_adopts_pinned_state(small_dp: Datapath) -> None:
 
 
 def _decode(raw: bytes) -> dict[str, Any]:
-    assert len(raw) == EVENT_LAYOUT.size
+    assert len(raw) == EVENT.size
     (
         ts,
         packets,
@@ -1303,7 +1291,7 @@ def _decode(raw: bytes) -> dict[str, Any]:
         tcp_flags,
         kind,
         _pad,
-    ) = EVENT_LAYOUT.unpack(raw)
+    ) = EVENT.unpack(raw)
     alen = 4 if family == 4 else 16
     return {
         "ts": ts,

@@ -25,8 +25,9 @@ import pytest
 from packets import ETH_P_8021Q, frame, hbh_ext
 
 from streamer.datapath.compiler import compile_policy
-from streamer.datapath.datapath import TC_ACT_OK, Datapath, prog_fd
+from streamer.datapath.datapath import Datapath, prog_fd
 from streamer.datapath.datapath import test_run as bpf_test_run
+from streamer.datapath.layout import TC_ACT_OK, TC_ACT_SHOT
 from streamer.datapath.reference import (
     Decision,
     Packet,
@@ -508,7 +509,7 @@ def _run_differential(
             sent += 1
             if len(flows) < 4000:
                 flows.append(spec)
-            want_rc = TC_ACT_OK if want.passes else 2
+            want_rc = TC_ACT_OK if want.passes else TC_ACT_SHOT
             if got != (want_rc, want.verdict):
                 count += 1
                 if len(mismatches) < MAX_REPORTED:

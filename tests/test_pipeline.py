@@ -1,19 +1,16 @@
 """The flow-event pipeline, stage by stage (streamer/source, decode, enrich, fanout, sinks).
 
-Layout and decoding against the C header (compiled with gcc), enrichment across a real policy
-change, the fan-out's drops and lost records with a deliberately slow sink, a failing sink,
-file rotation, the Kafka spool (bounded, ordered, restartable), and the kernel's own losses
-with a one-page ring buffer and a burst through BPF_PROG_TEST_RUN.
+Decoding (test_layout.py holds the event layout against the C header), enrichment across a
+real policy change, the fan-out's drops and lost records with a deliberately slow sink, a
+failing sink, file rotation, the Kafka spool (bounded, ordered, restartable), and the kernel's
+own losses with a one-page ring buffer and a burst through BPF_PROG_TEST_RUN.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes as ct
 import json
 import logging
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -29,13 +26,11 @@ from packets import frame
 from streamer.datapath.compiler import compile_policy
 from streamer.datapath.datapath import Datapath, DatapathConfig, prog_fd
 from streamer.datapath.datapath import test_run as prog_test_run
+from streamer.datapath.layout import EVENT
 from streamer.datapath.reference import Packet
 from streamer.events.decode import (
-    EVENT_SIZE,
-    EVENT_STRUCT,
     DecodeError,
     FlowEvent,
-    RawEvent,
     decode,
     decode_batch,
     encode,
@@ -100,45 +95,6 @@ def gap_check(stream: list[dict[str, Any]], produced: int) -> tuple[int, int]:
 
 # ---- decode --------------------------------------------------------------------------------
 
-C_LAYOUT = r"""
-#include <stddef.h>
-#include <stdio.h>
-#include <linux/types.h>
-#include "classifier.h"
-#define F(name) printf("%s %zu %zu\n", #name, offsetof(struct ms_event, name), \
-                       sizeof(((struct ms_event *)0)->name));
-int main(void) {
-    printf("sizeof %zu %zu\n", sizeof(struct ms_event), _Alignof(struct ms_event));
-    F(ts) F(packets) F(bytes) F(ifindex) F(rule_id) F(gen) F(family) F(proto)
-    F(direction) F(verdict) F(src) F(dst) F(sport) F(dport) F(tcp_flags) F(kind) F(pad)
-    return 0;
-}
-"""
-
-
-def test_event_layout_matches_the_c_header(tmp_path: Path) -> None:
-    gcc = shutil.which("gcc")
-    assert gcc, "gcc is needed to check the event layout against bpf/classifier.h"
-    src = tmp_path / "layout.c"
-    src.write_text(C_LAYOUT)
-    exe = tmp_path / "layout"
-    subprocess.run(
-        [gcc, "-Wall", "-Werror", f"-I{ROOT / 'bpf'}", str(src), "-o", str(exe)],
-        check=True, capture_output=True, timeout=60,
-    )
-    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=10)
-    c: dict[str, tuple[int, int]] = {}
-    for line in out.stdout.splitlines():
-        name, a, b = line.split()
-        c[name] = (int(a), int(b))
-    assert c.pop("sizeof")[0] == ct.sizeof(RawEvent) == EVENT_STRUCT.size == EVENT_SIZE
-    py = {name: (getattr(RawEvent, name).offset, getattr(RawEvent, name).size)
-          for name, _ in RawEvent._fields_}
-    assert py == c
-    # The struct format walks the same fields in the same order.
-    assert len(EVENT_STRUCT.unpack(bytes(EVENT_SIZE))) == len(RawEvent._fields_)
-
-
 @pytest.mark.parametrize(
     ("family", "src", "dst", "proto"),
     [
@@ -160,7 +116,7 @@ def test_decode_round_trip(family: int, src: str, dst: str, proto: int) -> None:
         dst_port=1 if proto in (6, 17) else 0, tcp_flags=0x12, kind="update",
     )
     raw = encode(ev)
-    assert len(raw) == EVENT_SIZE
+    assert len(raw) == EVENT.size
     back = decode(raw)
     for field in FlowEvent.__slots__:
         if field.endswith("_ip"):
@@ -171,14 +127,12 @@ def test_decode_round_trip(family: int, src: str, dst: str, proto: int) -> None:
                 assert text == str(ipaddress.ip_address(text)), text
         else:
             assert getattr(back, field) == getattr(ev, field), field
-    # The ctypes mirror reads the same bytes the same way.
-    r = RawEvent.from_buffer_copy(raw)
-    assert (r.ts, r.packets, r.bytes, r.ifindex, r.rule_id, r.gen, r.family, r.proto) == (
-        ev.ts_ns, 7, 9000, 42, 4294967295, 77, family, proto,
-    )
-    assert (r.sport, r.dport, r.tcp_flags, r.kind, r.direction, r.verdict) == (
-        ev.src_port, ev.dst_port, 0x12, 2, 2, 2,
-    )
+    # The layout's fields by name read the same bytes the same way.
+    r = EVENT.as_dict(raw)
+    assert tuple(r[f] for f in ("ts", "packets", "bytes", "ifindex", "rule_id", "gen", "family",
+                                "proto")) == (ev.ts_ns, 7, 9000, 42, 4294967295, 77, family, proto)
+    assert tuple(r[f] for f in ("sport", "dport", "tcp_flags", "kind", "direction",
+                                "verdict")) == (ev.src_port, ev.dst_port, 0x12, 2, 2, 2)
 
 
 def test_decode_rejects_what_is_no_event() -> None:
@@ -189,12 +143,12 @@ def test_decode_rejects_what_is_no_event() -> None:
     with pytest.raises(DecodeError, match="81 bytes"):
         decode(good + b"\0")
     bad_family = bytearray(good)
-    bad_family[RawEvent.family.offset] = 5
+    bad_family[EVENT.offset("family")] = 5
     with pytest.raises(DecodeError, match="address family 5"):
         decode(bytes(bad_family))
     unknown = bytearray(good)
-    unknown[RawEvent.verdict.offset] = 9
-    unknown[RawEvent.kind.offset] = 9
+    unknown[EVENT.offset("verdict")] = 9
+    unknown[EVENT.offset("kind")] = 9
     assert (decode(bytes(unknown)).verdict, decode(bytes(unknown)).kind) == ("unknown", "unknown")
 
 
@@ -203,7 +157,7 @@ def test_decode_batch_keeps_good_records_in_order_and_counts_the_rest() -> None:
                      i, 2, 2, "new") for i in range(1, 6)]
     raws = [encode(e) for e in evs]
     bad_family = bytearray(raws[2])
-    bad_family[RawEvent.family.offset] = 5
+    bad_family[EVENT.offset("family")] = 5
     rows, bad = decode_batch([raws[0], raws[1][:-1], bytes(bad_family), raws[3] + b"\0",
                               raws[4], raws[1] + raws[3]])
     assert bad == 4
@@ -243,9 +197,9 @@ def test_render_writes_byte_for_byte_what_enrich_describes() -> None:
         ))
     raws = [encode(e) for e in evs]
     odd = bytearray(raws[0])
-    odd[RawEvent.direction.offset] = 9
-    odd[RawEvent.verdict.offset] = 200
-    odd[RawEvent.kind.offset] = 0
+    odd[EVENT.offset("direction")] = 9
+    odd[EVENT.offset("verdict")] = 200
+    odd[EVENT.offset("kind")] = 0
     raws.append(bytes(odd))
     rows, bad = decode_batch(raws)
     assert bad == 0

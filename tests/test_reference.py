@@ -826,7 +826,8 @@ def test_checksums() -> None:
 
 
 def test_tcp_state_machine_transitions() -> None:
-    from streamer.datapath.reference import TCP_STATE_NAMES, tcp_next
+    from streamer.datapath.layout import TCP_STATE_NAMES
+    from streamer.datapath.reference import tcp_next
 
     def run(steps: list[tuple[int, str]]) -> list[str]:
         state, fins, out = 0, 0, []

@@ -14,12 +14,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from streamer.events.decode import EVENT_SIZE, FlowEvent, Packed, decode, decode_batch, encode
+from streamer.datapath.layout import EVENT
+from streamer.events.decode import FlowEvent, Packed, decode, decode_batch, encode
 from streamer.events.source import RingReader
 
 PAGE = mmap.PAGESIZE
 SIZE = 8192  # ring data bytes
 BUSY, DISCARD = 1 << 31, 1 << 30
+EVENT_SIZE = EVENT.size
 STRIDE = (EVENT_SIZE + 8 + 7) & ~7
 
 

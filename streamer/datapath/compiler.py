@@ -12,20 +12,33 @@ never matches any packet and produces no entry (the policy model rejects such ru
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 
+from streamer.datapath.layout import (
+    MS_ALLOW,
+    MS_BLOOM_BANK_WORDS,
+    MS_DENY,
+    MS_DIR_EGRESS,
+    MS_DIR_INGRESS,
+    MS_LOG,
+    RULE_KEY4,
+    RULE_KEY6,
+    RULE_VAL,
+    SHAPE,
+)
 from streamer.policy.model import PolicySet
 from streamer.vocabulary import Action
 
-DIR_INGRESS = 1
-DIR_EGRESS = 2
 PROTO_TCP = 6
 PROTO_UDP = 17
-ACTION_CODES = {Action.ALLOW: 0, Action.DENY: 1, Action.LOG: 2}
-DEFAULT_ACTION_CODES = {"allow": 0, "deny": 1}
+ACTION_CODES = {Action.ALLOW: MS_ALLOW, Action.DENY: MS_DENY, Action.LOG: MS_LOG}
+DEFAULT_ACTION_CODES = {"allow": MS_ALLOW, "deny": MS_DENY}
 
-_DIRS = {"ingress": (DIR_INGRESS,), "egress": (DIR_EGRESS,), "any": (DIR_INGRESS, DIR_EGRESS)}
+_DIRS = {
+    "ingress": (MS_DIR_INGRESS,),
+    "egress": (MS_DIR_EGRESS,),
+    "any": (MS_DIR_INGRESS, MS_DIR_EGRESS),
+}
 
 
 class CompileError(ValueError):
@@ -287,7 +300,6 @@ def _mask(bits: int, plen: int) -> int:
 
 
 _M64 = (1 << 64) - 1
-BLOOM_BANK_WORDS = 1 << 19  # MS_BLOOM_BANK_WORDS in bpf/classifier.h
 BLOOM_BITS_PER_ENTRY = 16  # ~6 % false positives with one hash
 BLOOM_MIN_BITS = 64
 BLOOM_MAX_BITS = 1 << 22
@@ -334,13 +346,13 @@ def bloom_layout(entry_counts: list[int]) -> list[tuple[int, int]]:
             min(BLOOM_MAX_BITS, max(BLOOM_MIN_BITS, 1 << max(0, (n * per_entry - 1).bit_length())))
             for n in entry_counts
         ]
-        if sum(sizes) // 64 <= BLOOM_BANK_WORDS or per_entry == 0:
+        if sum(sizes) // 64 <= MS_BLOOM_BANK_WORDS or per_entry == 0:
             break
         per_entry //= 2
     layout: list[tuple[int, int]] = []
     off = 0
     for bits in sizes:
-        if off + bits // 64 > BLOOM_BANK_WORDS:
+        if off + bits // 64 > MS_BLOOM_BANK_WORDS:
             layout.append((0, 0))  # no room left: this shape is always probed
             continue
         layout.append((off, bits.bit_length() - 1))
@@ -362,34 +374,42 @@ def pack_shape(shape: Shape, max_score: int, bloom_off: int = 0, bloom_log2_bits
     """struct ms_shape (bpf/classifier.h); bloom_log2_bits 0: no filter."""
     abits = 32 if shape.family == 4 else 128
     alen = abits // 8
-    src = _mask(abits, shape.src_plen).to_bytes(alen, "big").ljust(16, b"\0")
-    dst = _mask(abits, shape.dst_plen).to_bytes(alen, "big").ljust(16, b"\0")
-    return (
-        src
-        + dst
-        + struct.pack(">HH", _mask(16, shape.sport_plen), _mask(16, shape.dport_plen))
-        + struct.pack(
-            "<BB2xQI4x",
-            0 if shape.proto_wild else 0xFF,
-            64 - bloom_log2_bits if bloom_log2_bits else 0,
-            max_score,
-            bloom_off,
-        )
+    return SHAPE.pack(
+        _mask(abits, shape.src_plen).to_bytes(alen, "big"),  # padded to 16 bytes by the pack
+        _mask(abits, shape.dst_plen).to_bytes(alen, "big"),
+        _mask(16, shape.sport_plen).to_bytes(2, "big"),
+        _mask(16, shape.dport_plen).to_bytes(2, "big"),
+        0 if shape.proto_wild else 0xFF,
+        64 - bloom_log2_bits if bloom_log2_bits else 0,
+        max_score,
+        bloom_off,
     )
 
 
 def pack_rule_key(family: int, shape_id: int, key: EntryKey) -> bytes:
     """struct ms_rule_key4 / ms_rule_key6 (bpf/classifier.h)."""
     direction, proto, sport, dport, src, dst = key
-    alen = 4 if family == 4 else 16
-    return (
-        struct.pack("<HBB", shape_id, direction, proto)
-        + struct.pack(">HH", sport, dport)
-        + src.to_bytes(alen, "big")
-        + dst.to_bytes(alen, "big")
+    if family == 4:
+        return RULE_KEY4.pack(
+            shape_id,
+            direction,
+            proto,
+            sport.to_bytes(2, "big"),
+            dport.to_bytes(2, "big"),
+            src.to_bytes(4, "big"),
+            dst.to_bytes(4, "big"),
+        )
+    return RULE_KEY6.pack(
+        shape_id,
+        direction,
+        proto,
+        sport.to_bytes(2, "big"),
+        dport.to_bytes(2, "big"),
+        src.to_bytes(16, "big"),
+        dst.to_bytes(16, "big"),
     )
 
 
 def pack_rule_val(entry: Entry, slot: int) -> bytes:
     """struct ms_rule_val (bpf/classifier.h)."""
-    return struct.pack("<QIIB7x", entry.score, entry.rule_id, slot, entry.action)
+    return RULE_VAL.pack(entry.score, entry.rule_id, slot, entry.action)

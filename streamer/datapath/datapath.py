@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from streamer.datapath.compiler import (
-    BLOOM_BANK_WORDS,
     CompiledPolicy,
     bloom_layout,
     build_bloom,
@@ -43,7 +42,36 @@ from streamer.datapath.compiler import (
     pack_rule_val,
     pack_shape,
 )
-from streamer.datapath.reference import TCP_STATE_NAMES, Timeouts
+from streamer.datapath.layout import (
+    BANK,
+    C_MAX,
+    COUNTER_NAMES,
+    COUNTERS,
+    DIRECTION_NAMES,
+    FRAG_KEY,
+    FRAG_VAL,
+    MS_BLOOM_BANK_WORDS,
+    MS_LAYOUT_VERSION,
+    MS_TCP_SYN_RECV,
+    MS_TCP_SYN_SENT,
+    MS_TCP_TIME_WAIT,
+    MS_TO_FRAGMENT,
+    MS_TO_MAX,
+    REAPED,
+    RULE_CTR,
+    RULE_KEY4,
+    RULE_KEY6,
+    RULE_VAL,
+    SESS_KEY,
+    SESS_VAL,
+    SETTINGS,
+    TCP_STATE_NAMES,
+    VERDICT_NAMES,
+    active_of,
+    active_word,
+    dir_verdict_counter,
+)
+from streamer.datapath.reference import Timeouts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,12 +81,9 @@ T = TypeVar("T")
 BPF_DIR = Path(str(importlib.resources.files("streamer.datapath") / "bpf"))
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/microseg")
 DEFAULT_RUN_DIR = Path("/run/microseg")
-LAYOUT_VERSION = 4  # MS_LAYOUT_VERSION in bpf/classifier.h (a test checks they agree)
 
 TC_PRIO = 0x4D53  # "MS": our filters' preference and handle on every hook
 TC_HANDLE = 0x4D53
-TC_ACT_OK = 0
-TC_ACT_SHOT = 2
 PARENT_INGRESS = "ffff:fff2"
 PARENT_EGRESS = "ffff:fff3"
 BPF_TCX_INGRESS = 46  # enum bpf_attach_type
@@ -69,63 +94,19 @@ LINKS_DIR = "links"  # <instance>/links/: our pinned tcx links, beside the maps'
 HOOKS = (("ingress", "ms_ingress", BPF_TCX_INGRESS), ("egress", "ms_egress", BPF_TCX_EGRESS))
 _CLONE_NEWNET = 0x40000000
 
-# enum ms_counter (bpf/classifier.h): name -> index; 8..15 are packets by direction and verdict.
-COUNTERS = {
-    "total_packets": 0,
-    "allowed_packets": 1,
-    "denied_packets": 2,
-    "logged_packets": 3,
-    "total_bytes": 4,
-    "session_hits": 5,
-    "policy_hits": 6,
-    "policy_misses": 7,
-    "new_sessions": 16,
-    "parse_drops": 17,
-    "fragment_drops": 18,
-    "l2_passed": 19,
-    "events_sent": 20,
-    "events_lost": 21,
-    "rejudged_sessions": 22,
-    "shape_probes": 23,
-    "session_create_failed": 24,
-    "closed_sessions": 25,
-    "renewed_expired": 26,
-    "renewed_closed": 27,
-}
-C_DIR_VERDICT = 8
-# Counters from index 28 on (issue 5: state, fragments, pressure).
-COUNTER_NAMES_28 = [
-    "related_passed",
-    "syn_new_sessions",
-    "half_open_opened",
-    "half_open_left",
-    "fragments_first",
-    "fragments_followed",
-    "fragment_drops_no_first",
-    "fragment_drops_overlap",
-    "fragment_drops_tiny",
-    "pressure_drops",
-    "fragments_replaced",
-]
-C_MAX = 48
 CLOCK_MONOTONIC_COARSE = 6  # bpf_ktime_get_coarse_ns() reads this clock
-VERDICT_NAMES = {0: "allow", 1: "deny", 2: "log"}
-DIRECTION_NAMES = {1: "ingress", 2: "egress"}
-
-SESS_KEY = struct.Struct("<IBBH16s16s2s2s")  # struct ms_sess_key
-# struct ms_sess_val: the shared line, the originator's line, the replies' line
-SESS_VAL = struct.Struct("<Q3I8B4x" "6Q16x" "2Q48x")
-FRAG_KEY = struct.Struct("<IBBHI16s16s")  # struct ms_frag_key
-FRAG_VAL = struct.Struct("<QHHHBx")  # struct ms_frag_val
-REAPED = struct.Struct("<8Q")  # struct ms_reaped
-SETTINGS = struct.Struct("<17Q")  # struct ms_settings
-_LAST_SEEN_OFF = 0
-_TCP_STATE_OFF = 23
-_TCLASS_OFF = 25
-EVENT = struct.Struct("<3Q3I4B16s16sHHBBH")  # struct ms_event
-RULE_CTR = struct.Struct("<3Q")
-assert SESS_KEY.size == 44 and SESS_VAL.size == 160 and EVENT.size == 80
-assert FRAG_KEY.size == 44 and FRAG_VAL.size == 16 and REAPED.size == 64
+_LAST_SEEN_OFF = SESS_VAL.offset("last_seen")
+_TCP_STATE_OFF = SESS_VAL.offset("tcp_state")
+_TCLASS_OFF = SESS_VAL.offset("tclass")
+# positions in SESS_VAL.unpack()'s tuple
+_SV_LAST_SEEN, _SV_GEN, _SV_RULE_ID = (SESS_VAL.index(f) for f in ("last_seen", "gen", "rule_id"))
+_SV_VERDICT, _SV_ORIG_DIR, _SV_A_IS_SRC, _SV_TCP_STATE, _SV_TCP_FLAGS = (
+    SESS_VAL.index(f) for f in ("verdict", "orig_dir", "a_is_src", "tcp_state", "tcp_flags")
+)
+_SV_PKTS_ORIG, _SV_BYTES_ORIG, _SV_FIRST_SEEN, _SV_PKTS_REPLY, _SV_BYTES_REPLY = (
+    SESS_VAL.index(f)
+    for f in ("pkts_orig", "bytes_orig", "first_seen", "pkts_reply", "bytes_reply")
+)
 
 
 class DatapathError(RuntimeError):
@@ -160,7 +141,7 @@ class DatapathConfig:
     def pin_dir(self) -> Path:
         """Maps of one layout: a restart with other sizes gets fresh maps, never misread ones."""
         return self.instance_dir / (
-            f"v{LAYOUT_VERSION}-s{self.session_entries}-p{self.max_shapes}"
+            f"v{MS_LAYOUT_VERSION}-s{self.session_entries}-p{self.max_shapes}"
             f"-r{self.rule_entries}-c{self.rule_slots}-f{self.frag_entries}"
         )
 
@@ -192,7 +173,7 @@ class Session:
     packets_in: int  # replies
     bytes_in: int
     tcp_flags: int
-    tcp_state: str = ""  # streamer.datapath.reference.TCP_STATE_NAMES ("" for other protocols)
+    tcp_state: str = ""  # streamer.datapath.layout.TCP_STATE_NAMES ("" for other protocols)
 
 
 @dataclass(frozen=True)
@@ -230,14 +211,19 @@ def drops_by_reason(counters: dict[str, int]) -> dict[str, int]:
     return {reason: int(counters.get(name, 0)) for reason, name in DROP_REASONS.items()}
 
 
+_PROTO_OFF = SESS_KEY.offset("proto")
+_HALF_OPEN = (MS_TCP_SYN_SENT, MS_TCP_SYN_RECV)
+_FV_FIRST_SEEN = FRAG_VAL.index("first_seen")
+
+
 def proto_is_tcp(sess_key: bytes) -> bool:
     """Whether a raw struct ms_sess_key is a TCP flow's."""
-    return sess_key[5] == 6
+    return sess_key[_PROTO_OFF] == 6
 
 
 def _expired(val: bytes, timeouts_ns: list[int], now: int) -> bool:
     last: int = struct.unpack_from("<Q", val, _LAST_SEEN_OFF)[0]
-    return now > last and now - last > timeouts_ns[val[_TCLASS_OFF] & 15]
+    return now > last and now - last > timeouts_ns[val[_TCLASS_OFF] & (MS_TO_MAX - 1)]
 
 
 @dataclass(frozen=True)
@@ -427,7 +413,7 @@ class Datapath:
             self._fds[name] = self._bpf[name].get_fd()
         self.set_timeouts(self.config.timeouts)
         raw = self._lookup(self._fds["reaped"], struct.pack("<I", 0), REAPED.size)
-        self._reaped = list(REAPED.unpack(raw)) if raw else [0] * 8
+        self._reaped = list(REAPED.unpack(raw)) if raw else [0] * len(self._reaped)
         self._adopt()
 
     def _adopt(self) -> None:
@@ -435,16 +421,16 @@ class Datapath:
         gen, bank = self.active()
         for family in (4, 6):
             fd = self._fds[f"rules{family}"]
-            ksize = 16 if family == 4 else 40  # struct ms_rule_key4 / ms_rule_key6
-            for key in self._iter_keys(fd, ksize):
-                shape_id = struct.unpack_from("<H", key)[0]
+            rule_key = RULE_KEY4 if family == 4 else RULE_KEY6
+            for key in self._iter_keys(fd, rule_key.size):
+                shape_id = struct.unpack_from("<H", key, rule_key.offset("shape"))[0]
                 kbank = shape_id // self.config.max_shapes
                 self._bank_keys[kbank & 1][family].append(key)
                 if kbank == bank and gen > 0:
-                    val = self._lookup(fd, key, 24)
+                    val = self._lookup(fd, key, RULE_VAL.size)
                     if val is not None:
-                        rule_id, slot = struct.unpack_from("<II", val, 8)
-                        self._slots[rule_id] = slot
+                        v = RULE_VAL.unpack(val)
+                        self._slots[v[RULE_VAL.index("rule_id")]] = v[RULE_VAL.index("slot")]
         used = set(self._slots.values())
         self._next_slot = max(used, default=0) + 1
         if gen > 0:
@@ -533,8 +519,7 @@ class Datapath:
     def active(self) -> tuple[int, int]:
         """(generation, bank) in force; generation 0 means no policy was ever applied."""
         raw = self._lookup(self._fds["active"], struct.pack("<I", 0), 8)
-        v = struct.unpack("<Q", raw)[0] if raw else 0
-        return v >> 1, v & 1
+        return active_of(struct.unpack("<Q", raw)[0] if raw else 0)
 
     def apply(self, compiled: CompiledPolicy, generation: int | None = None) -> int:
         """Switch the classifier to `compiled` in one step; returns the new generation.
@@ -587,7 +572,7 @@ class Datapath:
                 shape_vals: list[bytes] = []
                 bloom_keys: list[bytes] = []
                 bloom_vals: list[bytes] = []
-                bloom_base = new_bank * BLOOM_BANK_WORDS
+                bloom_base = new_bank * MS_BLOOM_BANK_WORDS
                 n = 0
                 for family, fidx in ((4, 0), (6, 1)):
                     tables = compiled.family(family)
@@ -617,8 +602,7 @@ class Datapath:
                 self._write(
                     "banks",
                     struct.pack("<I", new_bank),
-                    struct.pack(
-                        "<IIIB3x",
+                    BANK.pack(
                         new_gen,
                         len(compiled.v4.shapes),
                         len(compiled.v6.shapes),
@@ -630,7 +614,8 @@ class Datapath:
                     self._free_slots.append(s)
                 raise
             # 4. the switch: from here on the new set is enforced
-            self._write("active", struct.pack("<I", 0), struct.pack("<Q", new_gen << 1 | new_bank))
+            word = active_word(new_gen, new_bank)
+            self._write("active", struct.pack("<I", 0), struct.pack("<Q", word))
             # 5. retire the old bank and the slots of rules that are gone, once no program can
             # still be reading them. Waiting for that (an RCU grace period) takes milliseconds,
             # so it runs beside the caller; the next apply waits for it before reusing the bank.
@@ -672,13 +657,12 @@ class Datapath:
         per_cpu = self._percpu("counters", 0)
         sums = [0] * C_MAX
         for raw in per_cpu:
-            for i, v in enumerate(struct.unpack(f"<{C_MAX}Q", raw[: 8 * C_MAX])):
+            for i, v in enumerate(COUNTERS.unpack(raw[: COUNTERS.size])):
                 sums[i] += v
-        out = {name: sums[i] for name, i in COUNTERS.items()}
-        out.update({name: sums[28 + i] for i, name in enumerate(COUNTER_NAMES_28)})
+        out = {name: sums[i] for name, i in COUNTER_NAMES.items()}
         for d, dname in DIRECTION_NAMES.items():
             for v, vname in VERDICT_NAMES.items():
-                out[f"{dname}_{vname}_packets"] = sums[C_DIR_VERDICT + (d - 1) * 4 + v]
+                out[f"{dname}_{vname}_packets"] = sums[dir_verdict_counter(d, v)]
         out.update(self._gauges(out))
         return out
 
@@ -751,11 +735,12 @@ class Datapath:
     def _session(key: bytes, raw: bytes) -> Session:
         ifindex, family, proto, _, a, b, ap, bp = SESS_KEY.unpack(key)
         v = SESS_VAL.unpack(raw)
-        last, gen, rule_id, _slot = v[:4]
-        verdict, orig_dir, a_is_src, tcp_state, tcp_flags = v[4:9]
-        p0, b0, first = v[12:15]
-        p1, b1 = v[18:20]
-        aport, bport = struct.unpack(">H", ap)[0], struct.unpack(">H", bp)[0]
+        last, gen, rule_id = v[_SV_LAST_SEEN], v[_SV_GEN], v[_SV_RULE_ID]
+        verdict, orig_dir, a_is_src = v[_SV_VERDICT], v[_SV_ORIG_DIR], v[_SV_A_IS_SRC]
+        tcp_state, tcp_flags = v[_SV_TCP_STATE], v[_SV_TCP_FLAGS]
+        p0, b0, first = v[_SV_PKTS_ORIG], v[_SV_BYTES_ORIG], v[_SV_FIRST_SEEN]
+        p1, b1 = v[_SV_PKTS_REPLY], v[_SV_BYTES_REPLY]
+        aport, bport = int.from_bytes(ap, "big"), int.from_bytes(bp, "big")
         if a_is_src:
             src, dst, sport, dport = a, b, aport, bport
         else:
@@ -792,7 +777,7 @@ class Datapath:
                 raw = self._lookup(fd, k, SESS_VAL.size)
                 if lib.bpf_map_delete_elem(fd, k) == 0:
                     cleared += 1
-                    if proto_is_tcp(k) and raw is not None and raw[_TCP_STATE_OFF] in (1, 2):
+                    if proto_is_tcp(k) and raw is not None and raw[_TCP_STATE_OFF] in _HALF_OPEN:
                         half += 1
             self._count_reaped(cleared=cleared, half_open=half)
 
@@ -904,18 +889,19 @@ class Datapath:
                 if lib.bpf_map_delete_elem(fd, k) != 0:
                     continue
                 state = v[_TCP_STATE_OFF] if proto_is_tcp(k) else 0
-                if state >= 7:
+                if state >= MS_TCP_TIME_WAIT:
                     closed += 1
                 else:
                     expired += 1
-                if state in (1, 2):
+                if state in _HALF_OPEN:
                     half += 1
             ffd = self._fds["frags"]
-            limit = to[13]
+            limit = to[MS_TO_FRAGMENT]
             old = [
                 k
                 for k, v in self._walk(ffd, FRAG_KEY.size, FRAG_VAL.size)
-                if now > FRAG_VAL.unpack(v)[0] and now - FRAG_VAL.unpack(v)[0] > limit
+                if now > FRAG_VAL.unpack(v)[_FV_FIRST_SEEN]
+                and now - FRAG_VAL.unpack(v)[_FV_FIRST_SEEN] > limit
             ]
             frags = sum(1 for k in old if lib.bpf_map_delete_elem(ffd, k) == 0)
             self._count_reaped(expired=expired, closed=closed, half_open=half, frags=frags)
@@ -939,8 +925,9 @@ class Datapath:
             out[f"rules{fam}"] = MapFill(n, cfg.rule_entries, 0)
         out["rule_slots"] = MapFill(len(self._slots) + 1, cfg.rule_slots, 0)
         gen, bank = self.active()
-        raw = self._lookup(self._fds["banks"], struct.pack("<I", bank), 16)
-        n4, n6 = struct.unpack_from("<II", raw, 4) if raw and gen else (0, 0)
+        raw = self._lookup(self._fds["banks"], struct.pack("<I", bank), BANK.size)
+        b = BANK.unpack(raw) if raw and gen else None
+        n4, n6 = (b[BANK.index("nshapes4")], b[BANK.index("nshapes6")]) if b else (0, 0)
         out["shapes4"] = MapFill(n4, cfg.max_shapes, 0)
         out["shapes6"] = MapFill(n6, cfg.max_shapes, 0)
         return out

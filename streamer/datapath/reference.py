@@ -23,6 +23,31 @@ from enum import IntEnum
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final, Literal
 
+from streamer.datapath.layout import (
+    MS_ALLOW,
+    MS_DENY,
+    MS_DROP_FRAGMENT,
+    MS_DROP_PARSE,
+    MS_DROP_PRESSURE,
+    MS_LOG,
+    MS_PASS_L2,
+    MS_PASS_RELATED,
+    MS_TCP_CLOSE_WAIT,
+    MS_TCP_CLOSED,
+    MS_TCP_ESTABLISHED,
+    MS_TCP_FIN_WAIT,
+    MS_TCP_LAST_ACK,
+    MS_TCP_NONE,
+    MS_TCP_SYN_RECV,
+    MS_TCP_SYN_SENT,
+    MS_TCP_TIME_WAIT,
+    MS_TO_FRAGMENT,
+    MS_TO_ICMP,
+    MS_TO_MAX,
+    MS_TO_OTHER,
+    MS_TO_UDP,
+    MS_TO_UDP_STREAM,
+)
 from streamer.policy.model import PolicySet, Rule
 from streamer.vocabulary import Action, DefaultAction, Direction, Protocol
 
@@ -35,7 +60,6 @@ __all__ = [
     "MAX_IPV6_EXT_HEADERS",
     "MAX_L4_OFFSET",
     "MAX_VLAN_TAGS",
-    "TCP_STATE_NAMES",
     "Decision",
     "FlowKey",
     "Packet",
@@ -94,16 +118,16 @@ _DIRECTIONS: Final = ("ingress", "egress")
 
 
 class Verdict(IntEnum):
-    """What happens to a packet. The numbers are shared with the kernel: do not change them."""
+    """What happens to a packet, under the kernel's numbers (MS_* in the layout)."""
 
-    ALLOW = 0
-    DENY = 1
-    LOG = 2
-    PASS_L2 = 3  # ARP / IPv6 neighbour discovery / link-local MLD: always passes, no policy
-    DROP_PARSE = 4  # cannot be judged safely: dropped
-    DROP_FRAGMENT = 5  # a fragment with no remembered first, overlapping, or tiny: dropped
-    PASS_RELATED = 6  # an ICMP error quoting a packet of a live allowed flow: passes
-    DROP_PRESSURE = 7  # a kernel resource failed (never produced by the model)
+    ALLOW = MS_ALLOW
+    DENY = MS_DENY
+    LOG = MS_LOG
+    PASS_L2 = MS_PASS_L2  # ARP / IPv6 neighbour discovery / link-local MLD: always passes
+    DROP_PARSE = MS_DROP_PARSE  # cannot be judged safely: dropped
+    DROP_FRAGMENT = MS_DROP_FRAGMENT  # a fragment with no remembered first, overlapping, tiny
+    PASS_RELATED = MS_PASS_RELATED  # an ICMP error quoting a packet of a live allowed flow
+    DROP_PRESSURE = MS_DROP_PRESSURE  # a kernel resource failed (never produced by the model)
 
 
 _PASSING: Final = frozenset({Verdict.ALLOW, Verdict.LOG, Verdict.PASS_L2, Verdict.PASS_RELATED})
@@ -244,37 +268,10 @@ def judge(policy: PolicySet, pkt: Packet) -> Decision:
     return Decision(_ACTION_VERDICT[best.action], best)
 
 
-# TCP session states: the numbers are the kernel's (MS_TCP_* in bpf/classifier.h).
-TCP_NONE: Final = 0
-TCP_SYN_SENT: Final = 1
-TCP_SYN_RECV: Final = 2
-TCP_ESTABLISHED: Final = 3
-TCP_FIN_WAIT: Final = 4
-TCP_CLOSE_WAIT: Final = 5
-TCP_LAST_ACK: Final = 6
-TCP_TIME_WAIT: Final = 7
-TCP_CLOSED: Final = 8
-TCP_STATE_NAMES: Final[dict[int, str]] = {
-    0: "NONE",
-    1: "SYN_SENT",
-    2: "SYN_RECV",
-    3: "ESTABLISHED",
-    4: "FIN_WAIT",
-    5: "CLOSE_WAIT",
-    6: "LAST_ACK",
-    7: "TIME_WAIT",
-    8: "CLOSED",
-}
 TCP_FIN: Final = 0x01
 TCP_SYN: Final = 0x02
 TCP_RST: Final = 0x04
 TCP_ACK: Final = 0x10
-# Timeout classes beyond the TCP states (MS_TO_* in bpf/classifier.h).
-TO_UDP: Final = 9
-TO_UDP_STREAM: Final = 10
-TO_ICMP: Final = 11
-TO_OTHER: Final = 12
-TO_FRAGMENT: Final = 13
 
 
 def tcp_next(state: int, d: int, flags: int, fins: int) -> tuple[int, int]:
@@ -284,35 +281,35 @@ def tcp_next(state: int, d: int, flags: int, fins: int) -> tuple[int, int]:
     SYN; the originator's ACK establishes; FIN, then the other side's ACK (CLOSE_WAIT), its
     FIN (LAST_ACK) and the last ACK (TIME_WAIT). Mirrors tcp_next in bpf/classifier.c."""
     if flags & TCP_RST:
-        return TCP_CLOSED, fins
+        return MS_TCP_CLOSED, fins
     if flags & TCP_SYN:
         if flags & TCP_ACK:
-            if state == TCP_NONE or (state == TCP_SYN_SENT and d == 1):
-                return TCP_SYN_RECV, fins
+            if state == MS_TCP_NONE or (state == MS_TCP_SYN_SENT and d == 1):
+                return MS_TCP_SYN_RECV, fins
             return state, fins
-        return (TCP_SYN_SENT if state == TCP_NONE else state), fins
+        return (MS_TCP_SYN_SENT if state == MS_TCP_NONE else state), fins
     if flags & TCP_FIN:
-        if state >= TCP_TIME_WAIT:
+        if state >= MS_TCP_TIME_WAIT:
             return state, fins
         if not fins & 3:
             fins |= 4 if d else 0
         fins |= 2 if d else 1
         if fins & 3 == 3:
-            return TCP_LAST_ACK, fins
-        return (TCP_CLOSE_WAIT if state == TCP_CLOSE_WAIT else TCP_FIN_WAIT), fins
+            return MS_TCP_LAST_ACK, fins
+        return (MS_TCP_CLOSE_WAIT if state == MS_TCP_CLOSE_WAIT else MS_TCP_FIN_WAIT), fins
     if flags & TCP_ACK:
         first_fin = 1 if fins & 4 else 0
-        if state == TCP_NONE or (state == TCP_SYN_RECV and d == 0):
-            return TCP_ESTABLISHED, fins
-        if state == TCP_FIN_WAIT and d != first_fin:
-            return TCP_CLOSE_WAIT, fins
-        if state == TCP_LAST_ACK and d == first_fin:
-            return TCP_TIME_WAIT, fins
+        if state == MS_TCP_NONE or (state == MS_TCP_SYN_RECV and d == 0):
+            return MS_TCP_ESTABLISHED, fins
+        if state == MS_TCP_FIN_WAIT and d != first_fin:
+            return MS_TCP_CLOSE_WAIT, fins
+        if state == MS_TCP_LAST_ACK and d == first_fin:
+            return MS_TCP_TIME_WAIT, fins
     return state, fins
 
 
 def _half_open(state: int) -> bool:
-    return state in (TCP_SYN_SENT, TCP_SYN_RECV)
+    return state in (MS_TCP_SYN_SENT, MS_TCP_SYN_RECV)
 
 
 @dataclass(frozen=True)
@@ -350,7 +347,7 @@ class Timeouts:
         return cls(*([seconds] * 13))
 
     def by_class_ns(self) -> list[int]:
-        """The 16 timeouts in ns, indexed by timeout class (TCP states 0-8, then TO_*)."""
+        """The MS_TO_MAX timeouts in ns, indexed by timeout class (TCP states, then MS_TO_*)."""
         s = [
             self.tcp_syn_sent,
             self.tcp_syn_sent,
@@ -367,7 +364,7 @@ class Timeouts:
             self.other,
             self.fragment,
         ]
-        return [int(x * 1e9) for x in s] + [int(self.other * 1e9)] * 2
+        return [int(x * 1e9) for x in s] + [int(self.other * 1e9)] * (MS_TO_MAX - len(s))
 
 
 FlowKey = tuple[int, int, int, tuple[tuple[IPAddress, int], tuple[IPAddress, int]]]
@@ -395,7 +392,7 @@ class Session:
     first_seen: int = 0  # ns, on the caller's clock
     last_seen: int = 0
     replies: int = 0  # packets from the responder
-    tcp_state: int = TCP_NONE
+    tcp_state: int = MS_TCP_NONE
     fins: int = 0
     tclass: int = 0  # timeout class
 
@@ -468,10 +465,10 @@ class StatefulReference:
         """What the reaper does at `now`: remove expired sessions and fragments; returns
         (open sessions removed, finished ones removed)."""
         gone = [k for k, s in self.sessions.items() if self._expired(s, now)]
-        closed = sum(1 for k in gone if self.sessions[k].tcp_state >= TCP_TIME_WAIT)
+        closed = sum(1 for k in gone if self.sessions[k].tcp_state >= MS_TCP_TIME_WAIT)
         for k in gone:
             del self.sessions[k]
-        limit = self.timeouts.by_class_ns()[TO_FRAGMENT]
+        limit = self.timeouts.by_class_ns()[MS_TO_FRAGMENT]
         for fk in [
             k for k, f in self.frags.items() if now > f.first_seen and now - f.first_seen > limit
         ]:
@@ -496,14 +493,14 @@ class StatefulReference:
                 out.append("half_open_opened")
             if _half_open(old) and not _half_open(new):
                 out.append("half_open_left")
-            if new >= TCP_TIME_WAIT > old:
+            if new >= MS_TCP_TIME_WAIT > old:
                 out.append("closed_sessions")
         elif pkt.proto == IPPROTO_UDP:
-            s.tclass = TO_UDP_STREAM if s.replies else TO_UDP
+            s.tclass = MS_TO_UDP_STREAM if s.replies else MS_TO_UDP
         elif pkt.proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
-            s.tclass = TO_ICMP
+            s.tclass = MS_TO_ICMP
         else:
-            s.tclass = TO_OTHER
+            s.tclass = MS_TO_OTHER
         return out
 
     def process(self, pkt: Packet, now: int = 0) -> Decision:
@@ -516,7 +513,7 @@ class StatefulReference:
                 renew = 1
             elif (
                 pkt.proto == IPPROTO_TCP
-                and session.tcp_state >= TCP_TIME_WAIT
+                and session.tcp_state >= MS_TCP_TIME_WAIT
                 and pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
             ):
                 renew = 2
@@ -573,7 +570,7 @@ class StatefulReference:
         if d.frag:
             fkey = (ifindex, d.frag_key, pkt.src, pkt.dst)
             entry = self.frags.get(fkey)
-            limit = self.timeouts.by_class_ns()[TO_FRAGMENT]
+            limit = self.timeouts.by_class_ns()[MS_TO_FRAGMENT]
             if d.frag == 2:
                 if entry is None or (now > entry.first_seen and now - entry.first_seen > limit):
                     return self._drop_fragment("fragment_drops_no_first")

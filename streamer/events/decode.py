@@ -1,4 +1,5 @@
-"""Decode: raw ring-buffer records (struct ms_event, bpf/classifier.h) into typed events.
+"""Decode: raw ring-buffer records (struct ms_event: streamer.datapath.layout.EVENT) into typed
+events.
 
 In: bytes copied out of the ring buffer (one record, a list of them, or a `Packed` block as the
 source copies them out in one piece). Out: FlowEvent (`decode`, one record) or raw rows
@@ -9,45 +10,26 @@ unknown address family is rejected (DecodeError, or counted by `decode_batch`), 
 
 from __future__ import annotations
 
-import ctypes as ct
 import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-VERDICTS = {0: "allow", 1: "deny", 2: "log"}
-DIRECTIONS = {1: "ingress", 2: "egress"}
+from streamer.datapath.layout import (
+    DIRECTION_NAMES,
+    EVENT,
+    EVENT_KIND_NAMES,
+    EVENT_META_FAMILY,
+    EVENT_ROW,
+    VERDICT_NAMES,
+)
+
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
-KINDS = {1: "new", 2: "update"}
 TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
 # Every flag byte's text ("SYN|ACK"), made once: events are many.
 _FLAG_TEXT = tuple(
     "|".join(n for i, n in enumerate(TCP_FLAG_NAMES) if v >> i & 1) for v in range(256)
 )
-
-
-class RawEvent(ct.Structure):
-    """ctypes mirror of struct ms_event; tests check it against the C header."""
-
-    _fields_ = [
-        ("ts", ct.c_uint64),
-        ("packets", ct.c_uint64),
-        ("bytes", ct.c_uint64),
-        ("ifindex", ct.c_uint32),
-        ("rule_id", ct.c_uint32),
-        ("gen", ct.c_uint32),
-        ("family", ct.c_uint8),
-        ("proto", ct.c_uint8),
-        ("direction", ct.c_uint8),
-        ("verdict", ct.c_uint8),
-        ("src", ct.c_uint8 * 16),
-        ("dst", ct.c_uint8 * 16),
-        ("sport", ct.c_uint16),
-        ("dport", ct.c_uint16),
-        ("tcp_flags", ct.c_uint8),
-        ("kind", ct.c_uint8),
-        ("pad", ct.c_uint16),
-    ]
 
 
 class DecodeError(ValueError):
@@ -86,20 +68,16 @@ class FlowEvent:
         return _FLAG_TEXT[self.tcp_flags & 0xFF]
 
 
-# The same layout as RawEvent, for the hot path: struct.unpack is several times faster than
-# building a ctypes object per record. tests/test_pipeline.py checks both against the header.
-EVENT_STRUCT = struct.Struct("<QQQIIIBBBB16s16sHHBBH")
-EVENT_SIZE = ct.sizeof(RawEvent)
-assert EVENT_STRUCT.size == EVENT_SIZE
+_SIZE = EVENT.size
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
 def decode(record: bytes) -> FlowEvent:
     """One ring-buffer record into a FlowEvent; DecodeError if it is not one."""
-    if len(record) != EVENT_SIZE:
-        raise DecodeError(f"flow event of {len(record)} bytes, expected {EVENT_SIZE}")
+    if len(record) != _SIZE:
+        raise DecodeError(f"flow event of {len(record)} bytes, expected {_SIZE}")
     (ts, packets, nbytes, ifindex, rule_id, gen, family, proto, direction, verdict, src, dst,
-     sport, dport, tcp_flags, kind, _pad) = EVENT_STRUCT.unpack(record)
+     sport, dport, tcp_flags, kind, _pad) = EVENT.unpack(record)
     if family == 4:
         src_ip = socket.inet_ntop(socket.AF_INET, src[:4])
         dst_ip = socket.inet_ntop(socket.AF_INET, dst[:4])
@@ -117,28 +95,25 @@ def decode(record: bytes) -> FlowEvent:
         generation=gen,
         family=family,
         protocol=proto,
-        direction=DIRECTIONS.get(direction, "unknown"),
-        verdict=VERDICTS.get(verdict, "unknown"),
+        direction=DIRECTION_NAMES.get(direction, "unknown"),
+        verdict=VERDICT_NAMES.get(verdict, "unknown"),
         src_ip=src_ip,
         dst_ip=dst_ip,
         src_port=sport,
         dst_port=dport,
         tcp_flags=tcp_flags,
-        kind=KINDS.get(kind, "unknown"),
+        kind=EVENT_KIND_NAMES.get(kind, "unknown"),
     )
 
 
 Row = tuple[int, int, int, bytes, bytes, bytes, int, int, bytes]
-"""One record's fields as `decode_batch` gives them (ROW_STRUCT): ts, packets, bytes, meta
-(16 bytes: ifindex, rule_id, gen, family, proto, direction, verdict, as META_STRUCT), src
-(16 bytes), dst (16 bytes), sport, dport, tail (4 bytes: tcp_flags, kind, pad). The fields
-an event stream mostly repeats stay packed, so the renderer looks them up as one key."""
+"""One record's fields as `decode_batch` gives them (layout.EVENT_ROW): ts, packets, bytes,
+meta (16 bytes: ifindex, rule_id, gen, family, proto, direction, verdict, as
+layout.EVENT_META), src (16 bytes), dst (16 bytes), sport, dport, tail (4 bytes: tcp_flags,
+kind, pad). The fields an event stream mostly repeats stay packed, so the renderer looks them
+up as one key."""
 
-# The same record as EVENT_STRUCT, fewer fields: nine Python objects per event, not seventeen.
-ROW_STRUCT = struct.Struct("<QQQ16s16s16sHH4s")
-META_STRUCT = struct.Struct("<IIIBBBB")
-assert ROW_STRUCT.size == EVENT_SIZE
-_FAMILY_OFFSET = RawEvent.family.offset  # 36
+_FAMILY_OFFSET = EVENT.offset("family")
 _GOOD_FAMILIES = b"\x04\x06"
 
 
@@ -165,11 +140,11 @@ class Packed:
 
 
 def _unpacker(header: int, stride: int) -> struct.Struct:
-    """ROW_STRUCT after `header` bytes, padded to `stride`."""
+    """EVENT_ROW after `header` bytes, padded to `stride`."""
     s = _UNPACKERS.get((header, stride))
     if s is None:
-        pad = stride - header - EVENT_SIZE
-        s = struct.Struct(f"<{header}x{ROW_STRUCT.format[1:]}{pad}x")
+        pad = stride - header - _SIZE
+        s = struct.Struct(f"<{header}x{EVENT_ROW.format[1:]}{pad}x")
         _UNPACKERS[(header, stride)] = s
     return s
 
@@ -184,22 +159,23 @@ def decode_batch(records: list[bytes] | Packed) -> tuple[list[Row], int]:
     packed). Returns the rows of the good records, in order, and how many were dropped
     (wrong size or address family)."""
     if isinstance(records, Packed):
-        if records.stride < records.header + EVENT_SIZE:
+        if records.stride < records.header + _SIZE:
             raise ValueError(f"packed records of {records.stride - records.header} bytes")
         st = _unpacker(records.header, records.stride)
         blob = records.data[: records.count * records.stride]
         families = blob[records.header + _FAMILY_OFFSET :: records.stride]
         bad = 0
     else:
-        good = [r for r in records if len(r) == EVENT_SIZE]
-        st = ROW_STRUCT
+        good = [r for r in records if len(r) == _SIZE]
+        st = EVENT_ROW
         blob = b"".join(good)
-        families = blob[_FAMILY_OFFSET::EVENT_SIZE]
+        families = blob[_FAMILY_OFFSET::_SIZE]
         bad = len(records) - len(good)
     rows: list[Row] = list(st.iter_unpack(blob))
     if families.translate(None, _GOOD_FAMILIES):
         n = len(rows)
-        rows = [r for r in rows if r[3][12] == 4 or r[3][12] == 6]
+        at = EVENT_META_FAMILY
+        rows = [r for r in rows if r[3][at] == 4 or r[3][at] == 6]
         bad += n - len(rows)
     return rows, bad
 
@@ -209,10 +185,10 @@ def encode(ev: FlowEvent) -> bytes:
     af = _AF[ev.family]
     src = socket.inet_pton(af, ev.src_ip).ljust(16, b"\0")
     dst = socket.inet_pton(af, ev.dst_ip).ljust(16, b"\0")
-    rdir = {v: k for k, v in DIRECTIONS.items()}
-    rverdict = {v: k for k, v in VERDICTS.items()}
-    rkind = {v: k for k, v in KINDS.items()}
-    return EVENT_STRUCT.pack(
+    rdir = {v: k for k, v in DIRECTION_NAMES.items()}
+    rverdict = {v: k for k, v in VERDICT_NAMES.items()}
+    rkind = {v: k for k, v in EVENT_KIND_NAMES.items()}
+    return EVENT.pack(
         ev.ts_ns, ev.packets, ev.bytes, ev.ifindex, ev.rule_id or 0, ev.generation,
         ev.family, ev.protocol, rdir[ev.direction], rverdict[ev.verdict], src, dst,
         ev.src_port, ev.dst_port, ev.tcp_flags, rkind[ev.kind], 0,

@@ -27,16 +27,8 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from streamer.events.decode import (
-    _FLAG_TEXT,
-    DIRECTIONS,
-    KINDS,
-    META_STRUCT,
-    PROTOCOLS,
-    VERDICTS,
-    FlowEvent,
-    Row,
-)
+from streamer.datapath.layout import DIRECTION_NAMES, EVENT_KIND_NAMES, EVENT_META, VERDICT_NAMES
+from streamer.events.decode import _FLAG_TEXT, PROTOCOLS, FlowEvent, Row
 from streamer.events.fanout import Item
 from streamer.policy.model import PolicySet
 
@@ -67,9 +59,9 @@ def _names(table: dict[int, str]) -> tuple[bytes, ...]:
     return tuple(_kept_json(table.get(v, "unknown")) for v in range(256))
 
 
-_DIRECTION_JSON = _names(DIRECTIONS)
-_VERDICT_JSON = _names(VERDICTS)
-_KIND_JSON = _names(KINDS)
+_DIRECTION_JSON = _names(DIRECTION_NAMES)
+_VERDICT_JSON = _names(VERDICT_NAMES)
+_KIND_JSON = _names(EVENT_KIND_NAMES)
 _PROTOCOL_JSON = tuple(_kept_json(PROTOCOLS.get(v, str(v))) for v in range(256))
 _FLAGS_JSON = tuple(_kept_json(t) for t in _FLAG_TEXT)
 # The record `enrich` makes, as orjson writes it (tests compare them), filled in two steps:
@@ -239,7 +231,7 @@ class Enricher:
         """The record of one combination of the fields events mostly repeat (interface,
         rule, generation, family, protocol, direction, verdict, flags, kind) with those
         filled in: what is left per event is 9 values. With the address family."""
-        ifindex, rule_id, gen, family, proto, direction, verdict = META_STRUCT.unpack(meta)
+        ifindex, rule_id, gen, family, proto, direction, verdict = EVENT_META.unpack(meta)
         tcp_flags, kind = tail[0], tail[1]
         iface = self._iface_json.get(ifindex)
         if iface is None:

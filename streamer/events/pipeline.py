@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamer.events.decode import EVENT_SIZE, Packed, decode_batch
+from streamer.datapath.layout import EVENT
+from streamer.events.decode import Packed, decode_batch
 from streamer.events.enrich import Enricher
 from streamer.events.fanout import Fanout, Item, Sink, make_item
 from streamer.events.sinks.console import ConsoleSink
@@ -121,7 +122,7 @@ class Pipeline:
             self.fanout.shed(shed, first, first + shed - 1)
         if bad:
             if self.undecodable < 10:
-                sizes = sorted({len(r) for r in records if len(r) != EVENT_SIZE})
+                sizes = sorted({len(r) for r in records if len(r) != EVENT.size})
                 log.warning(
                     "%d undecodable flow events (wrong size %s or address family)", bad, sizes
                 )

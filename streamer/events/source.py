@@ -26,7 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from streamer.events.decode import EVENT_SIZE, Packed
+from streamer.datapath.layout import EVENT
+from streamer.events.decode import Packed
 
 log = logging.getLogger("microseg.source")
 
@@ -227,7 +228,7 @@ class Source:
         mark = self._drain_mark() if self._drain_mark is not None else 0
         if self._ring is not None:
             batch: list[bytes] | Packed = self._ring.read_packed(
-                self.config.max_batch, EVENT_SIZE
+                self.config.max_batch, EVENT.size
             )
         else:
             self.datapath.consume_events()

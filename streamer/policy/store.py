@@ -24,15 +24,14 @@ from typing import Any, Protocol
 
 import orjson
 
-from streamer.datapath.reference import Packet, Verdict, judge
+from streamer.datapath.layout import VERDICT_NAMES
+from streamer.datapath.reference import Packet, judge
 from streamer.policy.model import PolicyError, PolicySet, Rule, parse_policy_document
-from streamer.vocabulary import Action
 
 log = logging.getLogger("microseg.store")
 
 STATE_FILE = "policy.json"
 CHANGES_FILE = "changes.log"
-VERDICT_NAMES = {Verdict.ALLOW: Action.ALLOW, Verdict.DENY: Action.DENY, Verdict.LOG: Action.LOG}
 
 
 class StoreError(Exception):
