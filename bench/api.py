@@ -147,7 +147,8 @@ class BenchAgent:
 
     def close(self) -> None:
         """Stop the agent (SIGTERM, then SIGKILL), detach, remove its pins and the lab."""
-        from streamer.datapath.datapath import DEFAULT_PIN_ROOT, DEFAULT_RUN_DIR, detach
+        from streamer.datapath.attach import detach
+        from streamer.datapath.config import DEFAULT_PIN_ROOT, DEFAULT_RUN_DIR
 
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -340,7 +341,8 @@ def split_pieces(
     collector walking everything the bench keeps alive would be timed too.
     """
     from streamer.datapath.compiler import compile_policy
-    from streamer.datapath.datapath import Datapath, DatapathConfig
+    from streamer.datapath.config import DatapathConfig
+    from streamer.datapath.datapath import Datapath
     from streamer.policy.model import PolicySet, parse_policy_document
     from streamer.policy.store import PolicyStore
 
@@ -402,7 +404,7 @@ def split_pieces(
 
 def split_in_subprocess(settings: ApiSettings, workdir: Path) -> dict[str, float]:
     """`split_pieces` for the bulk PUT of `settings`, in a fresh `python -m bench.api`."""
-    from streamer.datapath.datapath import DEFAULT_PIN_ROOT
+    from streamer.datapath.config import DEFAULT_PIN_ROOT
 
     instance = f"bench-apisplit-{os.getpid()}-{time.time_ns() % 1_000_000:06d}"
     argv = [

@@ -136,7 +136,8 @@ class Bench:
     # -- setup / teardown --
 
     def start(self) -> None:
-        from streamer.datapath.datapath import Datapath, DatapathConfig
+        from streamer.datapath.config import DatapathConfig
+        from streamer.datapath.datapath import Datapath
 
         try:
             from bcc import BPF
@@ -169,7 +170,7 @@ class Bench:
     # -- one run of one case --
 
     def _run(self, case: Case) -> float:
-        from streamer.datapath.datapath import test_run
+        from streamer.datapath.bindings import test_run
 
         dp = self.dp
         before = dp.counters()
@@ -384,7 +385,8 @@ class Bench:
         fragment (a new flow: judged, its ports remembered) and a later fragment of a known
         datagram (fragment table + session hit), IPv4 UDP, against the floor's repeat cost.
         Checked by the kernel's counters: every first remembered, every later one followed."""
-        from streamer.datapath.datapath import prog_fd, test_run
+        from streamer.datapath.bindings import test_run
+        from streamer.datapath.datapath import prog_fd
 
         fd = prog_fd(self.dp, "ingress")
         n = self.s.packets
@@ -866,7 +868,7 @@ def run_datapath(s: Settings, res: dict[str, Any]) -> int:
     os.sched_setaffinity(0, {cpu})
 
     from streamer.datapath.compiler import CompileError
-    from streamer.datapath.datapath import DatapathError
+    from streamer.datapath.config import DatapathError
     from streamer.policy.model import PolicyError
 
     started = time.perf_counter()

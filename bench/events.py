@@ -299,7 +299,8 @@ class EventsBench:
 
     def start(self) -> None:
         from streamer.datapath.compiler import compile_policy
-        from streamer.datapath.datapath import Datapath, DatapathConfig, prog_fd
+        from streamer.datapath.config import DatapathConfig
+        from streamer.datapath.datapath import Datapath, prog_fd
         from streamer.policy.model import parse_policy_document
 
         self.progress("events: starting a Kafka broker ...")
@@ -577,7 +578,7 @@ def run_events_bench(settings: EventSettings, progress: Callable[[str], None]) -
     """Run the benchmark; the results dict (the JSON "events" section). BenchError when it
     cannot run or measured something other than it meant to."""
     from streamer.datapath.compiler import CompileError
-    from streamer.datapath.datapath import DatapathError
+    from streamer.datapath.config import DatapathError
     from streamer.policy.model import PolicyError
 
     started = time.perf_counter()

@@ -106,7 +106,7 @@ class BenchLab:
         """Ids of the BPF programs attached to the host end: {"ingress": id, "egress": id},
         tcx links (microseg's, where the kernel has tcx) or clsact filters (`tc -j`: the
         pyroute2 here does not decode TCA_BPF_ID)."""
-        from streamer.datapath.datapath import tcx_programs
+        from streamer.datapath.attach import tcx_programs
 
         out: dict[str, int] = {
             hook: progs[0][0]
@@ -204,7 +204,7 @@ class BpfStats:
     the sysctl kernel.bpf_stats_enabled, without a sysctl to restore)."""
 
     def __init__(self) -> None:
-        from streamer.datapath.datapath import libbpf
+        from streamer.datapath.bindings import libbpf
 
         lib = libbpf()
         lib.bpf_enable_stats.argtypes = [ct.c_int]
@@ -215,7 +215,7 @@ class BpfStats:
     @staticmethod
     def read(prog_id: int) -> tuple[int, int]:
         """(run_time_ns, run_cnt) of program `prog_id` (0, 0 if it is gone)."""
-        from streamer.datapath.datapath import libbpf
+        from streamer.datapath.bindings import libbpf
 
         lib = libbpf()
         lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]

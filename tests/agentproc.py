@@ -29,7 +29,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from streamer.datapath.datapath import DEFAULT_PIN_ROOT, DEFAULT_RUN_DIR, detach
+from streamer.datapath.attach import detach
+from streamer.datapath.config import DEFAULT_PIN_ROOT, DEFAULT_RUN_DIR
 from streamer.lab.lab import Lab
 
 _counter = itertools.count(1)

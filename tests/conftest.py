@@ -24,7 +24,9 @@ from typing import Any
 import pytest
 
 from bench.kafkabroker import KafkaBroker
-from streamer.datapath.datapath import Datapath, DatapathConfig, prog_fd, test_run
+from streamer.datapath.bindings import test_run
+from streamer.datapath.config import DatapathConfig
+from streamer.datapath.datapath import Datapath, prog_fd
 from streamer.datapath.layout import TC_ACT_OK
 from streamer.datapath.reference import Packet
 from streamer.lab.lab import Lab
@@ -112,7 +114,8 @@ _TEST_PIN = re.compile(r"test-[a-z]+-(\d+)-[0-9a-f]{8}")
 def _remove_stale_test_pins() -> None:
     """Pins of test runs that died before their teardown (killed, timed out): by name, only
     ours (unique_instance), only of processes that are gone."""
-    from streamer.datapath.datapath import DEFAULT_PIN_ROOT, _remove_tree
+    from streamer.datapath.config import DEFAULT_PIN_ROOT
+    from streamer.datapath.loader import remove_tree
 
     if not DEFAULT_PIN_ROOT.is_dir():
         return
@@ -120,7 +123,7 @@ def _remove_stale_test_pins() -> None:
         m = _TEST_PIN.fullmatch(d.name)
         if m and not Path(f"/proc/{m[1]}").exists():
             with contextlib.suppress(OSError):
-                _remove_tree(d)
+                remove_tree(d)
 
 
 def kernel_retval(dp: Datapath, pkt_or_frame: Packet | bytes, direction: str | None = None) -> int:

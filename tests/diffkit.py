@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from streamer.datapath.bindings import test_run as bpf_test_run
 from streamer.datapath.compiler import compile_policy
-from streamer.datapath.datapath import Datapath, DatapathError, prog_fd
-from streamer.datapath.datapath import test_run as bpf_test_run
+from streamer.datapath.config import DatapathError
+from streamer.datapath.datapath import Datapath, prog_fd
 from streamer.datapath.layout import TC_ACT_OK, TC_ACT_SHOT
 from streamer.datapath.reference import Decision, StatefulReference, Timeouts, Verdict
 from streamer.policy.model import PolicySet

@@ -41,7 +41,7 @@ from netutil import (
     wait_until,
 )
 
-from streamer.datapath.datapath import tcx_programs
+from streamer.datapath.attach import tcx_programs
 from streamer.lab.lab import Lab
 
 AgentFactory = Callable[..., AgentProcess]

@@ -48,22 +48,16 @@ from packets import (
     udp,
 )
 
+from streamer.datapath.attach import detach, tcx_programs
+from streamer.datapath.bindings import test_run as bpf_test_run
 from streamer.datapath.compiler import (
     compile_policy,
     pack_rule_key,
     pack_rule_val,
     pack_shape,
 )
-from streamer.datapath.datapath import (
-    Datapath,
-    DatapathConfig,
-    DatapathError,
-    RuleCounters,
-    detach,
-    prog_fd,
-    tcx_programs,
-)
-from streamer.datapath.datapath import test_run as bpf_test_run
+from streamer.datapath.config import DatapathConfig, DatapathError
+from streamer.datapath.datapath import Datapath, prog_fd
 from streamer.datapath.layout import (
     EVENT,
     FRAG_KEY,
@@ -83,6 +77,7 @@ from streamer.datapath.reference import (
     judge,
     parse_frame,
 )
+from streamer.datapath.tables import RuleCounters
 from streamer.policy.model import PolicySet, parse_policy_document
 
 if TYPE_CHECKING:
@@ -1246,7 +1241,7 @@ def test_restart_adopts_pinned_state(small_dp: Datapath) -> None:
         assert _pb(second.rule_counters(31)) == (1, len(frame(p6)))
         for bank in (0, 1):
             for fam, size in ((4, 16), (6, 40)):
-                assert all(len(k) == size for k in second._bank_keys[bank][fam])
+                assert all(len(k) == size for k in second._banks.keys[bank][fam])
         second.apply(
             compile_policy(
                 parse_policy_document(

@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 from packets import ETH_P_8021Q, frame, hbh_ext
 
+from streamer.datapath.bindings import test_run as bpf_test_run
 from streamer.datapath.compiler import compile_policy
 from streamer.datapath.datapath import Datapath, prog_fd
-from streamer.datapath.datapath import test_run as bpf_test_run
 from streamer.datapath.layout import TC_ACT_OK, TC_ACT_SHOT
 from streamer.datapath.reference import (
     Decision,

@@ -23,9 +23,10 @@ import pytest
 from conftest import EventSink, loaded_datapath, unique_instance
 from packets import frame
 
+from streamer.datapath.bindings import test_run as prog_test_run
 from streamer.datapath.compiler import compile_policy
-from streamer.datapath.datapath import Datapath, DatapathConfig, prog_fd
-from streamer.datapath.datapath import test_run as prog_test_run
+from streamer.datapath.config import DatapathConfig
+from streamer.datapath.datapath import Datapath, prog_fd
 from streamer.datapath.layout import EVENT
 from streamer.datapath.reference import Packet
 from streamer.events.decode import (

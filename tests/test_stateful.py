@@ -34,9 +34,11 @@ from packets import (
     udp,
 )
 
+from streamer.datapath.attach import detach
+from streamer.datapath.bindings import test_run as bpf_test_run
 from streamer.datapath.compiler import compile_policy
-from streamer.datapath.datapath import Datapath, DatapathConfig, detach, prog_fd
-from streamer.datapath.datapath import test_run as bpf_test_run
+from streamer.datapath.config import DatapathConfig
+from streamer.datapath.datapath import Datapath, prog_fd
 from streamer.datapath.reference import Decision, StatefulReference, Timeouts, Verdict
 from streamer.lab.lab import Lab
 from streamer.lab.netns import netns_socket

@@ -26,8 +26,10 @@ import orjson
 from pyroute2 import config as pyroute2_config
 
 from streamer.agent.pressure import AlertChange, PressureCollector, PressureConfig, PressureWatch
+from streamer.datapath.attach import detach
 from streamer.datapath.compiler import CompileError, compile_policy
-from streamer.datapath.datapath import Datapath, DatapathConfig, DatapathError, detach
+from streamer.datapath.config import DatapathConfig, DatapathError
+from streamer.datapath.datapath import Datapath
 from streamer.events.enrich import Enricher
 from streamer.events.pipeline import Pipeline, PipelineConfig, register_metrics, tune_gc
 from streamer.events.sinks.file import DEFAULT_KEEP, DEFAULT_MAX_BYTES, FileSinkConfig

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from streamer.datapath.datapath import drops_by_reason
+from streamer.datapath.tables import drops_by_reason
 from streamer.policy.store import PolicyStore
 from streamer.vocabulary import PACKET_DIRECTIONS, VERDICTS
 

@@ -113,7 +113,7 @@ def _pressure_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from streamer.agent.service import AgentConfig, default_instance, run_agent
-    from streamer.datapath.datapath import DatapathConfig
+    from streamer.datapath.config import DatapathConfig
 
     if args.kafka_spool_max_bytes < 64 * 1024:
         print("microseg run: --kafka-spool-max-bytes must be at least 64K", file=sys.stderr)
@@ -190,7 +190,8 @@ def _add_detach(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
-    from streamer.datapath.datapath import DatapathError, detach
+    from streamer.datapath.attach import detach
+    from streamer.datapath.config import DatapathError
 
     rc = 0
     for ifname in args.iface:

@@ -59,7 +59,7 @@ class ApplyFailed(StoreError):
 
 
 class LiveSession(Protocol):
-    """What a dry run needs of a session (streamer.datapath.datapath.Session has it): the
+    """What a dry run needs of a session (streamer.datapath.tables.Session has it): the
     flow's first packet and the verdict it holds."""
 
     @property

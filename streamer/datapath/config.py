@@ -1,0 +1,61 @@
+"""What one classifier instance is: its configuration, where its pins live, and its error.
+
+In: the operator's choices (instance name, table sizes, timeouts, attach mode). Out: a frozen
+DatapathConfig, the paths derived from it (pin directories, the attachment record), and
+DatapathError, which every datapath module raises. Nothing here touches the kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from streamer.datapath.layout import MS_LAYOUT_VERSION
+from streamer.datapath.reference import Timeouts
+
+DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/microseg")
+DEFAULT_RUN_DIR = Path("/run/microseg")
+ATTACH_MODES = ("auto", "tcx", "tc")
+LINKS_DIR = "links"  # <instance>/links/: our pinned tcx links, beside the maps' layout dirs
+
+
+class DatapathError(RuntimeError):
+    """Loading, attaching or updating the classifier failed; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    """Sizes and identity of one classifier instance (one pin directory)."""
+
+    instance: str
+    pin_root: Path = DEFAULT_PIN_ROOT
+    session_entries: int = 262144
+    max_shapes: int = 512  # the verifier walks the probe loop: 1,024 exceeds its budget
+    rule_entries: int = 1 << 22
+    rule_slots: int = 200_002  # two whole sets of 100,000 rules side by side, plus slot 0
+    ringbuf_pages: int = 256
+    event_interval_ns: int = 1_000_000_000
+    frag_entries: int = 16384  # remembered first fragments (an LRU)
+    timeouts: Timeouts = field(default_factory=Timeouts)  # idle timeouts per protocol and TCP state
+    # "tcx": BPF links on the TC hook (kernel 6.6+; no qdisc, and the cheaper hook), "tc":
+    # direct-action filters on a clsact qdisc, "auto": tcx where the kernel has it
+    attach_mode: str = "auto"
+
+    run_dir: Path = DEFAULT_RUN_DIR
+
+    @property
+    def instance_dir(self) -> Path:
+        return self.pin_root / self.instance
+
+    @property
+    def pin_dir(self) -> Path:
+        """Maps of one layout: a restart with other sizes gets fresh maps, never misread ones."""
+        return self.instance_dir / (
+            f"v{MS_LAYOUT_VERSION}-s{self.session_entries}-p{self.max_shapes}"
+            f"-r{self.rule_entries}-c{self.rule_slots}-f{self.frag_entries}"
+        )
+
+    @property
+    def attachments_file(self) -> Path:
+        """Which interfaces we attached to (bpffs holds no plain files, so it lives in /run)."""
+        return self.run_dir / self.instance / "attachments.json"
