@@ -522,6 +522,9 @@ static __always_inline void count_transitions(struct ms_counters *ctr, __u32 tr)
         ctr->c[C_CLOSED_SESSIONS]++;
 }
 
+/* The bloom hash of a masked rule key (see MS_BLOOM_BANK_WORDS): judge_family folds the
+ * key's words through ms_mix and ends with ms_ports_word. key_hash in
+ * streamer/datapath/compiler.py computes the same from the packed key: change both together. */
 static __always_inline __u64 ms_mix(__u64 h)
 {
     h ^= h >> 33;

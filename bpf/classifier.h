@@ -217,7 +217,9 @@ struct ms_shape {
 /* Bloom filters: one per shape, a power of two of bits, in the words of `blooms`; bank b owns
  * words [b * MS_BLOOM_BANK_WORDS, (b + 1) * MS_BLOOM_BANK_WORDS). A key whose bit is clear is
  * certainly not in the shape's table, so the (often cache-cold) hash probe is skipped. The
- * hash (ms_key_hash4/6 in classifier.c) is mirrored by streamer/compiler.py: keep them equal. */
+ * hash (ms_mix over the masked key's words, then ms_ports_word, as judge_family in
+ * classifier.c computes it) is mirrored by key_hash in streamer/datapath/compiler.py: keep them
+ * equal (were they not, the filters would hide rules that match, which the kernel tests see). */
 #define MS_BLOOM_BANK_WORDS (1 << 19)
 
 /* One per bank. The active bank and generation are read from `active` in one 8-byte load. */

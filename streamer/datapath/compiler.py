@@ -315,7 +315,8 @@ def _mix(h: int) -> int:
 
 
 def key_hash(family: int, key: bytes) -> int:
-    """The classifier's bloom hash of a packed rule key (ms_key hashing in classifier.c).
+    """The classifier's bloom hash of a packed rule key: ms_mix and ms_ports_word, combined as
+    judge_family in bpf/classifier.c does.
 
     The kernel loads the key's fields as little-endian words, so this reads the same bytes.
     """
