@@ -8,8 +8,10 @@ with SPEC §2.
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import ipaddress
 import json
+import logging
 import os
 import random
 import re
@@ -51,6 +53,7 @@ from packets import (
 from streamer.datapath.attach import detach, tcx_programs
 from streamer.datapath.bindings import test_run as bpf_test_run
 from streamer.datapath.compiler import (
+    CompiledPolicy,
     compile_policy,
     pack_rule_key,
     pack_rule_val,
@@ -69,6 +72,7 @@ from streamer.datapath.layout import (
     TC_ACT_OK,
     TC_ACT_SHOT,
 )
+from streamer.datapath.maps import KeysLeft
 from streamer.datapath.reference import (
     Decision,
     Packet,
@@ -1014,6 +1018,97 @@ def test_packets_never_see_a_half_applied_set(dp: Datapath) -> None:
     assert not t.is_alive()
     assert results["sent"] >= 1000, (results, applied)
     assert results["dropped"] == 0, (results, applied)
+
+
+def test_a_failed_retire_is_raised_at_the_next_settle_and_its_keys_cleared_later(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a flip the old bank is cleared beside the caller. A failure there is not lost with
+    its thread, nor are the keys it left: the next settle (every apply and close runs one)
+    tries again and logs what failed; if that fails too it raises, the live bank stays, and a
+    later settle clears them."""
+    cfg = DatapathConfig(
+        instance=f"test-retire-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+        session_entries=1024,
+        max_shapes=8,
+        rule_slots=64,
+        rule_entries=4096,
+    )
+
+    def pol(*ids: int) -> CompiledPolicy:
+        rules = [R(i, src_ip=f"10.{i}.0.0/16", dst_port=i) for i in ids]
+        return compile_policy(parse_policy_document({"policies": rules}), cfg.max_shapes)
+
+    with loaded_datapath(cfg) as dp:
+        failures = 0
+        real_delete = dp._maps.delete_batch
+
+        def flaky(name: str, keys: list[bytes]) -> None:
+            nonlocal failures
+            if failures and name == "rules4" and keys:
+                failures -= 1
+                raise KeysLeft(name, keys, errno.EBUSY)
+            real_delete(name, keys)
+
+        monkeypatch.setattr(dp._maps, "delete_batch", flaky)
+
+        def stored() -> int:
+            return len(list(dp._bpf["rules4"].keys()))
+
+        def retired() -> None:  # the retire thread has run (whatever became of it)
+            for t in threading.enumerate():
+                if t.name == "microseg-retire":
+                    t.join()
+
+        dp.apply(pol(1, 2))
+        dp.settle()
+        live = stored()
+        assert live > 0
+
+        # Fails once: the retry at the next settle clears the old bank, and says so.
+        failures = 1
+        dp.apply(pol(3, 4))
+        retired()
+        assert stored() == 2 * live  # the old bank's keys are still there, and still known
+        assert dp.map_fill()["rules4"].entries == 2 * live
+        with caplog.at_level(logging.WARNING, logger="streamer.datapath.banks"):
+            dp.settle()
+        assert "clearing the retired policy bank" in caplog.text
+        assert os.strerror(errno.EBUSY) in caplog.text
+        assert stored() == live and dp.map_fill()["rules4"].entries == live
+
+        # Fails twice (in the thread and on the retry): the next apply raises and changes
+        # nothing; the one after clears the old bank and applies.
+        failures = 2
+        gen = dp.apply(pol(5, 6))
+        retired()
+        with pytest.raises(DatapathError, match="clearing the retired policy bank"):
+            dp.apply(pol(7, 8))
+        assert dp.active()[0] == gen and stored() == 2 * live
+        assert run(dp, pk("10.5.0.1", "10.0.0.2", "tcp", 1, 5)) == PASS  # still enforcing
+        gen = dp.apply(pol(7, 8))
+        dp.settle()
+        assert dp.active()[0] == gen and stored() == live
+        assert set(dp.all_rule_counters()) == {7, 8}
+
+        # A retire that fails at close is raised there, once our references are released;
+        # the keys it left stay in the pinned map, where the next load finds and clears them.
+        failures = 2
+        dp.apply(pol(9))
+        retired()
+        with pytest.raises(DatapathError, match="clearing the retired policy bank"):
+            dp.close()
+        assert not dp.loaded
+        dp.close()  # nothing left to wait for
+        again = Datapath(cfg)
+        try:
+            again.load()
+            assert len(list(again._bpf["rules4"].keys())) == live + live // 2
+            again.apply(pol(10))
+            again.settle()
+            assert len(list(again._bpf["rules4"].keys())) == live // 2
+        finally:
+            again.close()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ In: CompiledPolicy tables (streamer.datapath.compiler) and the loaded maps. Out:
 shapes, bloom filters and bank header of the idle bank, then `active` switched to it in one
 8-byte write; per-rule counter slots kept across generations (a rule keeps its counters) and
 zeroed before a new rule uses one. The old bank is cleared beside the caller once no program
-can still read it (an RCU barrier); the next apply (and close) waits for that (`settle`).
+can still read it (an RCU barrier); a failure there is kept with the keys it left, retried at
+the next `settle` (which every apply and close runs) and raised there if it fails again.
 On start, `adopt` learns what a previous agent left in the pinned maps.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+from dataclasses import dataclass
 
 from streamer.datapath.compiler import (
     CompiledPolicy,
@@ -33,11 +35,23 @@ from streamer.datapath.layout import (
     active_of,
     active_word,
 )
-from streamer.datapath.maps import Maps, array_key
+from streamer.datapath.maps import KeysLeft, Maps, array_key
 
 log = logging.getLogger(__name__)
 
 _RULE_ID, _SLOT = RULE_VAL.index("rule_id"), RULE_VAL.index("slot")
+
+
+@dataclass
+class _Retirement:
+    """An old bank being cleared: the keys the rules maps may still hold (by family), the
+    counter slots to free once they are gone, and why the last attempt failed."""
+
+    bank: int
+    keys: dict[int, list[bytes]]
+    slots: list[int]
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
 
 
 class Banks:
@@ -52,7 +66,7 @@ class Banks:
         self._free_slots: list[int] = []
         self._next_slot = 1
         self.keys: dict[int, dict[int, list[bytes]]] = {0: {4: [], 6: []}, 1: {4: [], 6: []}}
-        self._retiring: threading.Thread | None = None
+        self._retiring: _Retirement | None = None
 
     def adopt(self) -> bool:
         """Learn what a previous agent left in the pinned maps: banks' keys and rule slots.
@@ -82,8 +96,12 @@ class Banks:
         return active_of(struct.unpack("<Q", raw)[0] if raw else 0)
 
     def rule_entries(self, family: int) -> int:
-        """Entries of the family's rules map (both banks)."""
-        return sum(len(self.keys[b][family]) for b in (0, 1))
+        """Entries of the family's rules map: both banks', and what a failed retire left."""
+        n = sum(len(self.keys[b][family]) for b in (0, 1))
+        job = self._retiring
+        if job is not None and job.error is not None:
+            n += len(job.keys[family])
+        return n
 
     def apply(self, compiled: CompiledPolicy, generation: int | None = None) -> int:
         """Switch the classifier to `compiled` in one step; returns the new generation.
@@ -110,7 +128,11 @@ class Banks:
                     )
             # 1. clear leftovers in the idle bank
             for family in (4, 6):
-                self._maps.delete_batch(f"rules{family}", self.keys[new_bank][family])
+                try:
+                    self._maps.delete_batch(f"rules{family}", self.keys[new_bank][family])
+                except KeysLeft as e:
+                    self.keys[new_bank][family] = e.keys
+                    raise
                 self.keys[new_bank][family] = []
             # 2. slots for rules new to the set, counters zeroed before first use
             new_slots: dict[int, int] = {}
@@ -141,14 +163,18 @@ class Banks:
             # 5. retire the old bank and the slots of rules that are gone, once no program can
             # still be reading them. Waiting for that (an RCU grace period) takes milliseconds,
             # so it runs beside the caller; the next apply waits for it before reusing the bank.
-            old_keys = self.keys[bank]
-            self.keys[bank] = {4: [], 6: []}
-            gone = [slot for rid, slot in self.slots.items() if rid not in new_slots]
-            self.slots = new_slots
-            self._retiring = threading.Thread(
-                target=self._retire, args=(old_keys, gone), name="microseg-retire", daemon=True
+            job = _Retirement(
+                bank,
+                self.keys[bank],
+                [slot for rid, slot in self.slots.items() if rid not in new_slots],
             )
-            self._retiring.start()
+            self.keys[bank] = {4: [], 6: []}
+            self.slots = new_slots
+            job.thread = threading.Thread(
+                target=self._clear, args=(job,), name="microseg-retire", daemon=True
+            )
+            self._retiring = job
+            job.thread.start()
             return new_gen
 
     def _fill(
@@ -199,17 +225,60 @@ class Banks:
             ),
         )
 
-    def _retire(self, keys: dict[int, list[bytes]], slots: list[int]) -> None:
-        self._maps.barrier()
-        for family in (4, 6):
-            self._maps.delete_batch(f"rules{family}", keys[family])
-        self._free_slots.extend(slots)
+    def _clear(self, job: _Retirement) -> None:
+        """Remove a retired bank's keys once no program can read them; what fails is kept in
+        `job` (its error, the keys left) for `settle`, never lost with the thread."""
+        job.error = None
+        try:
+            self._maps.barrier()
+            for family in (4, 6):
+                try:
+                    self._maps.delete_batch(f"rules{family}", job.keys[family])
+                except KeysLeft as e:
+                    job.keys[family] = e.keys
+                    job.error = e
+                else:
+                    job.keys[family] = []
+        except BaseException as e:  # handed to settle, in the thread that waits for it
+            job.error = e
 
     def settle(self) -> None:
-        """Wait until the bank retired by the last apply is cleared (tests, shutdown)."""
-        if self._retiring is not None:
-            self._retiring.join()
-            self._retiring = None
+        """Wait until the bank retired by the last apply is cleared (tests, shutdown).
+
+        If clearing it failed, it is tried once more here and the failure logged; if that
+        fails too, DatapathError: the keys stay known and the next settle tries again."""
+        job = self._retiring
+        if job is None:
+            return
+        if job.thread is not None:
+            job.thread.join()
+            job.thread = None
+        if job.error is not None:
+            first = job.error
+            self._clear(job)
+            if job.error is not None:
+                left = sum(len(k) for k in job.keys.values())
+                raise DatapathError(
+                    f"clearing the retired policy bank {job.bank} failed ({first}), and again"
+                    f" ({job.error}): {left} of its rule entries are left"
+                ) from job.error
+            log.warning(
+                "clearing the retired policy bank %d failed (%s); a retry cleared it",
+                job.bank,
+                first,
+            )
+        self._free_slots.extend(job.slots)
+        self._retiring = None
+
+    def close(self) -> None:
+        """`settle` before the maps are released; a retirement that still fails is raised
+        and then dropped (its keys stay in the pinned maps, where the next load's `adopt`
+        finds them and the next apply to that bank clears them)."""
+        with self.lock:
+            try:
+                self.settle()
+            finally:
+                self._retiring = None
 
     def _zero_slots(self, slots: list[int]) -> None:
         if not slots:

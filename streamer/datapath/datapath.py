@@ -37,7 +37,8 @@ from streamer.datapath.tables import MapFill, RuleCounters, Session, Tables
 
 class Datapath:
     """One loaded classifier instance. `apply` serializes itself (a lock) and may run in a worker
-    thread while readers (counters, sessions) run on the loop; the old bank is retired beside it."""
+    thread while readers (counters, sessions) run on the loop; the old bank is retired beside it.
+    A failure retiring it is raised by the next `apply` or `close` if a retry fails too."""
 
     def __init__(self, config: DatapathConfig) -> None:
         self.config = config
@@ -68,10 +69,10 @@ class Datapath:
         return self._maps.bpf
 
     def close(self) -> None:
-        """Release our references; pinned maps and attached filters stay."""
+        """Release our references; pinned maps and attached filters stay. Waits for the old
+        bank's retirement first (and raises its failure, once our references are gone)."""
         try:
-            with self._banks.lock:
-                self._banks.settle()
+            self._banks.close()
         finally:
             loader.release(self._maps)
 

@@ -3,8 +3,8 @@
 In: map names (as bpf/classifier.c declares them) and packed keys and values (packed with
 streamer.datapath.layout). Out: single and batched lookups, writes, deletes and walks through
 libbpf on the maps' fds; per-CPU entries and the RCU barrier through bcc's table objects.
-Write failures raise DatapathError; deletes ignore keys already gone. Until the loader
-fills it a Maps holds no map.
+Write failures raise DatapathError; deletes report the keys they could not remove (KeysLeft)
+and count a key already gone as removed. Until the loader fills it a Maps holds no map.
 """
 
 from __future__ import annotations
@@ -26,6 +26,14 @@ _WALK_BATCH = 4096
 def array_key(index: int) -> bytes:
     """The key of an array map's entry (a u32)."""
     return struct.pack("<I", index)
+
+
+class KeysLeft(DatapathError):
+    """A delete left keys in a map; `keys` are those the map still holds."""
+
+    def __init__(self, name: str, keys: list[bytes], err: int) -> None:
+        super().__init__(f"deleting {len(keys)} entries of map {name} failed: {os.strerror(err)}")
+        self.keys = keys
 
 
 class Maps:
@@ -77,15 +85,25 @@ class Maps:
                 )
 
     def delete_batch(self, name: str, keys: list[bytes]) -> None:
+        """Delete every key (one already gone counts as deleted); KeysLeft names those that
+        stayed, after all were tried."""
         lib = libbpf()
         fd = self.fds[name]
+        left: list[bytes] = []
+        err = 0
         for i in range(0, len(keys), _BATCH):
             chunk = keys[i : i + _BATCH]
             count = ct.c_uint32(len(chunk))
             if lib.bpf_map_delete_batch(fd, b"".join(chunk), ct.byref(count), None) != 0:
                 # Some keys were already gone: fall back to one by one, ignoring misses.
                 for k in chunk:
-                    lib.bpf_map_delete_elem(fd, k)
+                    if lib.bpf_map_delete_elem(fd, k) != 0:
+                        e = ct.get_errno()
+                        if e != errno.ENOENT:
+                            left.append(k)
+                            err = err or e
+        if left:
+            raise KeysLeft(name, left, err)
 
     def walk(self, name: str, ksize: int, vsize: int) -> Iterator[tuple[bytes, bytes]]:
         """(key, value) of every entry, in batches of 4,096 (one syscall each); entries may
