@@ -146,10 +146,9 @@ def loaded_datapath(cfg: DatapathConfig) -> Iterator[Datapath]:
     """A classifier loaded from `cfg`; closed and its pins removed on leaving, also on failure."""
     dp = Datapath(cfg)
     try:
-        dp.load()
-        yield dp
+        with dp:
+            yield dp
     finally:
-        dp.close()
         dp.remove_pins()
 
 

@@ -1100,15 +1100,12 @@ def test_a_failed_retire_is_raised_at_the_next_settle_and_its_keys_cleared_later
             dp.close()
         assert not dp.loaded
         dp.close()  # nothing left to wait for
-        again = Datapath(cfg)
-        try:
-            again.load()
+        with Datapath(cfg) as again:
             assert len(list(again._bpf["rules4"].keys())) == live + live // 2
             again.apply(pol(10))
             again.settle()
             assert len(list(again._bpf["rules4"].keys())) == live // 2
-        finally:
-            again.close()
+        assert not again.loaded
 
 
 @pytest.fixture(scope="module")

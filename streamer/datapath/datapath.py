@@ -15,6 +15,7 @@ rules, counters) and swaps its programs in atomically (a link update, or `tc fil
 `Datapath` composes the parts, each a module of this package: loader (bcc, pins), banks
 (apply, the flip, retiring the old bank), tables (reading), reaper (timeouts, removals),
 attach (TC hooks), maps and bindings (raw libbpf access), layout (the kernel's structs).
+`with Datapath(cfg) as dp:` loads it and closes it on leaving (pins stay: `remove_pins`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import ctypes as ct
 import mmap
 from collections.abc import Callable, Iterator
+from types import TracebackType
 from typing import Any
 
 from streamer.datapath import attach as attaching
@@ -75,6 +77,23 @@ class Datapath:
             self._banks.close()
         finally:
             loader.release(self._maps)
+
+    def __enter__(self) -> Datapath:
+        """Load; close on leaving, or at once when loading fails half way."""
+        try:
+            self.load()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def remove_pins(self) -> None:
         """Delete this instance's pin directory (after detaching everywhere)."""
