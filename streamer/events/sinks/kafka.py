@@ -43,6 +43,7 @@ from typing import Any
 
 from streamer.events.fanout import Channel, Item, LostFactory, RateLimitedLog, count_events
 from streamer.events.sinks.spool import Dropped, Rec, Record, Spool
+from streamer.events.tasks import own_cancel_only, raise_sole, stop_task
 
 log = logging.getLogger("microseg.sink.kafka")
 
@@ -260,27 +261,41 @@ class KafkaSink:
     # ---- the sink ------------------------------------------------------------------------------
 
     async def run(self, channel: Channel) -> None:
+        """Until the channel is closed and drained (then `stop_timeout` to deliver the rest).
+
+        The connection, pump and acks tasks run in a TaskGroup under this one: if one of them
+        fails, the others and the intake stop, what was taken and not acknowledged goes back
+        to the spool, and this raises that failure (the sink's supervisor restarts it)."""
         cfg = self.config
         self.spool = await asyncio.to_thread(
             Spool, cfg.spool_dir, cfg.spool_max_bytes
         )
-        tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
         try:
-            tasks = [
-                asyncio.create_task(self._connection(), name="kafka-connection"),
-                asyncio.create_task(self._pump(), name="kafka-pump"),
-                asyncio.create_task(self._acks(), name="kafka-acks"),
-            ]
-            await self._intake(channel)
-            await self._drain(time.monotonic() + cfg.stop_timeout)
+            async with asyncio.TaskGroup() as tg:
+                conn = tg.create_task(
+                    own_cancel_only(self._connection(), "kafka-connection"),
+                    name="kafka-connection",
+                )
+                pump = tg.create_task(
+                    own_cancel_only(self._pump(), "kafka-pump"), name="kafka-pump"
+                )
+                acks = tg.create_task(
+                    own_cancel_only(self._acks(), "kafka-acks"), name="kafka-acks"
+                )
+                try:
+                    await self._intake(channel)
+                    await self._drain(time.monotonic() + cfg.stop_timeout)
+                finally:
+                    self._stopping = True
+                    await stop_task(pump)
+                    # Let the producer deliver what it holds while acks still counts it.
+                    await self._close_producer(cfg.stop_timeout if self.up else 0.5)
+                    await stop_task(acks)
+                    await stop_task(conn)
+        except BaseExceptionGroup as group:
+            raise_sole(group)
         finally:
-            self._stopping = True
-            pump, acks, conn = tasks[1], tasks[2], tasks[0]
-            await _cancel(pump)
-            # Let the producer deliver what it holds while acks still counts it.
-            await self._close_producer(self.config.stop_timeout if self.up else 0.5)
-            await _cancel(acks)
-            await _cancel(conn)
             self._save_unsent()
             self.spool.close()
             self._connected = False
@@ -428,7 +443,7 @@ class KafkaSink:
 
     def _answered(self, _fut: asyncio.Future[Any]) -> None:
         """Wake the pump the moment a batch is answered: the acks task wakes it too, but only
-        a few loop turns later (after its wait_for and shield), and a source drain of ~3 ms
+        a few loop turns later (after its asyncio.wait returns), and a source drain of ~3 ms
         may run in between; `_awaiting_ack` already counts an answered batch as done."""
         self._wake_pump.set()
 
@@ -530,11 +545,12 @@ class KafkaSink:
             b = self._inflight[0]
             if not b.future.done():
                 age = (time.monotonic_ns() - b.sent_ns) / 1e9
-                try:
-                    await asyncio.wait_for(
-                        asyncio.shield(b.future), max(0.01, cfg.stall_seconds - age)
-                    )
-                except TimeoutError:
+                # asyncio.wait, not wait_for: the batch's outcome (an error, or the producer
+                # cancelling it) is looked at below, and never ends this task.
+                done, _ = await asyncio.wait(
+                    [b.future], timeout=max(0.01, cfg.stall_seconds - age)
+                )
+                if not done:
                     if not self._stalled:
                         self._stalled = True
                         log.warning(
@@ -544,8 +560,6 @@ class KafkaSink:
                             cfg.spool_dir,
                         )
                     await asyncio.wait([b.future])
-                except Exception:
-                    pass  # looked at below
             self._inflight.popleft()
             self._inflight_recs -= len(b.recs)
             self._room.set()
@@ -720,12 +734,18 @@ class KafkaSink:
         for them for as long as the broker stays away."""
         from aiokafka.errors import KafkaError
 
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(producer.flush()), timeout)
-        with contextlib.suppress(Exception):
-            producer._message_accumulator.fail_all(KafkaError("the agent closed the producer"))
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(producer.stop(), max(timeout, 2.0))
+        try:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(producer.flush()), timeout)
+        finally:
+            # Also when cancelled while flushing: a producer not stopped keeps its sender
+            # task running, which nobody would ever await.
+            with contextlib.suppress(Exception):
+                producer._message_accumulator.fail_all(
+                    KafkaError("the agent closed the producer")
+                )
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), max(timeout, 2.0))
 
     # ---- accounting ----------------------------------------------------------------------------
 
@@ -787,10 +807,3 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "timed out"
     return text
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-
