@@ -2,8 +2,10 @@
 
 Decoding (test_layout.py holds the event layout against the C header), enrichment across a
 real policy change, the fan-out's drops and lost records with a deliberately slow sink, a
-failing sink, file rotation, the Kafka spool (bounded, ordered, restartable), and the kernel's
-own losses with a one-page ring buffer and a burst through BPF_PROG_TEST_RUN.
+failing sink (also one ending with a CancelledError it did not ask for), file rotation, the
+Kafka spool (bounded, ordered, restartable), the kernel's own losses with a one-page ring buffer
+and a burst through BPF_PROG_TEST_RUN, and the pipeline's tasks: one that fails ends run() with
+its error, as does a sink failing as the stop timeout cancels it, the sinks still writing out.
 """
 
 from __future__ import annotations
@@ -414,6 +416,37 @@ async def test_a_failing_sink_is_contained(caplog: pytest.LogCaptureFixture) -> 
     assert 1 <= len(lines) < fan.sink_errors["bad"], [r.getMessage() for r in lines]
 
 
+async def test_a_sink_ending_with_a_cancel_it_did_not_ask_for_is_restarted() -> None:
+    """A sink's run that ends with a CancelledError nobody asked for (it awaited a future
+    its owner cancelled) is a failure like any other: counted, restarted, nothing lost
+    (a TaskGroup would take it for a requested stop, and the sink would be gone unseen)."""
+
+    class Strays(ListSink):
+        strayed = False
+
+        async def run(self, channel: Channel) -> None:
+            if not self.strayed:
+                self.strayed = True
+                fut = asyncio.get_running_loop().create_future()
+                asyncio.get_running_loop().call_soon(fut.cancel)
+                await fut
+            await super().run(channel)
+
+    en = Enricher({}, host="h")
+    sink = Strays("strays")
+    fan = Fanout([sink], lost_factory(en), 10_000)
+    task = asyncio.create_task(fan.run())
+    batch = [make_item(flow_obj(en)) for _ in range(100)]
+    fan.publish(batch)
+    deadline = time.monotonic() + 10
+    while len(sink.got) < len(batch) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    fan.close()
+    await asyncio.wait_for(task, 10)
+    assert fan.sink_errors["strays"] == 1
+    assert gap_check(sink.got, len(batch)) == (len(batch), 0)
+
+
 # ---- the file sink -----------------------------------------------------------------------------
 
 
@@ -666,3 +699,76 @@ async def test_events_no_sink_has_room_for_are_shed_before_rendering(tmp_path: P
     gap_check(got, 28)
     st = pipe.stats()
     assert st["enrich"]["dropped"] == 18 and st["lost"]["queues"] == 18
+
+
+# ---- the pipeline's tasks ---------------------------------------------------------------------
+
+
+def _flow_records(n: int) -> list[bytes]:
+    ev = FlowEvent(1, 1, 60, 1, None, 1, 4, 6, "ingress", "deny", "10.0.0.1", "10.0.0.2",
+                   1, 2, 2, "new")
+    return [encode(ev)] * n
+
+
+async def test_a_failing_pipeline_task_ends_the_pipeline_with_its_error(
+    tiny_ringbuf: Datapath, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lost-counter poll fails (a bug): run() ends by itself at once, without stop(), and
+    raises that error, once the sinks have written what they were given and every task it
+    started has ended."""
+    en = Enricher({1: "eth0"}, host="h")
+    path = tmp_path / "events.jsonl"
+    pipe = Pipeline(PipelineConfig(file=FileSinkConfig(path)), tiny_ringbuf, en)
+
+    async def failing_poll() -> None:
+        await asyncio.sleep(0.1)
+        pipe.handle(_flow_records(5))
+        raise RuntimeError("a bug in the lost-event poll")
+
+    monkeypatch.setattr(pipe.source, "run", failing_poll)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="a bug in the lost-event poll"):
+        await asyncio.wait_for(pipe.run(), 20)
+    assert time.monotonic() - started < 10  # by itself, not by the timeout
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+    assert pipe.fanout.channels["file"].closed
+    got = [json.loads(x) for x in path.read_bytes().splitlines()]
+    assert [o["seq"] for o in got] == [1, 2, 3, 4, 5]
+
+
+async def test_a_sink_failing_as_the_stop_timeout_cancels_it_is_raised_by_run(
+    tiny_ringbuf: Datapath, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At stop, a sink that does not finish within stop_timeout is cancelled; one that fails
+    as it is cancelled is not restarted (it would hold the stop up for ever): run() raises
+    its error, after the other sinks wrote everything."""
+
+    class Stuck:
+        name = "stuck"
+
+        async def run(self, channel: Channel) -> None:
+            try:
+                await asyncio.Event().wait()  # takes nothing, never ends by itself
+            except asyncio.CancelledError:
+                raise OSError("flushing failed as it was cancelled") from None
+
+        def stats(self) -> dict[str, Any]:
+            return {}
+
+    en = Enricher({1: "eth0"}, host="h")
+    path = tmp_path / "events.jsonl"
+    pipe = Pipeline(
+        PipelineConfig(file=FileSinkConfig(path), stop_timeout=0.3), tiny_ringbuf, en
+    )
+    pipe.fanout = Fanout([*pipe.fanout.sinks, Stuck()], lost_factory(en), 100)
+    task = asyncio.create_task(pipe.run())
+    await asyncio.sleep(0.1)
+    pipe.handle(_flow_records(5))
+    caplog.set_level(logging.WARNING, logger="microseg.pipeline")
+    pipe.stop()
+    with pytest.raises(OSError, match="flushing failed as it was cancelled"):
+        await asyncio.wait_for(task, 20)
+    assert any("sinks did not finish within" in r.getMessage() for r in caplog.records)
+    assert pipe.fanout.sink_errors["stuck"] == 0  # not restarted
+    got = [json.loads(x) for x in path.read_bytes().splitlines()]
+    assert [o["seq"] for o in got] == [1, 2, 3, 4, 5]

@@ -5,8 +5,9 @@ sequence order. Out: one `Channel` per sink, read by that sink's own task. `publ
 waits: a full channel drops what does not fit and counts it; the channel then owes its sink a
 `lost` record covering the dropped range, which it puts into the queue as soon as there is room
 again (before any later item), so the sink's stream shows the gap where it is. A sink that
-fails is logged (rate-limited), restarted after a pause, and never holds up the reader or
-another sink.
+fails (also by a CancelledError it was not asked for) is logged (rate-limited), restarted after
+a pause, and never holds up the reader or another sink; one that fails while being cancelled
+is not restarted, its error is raised by `Fanout.run`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from operator import attrgetter
 from typing import Any, Protocol
 
 import orjson
+
+from streamer.events.tasks import cancel_requested, own_cancel_only
 
 log = logging.getLogger("microseg.fanout")
 
@@ -355,11 +358,13 @@ class Fanout:
         while True:
             started = time.monotonic()
             try:
-                await sink.run(ch)
+                await own_cancel_only(sink.run(ch), f"sink {sink.name}")
                 return
-            except asyncio.CancelledError:
-                raise
             except Exception as e:
+                if cancel_requested():
+                    # Failed while being stopped (the pipeline's stop timeout): no restart;
+                    # the error goes to whoever stops the sinks.
+                    raise
                 self.sink_errors[sink.name] += 1
                 if time.monotonic() - started > 5.0:
                     backoff = 0.2  # it worked for a while: a new failure, not the same one

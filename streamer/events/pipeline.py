@@ -12,13 +12,14 @@ wrong size), by a sink's queue, by the Kafka spool.
 
 `run()` is meant to be a task of the agent's TaskGroup: it returns after `stop()` (or raises
 CancelledError after being cancelled) only once the sinks have written what they were given,
-or `stop_timeout` has passed.
+or `stop_timeout` has passed. Its tasks (the lost-counter poll, the fan-out and under it each
+sink's supervisor) run in TaskGroups: one that fails stops the pipeline the same way, and
+`run()` raises that failure.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from streamer.events.sinks.file import FileSink, FileSinkConfig
 from streamer.events.sinks.kafka import KafkaSink, KafkaSinkConfig
 from streamer.events.sinks.websocket import WebSocketConfig, WebSocketHub
 from streamer.events.source import Source, SourceConfig
+from streamer.events.tasks import own_cancel_only, raise_sole
 
 log = logging.getLogger("microseg.pipeline")
 
@@ -148,35 +150,47 @@ class Pipeline:
         self._stop.set()
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.source.start(loop)
+        """Until `stop()`: then (and also when cancelled, or when one of its tasks failed) the
+        ring buffer is drained a last time and every sink writes out what it holds, for up to
+        `stop_timeout`. A task's failure is raised here (a sink's own failures are its
+        supervisor's: restarted, see streamer.events.fanout)."""
+        self.source.start(asyncio.get_running_loop())
         self._running = True
-        fan = asyncio.create_task(self.fanout.run(), name="pipeline-fanout")
-        poll = asyncio.create_task(self.source.run(), name="pipeline-source")
         try:
-            # The sinks' supervisors end only once their channels are closed (below).
-            await self._stop.wait()
+            # Two groups: the sinks outlive the intake, so a failing lost-counter poll still
+            # leaves them time to write what they were given.
+            async with asyncio.TaskGroup() as outlets:
+                sinks = outlets.create_task(self.fanout.run(), name="pipeline-fanout")
+                try:
+                    async with asyncio.TaskGroup() as intake:
+                        poll = intake.create_task(
+                            own_cancel_only(self.source.run(), "the lost-event poll"),
+                            name="pipeline-source",
+                        )
+                        try:
+                            # The sinks' supervisors end only once their channels are closed.
+                            await self._stop.wait()
+                        finally:
+                            poll.cancel()
+                finally:
+                    self.source.stop()
+                    self.fanout.close()
+                    await self._finish(sinks)
+        except BaseExceptionGroup as group:
+            raise_sole(group)
         finally:
-            # Also when cancelled: drain the ring buffer one last time, then let every sink
-            # write out what it holds.
-            poll.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poll
-            self.source.stop()
-            self.fanout.close()
-            try:
-                await asyncio.wait_for(asyncio.shield(fan), self.config.stop_timeout)
-            except TimeoutError:
-                log.warning(
-                    "sinks did not finish within %.0f s; what they held is lost",
-                    self.config.stop_timeout,
-                )
-                fan.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await fan
-            except Exception as e:
-                log.error("a sink failed while stopping: %s", e)
             self._running = False
+
+    async def _finish(self, sinks: asyncio.Task[None]) -> None:
+        """Give the sinks `stop_timeout` to write out, then cancel them (their group awaits
+        them and raises what they fail with)."""
+        done, _ = await asyncio.wait([sinks], timeout=self.config.stop_timeout)
+        if not done:
+            log.warning(
+                "sinks did not finish within %.0f s; what they held is lost",
+                self.config.stop_timeout,
+            )
+            sinks.cancel()
 
     # ---- accounting ------------------------------------------------------------------------------
 
