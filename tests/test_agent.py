@@ -7,13 +7,19 @@ from the peer namespace to echo servers in the host namespace (the agent's side)
 
 Probes that must fail wait out a short timeout; they run concurrently, so a whole table of
 expectations costs about one timeout.
+
+Two tests run the agent in this process instead, to see its classifier released (closed) on
+the ways out that end no process: a start that fails after loading, and a task that crashes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import AgentProcess, write_policy
+from agentproc import AgentProcess, unique_agent_instance, write_policy
 from netutil import (
     TcpConn,
     echo_server,
@@ -40,8 +46,13 @@ from netutil import (
     udp_exchange,
     wait_until,
 )
+from pyroute2 import config as pyroute2_config
 
-from streamer.datapath.attach import tcx_programs
+import streamer.agent.service as agent_service
+from streamer.agent.service import Agent, AgentConfig
+from streamer.datapath.attach import detach, tcx_programs
+from streamer.datapath.config import DatapathConfig
+from streamer.events.pipeline import Pipeline
 from streamer.lab.lab import Lab
 
 AgentFactory = Callable[..., AgentProcess]
@@ -776,3 +787,63 @@ def test_agent_helper_cleans_up_after_a_failure(module_lab: Lab, tmp_path: Path)
     assert not agent.running
     assert ours_attached(module_lab) == {"ingress": False, "egress": False}
     assert not agent.pin_dir.exists() and not agent.run_dir.exists()
+
+
+# ---- in process: the classifier is released on every way out ----------------------------
+
+
+def _in_process_agent(lab: Lab, tmp_path: Path, ifaces: tuple[str, ...]) -> Agent:
+    return Agent(AgentConfig(
+        ifaces=ifaces,
+        netns=lab.host_ns,
+        state_dir=tmp_path / "state",
+        datapath=DatapathConfig(instance=unique_agent_instance()),
+    ))
+
+
+def _remove_traces(lab: Lab, agent: Agent) -> None:
+    cfg = agent.config.datapath
+    with contextlib.suppress(Exception):
+        detach(lab.host_if, lab.host_ns, cfg.run_dir, cfg.pin_root)
+    agent.datapath.close()
+    agent.datapath.remove_pins()
+    shutil.rmtree(cfg.attachments_file.parent, ignore_errors=True)
+
+
+def test_a_start_that_fails_after_loading_releases_the_classifier(
+    module_lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pyroute2_config, "disable_mp_signal", pyroute2_config.disable_mp_signal)
+    agent = _in_process_agent(module_lab, tmp_path, ("ms-no-such-if",))
+    try:
+        assert asyncio.run(agent.run()) == 1  # no interface named ms-no-such-if
+        assert not agent.datapath.loaded
+    finally:
+        _remove_traces(module_lab, agent)
+
+
+def test_an_agent_that_crashes_releases_the_classifier_and_keeps_enforcing(
+    module_lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task of the agent fails (here the pipeline): run() raises it, with the classifier
+    released (was: left loaded), and the filters stay attached and enforcing, as after a
+    kill -9 (a restart adopts them)."""
+
+    async def failing_pipeline(self: Pipeline) -> None:
+        await asyncio.sleep(0.2)
+        raise RuntimeError("a bug in the pipeline")
+
+    monkeypatch.setattr(pyroute2_config, "disable_mp_signal", pyroute2_config.disable_mp_signal)
+    monkeypatch.setattr(Pipeline, "run", failing_pipeline)
+    monkeypatch.setattr(agent_service, "tune_gc", lambda: None)  # not for the test process
+    agent = _in_process_agent(module_lab, tmp_path, (module_lab.host_if,))
+    try:
+        with pytest.raises(ExceptionGroup) as raised:
+            asyncio.run(agent.run())
+        assert raised.group_contains(RuntimeError, match="a bug in the pipeline")
+        assert not agent.datapath.loaded
+        assert ours_attached(module_lab) == {"ingress": True, "egress": True}
+    finally:
+        _remove_traces(module_lab, agent)
+    assert ours_attached(module_lab) == {"ingress": False, "egress": False}
+

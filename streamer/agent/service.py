@@ -247,6 +247,38 @@ class Agent:
         except DatapathError as e:
             log.error("%s", e)
             return 1
+        with contextlib.ExitStack() as loaded:
+            # The one place our references to the classifier are released, however run()
+            # ends from here on (pinned maps and attachments stay unless detached below).
+            loaded.callback(self.datapath.close)
+            code = await self._start_enforcing()
+            if code:
+                return code
+            await self._serve(loop, stop, reloads)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            if not cfg.keep_on_exit:
+                for ifname in cfg.ifaces:
+                    with contextlib.suppress(DatapathError):
+                        await asyncio.to_thread(
+                            detach, ifname, cfg.netns, cfg.datapath.run_dir, cfg.datapath.pin_root
+                        )
+        if not cfg.keep_on_exit:
+            self.datapath.remove_pins()
+            # Our attachment record (/run/microseg/<instance>) is obsolete once detached.
+            shutil.rmtree(cfg.datapath.attachments_file.parent, ignore_errors=True)
+            log.info("detached from %s", ", ".join(cfg.ifaces))
+        else:
+            log.info(
+                "exiting; %s stay attached and enforcing (--keep-on-exit)",
+                ", ".join(f"{i} ({self._attached_as(i)}s)" for i in cfg.ifaces),
+            )
+        return 0
+
+    async def _start_enforcing(self) -> int:
+        """Restore the policy and attach to every interface; 0, or the exit code after
+        logging why not."""
+        cfg = self.config
         ifindexes: dict[int, str] = {}
         self._enricher = Enricher(ifindexes)
         try:
@@ -264,9 +296,16 @@ class Agent:
             self._enricher.add_interfaces(ifindexes)
         except (PolicyLoadError, PolicyError, StoreError, DatapathError, OSError) as e:
             log.error("%s", e)
-            self.datapath.close()
             return 2 if isinstance(e, PolicyLoadError | PolicyError) else 1
+        return 0
 
+    async def _serve(
+        self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event, reloads: asyncio.Queue[str]
+    ) -> None:
+        """The pipeline, the API and the agent's own tasks until `stop` is set; then, in this
+        order: intake stops, the sinks write out, the API closes."""
+        cfg = self.config
+        assert self._enricher is not None
         pipeline = self.pipeline = Pipeline(self.pipeline_config(), self.datapath, self._enricher)
         tune_gc()
         async with contextlib.AsyncExitStack() as stack:
@@ -290,26 +329,6 @@ class Agent:
                     t.cancel()
                 # Drains the ring buffer a last time and lets the sinks write out.
                 pipeline.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        if not cfg.keep_on_exit:
-            for ifname in cfg.ifaces:
-                with contextlib.suppress(DatapathError):
-                    await asyncio.to_thread(
-                        detach, ifname, cfg.netns, cfg.datapath.run_dir, cfg.datapath.pin_root
-                    )
-            self.datapath.close()
-            self.datapath.remove_pins()
-            # Our attachment record (/run/microseg/<instance>) is obsolete once detached.
-            shutil.rmtree(cfg.datapath.attachments_file.parent, ignore_errors=True)
-            log.info("detached from %s", ", ".join(cfg.ifaces))
-        else:
-            self.datapath.close()
-            log.info(
-                "exiting; %s stay attached and enforcing (--keep-on-exit)",
-                ", ".join(f"{i} ({self._attached_as(i)}s)" for i in cfg.ifaces),
-            )
-        return 0
 
     def _attached_as(self, ifname: str) -> str:
         """What the datapath attached on `ifname`, as the operator knows it."""
