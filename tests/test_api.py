@@ -10,11 +10,14 @@ kernel), metrics, Unix sockets and the token file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import random
 import socket
 import stat
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -40,6 +43,7 @@ from streamer.datapath.compiler import compile_policy
 from streamer.datapath.datapath import Datapath
 from streamer.datapath.layout import TC_ACT_OK
 from streamer.datapath.reference import Packet
+from streamer.events.sinks.websocket import WebSocketHub
 from streamer.policy.model import PolicySet
 from streamer.policy.store import LiveSession, PolicyStore, StoreError
 
@@ -1167,6 +1171,93 @@ async def test_kernel_failure_is_503_and_changes_nothing(make_api: Factory) -> N
     assert api.store.generation == gen == api.dp.active()[0]
     assert api.store.path.read_bytes() == disk
     assert [r.rule_id for r in api.store.policy.policies] == [95]
+
+
+async def test_a_write_whose_request_is_cancelled_is_awaited_as_the_api_closes(
+    dp: Datapath, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The API closes while a policy change is in the kernel: its request is cancelled, the
+    change goes on (the store stays consistent), and closing the API waits for it, so the
+    datapath it writes to is not closed under it; its failure, with nobody left to answer,
+    is logged."""
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_failing_kernel(policy: PolicySet, generation: int | None) -> int:
+        if generation == 0:  # the store's restore, below
+            return dp.apply(compile_policy(policy, dp.config.max_shapes), generation)
+        entered.set()
+        release.wait(20)
+        raise RuntimeError("injected kernel failure")
+
+    store = PolicyStore(tmp_path / "state", slow_failing_kernel, sessions=live_sessions(dp))
+    store.restore(PolicySet(), 0)
+    gen = store.generation
+    ctx = ApiContext(
+        store=store, datapath=dp, interfaces=[], version="9.9.9",
+        started_monotonic=time.monotonic(), token=None, bind_hosts=set(),
+        registry=CollectorRegistry(),
+    )
+    runner = web.AppRunner(make_app(ctx), shutdown_timeout=0.2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+
+    async def post() -> None:
+        with contextlib.suppress(aiohttp.ClientError):
+            async with aiohttp.ClientSession() as session, session.post(
+                f"http://127.0.0.1:{port}{P}/policies", json=rule(7)
+            ) as resp:
+                await resp.read()
+
+    caplog.set_level(logging.WARNING, logger="microseg.api")
+    client = asyncio.create_task(post())
+    assert await asyncio.to_thread(entered.wait, 20)
+    closing = asyncio.create_task(runner.cleanup())
+    await asyncio.sleep(1.0)  # well past the shutdown timeout: the handler is cancelled
+    assert not closing.done()
+    release.set()
+    await asyncio.wait_for(closing, 20)
+    await asyncio.wait_for(client, 20)
+    assert store.generation == gen and store.policy.policies == []
+    assert any(
+        "a policy change whose request was cancelled was refused" in r.getMessage()
+        and "injected kernel failure" in r.getMessage()
+        for r in caplog.records
+    ), caplog.text
+
+
+async def test_a_failure_in_a_flow_feed_client_task_is_logged_not_swallowed(
+    dp: Datapath, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in a feed client's send task ends that client's connection and reaches the
+    route's handler, which logs it (was: gathered and dropped); the client is closed."""
+
+    class BuggyHub(WebSocketHub):
+        async def _pump(self, c: Any, ws: web.WebSocketResponse) -> None:
+            await ws.send_str('{"hello":1}')
+            raise ValueError("a bug in the feed's pump")
+
+    store = make_store(dp, tmp_path / "state")
+    ctx = ApiContext(
+        store=store, datapath=dp, interfaces=[], version="9.9.9",
+        started_monotonic=time.monotonic(), token=None, bind_hosts=set(),
+        registry=CollectorRegistry(), flows=BuggyHub(),
+    )
+    caplog.set_level(logging.ERROR, logger="microseg.api")
+    client = TestClient(TestServer(make_app(ctx)))
+    await client.start_server()
+    try:
+        async with client.ws_connect(f"{P}/flows") as ws:
+            assert (await ws.receive(timeout=5)).data == '{"hello":1}'
+            assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.CLOSE
+        deadline = time.monotonic() + 5
+        while "a bug in the feed's pump" not in caplog.text and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+    finally:
+        await client.close()
+    assert f"GET {P}/flows failed" in caplog.text and "a bug in the feed's pump" in caplog.text
+    assert ctx.flows.stats()["clients"] == 0
 
 
 # ---- serving: TCP, Unix socket, token -------------------------------------------------------

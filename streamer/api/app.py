@@ -162,6 +162,8 @@ def make_app(ctx: ApiContext) -> web.Application:
     app[CTX] = ctx
     app[METRICS] = api_metrics(ctx.registry)
     app[OPENAPI] = orjson.dumps(build_openapi(ctx.version, auth=ctx.token is not None))
+    app[policies.PENDING_WRITES] = set()
+    app.on_cleanup.append(policies.await_pending_writes)
     app[viewer.VIEWER_FILES] = {}
     r = app.router
     p = API_PREFIX

@@ -11,7 +11,9 @@ does not cancel the write.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
+from typing import Final
 
 import orjson
 from aiohttp import web
@@ -35,10 +37,12 @@ from streamer.api.params import (
     validate_rule,
     validate_set,
 )
-from streamer.policy.store import ChangeResult, PolicyStore
+from streamer.policy.store import ChangeResult, PolicyStore, StoreError
 
 __all__ = [
+    "PENDING_WRITES",
     "add_policy",
+    "await_pending_writes",
     "delete_policy",
     "get_policy",
     "list_policies",
@@ -48,15 +52,43 @@ __all__ = [
 ]
 
 
-async def _write(coro: Awaitable[ChangeResult]) -> ChangeResult:
-    """Await a store change; if the request is cancelled, the change still completes (the
-    store's lock stays held until the kernel and disk agree)."""
+log = logging.getLogger("microseg.api")
+
+# Store changes whose request was cancelled: they finish anyway (see _write).
+PENDING_WRITES: Final = web.AppKey("microseg_pending_writes", set[asyncio.Future[ChangeResult]])
+
+
+async def _write(request: web.Request, coro: Awaitable[ChangeResult]) -> ChangeResult:
+    """Await a store change; if the request is cancelled (the server closing), the change
+    still completes (the store's lock stays held until the kernel and disk agree): the app
+    keeps it, logs a failure nobody is left to answer, and awaits it as it closes (before
+    the agent closes the datapath the change writes to)."""
     task = asyncio.ensure_future(coro)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        pending = request.app[PENDING_WRITES]
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        task.add_done_callback(_log_unanswered)
         raise
+
+
+def _log_unanswered(task: asyncio.Future[ChangeResult]) -> None:
+    if task.cancelled():
+        return
+    e = task.exception()
+    if isinstance(e, StoreError):
+        log.warning("a policy change whose request was cancelled was refused: %s", e)
+    elif e is not None:
+        log.error("a policy change whose request was cancelled failed", exc_info=e)
+
+
+async def await_pending_writes(app: web.Application) -> None:
+    """At cleanup: the store changes still running for cancelled requests."""
+    pending = app[PENDING_WRITES]
+    if pending:
+        await asyncio.wait(list(pending))
 
 
 def _generation_header(result: ChangeResult) -> dict[str, str]:
@@ -89,7 +121,7 @@ async def add_policy(request: web.Request) -> web.Response:
     dry_run = dry_run_param(request)
     ctx = request.app[CTX]
     rule = validate_rule(await read_json(request, SMALL_BODY_LIMIT))
-    result = await _write(ctx.store.add(rule, request[ACTOR], dry_run))
+    result = await _write(request, ctx.store.add(rule, request[ACTOR], dry_run))
     headers = _generation_header(result)
     if dry_run:
         return json_response(result.to_api(), 200, headers)
@@ -106,7 +138,7 @@ async def replace_policies(request: web.Request) -> web.Response:
         policy = await asyncio.to_thread(validate_set, data)
     else:
         policy = validate_set(data)
-    result = await _write(ctx.store.replace(policy, request[ACTOR], dry_run))
+    result = await _write(request, ctx.store.replace(policy, request[ACTOR], dry_run))
     size = len(result.added) + len(result.removed) + len(result.changed)
     if size > 5000:
         body = await asyncio.to_thread(lambda: orjson.dumps(result.to_api()))
@@ -121,7 +153,7 @@ async def reload_policies(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     if ctx.reload is None:
         raise ApiError(404, "this agent has no policy file to reload")
-    result = await _write(ctx.reload(request[ACTOR]))
+    result = await _write(request, ctx.reload(request[ACTOR]))
     return json_response(result.to_api(), 200, _generation_header(result))
 
 
@@ -158,7 +190,7 @@ async def update_policy(request: web.Request) -> web.Response:
             )
         data = {**data, "rule_id": rule_id}
     rule = validate_rule(data)
-    result = await _write(ctx.store.update(rule, request[ACTOR], dry_run))
+    result = await _write(request, ctx.store.update(rule, request[ACTOR], dry_run))
     if dry_run:
         return json_response(result.to_api(), 200, _generation_header(result))
     return json_response(rule.to_api(), 200, _generation_header(result))
@@ -168,7 +200,7 @@ async def delete_policy(request: web.Request) -> web.Response:
     rule_id = path_rule_id(request)
     dry_run = dry_run_param(request)
     ctx = request.app[CTX]
-    result = await _write(ctx.store.delete(rule_id, request[ACTOR], dry_run))
+    result = await _write(request, ctx.store.delete(rule_id, request[ACTOR], dry_run))
     if dry_run:
         return json_response(result.to_api(), 200, _generation_header(result))
     return json_response(result.removed[0].to_api(), 200, _generation_header(result))

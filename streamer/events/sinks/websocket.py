@@ -252,7 +252,9 @@ class WebSocketHub:
 
     async def serve(self, request: web.Request, flt: FlowFilter) -> web.StreamResponse:
         """Upgrade `request` to a WebSocket and stream matching records until either side
-        closes. 400 for a plain GET; 503 when the hub is full or stopped."""
+        closes. 400 for a plain GET; 503 when the hub is full or stopped. The client's send
+        and read tasks run in a TaskGroup: an error of theirs other than the client going
+        away is raised here once the socket is closed."""
         ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=64 * 1024)
         if not ws.can_prepare(request).ok:
             raise web.HTTPBadRequest(
@@ -269,15 +271,20 @@ class WebSocketHub:
         self._clients[c.id] = c
         self.connections += 1
         log.info("flow feed client %s connected from %s %s", c.id, c.peer, flt.describe() or "")
-        c.pump = asyncio.create_task(self._pump(c, ws), name=f"ws-client-{c.id}")
-        reader = asyncio.create_task(self._read(ws), name=f"ws-reader-{c.id}")
         try:
-            await asyncio.wait({c.pump, reader}, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    c.pump = tg.create_task(self._pump(c, ws), name=f"ws-client-{c.id}")
+                    reader = tg.create_task(self._read(ws), name=f"ws-reader-{c.id}")
+                    # Either side ending (or the pump cancelled by a kick) ends the connection.
+                    await asyncio.wait({c.pump, reader}, return_when=asyncio.FIRST_COMPLETED)
+                    self._clients.pop(c.id, None)
+                    c.pump.cancel()
+                    reader.cancel()
+            except* ConnectionError:
+                pass  # the client went away while being sent to: a feed's usual end
         finally:
             self._clients.pop(c.id, None)
-            for t in (c.pump, reader):
-                t.cancel()
-            await asyncio.gather(c.pump, reader, return_exceptions=True)
             if not ws.closed:
                 try:
                     await asyncio.wait_for(
