@@ -242,15 +242,14 @@ class Agent:
             loop.add_signal_handler(sig, stop.set)
         reloads: asyncio.Queue[str] = asyncio.Queue(maxsize=1)
         loop.add_signal_handler(signal.SIGHUP, self._queue_reload, reloads)
-        try:
-            self.datapath.load()
-        except DatapathError as e:
-            log.error("%s", e)
-            return 1
         with contextlib.ExitStack() as loaded:
-            # The one place our references to the classifier are released, however run()
-            # ends from here on (pinned maps and attachments stay unless detached below).
-            loaded.callback(self.datapath.close)
+            # The one place our references to the classifier are taken and released, however
+            # run() ends (pinned maps and attachments stay unless detached below).
+            try:
+                loaded.enter_context(self.datapath)
+            except DatapathError as e:
+                log.error("%s", e)
+                return 1
             code = await self._start_enforcing()
             if code:
                 return code
