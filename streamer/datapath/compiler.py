@@ -27,12 +27,12 @@ from streamer.datapath.layout import (
     SHAPE,
 )
 from streamer.policy.model import PolicySet
-from streamer.vocabulary import Action
+from streamer.vocabulary import Action, DefaultAction
 
 PROTO_TCP = 6
 PROTO_UDP = 17
 ACTION_CODES = {Action.ALLOW: MS_ALLOW, Action.DENY: MS_DENY, Action.LOG: MS_LOG}
-DEFAULT_ACTION_CODES = {"allow": MS_ALLOW, "deny": MS_DENY}
+DEFAULT_ACTION_CODES = {DefaultAction.ALLOW: MS_ALLOW, DefaultAction.DENY: MS_DENY}
 
 _DIRS = {
     "ingress": (MS_DIR_INGRESS,),
@@ -201,7 +201,7 @@ def compile_policy(policy: PolicySet, max_shapes: int) -> CompiledPolicy:
             ft.max_scores.append(best)
             ft.entries.append({k: Entry(*v) for k, v in found.items()})
     return CompiledPolicy(
-        default_action=DEFAULT_ACTION_CODES[policy.default_action.value],
+        default_action=DEFAULT_ACTION_CODES[policy.default_action],
         v4=out[4],
         v6=out[6],
         rule_ids=[r.rule_id for r in policy.policies],

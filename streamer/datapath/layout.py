@@ -18,6 +18,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from streamer.vocabulary import Action, Direction
+
 # ---- #define MS_* (bpf/classifier.h), by their C names ------------------------------------
 
 MS_LAYOUT_VERSION: Final = 4  # in the pin directory's name: maps of another layout are fresh
@@ -146,8 +148,15 @@ COUNTER_NAMES: Final[dict[str, int]] = {
     "fragments_replaced": C_FRAG_REPLACED,
 }
 # The verdicts a flow (a session, an event, a rule) carries.
-VERDICT_NAMES: Final[dict[int, str]] = {MS_ALLOW: "allow", MS_DENY: "deny", MS_LOG: "log"}
-DIRECTION_NAMES: Final[dict[int, str]] = {MS_DIR_INGRESS: "ingress", MS_DIR_EGRESS: "egress"}
+VERDICT_NAMES: Final[dict[int, str]] = {
+    MS_ALLOW: Action.ALLOW.value,
+    MS_DENY: Action.DENY.value,
+    MS_LOG: Action.LOG.value,
+}
+DIRECTION_NAMES: Final[dict[int, str]] = {
+    MS_DIR_INGRESS: Direction.INGRESS.value,
+    MS_DIR_EGRESS: Direction.EGRESS.value,
+}
 EVENT_KIND_NAMES: Final[dict[int, str]] = {MS_EV_NEW: "new", MS_EV_UPDATE: "update"}
 TCP_STATE_NAMES: Final[dict[int, str]] = {
     MS_TCP_NONE: "NONE",

@@ -49,7 +49,7 @@ from streamer.datapath.layout import (
     MS_TO_UDP_STREAM,
 )
 from streamer.policy.model import PolicySet, Rule
-from streamer.vocabulary import Action, DefaultAction, Direction, Protocol
+from streamer.vocabulary import PACKET_DIRECTIONS, Action, DefaultAction, Direction, Protocol
 
 __all__ = [
     "ETH_P_8021AD",
@@ -114,7 +114,7 @@ ICMPV6_ND_TYPES: Final = frozenset(range(133, 138))
 ICMPV6_MLD_TYPES: Final = frozenset({130, 131, 132, 143})
 
 _PORTED_PROTOCOLS: Final = frozenset({IPPROTO_TCP, IPPROTO_UDP})
-_DIRECTIONS: Final = ("ingress", "egress")
+_DIRECTIONS: Final = PACKET_DIRECTIONS
 
 
 class Verdict(IntEnum):

@@ -23,8 +23,9 @@ from streamer.datapath.layout import (
     EVENT_ROW,
     VERDICT_NAMES,
 )
+from streamer.vocabulary import PROTOCOL_NAMES
 
-PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
+PROTOCOLS = PROTOCOL_NAMES
 TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
 # Every flag byte's text ("SYN|ACK"), made once: events are many.
 _FLAG_TEXT = tuple(

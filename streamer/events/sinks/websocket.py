@@ -24,12 +24,13 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
+from streamer import vocabulary
 from streamer.events.fanout import Channel, Item, count_events
 
 log = logging.getLogger("microseg.sink.websocket")
 
-VERDICTS = frozenset({"allow", "deny", "log"})
-PROTOCOLS = frozenset({"tcp", "udp", "icmp", "icmpv6"})
+VERDICTS = frozenset(vocabulary.VERDICTS)
+PROTOCOLS = frozenset(vocabulary.PROTOCOL_NUMBERS)
 FILTER_PARAMS = ("verdict", "ip", "port", "protocol", "rule_id")
 DEFAULT_CLIENT_QUEUE = 4096
 MAX_CLIENTS = 64
