@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import subprocess
 import sys
 import time
@@ -300,6 +301,18 @@ def test_module_entry_point(tmp_path: Path) -> None:
                                  capture_output=True, text=True, timeout=20,
                                  check=True).stdout.strip()
         assert netns_exists(host_ns)
+        # output into a pipe its reader has closed (`| head` done): exit 1 quietly, no
+        # traceback, from this entry point and from `microseg`
+        for argv in (py, [sys.executable, "-m", "streamer", "lab"]):
+            read_end, write_end = os.pipe()
+            os.close(read_end)
+            try:
+                cut = subprocess.run([*argv, "show", "--state-file", state, "--json"],
+                                     stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                     timeout=20, check=False)
+            finally:
+                os.close(write_end)
+            assert cut.returncode == 1 and "Traceback" not in cut.stderr, cut.stderr
     finally:
         subprocess.run([*py, "down", "--state-file", state], capture_output=True, timeout=20)
     assert not netns_exists(host_ns)

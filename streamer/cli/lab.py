@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from streamer.cli.output import into_pipe
 from streamer.lab.lab import DEFAULT_STATE_FILE, LAB_SLOTS, Lab
 from streamer.lab.netns import LabError
 from streamer.lab.traffic import run_traffic
@@ -241,14 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(["lab", *(sys.argv[1:] if argv is None else argv)])
     if os.geteuid() != 0:
         return _err("the lab needs root (network namespaces, raw sockets)")
-    try:
-        result: int = args.func(args)
-    except BrokenPipeError:
-        # Output piped into e.g. `head`: stop quietly, and keep the interpreter's final
-        # flush from complaining about the same closed pipe.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    return result
+    return into_pipe(lambda: int(args.func(args)))
 
 
 if __name__ == "__main__":

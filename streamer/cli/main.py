@@ -19,6 +19,7 @@ from streamer.cli import argtypes
 from streamer.cli.lab import add_lab_parser
 from streamer.cli.monitor import add_monitor_parser
 from streamer.cli.observe import add_flow_parsers
+from streamer.cli.output import into_pipe
 from streamer.cli.policy import add_policy_parser
 from streamer.cli.sessions import add_session_parser
 from streamer.cli.stats import add_stats_parser
@@ -253,8 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    rc: int = args.func(args)
-    return rc
+    return into_pipe(lambda: int(args.func(args)))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ malformed list items are skipped.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 __all__ = [
@@ -205,3 +207,13 @@ def list_of_dicts(value: Any) -> list[Mapping[str, Any]]:
 def is_diff(data: Any) -> bool:
     """Whether an answer is the diff of a policy change."""
     return isinstance(data, Mapping) and "added" in data and "removed" in data
+
+
+def into_pipe(command: Callable[[], int]) -> int:
+    """Run a command whose output may be piped into e.g. `head`: a closed pipe ends it quietly
+    with status 1, and the interpreter's final flush does not complain about it again."""
+    try:
+        return command()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
