@@ -130,7 +130,7 @@ def test_wheel_contents(wheel: Path) -> None:
 
 def test_venv_imports_its_own_streamer(venv: Path, workdir: Path) -> None:
     code = (
-        "import json, streamer, streamer.datapath.datapath as d; "
+        "import json, streamer, streamer.datapath.loader as d; "
         "print(json.dumps([streamer.__file__, str(d.BPF_DIR), "
         "(d.BPF_DIR / 'classifier.c').is_file()]))"
     )
