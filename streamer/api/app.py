@@ -1,4 +1,4 @@
-"""The admin API (SPEC §3) as one aiohttp application: the checks every request passes, and
+"""The admin API (contract §3) as one aiohttp application: the checks every request passes, and
 the route table (`make_app`) naming the module that handles each route.
 
 In: HTTP requests (streamer/api/serve.py serves them on TCP and Unix sockets). Out: JSON bodies;

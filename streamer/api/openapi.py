@@ -78,7 +78,7 @@ def _model_schemas() -> dict[str, Any]:
     )
     defs: dict[str, Any] = doc["$defs"]
     rule = defs["Rule"]
-    rule["description"] = "A policy rule (SPEC §2). Unknown fields are rejected."
+    rule["description"] = "A policy rule (docs/contract.md §2). Unknown fields are rejected."
     for name in ("src_ip", "dst_ip"):
         rule["properties"][name] = {**_IP_SCHEMA, "default": "any"}
     for name in ("src_port", "dst_port"):

@@ -55,7 +55,7 @@ __all__ = [
 
 MAX_RULE_ID: Final = 2**32 - 1
 RECENT_MAX: Final = 10_000  # the agent's cap on /flows/recent?limit=
-# The rule fields' domains (SPEC §2); `session list` filters by them too.
+# The rule fields' domains (docs/contract.md §2); `session list` filters by them too.
 
 _N = TypeVar("_N", int, float)
 
@@ -235,7 +235,7 @@ limit = bounded_int(1, None, "a limit (a whole number >= 1)", digits=True)
 
 
 def rule_port(value: str) -> int | str:
-    """An int 0..65535, or "lo-hi" (sent as the string, as SPEC §2 writes ranges)."""
+    """An int 0..65535, or "lo-hi" (sent as the string, as contract §2 writes ranges)."""
     lo, sep, hi = value.partition("-")
     parts = [lo, hi] if sep else [lo]
     if not all(p.strip().isascii() and p.strip().isdigit() and int(p) <= 65535 for p in parts):

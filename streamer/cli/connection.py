@@ -2,7 +2,7 @@
 
 In: the connection flags (`--api`, `--state-dir`, `--token`; see `add_connection_args`), the
 MICROSEG_TOKEN environment variable or `<state-dir>/api-token`, and a command's `action`. Out:
-one aiohttp session to the admin API (SPEC §3), requests sent with the bearer token and answers
+one aiohttp session to the admin API (contract §3), requests sent with the bearer token and answers
 decoded from JSON; failures become `ClientError`s (streamer/cli/errors.py) printed as one line
 on stderr with the exit status. Proxy settings in the environment are ignored.
 """

@@ -1,6 +1,6 @@
 """What the API clients print for people: aligned tables, `key  value` lines, policy diffs.
 
-In: the admin API's answers (SPEC §3): rules, diffs of a policy change, counters. Out: text
+In: the admin API's answers (contract §3): rules, diffs of a policy change, counters. Out: text
 for stdout, or with `-o json` the answer itself (indented). Nothing here talks to the agent;
 unknown fields are kept (appended to key-value lists, shown compactly as JSON in a cell),
 malformed list items are skipped.
@@ -26,7 +26,7 @@ __all__ = [
     "rules_table",
 ]
 
-# A rule's fields in SPEC §2 order: the order they are shown, compared and sent in.
+# A rule's fields in contract §2 order: the order they are shown, compared and sent in.
 RULE_FIELDS: Final = (
     "rule_id",
     "name",

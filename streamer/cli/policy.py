@@ -221,7 +221,7 @@ def cmd_policy_load(args: argparse.Namespace) -> int:
 
 
 def _rule_flags(p: argparse.ArgumentParser, with_id: bool) -> None:
-    g = p.add_argument_group("rule fields (SPEC §2)")
+    g = p.add_argument_group("rule fields (docs/contract.md §2)")
     if with_id:
         g.add_argument(
             "--rule-id", type=argtypes.rule_id, help=f"1..{argtypes.MAX_RULE_ID}, unique"

@@ -1,4 +1,4 @@
-"""The reference model of the classifier: SPEC §2 semantics in plain Python, no kernel.
+"""The reference model of the classifier: contract §2 semantics in plain Python, no kernel.
 
 The kernel classifier is tested against this packet by packet, so everything here is written
 to be obviously correct rather than fast (linear scans, no indexes).
@@ -238,7 +238,7 @@ def _port_ok(ports: tuple[int, int] | None, port: int) -> bool:
 
 
 def rule_matches(rule: Rule, pkt: Packet) -> bool:
-    """True when every field of `rule` matches `pkt` (SPEC §2)."""
+    """True when every field of `rule` matches `pkt` (docs/contract.md §2)."""
     if rule.direction is not Direction.ANY and rule.direction.value != pkt.direction:
         return False
     # icmp is only ICMP for IPv4, icmpv6 only for IPv6; "any" addresses match both families.

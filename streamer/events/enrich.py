@@ -1,4 +1,4 @@
-"""Enrich: decoded events into SPEC §4 event records.
+"""Enrich: decoded events into contract §4 event records.
 
 `render` is the hot path: a drained batch of raw rows straight into serialized records, ready
 for the fan-out. Per combination of the fields events mostly repeat (interface, rule,
@@ -299,7 +299,7 @@ class Enricher:
         return out
 
     def enrich(self, ev: FlowEvent) -> dict[str, Any]:
-        """The SPEC §4 object for one event; consumes one sequence number."""
+        """The contract §4 object for one event; consumes one sequence number."""
         self.seq += 1
         return {
             "schema": SCHEMA,

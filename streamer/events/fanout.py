@@ -81,7 +81,7 @@ def count_events(records: Sequence[Any]) -> int:
 
 
 def flow_key(obj: dict[str, Any]) -> bytes:
-    """The Kafka key of a record: `<src_ip>-><dst_ip>` (SPEC §4); a lost record is keyed
+    """The Kafka key of a record: `<src_ip>-><dst_ip>` (docs/contract.md §4); a lost record is keyed
     `lost@<host>` and an alert `alert@<host>`, so one agent's stay in order on one partition."""
     kind = obj.get("type")
     if kind == "lost":

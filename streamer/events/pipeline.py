@@ -1,7 +1,7 @@
 """The flow-event pipeline: source → decode → enrich → fan-out → sinks.
 
 In: a loaded Datapath, the agent's Enricher and a `PipelineConfig` naming the sinks. Out:
-every ring-buffer record as one SPEC §4 JSON object on each configured sink (file, Kafka,
+every ring-buffer record as one contract §4 JSON object on each configured sink (file, Kafka,
 WebSocket feed, console), and per-stage accounting (`stats()`, `register_metrics()`).
 
 Decode and enrich are cheap and run synchronously right after each drain of the ring buffer;

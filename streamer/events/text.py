@@ -1,7 +1,7 @@
 """Flow, lost and alert records as text for people: the one line the console sink
 (`--print-events`) and `flows observe -o compact` print, and the cells of its table.
 
-In: a record as a dict (SPEC §4 and docs/flow-event.schema.json). Out: text; missing fields
+In: a record as a dict (contract §4 and docs/flow-event.schema.json). Out: text; missing fields
 show as `-`, a default-action decision as `default`, a rule as `<id> <name>`.
 """
 

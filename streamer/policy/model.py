@@ -1,4 +1,4 @@
-"""The policy model (SPEC §2): rules, policy sets, validation and policy files.
+"""The policy model (docs/contract.md §2): rules, policy sets, validation and policy files.
 
 In: policy documents (dicts from JSON/YAML, API bodies) or policy files.
 Out: frozen, validated `Rule` objects with canonical field values and precomputed match data
@@ -61,7 +61,7 @@ PROTOCOL_NUMBERS: Final[dict[Protocol, int | None]] = {
     Protocol.ANY: None,
 }
 
-# Ties on priority: deny beats log beats allow (SPEC §2).
+# Ties on priority: deny beats log beats allow (docs/contract.md §2).
 _ACTION_RANK: Final[dict[Action, int]] = {Action.DENY: 2, Action.LOG: 1, Action.ALLOW: 0}
 
 # By IP version, 0 = either. ICMP is an IPv4 protocol and ICMPv6 an IPv6 one: a rule for
@@ -243,7 +243,7 @@ PortField = Annotated[int | str, PlainValidator(_validate_port)]
 
 
 class Rule(BaseModel):
-    """One policy rule (SPEC §2). Field values are canonical after validation.
+    """One policy rule (docs/contract.md §2). Field values are canonical after validation.
 
     Derived (read-only): `src_net`/`dst_net` (None = any family), `src_ports`/`dst_ports`
     (inclusive range, None = no condition), `proto_number` (None = any), `families`,
@@ -402,7 +402,7 @@ class Rule(BaseModel):
         return self._derived()[6]
 
     def to_api(self) -> dict[str, Any]:
-        """All fields, canonical, JSON-able (the RULE object of SPEC §2)."""
+        """All fields, canonical, JSON-able (the RULE object of contract §2)."""
         return {
             "rule_id": self.rule_id,
             "name": self.name,
