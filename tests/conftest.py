@@ -1,8 +1,10 @@
-"""Suite-wide rules and fixtures.
+"""Suite-wide rules and fixtures (the helpers they are built from are in tests/support/).
 
 - The suite runs as root with bpffs at /sys/fs/bpf (real kernel, real traffic). If not,
-  every test errors with the reason: nothing is skipped.
-- Skips count as failures: a skipped test (or module) is reported as failed/error.
+  every test errors with the reason: nothing is skipped. Only tests/unit/ (pure logic) runs
+  as any user: its conftest.py lifts that check there.
+- Skips count as failures: a skipped test (or module) is reported as failed/error, in
+  tests/unit/ too.
 - `lab` (per test) and `module_lab` (per module) give a fresh `streamer.lab.lab.Lab` that is
   always destroyed afterwards, also when the test fails.
 - `datapath` (per session) is one loaded classifier (unique pins, removed afterwards) for
@@ -12,21 +14,25 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
 import shutil
-import uuid
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.agentproc import AgentProcess
+from support.bpf import (
+    EventSink,
+    kernel_retval,
+    loaded_datapath,
+    remove_stale_test_pins,
+    unique_instance,
+)
 
 from bench.kafkabroker import KafkaBroker
-from streamer.datapath.bindings import test_run
 from streamer.datapath.config import DatapathConfig
-from streamer.datapath.datapath import Datapath, prog_fd
+from streamer.datapath.datapath import Datapath
 from streamer.datapath.layout import TC_ACT_OK
 from streamer.datapath.reference import Packet
 from streamer.lab.lab import Lab
@@ -103,79 +109,14 @@ def module_lab() -> Iterator[Lab]:
 # ---- the classifier through BPF_PROG_TEST_RUN --------------------------------------------
 
 
-def unique_instance(tag: str) -> str:
-    """A pin-directory name no other run or test uses."""
-    return f"test-{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-_TEST_PIN = re.compile(r"test-[a-z]+-(\d+)-[0-9a-f]{8}")
-
-
-def _remove_stale_test_pins() -> None:
-    """Pins of test runs that died before their teardown (killed, timed out): by name, only
-    ours (unique_instance), only of processes that are gone."""
-    from streamer.datapath.config import DEFAULT_PIN_ROOT
-    from streamer.datapath.loader import remove_tree
-
-    if not DEFAULT_PIN_ROOT.is_dir():
-        return
-    for d in DEFAULT_PIN_ROOT.iterdir():
-        m = _TEST_PIN.fullmatch(d.name)
-        if m and not Path(f"/proc/{m[1]}").exists():
-            with contextlib.suppress(OSError):
-                remove_tree(d)
-
-
-def kernel_retval(dp: Datapath, pkt_or_frame: Packet | bytes, direction: str | None = None) -> int:
-    """Run one packet (built with packets.frame) or raw frame through the ingress or egress
-    program: the TC action (0 pass, 2 drop). A Packet's own direction is used by default."""
-    from packets import frame  # tests/ is on sys.path only once pytest runs
-
-    if isinstance(pkt_or_frame, Packet):
-        data = frame(pkt_or_frame)
-        direction = direction or pkt_or_frame.direction
-    else:
-        data = pkt_or_frame
-    if direction not in ("ingress", "egress"):
-        raise ValueError(f"direction must be ingress or egress, not {direction!r}")
-    return test_run(prog_fd(dp, direction), data)[0]
-
-
-@contextlib.contextmanager
-def loaded_datapath(cfg: DatapathConfig) -> Iterator[Datapath]:
-    """A classifier loaded from `cfg`; closed and its pins removed on leaving, also on failure."""
-    dp = Datapath(cfg)
-    try:
-        with dp:
-            yield dp
-    finally:
-        dp.remove_pins()
-
-
 @pytest.fixture(scope="session")
 def datapath() -> Iterator[Datapath]:
     """One loaded classifier for the session; its pins are removed afterwards."""
-    _remove_stale_test_pins()
+    remove_stale_test_pins()
     with loaded_datapath(
         DatapathConfig(instance=unique_instance("dp"), session_entries=65536)
     ) as dp:
         yield dp
-
-
-class EventSink:
-    """Ring-buffer records (raw struct ms_event bytes) of one datapath, in arrival order."""
-
-    def __init__(self, dp: Datapath) -> None:
-        self.dp = dp
-        self.records: list[bytes] = []
-        dp.open_events(self.records.append)
-
-    def drain(self) -> list[bytes]:
-        """Everything that arrived since the last drain."""
-        self.dp.consume_events()
-        out = self.records[:]
-        self.records.clear()
-        return out
 
 
 @pytest.fixture(scope="session")
@@ -198,12 +139,11 @@ def verdict() -> Callable[[Datapath, Packet | bytes, str | None], bool]:
 
 
 @pytest.fixture
-def agent_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     """agent_factory(lab, policy_file, **AgentProcess kwargs) -> a new, not yet started
-    `agentproc.AgentProcess` with its own instance and an events file in tmp_path. Every agent
-    made is killed, detached and its pins removed after the test, whatever happened."""
-    from agentproc import AgentProcess  # tests/ is on sys.path only once pytest runs
-
+    `support.agentproc.AgentProcess` with its own instance and an events file in tmp_path.
+    Every agent made is killed, detached and its pins removed after the test, whatever
+    happened."""
     made: list[AgentProcess] = []
 
     def make(lab: Lab, policy_file: Path, **kwargs: Any) -> AgentProcess:
@@ -223,9 +163,10 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 
 
 @pytest.fixture(scope="session")
-def kafka_broker() -> Iterator[Any]:
+def kafka_broker() -> Iterator[KafkaBroker]:
     """One real Kafka broker (single-node KRaft, scripts/kafka.sh) on 127.0.0.1:<free port>
-    for the whole session: a started `bench.kafkabroker.KafkaBroker`; `.bootstrap` is its address.
+    for the whole session: a started `bench.kafkabroker.KafkaBroker`; `.bootstrap` is its
+    address.
 
     Share it: use `bench.kafkabroker.unique_topic()` names. A test that takes it down uses
     `with kafka_broker.outage(): ...` (or stop() and start() in a finally), so it is up again

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import AgentProcess, unique_agent_instance, write_policy
-from netutil import (
+from pyroute2 import config as pyroute2_config
+from support.agentproc import AgentProcess, unique_agent_instance, write_policy
+from support.netutil import (
     TcpConn,
     echo_server,
     netns_socket,
@@ -46,7 +47,6 @@ from netutil import (
     udp_exchange,
     wait_until,
 )
-from pyroute2 import config as pyroute2_config
 
 import streamer.agent.service as agent_service
 from streamer.agent.service import Agent, AgentConfig

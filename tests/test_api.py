@@ -29,9 +29,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import kernel_retval
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from support.bpf import kernel_retval
 
 from streamer.api.app import make_app
 from streamer.api.context import ApiContext, ApiSetupError

@@ -32,8 +32,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from agentproc import AgentProcess, free_port, write_policy
-from netutil import TcpConn, echo_server, tcp_exchange
+from support.agentproc import AgentProcess, free_port, write_policy
+from support.netutil import TcpConn, echo_server, tcp_exchange
 
 from streamer.lab.lab import Lab
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import loaded_datapath
-from packets import (
+from support.bpf import loaded_datapath
+from support.packets import (
     ETH_P_8021AD,
     ETH_P_8021Q,
     ETH_P_ARP,
@@ -85,7 +85,7 @@ from streamer.datapath.tables import RuleCounters
 from streamer.policy.model import PolicySet, parse_policy_document
 
 if TYPE_CHECKING:
-    from conftest import EventSink
+    from support.bpf import EventSink
 
     from streamer.lab.lab import Lab
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
-from packets import ETH_P_8021Q, frame, hbh_ext
+from support.packets import ETH_P_8021Q, frame, hbh_ext
 
 from streamer.datapath.bindings import test_run as bpf_test_run
 from streamer.datapath.compiler import compile_policy

@@ -24,8 +24,8 @@ from typing import Any
 
 import aiohttp
 import jsonschema
-from agentproc import AgentProcess, free_port, write_policy
-from netutil import TcpConn, echo_server, netns_socket, wait_until
+from support.agentproc import AgentProcess, free_port, write_policy
+from support.netutil import TcpConn, echo_server, netns_socket, wait_until
 
 from bench.kafkabroker import KafkaBroker, kcat_consume, unique_topic
 from streamer.lab.lab import Lab

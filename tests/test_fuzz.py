@@ -20,8 +20,8 @@ import os
 import random
 from typing import Any
 
-from diffkit import Harness
-from packets import (
+from support.diffkit import Harness
+from support.packets import (
     ETH_P_8021AD,
     ETH_P_8021Q,
     ETH_P_IP,

@@ -12,8 +12,8 @@ import struct
 from collections.abc import Callable, Iterator
 
 import pytest
-from diffkit import Harness
-from packets import (
+from support.diffkit import Harness
+from support.packets import (
     ETH_P_8021AD,
     ETH_P_8021Q,
     ETH_P_IP,

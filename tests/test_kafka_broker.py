@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from netutil import ns_run, tcp_connect
+from support.netutil import ns_run, tcp_connect
 
 from bench.kafkabroker import (
     KAFKA_SH,

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from netutil import (
+from support.netutil import (
     TcpConn,
     echo_server,
     ns_popen,

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import AgentProcess, free_port, write_policy
-from netutil import netns_socket, wait_until
+from support.agentproc import AgentProcess, free_port, write_policy
+from support.netutil import netns_socket, wait_until
 
 from streamer.lab.lab import Lab
 

@@ -22,8 +22,8 @@ from typing import Any
 import jsonschema
 import orjson
 import pytest
-from conftest import EventSink, loaded_datapath, unique_instance
-from packets import frame
+from support.bpf import EventSink, loaded_datapath, unique_instance
+from support.packets import frame
 
 from streamer.datapath.bindings import test_run as prog_test_run
 from streamer.datapath.compiler import compile_policy

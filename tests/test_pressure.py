@@ -20,8 +20,8 @@ from typing import Any
 
 import jsonschema
 import pytest
-from agentproc import AgentProcess, free_port, write_policy
-from netutil import wait_until
+from support.agentproc import AgentProcess, free_port, write_policy
+from support.netutil import wait_until
 
 from streamer.agent.pressure import AlertChange, PressureConfig, PressureWatch
 from streamer.cli.monitor import render

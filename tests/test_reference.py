@@ -8,7 +8,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 import pytest
-from packets import (
+from support.packets import (
     ETH_P_8021AD,
     ETH_P_8021Q,
     ETH_P_ARP,
@@ -807,7 +807,7 @@ def test_frame_refuses_what_it_cannot_build() -> None:
 
 
 def test_checksums() -> None:
-    from packets import checksum
+    from support.packets import checksum
 
     segment = tcp(1, 2, "PA", b"hello", src=A4, dst=B4)
     pseudo = IPv4Address(A4).packed + IPv4Address(B4).packed + bytes([0, 6, 0, len(segment)])
@@ -867,7 +867,7 @@ def test_timeouts() -> None:
 
 
 def test_stateful_reference_fragments_and_related() -> None:
-    from packets import fragments4
+    from support.packets import fragments4
 
     from streamer.datapath.reference import StatefulReference, dissect
 

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import loaded_datapath, unique_instance
-from diffkit import Harness
-from netutil import echo_server, link_mac, receive_all, send_frames, wait_until
-from packets import (
+from support.bpf import loaded_datapath, unique_instance
+from support.diffkit import Harness
+from support.netutil import echo_server, link_mac, receive_all, send_frames, wait_until
+from support.packets import (
     ETH_P_IP,
     ETH_P_IPV6,
     eth,

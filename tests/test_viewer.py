@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import AgentProcess, free_port, write_policy
-from netutil import netns_socket, wait_until
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select
+from support.agentproc import AgentProcess, free_port, write_policy
+from support.netutil import netns_socket, wait_until
 
 from streamer.lab.lab import Lab
 

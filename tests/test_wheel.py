@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import AgentProcess, free_port, write_policy
-from netutil import echo_server, tcp_connect, wait_until
+from support.agentproc import AgentProcess, free_port, write_policy
+from support.netutil import echo_server, tcp_connect, wait_until
 
 from streamer.lab.lab import Lab
 

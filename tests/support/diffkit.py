@@ -7,7 +7,7 @@ frames through BPF_PROG_TEST_RUN and `StatefulReference.process_frame` side by s
 frame's pass/drop must agree at once; the kernel's counters (what each packet became, and the
 state counters: sessions, TCP transitions, fragments, related ICMP) are compared with the
 model's in `check_counters`, per packet or per batch.
-Import as `from diffkit import Harness` (tests/ is on sys.path under pytest).
+Import as `from support.diffkit import Harness` (tests/ is on sys.path under pytest).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ to the frame length, or exactly `pkt.length` when that is non-zero: the frame is
 Checksums: the IPv4 header checksum is always right; TCP/UDP/ICMPv6 checksums are right when
 `src` and `dst` are given (they need the pseudo-header), else 0. The ICMP checksum is always
 right. The classifier checks none of them.
-Import as `from packets import ...` (tests/ is on sys.path under pytest).
+Import as `from support.packets import ...` (tests/ is on sys.path under pytest).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Helpers for real-traffic tests: commands, echo servers and probes inside a netns.
 
-Import as `from netutil import ...` (tests/ is on sys.path under pytest). Every probe
+Import as `from support.netutil import ...` (tests/ is on sys.path under pytest). Every probe
 is bounded by its `timeout` (default 1 s) and returns a bool instead of raising, so a
 test reads `assert tcp_connect(...)` / `assert not tcp_connect(...)`.
 

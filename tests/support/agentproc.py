@@ -1,7 +1,7 @@
 """`microseg run` as a real subprocess, for tests that drive the agent from outside.
 
-Import as `from agentproc import AgentProcess, write_policy` (tests/ is on sys.path under
-pytest). An AgentProcess is bound to one lab, one pin instance and one events file; it can be
+Import as `from support.agentproc import AgentProcess, write_policy` (tests/ is on sys.path
+under pytest). An AgentProcess is bound to one lab, one pin instance and one events file; it can be
 started again after a stop or `kill9()` (same instance: the restart adopts the pinned state).
 `cleanup()` (also the context manager's exit) always leaves nothing behind: the process is
 killed, our filters are detached and the instance's pin and run directories are removed.
@@ -32,6 +32,7 @@ from typing import IO, Any
 from streamer.datapath.attach import detach
 from streamer.datapath.config import DEFAULT_PIN_ROOT, DEFAULT_RUN_DIR
 from streamer.lab.lab import Lab
+from support import REPO
 
 _counter = itertools.count(1)
 
@@ -152,7 +153,7 @@ class AgentProcess:
         self.state_dir = state_dir or events_file.parent / f"state-{self.instance}"
         self.api = api
         self.command = list(command)
-        self.cwd = cwd or Path(__file__).resolve().parent.parent
+        self.cwd = cwd or REPO
         self.env = dict(env) if env is not None else None
         self.proc: subprocess.Popen[bytes] | None = None
         self._err: _LineReader | None = None
@@ -409,3 +410,4 @@ class AgentProcess:
         tb: TracebackType | None,
     ) -> None:
         self.cleanup()
+

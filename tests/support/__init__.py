@@ -1,0 +1,16 @@
+"""Helpers the test files share (tests/ is on sys.path under pytest, so this package imports
+as `support`): nothing here is a test, and nothing here needs root until it is called.
+
+- `netutil`: commands, echo servers and probes inside a network namespace.
+- `packets`: a frame builder (no scapy).
+- `bpf`: a classifier loaded for BPF_PROG_TEST_RUN, its ring-buffer records, its verdicts.
+- `diffkit`: the kernel classifier against the stateful reference model, frame by frame.
+- `agentproc`: `microseg run` as a real subprocess, and policy files for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+"""The repository's top directory (scripts/, bpf/, docs/, streamer/)."""
