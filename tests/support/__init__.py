@@ -3,6 +3,7 @@ as `support`): nothing here is a test, and nothing here needs root until it is c
 
 - `netutil`: commands, echo servers and probes inside a network namespace.
 - `packets`: a frame builder (no scapy).
+- `refmodel`: rules, policies and packets for the tests of the reference model.
 - `bpf`: a classifier loaded for BPF_PROG_TEST_RUN, its ring-buffer records, its verdicts.
 - `diffkit`: the kernel classifier against the stateful reference model, frame by frame.
 - `agentproc`: `microseg run` as a real subprocess, and policy files for it.
