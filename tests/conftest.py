@@ -9,19 +9,29 @@
   always destroyed afterwards, also when the test fails.
 - `datapath` (per session) is one loaded classifier (unique pins, removed afterwards) for
   BPF_PROG_TEST_RUN; a test applies its own policy and clears sessions. `datapath_events`
-  collects its ring-buffer records; `verdict` runs one packet or frame through it.
+  collects its ring-buffer records; `verdict` runs one packet or frame through it; `dp` is
+  `datapath` with its sessions cleared.
+- `make_api` (per test) serves the admin API in-process over `dp` and a fresh PolicyStore
+  (support/apiapp.py); `api` is one such app with the default token.
+- `agent_factory` (per test) makes `microseg run` subprocesses; `kafka_broker` (per session)
+  is one real Kafka broker.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Generator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
 from support.agentproc import AgentProcess
+from support.apiapp import TOKEN, Api, Factory, make_store
 from support.bpf import (
     EventSink,
     kernel_retval,
@@ -31,6 +41,8 @@ from support.bpf import (
 )
 
 from bench.kafkabroker import KafkaBroker
+from streamer.api.app import make_app
+from streamer.api.context import ApiContext
 from streamer.datapath.config import DatapathConfig
 from streamer.datapath.datapath import Datapath
 from streamer.datapath.layout import TC_ACT_OK
@@ -133,6 +145,56 @@ def verdict() -> Callable[[Datapath, Packet | bytes, str | None], bool]:
         return kernel_retval(dp, pkt_or_frame, direction) == TC_ACT_OK
 
     return run
+
+
+@pytest.fixture
+def dp(datapath: Datapath) -> Datapath:
+    """The session's classifier with no sessions left by earlier tests."""
+    datapath.clear_sessions()
+    return datapath
+
+
+# ---- the admin API in-process, over the session's classifier -----------------------------
+
+
+@pytest.fixture
+async def make_api(dp: Datapath, tmp_path: Path) -> AsyncIterator[Factory]:
+    """make_api(token=TOKEN, bind_hosts=(), datapath=dp, fail=None) -> a served Api."""
+    clients: list[TestClient[web.Request, web.Application]] = []
+
+    async def make(
+        token: str | None = TOKEN,
+        bind_hosts: tuple[str, ...] = (),
+        datapath: Any = None,
+        fail: list[bool] | None = None,
+    ) -> Api:
+        state_dir = tmp_path / f"state-{len(clients)}"
+        store = make_store(dp, state_dir, fail)
+        ctx = ApiContext(
+            store=store,
+            datapath=datapath if datapath is not None else dp,
+            interfaces=["veth-test"],
+            version="9.9.9",
+            started_monotonic=time.monotonic(),
+            token=token,
+            bind_hosts=set(bind_hosts),
+            registry=CollectorRegistry(),
+        )
+        client = TestClient(TestServer(make_app(ctx)))
+        await client.start_server()
+        clients.append(client)
+        return Api(client, ctx, store, dp, state_dir)
+
+    try:
+        yield make
+    finally:
+        for c in clients:
+            await c.close()
+
+
+@pytest.fixture
+async def api(make_api: Factory) -> Api:
+    return await make_api()
 
 
 # ---- the agent as a real process ----------------------------------------------------------

@@ -9,6 +9,7 @@ as `support`): nothing here is a test, and nothing here needs root until it is c
 - `diffkit`: the kernel classifier against the stateful reference model, frame by frame.
 - `agentproc`: `microseg run` as a real subprocess, and policy files for it.
 - `stubapi`: a stub admin API for the client tests (no agent, no root).
+- `apiapp`: the admin API served in-process over the session's classifier.
 """
 
 from __future__ import annotations
