@@ -6,6 +6,7 @@ as `support`): nothing here is a test, and nothing here needs root until it is c
 - `refmodel`: rules, policies and packets for the tests of the reference model.
 - `bpf`: a classifier loaded for BPF_PROG_TEST_RUN, its ring-buffer records, its verdicts.
 - `events`: the flow-event schema check and records for the pipeline tests.
+- `classifier`: rule documents, packets and counters for the classifier tests.
 - `diffkit`: the kernel classifier against the stateful reference model, frame by frame.
 - `agentproc`: `microseg run` as a real subprocess, and policy files for it.
 - `stubapi`: a stub admin API for the client tests (no agent, no root).
