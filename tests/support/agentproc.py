@@ -65,6 +65,17 @@ def write_policy(path: Path, rules: Sequence[dict[str, Any]], default: str = "de
     return path
 
 
+def rule(rule_id: int, protocol: str, action: str, **fields: Any) -> dict[str, Any]:
+    """A rule document for `write_policy` (or the API), named `r<rule_id>`."""
+    return {
+        "rule_id": rule_id,
+        "name": f"r{rule_id}",
+        "protocol": protocol,
+        "action": action,
+        **fields,
+    }
+
+
 class AgentError(AssertionError):
     """The agent did not do what a test waited for; the message carries its log."""
 

@@ -8,6 +8,10 @@ Sockets are created inside the target namespace by switching only the calling th
 there for the instant of `socket()` (see `streamer.lab.netns.netns_socket`), so probes cost
 microseconds, not a process spawn. Servers run as a thread of the test process; they
 are ready when the constructor returns and must be stopped (they are context managers).
+
+From the lab's peer to its host: `host`/`peer` are a lab end's address in a family (FAMILIES),
+`tcp_attempt`, `syn` and `udp_to` the probes the agent tests send, `reach`/`expect_ports`
+the ports that pass in both families; a probe that must fail waits NEG_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import secrets
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 
 from streamer.lab.lab import Lab
@@ -25,23 +30,33 @@ from streamer.lab.netns import LabError, netns_socket
 from streamer.lab.probes import EchoServer, ping, tcp_exchange, udp_exchange
 
 __all__ = [
+    "FAMILIES",
+    "NEG_TIMEOUT",
+    "POS_TIMEOUT",
     "EchoServer",
     "Lab",
     "LabError",
     "TcpConn",
     "echo_server",
+    "expect_ports",
+    "host",
     "link_mac",
     "netns_socket",
     "ns_popen",
     "ns_run",
+    "peer",
     "ping",
+    "reach",
     "receive_all",
     "send_frames",
+    "syn",
+    "tcp_attempt",
     "tcp_connect",
     "tcp_echo_server",
     "tcp_exchange",
     "udp_echo_server",
     "udp_exchange",
+    "udp_to",
     "wait_until",
 ]
 
@@ -108,6 +123,86 @@ def tcp_connect(ns: str | None, addr: str, port: int, timeout: float = 1.0) -> b
             return True
     except OSError:
         return False
+
+
+# ---- from the lab's peer to its host ---------------------------------------------------------
+
+FAMILIES = ("v4", "v6")
+NEG_TIMEOUT = 0.6  # how long a blocked probe waits: replies on a veth take microseconds
+POS_TIMEOUT = 2.0  # how long a probe that must pass may take
+
+
+def host(lab: Lab, fam: str) -> str:
+    """The lab host end's address in family `fam` ("v4" or "v6")."""
+    return lab.host_v4 if fam == "v4" else lab.host_v6
+
+
+def peer(lab: Lab, fam: str) -> str:
+    """The lab peer end's address in family `fam` ("v4" or "v6")."""
+    return lab.peer_v4 if fam == "v4" else lab.peer_v6
+
+
+def tcp_attempt(ns: str, dst: str, port: int, timeout: float) -> tuple[bool, int]:
+    """Connect from `ns` to dst:port and exchange one line: (it worked, our source port)."""
+    v6 = ":" in dst
+    with netns_socket(ns, socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("::", 0) if v6 else ("0.0.0.0", 0))
+        sport: int = s.getsockname()[1]
+        s.settimeout(timeout)
+        try:
+            s.connect((dst, port, 0, 0) if v6 else (dst, port))
+            s.sendall(b"hello\n")
+            return s.recv(64) == b"hello\n", sport
+        except OSError:
+            return False, sport
+
+
+def syn(lab: Lab, fam: str, port: int) -> int:
+    """One TCP connection attempt from the peer to the host's `port`; our source port. The
+    socket is closed at once (the SYN is out; a denied one gets no answer anyway)."""
+    af = socket.AF_INET if fam == "v4" else socket.AF_INET6
+    with netns_socket(lab.peer_ns, af, socket.SOCK_STREAM) as s:
+        s.setblocking(False)
+        s.bind(("0.0.0.0", 0) if fam == "v4" else ("::", 0))
+        sport: int = s.getsockname()[1]
+        s.connect_ex((host(lab, fam), port))
+        time.sleep(0.02)
+        return sport
+
+
+def udp_to(lab: Lab, fam: str, ports: Iterable[int], pace: int = 0) -> None:
+    """One datagram from the peer to each of the host's `ports` (each a new flow); `pace`:
+    sleep 0.1 s after every `pace` datagrams."""
+    af = socket.AF_INET if fam == "v4" else socket.AF_INET6
+    with netns_socket(lab.peer_ns, af, socket.SOCK_DGRAM) as s:
+        for i, port in enumerate(ports):
+            s.sendto(b"x", (host(lab, fam), port))
+            if pace and i % pace == pace - 1:
+                time.sleep(0.1)
+
+
+def reach(
+    lab: Lab, ports: Iterable[int], timeout: float = NEG_TIMEOUT
+) -> dict[tuple[str, int], bool]:
+    """Connect + echo from the peer to the host on each port, both families, concurrently."""
+    todo = [(fam, port) for port in ports for fam in FAMILIES]
+    with ThreadPoolExecutor(max_workers=max(1, len(todo))) as ex:
+        got = ex.map(lambda fp: tcp_exchange(lab.peer_ns, host(lab, fp[0]), fp[1], timeout), todo)
+        return dict(zip(todo, got, strict=True))
+
+
+def expect_ports(lab: Lab, want: Mapping[int, bool], what: str) -> None:
+    """Every port in `want` passes (True) or is blocked (False), in both families."""
+    got = reach(lab, want)
+    wrong = [
+        f"  {fam} port {port}: expected {'pass' if want[port] else 'blocked'}"
+        for (fam, port), ok in got.items()
+        if ok != want[port]
+    ]
+    assert not wrong, f"{what}: traffic not as the policy says:\n" + "\n".join(wrong)
+
+
+# ---- a live connection, waiting, raw frames --------------------------------------------------
 
 
 class TcpConn:
