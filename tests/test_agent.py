@@ -21,7 +21,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,13 +34,23 @@ from typing import Any
 
 import pytest
 from pyroute2 import config as pyroute2_config
-from support.agentproc import AgentProcess, unique_agent_instance, write_policy
+from support.agentproc import (
+    AgentFactory,
+    AgentProcess,
+    rule,
+    unique_agent_instance,
+    write_policy,
+)
 from support.netutil import (
+    FAMILIES,
+    NEG_TIMEOUT,
     TcpConn,
     echo_server,
-    netns_socket,
+    host,
     ns_run,
+    peer,
     ping,
+    tcp_attempt,
     tcp_exchange,
     udp_echo_server,
     udp_exchange,
@@ -54,30 +63,6 @@ from streamer.datapath.attach import detach, tcx_programs
 from streamer.datapath.config import DatapathConfig
 from streamer.events.pipeline import Pipeline
 from streamer.lab.lab import Lab
-
-AgentFactory = Callable[..., AgentProcess]
-
-FAMILIES = ("v4", "v6")
-NEG_TIMEOUT = 0.6  # how long a blocked probe waits: replies on a veth take microseconds
-
-
-def host(lab: Lab, fam: str) -> str:
-    return lab.host_v4 if fam == "v4" else lab.host_v6
-
-
-def peer(lab: Lab, fam: str) -> str:
-    return lab.peer_v4 if fam == "v4" else lab.peer_v6
-
-
-def rule(rule_id: int, protocol: str, action: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "rule_id": rule_id,
-        "name": f"r{rule_id}",
-        "protocol": protocol,
-        "action": action,
-        **fields,
-    }
-
 
 # ---- probes -------------------------------------------------------------------------------
 
@@ -121,21 +106,6 @@ def expect(table: dict[Probe, bool], timeout: float = NEG_TIMEOUT) -> None:
         if got[p] != want
     ]
     assert not wrong, "traffic not as the policy says:\n" + "\n".join(wrong)
-
-
-def tcp_attempt(ns: str, dst: str, port: int, timeout: float) -> tuple[bool, int]:
-    """Connect from `ns` to dst:port and exchange one line: (it worked, our source port)."""
-    v6 = ":" in dst
-    with netns_socket(ns, socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("::", 0) if v6 else ("0.0.0.0", 0))
-        sport: int = s.getsockname()[1]
-        s.settimeout(timeout)
-        try:
-            s.connect((dst, port, 0, 0) if v6 else (dst, port))
-            s.sendall(b"hello\n")
-            return s.recv(64) == b"hello\n", sport
-        except OSError:
-            return False, sport
 
 
 def tc_filters(lab: Lab, hook: str) -> str:

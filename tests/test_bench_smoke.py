@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from support import REPO
+
 PIN_ROOT = Path("/sys/fs/bpf/microseg")
 
 
@@ -118,7 +119,7 @@ def test_quick_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     kafka_before = _kafka_dirs()
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
-        cwd=ROOT,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=420,
@@ -169,7 +170,7 @@ def test_quick_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--only", "api", "--api-requests", "5",
          "--api-rules", "200", "--out", str(again)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
+        cwd=REPO, capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Floor:" not in proc.stdout and "kept the datapath results" in proc.stdout
@@ -186,7 +187,7 @@ def test_quick_run_prints_table_and_writes_json(tmp_path: Path) -> None:
 def test_bad_option_is_a_clean_usage_error(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--runs", "0", "--out", str(tmp_path / "x.json")],
-        cwd=ROOT,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
@@ -201,7 +202,7 @@ def test_bad_option_is_a_clean_usage_error(tmp_path: Path) -> None:
 def test_bad_only_is_a_clean_usage_error(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--only", "kafka", "--out", str(tmp_path / "x.json")],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 2
     assert "--only" in proc.stderr and "invalid choice" in proc.stderr

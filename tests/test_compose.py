@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from support import REPO
 
 
 def compose_config(env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -24,7 +23,7 @@ def compose_config(env: dict[str, str] | None = None) -> dict[str, Any]:
     assert exe, "docker-compose is missing (scripts/setup.sh installs Debian's)"
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("MICROSEG_", "COMPOSE_"))}
     out = subprocess.run(
-        [exe, "-f", "docker-compose.yml", "config"], cwd=ROOT, env={**environ, **(env or {})},
+        [exe, "-f", "docker-compose.yml", "config"], cwd=REPO, env={**environ, **(env or {})},
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert out.returncode == 0, out.stderr
@@ -56,7 +55,7 @@ def test_compose_file_validates_and_runs_kafka_and_the_agent() -> None:
     assert "healthcheck" in kafka
 
     agent = services["agent"]
-    assert Path(agent["build"]["context"]).resolve() == ROOT
+    assert Path(agent["build"]["context"]).resolve() == REPO
     assert agent["privileged"] is True and agent["network_mode"] == "host"
     vols = volume_targets(agent)
     assert vols["/sys/fs/bpf"] == ("/sys/fs/bpf", False)
@@ -75,7 +74,7 @@ def test_compose_takes_the_interface_from_the_environment() -> None:
 
 
 def test_the_image_is_built_by_the_setup_script_make_setup_runs() -> None:
-    dockerfile = (ROOT / "Dockerfile").read_text()
+    dockerfile = (REPO / "Dockerfile").read_text()
     instructions = [ln.strip() for ln in dockerfile.splitlines()
                     if ln.strip() and not ln.lstrip().startswith("#")]
     assert instructions[0] == "FROM debian:12"
@@ -84,12 +83,12 @@ def test_the_image_is_built_by_the_setup_script_make_setup_runs() -> None:
     copy = next(i for i, ln in enumerate(instructions) if ln.startswith("COPY "))
     assert instructions[copy] == "COPY . ." and copy < instructions.index(runs[0])
     # `make setup` (and so `make test`, which CI runs) runs that same script.
-    makefile = (ROOT / "Makefile").read_text()
+    makefile = (REPO / "Makefile").read_text()
     recipe = re.search(r"^setup:.*\n((?:\t.*\n)+)", makefile, re.M)
     assert recipe and "scripts/setup.sh" in recipe[1], recipe
     assert re.search(r"^test:.*\bsetup\b", makefile, re.M)
     # What setup.sh leaves out of an image is only what the image does not need.
-    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    setup = (REPO / "scripts" / "setup.sh").read_text()
     assert "SETUP_IMAGE" in setup and "ENV SETUP_IMAGE=1" in dockerfile
-    ignored = (ROOT / ".dockerignore").read_text().split()
+    ignored = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored

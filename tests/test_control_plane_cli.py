@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from support import REPO
-from support.agentapi import P1, P2, P3, AgentFactory, assert_error, ids_of, start_agent
-from support.agentproc import AgentProcess, free_port, rule, write_policy
+from support.agentapi import P1, P2, P3, assert_error, ids_of, start_agent
+from support.agentproc import AgentFactory, AgentProcess, free_port, rule, write_policy
 from support.netutil import POS_TIMEOUT, TcpConn, echo_server, expect_ports
 
 from streamer.lab.lab import Lab

@@ -21,13 +21,12 @@ from support.agentapi import (
     P2,
     P3,
     PREFIX,
-    AgentFactory,
     assert_error,
     by_id,
     ids_of,
     start_agent,
 )
-from support.agentproc import rule
+from support.agentproc import AgentFactory, rule
 from support.netutil import (
     FAMILIES,
     NEG_TIMEOUT,

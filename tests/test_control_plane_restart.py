@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from support.agentapi import P1, P2, P3, AgentFactory, Api, Reply, ids_of, start_agent
-from support.agentproc import rule, write_policy
+from support.agentapi import P1, P2, P3, Api, Reply, ids_of, start_agent
+from support.agentproc import AgentFactory, rule, write_policy
 from support.netutil import echo_server, expect_ports
 
 from streamer.lab.lab import Lab

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.agentapi import P1, P2, PREFIX, AgentFactory, Api, assert_error, ids_of, start_agent
-from support.agentproc import rule
+from support.agentapi import P1, P2, PREFIX, Api, assert_error, ids_of, start_agent
+from support.agentproc import AgentFactory, rule
 from support.netutil import POS_TIMEOUT, TcpConn, echo_server, expect_ports, reach
 
 from streamer.lab.lab import Lab

@@ -23,52 +23,22 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import jsonschema
-from support.agentproc import AgentProcess, free_port, write_policy
-from support.netutil import TcpConn, echo_server, netns_socket, wait_until
+from support.agentapi import api_stats
+from support.agentproc import AgentFactory, AgentProcess, free_port, rule, write_policy
+from support.events import valid
+from support.netutil import (
+    FAMILIES,
+    TcpConn,
+    echo_server,
+    host,
+    netns_socket,
+    peer,
+    tcp_attempt,
+    wait_until,
+)
 
 from bench.kafkabroker import KafkaBroker, kcat_consume, unique_topic
 from streamer.lab.lab import Lab
-
-AgentFactory = Callable[..., AgentProcess]
-ROOT = Path(__file__).resolve().parents[1]
-VALIDATOR = jsonschema.Draft202012Validator(
-    json.loads((ROOT / "docs" / "flow-event.schema.json").read_text())
-)
-FAMILIES = ("v4", "v6")
-
-
-def valid(obj: dict[str, Any]) -> None:
-    errors = sorted(VALIDATOR.iter_errors(obj), key=str)
-    assert not errors, f"{obj} is not valid against the schema: {errors[0]}"
-
-
-def host(lab: Lab, fam: str) -> str:
-    return lab.host_v4 if fam == "v4" else lab.host_v6
-
-
-def peer(lab: Lab, fam: str) -> str:
-    return lab.peer_v4 if fam == "v4" else lab.peer_v6
-
-
-def rule(rule_id: int, protocol: str, action: str, **fields: Any) -> dict[str, Any]:
-    return {"rule_id": rule_id, "name": f"r{rule_id}", "protocol": protocol, "action": action,
-            **fields}
-
-
-def tcp_attempt(ns: str, dst: str, port: int, timeout: float) -> tuple[bool, int]:
-    """Connect from `ns` to dst:port and exchange a line: (it worked, our source port)."""
-    v6 = ":" in dst
-    with netns_socket(ns, socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("::", 0) if v6 else ("0.0.0.0", 0))
-        sport: int = s.getsockname()[1]
-        s.settimeout(timeout)
-        try:
-            s.connect((dst, port, 0, 0) if v6 else (dst, port))
-            s.sendall(b"hello\n")
-            return s.recv(64) == b"hello\n", sport
-        except OSError:
-            return False, sport
 
 
 def start_agent(agent_factory: AgentFactory, lab: Lab, tmp_path: Path,
@@ -87,15 +57,6 @@ def start_agent(agent_factory: AgentFactory, lab: Lab, tmp_path: Path,
 
 def auth(agent: AgentProcess) -> dict[str, str]:
     return {"Authorization": f"Bearer {agent.token()}"}
-
-
-def api_stats(agent: AgentProcess) -> dict[str, Any]:
-    import urllib.request
-
-    req = urllib.request.Request(f"{agent.api_url}/api/v1/stats", headers=auth(agent))
-    with urllib.request.urlopen(req, timeout=10) as r:
-        out: dict[str, Any] = json.load(r)
-        return out
 
 
 def kafka_values(broker: KafkaBroker, topic: str) -> list[tuple[str | None, dict[str, Any]]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,16 +15,15 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from support.agentproc import AgentProcess, free_port, write_policy
-from support.netutil import netns_socket, wait_until
+from support import REPO
+from support.agentproc import AgentProcess, flows, free_port, write_policy
+from support.netutil import syn, udp_to, wait_until
 
 from streamer.lab.lab import Lab
 
-ROOT = Path(__file__).resolve().parents[1]
 RULES = [
     {"rule_id": 1002, "name": "no-ssh", "dst_port": 22, "protocol": "tcp", "action": "deny",
      "priority": 200},
@@ -45,31 +43,9 @@ def agent(module_lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         for fam in ("v4", "v6"):
             syn(module_lab, fam, 22)
             syn(module_lab, fam, 5432)
-            udp(module_lab, fam, 7001)
+            udp_to(module_lab, fam, [7001])
         assert wait_until(lambda: len(flows(a)) >= 6, 10)
         yield a
-
-
-def host(lab: Lab, fam: str) -> str:
-    return lab.host_v4 if fam == "v4" else lab.host_v6
-
-
-def syn(lab: Lab, fam: str, port: int) -> None:
-    af = socket.AF_INET if fam == "v4" else socket.AF_INET6
-    with netns_socket(lab.peer_ns, af, socket.SOCK_STREAM) as s:
-        s.setblocking(False)
-        s.connect_ex((host(lab, fam), port))
-        time.sleep(0.02)
-
-
-def udp(lab: Lab, fam: str, port: int) -> None:
-    af = socket.AF_INET if fam == "v4" else socket.AF_INET6
-    with netns_socket(lab.peer_ns, af, socket.SOCK_DGRAM) as s:
-        s.sendto(b"x", (host(lab, fam), port))
-
-
-def flows(agent: AgentProcess) -> list[dict[str, Any]]:
-    return [e for e in agent.events() if e.get("type") == "flow"]
 
 
 def microseg(agent: AgentProcess, *args: str) -> subprocess.CompletedProcess[str]:
@@ -77,7 +53,7 @@ def microseg(agent: AgentProcess, *args: str) -> subprocess.CompletedProcess[str
     return subprocess.run(
         [sys.executable, "-m", "streamer", *args, "--api", agent.api or "",
          "--state-dir", str(agent.state_dir)],
-        capture_output=True, text=True, timeout=30, check=False, env=env, cwd=ROOT,
+        capture_output=True, text=True, timeout=30, check=False, env=env, cwd=REPO,
         stdin=subprocess.DEVNULL,
     )
 
@@ -167,7 +143,7 @@ def test_follow_prints_live_events_after_the_recent_ones_without_duplicates(
         [sys.executable, "-m", "streamer", "flows", "observe", "--follow", "--last", "3",
          "-o", "json", "--verdict", "deny", "--api", agent.api or "",
          "--state-dir", str(agent.state_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
         stdin=subprocess.DEVNULL,
     )
     lines: list[str] = []
@@ -180,14 +156,14 @@ def test_follow_prints_live_events_after_the_recent_ones_without_duplicates(
         assert wait_until(lambda: len(lines) >= 3, 10), lines
         before = len(flows(agent))
         for port in range(9100, 9105):
-            udp(module_lab, "v4", port)
+            udp_to(module_lab, "v4", [port])
         syn(module_lab, "v6", 5432)  # logged: filtered out
         assert wait_until(lambda: len(flows(agent)) >= before + 6, 10)
         assert wait_until(lambda: len(lines) >= 8, 5), lines
         time.sleep(0.5)
         # Still following after the client's request timeout (10 s) would have passed.
         time.sleep(10.5)
-        udp(module_lab, "v4", 9105)
+        udp_to(module_lab, "v4", [9105])
         assert wait_until(lambda: len(lines) >= 9, 5), lines
     finally:
         proc.send_signal(signal.SIGINT)
@@ -213,12 +189,12 @@ def test_bad_arguments_and_a_missing_agent(agent: AgentProcess) -> None:
         assert out.returncode == 2 and bad[0] in out.stderr and "Traceback" not in out.stderr
     out = subprocess.run(
         [sys.executable, "-m", "streamer", "flows", "observe", "--api", f"127.0.0.1:{free_port()}",
-         "--token", "x"], capture_output=True, text=True, timeout=30, check=False, cwd=ROOT)
+         "--token", "x"], capture_output=True, text=True, timeout=30, check=False, cwd=REPO)
     assert out.returncode == 1 and "not reachable" in out.stderr and "Traceback" not in out.stderr
     out = subprocess.run(
         [sys.executable, "-m", "streamer", "flows", "observe", "--follow", "--api",
          agent.api or "", "--token", "wrong"],
-        capture_output=True, text=True, timeout=30, check=False, cwd=ROOT)
+        capture_output=True, text=True, timeout=30, check=False, cwd=REPO)
     assert out.returncode == 1 and "token" in out.stderr and "Traceback" not in out.stderr
 
 

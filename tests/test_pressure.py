@@ -12,7 +12,6 @@ import json
 import socket
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,14 +19,13 @@ from typing import Any
 
 import jsonschema
 import pytest
+from support.agentapi import api_metrics, api_stats
 from support.agentproc import AgentProcess, free_port, write_policy
+from support.events import SCHEMA
 from support.netutil import wait_until
 
 from streamer.lab.lab import Lab
 from streamer.lab.netns import netns_socket
-
-ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = json.loads((ROOT / "docs" / "flow-event.schema.json").read_text())
 
 
 @pytest.mark.parametrize(
@@ -53,16 +51,6 @@ def test_bad_pressure_and_timeout_flags_are_refused(flags: list[str], message: s
 
 
 # ---- a real agent -------------------------------------------------------------------------
-
-
-def _get(agent: AgentProcess, path: str) -> bytes:
-    req = urllib.request.Request(agent.api_url + path)
-    token = agent.token()
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        data: bytes = resp.read()
-        return data
 
 
 def _syn_flood(lab: Lab, port: int, n: int) -> Iterator[socket.socket]:
@@ -114,12 +102,12 @@ def test_a_syn_flood_from_the_peer_raises_alerts_everywhere(
         assert fill["state"] == "firing" and fill["value"] >= 0.8
         for e in got.values():
             jsonschema.validate(e, SCHEMA)
-        stats = json.loads(_get(agent, "/api/v1/stats"))
+        stats = api_stats(agent)
         assert stats["half_open_sessions"] >= 100
         assert {a["alert"] for a in stats["pressure"]["alerts"]} >= {"syn_flood", "map_fill"}
         assert stats["pressure"]["fill"]["sessions"]["ratio"] >= 0.8
         assert stats["drops"]["policy"] >= 450
-        metrics = _get(agent, "/metrics").decode()
+        metrics = api_metrics(agent)
         assert 'microseg_alert_active{alert="syn_flood",severity="critical",subject="tcp"} 1.0' \
             in metrics
         assert 'microseg_alerts_total{alert="syn_flood"} 1.0' in metrics
@@ -148,6 +136,6 @@ def test_a_syn_flood_from_the_peer_raises_alerts_everywhere(
 
     assert wait_until(lambda: resolved() >= {("syn_flood", "tcp"), ("map_fill", "sessions")},
                       timeout=30), agent.log
-    stats = json.loads(_get(agent, "/api/v1/stats"))
+    stats = api_stats(agent)
     assert stats["half_open_sessions"] == 0 and stats["pressure"]["alerts"] == []
     assert stats["expired_sessions"] >= 450

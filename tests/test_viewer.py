@@ -19,15 +19,11 @@ MICROSEG_DOCS_SCREENSHOT=1).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,14 +34,14 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select
-from support.agentproc import AgentProcess, free_port, write_policy
-from support.netutil import netns_socket, wait_until
+from support import REPO
+from support.agentapi import api_of, api_stats, request
+from support.agentproc import AgentFactory, AgentProcess, flows, free_port, write_policy
+from support.netutil import host, syn, udp_to, wait_until
 
 from streamer.lab.lab import Lab
 
-ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "tests" / "artifacts"
-AgentFactory = Callable[..., AgentProcess]
+ARTIFACTS = REPO / "tests" / "artifacts"
 RULES = [
     {"rule_id": 1002, "name": "no-ssh", "dst_port": 22, "protocol": "tcp", "action": "deny",
      "priority": 200},
@@ -101,11 +97,9 @@ def startup_link(agent: AgentProcess) -> str:
 
 
 def mint_link(agent: AgentProcess) -> str:
-    req = urllib.request.Request(f"{agent.api_url}/api/v1/viewer/codes", method="POST",
-                                 headers={"Authorization": f"Bearer {agent.token()}"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        assert r.status == 201
-        return agent.api_url + json.load(r)["path"]
+    r = api_of(agent).call("POST", "/viewer/codes")
+    assert r.status == 201
+    return agent.api_url + r.body["path"]
 
 
 def sign_in(driver: WebDriver, link: str) -> None:
@@ -138,58 +132,6 @@ def flow_rows(driver: WebDriver) -> list[dict[str, str]]:
 
 def text(driver: WebDriver, element_id: str) -> str:
     return str(driver.find_element(By.ID, element_id).text)
-
-
-def request(url: str, method: str = "GET", headers: dict[str, str] | None = None
-            ) -> tuple[int, str]:
-    req = urllib.request.Request(url, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-# ---- traffic --------------------------------------------------------------------------------
-
-
-def host(lab: Lab, fam: str) -> str:
-    return lab.host_v4 if fam == "v4" else lab.host_v6
-
-
-def syn(lab: Lab, fam: str, port: int) -> int:
-    """One TCP connection attempt from the peer to the host's `port`; our source port. The
-    socket is closed at once (the SYN is out; a denied one gets no answer anyway)."""
-    af = socket.AF_INET if fam == "v4" else socket.AF_INET6
-    with netns_socket(lab.peer_ns, af, socket.SOCK_STREAM) as s:
-        s.setblocking(False)
-        s.bind(("0.0.0.0", 0) if fam == "v4" else ("::", 0))
-        sport: int = s.getsockname()[1]
-        s.connect_ex((host(lab, fam), port))
-        time.sleep(0.02)
-        return sport
-
-
-def udp(lab: Lab, fam: str, ports: range, pace: int = 0) -> None:
-    """One datagram to each port (each a new flow); `pace`: sleep 0.1 s after every `pace`."""
-    af = socket.AF_INET if fam == "v4" else socket.AF_INET6
-    with netns_socket(lab.peer_ns, af, socket.SOCK_DGRAM) as s:
-        for i, port in enumerate(ports):
-            s.sendto(b"x", (host(lab, fam), port))
-            if pace and i % pace == pace - 1:
-                time.sleep(0.1)
-
-
-def flow_events(agent: AgentProcess) -> list[dict[str, Any]]:
-    return [e for e in agent.events() if e.get("type") == "flow"]
-
-
-def stats(agent: AgentProcess) -> dict[str, Any]:
-    status, body = request(f"{agent.api_url}/api/v1/stats",
-                           headers={"Authorization": f"Bearer {agent.token()}"})
-    assert status == 200, body
-    out: dict[str, Any] = json.loads(body)
-    return out
 
 
 # ---- tests ------------------------------------------------------------------------------------
@@ -275,12 +217,12 @@ def test_each_filter_narrows_the_rows_and_pause_holds_them(
     agent: AgentProcess, browser: WebDriver, module_lab: Lab
 ) -> None:
     lab = module_lab
-    before = len(flow_events(agent))
+    before = len(flows(agent))
     for fam in ("v4", "v6"):
         syn(lab, fam, 22)
         syn(lab, fam, 5432)
-        udp(lab, fam, range(7001, 7004))  # default deny: no rule
-    assert wait_until(lambda: len(flow_events(agent)) >= before + 10, 10)
+        udp_to(lab, fam, range(7001, 7004))  # default deny: no rule
+    assert wait_until(lambda: len(flows(agent)) >= before + 10, 10)
     assert wait_until(lambda: {"udp", "tcp"} <= {r["proto"] for r in flow_rows(browser)}, 5)
     everything = flow_rows(browser)
 
@@ -318,16 +260,16 @@ def test_each_filter_narrows_the_rows_and_pause_holds_them(
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "viewer.png"))
     if os.environ.get("MICROSEG_DOCS_SCREENSHOT") == "1":
-        shutil.copyfile(ARTIFACTS / "viewer.png", ROOT / "docs" / "viewer.png")
+        shutil.copyfile(ARTIFACTS / "viewer.png", REPO / "docs" / "viewer.png")
 
     # Pause: the rows stay as they are while events keep arriving (and are counted).
     browser.find_element(By.ID, "pause").click()
     time.sleep(0.4)
     held = [r["seq"] for r in rows(browser)]
     total = int(text(browser, "total"))
-    before = len(flow_events(agent))
+    before = len(flows(agent))
     sport = syn(lab, "v4", 22)
-    assert wait_until(lambda: len(flow_events(agent)) > before, 5)
+    assert wait_until(lambda: len(flows(agent)) > before, 5)
     assert wait_until(lambda: int(text(browser, "total")) > total, 3)
     time.sleep(0.6)
     assert [r["seq"] for r in rows(browser)] == held
@@ -447,15 +389,15 @@ def test_page_keeps_up_at_1000_events_per_second(
       }, 100);
     """)
     total0 = int(text(browser, "total"))
-    file0 = len(flow_events(agent))
+    file0 = len(flows(agent))
     n = 5000
     # 100 new denied flows every 0.1 s (about 1,000 events/s, less the sending time).
-    udp(lab, "v4", range(20000, 20000 + n), pace=100)
+    udp_to(lab, "v4", range(20000, 20000 + n), pace=100)
     t0 = time.monotonic()
     browser.execute_script("return 1")
     assert time.monotonic() - t0 < 2.0, "the page did not answer within 2 s"
-    assert wait_until(lambda: len(flow_events(agent)) >= file0 + n, 15)
-    produced = len(flow_events(agent)) - file0
+    assert wait_until(lambda: len(flows(agent)) >= file0 + n, 15)
+    produced = len(flows(agent)) - file0
     assert wait_until(lambda: int(text(browser, "total")) - total0 == produced, 10), (
         text(browser, "total"), total0, produced)
     assert len(rows(browser)) <= TABLE_CAP
@@ -496,12 +438,12 @@ def test_lost_counter_shows_a_forced_gap(
                                       extra_args=["--ringbuf-pages", "1"]))
     sign_in(browser, mint_link(small))
     assert text(browser, "lost") == "0"
-    udp(lab, "v4", range(40000, 43000))
+    udp_to(lab, "v4", range(40000, 43000))
 
     def kernel_lost() -> int:
-        return int(stats(small)["pipeline"]["source"]["kernel_lost"])
+        return int(api_stats(small)["pipeline"]["source"]["kernel_lost"])
 
-    assert wait_until(lambda: kernel_lost() > 0, 10), stats(small)["pipeline"]
+    assert wait_until(lambda: kernel_lost() > 0, 10), api_stats(small)["pipeline"]
     time.sleep(1.0)  # the agent reads the kernel's counter twice a second
     lost = kernel_lost()
     assert wait_until(lambda: text(browser, "lost") == str(lost), 5), (text(browser, "lost"), lost)

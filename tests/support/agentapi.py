@@ -4,9 +4,9 @@
 the agent's token unless a call says otherwise; paths are under /api/v1 except /metrics, and
 `send` takes a path as it is (the viewer's pages). A `Reply` is whatever came back, any
 status, never followed. `api_of(agent)` is the client for an agent's TCP API and
-`request(url)` one request to any URL an agent serves; `start_agent` starts an agent enforcing
-some rules and gives its client; `stats` and `metrics` read an agent's. `ids_of`, `by_id`
-and `assert_error` read replies.
+`request(url)` one request to any URL an agent serves; `api_stats` and `api_metrics` read an
+agent's stats and metrics; `start_agent` starts an agent enforcing some rules and gives its
+client. `ids_of`, `by_id` and `assert_error` read replies.
 """
 
 from __future__ import annotations
@@ -14,16 +14,14 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from streamer.lab.lab import Lab
-from support.agentproc import AgentProcess, free_port, write_policy
-
-AgentFactory = Callable[..., AgentProcess]
+from support.agentproc import AgentFactory, AgentProcess, free_port, write_policy
 
 PREFIX = "/api/v1"
 # The ports of the host's echo servers that the control-plane tests open and close by policy.
@@ -143,13 +141,13 @@ def request(url: str, method: str = "GET", headers: dict[str, str] | None = None
     return r.status, r.raw.decode()
 
 
-def stats(agent: AgentProcess) -> dict[str, Any]:
+def api_stats(agent: AgentProcess) -> dict[str, Any]:
     """GET /api/v1/stats of the agent, with its token; it must answer 200."""
     out: dict[str, Any] = api_of(agent).ok("GET", "/stats")
     return out
 
 
-def metrics(agent: AgentProcess) -> str:
+def api_metrics(agent: AgentProcess) -> str:
     """GET /metrics of the agent (the Prometheus text), with its token; it must answer 200."""
     r = api_of(agent).get("/metrics")
     assert r.status == 200, str(r)

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -422,3 +422,11 @@ class AgentProcess:
     ) -> None:
         self.cleanup()
 
+
+AgentFactory = Callable[..., AgentProcess]
+"""The `agent_factory` fixture: (lab, policy_file, **AgentProcess kwargs) -> AgentProcess."""
+
+
+def flows(agent: AgentProcess) -> list[dict[str, Any]]:
+    """The flow records (no lost or alert records) of the agent's events file so far."""
+    return [e for e in agent.events() if e.get("type") == "flow"]

@@ -1,8 +1,10 @@
-"""Rule documents, policies, packets and counters for the classifier tests (tests/test_datapath_*
-.py, BPF_PROG_TEST_RUN on the session's classifier): `R` is a rule document (protocol any,
-action allow unless given), `pk` a reference-model packet, `install` applies a policy and
-forgets every session, `expect_ref` is the action the reference model gives a new flow,
-`pb` a rule's (packets, bytes), `Delta` the counters that changed since it was made.
+"""Rule documents, policies, packets and counters for the classifier tests
+(tests/test_datapath_*.py, BPF_PROG_TEST_RUN on the session's classifier).
+
+`R` is a rule document (protocol any, action allow unless given), `pk` a reference-model
+packet, `install` applies a policy and forgets every session, `expect_ref` is the action the
+reference model gives a new flow, `pb` a rule's (packets, bytes), `Delta` the counters that
+changed since it was made.
 """
 
 from __future__ import annotations
