@@ -121,9 +121,9 @@ def _fill_batch(batch: Any, recs: Sequence[Record]) -> int:
 
     Every record gets the same timestamp (now, in ms: one clock read per batch). Straight into
     aiokafka's C record builder when the BatchBuilder looks like the one this was written
-    against (aiokafka 0.14; tests/test_kafka_sink.py checks the two ways build the same batch):
-    its `append` wrapper costs about three times the append itself, per event. Otherwise
-    through the public `append`."""
+    against (aiokafka 0.14; tests/unit/test_kafka_sink.py checks the two ways build the same
+    batch): its `append` wrapper costs about three times the append itself, per event.
+    Otherwise through the public `append`."""
     ts_ms = time.time_ns() // 1_000_000
     inner: Any = getattr(batch, "_builder", None)
     if (
