@@ -3,7 +3,7 @@ match the Python packing (the pin layout version against the header: tests/test_
 the flow events' records (struct ms_event, streamer.datapath.layout's EVENT) carry what happened,
 through BPF_PROG_TEST_RUN on the session's classifier; expected verdicts are written out by hand
 and also checked against the reference model (streamer/datapath/reference.py), so both agree
-with SPEC §2."""
+with contract §2."""
 
 from __future__ import annotations
 

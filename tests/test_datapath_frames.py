@@ -2,7 +2,7 @@
 default deny, malformed frames (dropped and counted), fragments and encapsulations (judged by
 the inner headers), through BPF_PROG_TEST_RUN on the session's classifier; expected verdicts are
 written out by hand and also checked against the reference model
-(streamer/datapath/reference.py), so both agree with SPEC §2."""
+(streamer/datapath/reference.py), so both agree with contract §2."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The classifier in the real kernel, rules: addresses, ports, protocols, direction, priority and
 tie-breaks, default actions, through BPF_PROG_TEST_RUN on the session's classifier; expected
 verdicts are written out by hand and also checked against the reference model
-(streamer/datapath/reference.py), so both agree with SPEC §2."""
+(streamer/datapath/reference.py), so both agree with contract §2."""
 
 from __future__ import annotations
 
@@ -233,7 +233,7 @@ def test_protocol_match(dp: Datapath, protocol: str) -> None:
 
 
 def test_icmp_rule_does_not_match_the_other_family(dp: Datapath) -> None:
-    """ICMP (1) inside IPv6 is not `icmp`, ICMPv6 (58) inside IPv4 is not `icmpv6` (SPEC §2:
+    """ICMP (1) inside IPv6 is not `icmp`, ICMPv6 (58) inside IPv4 is not `icmpv6` (contract §2:
     a rule's protocol is ICMP for IPv4 and ICMPv6 for IPv6)."""
     pol = install(dp, "deny", R(1, protocol="icmp"), R(2, protocol="icmpv6"))
     odd = [

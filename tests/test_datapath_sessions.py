@@ -3,7 +3,7 @@ change cuts an established flow, re-judging in the flow's original direction, pe
 packets and bytes, the IPv6 session key; counters and rule counters against what was sent,
 through BPF_PROG_TEST_RUN on the session's classifier; expected verdicts are written out by hand
 and also checked against the reference model (streamer/datapath/reference.py), so both agree
-with SPEC §2."""
+with contract §2."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A stub admin API for the client tests (streamer/cli/: `policy`, `sessions`, `stats` and the
 modules they use): no agent, no root.
 
-A small real aiohttp server (in-memory rules, canned sessions and stats, SPEC §3 shapes and
+A small real aiohttp server (in-memory rules, canned sessions and stats, contract §3 shapes and
 error bodies), served on 127.0.0.1 and on a Unix socket from a background thread by
 `ServerThread`; every request it gets is recorded in `Stub.requests`. The client commands run
 through the real `microseg` parser (`streamer.cli.main.build_parser`: argv -> parser ->

@@ -149,7 +149,7 @@ def test_any_protocol_with_ports_narrows_to_tcp_and_udp() -> None:
 
 @pytest.mark.parametrize(("protocol", "family"), [("icmp", 4), ("icmpv6", 6)])
 def test_icmp_rule_with_any_address_compiles_to_its_family_only(protocol: str, family: int) -> None:
-    """icmp is ICMP for IPv4 and icmpv6 for IPv6 (SPEC §2; Rule.families): an IPv6 packet
+    """icmp is ICMP for IPv4 and icmpv6 for IPv6 (contract §2; Rule.families): an IPv6 packet
     with next header 1 must not match an `icmp` rule, nor IPv4 protocol 58 an `icmpv6` one."""
     c = _compile({"rule_id": 1, "protocol": protocol})
     assert len(c.family(family).shapes) == 1

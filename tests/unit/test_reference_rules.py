@@ -180,7 +180,7 @@ def test_non_matching_better_rule_is_ignored() -> None:
 
 
 def _sorted_first_match(ps: PolicySet, pkt: Packet) -> Decision:
-    """An independent formulation of SPEC §2's order: sort, then take the first match."""
+    """An independent formulation of contract §2's order: sort, then take the first match."""
     rank = {"deny": 2, "log": 1, "allow": 0}
     ordered = sorted(ps.policies, key=lambda r: (-r.priority, -rank[r.action], r.rule_id))
     for r in ordered:
