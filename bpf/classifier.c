@@ -579,7 +579,7 @@ static __always_inline __u32 judge_family(struct ms_pkt *p, __u32 bank, __u32 n,
             break;
         struct ms_rule_val *v;
         if (family == 4) {
-            k4.shape = bank * MS_MAX_SHAPES + i;
+            k4.shape = s->key_shape;
             k4.dir = p->dir;
             k4.proto = p->proto & s->proto_mask;
             k4.sport = p->sport & s->sport_mask;
@@ -592,7 +592,7 @@ static __always_inline __u32 judge_family(struct ms_pkt *p, __u32 bank, __u32 n,
                 continue;
             v = rules4.lookup(&k4);
         } else {
-            k6.shape = bank * MS_MAX_SHAPES + i;
+            k6.shape = s->key_shape;
             k6.dir = p->dir;
             k6.proto = p->proto & s->proto_mask;
             k6.sport = p->sport & s->sport_mask;

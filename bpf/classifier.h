@@ -8,7 +8,7 @@
 #ifndef MICROSEG_CLASSIFIER_H
 #define MICROSEG_CLASSIFIER_H
 
-#define MS_LAYOUT_VERSION 4
+#define MS_LAYOUT_VERSION 5
 
 /* Verdicts: the same numbers as streamer.datapath.reference.Verdict. */
 #define MS_ALLOW 0
@@ -174,7 +174,7 @@ struct ms_reaped {
  * hash table keyed by the masked packet fields. IPv4 and IPv6 have tables of their own so the
  * common IPv4 key stays 16 bytes (cheap to hash). */
 struct ms_rule_key4 {
-    __u16 shape;  /* bank * MS_MAX_SHAPES + shape index */
+    __u16 shape;  /* the shape's key_shape: bank * MS_MAX_SHAPES + its id */
     __u8 dir;     /* MS_DIR_* */
     __u8 proto;   /* 0 when the shape's protocol is a wildcard */
     __u16 sport;  /* masked, network byte order */
@@ -211,7 +211,8 @@ struct ms_shape {
     __u8 pad[2];
     __u64 max_score;   /* the best stored score of any rule in the shape */
     __u32 bloom_off;   /* the shape's first word in `blooms` (its bank's base included) */
-    __u32 pad2;
+    __u32 key_shape;   /* `shape` in its rules' keys: bank * MS_MAX_SHAPES + the shape's id, which
+                        * stays while its place in the probe order (by max_score) moves */
 };
 
 /* Bloom filters: one per shape, a power of two of bits, in the words of `blooms`; bank b owns

@@ -59,8 +59,10 @@ def _environment_problems() -> list[str]:
     except OSError:
         mounts = []
     if not any(m.split()[1:3] == ["/sys/fs/bpf", "bpf"] for m in mounts if len(m.split()) > 2):
-        problems.append("bpffs is not mounted at /sys/fs/bpf (run `make setup`, or "
-                        "`mount -t bpf bpf /sys/fs/bpf`)")
+        problems.append(
+            "bpffs is not mounted at /sys/fs/bpf (run `make setup`, or "
+            "`mount -t bpf bpf /sys/fs/bpf`)"
+        )
     if shutil.which("ip") is None:
         problems.append("the `ip` command (iproute2) is missing (run `make setup`)")
     return problems

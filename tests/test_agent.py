@@ -483,8 +483,12 @@ def test_clean_exit_detaches(
         tcx = tcx_programs(lab.host_if, lab.host_ns)
         # the log line and the attachments record name what was attached, not the mode asked
         attached = "tcx" if mode == "auto" else "tc"
-        agent.wait_log(rf"enforcing on {lab.host_if} in netns \S+ \("
-                       + ("tcx link" if attached == "tcx" else "clsact filter") + r"\)", timeout=1)
+        agent.wait_log(
+            rf"enforcing on {lab.host_if} in netns \S+ \("
+            + ("tcx link" if attached == "tcx" else "clsact filter")
+            + r"\)",
+            timeout=1,
+        )
         record = json.loads((agent.run_dir / "attachments.json").read_text())
         assert record[f"{lab.host_ns}/{lab.host_if}"]["mode"] == attached, record
         if mode == "auto":
@@ -763,12 +767,14 @@ def test_agent_helper_cleans_up_after_a_failure(module_lab: Lab, tmp_path: Path)
 
 
 def _in_process_agent(lab: Lab, tmp_path: Path, ifaces: tuple[str, ...]) -> Agent:
-    return Agent(AgentConfig(
-        ifaces=ifaces,
-        netns=lab.host_ns,
-        state_dir=tmp_path / "state",
-        datapath=DatapathConfig(instance=unique_agent_instance()),
-    ))
+    return Agent(
+        AgentConfig(
+            ifaces=ifaces,
+            netns=lab.host_ns,
+            state_dir=tmp_path / "state",
+            datapath=DatapathConfig(instance=unique_agent_instance()),
+        )
+    )
 
 
 def _remove_traces(lab: Lab, agent: Agent) -> None:
@@ -816,4 +822,3 @@ def test_an_agent_that_crashes_releases_the_classifier_and_keeps_enforcing(
     finally:
         _remove_traces(module_lab, agent)
     assert ours_attached(module_lab) == {"ingress": False, "egress": False}
-

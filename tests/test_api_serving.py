@@ -106,8 +106,13 @@ async def test_a_write_whose_request_is_cancelled_is_awaited_as_the_api_closes(
     store.restore(PolicySet(), 0)
     gen = store.generation
     ctx = ApiContext(
-        store=store, datapath=dp, interfaces=[], version="9.9.9",
-        started_monotonic=time.monotonic(), token=None, bind_hosts=set(),
+        store=store,
+        datapath=dp,
+        interfaces=[],
+        version="9.9.9",
+        started_monotonic=time.monotonic(),
+        token=None,
+        bind_hosts=set(),
         registry=CollectorRegistry(),
     )
     runner = web.AppRunner(make_app(ctx), shutdown_timeout=0.2)
@@ -118,9 +123,10 @@ async def test_a_write_whose_request_is_cancelled_is_awaited_as_the_api_closes(
 
     async def post() -> None:
         with contextlib.suppress(aiohttp.ClientError):
-            async with aiohttp.ClientSession() as session, session.post(
-                f"http://127.0.0.1:{port}{P}/policies", json=rule(7)
-            ) as resp:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(f"http://127.0.0.1:{port}{P}/policies", json=rule(7)) as resp,
+            ):
                 await resp.read()
 
     caplog.set_level(logging.WARNING, logger="microseg.api")
@@ -153,9 +159,15 @@ async def test_a_failure_in_a_flow_feed_client_task_is_logged_not_swallowed(
 
     store = make_store(dp, tmp_path / "state")
     ctx = ApiContext(
-        store=store, datapath=dp, interfaces=[], version="9.9.9",
-        started_monotonic=time.monotonic(), token=None, bind_hosts=set(),
-        registry=CollectorRegistry(), flows=BuggyHub(),
+        store=store,
+        datapath=dp,
+        interfaces=[],
+        version="9.9.9",
+        started_monotonic=time.monotonic(),
+        token=None,
+        bind_hosts=set(),
+        registry=CollectorRegistry(),
+        flows=BuggyHub(),
     )
     caplog.set_level(logging.ERROR, logger="microseg.api")
     client = TestClient(TestServer(make_app(ctx)))

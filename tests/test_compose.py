@@ -23,8 +23,13 @@ def compose_config(env: dict[str, str] | None = None) -> dict[str, Any]:
     assert exe, "docker-compose is missing (scripts/setup.sh installs Debian's)"
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("MICROSEG_", "COMPOSE_"))}
     out = subprocess.run(
-        [exe, "-f", "docker-compose.yml", "config"], cwd=REPO, env={**environ, **(env or {})},
-        capture_output=True, text=True, timeout=60, check=False,
+        [exe, "-f", "docker-compose.yml", "config"],
+        cwd=REPO,
+        env={**environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     config: dict[str, Any] = yaml.safe_load(out.stdout)
@@ -75,8 +80,11 @@ def test_compose_takes_the_interface_from_the_environment() -> None:
 
 def test_the_image_is_built_by_the_setup_script_make_setup_runs() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
-    instructions = [ln.strip() for ln in dockerfile.splitlines()
-                    if ln.strip() and not ln.lstrip().startswith("#")]
+    instructions = [
+        ln.strip()
+        for ln in dockerfile.splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     assert instructions[0] == "FROM debian:12"
     runs = [ln for ln in instructions if ln.startswith("RUN ")]
     assert len(runs) == 1 and re.search(r"(^|\s)scripts/setup\.sh(\s|$)", runs[0]), runs

@@ -38,6 +38,7 @@ from support.netutil import (
 )
 
 from streamer.lab.lab import Lab
+from streamer.policy.store import persisted_document
 
 # ---- 1. each accepted change is enforced when its response arrives --------------------------
 
@@ -217,7 +218,8 @@ def test_concurrent_writes_agree_everywhere(
     assert ids_of(listed["policies"]) == {r["rule_id"] for r in new}, listed
 
     # Disk: the state file holds exactly this set and generation.
-    disk = json.loads((agent.state_dir / "policy.json").read_text())
+    disk = persisted_document(agent.state_dir)
+    assert disk is not None
     assert disk["generation"] == gen and disk["default_action"] == "allow"
     assert by_id(disk["policies"]) == by_id(listed["policies"])
     # Each write was logged once, with its generation.

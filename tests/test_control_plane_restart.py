@@ -26,6 +26,7 @@ from support.agentproc import AgentFactory, rule, write_policy
 from support.netutil import echo_server, expect_ports
 
 from streamer.lab.lab import Lab
+from streamer.policy.store import persisted_document
 
 # ---- 4. kill -9 during a bulk replace: the old set or the new one, whole --------------------
 
@@ -137,7 +138,8 @@ def test_kill9_during_bulk_replace_leaves_old_or_new_set_whole(
                 f"{note}: torn set after restart: {listed['count']} rules, default "
                 f"{listed['default_action']}\n{agent.log[-3000:]}"
             )
-            disk = json.loads((agent.state_dir / "policy.json").read_text())
+            disk = persisted_document(agent.state_dir)
+            assert disk is not None
             assert disk["generation"] == listed["generation"], note
             assert ids_of(disk["policies"]) == ids_of(listed["policies"]), note
             assert disk["default_action"] == listed["default_action"], note

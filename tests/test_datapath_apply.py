@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import pytest
 from support.bpf import kernel_retval as run
 from support.bpf import loaded_datapath
-from support.classifier import DROP, PASS, R, install, pb, pk
+from support.classifier import DROP, PASS, R, install, pb, pk, rule_keys
 from support.packets import frame
 
 from streamer.datapath.attach import detach, tcx_programs
@@ -40,7 +40,6 @@ from streamer.datapath.reference import judge
 from streamer.policy.model import PolicySet, parse_policy_document
 
 if TYPE_CHECKING:
-
     from streamer.lab.lab import Lab
 
 
@@ -131,13 +130,14 @@ def test_packets_never_see_a_half_applied_set(dp: Datapath) -> None:
     assert results["dropped"] == 0, (results, applied)
 
 
-def test_a_failed_retire_is_raised_at_the_next_settle_and_its_keys_cleared_later(
+def test_failed_bank_writes_change_nothing_and_are_repaired(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After a flip the old bank is cleared beside the caller. A failure there is not lost with
-    its thread, nor are the keys it left: the next settle (every apply and close runs one)
-    tries again and logs what failed; if that fails too it raises, the live bank stays, and a
-    later settle clears them."""
+    """Both banks hold the live set. A failure writing the idle bank fails the apply and
+    changes nothing (that bank is rewritten whole at the next apply). After a flip the other
+    bank is brought level beside the caller; a failure there is not lost with its thread: the
+    next settle (every apply and close runs one) tries again, rewriting it whole, and logs what
+    failed; if that fails too it raises, the live bank stays, and a later apply repairs it."""
     cfg = DatapathConfig(
         instance=f"test-retire-{os.getpid()}-{uuid.uuid4().hex[:8]}",
         session_entries=1024,
@@ -151,71 +151,84 @@ def test_a_failed_retire_is_raised_at_the_next_settle_and_its_keys_cleared_later
         return compile_policy(parse_policy_document({"policies": rules}), cfg.max_shapes)
 
     with loaded_datapath(cfg) as dp:
-        failures = 0
+        failures = {"apply": 0, "thread": 0}
         real_delete = dp._maps.delete_batch
 
         def flaky(name: str, keys: list[bytes]) -> None:
-            nonlocal failures
-            if failures and name == "rules4" and keys:
-                failures -= 1
+            where = "thread" if threading.current_thread().name == "microseg-retire" else "apply"
+            if failures[where] and name == "rules4" and keys:
+                failures[where] -= 1
                 raise KeysLeft(name, keys, errno.EBUSY)
             real_delete(name, keys)
 
         monkeypatch.setattr(dp._maps, "delete_batch", flaky)
 
         def stored() -> int:
-            return len(list(dp._bpf["rules4"].keys()))
+            return rule_keys(dp, 4)
 
-        def retired() -> None:  # the retire thread has run (whatever became of it)
+        def retired() -> None:  # the catch-up thread has run (whatever became of it)
             for t in threading.enumerate():
                 if t.name == "microseg-retire":
                     t.join()
 
         dp.apply(pol(1, 2))
         dp.settle()
-        live = stored()
-        assert live > 0
+        live = stored() // 2
+        assert live > 0 and stored() == 2 * live == dp.map_fill()["rules4"].entries
 
-        # Fails once: the retry at the next settle clears the old bank, and says so.
-        failures = 1
-        dp.apply(pol(3, 4))
-        retired()
-        assert stored() == 2 * live  # the old bank's keys are still there, and still known
+        # Writing the idle bank fails: nothing changes; the next apply repairs that bank.
+        gen = dp.active()[0]
+        failures["apply"] = 1
+        with pytest.raises(KeysLeft):
+            dp.apply(pol(3, 4))
+        assert dp.active()[0] == gen
+        assert run(dp, pk("10.1.0.1", "10.0.0.2", "tcp", 1, 1)) == PASS
+        gen = dp.apply(pol(3, 4))
+        dp.settle()
+        assert dp.active()[0] == gen and stored() == 2 * live
         assert dp.map_fill()["rules4"].entries == 2 * live
+
+        # The catch-up fails once: the retry at the next settle rewrites the bank, and says so.
+        failures["thread"] = 1
+        dp.apply(pol(5, 6))
+        retired()
         with caplog.at_level(logging.WARNING, logger="streamer.datapath.banks"):
             dp.settle()
-        assert "clearing the retired policy bank" in caplog.text
+        assert "updating the other policy bank" in caplog.text
         assert os.strerror(errno.EBUSY) in caplog.text
-        assert stored() == live and dp.map_fill()["rules4"].entries == live
+        assert stored() == 2 * live and dp.map_fill()["rules4"].entries == 2 * live
 
         # Fails twice (in the thread and on the retry): the next apply raises and changes
-        # nothing; the one after clears the old bank and applies.
-        failures = 2
-        gen = dp.apply(pol(5, 6))
-        retired()
-        with pytest.raises(DatapathError, match="clearing the retired policy bank"):
-            dp.apply(pol(7, 8))
-        assert dp.active()[0] == gen and stored() == 2 * live
-        assert run(dp, pk("10.5.0.1", "10.0.0.2", "tcp", 1, 5)) == PASS  # still enforcing
+        # nothing; the one after repairs the bank and applies.
+        failures["thread"] = 1
         gen = dp.apply(pol(7, 8))
-        dp.settle()
-        assert dp.active()[0] == gen and stored() == live
-        assert set(dp.all_rule_counters()) == {7, 8}
-
-        # A retire that fails at close is raised there, once our references are released;
-        # the keys it left stay in the pinned map, where the next load finds and clears them.
-        failures = 2
-        dp.apply(pol(9))
         retired()
-        with pytest.raises(DatapathError, match="clearing the retired policy bank"):
+        failures["apply"] = 1  # the retry runs in the caller's thread
+        with pytest.raises(DatapathError, match="updating the other policy bank"):
+            dp.apply(pol(9, 10))
+        assert dp.active()[0] == gen
+        assert run(dp, pk("10.7.0.1", "10.0.0.2", "tcp", 1, 7)) == PASS  # still enforcing
+        gen = dp.apply(pol(9, 10))
+        dp.settle()
+        assert dp.active()[0] == gen and stored() == 2 * live
+        assert set(dp.all_rule_counters()) == {9, 10}
+
+        # A catch-up that fails at close is raised there, once our references are released;
+        # what it left stays in the pinned maps, where the next load finds it and the next
+        # apply clears it.
+        failures["thread"] = 1
+        dp.apply(pol(11))
+        retired()
+        failures["apply"] = 1
+        with pytest.raises(DatapathError, match="updating the other policy bank"):
             dp.close()
         assert not dp.loaded
         dp.close()  # nothing left to wait for
         with Datapath(cfg) as again:
-            assert len(list(again._bpf["rules4"].keys())) == live + live // 2
-            again.apply(pol(10))
+            assert rule_keys(again, 4) == live + live // 2
+            again.apply(pol(12))
             again.settle()
-            assert len(list(again._bpf["rules4"].keys())) == live // 2
+            assert rule_keys(again, 4) == live
         assert not again.loaded
 
 
@@ -442,9 +455,6 @@ def test_restart_adopts_pinned_state(small_dp: Datapath) -> None:
         assert run(second, pk("10.0.0.1", "10.0.0.2", "tcp", 1, 2)) == PASS
         assert run(second, pk("11.0.0.1", "10.0.0.2", "tcp", 1, 2)) == DROP
         assert pb(second.rule_counters(31)) == (1, len(frame(p6)))
-        for bank in (0, 1):
-            for fam, size in ((4, 16), (6, 40)):
-                assert all(len(k) == size for k in second._banks.keys[bank][fam])
         second.apply(
             compile_policy(
                 parse_policy_document(
@@ -456,9 +466,9 @@ def test_restart_adopts_pinned_state(small_dp: Datapath) -> None:
                 8,
             )
         )
-        second.settle()  # the old bank is cleared beside the caller
-        assert len(list(second._bpf["rules4"].keys())) == 0
-        assert len(list(second._bpf["rules6"].keys())) == 2  # one key per direction
+        second.settle()  # the other bank is brought level beside the caller
+        assert rule_keys(second, 4) == 0
+        assert rule_keys(second, 6) == 2 * 2  # one key per direction, in both banks
         second.clear_sessions()
         assert run(second, p6) == DROP
         assert run(second, pk("11.0.0.1", "10.0.0.2", "tcp", 1, 2)) == PASS

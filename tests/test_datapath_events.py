@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from support.bpf import EventSink
 
 
-
 # ---- layout --------------------------------------------------------------------------------
 
 

@@ -37,7 +37,6 @@ from streamer.datapath.datapath import Datapath
 from streamer.datapath.reference import Decision, Packet, Verdict, parse_frame
 
 if TYPE_CHECKING:
-
     pass
 
 

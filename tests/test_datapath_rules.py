@@ -18,7 +18,6 @@ from streamer.datapath.datapath import Datapath
 from streamer.datapath.reference import Packet, Verdict, judge, parse_frame
 
 if TYPE_CHECKING:
-
     pass
 
 

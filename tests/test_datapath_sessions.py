@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from support.bpf import EventSink
 
 
-
 # ---- sessions ------------------------------------------------------------------------------
 
 FLOW = pk("10.0.0.1", "192.0.2.1", "tcp", 5555, 80, "egress")

@@ -41,14 +41,24 @@ from bench.kafkabroker import KafkaBroker, kcat_consume, unique_topic
 from streamer.lab.lab import Lab
 
 
-def start_agent(agent_factory: AgentFactory, lab: Lab, tmp_path: Path,
-                rules: list[dict[str, Any]], broker: KafkaBroker, topic: str,
-                extra: tuple[str, ...] = (), **kw: Any) -> AgentProcess:
+def start_agent(
+    agent_factory: AgentFactory,
+    lab: Lab,
+    tmp_path: Path,
+    rules: list[dict[str, Any]],
+    broker: KafkaBroker,
+    topic: str,
+    extra: tuple[str, ...] = (),
+    **kw: Any,
+) -> AgentProcess:
     policy = write_policy(tmp_path / "policy.json", rules, "deny")
     api = f"127.0.0.1:{free_port()}"
     agent = agent_factory(
-        lab, policy, api=api,
-        extra_args=["--kafka", broker.bootstrap, "--kafka-topic", topic, *extra], **kw,
+        lab,
+        policy,
+        api=api,
+        extra_args=["--kafka", broker.bootstrap, "--kafka-topic", topic, *extra],
+        **kw,
     ).start()
     agent.wait_api()
     agent.wait_log(r"Kafka: streaming to topic", timeout=30)
@@ -73,8 +83,9 @@ class WsReader:
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> WsReader:
-        ws = await self.session.ws_connect(self.url, timeout=aiohttp.ClientWSTimeout(ws_close=5),
-                                           **self.kw)
+        ws = await self.session.ws_connect(
+            self.url, timeout=aiohttp.ClientWSTimeout(ws_close=5), **self.kw
+        )
         self.task = asyncio.create_task(self._read(ws))
         return self
 
@@ -111,8 +122,9 @@ async def test_denied_and_logged_flows_reach_every_sink_once(
     ]
     interval = 0.5
     with echo_server(lab.host_ns, (22, 80, 81, 5432)):
-        agent = start_agent(agent_factory, lab, tmp_path, rules, kafka_broker, topic,
-                            event_interval=interval)
+        agent = start_agent(
+            agent_factory, lab, tmp_path, rules, kafka_broker, topic, event_interval=interval
+        )
         url = f"ws://{agent.api}/api/v1/flows"
         async with aiohttp.ClientSession() as session:
             everything = await WsReader(session, url, headers=auth(agent)).start()
@@ -132,9 +144,13 @@ async def test_denied_and_logged_flows_reach_every_sink_once(
             file_events = agent.events()
             n = len(file_events)
             assert await everything.wait(lambda: len(everything.got) >= n, 10), (
-                len(everything.got), n, [e for e in file_events if e not in everything.got])
+                len(everything.got),
+                n,
+                [e for e in file_events if e not in everything.got],
+            )
             kafka = await asyncio.to_thread(
-                lambda: kcat_consume(kafka_broker.bootstrap, topic, count=n, timeout=20))
+                lambda: kcat_consume(kafka_broker.bootstrap, topic, count=n, timeout=20)
+            )
             await asyncio.sleep(0.5)
             assert len(everything.got) == n
             stats = await asyncio.to_thread(api_stats, agent)
@@ -180,8 +196,9 @@ async def test_denied_and_logged_flows_reach_every_sink_once(
     assert stats["events_lost"] == 0
 
 
-def _traffic(lab: Lab, interval: float) -> tuple[dict[tuple[str, int], tuple[str, int | None]],
-                                                 set[tuple[str, int]]]:
+def _traffic(
+    lab: Lab, interval: float
+) -> tuple[dict[tuple[str, int], tuple[str, int | None]], set[tuple[str, int]]]:
     """Allowed, denied (by a rule and by default) and logged TCP flows, both families."""
     flows: dict[tuple[str, int], tuple[str, int | None]] = {}
     allowed: set[tuple[str, int]] = set()
@@ -262,8 +279,13 @@ def test_broker_outage_loses_nothing(
 
     def caught_up() -> bool:
         k = api_stats(agent)["pipeline"]["sinks"]["kafka"]
-        return bool(k["up"] and k["spool_records"] == 0 and k["inflight"] == 0
-                    and k["waiting"] == 0 and k["delivered"] >= len(agent.events()))
+        return bool(
+            k["up"]
+            and k["spool_records"] == 0
+            and k["inflight"] == 0
+            and k["waiting"] == 0
+            and k["delivered"] >= len(agent.events())
+        )
 
     assert wait_until(caught_up, 60, interval=0.5), api_stats(agent)["pipeline"]
     file_events = agent.events()
@@ -324,7 +346,7 @@ def ws_frames(data: bytes) -> list[tuple[int, bytes]]:
             j += 8
         if j + n > len(data):
             break
-        out.append((op, data[j:j + n]))
+        out.append((op, data[j : j + n]))
         i = j + n
     return out
 
@@ -334,15 +356,17 @@ async def test_a_stuck_websocket_client_delays_nobody(
 ) -> None:
     lab = module_lab
     topic = unique_topic("slow")
-    agent = start_agent(agent_factory, lab, tmp_path, [], kafka_broker, topic,
-                        extra=("--flow-feed-queue", "2048"))
+    agent = start_agent(
+        agent_factory, lab, tmp_path, [], kafka_broker, topic, extra=("--flow-feed-queue", "2048")
+    )
     assert agent.api is not None
     token = agent.token() or ""
     stuck = await asyncio.to_thread(raw_ws_connect, agent.api, "/api/v1/flows", token)
     try:
         async with aiohttp.ClientSession() as session:
-            fast = await WsReader(session, f"ws://{agent.api}/api/v1/flows",
-                                  headers=auth(agent)).start()
+            fast = await WsReader(
+                session, f"ws://{agent.api}/api/v1/flows", headers=auth(agent)
+            ).start()
             burst = 20000  # the stuck socket alone absorbs ~8,000 (kernel buffers)
             t0 = time.monotonic()
             sending = asyncio.create_task(asyncio.to_thread(_udp_burst, lab, burst, 30000))
@@ -352,7 +376,9 @@ async def test_a_stuck_websocket_client_delays_nobody(
                 return bool(ws["slow_disconnects"] == 1)
 
             assert await asyncio.to_thread(wait_until, slow_kicked, 30, 0.05), (
-                api_stats(agent)["pipeline"], len(agent.events()))
+                api_stats(agent)["pipeline"],
+                len(agent.events()),
+            )
             # Reading again at once, within the grace period the agent gives a stuck client:
             # the rest of what was in flight, then the final word and the close.
             data = await asyncio.to_thread(_read_all, stuck, 10.0)
@@ -375,7 +401,8 @@ async def test_a_stuck_websocket_client_delays_nobody(
     # The fast client and Kafka got every event, promptly.
     assert [o["seq"] for o in fast.events()] == [e["seq"] for e in file_events]
     kafka = await asyncio.to_thread(
-        lambda: kcat_consume(kafka_broker.bootstrap, topic, count=len(file_events), timeout=20))
+        lambda: kcat_consume(kafka_broker.bootstrap, topic, count=len(file_events), timeout=20)
+    )
     assert [json.loads(r["value"])["seq"] for r in kafka] == [e["seq"] for e in file_events]
     assert fast_s < sent_s + 15, (fast_s, sent_s)
     p = stats["pipeline"]["sinks"]

@@ -35,8 +35,9 @@ from streamer.lab.lab import Lab
 START_BOUND_S = 30.0
 
 
-def script(*args: str, ns: str | None = None,
-           timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+def script(
+    *args: str, ns: str | None = None, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
     return ns_run(ns, str(KAFKA_SH), *args, timeout=timeout, check=False)
 
 
@@ -54,7 +55,8 @@ def test_kcat_round_trip(kafka_broker: KafkaBroker) -> None:
     got = kcat_consume(kafka_broker.bootstrap, topic)
     assert kv(got) == sent
     assert [(r["topic"], r["partition"], r["offset"]) for r in got] == [
-        (topic, 0, i) for i in range(4)]
+        (topic, 0, i) for i in range(4)
+    ]
     assert all(isinstance(r["timestamp"], int) and r["headers"] == [] for r in got)
     assert topic in topic_names(kafka_broker.bootstrap)
 
@@ -94,9 +96,13 @@ def test_aiokafka_producer_and_admin(kafka_broker: KafkaBroker) -> None:
             await admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])
         finally:
             await admin.close()
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all",
-                                    enable_idempotence=True, compression_type="gzip",
-                                    linger_ms=5)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=kafka_broker.bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            compression_type="gzip",
+            linger_ms=5,
+        )
         await producer.start()
         try:
             for i in range(20):
@@ -151,14 +157,16 @@ def test_restart_keeps_topics_and_data() -> None:
             assert not broker.running
         assert broker.running
         assert topic in topic_names(boot)
-        print(f"broker start-up: first {first_start:.1f}s, last restart "
-              f"{broker.startup_seconds:.1f}s")
+        print(
+            f"broker start-up: first {first_start:.1f}s, last restart {broker.startup_seconds:.1f}s"
+        )
     assert not broker.running
     assert not broker.directory.exists()
 
 
 def test_session_broker_outage_restarts_even_when_the_block_fails(
-        kafka_broker: KafkaBroker) -> None:
+    kafka_broker: KafkaBroker,
+) -> None:
     topic = unique_topic("outage")
     kcat_produce(kafka_broker.bootstrap, topic, [("k", "before")])
     with pytest.raises(RuntimeError, match="boom"), kafka_broker.outage():
@@ -236,14 +244,25 @@ def test_fetch_without_maven_central_fails_clearly(lab: Lab, tmp_path: Path) -> 
     """An empty cache and no way out (the lab's namespace has no route beyond the lab): a
     bounded failure naming the cause, nothing half-made left in the cache."""
     cache = tmp_path / "cache"
-    res = ns_run(lab.peer_ns, "env", f"MICROSEG_KAFKA_CACHE={cache}", str(KAFKA_SH), "fetch",
-                 timeout=180.0, check=False)
+    res = ns_run(
+        lab.peer_ns,
+        "env",
+        f"MICROSEG_KAFKA_CACHE={cache}",
+        str(KAFKA_SH),
+        "fetch",
+        timeout=180.0,
+        check=False,
+    )
     assert res.returncode == 1
     assert "cannot download Kafka" in res.stderr and "Maven Central" in res.stderr
     assert "Traceback" not in res.stderr
     assert sorted(p.name for p in cache.iterdir()) == [".fetch.lock", "fetch-4.3.1.log"]
-    assert ns_run(None, "env", f"MICROSEG_KAFKA_CACHE={cache}", str(KAFKA_SH), "cached",
-                  check=False).returncode == 1
+    assert (
+        ns_run(
+            None, "env", f"MICROSEG_KAFKA_CACHE={cache}", str(KAFKA_SH), "cached", check=False
+        ).returncode
+        == 1
+    )
 
 
 @pytest.mark.parametrize(
@@ -255,8 +274,10 @@ def test_fetch_without_maven_central_fails_clearly(lab: Lab, tmp_path: Path) -> 
         (("start", "--port", "70000"), "invalid --port '70000'"),
         (("start", "--port", "0"), "invalid --port '0'"),
         (("start", "--port"), "option --port needs a value"),
-        (("start", "--port", "19", "--controller-port", "19"),
-         "--port and --controller-port must differ"),
+        (
+            ("start", "--port", "19", "--controller-port", "19"),
+            "--port and --controller-port must differ",
+        ),
         (("start", "--frobnicate"), "unknown option '--frobnicate'"),
         (("start", "--timeout", "-3"), "invalid --timeout '-3'"),
         (("start", "--version", "3.9.1"), "invalid Kafka version '3.9.1'"),

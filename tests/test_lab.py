@@ -111,8 +111,10 @@ def test_tcp_and_udp_both_families(lab: Lab) -> None:
             assert udp_exchange(lab.peer_ns, addr, uport)
         assert srv.tcp_accepted == 4 and srv.udp_datagrams == 2
     # And the other way round, with fixed ports and an IPv4-only server.
-    with tcp_echo_server(lab.peer_ns, 8080, bind="0.0.0.0") as t, \
-            udp_echo_server(lab.peer_ns, 5353) as u:
+    with (
+        tcp_echo_server(lab.peer_ns, 8080, bind="0.0.0.0") as t,
+        udp_echo_server(lab.peer_ns, 5353) as u,
+    ):
         assert t.port == 8080 and u.port == 5353
         assert tcp_exchange(lab.host_ns, lab.peer_v4, 8080)
         assert not tcp_connect(lab.host_ns, lab.peer_v6, 8080)  # v4-only bind
@@ -261,8 +263,7 @@ def test_cli_up_show_traffic_down(tmp_path: Path, capsys: pytest.CaptureFixture[
             Lab.load(state).destroy()
 
 
-def test_cli_up_replaces_a_stale_record(tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_up_replaces_a_stale_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     state = tmp_path / "lab.json"
     stale = Lab.create()
     stale.save(state)
@@ -276,13 +277,15 @@ def test_cli_up_replaces_a_stale_record(tmp_path: Path,
         Lab.load(state).destroy()
 
 
-def test_cli_bad_input_is_a_clear_error(tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = _parse("up", "--state-file", str(tmp_path / "l.json"), "--prefix", "no/slash")
     assert args.func(args) == 1
     assert "invalid lab prefix" in capsys.readouterr().err
-    for argv in (["traffic", "--count", "-1"], ["traffic", "--duration", "0"],
-                 ["up", "--slot", "600"]):
+    for argv in (
+        ["traffic", "--count", "-1"],
+        ["traffic", "--duration", "0"],
+        ["up", "--slot", "600"],
+    ):
         with pytest.raises(SystemExit) as exc:
             _parse(*argv)
         assert exc.value.code == 2
@@ -294,12 +297,21 @@ def test_module_entry_point(tmp_path: Path) -> None:
     py = [sys.executable, "-m", "streamer.cli.lab"]
     host_ns = ""
     try:
-        out = subprocess.run([*py, "up", "--state-file", state], capture_output=True,
-                             text=True, timeout=20, check=True).stdout
+        out = subprocess.run(
+            [*py, "up", "--state-file", state],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
         assert out.startswith("lab ")
-        host_ns = subprocess.run([*py, "show", "--state-file", state, "--field", "host_ns"],
-                                 capture_output=True, text=True, timeout=20,
-                                 check=True).stdout.strip()
+        host_ns = subprocess.run(
+            [*py, "show", "--state-file", state, "--field", "host_ns"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout.strip()
         assert netns_exists(host_ns)
         # output into a pipe its reader has closed (`| head` done): exit 1 quietly, no
         # traceback, from this entry point and from `microseg`
@@ -307,9 +319,14 @@ def test_module_entry_point(tmp_path: Path) -> None:
             read_end, write_end = os.pipe()
             os.close(read_end)
             try:
-                cut = subprocess.run([*argv, "show", "--state-file", state, "--json"],
-                                     stdout=write_end, stderr=subprocess.PIPE, text=True,
-                                     timeout=20, check=False)
+                cut = subprocess.run(
+                    [*argv, "show", "--state-file", state, "--json"],
+                    stdout=write_end,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    timeout=20,
+                    check=False,
+                )
             finally:
                 os.close(write_end)
             assert cut.returncode == 1 and "Traceback" not in cut.stderr, cut.stderr

@@ -25,8 +25,14 @@ from support.netutil import syn, udp_to, wait_until
 from streamer.lab.lab import Lab
 
 RULES = [
-    {"rule_id": 1002, "name": "no-ssh", "dst_port": 22, "protocol": "tcp", "action": "deny",
-     "priority": 200},
+    {
+        "rule_id": 1002,
+        "name": "no-ssh",
+        "dst_port": 22,
+        "protocol": "tcp",
+        "action": "deny",
+        "priority": 200,
+    },
     {"rule_id": 1005, "name": "audit-pg", "dst_port": 5432, "protocol": "tcp", "action": "log"},
 ]
 
@@ -36,8 +42,13 @@ def agent(module_lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     """One agent, with a mix of denied and logged flows (v4, v6, tcp, udp) already seen."""
     tmp = tmp_path_factory.mktemp("observe")
     policy = write_policy(tmp / "policy.json", RULES, "deny")
-    with AgentProcess(module_lab, policy, tmp / "events.jsonl",
-                      api=f"127.0.0.1:{free_port()}", extra_args=["--print-events"]) as a:
+    with AgentProcess(
+        module_lab,
+        policy,
+        tmp / "events.jsonl",
+        api=f"127.0.0.1:{free_port()}",
+        extra_args=["--print-events"],
+    ) as a:
         a.start()
         a.wait_api()
         for fam in ("v4", "v6"):
@@ -51,9 +62,22 @@ def agent(module_lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 def microseg(agent: AgentProcess, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MICROSEG_TOKEN", "NO_COLOR")}
     return subprocess.run(
-        [sys.executable, "-m", "streamer", *args, "--api", agent.api or "",
-         "--state-dir", str(agent.state_dir)],
-        capture_output=True, text=True, timeout=30, check=False, env=env, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "streamer",
+            *args,
+            "--api",
+            agent.api or "",
+            "--state-dir",
+            str(agent.state_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=env,
+        cwd=REPO,
         stdin=subprocess.DEVNULL,
     )
 
@@ -84,8 +108,10 @@ def test_recent_events_as_json_are_the_agents(agent: AgentProcess) -> None:
         (("--rule", "1002"), lambda e: (e["rule"] or {}).get("rule_id") == 1002),
         (("--rule", "audit-pg"), lambda e: (e["rule"] or {}).get("name") == "audit-pg"),
         (("--rule", "default"), lambda e: e["rule"] is None),
-        (("--verdict", "deny", "--protocol", "tcp"),
-         lambda e: e["verdict"] == "deny" and e["protocol"] == "tcp"),
+        (
+            ("--verdict", "deny", "--protocol", "tcp"),
+            lambda e: e["verdict"] == "deny" and e["protocol"] == "tcp",
+        ),
     ],
 )
 def test_each_filter_keeps_exactly_the_matching_events(
@@ -106,16 +132,43 @@ def test_table_and_compact_output(agent: AgentProcess, module_lab: Lab) -> None:
     out = microseg(agent, "flows", "observe", "--last", "1000", "--port", "22")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["TIME", "VERDICT", "DIRECTION", "SOURCE", "DESTINATION", "PROTO",
-                                "RULE", "PKTS", "BYTES"]
+    assert lines[0].split() == [
+        "TIME",
+        "VERDICT",
+        "DIRECTION",
+        "SOURCE",
+        "DESTINATION",
+        "PROTO",
+        "RULE",
+        "PKTS",
+        "BYTES",
+    ]
     assert "\033[" not in out.stdout  # not a terminal: no colours
     row = next(ln for ln in lines[1:] if f"{module_lab.host_v4}:22" in ln)
-    assert row.split()[1:8] == ["DENY", "ingress", row.split()[3], f"{module_lab.host_v4}:22",
-                                "tcp", "1002", "no-ssh"]
+    assert row.split()[1:8] == [
+        "DENY",
+        "ingress",
+        row.split()[3],
+        f"{module_lab.host_v4}:22",
+        "tcp",
+        "1002",
+        "no-ssh",
+    ]
     assert f"[{module_lab.host_v6}]:22" in out.stdout
 
-    out = microseg(agent, "flows", "observe", "--last", "1000", "-o", "compact", "--verdict",
-                   "log", "--color", "always")
+    out = microseg(
+        agent,
+        "flows",
+        "observe",
+        "--last",
+        "1000",
+        "-o",
+        "compact",
+        "--verdict",
+        "log",
+        "--color",
+        "always",
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines and all(ln.startswith("\033[33m") and ln.endswith("\033[0m") for ln in lines)
@@ -125,8 +178,7 @@ def test_table_and_compact_output(agent: AgentProcess, module_lab: Lab) -> None:
 def test_the_agents_console_prints_the_compact_lines(agent: AgentProcess) -> None:
     """`--print-events` prints what `-o compact` does: the rule with its name, `default` when
     the default action decided."""
-    out = microseg(agent, "flows", "observe", "--last", "1000", "-o", "compact", "--color",
-                   "never")
+    out = microseg(agent, "flows", "observe", "--last", "1000", "-o", "compact", "--color", "never")
     assert out.returncode == 0, out.stderr
     compact = out.stdout.splitlines()
     printed = [ln for ln in agent.stdout_lines if " -> " in ln]
@@ -140,15 +192,36 @@ def test_follow_prints_live_events_after_the_recent_ones_without_duplicates(
 ) -> None:
     env = {k: v for k, v in os.environ.items() if k != "MICROSEG_TOKEN"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamer", "flows", "observe", "--follow", "--last", "3",
-         "-o", "json", "--verdict", "deny", "--api", agent.api or "",
-         "--state-dir", str(agent.state_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "streamer",
+            "flows",
+            "observe",
+            "--follow",
+            "--last",
+            "3",
+            "-o",
+            "json",
+            "--verdict",
+            "deny",
+            "--api",
+            agent.api or "",
+            "--state-dir",
+            str(agent.state_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
         stdin=subprocess.DEVNULL,
     )
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),  # type: ignore[union-attr]
-                              daemon=True)
+    reader = threading.Thread(
+        target=lambda: lines.extend(iter(proc.stdout.readline, "")),  # type: ignore[union-attr]
+        daemon=True,
+    )
     reader.start()
     try:
         mark = agent.log_mark()
@@ -183,18 +256,54 @@ def test_follow_prints_live_events_after_the_recent_ones_without_duplicates(
 
 
 def test_bad_arguments_and_a_missing_agent(agent: AgentProcess) -> None:
-    for bad in (("--port", "0"), ("--ip", "10.0.0.300"), ("--verdict", "maybe"),
-                ("--protocol", "sctp"), ("--last", "-1"), ("-o", "yaml")):
+    for bad in (
+        ("--port", "0"),
+        ("--ip", "10.0.0.300"),
+        ("--verdict", "maybe"),
+        ("--protocol", "sctp"),
+        ("--last", "-1"),
+        ("-o", "yaml"),
+    ):
         out = microseg(agent, "flows", "observe", *bad)
         assert out.returncode == 2 and bad[0] in out.stderr and "Traceback" not in out.stderr
     out = subprocess.run(
-        [sys.executable, "-m", "streamer", "flows", "observe", "--api", f"127.0.0.1:{free_port()}",
-         "--token", "x"], capture_output=True, text=True, timeout=30, check=False, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "streamer",
+            "flows",
+            "observe",
+            "--api",
+            f"127.0.0.1:{free_port()}",
+            "--token",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=REPO,
+    )
     assert out.returncode == 1 and "not reachable" in out.stderr and "Traceback" not in out.stderr
     out = subprocess.run(
-        [sys.executable, "-m", "streamer", "flows", "observe", "--follow", "--api",
-         agent.api or "", "--token", "wrong"],
-        capture_output=True, text=True, timeout=30, check=False, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "streamer",
+            "flows",
+            "observe",
+            "--follow",
+            "--api",
+            agent.api or "",
+            "--token",
+            "wrong",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=REPO,
+    )
     assert out.returncode == 1 and "token" in out.stderr and "Traceback" not in out.stderr
 
 

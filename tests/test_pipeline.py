@@ -45,13 +45,23 @@ def test_enrichment_across_a_policy_change(datapath: Datapath, datapath_events: 
     dp.clear_sessions()
     datapath_events.drain()
     en = Enricher({1: "eth-test"}, host="node-test")
-    old = parse_policy_document({"default_action": "allow", "policies": [
-        tcp_rule(11, dst_port=22, name="no-ssh", priority=200),
-        tcp_rule(12, dst_port=5432, action="log", name="audit-pg"),
-    ]})
-    new = parse_policy_document({"default_action": "deny", "policies": [
-        tcp_rule(11, dst_port=22, name="ssh-still-denied", priority=300),
-    ]})
+    old = parse_policy_document(
+        {
+            "default_action": "allow",
+            "policies": [
+                tcp_rule(11, dst_port=22, name="no-ssh", priority=200),
+                tcp_rule(12, dst_port=5432, action="log", name="audit-pg"),
+            ],
+        }
+    )
+    new = parse_policy_document(
+        {
+            "default_action": "deny",
+            "policies": [
+                tcp_rule(11, dst_port=22, name="ssh-still-denied", priority=300),
+            ],
+        }
+    )
 
     def apply(policy: Any) -> int:
         expected = dp.active()[0] + 1
@@ -72,13 +82,21 @@ def test_enrichment_across_a_policy_change(datapath: Datapath, datapath_events: 
     en.retire(mark)
     by_port = {o["src_port"]: o for o in objs}
     assert set(by_port) == {40000, 40001, 40002, 40003}, objs
-    assert by_port[40000]["rule"] == {"rule_id": 11, "name": "no-ssh", "priority": 200,
-                                      "action": "deny"}
+    assert by_port[40000]["rule"] == {
+        "rule_id": 11,
+        "name": "no-ssh",
+        "priority": 200,
+        "action": "deny",
+    }
     assert by_port[40000]["policy_generation"] == g1
     assert by_port[40001]["rule"]["name"] == "audit-pg"
     assert by_port[40001]["verdict"] == "log"
-    assert by_port[40002]["rule"] == {"rule_id": 11, "name": "ssh-still-denied",
-                                      "priority": 300, "action": "deny"}
+    assert by_port[40002]["rule"] == {
+        "rule_id": 11,
+        "name": "ssh-still-denied",
+        "priority": 300,
+        "action": "deny",
+    }
     assert by_port[40002]["policy_generation"] == g2
     assert by_port[40003]["rule"] is None
     assert [o["seq"] for o in objs] == [1, 2, 3, 4]
@@ -101,8 +119,11 @@ def _epoch(text: str) -> float:
 
 @pytest.fixture
 def tiny_ringbuf() -> Iterator[Datapath]:
-    with loaded_datapath(DatapathConfig(instance=unique_instance("rb"), session_entries=8192,
-                                        ringbuf_pages=1, rule_slots=1024)) as dp:
+    with loaded_datapath(
+        DatapathConfig(
+            instance=unique_instance("rb"), session_entries=8192, ringbuf_pages=1, rule_slots=1024
+        )
+    ) as dp:
         yield dp
 
 
@@ -119,9 +140,9 @@ async def test_kernel_lost_counts_equal_the_shortfall(
     dp.apply(compile_policy(policy, dp.config.max_shapes))
     events = tmp_path / "events.jsonl"
     pipe = Pipeline(
-        PipelineConfig(source=SourceConfig(lost_poll_interval=0.1),
-                       file=FileSinkConfig(events)),
-        dp, en,
+        PipelineConfig(source=SourceConfig(lost_poll_interval=0.1), file=FileSinkConfig(events)),
+        dp,
+        en,
     )
     task = asyncio.create_task(pipe.run())
     await asyncio.sleep(0.2)  # the pipeline watches the ring buffer now
@@ -195,8 +216,9 @@ def test_both_ring_readers_take_every_record_in_order_across_wraparounds(
 
 
 def _flow_records(n: int) -> list[bytes]:
-    ev = FlowEvent(1, 1, 60, 1, None, 1, 4, 6, "ingress", "deny", "10.0.0.1", "10.0.0.2",
-                   1, 2, 2, "new")
+    ev = FlowEvent(
+        1, 1, 60, 1, None, 1, 4, 6, "ingress", "deny", "10.0.0.1", "10.0.0.2", 1, 2, 2, "new"
+    )
     return [encode(ev)] * n
 
 
@@ -247,9 +269,7 @@ async def test_a_sink_failing_as_the_stop_timeout_cancels_it_is_raised_by_run(
 
     en = Enricher({1: "eth0"}, host="h")
     path = tmp_path / "events.jsonl"
-    pipe = Pipeline(
-        PipelineConfig(file=FileSinkConfig(path), stop_timeout=0.3), tiny_ringbuf, en
-    )
+    pipe = Pipeline(PipelineConfig(file=FileSinkConfig(path), stop_timeout=0.3), tiny_ringbuf, en)
     pipe.fanout = Fanout([*pipe.fanout.sinks, Stuck()], lost_factory(en), 100)
     task = asyncio.create_task(pipe.run())
     await asyncio.sleep(0.1)

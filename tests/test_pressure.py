@@ -44,7 +44,10 @@ from streamer.lab.netns import netns_socket
 def test_bad_pressure_and_timeout_flags_are_refused(flags: list[str], message: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "streamer", "run", "--iface", "lo", "--api", "none", *flags],
-        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
@@ -69,10 +72,21 @@ def pressured_agent(
 ) -> AgentProcess:
     policy = write_policy(tmp_path / "policy.json", [], default="deny")
     agent = agent_factory(
-        module_lab, policy, api=f"127.0.0.1:{free_port()}",
-        extra_args=["--syn-flood-half-open", "100", "--syn-flood-rate", "0",
-                    "--session-table-size", "512", "--pressure-interval", "0.2",
-                    "--timeout", "tcp_syn_sent=2"],
+        module_lab,
+        policy,
+        api=f"127.0.0.1:{free_port()}",
+        extra_args=[
+            "--syn-flood-half-open",
+            "100",
+            "--syn-flood-rate",
+            "0",
+            "--session-table-size",
+            "512",
+            "--pressure-interval",
+            "0.2",
+            "--timeout",
+            "tcp_syn_sent=2",
+        ],
     )
     agent.start()
     agent.wait_api()
@@ -88,15 +102,21 @@ def test_a_syn_flood_from_the_peer_raises_alerts_everywhere(
             stack.callback(s.close)
 
         def alerts() -> dict[tuple[str, str], dict[str, Any]]:
-            return {(e["alert"], e["subject"]): e for e in agent.events()
-                    if e.get("type") == "alert"}
+            return {
+                (e["alert"], e["subject"]): e for e in agent.events() if e.get("type") == "alert"
+            }
 
-        assert wait_until(lambda: ("syn_flood", "tcp") in alerts()
-                          and ("map_fill", "sessions") in alerts(), timeout=20), agent.log
+        assert wait_until(
+            lambda: ("syn_flood", "tcp") in alerts() and ("map_fill", "sessions") in alerts(),
+            timeout=20,
+        ), agent.log
         got = alerts()
         flood = got[("syn_flood", "tcp")]
         assert (flood["state"], flood["severity"], flood["threshold"]) == (
-            "firing", "critical", 100)
+            "firing",
+            "critical",
+            100,
+        )
         assert flood["value"] >= 100 and "half-open" in flood["message"]
         fill = got[("map_fill", "sessions")]
         assert fill["state"] == "firing" and fill["value"] >= 0.8
@@ -108,34 +128,70 @@ def test_a_syn_flood_from_the_peer_raises_alerts_everywhere(
         assert stats["pressure"]["fill"]["sessions"]["ratio"] >= 0.8
         assert stats["drops"]["policy"] >= 450
         metrics = api_metrics(agent)
-        assert 'microseg_alert_active{alert="syn_flood",severity="critical",subject="tcp"} 1.0' \
+        assert (
+            'microseg_alert_active{alert="syn_flood",severity="critical",subject="tcp"} 1.0'
             in metrics
+        )
         assert 'microseg_alerts_total{alert="syn_flood"} 1.0' in metrics
         assert 'microseg_map_fill_ratio{map="sessions"}' in metrics
         assert 'microseg_drops_total{reason="policy"}' in metrics
         # The terminal view shows the same, once.
         out = subprocess.run(
-            [sys.executable, "-m", "streamer", "monitor", "--once", "--api", agent.api or "",
-             "--state-dir", str(agent.state_dir)],
-            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "streamer",
+                "monitor",
+                "--once",
+                "--api",
+                agent.api or "",
+                "--state-dir",
+                str(agent.state_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
         )
         assert out.returncode == 0, out.stderr
         assert "CRITICAL syn_flood [tcp]" in out.stdout and "sessions" in out.stdout
         js = subprocess.run(
-            [sys.executable, "-m", "streamer", "monitor", "--count", "2", "--interval", "0.2",
-             "-o", "json", "--api", agent.api or "", "--state-dir", str(agent.state_dir)],
-            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "streamer",
+                "monitor",
+                "--count",
+                "2",
+                "--interval",
+                "0.2",
+                "-o",
+                "json",
+                "--api",
+                agent.api or "",
+                "--state-dir",
+                str(agent.state_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
         )
         lines = [json.loads(x) for x in js.stdout.splitlines()]
         assert len(lines) == 2 and lines[0]["half_open_sessions"] >= 100
+
     # The half-open sessions expire (--timeout tcp_syn_sent=2) and are reaped: both alerts
     # end, each with one `resolved` record.
     def resolved() -> set[tuple[str, str]]:
-        return {(e["alert"], e["subject"]) for e in agent.events()
-                if e.get("type") == "alert" and e["state"] == "resolved"}
+        return {
+            (e["alert"], e["subject"])
+            for e in agent.events()
+            if e.get("type") == "alert" and e["state"] == "resolved"
+        }
 
-    assert wait_until(lambda: resolved() >= {("syn_flood", "tcp"), ("map_fill", "sessions")},
-                      timeout=30), agent.log
+    assert wait_until(
+        lambda: resolved() >= {("syn_flood", "tcp"), ("map_fill", "sessions")}, timeout=30
+    ), agent.log
     stats = api_stats(agent)
     assert stats["half_open_sessions"] == 0 and stats["pressure"]["alerts"] == []
     assert stats["expired_sessions"] >= 450

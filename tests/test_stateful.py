@@ -210,7 +210,6 @@ def test_fragment_memory_expires(datapath: Datapath) -> None:
         h.close()
 
 
-
 # A first fragment is judged by its own header, whatever came before with its IP ID; later
 # fragments follow the newest first. Datagrams A (allowed: egress UDP 53) and D (denied: 54)
 # share addresses, protocol and ID; each order says which of the six pieces pass.
@@ -422,8 +421,10 @@ def test_real_fragments_reusing_an_ip_id(
     ident = secrets.randbelow(0xFFFF) + 1
     payloads = {"A": secrets.token_bytes(1200), "D": secrets.token_bytes(1200)}
     frames: dict[str, bytes] = {}
-    macs = {"dst_mac": link_mac(lab.host_ns, lab.host_if),
-            "src_mac": link_mac(lab.peer_ns, lab.peer_if)}
+    macs = {
+        "dst_mac": link_mac(lab.host_ns, lab.host_if),
+        "src_mac": link_mac(lab.peer_ns, lab.peer_if),
+    }
     for name, port in (("A", P_UDP_OK), ("D", P_UDP_NO)):
         seg = udp(40000, port, payloads[name], src=src, dst=dst)
         if v4:

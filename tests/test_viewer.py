@@ -43,8 +43,14 @@ from streamer.lab.lab import Lab
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 RULES = [
-    {"rule_id": 1002, "name": "no-ssh", "dst_port": 22, "protocol": "tcp", "action": "deny",
-     "priority": 200},
+    {
+        "rule_id": 1002,
+        "name": "no-ssh",
+        "dst_port": 22,
+        "protocol": "tcp",
+        "action": "deny",
+        "priority": 200,
+    },
     {"rule_id": 1005, "name": "audit-pg", "dst_port": 5432, "protocol": "tcp", "action": "log"},
     {"rule_id": 1006, "name": "dns", "dst_port": 53, "protocol": "udp", "action": "allow"},
 ]
@@ -65,8 +71,9 @@ def agent(module_lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     """One agent for the module's tests (AgentProcess cleans up after itself on exit)."""
     tmp = tmp_path_factory.mktemp("viewer")
     policy = write_policy(tmp / "policy.json", RULES, "deny")
-    with AgentProcess(module_lab, policy, tmp / "events.jsonl",
-                      api=f"127.0.0.1:{free_port()}") as a:
+    with AgentProcess(
+        module_lab, policy, tmp / "events.jsonl", api=f"127.0.0.1:{free_port()}"
+    ) as a:
         yield start_agent(a)
 
 
@@ -76,8 +83,14 @@ def browser() -> Iterator[WebDriver]:
     profile = tempfile.mkdtemp(prefix="microseg-chromium-")
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                f"--user-data-dir={profile}", "--window-size=1400,900"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,900",
+    ):
         opts.add_argument(arg)
     service = Service(shutil.which("chromedriver") or "/usr/bin/chromedriver")
     driver = webdriver.Chrome(service=service, options=opts)
@@ -105,7 +118,8 @@ def mint_link(agent: AgentProcess) -> str:
 def sign_in(driver: WebDriver, link: str) -> None:
     driver.get(link)
     assert wait_until(lambda: driver.current_url.rstrip("/") == link.split("/login")[0], 5), (
-        driver.current_url)
+        driver.current_url
+    )
     assert wait_until(lambda: conn_state(driver) == "live", 10), conn_state(driver)
 
 
@@ -161,8 +175,10 @@ def test_sign_in_link_works_once_and_nothing_secret_is_logged(
     assert request(f"{agent.api_url}/api/v1/stats", headers=jar)[0] == 200
     assert request(f"{agent.api_url}/api/v1/viewer/codes", "POST", jar)[0] == 401
     assert request(f"{agent.api_url}/api/v1/policies/1002", "DELETE", jar)[0] == 401
-    assert request(f"{agent.api_url}/api/v1/stats",
-                   headers={"Cookie": f"{cookie['name']}=forged"})[0] == 401
+    assert (
+        request(f"{agent.api_url}/api/v1/stats", headers={"Cookie": f"{cookie['name']}=forged"})[0]
+        == 401
+    )
 
     # A minted link, and nothing secret in the agent's log (there is no access log).
     minted = mint_link(agent)
@@ -208,7 +224,14 @@ def test_denied_and_logged_flows_appear_as_rows_within_a_second(
         rule = "1002 no-ssh" if verdict == "deny" else "1005 audit-pg"
         peer = lab.peer_v4 if fam == "v4" else lab.peer_v6
         assert (r["verdict"], r["dir"], r["src"], r["dst"], r["dport"], r["proto"], r["rule"]) == (
-            verdict, "ingress", peer, host(lab, fam), dport, "tcp", rule), r
+            verdict,
+            "ingress",
+            peer,
+            host(lab, fam),
+            dport,
+            "tcp",
+            rule,
+        ), r
         assert int(r["pkts"]) >= 1 and int(r["bytes"]) >= 40, r
         assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3}", r["time"]), r
 
@@ -278,12 +301,23 @@ def test_each_filter_narrows_the_rows_and_pause_holds_them(
     assert wait_until(lambda: str(sport) in {r["sport"] for r in flow_rows(browser)}, 2)
 
 
-HEADERS = ["time (UTC)", "verdict", "direction", "source", "src port", "destination",
-           "dst port", "protocol", "rule", "packets", "bytes"]  # streamer/viewer/index.html
+HEADERS = [
+    "time (UTC)",
+    "verdict",
+    "direction",
+    "source",
+    "src port",
+    "destination",
+    "dst port",
+    "protocol",
+    "rule",
+    "packets",
+    "bytes",
+]  # streamer/viewer/index.html
 WIDTHS = (1024, 1280, 1400, 1920)
 SIDE_BY_SIDE = 1360  # from this width the side panel is beside the table (style.css)
-MIN_CELL_PX = 40     # any column: more than a couple of characters
-READABLE_PX = 100    # source, destination, rule: about 13 characters of the cells' monospace
+MIN_CELL_PX = 40  # any column: more than a couple of characters
+READABLE_PX = 100  # source, destination, rule: about 13 characters of the cells' monospace
 
 GEOMETRY_JS = """
 const box = (el) => { const r = el.getBoundingClientRect();
@@ -351,9 +385,12 @@ def test_every_column_is_displayed_readably_at_common_window_widths(
                 assert g["cells"][cls]["width"] >= READABLE_PX, (at, cls, g["cells"][cls])
 
             row = browser.find_element(
-                By.XPATH, f"//tbody[@id='rows']/tr[td[@class='c-sport' and text()='{sport}']]")
-            shown = {c: row.find_element(By.CSS_SELECTOR, f"td.c-{c}").text
-                     for c in ("verdict", "src", "dst", "dport", "rule")}
+                By.XPATH, f"//tbody[@id='rows']/tr[td[@class='c-sport' and text()='{sport}']]"
+            )
+            shown = {
+                c: row.find_element(By.CSS_SELECTOR, f"td.c-{c}").text
+                for c in ("verdict", "src", "dst", "dport", "rule")
+            }
             assert shown["rule"] == "1002 no-ssh", (at, shown)
             assert (shown["verdict"], shown["dport"]) == ("deny", "22"), (at, shown)
             assert shown["src"] == lab.peer_v6 and shown["dst"] == lab.host_v6, (at, shown)
@@ -399,7 +436,10 @@ def test_page_keeps_up_at_1000_events_per_second(
     assert wait_until(lambda: len(flows(agent)) >= file0 + n, 15)
     produced = len(flows(agent)) - file0
     assert wait_until(lambda: int(text(browser, "total")) - total0 == produced, 10), (
-        text(browser, "total"), total0, produced)
+        text(browser, "total"),
+        total0,
+        produced,
+    )
     assert len(rows(browser)) <= TABLE_CAP
     lag = sorted(browser.execute_script("return window.__lag"))
     assert lag and lag[len(lag) // 2] < 500, f"timer lag median {lag[len(lag) // 2]:.0f} ms"
@@ -434,8 +474,11 @@ def test_lost_counter_shows_a_forced_gap(
     """A one-page ring buffer (under 50 events) and a burst of 3,000 new flows: the kernel
     loses events, the agent reports them as lost records, the page counts them all."""
     policy = write_policy(tmp_path / "policy.json", RULES, "deny")
-    small = start_agent(agent_factory(lab, policy, api=f"127.0.0.1:{free_port()}",
-                                      extra_args=["--ringbuf-pages", "1"]))
+    small = start_agent(
+        agent_factory(
+            lab, policy, api=f"127.0.0.1:{free_port()}", extra_args=["--ringbuf-pages", "1"]
+        )
+    )
     sign_in(browser, mint_link(small))
     assert text(browser, "lost") == "0"
     udp_to(lab, "v4", range(40000, 43000))

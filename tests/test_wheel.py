@@ -39,16 +39,37 @@ pytestmark = pytest.mark.timeout(900)
 
 # Local state of a checkout that a source tree handed to the build does not contain.
 _NOT_SOURCE = shutil.ignore_patterns(
-    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache",
-    ".mypy_cache", ".ruff_cache", ".state", ".setup.lock", "artifacts", "results.json", "*.log",
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    "*.pyc",
+    ".pytest_cache",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".state",
+    ".setup.lock",
+    "artifacts",
+    "results.json",
+    "*.log",
 )
 
 
 def _run(argv: list[str], *, timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, check=False, **kwargs)
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+        **kwargs,
+    )
     assert proc.returncode == 0, (
-        f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     return proc
 
 
@@ -76,8 +97,12 @@ def wheel(workdir: Path) -> Path:
     # symlinks=True: streamer/datapath/bpf stays the link to bpf/ it is in the repository.
     shutil.copytree(ROOT, src, symlinks=True, ignore=_NOT_SOURCE)
     dist = workdir / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(dist), str(src)],
-         timeout=PIP_TIMEOUT, cwd=workdir, env=_clean_env())
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(dist), str(src)],
+        timeout=PIP_TIMEOUT,
+        cwd=workdir,
+        env=_clean_env(),
+    )
     (whl,) = dist.glob("microseg-*.whl")
     return whl
 
@@ -86,16 +111,25 @@ def wheel(workdir: Path) -> Path:
 def venv(workdir: Path, wheel: Path) -> Path:
     """A fresh venv (system site-packages for bcc) with the wheel installed; its directory."""
     env = workdir / "venv"
-    _run([SYSTEM_PYTHON, "-m", "venv", "--system-site-packages", str(env)], timeout=120,
-         cwd=workdir, env=_clean_env())
+    _run(
+        [SYSTEM_PYTHON, "-m", "venv", "--system-site-packages", str(env)],
+        timeout=120,
+        cwd=workdir,
+        env=_clean_env(),
+    )
     python = str(env / "bin" / "python")
     probe = "import importlib.util as u; print(u.find_spec('streamer') is None)"
     before = _run([python, "-c", probe], timeout=30, cwd=workdir, env=_clean_env())
     assert before.stdout.strip() == "True", (
         "a streamer package is already importable in a fresh venv (system or user "
-        "site-packages): the test could not tell it from the wheel's")
-    _run([python, "-m", "pip", "install", str(wheel)], timeout=PIP_TIMEOUT, cwd=workdir,
-         env=_clean_env())
+        "site-packages): the test could not tell it from the wheel's"
+    )
+    _run(
+        [python, "-m", "pip", "install", str(wheel)],
+        timeout=PIP_TIMEOUT,
+        cwd=workdir,
+        env=_clean_env(),
+    )
     return env
 
 
@@ -134,8 +168,9 @@ def test_venv_imports_its_own_streamer(venv: Path, workdir: Path) -> None:
         "print(json.dumps([streamer.__file__, str(d.BPF_DIR), "
         "(d.BPF_DIR / 'classifier.c').is_file()]))"
     )
-    out = _run([str(venv / "bin" / "python"), "-c", code], timeout=60, cwd=workdir,
-               env=_clean_env())
+    out = _run(
+        [str(venv / "bin" / "python"), "-c", code], timeout=60, cwd=workdir, env=_clean_env()
+    )
     module, bpf_dir, has_source = json.loads(out.stdout)
     site = venv / "lib"
     assert Path(module).is_relative_to(site), module
@@ -143,23 +178,42 @@ def test_venv_imports_its_own_streamer(venv: Path, workdir: Path) -> None:
 
 
 def test_installed_microseg_run_enforces(
-    venv: Path, workdir: Path, module_lab: Lab, agent_factory: Callable[..., AgentProcess],
+    venv: Path,
+    workdir: Path,
+    module_lab: Lab,
+    agent_factory: Callable[..., AgentProcess],
     tmp_path: Path,
 ) -> None:
     lab = module_lab
     microseg = venv / "bin" / "microseg"
     assert microseg.is_file(), f"the wheel installed no {microseg}"
-    policy = write_policy(tmp_path / "policy.json", [
-        {"rule_id": 1, "name": "web", "protocol": "tcp", "action": "allow", "dst_port": 80,
-         "direction": "ingress"},
-    ], default="deny")
+    policy = write_policy(
+        tmp_path / "policy.json",
+        [
+            {
+                "rule_id": 1,
+                "name": "web",
+                "protocol": "tcp",
+                "action": "allow",
+                "dst_port": 80,
+                "direction": "ingress",
+            },
+        ],
+        default="deny",
+    )
     with echo_server(lab.host_ns, (80, 81)):
         # Without the agent both connect: the refused one below is the agent's doing.
         for port in (80, 81):
             assert wait_until(lambda p=port: tcp_connect(lab.peer_ns, lab.host_v4, p)), port
-        agent = agent_factory(lab, policy, command=[str(microseg)], cwd=workdir,
-                              env=_clean_env(), api=f"127.0.0.1:{free_port()}",
-                              start_timeout=60.0)
+        agent = agent_factory(
+            lab,
+            policy,
+            command=[str(microseg)],
+            cwd=workdir,
+            env=_clean_env(),
+            api=f"127.0.0.1:{free_port()}",
+            start_timeout=60.0,
+        )
         agent.start()
         assert tcp_connect(lab.peer_ns, lab.host_v4, 80), agent.log
         assert not tcp_connect(lab.peer_ns, lab.host_v4, 81), agent.log

@@ -147,8 +147,12 @@ class PressureWatch:
         if syn_rate is None and active:
             flood = True  # no rate yet (a restarted counter): keep the state
         changes += self._level(
-            key, CRITICAL if flood else None, value, threshold,
-            f"SYN flood suspected: {why}" if flood else "SYN flood over", now,
+            key,
+            CRITICAL if flood else None,
+            value,
+            threshold,
+            f"SYN flood suspected: {why}" if flood else "SYN flood over",
+            now,
         )
         new_rate = rates.get("new_sessions")
         if cfg.new_flow_rate_threshold and new_rate is not None:
@@ -156,8 +160,12 @@ class PressureWatch:
             clear = cfg.clear_ratio if key in self._active else 1.0
             high = new_rate >= cfg.new_flow_rate_threshold * clear
             changes += self._level(
-                key, WARNING if high else None, new_rate, cfg.new_flow_rate_threshold,
-                f"{new_rate:.0f} new flows/s" if high else "new-flow rate back to normal", now,
+                key,
+                WARNING if high else None,
+                new_rate,
+                cfg.new_flow_rate_threshold,
+                f"{new_rate:.0f} new flows/s" if high else "new-flow rate back to normal",
+                now,
             )
         for name, fill in sample.get("fill", {}).items():
             ratio = float(fill.get("ratio", 0.0))
@@ -174,8 +182,12 @@ class PressureWatch:
             line = cfg.fill_critical if level == CRITICAL else cfg.fill_warning
             entries, capacity = fill.get("entries", 0), fill.get("capacity", 0)
             changes += self._level(
-                key, level, ratio, line,
-                f"map {name} is {ratio:.0%} full ({entries} of {capacity})", now,
+                key,
+                level,
+                ratio,
+                line,
+                f"map {name} is {ratio:.0%} full ({entries} of {capacity})",
+                now,
             )
         with self._lock:
             self._last, self._last_at = sample, now
@@ -183,8 +195,13 @@ class PressureWatch:
         return changes
 
     def _level(
-        self, key: tuple[str, str], level: str | None, value: float, threshold: float,
-        message: str, now: float,
+        self,
+        key: tuple[str, str],
+        level: str | None,
+        value: float,
+        threshold: float,
+        message: str,
+        now: float,
     ) -> list[AlertChange]:
         cur = self._active.get(key)
         alert, subject = key
@@ -195,8 +212,9 @@ class PressureWatch:
                 return []
             with self._lock:
                 del self._active[key]
-            return [AlertChange(alert, subject, "resolved", cur.severity, value, cur.threshold,
-                                message)]
+            return [
+                AlertChange(alert, subject, "resolved", cur.severity, value, cur.threshold, message)
+            ]
         if cur is not None and cur.severity == level:
             return []
         with self._lock:
@@ -210,10 +228,15 @@ class PressureWatch:
         """The alerts firing now."""
         with self._lock:
             return [
-                {"alert": a, "subject": s, "severity": v.severity,
-                 "since_seconds": round(time.monotonic() - v.since, 1),
-                 "value": round(v.value, 4), "threshold": round(v.threshold, 4),
-                 "message": v.message}
+                {
+                    "alert": a,
+                    "subject": s,
+                    "severity": v.severity,
+                    "since_seconds": round(time.monotonic() - v.since, 1),
+                    "value": round(v.value, 4),
+                    "threshold": round(v.threshold, 4),
+                    "message": v.message,
+                }
                 for (a, s), v in sorted(self._active.items())
             ]
 
@@ -256,8 +279,14 @@ class PressureWatch:
                 failing = ""
                 for change in self.observe(sample, time.monotonic()):
                     level = logging.INFO if change.state == "resolved" else logging.WARNING
-                    log.log(level, "alert %s %s (%s): %s", change.alert, change.state,
-                            change.severity, change.message)
+                    log.log(
+                        level,
+                        "alert %s %s (%s): %s",
+                        change.alert,
+                        change.state,
+                        change.severity,
+                        change.message,
+                    )
                     if self.on_alert is not None:
                         self.on_alert(change)
             await asyncio.sleep(self.config.interval)
@@ -280,22 +309,26 @@ class PressureCollector:
         s = self._watch.snapshot()
         if not s.get("fill") and "half_open_sessions" not in s:
             return  # no reading yet
-        rates = GaugeMetricFamily("microseg_rate_per_second",
-                                  "Per-second rate over the last pressure interval",
-                                  labels=["counter"])
+        rates = GaugeMetricFamily(
+            "microseg_rate_per_second",
+            "Per-second rate over the last pressure interval",
+            labels=["counter"],
+        )
         for k in RATE_COUNTERS:
             if f"{k}_per_s" in s:
                 rates.add_metric([k], s[f"{k}_per_s"])
         yield rates
         active = GaugeMetricFamily(
-            "microseg_alert_active", "1 while an alert fires", labels=["alert", "subject",
-                                                                       "severity"]
+            "microseg_alert_active",
+            "1 while an alert fires",
+            labels=["alert", "subject", "severity"],
         )
         for a in s.get("alerts", []):
             active.add_metric([a["alert"], a["subject"], a["severity"]], 1)
         yield active
-        raised = CounterMetricFamily("microseg_alerts", "Alerts raised since start",
-                                     labels=["alert"])
+        raised = CounterMetricFamily(
+            "microseg_alerts", "Alerts raised since start", labels=["alert"]
+        )
         for name in ("syn_flood", "new_flow_rate", "map_fill"):
             raised.add_metric([name], s.get("alerts_raised", {}).get(name, 0))
         yield raised

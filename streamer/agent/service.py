@@ -27,15 +27,22 @@ from pyroute2 import config as pyroute2_config
 
 from streamer.agent.pressure import AlertChange, PressureCollector, PressureConfig, PressureWatch
 from streamer.datapath.attach import detach
-from streamer.datapath.compiler import CompileError, compile_policy
+from streamer.datapath.compiler import (
+    DEFAULT_ACTION_CODES,
+    CompileError,
+    compile_policy,
+    rule_ends,
+)
 from streamer.datapath.config import DatapathConfig, DatapathError
 from streamer.datapath.datapath import Datapath
+from streamer.datapath.ruletables import NeedsRecompile, TablesOutOfStep
 from streamer.events.enrich import Enricher
 from streamer.events.pipeline import Pipeline, PipelineConfig, register_metrics, tune_gc
 from streamer.events.sinks.file import DEFAULT_KEEP, DEFAULT_MAX_BYTES, FileSinkConfig
 from streamer.events.sinks.kafka import DEFAULT_SPOOL_MAX_BYTES, DEFAULT_TOPIC, KafkaSinkConfig
 from streamer.events.sinks.websocket import WebSocketConfig
-from streamer.policy.model import PolicyError, PolicySet, load_policy_file
+from streamer.policy.model import PolicyError, PolicySet, Rule, load_policy_file
+from streamer.policy.state import Edit, PolicyState
 from streamer.policy.store import ChangeResult, PolicyStore, StoreError
 from streamer.vocabulary import DefaultAction
 
@@ -84,7 +91,6 @@ class PolicyLoadError(RuntimeError):
 class Agent:
     config: AgentConfig
     datapath: Datapath = field(init=False)
-    policy: PolicySet = field(init=False)
     generation: int = 0
     _enricher: Enricher | None = None
     pipeline: Pipeline | None = None
@@ -94,8 +100,9 @@ class Agent:
 
     def __post_init__(self) -> None:
         self.datapath = Datapath(self.config.datapath)
-        self.policy = PolicySet()
-        self.store = PolicyStore(self.config.state_dir, self.apply, self.datapath.sessions)
+        self.store = PolicyStore(
+            self.config.state_dir, self.apply, self.datapath.sessions, self.apply_edit
+        )
         self.pressure = PressureWatch(self.config.pressure, on_alert=self._alert)
 
     # ---- policy --------------------------------------------------------------------------
@@ -114,7 +121,7 @@ class Agent:
         return policy
 
     def apply(self, policy: PolicySet, generation: int | None = None) -> int:
-        """Compile and switch the kernel to `policy` (the store's applier).
+        """Compile and switch the kernel to a whole set `policy` (the store's applier).
 
         Raises StoreError for a policy the classifier cannot hold; the live set stays.
         """
@@ -125,12 +132,15 @@ class Agent:
         enricher = self._enricher
         live = self.datapath.active()[0]
         if generation and self.datapath.adopted and live == generation:
-            # A restart: the pinned maps already hold this generation, written by us before
-            # the state dir recorded it. Keeping them keeps the generation and the sessions.
+            # A restart: the pinned maps already enforce this generation, written by us before
+            # the state dir recorded it. Both banks are written again (we do not know what the
+            # other one holds) but the generation stays, and with it the sessions' verdicts.
             self.datapath.adopted = False
-            self.policy, self.generation = policy, generation
             if enricher is not None:
                 enricher.add_generation(generation, policy)
+            self.datapath.apply(compiled, generation, keep=True)
+            self.generation = generation
+            if enricher is not None:
                 enricher.switched(generation)
             log.info("policy generation %d kept: the pinned maps already enforce it", generation)
             return generation
@@ -145,7 +155,6 @@ class Agent:
             if enricher is not None:
                 enricher.forget(expected)
             raise
-        self.policy = policy
         self.generation = gen
         self._heap_dirty = True
         if enricher is not None:
@@ -160,6 +169,60 @@ class Agent:
             policy.default_action.value,
             compiled.shape_count,
             compiled.entry_count,
+        )
+        return gen
+
+    def apply_edit(self, edit: Edit, state: PolicyState) -> int:
+        """Switch the kernel by one edit of `state` (the store's edit applier), writing only
+        the table entries it touches; a whole-set apply when it cannot be made in place."""
+        dp = self.datapath
+        if dp.tables is None:
+            return self.apply(state.after(edit))
+        change = dp.begin_change()
+        changes: dict[int, Rule | None] = {}
+        try:
+            for rule in edit.removed:
+                change.remove_rule(rule, *rule_ends(rule))
+                changes[rule.rule_id] = None
+            for old, new in edit.changed:
+                change.remove(old, *rule_ends(old))
+                change.add(new, *rule_ends(new))
+                changes[new.rule_id] = new
+            for rule in edit.added:
+                change.add_rule(rule, *rule_ends(rule))
+                changes[rule.rule_id] = rule
+        except NeedsRecompile as e:
+            log.info("%s: %s", edit.what, e)
+            return self.apply(state.after(edit))
+        except TablesOutOfStep as e:
+            log.warning(
+                "%s: the tables are out of step (%s): compiling the whole set", edit.what, e
+            )
+            return self.apply(state.after(edit))
+        if edit.default_action is not None:
+            change.default_action = DEFAULT_ACTION_CODES[edit.default_action]
+        enricher = self._enricher
+        expected = dp.active()[0] + 1
+        if enricher is not None:
+            enricher.add_changes(expected, changes)
+        try:
+            gen = dp.apply_change(change)
+        except BaseException:
+            if enricher is not None:
+                enricher.forget(expected)
+            raise
+        self.generation = gen
+        if enricher is not None:
+            if gen != expected:
+                enricher.add_changes(gen, changes)
+                enricher.forget(expected)
+            enricher.switched(gen)
+        delta = change.finish()
+        log.info(
+            "policy generation %d applied: %s, %d table entries written",
+            gen,
+            edit.what,
+            delta.entry_writes,
         )
         return gen
 
@@ -205,9 +268,7 @@ class Agent:
     def pipeline_config(self) -> PipelineConfig:
         cfg = self.config
         return PipelineConfig(
-            file=FileSinkConfig(
-                cfg.events_file, cfg.events_file_max_bytes, cfg.events_file_keep
-            )
+            file=FileSinkConfig(cfg.events_file, cfg.events_file_max_bytes, cfg.events_file_keep)
             if cfg.events_file is not None
             else None,
             kafka=KafkaSinkConfig(
@@ -218,9 +279,7 @@ class Agent:
             )
             if cfg.kafka
             else None,
-            websocket=WebSocketConfig(client_queue=cfg.flow_feed_queue)
-            if cfg.api_listen
-            else None,
+            websocket=WebSocketConfig(client_queue=cfg.flow_feed_queue) if cfg.api_listen else None,
             console=cfg.print_events,
         )
 
@@ -250,6 +309,7 @@ class Agent:
             except DatapathError as e:
                 log.error("%s", e)
                 return 1
+            loaded.callback(self.store.close)
             code = await self._start_enforcing()
             if code:
                 return code
@@ -377,8 +437,10 @@ class Agent:
             log.info("API listening on %s%s", addr, " (no auth)" if cfg.no_auth else "")
         tcp = [a for a in cfg.api_listen if not a.startswith("unix:")]
         if tcp:
-            auth = "" if cfg.no_auth else (
-                f' -H "Authorization: Bearer $(cat {cfg.state_dir / "api-token"})"'
+            auth = (
+                ""
+                if cfg.no_auth
+                else (f' -H "Authorization: Bearer $(cat {cfg.state_dir / "api-token"})"')
             )
             log.info("try: curl%s http://%s/api/v1/stats", auth, tcp[0])
             log.info("  or: microseg stats --api %s --state-dir %s", tcp[0], cfg.state_dir)
@@ -405,7 +467,9 @@ class Agent:
         log.info(
             "viewer: open the one-time sign-in link printed on stdout (valid %d min); another:"
             " microseg viewer-url --api %s --state-dir %s",
-            int(ctx.viewer.code_ttl // 60), listen, cfg.state_dir,
+            int(ctx.viewer.code_ttl // 60),
+            listen,
+            cfg.state_dir,
         )
 
     async def _reaper(self, interval: float) -> None:

@@ -75,8 +75,13 @@ async def flows_recent(request: web.Request) -> web.Response:
             if len(picked) == limit:
                 break
     picked.reverse()
-    body = b'{"events":[' + b",".join(picked) + b'],"count":%d,"kept":%d}' % (
-        len(picked),
-        (hub.recent.maxlen or 0) if hub is not None else 0,
+    body = (
+        b'{"events":['
+        + b",".join(picked)
+        + b'],"count":%d,"kept":%d}'
+        % (
+            len(picked),
+            (hub.recent.maxlen or 0) if hub is not None else 0,
+        )
     )
     return web.Response(body=body, content_type="application/json")

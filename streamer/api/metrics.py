@@ -66,9 +66,7 @@ SESSION_GAUGES = (
 )
 
 
-def read_stats(
-    datapath: Any, extra: Callable[[], dict[str, Any]] | None = None
-) -> dict[str, Any]:
+def read_stats(datapath: Any, extra: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
     """The `/api/v1/stats` object: kernel counters renamed for people, plus `extra()`.
 
     Extra counters are added; one named like a kernel counter is added to it when both are
@@ -187,20 +185,19 @@ class MicrosegCollector(Collector):
         events.add_metric(["lost"], s["events_lost"])
         yield events
 
-
     def _maps(self) -> Iterator[Metric]:
         """Fill, entries, capacity and evictions of every map (`Datapath.map_fill()`)."""
         fill = GaugeMetricFamily(
             "microseg_map_fill_ratio", "Used fraction of a kernel map (0..1)", labels=["map"]
         )
         maps = self._datapath.map_fill()
-        entries = GaugeMetricFamily("microseg_map_entries", "Entries in a kernel map",
-                                    labels=["map"])
+        entries = GaugeMetricFamily(
+            "microseg_map_entries", "Entries in a kernel map", labels=["map"]
+        )
         evictions = CounterMetricFamily(
             "microseg_map_evictions", "Entries a kernel map dropped to make room", labels=["map"]
         )
-        cap = GaugeMetricFamily("microseg_map_capacity", "Capacity of a kernel map",
-                                labels=["map"])
+        cap = GaugeMetricFamily("microseg_map_capacity", "Capacity of a kernel map", labels=["map"])
         for name, f in sorted(maps.items()):
             fill.add_metric([name], f.ratio)
             entries.add_metric([name], f.entries)

@@ -688,14 +688,11 @@ def _viewer_paths() -> dict[str, Any]:
         "Sign a browser in with a one-time code",
         {
             "200": _html_response(
-                "Signed in: sets the HttpOnly, SameSite=Strict session cookie and moves on "
-                "to /"
+                "Signed in: sets the HttpOnly, SameSite=Strict session cookie and moves on to /"
             )
         },
         [400],
-        params=[
-            {**_query("code", {"type": "string"}, "the one-time code"), "required": False}
-        ],
+        params=[{**_query("code", {"type": "string"}, "the one-time code"), "required": False}],
         description="The code (from the agent's start-up output or POST "
         "/api/v1/viewer/codes) works once and expires.",
     )

@@ -161,7 +161,7 @@ async def get_policy(request: web.Request) -> web.Response:
     rule_id = path_rule_id(request)
     query_params(request)
     ctx = request.app[CTX]
-    rule = ctx.store.policy.get(rule_id)
+    rule = ctx.store.rule(rule_id)
     if rule is None:
         raise ApiError(404, f"no rule with rule_id {rule_id}")
     counters = ctx.datapath.rule_counters(rule_id)

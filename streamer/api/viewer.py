@@ -75,8 +75,9 @@ _SIGN_IN_HELP: Final = (
 
 
 def _sign_in_page(reason: str) -> web.Response:
-    return _html(401, "microseg: sign in", f"<h1>microseg flows: sign in</h1><p>{reason}</p>"
-                 + _SIGN_IN_HELP)
+    return _html(
+        401, "microseg: sign in", f"<h1>microseg flows: sign in</h1><p>{reason}</p>" + _SIGN_IN_HELP
+    )
 
 
 def _viewer_file(request: web.Request, name: str) -> bytes:

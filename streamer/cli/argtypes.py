@@ -161,9 +161,7 @@ def class_seconds(names: Sequence[str]) -> Callable[[str], tuple[str, float]]:
 positive_int = bounded_int(1, None, "a whole number", "must be greater than 0")
 non_negative_int = bounded_int(0, None, "a whole number", "must be 0 or more")
 seconds = seconds_between(0, 86400)
-per_second = bounded_float(
-    0, 1e12, "a number per second", "must be 0 (off) or more", below_hi=True
-)
+per_second = bounded_float(0, 1e12, "a number per second", "must be 0 (off) or more", below_hi=True)
 
 
 def _ratio(value: str) -> float:

@@ -257,8 +257,9 @@ def run_command(
         return 130
 
 
-def run_client(args: argparse.Namespace, action: Callable[[Api], Awaitable[int]],
-               timeout: float) -> int:
+def run_client(
+    args: argparse.Namespace, action: Callable[[Api], Awaitable[int]], timeout: float
+) -> int:
     """For commands that only read and may run until Ctrl-C (`flows observe`, `monitor`):
     `action` with an open Api (`timeout` bounds each request); errors -> stderr and exit
     status; Ctrl-C -> 0."""

@@ -31,57 +31,122 @@ _TIMEOUT_CLASSES = [f.name for f in dataclasses.fields(Timeouts)]
 
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run the agent in the foreground")
-    p.add_argument("--iface", action="append", type=argtypes.ifname, required=True,
-                   help="interface to enforce on (repeatable)")
+    p.add_argument(
+        "--iface",
+        action="append",
+        type=argtypes.ifname,
+        required=True,
+        help="interface to enforce on (repeatable)",
+    )
     p.add_argument("--netns", help="named network namespace the interfaces live in")
     p.add_argument("--policy-file", type=Path, help="policy file (JSON or YAML)")
-    p.add_argument("--default-action", choices=[a.value for a in DefaultAction],
-                   help="verdict when no rule matches (overrides the policy file's)")
+    p.add_argument(
+        "--default-action",
+        choices=[a.value for a in DefaultAction],
+        help="verdict when no rule matches (overrides the policy file's)",
+    )
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/microseg"))
     p.add_argument("--events-file", type=Path, help="write flow events as JSON lines here")
-    p.add_argument("--events-file-max-bytes", type=argtypes.size, default=100 << 20,
-                   metavar="SIZE",
-                   help="rotate the events file when it would grow past this (e.g. 100M;"
-                   " 0: never)")
-    p.add_argument("--events-file-keep", type=argtypes.non_negative_int, default=5, metavar="N",
-                   help="rotated events files kept (F.1 ... F.N)")
-    p.add_argument("--instance", type=argtypes.instance_name,
-                   help="pin directory name under /sys/fs/bpf/microseg (default: per netns)")
+    p.add_argument(
+        "--events-file-max-bytes",
+        type=argtypes.size,
+        default=100 << 20,
+        metavar="SIZE",
+        help="rotate the events file when it would grow past this (e.g. 100M; 0: never)",
+    )
+    p.add_argument(
+        "--events-file-keep",
+        type=argtypes.non_negative_int,
+        default=5,
+        metavar="N",
+        help="rotated events files kept (F.1 ... F.N)",
+    )
+    p.add_argument(
+        "--instance",
+        type=argtypes.instance_name,
+        help="pin directory name under /sys/fs/bpf/microseg (default: per netns)",
+    )
     p.add_argument("--session-table-size", type=argtypes.positive_int, default=262144)
-    p.add_argument("--max-shapes", type=argtypes.positive_int, default=512,
-                   help="distinct rule shapes per address family the classifier probes")
-    p.add_argument("--event-interval", type=argtypes.seconds, default=1.0,
-                   help="at most one event per flow per this many seconds after its first")
+    p.add_argument(
+        "--max-shapes",
+        type=argtypes.positive_int,
+        default=512,
+        help="distinct rule shapes per address family the classifier probes",
+    )
+    p.add_argument(
+        "--event-interval",
+        type=argtypes.seconds,
+        default=1.0,
+        help="at most one event per flow per this many seconds after its first",
+    )
     p.add_argument("--ringbuf-pages", type=argtypes.positive_int, default=256)
-    p.add_argument("--attach-mode", choices=["auto", "tcx", "tc"], default="auto",
-                   help="tcx: BPF links on the TC hook (Linux 6.6+, the cheaper hook); tc:"
-                   " filters on a clsact qdisc; auto: tcx where the kernel has it")
-    p.add_argument("--keep-on-exit", action="store_true",
-                   help="leave the classifier attached and enforcing after a clean exit")
-    p.add_argument("--stats-interval", type=argtypes.seconds, default=0.0,
-                   help="print counters every this many seconds (0: never)")
+    p.add_argument(
+        "--attach-mode",
+        choices=["auto", "tcx", "tc"],
+        default="auto",
+        help="tcx: BPF links on the TC hook (Linux 6.6+, the cheaper hook); tc:"
+        " filters on a clsact qdisc; auto: tcx where the kernel has it",
+    )
+    p.add_argument(
+        "--keep-on-exit",
+        action="store_true",
+        help="leave the classifier attached and enforcing after a clean exit",
+    )
+    p.add_argument(
+        "--stats-interval",
+        type=argtypes.seconds,
+        default=0.0,
+        help="print counters every this many seconds (0: never)",
+    )
     p.add_argument("--print-events", action="store_true", help="print flow events to stdout")
-    p.add_argument("--api", action="append", metavar="HOST:PORT|unix:PATH",
-                   help="serve the admin API here (repeatable; default 127.0.0.1:8080;"
-                   " 'none' to serve no API)")
-    p.add_argument("--no-auth", action="store_true",
-                   help="serve the API without a bearer token (demos only)")
-    p.add_argument("--flow-feed-queue", type=argtypes.positive_int, default=4096, metavar="N",
-                   help="events queued per /api/v1/flows client; one that falls further"
-                   " behind is disconnected")
-    p.add_argument("--kafka", metavar="HOST:PORT", type=argtypes.kafka_servers,
-                   help="also stream flow events to Kafka (bootstrap servers, comma-separated)")
-    p.add_argument("--kafka-topic", default="microseg.flows", type=argtypes.kafka_topic,
-                   help="topic for flow events (created if missing)")
-    p.add_argument("--kafka-spool-max-bytes", type=argtypes.size, default=256 << 20,
-                   metavar="SIZE",
-                   help="events wait in <state-dir>/spool while Kafka is unreachable, up to"
-                   " this much (then the oldest are dropped, and counted)")
-    p.add_argument("--timeout", action="append", type=argtypes.class_seconds(_TIMEOUT_CLASSES),
-                   metavar="CLASS=SECONDS", default=[],
-                   help="idle timeout of a session class (repeatable); classes: "
-                   + ", ".join(_TIMEOUT_CLASSES)
-                   + " (defaults: Linux conntrack's; see README)")
+    p.add_argument(
+        "--api",
+        action="append",
+        metavar="HOST:PORT|unix:PATH",
+        help="serve the admin API here (repeatable; default 127.0.0.1:8080;"
+        " 'none' to serve no API)",
+    )
+    p.add_argument(
+        "--no-auth", action="store_true", help="serve the API without a bearer token (demos only)"
+    )
+    p.add_argument(
+        "--flow-feed-queue",
+        type=argtypes.positive_int,
+        default=4096,
+        metavar="N",
+        help="events queued per /api/v1/flows client; one that falls further"
+        " behind is disconnected",
+    )
+    p.add_argument(
+        "--kafka",
+        metavar="HOST:PORT",
+        type=argtypes.kafka_servers,
+        help="also stream flow events to Kafka (bootstrap servers, comma-separated)",
+    )
+    p.add_argument(
+        "--kafka-topic",
+        default="microseg.flows",
+        type=argtypes.kafka_topic,
+        help="topic for flow events (created if missing)",
+    )
+    p.add_argument(
+        "--kafka-spool-max-bytes",
+        type=argtypes.size,
+        default=256 << 20,
+        metavar="SIZE",
+        help="events wait in <state-dir>/spool while Kafka is unreachable, up to"
+        " this much (then the oldest are dropped, and counted)",
+    )
+    p.add_argument(
+        "--timeout",
+        action="append",
+        type=argtypes.class_seconds(_TIMEOUT_CLASSES),
+        metavar="CLASS=SECONDS",
+        default=[],
+        help="idle timeout of a session class (repeatable); classes: "
+        + ", ".join(_TIMEOUT_CLASSES)
+        + " (defaults: Linux conntrack's; see README)",
+    )
     _pressure_flags(p)
     p.set_defaults(func=cmd_run)
 
@@ -89,27 +154,51 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _pressure_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pressure alerts (alert records in the event stream, metrics)")
     d = PressureConfig()
-    g.add_argument("--syn-flood-half-open", type=argtypes.non_negative_int, metavar="N",
-                   default=d.half_open_threshold,
-                   help="alert syn_flood at this many half-open TCP sessions"
-                   f" (default {d.half_open_threshold}; 0: off)")
-    g.add_argument("--syn-flood-rate", type=argtypes.per_second, metavar="PER_S",
-                   default=d.syn_rate_threshold,
-                   help="... or at this many new TCP sessions opened by a SYN per second"
-                   f" (default {d.syn_rate_threshold:g}; 0: off)")
-    g.add_argument("--new-flow-rate-alert", type=argtypes.per_second, metavar="PER_S",
-                   default=d.new_flow_rate_threshold,
-                   help="alert new_flow_rate at this many new sessions per second, any protocol"
-                   f" (default {d.new_flow_rate_threshold:g}; 0: off)")
-    g.add_argument("--fill-warning", type=argtypes.fraction, metavar="RATIO",
-                   default=d.fill_warning,
-                   help="alert map_fill (warning) when a kernel table is this full (default 0.8)")
-    g.add_argument("--fill-critical", type=argtypes.fraction, metavar="RATIO",
-                   default=d.fill_critical,
-                   help="... and critical at this (default 0.95)")
-    g.add_argument("--pressure-interval", type=argtypes.seconds, metavar="SECONDS",
-                   default=d.interval,
-                   help="how often the tables are read for alerts and rates (default 1)")
+    g.add_argument(
+        "--syn-flood-half-open",
+        type=argtypes.non_negative_int,
+        metavar="N",
+        default=d.half_open_threshold,
+        help="alert syn_flood at this many half-open TCP sessions"
+        f" (default {d.half_open_threshold}; 0: off)",
+    )
+    g.add_argument(
+        "--syn-flood-rate",
+        type=argtypes.per_second,
+        metavar="PER_S",
+        default=d.syn_rate_threshold,
+        help="... or at this many new TCP sessions opened by a SYN per second"
+        f" (default {d.syn_rate_threshold:g}; 0: off)",
+    )
+    g.add_argument(
+        "--new-flow-rate-alert",
+        type=argtypes.per_second,
+        metavar="PER_S",
+        default=d.new_flow_rate_threshold,
+        help="alert new_flow_rate at this many new sessions per second, any protocol"
+        f" (default {d.new_flow_rate_threshold:g}; 0: off)",
+    )
+    g.add_argument(
+        "--fill-warning",
+        type=argtypes.fraction,
+        metavar="RATIO",
+        default=d.fill_warning,
+        help="alert map_fill (warning) when a kernel table is this full (default 0.8)",
+    )
+    g.add_argument(
+        "--fill-critical",
+        type=argtypes.fraction,
+        metavar="RATIO",
+        default=d.fill_critical,
+        help="... and critical at this (default 0.95)",
+    )
+    g.add_argument(
+        "--pressure-interval",
+        type=argtypes.seconds,
+        metavar="SECONDS",
+        default=d.interval,
+        help="how often the tables are read for alerts and rates (default 1)",
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:

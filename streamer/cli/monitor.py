@@ -132,9 +132,19 @@ def add_monitor_parser(subparsers: Any) -> None:
         " SYN sessions per second, drops by reason and the alerts firing, refreshed every"
         " --interval seconds until Ctrl-C.",
     )
-    p.add_argument("--interval", type=argtypes.monitor_interval, default=1.0, metavar="SECONDS",
-                   help="seconds between readings (default 1)")
+    p.add_argument(
+        "--interval",
+        type=argtypes.monitor_interval,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between readings (default 1)",
+    )
     p.add_argument("--once", action="store_true", help="one reading, then exit")
-    p.add_argument("--count", type=argtypes.monitor_count, default=0, metavar="N",
-                   help="stop after N readings (default 0: until Ctrl-C)")
+    p.add_argument(
+        "--count",
+        type=argtypes.monitor_count,
+        default=0,
+        metavar="N",
+        help="stop after N readings (default 0: until Ctrl-C)",
+    )
     p.set_defaults(func=cmd_monitor)

@@ -233,9 +233,7 @@ def _rule_flags(p: argparse.ArgumentParser, with_id: bool) -> None:
     g.add_argument("--dst-port", type=argtypes.rule_port, metavar="PORT|LO-HI", help="0 = any")
     g.add_argument("--protocol", type=str.lower, choices=[p.value for p in Protocol])
     g.add_argument("--action", type=str.lower, choices=[a.value for a in Action])
-    g.add_argument(
-        "--priority", type=argtypes.priority, help="0..65535, higher wins (default 100)"
-    )
+    g.add_argument("--priority", type=argtypes.priority, help="0..65535, higher wins (default 100)")
     g.add_argument("--direction", type=str.lower, choices=[d.value for d in Direction])
     p.add_argument(
         "--file",

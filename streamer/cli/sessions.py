@@ -97,7 +97,5 @@ def add_session_parser(subparsers: Any) -> None:
     p.add_argument("--port", type=argtypes.port_number, help="either end has this port")
     p.add_argument("--protocol", type=str.lower, choices=list(PROTOCOL_NUMBERS))
     p.add_argument("--verdict", type=str.lower, choices=VERDICTS)
-    p.add_argument(
-        "--limit", type=argtypes.limit, help="at most this many (the agent caps it too)"
-    )
+    p.add_argument("--limit", type=argtypes.limit, help="at most this many (the agent caps it too)")
     p.set_defaults(func=cmd_session_list)

@@ -78,9 +78,7 @@ def attach(
                 mode = "tcx"
                 _del_tc_filters(ipr, index)
         if mode == "tc":
-            qdiscs = [
-                q for q in ipr.get_qdiscs(index=index) if q.get_attr("TCA_KIND") == "clsact"
-            ]
+            qdiscs = [q for q in ipr.get_qdiscs(index=index) if q.get_attr("TCA_KIND") == "clsact"]
             if not qdiscs:
                 ipr.tc("add", "clsact", index)
                 created = True
@@ -101,6 +99,7 @@ def attach(
             _unpin_links(config.pin_root, ifname, netns)
     _record_attachment(config, ifname, netns, created, mode)
     return index, mode
+
 
 def _attach_tcx(
     config: DatapathConfig, progs: dict[str, Any], ifname: str, netns: str | None, index: int
@@ -141,6 +140,7 @@ def _attach_tcx(
                 raise DatapathError(f"pinning {path} failed: {os.strerror(err)}")
         finally:
             os.close(fd)
+
 
 def _record_attachment(
     config: DatapathConfig, ifname: str, netns: str | None, created_qdisc: bool, mode: str

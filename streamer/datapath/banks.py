@@ -1,12 +1,16 @@
-"""Policy banks: a compiled policy written into the idle bank, the flip, the old bank retired.
+"""Policy banks: both banks hold the live tables; a change goes into the idle one, then the flip.
 
-In: CompiledPolicy tables (streamer.datapath.compiler) and the loaded maps. Out: the rules,
-shapes, bloom filters and bank header of the idle bank, then `active` switched to it in one
-8-byte write; per-rule counter slots kept across generations (a rule keeps its counters) and
-zeroed before a new rule uses one. The old bank is cleared beside the caller once no program
-can still read it (an RCU barrier); a failure there is kept with the keys it left, retried at
-the next `settle` (which every apply and close runs) and raised there if it fails again.
-On start, `adopt` learns what a previous agent left in the pinned maps.
+In: the live tables (streamer.datapath.ruletables.RuleTables) and their changes (TableDelta),
+or a whole new set of tables; the loaded maps. Out: the idle bank written (the delta's entries,
+filter words and shapes; or for a whole set: cleared and filled), then `active` switched to it
+in one 8-byte write, so a packet is judged by one whole set; then, once no program can still
+read the other bank (an RCU barrier, beside the caller), the same writes into that one, which
+makes the two equal again (`settle` waits for that; every apply runs one first). Per-rule
+counter slots are kept across generations (a rule keeps its counters), zeroed before a new
+rule uses one and freed once no bank names the rule. A bank whose writes failed is *dirty*:
+before it is used again it is cleared (by a walk of the maps) and filled whole. On start,
+`adopt` learns the live generation and rule slots a previous agent left in the pinned maps
+(both banks are dirty until the first apply fills them).
 """
 
 from __future__ import annotations
@@ -16,14 +20,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from streamer.datapath.compiler import (
-    CompiledPolicy,
-    bloom_layout,
-    build_bloom,
-    pack_rule_key,
-    pack_rule_val,
-    pack_shape,
-)
+from streamer.datapath.compiler import pack_shape
 from streamer.datapath.config import DatapathConfig, DatapathError
 from streamer.datapath.layout import (
     BANK,
@@ -35,55 +32,68 @@ from streamer.datapath.layout import (
     active_of,
     active_word,
 )
-from streamer.datapath.maps import KeysLeft, Maps, array_key
+from streamer.datapath.maps import Maps, array_key
+from streamer.datapath.ruletables import (
+    RuleTables,
+    ShapeRow,
+    TableChange,
+    TableDelta,
+    bank_key,
+    entry_value,
+)
 
 log = logging.getLogger(__name__)
 
 _RULE_ID, _SLOT = RULE_VAL.index("rule_id"), RULE_VAL.index("slot")
+_SHAPE_FIELD = struct.Struct("<H")
+_RULE_KEYS = {4: RULE_KEY4, 6: RULE_KEY6}
 
 
 @dataclass
-class _Retirement:
-    """An old bank being cleared: the keys the rules maps may still hold (by family), the
-    counter slots to free once they are gone, and why the last attempt failed."""
+class _CatchUp:
+    """The other bank being brought level with the live one, beside the caller: its writes
+    (a delta, or a whole set replacing `old`), the slots to free after, and what failed."""
 
     bank: int
-    keys: dict[int, list[bytes]]
+    generation: int
+    delta: TableDelta | None
+    tables: RuleTables
+    old: RuleTables | None
     slots: list[int]
     thread: threading.Thread | None = None
     error: BaseException | None = None
 
 
 class Banks:
-    """The two banks of one classifier. `apply` serializes itself (`lock`) and may run in a
-    worker thread while readers run elsewhere; `keys` are the rule keys each bank holds."""
+    """The two banks of one classifier. `apply_*` serialize themselves (`lock`) and may run in a
+    worker thread while readers run elsewhere; `tables` is what both banks hold once level."""
 
     def __init__(self, maps: Maps, config: DatapathConfig) -> None:
         self._maps = maps
         self._config = config
         self.lock = threading.Lock()
+        self.tables: RuleTables | None = None
         self.slots: dict[int, int] = {}  # rule_id -> per-rule counter slot
         self._free_slots: list[int] = []
         self._next_slot = 1
-        self.keys: dict[int, dict[int, list[bytes]]] = {0: {4: [], 6: []}, 1: {4: [], 6: []}}
-        self._retiring: _Retirement | None = None
+        self._dirty: set[int] = set()  # banks whose contents are not `tables`
+        self._catching_up: _CatchUp | None = None
 
     def adopt(self) -> bool:
-        """Learn what a previous agent left in the pinned maps: banks' keys and rule slots.
-        Whether they held an applied generation."""
+        """Learn what a previous agent left in the pinned maps: the live bank's rule slots
+        (both banks count as dirty until the first apply). Whether they held an applied
+        generation."""
         gen, bank = self.active()
+        ms = self._config.max_shapes
+        found = False
         for family in (4, 6):
             name = f"rules{family}"
-            rule_key = RULE_KEY4 if family == 4 else RULE_KEY6
-            for key in self._maps.keys(name, rule_key.size):
-                shape_id = struct.unpack_from("<H", key, rule_key.offset("shape"))[0]
-                kbank = shape_id // self._config.max_shapes
-                self.keys[kbank & 1][family].append(key)
-                if kbank == bank and gen > 0:
-                    val = self._maps.lookup(name, key, RULE_VAL.size)
-                    if val is not None:
-                        v = RULE_VAL.unpack(val)
-                        self.slots[v[_RULE_ID]] = v[_SLOT]
+            for key, val in self._maps.walk(name, _RULE_KEYS[family].size, RULE_VAL.size):
+                found = True
+                if gen > 0 and _SHAPE_FIELD.unpack_from(key)[0] // ms == bank:
+                    v = RULE_VAL.unpack(val)
+                    self.slots[v[_RULE_ID]] = v[_SLOT]
+        self._dirty = {0, 1} if (found or gen > 0) else set()
         used = set(self.slots.values())
         self._next_slot = max(used, default=0) + 1
         if gen > 0:
@@ -96,158 +106,264 @@ class Banks:
         return active_of(struct.unpack("<Q", raw)[0] if raw else 0)
 
     def rule_entries(self, family: int) -> int:
-        """Entries of the family's rules map: both banks', and what a failed retire left."""
-        n = sum(len(self.keys[b][family]) for b in (0, 1))
-        job = self._retiring
-        if job is not None and job.error is not None:
-            n += len(job.keys[family])
-        return n
+        """Entries of the family's rules map, both banks' (a dirty bank's are not known: a
+        walk counts them)."""
+        if self._dirty:
+            return sum(1 for _ in self._maps.keys(f"rules{family}", _RULE_KEYS[family].size))
+        if self.tables is None:
+            return 0
+        n = 2 * self.tables.entries(family)
+        job = self._catching_up
+        if job is not None and job.delta is None and job.old is not None:
+            n += job.old.entries(family) - job.tables.entries(family)  # not level yet
+        return max(n, 0)
 
-    def apply(self, compiled: CompiledPolicy, generation: int | None = None) -> int:
-        """Switch the classifier to `compiled` in one step; returns the new generation.
+    # ---- applying ------------------------------------------------------------------------
 
-        The idle bank is filled while the live one keeps judging; then `active` flips in one
-        8-byte write. Old entries are removed only after every program that could still be
-        reading them has finished. On failure the live bank is untouched.
-        """
+    def _new_generation(self, gen: int, generation: int | None, keep: bool) -> int:
+        if keep and generation is not None and generation == gen:
+            return gen
+        new_gen = generation if generation is not None else gen + 1
+        return new_gen if new_gen > gen else gen + 1
+
+    def apply_tables(
+        self, tables: RuleTables, generation: int | None = None, keep: bool = False
+    ) -> int:
+        """Switch the classifier to a whole new set of tables; returns the new generation
+        (`keep`: the same generation as now when `generation` is it: a restart that rewrites
+        what the pinned maps already enforce). On failure the live bank is untouched."""
         with self.lock:
             self.settle()
             gen, bank = self.active()
-            new_bank = bank ^ 1
-            new_gen = generation if generation is not None else gen + 1
-            if new_gen <= gen:
-                new_gen = gen + 1
-            ms = self._config.max_shapes
-            for family in (4, 6):
-                # More shapes would be written over the other bank's (the live one's) slots.
-                n = len(compiled.family(family).shapes)
-                if n > ms:
-                    raise DatapathError(
-                        f"the policy has {n} IPv{family} rule shapes; this classifier holds at"
-                        f" most {ms} (compile it with max_shapes={ms})"
-                    )
-            # 1. clear leftovers in the idle bank
-            for family in (4, 6):
-                try:
-                    self._maps.delete_batch(f"rules{family}", self.keys[new_bank][family])
-                except KeysLeft as e:
-                    self.keys[new_bank][family] = e.keys
-                    raise
-                self.keys[new_bank][family] = []
-            # 2. slots for rules new to the set, counters zeroed before first use
-            new_slots: dict[int, int] = {}
-            fresh: list[int] = []
-            for rid in compiled.rule_ids:
-                slot = self.slots.get(rid)
-                if slot is None:
-                    if self._free_slots:
-                        slot = self._free_slots.pop()
-                    else:
-                        slot = self._next_slot
-                        self._next_slot += 1
-                    if slot >= self._config.rule_slots:
-                        self._free_slots.extend(fresh)  # give back what this call took
-                        raise DatapathError("out of per-rule counter slots")
-                    fresh.append(slot)
-                new_slots[rid] = slot
+            nb = bank ^ 1
+            new_gen = self._new_generation(gen, generation, keep)
+            self._check_shapes(tables)
+            fresh = self._take_slots(tables.rule_ids)
             try:
+                self._clear_bank(nb, self.tables)
                 self._zero_slots(fresh)
-                self._fill(compiled, new_bank, new_gen, new_slots)
-            except Exception:
-                for s in fresh:
-                    self._free_slots.append(s)
+                self._fill(nb, new_gen, tables)
+            except BaseException:
+                self._dirty.add(nb)
+                self._give_back(fresh)
                 raise
-            # 4. the switch: from here on the new set is enforced
-            word = active_word(new_gen, new_bank)
-            self._maps.write("active", array_key(0), struct.pack("<Q", word))
-            # 5. retire the old bank and the slots of rules that are gone, once no program can
-            # still be reading them. Waiting for that (an RCU grace period) takes milliseconds,
-            # so it runs beside the caller; the next apply waits for it before reusing the bank.
-            job = _Retirement(
-                bank,
-                self.keys[bank],
-                [slot for rid, slot in self.slots.items() if rid not in new_slots],
-            )
-            self.keys[bank] = {4: [], 6: []}
-            self.slots = new_slots
-            job.thread = threading.Thread(
-                target=self._clear, args=(job,), name="microseg-retire", daemon=True
-            )
-            self._retiring = job
-            job.thread.start()
+            self._flip(new_gen, nb)
+            old, self.tables = self.tables, tables
+            gone = [slot for rid, slot in self.slots.items() if rid not in tables.rule_ids]
+            for rid in [r for r in self.slots if r not in tables.rule_ids]:
+                del self.slots[rid]
+            self._start_catch_up(_CatchUp(bank, new_gen, None, tables, old, gone))
             return new_gen
 
-    def _fill(
-        self, compiled: CompiledPolicy, new_bank: int, new_gen: int, slots: dict[int, int]
-    ) -> None:
-        """3. rules, shapes and the shapes' filters of the new bank, then its header."""
+    def apply_change(self, change: TableChange, generation: int | None = None) -> int:
+        """Switch the classifier to the live tables with `change` made: its writes into the
+        idle bank, the flip, then `change.commit()`; returns the new generation. On failure
+        the live bank and the tables are untouched."""
+        if self.tables is None:
+            raise DatapathError("no tables to change: apply a whole set first")
+        delta = change.finish()
+        with self.lock:
+            self.settle()
+            gen, bank = self.active()
+            nb = bank ^ 1
+            new_gen = self._new_generation(gen, generation, False)
+            fresh = self._take_slots(delta.new_rules)
+            try:
+                if nb in self._dirty:
+                    self._clear_bank(nb, None)
+                    self._fill(nb, gen, self.tables)
+                self._zero_slots(fresh)
+                self._write_delta(nb, new_gen, delta, self.tables)
+            except BaseException:
+                self._dirty.add(nb)
+                self._give_back(fresh)
+                raise
+            self._flip(new_gen, nb)
+            change.commit()
+            gone = [self.slots.pop(rid) for rid in delta.gone_rules if rid in self.slots]
+            self._start_catch_up(_CatchUp(bank, new_gen, delta, self.tables, None, gone))
+            return new_gen
+
+    def _check_shapes(self, tables: RuleTables) -> None:
         ms = self._config.max_shapes
-        layout = bloom_layout([len(e) for f in (4, 6) for e in compiled.family(f).entries])
-        shape_keys: list[bytes] = []
-        shape_vals: list[bytes] = []
-        bloom_keys: list[bytes] = []
-        bloom_vals: list[bytes] = []
-        bloom_base = new_bank * MS_BLOOM_BANK_WORDS
-        n = 0
-        for family, fidx in ((4, 0), (6, 1)):
-            tables = compiled.family(family)
+        for family in (4, 6):
+            # More shapes would be written over the other bank's (the live one's) slots.
+            n = len(tables.fam[family].order)
+            if n > ms or tables.max_shapes != ms:
+                raise DatapathError(
+                    f"the policy has {n} IPv{family} rule shapes; this classifier holds at"
+                    f" most {ms} (compile it with max_shapes={ms})"
+                )
+
+    def _take_slots(self, rule_ids: set[int]) -> list[int]:
+        """Slots for the rules that have none (taken now, given back on failure)."""
+        fresh: list[int] = []
+        for rid in rule_ids:
+            if rid in self.slots:
+                continue
+            if self._free_slots:
+                slot = self._free_slots.pop()
+            else:
+                slot = self._next_slot
+                self._next_slot += 1
+            if slot >= self._config.rule_slots:
+                self._free_slots.append(slot)
+                self._give_back(fresh)
+                raise DatapathError("out of per-rule counter slots")
+            self.slots[rid] = slot
+            fresh.append(slot)
+        return fresh
+
+    def _give_back(self, fresh: list[int]) -> None:
+        taken = set(fresh)
+        for rid in [r for r, s in self.slots.items() if s in taken]:
+            del self.slots[rid]
+        self._free_slots.extend(fresh)
+
+    def _flip(self, gen: int, bank: int) -> None:
+        # From here on the new set is enforced.
+        self._maps.write("active", array_key(0), struct.pack("<Q", active_word(gen, bank)))
+
+    # ---- writing a bank --------------------------------------------------------------------
+
+    def _value(self, cache: dict[int, bytes], score: int) -> bytes:
+        v = cache.get(score)
+        if v is None:
+            rid, action = entry_value(score)
+            v = cache[score] = RULE_VAL.pack(score, rid, self.slots[rid], action)
+        return v
+
+    def _fill(self, bank: int, gen: int, tables: RuleTables) -> None:
+        """Every entry, shape and filter word of `tables` into `bank`, then its header."""
+        ms = self._config.max_shapes
+        cache: dict[int, bytes] = {}
+        for family in (4, 6):
             keys: list[bytes] = []
             vals: list[bytes] = []
-            for i, (shape, mx, entries) in enumerate(
-                zip(tables.shapes, tables.max_scores, tables.entries, strict=True)
-            ):
-                sid = new_bank * ms + i
-                first = len(keys)
-                for k, e in entries.items():
-                    keys.append(pack_rule_key(family, sid, k))
-                    vals.append(pack_rule_val(e, slots[e.rule_id]))
-                off, log2_bits = layout[n]
-                n += 1
-                if log2_bits:
-                    words = build_bloom(family, keys[first:], log2_bits)
-                    for w in range(len(words) // 8):
-                        bloom_keys.append(array_key(bloom_base + off + w))
-                        bloom_vals.append(words[8 * w : 8 * w + 8])
-                shape_keys.append(array_key((new_bank * 2 + fidx) * ms + i))
-                shape_vals.append(pack_shape(shape, mx, bloom_base + off, log2_bits))
-            self.keys[new_bank][family] = keys
+            for ls in tables.fam[family].order:
+                pre = _SHAPE_FIELD.pack(bank * ms + ls.sid)
+                for k, score in ls.best.items():
+                    keys.append(pre + k[2:])
+                    vals.append(self._value(cache, score))
             self._maps.update_batch(f"rules{family}", keys, vals)
-        self._maps.update_batch("blooms", bloom_keys, bloom_vals)
-        self._maps.update_batch("shapes", shape_keys, shape_vals)
-        self._maps.write(
-            "banks",
-            array_key(new_bank),
-            BANK.pack(
-                new_gen,
-                len(compiled.v4.shapes),
-                len(compiled.v6.shapes),
-                compiled.default_action,
-            ),
+            self._write_shapes(bank, family, tables.fam[family].rows())
+        bloom = tables.bloom
+        base = bank * MS_BLOOM_BANK_WORDS
+        top = tables.bloom_top
+        self._maps.update_batch(
+            "blooms",
+            [array_key(base + w) for w in range(top)],
+            [bytes(bloom[w * 8 : w * 8 + 8]) for w in range(top)],
+        )
+        self._write_header(bank, gen, tables.default_action, tables)
+        self._dirty.discard(bank)
+
+    def _write_delta(self, bank: int, gen: int, delta: TableDelta, tables: RuleTables) -> None:
+        ms = self._config.max_shapes
+        cache: dict[int, bytes] = {}
+        base = bank * MS_BLOOM_BANK_WORDS
+        # Filter words first: a key must never be in a table its filter hides it in.
+        if delta.bloom_words:
+            items = sorted(delta.bloom_words.items())
+            self._maps.update_batch(
+                "blooms",
+                [array_key(base + w) for w, _ in items],
+                [v.to_bytes(8, "little") for _, v in items],
+            )
+        for family in (4, 6):
+            fd = delta.family(family)
+            name = f"rules{family}"
+            if fd.deletes:
+                self._maps.delete_batch(name, [bank_key(k, bank, ms) for k in fd.deletes])
+            if fd.upserts:
+                keys = [bank_key(k, bank, ms) for k in fd.upserts]
+                vals = [self._value(cache, score) for score in fd.upserts.values()]
+                self._maps.update_batch(name, keys, vals)
+            if fd.shapes is not None:
+                self._write_shapes(bank, family, fd.shapes)
+        n4, n6 = delta.nshapes
+        self._maps.write("banks", array_key(bank), BANK.pack(gen, n4, n6, delta.default_action))
+
+    def _write_shapes(self, bank: int, family: int, rows: list[ShapeRow]) -> None:
+        ms = self._config.max_shapes
+        fidx = 0 if family == 4 else 1
+        bloom_base = bank * MS_BLOOM_BANK_WORDS
+        self._maps.update_batch(
+            "shapes",
+            [array_key((bank * 2 + fidx) * ms + i) for i in range(len(rows))],
+            [
+                pack_shape(
+                    r.shape,
+                    r.max_score,
+                    bloom_base + r.bloom_off,
+                    r.bloom_log2,
+                    bank * ms + r.sid,
+                )
+                for r in rows
+            ],
         )
 
-    def _clear(self, job: _Retirement) -> None:
-        """Remove a retired bank's keys once no program can read them; what fails is kept in
-        `job` (its error, the keys left) for `settle`, never lost with the thread."""
+    def _write_header(self, bank: int, gen: int, default: int, tables: RuleTables) -> None:
+        self._maps.write(
+            "banks",
+            array_key(bank),
+            BANK.pack(gen, len(tables.fam[4].order), len(tables.fam[6].order), default),
+        )
+
+    def _clear_bank(self, bank: int, tables: RuleTables | None) -> None:
+        """Remove the rule entries of `bank`: those of `tables` when the bank holds exactly
+        them, else (dirty, or no tables) every key of its shape range found by a walk."""
+        ms = self._config.max_shapes
+        for family in (4, 6):
+            name = f"rules{family}"
+            if tables is not None and bank not in self._dirty:
+                keys = [
+                    _SHAPE_FIELD.pack(bank * ms + ls.sid) + k[2:]
+                    for ls in tables.fam[family].order
+                    for k in ls.best
+                ]
+            else:
+                lo, hi = bank * ms, (bank + 1) * ms
+                keys = [
+                    k
+                    for k in self._maps.keys(name, _RULE_KEYS[family].size)
+                    if lo <= _SHAPE_FIELD.unpack_from(k)[0] < hi
+                ]
+            self._maps.delete_batch(name, keys)
+        # The header last: a bank without entries announces no shapes.
+        self._maps.write("banks", array_key(bank), BANK.pack(0, 0, 0, 0))
+
+    # ---- the other bank, beside the caller -----------------------------------------------
+
+    def _start_catch_up(self, job: _CatchUp) -> None:
+        job.thread = threading.Thread(
+            target=self._catch_up, args=(job,), name="microseg-retire", daemon=True
+        )
+        self._catching_up = job
+        job.thread.start()
+
+    def _catch_up(self, job: _CatchUp) -> None:
+        """Once no program reads the old bank: make it equal to the live one. What fails is
+        kept in `job` for `settle`, never lost with the thread."""
         job.error = None
         try:
             self._maps.barrier()
-            for family in (4, 6):
-                try:
-                    self._maps.delete_batch(f"rules{family}", job.keys[family])
-                except KeysLeft as e:
-                    job.keys[family] = e.keys
-                    job.error = e
-                else:
-                    job.keys[family] = []
+            if job.delta is not None and job.bank not in self._dirty:
+                self._write_delta(job.bank, job.generation, job.delta, job.tables)
+            else:
+                self._clear_bank(job.bank, job.old)
+                self._fill(job.bank, job.generation, job.tables)
         except BaseException as e:  # handed to settle, in the thread that waits for it
+            self._dirty.add(job.bank)
             job.error = e
 
     def settle(self) -> None:
-        """Wait until the bank retired by the last apply is cleared (tests, shutdown).
+        """Wait until the other bank is level with the live one (tests, shutdown, every apply).
 
-        If clearing it failed, it is tried once more here and the failure logged; if that
-        fails too, DatapathError: the keys stay known and the next settle tries again."""
-        job = self._retiring
+        If bringing it level failed, it is tried once more here (cleared and filled whole) and
+        the failure logged; if that fails too, DatapathError: the bank stays dirty and the
+        next settle tries again."""
+        job = self._catching_up
         if job is None:
             return
         if job.thread is not None:
@@ -255,30 +371,31 @@ class Banks:
             job.thread = None
         if job.error is not None:
             first = job.error
-            self._clear(job)
+            job.delta = None
+            job.old = None
+            self._catch_up(job)
             if job.error is not None:
-                left = sum(len(k) for k in job.keys.values())
                 raise DatapathError(
-                    f"clearing the retired policy bank {job.bank} failed ({first}), and again"
-                    f" ({job.error}): {left} of its rule entries are left"
+                    f"updating the other policy bank ({job.bank}) failed ({first}), and again"
+                    f" ({job.error}): it is rewritten whole before its next use"
                 ) from job.error
             log.warning(
-                "clearing the retired policy bank %d failed (%s); a retry cleared it",
+                "updating the other policy bank (%d) failed (%s); a retry rewrote it",
                 job.bank,
                 first,
             )
         self._free_slots.extend(job.slots)
-        self._retiring = None
+        self._catching_up = None
 
     def close(self) -> None:
-        """`settle` before the maps are released; a retirement that still fails is raised
-        and then dropped (its keys stay in the pinned maps, where the next load's `adopt`
-        finds them and the next apply to that bank clears them)."""
+        """`settle` before the maps are released; a catch-up that still fails is raised
+        and then dropped (its bank stays as it is in the pinned maps, where the next load's
+        `adopt` finds it dirty)."""
         with self.lock:
             try:
                 self.settle()
             finally:
-                self._retiring = None
+                self._catching_up = None
 
     def _zero_slots(self, slots: list[int]) -> None:
         if not slots:

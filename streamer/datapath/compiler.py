@@ -12,6 +12,7 @@ never matches any packet and produces no entry (the policy model rejects such ru
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from streamer.datapath.layout import (
@@ -26,13 +27,15 @@ from streamer.datapath.layout import (
     RULE_VAL,
     SHAPE,
 )
-from streamer.policy.model import PolicySet
+from streamer.policy.model import MAX_RULE_ID, PolicySet, Rule
 from streamer.vocabulary import Action, DefaultAction
 
 PROTO_TCP = 6
 PROTO_UDP = 17
 ACTION_CODES = {Action.ALLOW: MS_ALLOW, Action.DENY: MS_DENY, Action.LOG: MS_LOG}
 DEFAULT_ACTION_CODES = {DefaultAction.ALLOW: MS_ALLOW, DefaultAction.DENY: MS_DENY}
+# The action rank in a score (streamer.policy.model: deny 2, log 1, allow 0) -> action code.
+_RANK_ACTIONS = (MS_ALLOW, MS_LOG, MS_DENY, MS_DENY)
 
 _DIRS = {
     "ingress": (MS_DIR_INGRESS,),
@@ -49,8 +52,8 @@ class CompileError(ValueError):
 # without bound (the kernel's rule tables hold 4M entries for both banks).
 MAX_ENTRIES_PER_SET = 1 << 21
 
-_ShapeT = tuple[int, int, int, int, int, bool]
-_Val = tuple[int, int, int]
+ShapeT = tuple[int, int, int, int, int, bool]
+"""(family, src_plen, dst_plen, sport_plen, dport_plen, proto_wild): a shape as a tuple."""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -80,25 +83,34 @@ EntryKey = tuple[int, int, int, int, int, int]
 
 @dataclass
 class FamilyTables:
-    """Shapes of one family in probe order, and their entries."""
+    """Shapes of one family in probe order, the best score of each of their keys, and every
+    contribution of the keys that more than one rule or member gives."""
 
     shapes: list[Shape] = field(default_factory=list)
     max_scores: list[int] = field(default_factory=list)
-    entries: list[dict[EntryKey, Entry]] = field(default_factory=list)
+    scores: list[dict[EntryKey, int]] = field(default_factory=list)
+    shared: list[dict[EntryKey, list[int]]] = field(default_factory=list)
+
+    @property
+    def entries(self) -> list[dict[EntryKey, Entry]]:
+        """The best rule of every key, per shape (for tests and tools: built on each call)."""
+        return [{k: entry_of(v) for k, v in found.items()} for found in self.scores]
 
     @property
     def entry_count(self) -> int:
-        return sum(len(e) for e in self.entries)
+        return sum(len(e) for e in self.scores)
 
 
 @dataclass
 class CompiledPolicy:
-    """What the datapath writes into one bank."""
+    """A whole set compiled: what the datapath writes into a bank. `merged` maps the natural
+    shapes that did not fit to the shape their entries went into."""
 
     default_action: int
     v4: FamilyTables
     v6: FamilyTables
     rule_ids: list[int]
+    merged: dict[ShapeT, ShapeT] = field(default_factory=dict)
 
     def family(self, family: int) -> FamilyTables:
         return self.v4 if family == 4 else self.v6
@@ -131,88 +143,145 @@ def port_blocks(ports: tuple[int, int] | None) -> list[tuple[int, int]]:
 
 
 _BLOCKS_NONE: list[tuple[int, int]] = [(0, 0)]
+_BLOCK_CACHE: dict[tuple[int, int] | None, list[tuple[int, int]]] = {None: _BLOCKS_NONE}
+
+Addr = tuple[str, int, int, int]
+"""An address end as streamer.policy.model parses it: (text, version (0: any), value, prefix)."""
+
+
+def _blocks(ports: tuple[int, int] | None) -> list[tuple[int, int]]:
+    blocks = _BLOCK_CACHE.get(ports)
+    if blocks is None:
+        if len(_BLOCK_CACHE) > 4096:
+            _BLOCK_CACHE.clear()
+            _BLOCK_CACHE[None] = _BLOCKS_NONE
+        blocks = _BLOCK_CACHE[ports] = port_blocks(ports)
+    return blocks
+
+
+def rule_score(rule: Rule) -> int:
+    """The score the kernel stores for the rule's entries (its score + 1: 0 is "no match")."""
+    return rule.match_data()[6] + 1
+
+
+def rule_ends(rule: Rule) -> tuple[list[Addr], list[Addr]]:
+    """The rule's source and destination address ends (one each for an address rule)."""
+    src, dst = rule.match_data()[:2]
+    return [src], [dst]
+
+
+def rule_entries(
+    rule: Rule, srcs: Iterable[Addr], dsts: Iterable[Addr]
+) -> Iterator[tuple[ShapeT, EntryKey]]:
+    """(natural shape, key) of every entry `rule` gives for these source and destination ends.
+
+    A pair of ends of different families, or of a family the rule's protocol is not of, gives
+    none; an empty end list gives none (an empty group matches nothing)."""
+    _, _, sports, dports, proto, families, _ = rule.match_data()
+    ports_cond = sports is not None or dports is not None
+    if proto is not None:
+        protos: tuple[int, ...] = (proto,)
+    elif ports_cond:
+        # A port condition is met only by TCP and UDP: "any" narrows to those two.
+        protos = (PROTO_TCP, PROTO_UDP)
+    else:
+        protos = (0,)
+    proto_wild = proto is None and not ports_cond
+    sblocks = _blocks(sports)
+    dblocks = _blocks(dports)
+    dirs = _DIRS[rule.direction.value]
+    dst_list = dsts if isinstance(dsts, list) else list(dsts)
+    for src in srcs:
+        for dst in dst_list:
+            # An "any" address (version 0) is the family's /0; a pair whose protocol or
+            # addresses belong to one family has entries only in that one.
+            for family in (4, 6):
+                if family not in families or src[1] not in (0, family) or dst[1] not in (0, family):
+                    continue
+                svalue, splen = (src[2], src[3]) if src[1] else (0, 0)
+                dvalue, dplen = (dst[2], dst[3]) if dst[1] else (0, 0)
+                for sport, sportlen in sblocks:
+                    for dport, dportlen in dblocks:
+                        shape_t = (family, splen, dplen, sportlen, dportlen, proto_wild)
+                        for direction in dirs:
+                            for p in protos:
+                                yield shape_t, (direction, p, sport, dport, svalue, dvalue)
 
 
 def compile_policy(policy: PolicySet, max_shapes: int) -> CompiledPolicy:
     """Compile a policy set; raises CompileError when a family needs more than max_shapes.
 
-    This runs on every change of a 100,000-rule set, so it works on plain tuples and reads
-    each rule's match data once; shapes become Shape objects only at the end.
+    Works on plain tuples and reads each rule's match data once; shapes become Shape objects
+    only at the end. Besides the best score of every key it keeps, for the keys more than one
+    rule (or group member) gives, every contribution (`shared`), so that a later change can
+    remove one and find the next best (streamer.datapath.ruletables).
     """
-    # shape tuple (family, src_plen, dst_plen, sport_plen, dport_plen, proto_wild) ->
-    #   {entry key: (score, rule_id, action)}
-    tables: dict[_ShapeT, dict[EntryKey, _Val]] = {}
-    block_cache: dict[tuple[int, int] | None, list[tuple[int, int]]] = {None: _BLOCKS_NONE}
+    # shape tuple -> {entry key: best score}; shared: shape tuple -> {key: [scores]}
+    tables: dict[ShapeT, dict[EntryKey, int]] = {}
+    shared: dict[ShapeT, dict[EntryKey, list[int]]] = {}
     for rule in policy.policies:
-        src, dst, sports, dports, proto, families, score = rule.match_data()
-        val = (score + 1, rule.rule_id, ACTION_CODES[rule.action])
-        ports_cond = sports is not None or dports is not None
-        if proto is not None:
-            protos: tuple[int, ...] = (proto,)
-        elif ports_cond:
-            # A port condition is met only by TCP and UDP: "any" narrows to those two.
-            protos = (PROTO_TCP, PROTO_UDP)
-        else:
-            protos = (0,)
-        proto_wild = proto is None and not ports_cond
-        sblocks = block_cache.get(sports)
-        if sblocks is None:
-            sblocks = block_cache[sports] = port_blocks(sports)
-        dblocks = block_cache.get(dports)
-        if dblocks is None:
-            dblocks = block_cache[dports] = port_blocks(dports)
-        dirs = _DIRS[rule.direction.value]
-        for family in (4, 6):
-            # An "any" address (version 0) is the family's /0; a rule whose protocol or
-            # addresses belong to one family has no entries in the other.
-            if family not in families or src[1] not in (0, family) or dst[1] not in (0, family):
+        score = rule_score(rule)  # one int object shared by all the rule's entries
+        srcs, dsts = rule_ends(rule)
+        last_t: ShapeT | None = None
+        entries: dict[EntryKey, int] = {}
+        for shape_t, key in rule_entries(rule, srcs, dsts):
+            if shape_t != last_t:
+                got = tables.get(shape_t)
+                if got is None:
+                    got = tables[shape_t] = {}
+                entries, last_t = got, shape_t
+            cur = entries.get(key)
+            if cur is None:
+                entries[key] = score
                 continue
-            svalue, splen = (src[2], src[3]) if src[1] else (0, 0)
-            dvalue, dplen = (dst[2], dst[3]) if dst[1] else (0, 0)
-            for sport, sportlen in sblocks:
-                for dport, dportlen in dblocks:
-                    shape_t = (family, splen, dplen, sportlen, dportlen, proto_wild)
-                    entries = tables.get(shape_t)
-                    if entries is None:
-                        entries = tables[shape_t] = {}
-                    for direction in dirs:
-                        for p in protos:
-                            key = (direction, p, sport, dport, svalue, dvalue)
-                            cur = entries.get(key)
-                            # Two rules on one key match the same packets: the better decides.
-                            if cur is None or val[0] > cur[0]:
-                                entries[key] = val
+            # Two contributions on one key match the same packets: the better decides.
+            by_key = shared.setdefault(shape_t, {})
+            lst = by_key.get(key)
+            if lst is None:
+                by_key[key] = [cur, score]
+            else:
+                lst.append(score)
+            if score > cur:
+                entries[key] = score
+    merged: dict[ShapeT, ShapeT] = {}
     for family in (4, 6):
-        _fit_shapes(tables, family, max_shapes)
+        _fit_shapes(tables, shared, merged, family, max_shapes)
     out: dict[int, FamilyTables] = {4: FamilyTables(), 6: FamilyTables()}
-    ranked: dict[int, list[tuple[int, Shape, dict[EntryKey, tuple[int, int, int]]]]] = {
-        4: [],
-        6: [],
-    }
+    ranked: dict[int, list[tuple[int, Shape, dict[EntryKey, int], dict[EntryKey, list[int]]]]]
+    ranked = {4: [], 6: []}
     for key_t, found in tables.items():
         sh = Shape(*key_t)
-        ranked[sh.family].append((max(v[0] for v in found.values()), sh, found))
+        ranked[sh.family].append((max(found.values()), sh, found, shared.get(key_t, {})))
     for family, items in ranked.items():
         # Best first: probing stops once no remaining shape can beat the match in hand.
         items.sort(key=lambda it: (-it[0], it[1]))
         ft = out[family]
-        for best, sh, found in items:
+        for best, sh, found, found_shared in items:
             ft.shapes.append(sh)
             ft.max_scores.append(best)
-            ft.entries.append({k: Entry(*v) for k, v in found.items()})
+            ft.scores.append(found)
+            ft.shared.append(found_shared)
     return CompiledPolicy(
         default_action=DEFAULT_ACTION_CODES[policy.default_action],
         v4=out[4],
         v6=out[6],
         rule_ids=[r.rule_id for r in policy.policies],
+        merged=merged,
     )
 
 
-def _dims(shape: _ShapeT) -> tuple[int, int, int, int]:
+def entry_of(score: int) -> Entry:
+    """The Entry (rule_id, action) a stored score stands for: the score encodes both."""
+    low = (score - 1) & 0xFFFFFFFF
+    rank = ((score - 1) >> 32) & 3
+    return Entry(score, MAX_RULE_ID - low, _RANK_ACTIONS[rank])
+
+
+def _dims(shape: ShapeT) -> tuple[int, int, int, int]:
     return shape[1], shape[2], shape[3], shape[4]
 
 
-def _expand(key: EntryKey, frm: _ShapeT, to: _ShapeT) -> list[EntryKey]:
+def _expand(key: EntryKey, frm: ShapeT, to: ShapeT) -> list[EntryKey]:
     """The keys of shape `to` (at least as long a prefix in every dimension) covering `key`."""
     abits = 32 if frm[0] == 4 else 128
     direction, proto, sport, dport, src, dst = key
@@ -229,18 +298,51 @@ def _expand(key: EntryKey, frm: _ShapeT, to: _ShapeT) -> list[EntryKey]:
     ]
 
 
-def _merge_into(tables: dict[_ShapeT, dict[EntryKey, _Val]], frm: _ShapeT, to: _ShapeT) -> None:
+def _merge_into(
+    tables: dict[ShapeT, dict[EntryKey, int]],
+    shared: dict[ShapeT, dict[EntryKey, list[int]]],
+    merged: dict[ShapeT, ShapeT],
+    frm: ShapeT,
+    to: ShapeT,
+) -> None:
     source = tables.pop(frm)  # first: `to` may be `frm` itself (a join it contains)
+    source_shared = shared.pop(frm, {})
     target = tables.setdefault(to, {})
-    for key, val in source.items():
+    target_shared = shared.setdefault(to, {})
+    for key, best in source.items():
+        contributions = source_shared.get(key) or [best]
         for k in _expand(key, frm, to):
-            cur = target.get(k)
-            if cur is None or val[0] > cur[0]:
-                target[k] = val
+            for score in contributions:
+                cur = target.get(k)
+                if cur is None:
+                    target[k] = score
+                    continue
+                lst = target_shared.get(k)
+                if lst is None:
+                    target_shared[k] = [cur, score]
+                else:
+                    lst.append(score)
+                if score > cur:
+                    target[k] = score
+    if not target_shared:
+        del shared[to]
+    # Every natural shape that lived in `frm` lives in `to` from now on.
+    for natural, physical in merged.items():
+        if physical == frm:
+            merged[natural] = to
+    if frm != to:
+        merged[frm] = to
 
 
-def _fit_shapes(tables: dict[_ShapeT, dict[EntryKey, _Val]], family: int, max_shapes: int) -> None:
-    """Merge shapes of `family` until at most max_shapes remain.
+def _fit_shapes(
+    tables: dict[ShapeT, dict[EntryKey, int]],
+    shared: dict[ShapeT, dict[EntryKey, list[int]]],
+    merged: dict[ShapeT, ShapeT],
+    family: int,
+    max_shapes: int,
+) -> None:
+    """Merge shapes of `family` until at most max_shapes remain (`merged` records where each
+    natural shape went).
 
     A shape's entries can always be rewritten as entries of a shape with longer prefixes in
     every dimension (each key expands into the keys covering it), so no policy is refused for
@@ -254,21 +356,21 @@ def _fit_shapes(tables: dict[_ShapeT, dict[EntryKey, _Val]], family: int, max_sh
             return
         small = min(shapes, key=lambda sh: (len(tables[sh]), sh))
         n = len(tables[small])
-        best: tuple[int, _ShapeT, _ShapeT | None] | None = None
+        best: tuple[int, ShapeT, ShapeT | None] | None = None
         for other in shapes:
             if other == small or other[5] != small[5]:
                 continue
             d_small = sum(_dims(other)) - sum(_dims(small))
             if all(a >= b for a, b in zip(_dims(other), _dims(small), strict=True)):
                 cost = n << d_small
-                cand: tuple[int, _ShapeT, _ShapeT | None] = (cost, other, None)
+                cand: tuple[int, ShapeT, ShapeT | None] = (cost, other, None)
             else:
                 join = (
                     family,
                     *(max(a, b) for a, b in zip(_dims(other), _dims(small), strict=True)),
                     small[5],
                 )
-                join_t: _ShapeT = (join[0], join[1], join[2], join[3], join[4], small[5])
+                join_t: ShapeT = (join[0], join[1], join[2], join[3], join[4], small[5])
                 cost = (n << (sum(_dims(join_t)) - sum(_dims(small)))) + (
                     len(tables[other]) << (sum(_dims(join_t)) - sum(_dims(other)))
                 )
@@ -290,9 +392,9 @@ def _fit_shapes(tables: dict[_ShapeT, dict[EntryKey, _Val]], family: int, max_sh
                 f" {MAX_ENTRIES_PER_SET} table entries: use fewer distinct prefix lengths or"
                 " port ranges"
             )
-        _merge_into(tables, small, into)
+        _merge_into(tables, shared, merged, small, into)
         if partner is not None:
-            _merge_into(tables, partner, into)
+            _merge_into(tables, shared, merged, partner, into)
 
 
 def _mask(bits: int, plen: int) -> int:
@@ -371,8 +473,11 @@ def build_bloom(family: int, keys: list[bytes], log2_bits: int) -> bytes:
     return bytes(arr)
 
 
-def pack_shape(shape: Shape, max_score: int, bloom_off: int = 0, bloom_log2_bits: int = 0) -> bytes:
-    """struct ms_shape (bpf/classifier.h); bloom_log2_bits 0: no filter."""
+def pack_shape(
+    shape: Shape, max_score: int, bloom_off: int = 0, bloom_log2_bits: int = 0, key_shape: int = 0
+) -> bytes:
+    """struct ms_shape (bpf/classifier.h); bloom_log2_bits 0: no filter; key_shape: the
+    `shape` field of its rules' keys."""
     abits = 32 if shape.family == 4 else 128
     alen = abits // 8
     return SHAPE.pack(
@@ -384,6 +489,7 @@ def pack_shape(shape: Shape, max_score: int, bloom_off: int = 0, bloom_log2_bits
         64 - bloom_log2_bits if bloom_log2_bits else 0,
         max_score,
         bloom_off,
+        key_shape,
     )
 
 

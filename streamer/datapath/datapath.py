@@ -31,9 +31,10 @@ from streamer.datapath import loader, reaper
 from streamer.datapath.banks import Banks
 from streamer.datapath.bindings import libbpf
 from streamer.datapath.compiler import CompiledPolicy
-from streamer.datapath.config import DatapathConfig
+from streamer.datapath.config import DatapathConfig, DatapathError
 from streamer.datapath.maps import Maps
 from streamer.datapath.reference import Timeouts
+from streamer.datapath.ruletables import RuleTables, TableChange
 from streamer.datapath.tables import MapFill, RuleCounters, Session, Tables
 
 
@@ -105,10 +106,38 @@ class Datapath:
         """(generation, bank) in force; generation 0 means no policy was ever applied."""
         return self._banks.active()
 
-    def apply(self, compiled: CompiledPolicy, generation: int | None = None) -> int:
-        """Switch the classifier to `compiled` in one step; returns the new generation (see
-        Banks.apply). On failure the live bank is untouched."""
-        return self._banks.apply(compiled, generation)
+    def apply(
+        self, compiled: CompiledPolicy, generation: int | None = None, keep: bool = False
+    ) -> int:
+        """Switch the classifier to a whole compiled set in one step; returns the new
+        generation (`keep`: stay at `generation` when it is the live one: a restart rewriting
+        what the pinned maps enforce). On failure the live bank is untouched."""
+        return self.apply_tables(
+            RuleTables.build(compiled, self.config.max_shapes), generation, keep
+        )
+
+    def apply_tables(
+        self, tables: RuleTables, generation: int | None = None, keep: bool = False
+    ) -> int:
+        """`apply` of tables already built (streamer.datapath.ruletables.RuleTables.build)."""
+        return self._banks.apply_tables(tables, generation, keep)
+
+    @property
+    def tables(self) -> RuleTables | None:
+        """The live rule tables (None before the first apply of this instance)."""
+        return self._banks.tables
+
+    def begin_change(self) -> TableChange:
+        """A change of the live tables to build up and give to `apply_change`."""
+        tables = self._banks.tables
+        if tables is None:
+            raise DatapathError("no policy applied yet: apply a whole set first")
+        return tables.begin()
+
+    def apply_change(self, change: TableChange, generation: int | None = None) -> int:
+        """Switch the classifier to the live tables with `change` made, writing only what it
+        touches; returns the new generation. On failure nothing changed."""
+        return self._banks.apply_change(change, generation)
 
     def settle(self) -> None:
         """Wait until the bank retired by the last apply is cleared (tests, shutdown)."""

@@ -22,7 +22,7 @@ from streamer.vocabulary import Action, Direction
 
 # ---- #define MS_* (bpf/classifier.h), by their C names ------------------------------------
 
-MS_LAYOUT_VERSION: Final = 4  # in the pin directory's name: maps of another layout are fresh
+MS_LAYOUT_VERSION: Final = 5  # in the pin directory's name: maps of another layout are fresh
 
 # Verdicts (struct ms_sess_val.verdict, ms_event.verdict, ms_rule_val.action, ms_bank's
 # default_action); streamer.datapath.reference.Verdict has the same numbers.
@@ -343,7 +343,7 @@ SHAPE: Final = CStruct(
     ("pad", "2x"),
     ("max_score", "Q"),
     ("bloom_off", "I"),
-    ("pad2", "4x"),
+    ("key_shape", "I"),  # bank * MS_MAX_SHAPES + the shape's id: `shape` in its rules' keys
 )
 BANK: Final = CStruct(
     "ms_bank",

@@ -795,8 +795,10 @@ def dissect(frame: bytes, direction: str, ifindex: int = 1) -> Dissected | Decis
         icmp_type = frame[offset]
         if family == 6 and icmp_type in ICMPV6_ND_TYPES:
             return _PASS_L2
-        if family == 6 and icmp_type in ICMPV6_MLD_TYPES and (
-            src.is_link_local or src.is_unspecified
+        if (
+            family == 6
+            and icmp_type in ICMPV6_MLD_TYPES
+            and (src.is_link_local or src.is_unspecified)
         ):
             return _PASS_L2
         if icmp_type in (ICMP_ECHO_TYPES if family == 4 else ICMPV6_ECHO_TYPES):

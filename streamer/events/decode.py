@@ -77,8 +77,25 @@ def decode(record: bytes) -> FlowEvent:
     """One ring-buffer record into a FlowEvent; DecodeError if it is not one."""
     if len(record) != _SIZE:
         raise DecodeError(f"flow event of {len(record)} bytes, expected {_SIZE}")
-    (ts, packets, nbytes, ifindex, rule_id, gen, family, proto, direction, verdict, src, dst,
-     sport, dport, tcp_flags, kind, _pad) = EVENT.unpack(record)
+    (
+        ts,
+        packets,
+        nbytes,
+        ifindex,
+        rule_id,
+        gen,
+        family,
+        proto,
+        direction,
+        verdict,
+        src,
+        dst,
+        sport,
+        dport,
+        tcp_flags,
+        kind,
+        _pad,
+    ) = EVENT.unpack(record)
     if family == 4:
         src_ip = socket.inet_ntop(socket.AF_INET, src[:4])
         dst_ip = socket.inet_ntop(socket.AF_INET, dst[:4])
@@ -190,7 +207,21 @@ def encode(ev: FlowEvent) -> bytes:
     rverdict = {v: k for k, v in VERDICT_NAMES.items()}
     rkind = {v: k for k, v in EVENT_KIND_NAMES.items()}
     return EVENT.pack(
-        ev.ts_ns, ev.packets, ev.bytes, ev.ifindex, ev.rule_id or 0, ev.generation,
-        ev.family, ev.protocol, rdir[ev.direction], rverdict[ev.verdict], src, dst,
-        ev.src_port, ev.dst_port, ev.tcp_flags, rkind[ev.kind], 0,
+        ev.ts_ns,
+        ev.packets,
+        ev.bytes,
+        ev.ifindex,
+        ev.rule_id or 0,
+        ev.generation,
+        ev.family,
+        ev.protocol,
+        rdir[ev.direction],
+        rverdict[ev.verdict],
+        src,
+        dst,
+        ev.src_port,
+        ev.dst_port,
+        ev.tcp_flags,
+        rkind[ev.kind],
+        0,
     )

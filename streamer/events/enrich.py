@@ -14,7 +14,10 @@ Also builds the `lost` records that stand in the stream for events that never ma
 Rule metadata of a generation is registered before the kernel switches to it (so no event of
 it is ever described without it) and dropped once no event can still refer to an older one:
 after a switch the kernel stamps every event with the new generation, so once the ring buffer
-has been drained after the switch, older generations are never seen again (`retire`).
+has been drained after the switch, older generations are never seen again (`retire`). A
+generation made by a few rule changes is registered as those changes over the one before it
+(`add_changes`): it holds references to the rules, never copies, and a rule's JSON is made
+when an event first names it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import orjson
 from streamer.datapath.layout import DIRECTION_NAMES, EVENT_KIND_NAMES, EVENT_META, VERDICT_NAMES
 from streamer.events.decode import _FLAG_TEXT, PROTOCOLS, FlowEvent, Row
 from streamer.events.fanout import Item
-from streamer.policy.model import PolicySet
+from streamer.policy.model import PolicySet, Rule
 
 SCHEMA = "microseg.flow/v1"
 # A bound on generations kept however the ring buffer is drained (a safety net: `retire`
@@ -45,6 +48,10 @@ MAX_CACHED_PREFIXES = 16384  # IPv4 /24s
 # Records pre-filled per combination of repeated fields (`Enricher._template`); past this many
 # the cache starts over.
 MAX_TEMPLATES = 4096
+# Rules' metadata JSON, made when an event names them; past this many the cache starts over.
+MAX_CACHED_RULES = 65536
+# Changes kept over a generation's base before they are folded into a new base.
+MAX_OVERLAY = 4096
 
 
 def _kept_json(obj: Any) -> bytes:
@@ -76,10 +83,26 @@ _OCTETS = tuple(b"%d" % i for i in range(256))
 
 
 class _Generation(NamedTuple):
-    """One policy generation's rules: rule_id -> metadata, and the same serialized."""
+    """One policy generation's rules: a base (rule_id -> rule; never changed once made, shared
+    between generations) and the changes over it (None: the rule is gone)."""
 
-    meta: dict[int, dict[str, Any]]
-    json: dict[int, bytes]
+    base: dict[int, Rule]
+    overlay: dict[int, Rule | None]
+
+    def get(self, rule_id: int) -> Rule | None:
+        if rule_id in self.overlay:
+            return self.overlay[rule_id]
+        return self.base.get(rule_id)
+
+
+def rule_meta(rule: Rule) -> dict[str, Any]:
+    """The `rule` object of an event (contract §4) for one rule."""
+    return {
+        "rule_id": rule.rule_id,
+        "name": rule.name,
+        "priority": rule.priority,
+        "action": rule.action.value,
+    }
 
 
 class Enricher:
@@ -102,6 +125,7 @@ class Enricher:
         # meta + tail bytes of a row -> (record template, address family); replaced
         # whenever names or rules change (by another thread, too: a whole new dict).
         self._templates: dict[bytes, tuple[bytes, int]] = {}
+        self._json: dict[int, tuple[Rule, bytes]] = {}
         self._retire_below = 0  # generations below this can go at the next drain
         self._lock = threading.Lock()
         self._clock_offset_ns = 0
@@ -118,16 +142,29 @@ class Enricher:
 
     def add_generation(self, generation: int, policy: PolicySet) -> None:
         """Remember the rules of `generation` (call before the kernel switches to it)."""
-        table = {
-            r.rule_id: {
-                "rule_id": r.rule_id,
-                "name": r.name,
-                "priority": r.priority,
-                "action": r.action.value,
-            }
-            for r in policy.policies
-        }
-        gen = _Generation(table, {rid: _kept_json(meta) for rid, meta in table.items()})
+        self._register(generation, _Generation({r.rule_id: r for r in policy.policies}, {}))
+
+    def add_changes(self, generation: int, changes: dict[int, Rule | None]) -> None:
+        """Remember `generation` as the newest registered one with `changes` (rule_id -> the
+        rule now, None: deleted) made over it (call before the kernel switches to it)."""
+        gens = self._gens
+        if not gens:
+            self._register(generation, _Generation({}, dict(changes)))
+            return
+        prev = gens[max(gens)]
+        overlay = {**prev.overlay, **changes}
+        if len(overlay) <= MAX_OVERLAY:
+            self._register(generation, _Generation(prev.base, overlay))
+            return
+        base = dict(prev.base)
+        for rid, rule in overlay.items():
+            if rule is None:
+                base.pop(rid, None)
+            else:
+                base[rid] = rule
+        self._register(generation, _Generation(base, {}))
+
+    def _register(self, generation: int, gen: _Generation) -> None:
         with self._lock:
             gens = dict(self._gens)
             gens[generation] = gen
@@ -167,9 +204,24 @@ class Enricher:
         if rule_id is None:
             return None
         gen = self._gens.get(generation)
-        if gen is None or rule_id not in gen.meta:
+        rule = gen.get(rule_id) if gen is not None else None
+        if rule is None:
             return {"rule_id": rule_id, "name": "", "priority": None, "action": None}
-        return gen.meta[rule_id]
+        return rule_meta(rule)
+
+    def _rule_json(self, generation: int, rule_id: int) -> bytes:
+        gen = self._gens.get(generation)
+        rule = gen.get(rule_id) if gen is not None else None
+        if rule is None:
+            return orjson.dumps(self.rule(generation, rule_id))
+        cached = self._json.get(rule_id)
+        if cached is not None and cached[0] is rule:
+            return cached[1]
+        if len(self._json) >= MAX_CACHED_RULES:
+            self._json = {}
+        text = _kept_json(rule_meta(rule))
+        self._json[rule_id] = (rule, text)
+        return text
 
     # ---- time and sequence -------------------------------------------------------------------
 
@@ -216,7 +268,7 @@ class Enricher:
         return text
 
     def _ip4_prefix_text(self, raw: bytes) -> bytes:
-        """"a.b.c." of an IPv4 address's first three octets (cached by them: a table of
+        """ "a.b.c." of an IPv4 address's first three octets (cached by them: a table of
         whole addresses would miss on every new host, and thrash the CPU's caches when
         there are many; one entry per /24 does neither)."""
         cache = self._ip4_prefix
@@ -236,15 +288,17 @@ class Enricher:
         iface = self._iface_json.get(ifindex)
         if iface is None:
             iface = orjson.dumps(self.ifnames.get(ifindex, str(ifindex)))
-        rule = b"null"
-        if rule_id:
-            g = self._gens.get(gen)
-            known = g.json.get(rule_id) if g is not None else None
-            rule = known if known is not None else orjson.dumps(self.rule(gen, rule_id))
+        rule = self._rule_json(gen, rule_id) if rule_id else b"null"
         consts = (
-            self._host_json, iface, _DIRECTION_JSON[direction], _VERDICT_JSON[verdict],
-            _PROTOCOL_JSON[proto], _FLAGS_JSON[tcp_flags] if proto == 6 else b"null",
-            _KIND_JSON[kind], rule, b"%d" % gen,
+            self._host_json,
+            iface,
+            _DIRECTION_JSON[direction],
+            _VERDICT_JSON[verdict],
+            _PROTOCOL_JSON[proto],
+            _FLAGS_JSON[tcp_flags] if proto == 6 else b"null",
+            _KIND_JSON[kind],
+            rule,
+            b"%d" % gen,
         )
         # Names may hold a '%': escaped, they come out of the second formatting as they are.
         tpl = _FLOW_TEMPLATE % tuple(c.replace(b"%", b"%%") for c in consts)
@@ -291,10 +345,15 @@ class Enricher:
             else:
                 s = ip6.get(src) or ip_text(6, src)
                 d = ip6.get(dst) or ip_text(6, dst)
-            append(Item(
-                seq, 1, tpl % (seq, sec_text, frac, s, d, sport, dport, packets, nbytes),
-                s + b"->" + d, born,
-            ))
+            append(
+                Item(
+                    seq,
+                    1,
+                    tpl % (seq, sec_text, frac, s, d, sport, dport, packets, nbytes),
+                    s + b"->" + d,
+                    born,
+                )
+            )
         self.seq = seq
         return out
 

@@ -71,8 +71,9 @@ class RingReader:
         try:
             # The producer page, then the data mapped twice in a row: a record that wraps
             # around the end reads as one piece.
-            self._prod = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
-                                   offset=page)
+            self._prod = mmap.mmap(
+                fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
+            )
         except BaseException:
             self._cons.close()
             raise
@@ -227,9 +228,7 @@ class Source:
         t0 = time.monotonic_ns()
         mark = self._drain_mark() if self._drain_mark is not None else 0
         if self._ring is not None:
-            batch: list[bytes] | Packed = self._ring.read_packed(
-                self.config.max_batch, EVENT.size
-            )
+            batch: list[bytes] | Packed = self._ring.read_packed(self.config.max_batch, EVENT.size)
         else:
             self.datapath.consume_events()
             batch = self._batch[:]

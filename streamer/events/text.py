@@ -36,8 +36,7 @@ def rule_text(rule: Any) -> str:
 
 def alert_text(obj: Mapping[str, Any]) -> str:
     return (
-        f"{obj.get('alert')} {obj.get('state')} ({obj.get('severity')}):"
-        f" {obj.get('message', '')}"
+        f"{obj.get('alert')} {obj.get('state')} ({obj.get('severity')}): {obj.get('message', '')}"
     )
 
 
@@ -78,9 +77,7 @@ def compact_line(obj: Mapping[str, Any]) -> str:
     if obj.get("type") == "lost":
         first = obj.get("first_seq")
         span = f" seq {first}..{obj.get('seq')}" if first is not None else ""
-        return (
-            f"{clock(obj.get('time'))} LOST {obj.get('lost')} events at {obj.get('stage')}{span}"
-        )
+        return f"{clock(obj.get('time'))} LOST {obj.get('lost')} events at {obj.get('stage')}{span}"
     flags = f" {obj['tcp_flags']}" if obj.get("tcp_flags") else ""
     return (
         f"{clock(obj.get('time'))} {str(obj.get('verdict', '-')).upper():<5}"

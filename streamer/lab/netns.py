@@ -27,8 +27,6 @@ class LabError(RuntimeError):
     """A lab could not be created, found, loaded or removed; the message says why."""
 
 
-
-
 _libc = ctypes.CDLL(None, use_errno=True)
 
 

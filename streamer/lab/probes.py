@@ -282,4 +282,3 @@ def ping(ns: str | None, addr: str, timeout: float = 1.0) -> bool:
                     return True
     except OSError:
         return False
-

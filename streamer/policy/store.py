@@ -1,20 +1,21 @@
 """The policy store: the applied set and its generation, in the kernel and on disk, never apart.
 
 In: whole sets or single-rule changes (from the API, SIGHUP, `microseg policy load`). Out: the
-new set enforced in the kernel *and* persisted in <state-dir>/policy.json before the call
-returns, or neither (an error, with kernel and disk as they were). Writes are serialized.
-Dry runs compute the diff and the live sessions whose verdict would change, and apply nothing.
+new set enforced in the kernel *and* persisted in the state dir before the call returns, or
+neither (an error, with kernel and disk as they were). Writes are serialized. Dry runs compute
+the diff and the live sessions whose verdict would change, and apply nothing.
 
-Disk writes are atomic (temporary file, fsync, rename, fsync of the directory), so a crash at
-any moment leaves the old or the new set on disk, whole. The kernel is switched first and the
-disk second; if the disk write fails the kernel is switched back.
+A single-rule change costs what it touches: the state moves in place (streamer.policy.state),
+the kernel takes only the entries it changes (an `EditApplier`), and the disk one journal line
+(streamer.policy.journal); a whole set is compiled and written whole, and becomes the new
+snapshot. The kernel is switched first and the disk second; if the disk write fails the kernel
+is switched back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,11 +27,13 @@ import orjson
 
 from streamer.datapath.layout import VERDICT_NAMES
 from streamer.datapath.reference import Packet, judge
+from streamer.policy.journal import Journal, JournalError, read_state
 from streamer.policy.model import PolicyError, PolicySet, Rule, parse_policy_document
+from streamer.policy.state import Edit, PolicyState, replay
+from streamer.vocabulary import DefaultAction
 
 log = logging.getLogger("microseg.store")
 
-STATE_FILE = "policy.json"
 CHANGES_FILE = "changes.log"
 
 
@@ -150,100 +153,129 @@ def sessions_changing(sessions: Iterable[LiveSession], new: PolicySet) -> tuple[
     return checked, changing
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 Applier = Callable[[PolicySet, int | None], int]
 """Switch the kernel to a set (at least at the given generation); returns the generation."""
 
 
+def persisted_document(state_dir: Path) -> dict[str, Any] | None:
+    """The applied set as the state dir holds it (snapshot and journal), as a policy document
+    with its `generation`; None when it holds none (for tools and tests)."""
+    found = PolicyStore(state_dir, lambda _p, _g: 0).read_persisted()
+    if found is None:
+        return None
+    policy, generation = found
+    return dict(policy.to_api(), generation=generation)
+
+
+class EditApplier(Protocol):
+    """Switch the kernel by one edit made against `state` (the set before it); returns the
+    generation. May fall back to a whole-set apply itself."""
+
+    def __call__(self, edit: Edit, state: PolicyState) -> int: ...
+
+
 class PolicyStore:
-    """Owns the applied set. All writes go through `change`, one at a time."""
+    """Owns the applied set. All writes go through `change`, one at a time. `applier` takes
+    whole sets; `edit_applier`, when given, single edits (else they go as whole sets)."""
 
     def __init__(
         self,
         state_dir: Path,
         applier: Applier,
         sessions: Callable[[], Iterable[LiveSession]] = lambda: (),
+        edit_applier: EditApplier | None = None,
     ) -> None:
         self.state_dir = state_dir
         self._apply = applier
+        self._apply_edit = edit_applier
         self._sessions = sessions
         self._lock = asyncio.Lock()
-        self.policy = PolicySet()
+        self.state = PolicyState(DefaultAction.ALLOW, {})
         self.generation = 0
+        self.journal = Journal(state_dir)
 
     @property
     def path(self) -> Path:
-        return self.state_dir / STATE_FILE
+        return self.journal.path
+
+    @property
+    def policy(self) -> PolicySet:
+        """The applied set (a view built once per change)."""
+        return self.state.policy_set()
+
+    def rule(self, rule_id: int) -> Rule | None:
+        """The applied rule with this id, or None."""
+        return self.state.get(rule_id)
 
     def read_persisted(self) -> tuple[PolicySet, int] | None:
-        """The set and generation on disk, or None when the state dir holds none.
+        """The set and generation on disk (the snapshot and the journal after it), or None
+        when the state dir holds none.
 
         A damaged file is an error (PolicyError): the agent must not silently start empty.
         """
-        if not self.path.exists():
-            return None
         try:
-            doc = orjson.loads(self.path.read_bytes())
-            generation = int(doc.pop("generation", 0))
-        except (OSError, ValueError, TypeError, AttributeError) as e:
-            raise PolicyError([f"{self.path}: unreadable policy state: {e}"]) from e
-        return parse_policy_document(doc, source=str(self.path)), generation
+            found = read_state(self.state_dir)
+            if found is None:
+                return None
+            doc, generation, records = found
+            policy = parse_policy_document(doc, source=str(self.path))
+            if not records:
+                return policy, generation
+            state = PolicyState.of(policy)
+            for rec in records:
+                replay(state, rec)
+                generation = int(rec["generation"])
+        except JournalError as e:
+            raise PolicyError([str(e)]) from e
+        except (ValueError, KeyError, TypeError) as e:
+            raise PolicyError([f"{self.state_dir}: unreadable policy journal: {e}"]) from e
+        return state.policy_set(), generation
 
     def _persist(self, policy: PolicySet, generation: int) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        doc = policy.to_api()
-        doc["generation"] = generation
-        _write_atomic(self.path, orjson.dumps(doc))
+        self.journal.snapshot(policy.to_api(), generation)
 
     def restore(self, policy: PolicySet, generation: int) -> int:
         """At start: enforce `policy` (from disk or the seeding file) and persist it."""
         gen = self._apply(policy, generation)
         self._persist(policy, gen)
-        self.policy, self.generation = policy, gen
+        self.state, self.generation = PolicyState.of(policy), gen
         return gen
 
     # ---- changes ------------------------------------------------------------------------
 
     async def add(self, rule: Rule, actor: str, dry_run: bool = False) -> ChangeResult:
-        def edit(cur: PolicySet) -> PolicySet:
+        def edit(cur: PolicyState) -> Edit:
             if cur.get(rule.rule_id) is not None:
                 raise DuplicateRule(f"rule_id {rule.rule_id} already exists")
-            return cur.model_copy(update={"policies": [*cur.policies, rule]})
+            return Edit(f"add rule {rule.rule_id}", added=[rule], record=_rule_record("add", rule))
 
-        return await self.change(edit, actor, f"add rule {rule.rule_id}", dry_run)
+        return await self.edit(edit, actor, dry_run)
 
     async def update(self, rule: Rule, actor: str, dry_run: bool = False) -> ChangeResult:
-        def edit(cur: PolicySet) -> PolicySet:
-            if cur.get(rule.rule_id) is None:
+        def edit(cur: PolicyState) -> Edit:
+            old = cur.get(rule.rule_id)
+            if old is None:
                 raise RuleNotFound(f"no rule with rule_id {rule.rule_id}")
-            rules = [rule if r.rule_id == rule.rule_id else r for r in cur.policies]
-            return cur.model_copy(update={"policies": rules})
+            return Edit(
+                f"update rule {rule.rule_id}",
+                changed=[(old, rule)],
+                record=_rule_record("update", rule),
+            )
 
-        return await self.change(edit, actor, f"update rule {rule.rule_id}", dry_run)
+        return await self.edit(edit, actor, dry_run)
 
     async def delete(self, rule_id: int, actor: str, dry_run: bool = False) -> ChangeResult:
-        def edit(cur: PolicySet) -> PolicySet:
-            if cur.get(rule_id) is None:
+        def edit(cur: PolicyState) -> Edit:
+            old = cur.get(rule_id)
+            if old is None:
                 raise RuleNotFound(f"no rule with rule_id {rule_id}")
-            rules = [r for r in cur.policies if r.rule_id != rule_id]
-            return cur.model_copy(update={"policies": rules})
+            return Edit(
+                f"delete rule {rule_id}",
+                removed=[old],
+                record={"op": "delete", "rule_id": rule_id},
+            )
 
-        return await self.change(edit, actor, f"delete rule {rule_id}", dry_run)
+        return await self.edit(edit, actor, dry_run)
 
     async def replace(self, policy: PolicySet, actor: str, dry_run: bool = False) -> ChangeResult:
         return await self.change(
@@ -253,38 +285,86 @@ class PolicyStore:
     async def change(
         self, edit: Callable[[PolicySet], PolicySet], actor: str, what: str, dry_run: bool
     ) -> ChangeResult:
-        """Serialize, edit, then enforce and persist (or, dry, only describe) the new set."""
+        """A whole-set edit: `edit` gets the applied set and returns the new one."""
+
+        def whole(cur: PolicyState) -> Edit:
+            new = edit(cur.policy_set())
+            return Edit(what, whole=new)
+
+        return await self.edit(whole, actor, dry_run)
+
+    async def edit(
+        self, make: Callable[[PolicyState], Edit], actor: str, dry_run: bool
+    ) -> ChangeResult:
+        """Serialize, make the edit against the applied state, then enforce and persist it
+        (or, dry, only describe it)."""
         async with self._lock:
-            old, old_gen = self.policy, self.generation
-            new = edit(old)
+            state, old_gen = self.state, self.generation
+            e = make(state)
+            if e.whole is not None:
+                result = diff_policies(state.policy_set(), e.whole, old_gen)
+                e.added, e.removed = result.added, result.removed
+                e.changed = result.changed
+            else:
+                result = ChangeResult(
+                    generation=old_gen,
+                    added=list(e.added),
+                    removed=list(e.removed),
+                    changed=[(a, b) for a, b in e.changed if a != b],
+                    default_action_changed=e.default_action is not None
+                    and e.default_action != state.default_action,
+                )
             if dry_run:
-                result = diff_policies(old, new, old_gen)
                 result.dry_run = True
+                new = state.after(e)
                 checked, changing = await asyncio.to_thread(
                     sessions_changing, list(self._sessions()), new
                 )
                 result.sessions_checked, result.sessions_changing = checked, changing
                 return result
-            gen = await asyncio.to_thread(self._commit, old, old_gen, new)
-            log.info("%s by %s: generation %d", what, actor, gen)
-            self._audit(actor, what, gen)
-            return diff_policies(old, new, gen)
+            gen = await asyncio.to_thread(self._commit, e, state)
+            # The state moves here, on the loop, where its readers are.
+            state.apply(e)
+            self.generation = gen
+            log.info("%s by %s: generation %d", e.what, actor, gen)
+            self._audit(actor, e.what, gen)
+            result.generation = gen
+            if e.whole is None:
+                self.journal.compact_if_due(self._snapshot_of(state.policy_set()), gen)
+            return result
 
-    def _commit(self, old: PolicySet, old_gen: int, new: PolicySet) -> int:
+    @staticmethod
+    def _snapshot_of(policy: PolicySet) -> Callable[[], dict[str, Any]]:
+        return policy.to_api
+
+    def _commit(self, e: Edit, state: PolicyState) -> int:
+        """Kernel, then disk (both or neither); returns the generation."""
+        whole = e.whole
         try:
-            gen = self._apply(new, None)
+            if whole is not None:
+                gen = self._apply(whole, None)
+            elif self._apply_edit is not None:
+                gen = self._apply_edit(e, state)
+            else:
+                gen = self._apply(state.after(e), None)
         except StoreError:
             raise
-        except Exception as e:
-            raise ApplyFailed(f"the kernel refused the policy, nothing changed: {e}") from e
+        except Exception as exc:
+            raise ApplyFailed(f"the kernel refused the policy, nothing changed: {exc}") from exc
         try:
-            self._persist(new, gen)
-        except OSError as e:
+            if whole is not None:
+                self._persist(whole, gen)
+            else:
+                self.journal.append(dict(e.record, generation=gen))
+        except OSError as exc:
             # The disk said no: put the kernel back so both stay on the old set.
-            self._apply(old, None)
-            raise ApplyFailed(f"saving the policy failed, nothing changed: {e}") from e
-        self.policy, self.generation = new, gen
+            self._apply(state.policy_set(), None)
+            raise ApplyFailed(f"saving the policy failed, nothing changed: {exc}") from exc
         return gen
+
+    def close(self) -> None:
+        """Finish a snapshot being written and close the journal."""
+        self.journal.close()
 
     def _audit(self, actor: str, what: str, generation: int) -> None:
         try:
@@ -295,3 +375,7 @@ class PolicyStore:
                 f.write(line + b"\n")
         except OSError as e:
             log.warning("could not append to the change log: %s", e)
+
+
+def _rule_record(op: str, rule: Rule) -> dict[str, Any]:
+    return {"op": op, "rule": rule.to_api()}

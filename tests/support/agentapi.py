@@ -131,8 +131,9 @@ def api_of(agent: AgentProcess) -> Api:
     return Api(agent.api, agent.token())
 
 
-def request(url: str, method: str = "GET", headers: dict[str, str] | None = None
-            ) -> tuple[int, str]:
+def request(
+    url: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, str]:
     """One request to any URL an agent serves (its token only if `headers` has it): (status,
     body text), whatever the status."""
     parts = urlsplit(url)

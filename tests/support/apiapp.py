@@ -23,7 +23,7 @@ from streamer.datapath.datapath import Datapath
 from streamer.datapath.layout import TC_ACT_OK
 from streamer.datapath.reference import Packet
 from streamer.policy.model import PolicySet
-from streamer.policy.store import LiveSession, PolicyStore
+from streamer.policy.store import LiveSession, PolicyStore, persisted_document
 from support.bpf import kernel_retval
 
 TOKEN = "test-token-0123456789abcdefghijklmnop"
@@ -101,7 +101,8 @@ class Api:
             return resp.status, raw.decode(), resp.headers
 
     def disk(self) -> dict[str, Any]:
-        doc: dict[str, Any] = json.loads(self.store.path.read_text())
+        doc = persisted_document(self.state_dir)
+        assert doc is not None
         return doc
 
     def changes(self) -> list[dict[str, Any]]:

@@ -13,13 +13,14 @@ from typing import Any
 
 from streamer.datapath.compiler import compile_policy
 from streamer.datapath.datapath import Datapath
-from streamer.datapath.layout import TC_ACT_OK, TC_ACT_SHOT
+from streamer.datapath.layout import RULE_KEY4, RULE_KEY6, TC_ACT_OK, TC_ACT_SHOT
 from streamer.datapath.reference import Packet, judge
 from streamer.datapath.tables import RuleCounters
 from streamer.policy.model import PolicySet, parse_policy_document
 
 PASS = TC_ACT_OK
 DROP = TC_ACT_SHOT
+
 
 def R(rule_id: int, **fields: Any) -> dict[str, Any]:
     """A rule document: protocol any and action allow unless given."""
@@ -70,3 +71,9 @@ class Delta:
             for k in now
             if now[k] != self.before[k] and k != "shape_probes"
         }
+
+
+def rule_keys(dp: Datapath, family: int) -> int:
+    """Entries of the kernel's rules map of one family (both banks), counted by a walk."""
+    size = RULE_KEY4.size if family == 4 else RULE_KEY6.size
+    return sum(1 for _ in dp._maps.keys(f"rules{family}", size))

@@ -40,9 +40,22 @@ def lost_factory(en: Enricher) -> Any:
 
 def flow_obj(en: Enricher, **over: Any) -> dict[str, Any]:
     ev = FlowEvent(
-        ts_ns=time.monotonic_ns(), packets=1, bytes=60, ifindex=1, rule_id=None, generation=1,
-        family=4, protocol=6, direction="ingress", verdict="deny", src_ip="10.0.0.7",
-        dst_ip="10.0.0.5", src_port=51234, dst_port=22, tcp_flags=2, kind="new",
+        ts_ns=time.monotonic_ns(),
+        packets=1,
+        bytes=60,
+        ifindex=1,
+        rule_id=None,
+        generation=1,
+        family=4,
+        protocol=6,
+        direction="ingress",
+        verdict="deny",
+        src_ip="10.0.0.7",
+        dst_ip="10.0.0.5",
+        src_port=51234,
+        dst_port=22,
+        tcp_flags=2,
+        kind="new",
     )
     obj = en.enrich(ev)
     obj.update(over)
@@ -69,4 +82,3 @@ def gap_check(stream: list[dict[str, Any]], produced: int) -> tuple[int, int]:
     assert seen | covered == set(range(1, produced + 1)), "a gap no lost record explains"
     assert lost == len(covered), (lost, len(covered))
     return len(seen), lost
-

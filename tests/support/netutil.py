@@ -69,19 +69,27 @@ def _sockaddr(addr: str, port: int) -> tuple[str, int] | tuple[str, int, int, in
     return (addr, port, 0, 0) if ":" in addr else (addr, port)
 
 
-def ns_run(ns: str | None, *cmd: str, timeout: float = 10.0, check: bool = True,
-           input: str | None = None) -> subprocess.CompletedProcess[str]:
+def ns_run(
+    ns: str | None, *cmd: str, timeout: float = 10.0, check: bool = True, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `cmd` inside named netns `ns` (None: here); text output captured.
 
     Raises subprocess.CalledProcessError (with stderr in the message) when `check` and
     the command fails, subprocess.TimeoutExpired after `timeout` s (the child is killed).
     """
     argv = ["ip", "netns", "exec", ns, *cmd] if ns is not None else list(cmd)
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          input=input, stdin=None if input is not None else subprocess.DEVNULL)
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
     if check and proc.returncode != 0:
-        raise subprocess.CalledProcessError(proc.returncode, argv, proc.stdout,
-                                            f"{proc.stderr.strip()} (in netns {ns})")
+        raise subprocess.CalledProcessError(
+            proc.returncode, argv, proc.stdout, f"{proc.stderr.strip()} (in netns {ns})"
+        )
     return proc
 
 
@@ -95,8 +103,9 @@ def ns_popen(ns: str | None, *cmd: str, **kwargs: object) -> subprocess.Popen[by
     return subprocess.Popen(argv, **kwargs)  # type: ignore[call-overload, no-any-return]
 
 
-def echo_server(ns: str | None, tcp_ports: Sequence[int] = (), udp_ports: Sequence[int] = (),
-                bind: str = "::") -> EchoServer:
+def echo_server(
+    ns: str | None, tcp_ports: Sequence[int] = (), udp_ports: Sequence[int] = (), bind: str = "::"
+) -> EchoServer:
     """A started echo server in `ns` (dual-stack on "::" by default); port 0 = any free."""
     return EchoServer(ns, tcp_ports, udp_ports, bind).start()
 
@@ -224,8 +233,9 @@ class TcpConn:
             self.sock.connect(_sockaddr(addr, port))
         except OSError as e:
             self.sock.close()
-            raise ConnectionError(f"cannot connect from netns {ns} to {addr} port {port}: "
-                                  f"{e}") from e
+            raise ConnectionError(
+                f"cannot connect from netns {ns} to {addr} port {port}: {e}"
+            ) from e
 
     def exchange(self, timeout: float | None = None) -> bool:
         """Send a fresh line and wait (default: the constructor's timeout) for its echo."""
@@ -239,7 +249,7 @@ class TcpConn:
             while True:
                 pos = self._buf.find(line)
                 if pos >= 0:
-                    self._buf = self._buf[pos + len(line):]
+                    self._buf = self._buf[pos + len(line) :]
                     return True
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -263,13 +273,16 @@ class TcpConn:
     def __enter__(self) -> TcpConn:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0,
-               interval: float = 0.05) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05) -> bool:
     """Poll `predicate` until it returns True (-> True) or `timeout` s pass (-> False)."""
     deadline = time.monotonic() + timeout
     while True:

@@ -22,10 +22,20 @@ from streamer.cli.connection import TOKEN_ENV
 from streamer.cli.main import build_parser
 
 # Fixtures of tests/conftest.py that need root (network namespaces, BPF, an agent, Kafka).
-_NEEDS_ROOT = frozenset({
-    "lab", "module_lab", "datapath", "datapath_events", "verdict", "dp", "agent_factory",
-    "kafka_broker", "make_api", "api",
-})
+_NEEDS_ROOT = frozenset(
+    {
+        "lab",
+        "module_lab",
+        "datapath",
+        "datapath_events",
+        "verdict",
+        "dp",
+        "agent_factory",
+        "kafka_broker",
+        "make_api",
+        "api",
+    }
+)
 
 
 @pytest.fixture(autouse=True)
@@ -33,8 +43,11 @@ def _environment_ok(request: pytest.FixtureRequest) -> None:
     """Replaces the suite's root check here: a unit test may use nothing that needs root."""
     wanted = sorted(_NEEDS_ROOT.intersection(request.fixturenames))
     if wanted:
-        pytest.fail(f"{request.node.nodeid} is in tests/unit/ but uses {', '.join(wanted)} "
-                    "(root only): move it out of tests/unit/", pytrace=False)
+        pytest.fail(
+            f"{request.node.nodeid} is in tests/unit/ but uses {', '.join(wanted)} "
+            "(root only): move it out of tests/unit/",
+            pytrace=False,
+        )
 
 
 # ---- the client against the stub admin API ---------------------------------------------------

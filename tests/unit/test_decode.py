@@ -40,10 +40,22 @@ def test_decode_round_trip(family: int, src: str, dst: str, proto: int) -> None:
     import ipaddress
 
     ev = FlowEvent(
-        ts_ns=123456789012345, packets=7, bytes=9000, ifindex=42, rule_id=4294967295,
-        generation=77, family=family, protocol=proto, direction="egress", verdict="log",
-        src_ip=src, dst_ip=dst, src_port=65535 if proto in (6, 17) else 0,
-        dst_port=1 if proto in (6, 17) else 0, tcp_flags=0x12, kind="update",
+        ts_ns=123456789012345,
+        packets=7,
+        bytes=9000,
+        ifindex=42,
+        rule_id=4294967295,
+        generation=77,
+        family=family,
+        protocol=proto,
+        direction="egress",
+        verdict="log",
+        src_ip=src,
+        dst_ip=dst,
+        src_port=65535 if proto in (6, 17) else 0,
+        dst_port=1 if proto in (6, 17) else 0,
+        tcp_flags=0x12,
+        kind="update",
     )
     raw = encode(ev)
     assert len(raw) == EVENT.size
@@ -59,15 +71,44 @@ def test_decode_round_trip(family: int, src: str, dst: str, proto: int) -> None:
             assert getattr(back, field) == getattr(ev, field), field
     # The layout's fields by name read the same bytes the same way.
     r = EVENT.as_dict(raw)
-    assert tuple(r[f] for f in ("ts", "packets", "bytes", "ifindex", "rule_id", "gen", "family",
-                                "proto")) == (ev.ts_ns, 7, 9000, 42, 4294967295, 77, family, proto)
-    assert tuple(r[f] for f in ("sport", "dport", "tcp_flags", "kind", "direction",
-                                "verdict")) == (ev.src_port, ev.dst_port, 0x12, 2, 2, 2)
+    assert tuple(
+        r[f] for f in ("ts", "packets", "bytes", "ifindex", "rule_id", "gen", "family", "proto")
+    ) == (ev.ts_ns, 7, 9000, 42, 4294967295, 77, family, proto)
+    assert tuple(r[f] for f in ("sport", "dport", "tcp_flags", "kind", "direction", "verdict")) == (
+        ev.src_port,
+        ev.dst_port,
+        0x12,
+        2,
+        2,
+        2,
+    )
 
 
 def test_decode_rejects_what_is_no_event() -> None:
-    good = encode(decode(encode(FlowEvent(
-        1, 1, 60, 1, None, 1, 4, 6, "ingress", "deny", "10.0.0.1", "10.0.0.2", 1, 2, 2, "new"))))
+    good = encode(
+        decode(
+            encode(
+                FlowEvent(
+                    1,
+                    1,
+                    60,
+                    1,
+                    None,
+                    1,
+                    4,
+                    6,
+                    "ingress",
+                    "deny",
+                    "10.0.0.1",
+                    "10.0.0.2",
+                    1,
+                    2,
+                    2,
+                    "new",
+                )
+            )
+        )
+    )
     with pytest.raises(DecodeError, match="79 bytes, expected 80"):
         decode(good[:-1])
     with pytest.raises(DecodeError, match="81 bytes"):
@@ -83,13 +124,18 @@ def test_decode_rejects_what_is_no_event() -> None:
 
 
 def test_decode_batch_keeps_good_records_in_order_and_counts_the_rest() -> None:
-    evs = [FlowEvent(i, 1, 60, 1, None, 1, 4, 6, "ingress", "deny", "10.0.0.1", "10.0.0.2",
-                     i, 2, 2, "new") for i in range(1, 6)]
+    evs = [
+        FlowEvent(
+            i, 1, 60, 1, None, 1, 4, 6, "ingress", "deny", "10.0.0.1", "10.0.0.2", i, 2, 2, "new"
+        )
+        for i in range(1, 6)
+    ]
     raws = [encode(e) for e in evs]
     bad_family = bytearray(raws[2])
     bad_family[EVENT.offset("family")] = 5
-    rows, bad = decode_batch([raws[0], raws[1][:-1], bytes(bad_family), raws[3] + b"\0",
-                              raws[4], raws[1] + raws[3]])
+    rows, bad = decode_batch(
+        [raws[0], raws[1][:-1], bytes(bad_family), raws[3] + b"\0", raws[4], raws[1] + raws[3]]
+    )
     assert bad == 4
     assert [r[0] for r in rows] == [1, 5]
     assert decode_batch([]) == ([], 0)
@@ -102,29 +148,45 @@ def test_render_writes_byte_for_byte_what_enrich_describes() -> None:
     import random
 
     rnd = random.Random(7)
-    policy = parse_policy_document({"policies": [
-        tcp_rule(3, name='say "hi"\u00e9', priority=5), tcp_rule(9, action="log", name="x"),
-    ]})
+    policy = parse_policy_document(
+        {
+            "policies": [
+                tcp_rule(3, name='say "hi"\u00e9', priority=5),
+                tcp_rule(9, action="log", name="x"),
+            ]
+        }
+    )
     fast = Enricher({1: "eth0", 7: 'we"ird\\if'}, host="host-ü\n")
     ref = Enricher({1: "eth0", 7: 'we"ird\\if'}, host="host-ü\n")
     for en in (fast, ref):
         en.add_generation(4, policy)
-    addrs = {4: ["10.0.0.1", "192.168.255.254", "0.0.0.0"],
-             6: ["2001:db8::1", "::ffff:1.2.3.4", "fe80::abcd:1"]}
+    addrs = {
+        4: ["10.0.0.1", "192.168.255.254", "0.0.0.0"],
+        6: ["2001:db8::1", "::ffff:1.2.3.4", "fe80::abcd:1"],
+    }
     evs = []
     for _ in range(400):
         family = rnd.choice((4, 6))
-        evs.append(FlowEvent(
-            ts_ns=time.monotonic_ns() + rnd.randrange(-3 * 10**9, 3 * 10**9),
-            packets=rnd.randrange(1, 2**40), bytes=rnd.randrange(0, 2**50),
-            ifindex=rnd.choice((1, 7, 99)), rule_id=rnd.choice((None, 3, 9, 77)),
-            generation=rnd.choice((4, 4, 5)), family=family,
-            protocol=rnd.choice((1, 6, 17, 58, 47)),
-            direction=rnd.choice(("ingress", "egress")), verdict=rnd.choice(("deny", "log")),
-            src_ip=rnd.choice(addrs[family]), dst_ip=rnd.choice(addrs[family]),
-            src_port=rnd.randrange(65536), dst_port=rnd.randrange(65536),
-            tcp_flags=rnd.randrange(256), kind=rnd.choice(("new", "update")),
-        ))
+        evs.append(
+            FlowEvent(
+                ts_ns=time.monotonic_ns() + rnd.randrange(-3 * 10**9, 3 * 10**9),
+                packets=rnd.randrange(1, 2**40),
+                bytes=rnd.randrange(0, 2**50),
+                ifindex=rnd.choice((1, 7, 99)),
+                rule_id=rnd.choice((None, 3, 9, 77)),
+                generation=rnd.choice((4, 4, 5)),
+                family=family,
+                protocol=rnd.choice((1, 6, 17, 58, 47)),
+                direction=rnd.choice(("ingress", "egress")),
+                verdict=rnd.choice(("deny", "log")),
+                src_ip=rnd.choice(addrs[family]),
+                dst_ip=rnd.choice(addrs[family]),
+                src_port=rnd.randrange(65536),
+                dst_port=rnd.randrange(65536),
+                tcp_flags=rnd.randrange(256),
+                kind=rnd.choice(("new", "update")),
+            )
+        )
     raws = [encode(e) for e in evs]
     odd = bytearray(raws[0])
     odd[EVENT.offset("direction")] = 9

@@ -27,8 +27,9 @@ from streamer.events.sinks.file import FileSinkConfig
 class ListSink:
     """Collects what it gets; `delay` seconds per item (a slow sink), or fails."""
 
-    def __init__(self, name: str, delay: float = 0.0, fail_every: int = 0,
-                 fail_times: int = 0) -> None:
+    def __init__(
+        self, name: str, delay: float = 0.0, fail_every: int = 0, fail_times: int = 0
+    ) -> None:
         self.name = name
         self.delay = delay
         self.fail_every = fail_every
@@ -150,8 +151,9 @@ async def test_events_no_sink_has_room_for_are_shed_before_rendering(tmp_path: P
     en = Enricher({1: "eth0"}, host="h")
     path = tmp_path / "events.jsonl"
     pipe = Pipeline(PipelineConfig(file=FileSinkConfig(path), queue_size=10), None, en)
-    ev = FlowEvent(1, 1, 60, 1, None, 1, 4, 6, "ingress", "deny", "10.0.0.1", "10.0.0.2",
-                   1, 2, 2, "new")
+    ev = FlowEvent(
+        1, 1, 60, 1, None, 1, 4, 6, "ingress", "deny", "10.0.0.1", "10.0.0.2", 1, 2, 2, "new"
+    )
     pipe.handle([encode(ev)] * 25)
     assert (pipe.enriched, pipe.shed, en.seq) == (10, 15, 25)
     ch = pipe.fanout.channels["file"]

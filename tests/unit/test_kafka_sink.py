@@ -98,14 +98,24 @@ def _item(seq: int) -> Item:
 
 
 async def _stream(
-    tmp_path: Path, delay: float, per_ms: int, total: int, *, cap: int = 50,
-    window: int = 200, burst: int = 0,
+    tmp_path: Path,
+    delay: float,
+    per_ms: int,
+    total: int,
+    *,
+    cap: int = 50,
+    window: int = 200,
+    burst: int = 0,
 ) -> tuple[_Sink, Channel]:
     """`total` events offered `per_ms` at a time every millisecond (after `burst` at once) to
     a sink whose broker takes a batch of `cap` every `delay` s; returns once the sink has
     written everything."""
-    cfg = KafkaSinkConfig(bootstrap="127.0.0.1:9", spool_dir=tmp_path / "spool",
-                          window_records=window, stall_seconds=30.0)
+    cfg = KafkaSinkConfig(
+        bootstrap="127.0.0.1:9",
+        spool_dir=tmp_path / "spool",
+        window_records=window,
+        stall_seconds=30.0,
+    )
     sink = _Sink(cfg, _Producer(delay, cap))
     ch = Channel("kafka", 2000, lambda lost, stage, a, b: _item(b))
     task = asyncio.create_task(sink.run(ch))
@@ -162,7 +172,8 @@ async def test_keeping_up_the_next_batch_waits_for_the_answer_and_takes_what_cam
 
 
 async def test_behind_one_more_batch_waits_behind_the_one_in_flight(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import streamer.events.sinks.kafka as kafka
 
@@ -176,8 +187,12 @@ async def test_behind_one_more_batch_waits_behind_the_one_in_flight(
 
 
 def _config(tmp_path: Path) -> KafkaSinkConfig:
-    return KafkaSinkConfig(bootstrap="127.0.0.1:9", spool_dir=tmp_path / "spool",
-                           window_records=200, stall_seconds=30.0)
+    return KafkaSinkConfig(
+        bootstrap="127.0.0.1:9",
+        spool_dir=tmp_path / "spool",
+        window_records=200,
+        stall_seconds=30.0,
+    )
 
 
 def _lost(lost: int, stage: str, first: int, last: int) -> Item:
@@ -197,7 +212,8 @@ async def _wait_until(cond: Any, timeout: float = 10.0) -> None:
 
 
 async def test_a_failed_inner_task_reaches_the_sink_supervisor_and_nothing_is_lost(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The pump fails right after handing its third batch over: the sink's run ends with
     that error (its acks and connection tasks and the intake stop), its supervisor logs and
@@ -296,8 +312,9 @@ def test_fill_batch_writes_what_aiokafkas_append_would() -> None:
     fast = BatchBuilder(64 * 1024, 0)
     taken = _fill_batch(fast, recs)
     assert 0 < taken < len(recs)  # it filled up and said so
-    assert fast.record_count() == taken and fast.append(key=b"k", value=b"v",
-                                                        timestamp=None) is None
+    assert (
+        fast.record_count() == taken and fast.append(key=b"k", value=b"v", timestamp=None) is None
+    )
     slow = BatchBuilder(64 * 1024, 0)
     for r in recs[:taken]:
         assert slow.append(key=r.key, value=r.data, timestamp=None) is not None

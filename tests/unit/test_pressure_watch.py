@@ -14,7 +14,11 @@ from streamer.cli.monitor import render
 
 
 def reading(
-    *, half_open: int = 0, syn: int = 0, new: int = 0, fill: dict[str, float] | None = None,
+    *,
+    half_open: int = 0,
+    syn: int = 0,
+    new: int = 0,
+    fill: dict[str, float] | None = None,
     drops: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     return {
@@ -61,14 +65,13 @@ def test_syn_flood_by_rate_needs_two_readings() -> None:
     assert [a["alert"] for a in snap["alerts"]] == ["syn_flood"]
     # A counter going backwards (the classifier was replaced) gives no rate: state kept.
     assert w.observe(reading(syn=5), 3.0) == []
-    assert kinds(w.observe(reading(syn=105), 4.0)) == [
-        ("syn_flood", "tcp", "resolved", "critical")
-    ]
+    assert kinds(w.observe(reading(syn=105), 4.0)) == [("syn_flood", "tcp", "resolved", "critical")]
 
 
 def test_new_flow_rate_alert_and_off_switch() -> None:
-    w = PressureWatch(PressureConfig(new_flow_rate_threshold=100, half_open_threshold=0,
-                                     syn_rate_threshold=0))
+    w = PressureWatch(
+        PressureConfig(new_flow_rate_threshold=100, half_open_threshold=0, syn_rate_threshold=0)
+    )
     w.observe(reading(new=0), 0.0)
     assert kinds(w.observe(reading(new=500), 1.0)) == [
         ("new_flow_rate", "all", "firing", "warning")
@@ -109,8 +112,13 @@ def test_drop_rates_and_snapshot_thresholds() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"interval": 0}, {"fill_warning": 0.9, "fill_critical": 0.8}, {"fill_warning": 0},
-     {"half_open_threshold": -1}, {"new_flow_rate_threshold": -5}],
+    [
+        {"interval": 0},
+        {"fill_warning": 0.9, "fill_critical": 0.8},
+        {"fill_warning": 0},
+        {"half_open_threshold": -1},
+        {"new_flow_rate_threshold": -5},
+    ],
 )
 def test_bad_pressure_config_is_refused(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -120,8 +128,14 @@ def test_bad_pressure_config_is_refused(kwargs: dict[str, Any]) -> None:
 def test_monitor_renders_a_reading() -> None:
     w = PressureWatch(PressureConfig(half_open_threshold=5))
     w.observe(reading(half_open=9, fill={"sessions": 0.97}), 0.0)
-    stats = {"active_sessions": 970, "session_table_capacity": 1000, "events_sent": 12,
-             "events_lost": 0, "drops": {"policy": 3, "parse": 0}, "pressure": w.snapshot()}
+    stats = {
+        "active_sessions": 970,
+        "session_table_capacity": 1000,
+        "events_sent": 12,
+        "events_lost": 0,
+        "drops": {"policy": 3, "parse": 0},
+        "pressure": w.snapshot(),
+    }
     screen = render(stats, "127.0.0.1:8080")
     assert "active 970 / 1,000 (97.0%)" in screen and "half-open 9" in screen
     assert "sessions" in screen and "97.0%" in screen and "!!" in screen

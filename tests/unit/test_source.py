@@ -26,8 +26,26 @@ STRIDE = (EVENT_SIZE + 8 + 7) & ~7
 
 
 def _event(i: int) -> bytes:
-    return encode(FlowEvent(1000 + i, 1, 60, 1, None, 1, 4, 6, "ingress", "deny",
-                            f"10.0.0.{i}", "10.0.0.254", 40000 + i, 80, 2, "new"))
+    return encode(
+        FlowEvent(
+            1000 + i,
+            1,
+            60,
+            1,
+            None,
+            1,
+            4,
+            6,
+            "ingress",
+            "deny",
+            f"10.0.0.{i}",
+            "10.0.0.254",
+            40000 + i,
+            80,
+            2,
+            "new",
+        )
+    )
 
 
 class _Ring:
@@ -121,8 +139,9 @@ def test_a_packed_block_is_decoded_like_its_records() -> None:
     odd = bytearray(evs[2])
     odd[36] = 5  # address family (offset checked against the C header in test_pipeline)
     recs = [evs[0], evs[1], bytes(odd), evs[3]]
-    block = b"".join(struct.pack("=II", EVENT_SIZE, 0) + r + bytes(STRIDE - 8 - EVENT_SIZE)
-                     for r in recs)
+    block = b"".join(
+        struct.pack("=II", EVENT_SIZE, 0) + r + bytes(STRIDE - 8 - EVENT_SIZE) for r in recs
+    )
     packed = Packed(block, 4, STRIDE, 8)
     assert list(packed) == recs
     rows, bad = decode_batch(packed)

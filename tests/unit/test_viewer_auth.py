@@ -9,8 +9,9 @@ def test_sign_in_codes_expire_work_once_and_are_bounded() -> None:
     from streamer.api.signin import ViewerAuth
 
     now = [1000.0]
-    auth = ViewerAuth(code_ttl=60, session_ttl=3600, max_codes=3, max_sessions=2,
-                      clock=lambda: now[0])
+    auth = ViewerAuth(
+        code_ttl=60, session_ttl=3600, max_codes=3, max_sessions=2, clock=lambda: now[0]
+    )
     code = auth.mint()
     sid = auth.redeem(code)
     assert sid and auth.session_ok(sid)

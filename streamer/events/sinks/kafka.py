@@ -267,9 +267,7 @@ class KafkaSink:
         fails, the others and the intake stop, what was taken and not acknowledged goes back
         to the spool, and this raises that failure (the sink's supervisor restarts it)."""
         cfg = self.config
-        self.spool = await asyncio.to_thread(
-            Spool, cfg.spool_dir, cfg.spool_max_bytes
-        )
+        self.spool = await asyncio.to_thread(Spool, cfg.spool_dir, cfg.spool_max_bytes)
         self._stopping = False
         try:
             async with asyncio.TaskGroup() as tg:
@@ -331,9 +329,7 @@ class KafkaSink:
                 n,
                 e.strerror or e,
             )
-            self._report_lost(
-                sum(r.weight for r in recs), "kafka-spool", recs[0].seq, recs[-1].seq
-            )
+            self._report_lost(sum(r.weight for r in recs), "kafka-spool", recs[0].seq, recs[-1].seq)
             return
         self.spooled += count_events(recs)
         if dropped is not None:
@@ -397,8 +393,11 @@ class KafkaSink:
                 return recs
             except OSError as e:
                 self._ratelog(
-                    logging.ERROR, "spool-read", "Kafka spool %s: reading failed: %s",
-                    self.config.spool_dir, e,
+                    logging.ERROR,
+                    "spool-read",
+                    "Kafka spool %s: reading failed: %s",
+                    self.config.spool_dir,
+                    e,
                 )
         return []
 
@@ -481,10 +480,16 @@ class KafkaSink:
                     replayed: int = sum(map(_SPOOLED, sent))
                     if replayed:  # events only (spooled lost records are not counted)
                         replayed = sum(1 for r in sent if r.spooled and not r.is_lost)
-                    self._inflight.append(_Batch(
-                        sent, fut, time.monotonic_ns(), producer,
-                        count_events(sent), replayed,
-                    ))
+                    self._inflight.append(
+                        _Batch(
+                            sent,
+                            fut,
+                            time.monotonic_ns(),
+                            producer,
+                            count_events(sent),
+                            replayed,
+                        )
+                    )
                     self._inflight_recs += taken
                     self._wake_acks.set()
                 rest = group[taken:]
@@ -547,9 +552,7 @@ class KafkaSink:
                 age = (time.monotonic_ns() - b.sent_ns) / 1e9
                 # asyncio.wait, not wait_for: the batch's outcome (an error, or the producer
                 # cancelling it) is looked at below, and never ends this task.
-                done, _ = await asyncio.wait(
-                    [b.future], timeout=max(0.01, cfg.stall_seconds - age)
-                )
+                done, _ = await asyncio.wait([b.future], timeout=max(0.01, cfg.stall_seconds - age))
                 if not done:
                     if not self._stalled:
                         self._stalled = True
@@ -617,13 +620,15 @@ class KafkaSink:
         recs.sort(key=lambda r: r.seq)
         try:
             self.spool.prepend(recs)
-            log.info("Kafka: %d unacknowledged records kept in the spool for the next start",
-                     len(recs))
+            log.info(
+                "Kafka: %d unacknowledged records kept in the spool for the next start", len(recs)
+            )
         except OSError as e:
             n = count_events(recs)
             self.spool_dropped += n
-            log.error("Kafka spool %s: could not keep %d unsent events: %s",
-                      self.config.spool_dir, n, e)
+            log.error(
+                "Kafka spool %s: could not keep %d unsent events: %s", self.config.spool_dir, n, e
+            )
 
     # ---- connection ----------------------------------------------------------------------------
 
@@ -741,9 +746,7 @@ class KafkaSink:
             # Also when cancelled while flushing: a producer not stopped keeps its sender
             # task running, which nobody would ever await.
             with contextlib.suppress(Exception):
-                producer._message_accumulator.fail_all(
-                    KafkaError("the agent closed the producer")
-                )
+                producer._message_accumulator.fail_all(KafkaError("the agent closed the producer"))
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(producer.stop(), max(timeout, 2.0))
 
@@ -753,8 +756,10 @@ class KafkaSink:
         samples = sorted(list(self._latencies))
         if not samples:
             return {"p50_ms": None, "p99_ms": None}
+
         def pct(p: float) -> float:
             return round(samples[min(len(samples) - 1, int(p * len(samples)))] * 1000, 3)
+
         return {"p50_ms": pct(0.50), "p99_ms": pct(0.99)}
 
     def stats(self) -> dict[str, Any]:
@@ -795,11 +800,17 @@ def _fatal(exc: BaseException) -> bool:
         UnknownProducerId,
     )
 
-    return isinstance(
-        exc,
-        OutOfOrderSequenceNumber | ProducerFenced | ProducerClosed | IllegalStateError
-        | UnknownProducerId,
-    ) or type(exc).__name__ == "KafkaError"
+    return (
+        isinstance(
+            exc,
+            OutOfOrderSequenceNumber
+            | ProducerFenced
+            | ProducerClosed
+            | IllegalStateError
+            | UnknownProducerId,
+        )
+        or type(exc).__name__ == "KafkaError"
+    )
 
 
 def _describe(e: BaseException) -> str:

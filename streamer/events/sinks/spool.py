@@ -106,9 +106,7 @@ class Spool:
             raise SpoolError(f"spool size must be positive, not {max_bytes}")
         self.directory = directory
         self.max_bytes = max_bytes
-        self.segment_bytes = max(
-            MIN_SEGMENT_BYTES, segment_bytes or min(8 << 20, max_bytes // 8)
-        )
+        self.segment_bytes = max(MIN_SEGMENT_BYTES, segment_bytes or min(8 << 20, max_bytes // 8))
         self._segs: deque[_Seg] = deque()
         self._writer: IO[bytes] | None = None
         self._writer_no = -1
@@ -149,9 +147,7 @@ class Spool:
 
     def _recover(self) -> None:
         head_no, offsets = self._read_head()
-        nos = sorted(
-            int(m[1]) for p in self.directory.iterdir() if (m := _SEG_RE.match(p.name))
-        )
+        nos = sorted(int(m[1]) for p in self.directory.iterdir() if (m := _SEG_RE.match(p.name)))
         self._floor_no = max(_BASE_SEGMENT, head_no or 0, nos[-1] + 1 if nos else 0)
         for no in nos:
             path = self._seg_path(no)
@@ -385,8 +381,11 @@ class Spool:
                         if end > len(buf):
                             raise OSError(f"spool segment {seg.path} is truncated")
                     k0 = off + HEADER.size
-                    out.append(_new_rec(Rec, (seq, weight, buf[k0 : k0 + klen],
-                                              buf[k0 + klen : end], True)))
+                    out.append(
+                        _new_rec(
+                            Rec, (seq, weight, buf[k0 : k0 + klen], buf[k0 + klen : end], True)
+                        )
+                    )
                     seg.records -= 1
                     seg.weight -= weight
                     self._records -= 1

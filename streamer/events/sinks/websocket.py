@@ -265,9 +265,10 @@ class WebSocketHub:
             raise web.HTTPServiceUnavailable(reason="the flow feed takes no more clients")
         await ws.prepare(request)
         c = _Client(
-            next(self._ids), flt, str(request.remote or "?"), asyncio.Queue(
-                self.config.client_queue
-            )
+            next(self._ids),
+            flt,
+            str(request.remote or "?"),
+            asyncio.Queue(self.config.client_queue),
         )
         self._clients[c.id] = c
         self.connections += 1

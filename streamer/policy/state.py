@@ -1,0 +1,112 @@
+"""The applied policy as the store holds it, and the edits that move it.
+
+In: a validated PolicySet (`PolicyState.of`), then `Edit`s (rules added, removed, changed; a
+new default action; or a whole new set). Out: the state after each edit, changed in place in
+time proportional to the edit (`PolicyState.apply`), a PolicySet view of it on demand
+(`policy_set`, built once per state), and the journal record of an edit.
+
+Rules are kept by rule_id in insertion order, so a single-rule change never walks the set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamer.policy.model import PolicySet, Rule
+from streamer.vocabulary import DefaultAction
+
+
+@dataclass
+class Edit:
+    """One change of the applied set. `whole`: a whole-set replace (then the lists are its
+    diff); else rules `added`, `removed` and `changed` (before, after) and a new
+    `default_action` (None: unchanged). `record`: what the journal keeps of it."""
+
+    what: str
+    added: list[Rule] = field(default_factory=list)
+    removed: list[Rule] = field(default_factory=list)
+    changed: list[tuple[Rule, Rule]] = field(default_factory=list)
+    default_action: DefaultAction | None = None
+    whole: PolicySet | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class PolicyState:
+    """The rules by rule_id and the default action; `policy_set` is a PolicySet view."""
+
+    def __init__(self, default_action: DefaultAction, rules: dict[int, Rule]) -> None:
+        self.default_action = default_action
+        self.rules = rules
+        self._view: PolicySet | None = None
+
+    @classmethod
+    def of(cls, policy: PolicySet) -> PolicyState:
+        return cls(policy.default_action, {r.rule_id: r for r in policy.policies})
+
+    def policy_set(self) -> PolicySet:
+        """The state as a PolicySet (built without validating again; kept until a change)."""
+        view = self._view
+        if view is None:
+            view = self._view = PolicySet.model_construct(
+                default_action=self.default_action, policies=list(self.rules.values())
+            )
+        return view
+
+    def get(self, rule_id: int) -> Rule | None:
+        return self.rules.get(rule_id)
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def after(self, edit: Edit) -> PolicySet:
+        """The set this edit leads to, as a PolicySet (for appliers that take whole sets)."""
+        if edit.whole is not None:
+            return edit.whole
+        rules = dict(self.rules)
+        _move(rules, edit)
+        return PolicySet.model_construct(
+            default_action=edit.default_action or self.default_action,
+            policies=list(rules.values()),
+        )
+
+    def apply(self, edit: Edit) -> None:
+        """Move to the state after `edit` (which was made against this state)."""
+        self._view = None
+        if edit.whole is not None:
+            self.default_action = edit.whole.default_action
+            self.rules = {r.rule_id: r for r in edit.whole.policies}
+            return
+        _move(self.rules, edit)
+        if edit.default_action is not None:
+            self.default_action = edit.default_action
+
+
+def _move(rules: dict[int, Rule], edit: Edit) -> None:
+    for r in edit.removed:
+        del rules[r.rule_id]
+    for _, after in edit.changed:
+        rules[after.rule_id] = after
+    for r in edit.added:
+        rules[r.rule_id] = r
+
+
+def replay(state: PolicyState, record: dict[str, Any]) -> None:
+    """Apply one journal record (as `Edit.record` wrote it) to `state`.
+
+    Raises ValueError (or the model's PolicyError) for a record that does not fit the state."""
+    op = record.get("op")
+    if op == "add" or op == "update":
+        rule = Rule.model_validate(record["rule"])
+        exists = rule.rule_id in state.rules
+        if exists != (op == "update"):
+            raise ValueError(f"journal: {op} of rule {rule.rule_id} does not fit the state")
+        state.rules[rule.rule_id] = rule
+    elif op == "delete":
+        if state.rules.pop(int(record["rule_id"]), None) is None:
+            raise ValueError(f"journal: delete of unknown rule {record['rule_id']}")
+    elif op == "default":
+        state.default_action = DefaultAction(record["default_action"])
+    else:
+        raise ValueError(f"journal: unknown record {op!r}")
+    state._view = None
