@@ -82,8 +82,11 @@ def _progress(text: str) -> None:
 
 
 def _suite(
-    res: dict[str, Any], key: str, run: Callable[[], dict[str, Any]],
-    render_it: Callable[[dict[str, Any]], str], errors: tuple[type[BaseException], ...],
+    res: dict[str, Any],
+    key: str,
+    run: Callable[[], dict[str, Any]],
+    render_it: Callable[[dict[str, Any]], str],
+    errors: tuple[type[BaseException], ...],
 ) -> int:
     """Run one suite into res[key] and print its table; 0, or 1 for `errors`, 130 for Ctrl-C."""
     caught: tuple[type[BaseException], ...] = (BenchError, OSError, *errors)
@@ -108,8 +111,7 @@ def _run_api(args: argparse.Namespace, res: dict[str, Any]) -> int:
     from streamer.lab.netns import LabError
 
     settings = settings_for(args.quick, args.api_requests, args.api_rules, args.seed)
-    return _suite(res, "api", lambda: run_api_bench(settings, _progress), render_api,
-                  (LabError,))
+    return _suite(res, "api", lambda: run_api_bench(settings, _progress), render_api, (LabError,))
 
 
 def _run_events(args: argparse.Namespace, res: dict[str, Any]) -> int:
@@ -117,8 +119,13 @@ def _run_events(args: argparse.Namespace, res: dict[str, Any]) -> int:
     exit status."""
     from bench.events import render_events, run_events_bench, settings_for
 
-    return _suite(res, "events", lambda: run_events_bench(settings_for(args.quick), _progress),
-                  render_events, ())
+    return _suite(
+        res,
+        "events",
+        lambda: run_events_bench(settings_for(args.quick), _progress),
+        render_events,
+        (),
+    )
 
 
 def _run_compare(args: argparse.Namespace, res: dict[str, Any]) -> int:
@@ -129,8 +136,13 @@ def _run_compare(args: argparse.Namespace, res: dict[str, Any]) -> int:
 
     settings = settings_for(args.quick, args.compare_runs, args.compare_seconds, args.seed)
     plot: Path = args.plot or (args.out.with_suffix(".png") if args.quick else PLOT)
-    rc = _suite(res, "compare", lambda: run_compare(settings, _progress),
-                lambda c: render_compare(c, res.get("events")), (LabError,))
+    rc = _suite(
+        res,
+        "compare",
+        lambda: run_compare(settings, _progress),
+        lambda c: render_compare(c, res.get("events")),
+        (LabError,),
+    )
     if rc:
         return rc
     compare = res["compare"]

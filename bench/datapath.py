@@ -402,15 +402,20 @@ class Bench:
             first_ns.append(float(statistics.median(durations)))
             later_ns.append(float(test_run(fd, later, HIT_REPEAT)[1]))
             after = self.dp.counters()
-            got = (after["fragments_first"] - before["fragments_first"],
-                   after["fragments_followed"] - before["fragments_followed"])
+            got = (
+                after["fragments_first"] - before["fragments_first"],
+                after["fragments_followed"] - before["fragments_followed"],
+            )
             if got != (n, HIT_REPEAT):
-                raise BenchError(f"fragments: {got[0]} firsts remembered of {n},"
-                                 f" {got[1]} later ones followed of {HIT_REPEAT}")
+                raise BenchError(
+                    f"fragments: {got[0]} firsts remembered of {n},"
+                    f" {got[1]} later ones followed of {HIT_REPEAT}"
+                )
             self.dp.consume_events()
         self.fragments = {
             "rules": self.blocks[-1].rules if self.blocks else 0,
-            "first": summary(first_ns), "later": summary(later_ns),
+            "first": summary(first_ns),
+            "later": summary(later_ns),
         }
 
     def shapes_block(self, k: int) -> None:
@@ -807,11 +812,13 @@ def render(res: dict[str, Any]) -> str:
     fr = res.get("fragments")
     if fr:
         add("")
-        add(f"Fragments (IPv4 UDP, {fr['rules']:,} rules):"
+        add(
+            f"Fragments (IPv4 UDP, {fr['rules']:,} rules):"
             f" first fragment (new flow) {_ns(fr['first']['median_ns'])} ns"
             f" [{_ns(fr['first']['min_ns'])}..{_ns(fr['first']['max_ns'])}];"
             f" a later fragment of a known datagram {_ns(fr['later']['median_ns'])} ns"
-            f" [{_ns(fr['later']['min_ns'])}..{_ns(fr['later']['max_ns'])}]")
+            f" [{_ns(fr['later']['min_ns'])}..{_ns(fr['later']['max_ns'])}]"
+        )
     add(f"Total bench time {m['elapsed_s']:.0f} s.")
     return "\n".join(lines)
 

@@ -75,7 +75,9 @@ class EventSettings:
 # step offering exactly the target delivers a little less (105,000: just past it, where the
 # latency target is judged; 150,000 and 200,000: the headroom).
 FULL_EVENTS = EventSettings(
-    (10_000, 25_000, 50_000, 75_000, 100_000, 105_000, 125_000, 150_000, 200_000), 5.0, 20.0,
+    (10_000, 25_000, 50_000, 75_000, 100_000, 105_000, 125_000, 150_000, 200_000),
+    5.0,
+    20.0,
     False,
 )
 QUICK_EVENTS = EventSettings((5_000,), 1.0, 10.0, True)
@@ -99,8 +101,11 @@ def _cpu_s(pid: int | None, exclude: frozenset[int] = frozenset()) -> float:
         return 0.0
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
-                    for c in (t / "children").read_text().split()]
+        children = [
+            int(c)
+            for t in Path(f"/proc/{pid}/task").iterdir()
+            for c in (t / "children").read_text().split()
+        ]
     except OSError:
         return 0.0
     # user + system time of the process and of its children it has waited for
@@ -122,9 +127,20 @@ def _sender_main(conn: Connection, fd: int, tool: str) -> None:
             return
         rate, seconds, first = cmd
         proc = subprocess.run(
-            [tool, str(fd), hexframe, str(rate), str(seconds), str(first), str(SRC_OFFSET),
-             str(SRC_BASE)],
-            pass_fds=(fd,), capture_output=True, text=True, timeout=3 * seconds + 30,
+            [
+                tool,
+                str(fd),
+                hexframe,
+                str(rate),
+                str(seconds),
+                str(first),
+                str(SRC_OFFSET),
+                str(SRC_BASE),
+            ],
+            pass_fds=(fd,),
+            capture_output=True,
+            text=True,
+            timeout=3 * seconds + 30,
             check=False,
         )
         if proc.returncode != 0:
@@ -152,7 +168,7 @@ class _Tally:
         self._sec: dict[bytes, int] = {}
 
     def _second_ns(self, head: bytes) -> int:
-        """"YYYY-MM-DDTHH:MM:SS" as ns since the epoch (parsed once per second, then cached)."""
+        """ "YYYY-MM-DDTHH:MM:SS" as ns since the epoch (parsed once per second, then cached)."""
         sec = calendar.timegm(time.strptime(head.decode(), "%Y-%m-%dT%H:%M:%S"))
         if len(self._sec) > 4096:
             self._sec.clear()
@@ -225,9 +241,26 @@ def _consumer_main(conn: Connection, bootstrap: str, topic: str) -> None:
         conn.send(("error", "kcat is not installed (make setup installs it)"))
         return
     proc = subprocess.Popen(
-        [kcat, "-C", "-b", bootstrap, "-t", topic, "-p", "0", "-o", "beginning", "-u", "-q",
-         "-f", "%s\\n", "-X", "fetch.wait.max.ms=10"],
-        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        [
+            kcat,
+            "-C",
+            "-b",
+            bootstrap,
+            "-t",
+            topic,
+            "-p",
+            "0",
+            "-o",
+            "beginning",
+            "-u",
+            "-q",
+            "-f",
+            "%s\\n",
+            "-X",
+            "fetch.wait.max.ms=10",
+        ],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
     )
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
@@ -320,7 +353,9 @@ class EventsBench:
         ctx = mp.get_context("fork")
         mine, theirs = ctx.Pipe()
         p = ctx.Process(
-            target=_sender_main, args=(theirs, fd, str(c_tool("evgen"))), name="bench-sender",
+            target=_sender_main,
+            args=(theirs, fd, str(c_tool("evgen"))),
+            name="bench-sender",
             daemon=True,
         )
         p.start()
@@ -552,7 +587,8 @@ class EventsBench:
 
 
 def _targets(
-    sustained: dict[str, Any] | None, at_target: dict[str, Any] | None,
+    sustained: dict[str, Any] | None,
+    at_target: dict[str, Any] | None,
 ) -> list[dict[str, Any]]:
     """The rate target judged at the sustained step; the latency target at `at_target` (the
     first step that delivered the target rate: latency past it is informational)."""
@@ -659,7 +695,8 @@ def render_events(res: dict[str, Any]) -> str:
     for s in res["steps"]:
         cpu = s.get("cpu_us_per_event", {})
         lines.append(
-            f"{s['offered_eps']:>10,}  " + "  ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+            f"{s['offered_eps']:>10,}  "
+            + "  ".join(f"{k} {v:.1f}" for k, v in cpu.items())
             + f"  total {sum(cpu.values()):.1f}"
         )
     lines += [

@@ -117,12 +117,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _run_script(args: list[str], netns: str | None,
-                timeout: float) -> subprocess.CompletedProcess[str]:
+def _run_script(
+    args: list[str], netns: str | None, timeout: float
+) -> subprocess.CompletedProcess[str]:
     argv = _netns_argv(netns, [str(KAFKA_SH), *args])
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL, check=False)
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
     except subprocess.TimeoutExpired as e:
         raise KafkaError(f"{' '.join(argv)} did not finish within {timeout:.0f}s") from e
 
@@ -152,14 +159,21 @@ class KafkaBroker:
     same across restarts. Not started by the constructor: call `start()` (or use `with`).
     """
 
-    def __init__(self, *, netns: str | None = None, port: int | None = None,
-                 controller_port: int | None = None, start_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        *,
+        netns: str | None = None,
+        port: int | None = None,
+        controller_port: int | None = None,
+        start_timeout: float = 60.0,
+    ) -> None:
         self.netns = netns
         self.port = port
         self.controller_port = controller_port
         self.start_timeout = start_timeout
         self.directory = Path(tempfile.gettempdir()) / (
-            f"{_DIR_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            f"{_DIR_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        )
         self.startup_seconds: float | None = None  # of the last start()
 
     # -- state ---------------------------------------------------------------------------
@@ -216,10 +230,20 @@ class KafkaBroker:
             self.directory.mkdir(mode=0o700, exist_ok=True)
             t0 = time.monotonic()
             proc = _run_script(
-                ["start", "--dir", str(self.directory), "--port", str(self.port),
-                 "--controller-port", str(self.controller_port),
-                 "--timeout", str(max(1, round(self.start_timeout)))],
-                self.netns, self.start_timeout + _SCRIPT_SLACK)
+                [
+                    "start",
+                    "--dir",
+                    str(self.directory),
+                    "--port",
+                    str(self.port),
+                    "--controller-port",
+                    str(self.controller_port),
+                    "--timeout",
+                    str(max(1, round(self.start_timeout))),
+                ],
+                self.netns,
+                self.start_timeout + _SCRIPT_SLACK,
+            )
             if proc.returncode == 0:
                 self.startup_seconds = time.monotonic() - t0
                 return self
@@ -228,17 +252,27 @@ class KafkaBroker:
                 self.port = self.controller_port = None
                 continue
             break
-        raise KafkaError(f"cannot start Kafka (netns {self.netns}, dir {self.directory}):\n"
-                         f"{proc.stderr.strip()}")
+        raise KafkaError(
+            f"cannot start Kafka (netns {self.netns}, dir {self.directory}):\n{proc.stderr.strip()}"
+        )
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the broker (SIGTERM, SIGKILL after `timeout` s), keeping its data for a
         restart. Stopping a stopped broker does nothing."""
         if not (self.directory / ".microseg-kafka").exists():
             return
-        proc = _run_script(["stop", "--dir", str(self.directory), "--keep",
-                            "--timeout", str(max(1, round(timeout)))],
-                           self.netns, timeout + 30.0)
+        proc = _run_script(
+            [
+                "stop",
+                "--dir",
+                str(self.directory),
+                "--keep",
+                "--timeout",
+                str(max(1, round(timeout))),
+            ],
+            self.netns,
+            timeout + 30.0,
+        )
         if proc.returncode != 0:
             raise KafkaError(f"cannot stop Kafka in {self.directory}: {proc.stderr.strip()}")
 
@@ -269,11 +303,13 @@ class KafkaBroker:
         """Stop the broker and remove its directory; safe to call at any time, repeatedly."""
         try:
             if (self.directory / ".microseg-kafka").exists():
-                proc = _run_script(["stop", "--dir", str(self.directory), "--timeout", "30"],
-                                   self.netns, 90.0)
+                proc = _run_script(
+                    ["stop", "--dir", str(self.directory), "--timeout", "30"], self.netns, 90.0
+                )
                 if proc.returncode != 0 and self.running:
-                    raise KafkaError(f"cannot stop Kafka in {self.directory}: "
-                                     f"{proc.stderr.strip()}")
+                    raise KafkaError(
+                        f"cannot stop Kafka in {self.directory}: {proc.stderr.strip()}"
+                    )
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -284,30 +320,48 @@ class KafkaBroker:
             self.destroy()  # __exit__ will not run; the error carries the log's tail
             raise
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.destroy()
 
     def __repr__(self) -> str:
-        return (f"KafkaBroker(bootstrap={self.port and self.bootstrap!r}, netns={self.netns!r}, "
-                f"running={self.running}, dir={str(self.directory)!r})")
+        return (
+            f"KafkaBroker(bootstrap={self.port and self.bootstrap!r}, netns={self.netns!r}, "
+            f"running={self.running}, dir={str(self.directory)!r})"
+        )
 
 
 # ---- kcat -------------------------------------------------------------------------------------
 
 
-def _kcat(bootstrap: str, args: list[str], *, netns: str | None, timeout: float,
-          input: str | None = None) -> subprocess.CompletedProcess[str]:
+def _kcat(
+    bootstrap: str, args: list[str], *, netns: str | None, timeout: float, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     argv = _netns_argv(netns, ["kcat", "-b", bootstrap, *args])
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input,
-                          stdin=None if input is not None else subprocess.DEVNULL, check=False)
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        check=False,
+    )
 
 
 def _metadata(bootstrap: str, *, netns: str | None, timeout: float) -> dict[str, Any] | None:
     # All topics, never `-t topic`: a metadata request naming a topic would create it.
     try:
-        proc = _kcat(bootstrap, ["-L", "-J", "-m", str(max(1, round(timeout)))],
-                     netns=netns, timeout=timeout + 5.0)
+        proc = _kcat(
+            bootstrap,
+            ["-L", "-J", "-m", str(max(1, round(timeout)))],
+            netns=netns,
+            timeout=timeout + 5.0,
+        )
     except subprocess.TimeoutExpired:
         return None
     if proc.returncode != 0:
@@ -327,8 +381,9 @@ def topic_names(bootstrap: str, *, netns: str | None = None, timeout: float = 5.
     return sorted(str(t["topic"]) for t in meta.get("topics", []))
 
 
-def wait_topic(bootstrap: str, topic: str, timeout: float = 10.0, *,
-               netns: str | None = None) -> int:
+def wait_topic(
+    bootstrap: str, topic: str, timeout: float = 10.0, *, netns: str | None = None
+) -> int:
     """Wait until `topic` exists with a leader for every partition; returns its partition
     count. Does not create it. TimeoutError after `timeout` s."""
     deadline = time.monotonic() + timeout
@@ -337,13 +392,18 @@ def wait_topic(bootstrap: str, topic: str, timeout: float = 10.0, *,
         meta = _metadata(bootstrap, netns=netns, timeout=max(1.0, min(left, 5.0)))
         for t in (meta or {}).get("topics", []):
             parts = t.get("partitions") or []
-            if (t.get("topic") == topic and not t.get("error") and parts
-                    and all(p.get("leader", -1) >= 0 and not p.get("error") for p in parts)):
+            if (
+                t.get("topic") == topic
+                and not t.get("error")
+                and parts
+                and all(p.get("leader", -1) >= 0 and not p.get("error") for p in parts)
+            ):
                 return len(parts)
         if time.monotonic() >= deadline:
             state = "no answer from the broker" if meta is None else "not there"
-            raise TimeoutError(f"topic {topic!r} on {bootstrap} (netns {netns}): {state} "
-                               f"after {timeout:.0f}s")
+            raise TimeoutError(
+                f"topic {topic!r} on {bootstrap} (netns {netns}): {state} after {timeout:.0f}s"
+            )
         time.sleep(0.2)
 
 
@@ -361,9 +421,15 @@ def _record(line: str) -> dict[str, Any]:
     }
 
 
-def kcat_consume(bootstrap: str, topic: str, *, count: int | None = None,
-                 timeout: float = 10.0, from_beginning: bool = True,
-                 netns: str | None = None) -> list[dict[str, Any]]:
+def kcat_consume(
+    bootstrap: str,
+    topic: str,
+    *,
+    count: int | None = None,
+    timeout: float = 10.0,
+    from_beginning: bool = True,
+    netns: str | None = None,
+) -> list[dict[str, Any]]:
     """Read `topic` with kcat (no consumer group, all partitions) and return its records.
 
     Waits (within `timeout`) for the topic to exist. count=None: everything up to the
@@ -386,16 +452,27 @@ def kcat_consume(bootstrap: str, topic: str, *, count: int | None = None,
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         got = [_record(line) for line in out.splitlines() if line.strip()]
-        raise KcatTimeout(f"kcat got {len(got)} of {count} records from topic {topic!r} on "
-                          f"{bootstrap} within {timeout:.0f}s", got) from None
+        raise KcatTimeout(
+            f"kcat got {len(got)} of {count} records from topic {topic!r} on "
+            f"{bootstrap} within {timeout:.0f}s",
+            got,
+        ) from None
     if proc.returncode != 0:
-        raise KafkaError(f"kcat -C on {bootstrap} topic {topic!r} failed "
-                         f"(exit {proc.returncode}): {proc.stderr.strip()}")
+        raise KafkaError(
+            f"kcat -C on {bootstrap} topic {topic!r} failed "
+            f"(exit {proc.returncode}): {proc.stderr.strip()}"
+        )
     return [_record(line) for line in proc.stdout.splitlines() if line.strip()]
 
 
-def kcat_produce(bootstrap: str, topic: str, records: Iterable[str | tuple[str | None, str]],
-                 *, timeout: float = 10.0, netns: str | None = None) -> int:
+def kcat_produce(
+    bootstrap: str,
+    topic: str,
+    records: Iterable[str | tuple[str | None, str]],
+    *,
+    timeout: float = 10.0,
+    netns: str | None = None,
+) -> int:
     """Produce `records` (values, or (key, value) with key None for no key) to `topic` in
     order, with kcat; returns how many. The topic is created if missing (broker default:
     one partition). KafkaError when kcat fails or a delivery is not acknowledged; ValueError
@@ -410,13 +487,25 @@ def kcat_produce(bootstrap: str, topic: str, records: Iterable[str | tuple[str |
     if not chunks:
         return 0
     try:
-        args = ["-P", "-t", topic, "-D", r"\x1e", "-K", r"\x1f", "-X", "acks=all",
-                "-X", f"message.timeout.ms={int(timeout * 1000)}"]
-        proc = _kcat(bootstrap, args, netns=netns, timeout=timeout + 5.0,
-                     input=_RS.join(chunks))
+        args = [
+            "-P",
+            "-t",
+            topic,
+            "-D",
+            r"\x1e",
+            "-K",
+            r"\x1f",
+            "-X",
+            "acks=all",
+            "-X",
+            f"message.timeout.ms={int(timeout * 1000)}",
+        ]
+        proc = _kcat(bootstrap, args, netns=netns, timeout=timeout + 5.0, input=_RS.join(chunks))
     except subprocess.TimeoutExpired as e:
         raise KafkaError(f"kcat -P to {bootstrap} topic {topic!r} did not finish in time") from e
     if proc.returncode != 0 or "ERROR" in proc.stderr:
-        raise KafkaError(f"kcat -P to {bootstrap} topic {topic!r} failed "
-                         f"(exit {proc.returncode}): {proc.stderr.strip()}")
+        raise KafkaError(
+            f"kcat -P to {bootstrap} topic {topic!r} failed "
+            f"(exit {proc.returncode}): {proc.stderr.strip()}"
+        )
     return len(chunks)

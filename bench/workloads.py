@@ -222,8 +222,15 @@ def run_udp_pair(lab: BenchLab, twin: BenchLab, family: int, seconds: float, twi
     try:
         for sink in sinks:
             _ready(sink, "the UDP sink")
-        argv = _ab_argv("udpab", sides, family, str(UDP_PORT), f"{2 * seconds:g}",
-                        str(UDP_PAYLOAD), str(UDP_SLICE_MS))
+        argv = _ab_argv(
+            "udpab",
+            sides,
+            family,
+            str(UDP_PORT),
+            f"{2 * seconds:g}",
+            str(UDP_PAYLOAD),
+            str(UDP_SLICE_MS),
+        )
         sent = _json(lab.run("peer", argv, 2 * seconds + 10), "nettool udpab")
         outs = [sink.communicate(timeout=2 * seconds + 8)[0] for sink in sinks]
     finally:
@@ -292,8 +299,9 @@ RUNNERS: dict[str, Callable[[BenchLab, int, float], dict[str, Any]]] = {
     "crr": run_crr,
 }
 # Workloads run in both labs at once by one client, interleaved (the others: back to back).
-PAIRED: dict[str, Callable[[BenchLab, BenchLab, int, float, bool],
-                           tuple[dict[str, Any], dict[str, Any]]]] = {
+PAIRED: dict[
+    str, Callable[[BenchLab, BenchLab, int, float, bool], tuple[dict[str, Any], dict[str, Any]]]
+] = {
     "udp": run_udp_pair,
     "rr": run_rr_pair,
 }
