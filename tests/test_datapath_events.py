@@ -1,4 +1,4 @@
-"""The classifier in the real kernel, layouts and flow events: the maps as bcc compiled them
+"""The classifier in the real kernel, layouts and flow events: the maps as the kernel has them
 match the Python packing (the pin layout version against the header: tests/test_layout.py), and
 the flow events' records (struct ms_event, streamer.datapath.layout's EVENT) carry what happened,
 through BPF_PROG_TEST_RUN on the session's classifier; expected verdicts are written out by hand
@@ -7,7 +7,6 @@ with contract §2."""
 
 from __future__ import annotations
 
-import ctypes as ct
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
@@ -15,13 +14,17 @@ from support.bpf import kernel_retval as run
 from support.classifier import DROP, PASS, R, install, pk
 from support.packets import frame
 
+from streamer.datapath.bindings import map_info
 from streamer.datapath.compiler import compile_policy, pack_rule_key, pack_rule_val, pack_shape
 from streamer.datapath.datapath import Datapath
 from streamer.datapath.layout import (
+    BANK,
+    COUNTERS,
     EVENT,
     FRAG_KEY,
     FRAG_VAL,
     REAPED,
+    RULE_CTR,
     SESS_KEY,
     SESS_VAL,
     SETTINGS,
@@ -37,31 +40,29 @@ if TYPE_CHECKING:
 
 
 def test_map_layouts_match_python_packing(dp: Datapath) -> None:
-    """The maps as bcc compiled them (bpf/classifier.h) against streamer's struct packing."""
-    bpf = dp._bpf
-    assert ct.sizeof(bpf["sessions"].Key) == SESS_KEY.size
-    assert ct.sizeof(bpf["sessions"].Leaf) == SESS_VAL.size
-    leaf = bpf["sessions"].Leaf
-    # the offsets streamer reads, and the cache-line split by writer (see struct ms_sess_val)
-    assert leaf.last_seen.offset == SESS_VAL.offset("last_seen")
-    assert leaf.tcp_state.offset == SESS_VAL.offset("tcp_state")
-    assert leaf.tclass.offset == SESS_VAL.offset("tclass")
-    assert leaf.pkts_orig.offset == 32 and leaf.pkts_reply.offset == 96
-    assert ct.sizeof(bpf["rules4"].Key) == len(pack_rule_key(4, 0, (1, 6, 0, 0, 0, 0))) == 16
-    assert ct.sizeof(bpf["rules6"].Key) == len(pack_rule_key(6, 0, (1, 6, 0, 0, 0, 0))) == 40
+    """The maps' key and value sizes as the kernel has them (bcc compiled bpf/classifier.h)
+    against streamer's struct packing; the fields' offsets are held against the header by
+    tests/test_layout.py."""
+
+    def sizes(name: str) -> tuple[int, int]:
+        info = map_info(dp._maps.fds[name])
+        return info.key_size, info.value_size
+
+    assert sizes("sessions") == (SESS_KEY.size, SESS_VAL.size)
+    assert SESS_VAL.offset("pkts_orig") == 32 and SESS_VAL.offset("pkts_reply") == 96
     pol = parse_policy_document({"policies": [R(1)]})
     c = compile_policy(pol, 8)
     entry = next(iter(c.v4.entries[0].values()))
-    assert ct.sizeof(bpf["rules4"].Leaf) == ct.sizeof(bpf["rules6"].Leaf)
-    assert ct.sizeof(bpf["rules4"].Leaf) == len(pack_rule_val(entry, 1))
-    assert ct.sizeof(bpf["shapes"].Leaf) == len(pack_shape(c.v4.shapes[0], 1)) == 56
-    assert ct.sizeof(bpf["banks"].Leaf) == 16
-    assert ct.sizeof(bpf["rule_stats"].sLeaf) == 24
-    assert ct.sizeof(bpf["counters"].sLeaf) == 48 * 8
-    assert ct.sizeof(bpf["frags"].Key) == FRAG_KEY.size
-    assert ct.sizeof(bpf["frags"].Leaf) == FRAG_VAL.size
-    assert ct.sizeof(bpf["reaped"].Leaf) == REAPED.size
-    assert ct.sizeof(bpf["settings"].Leaf) == SETTINGS.size
+    val = len(pack_rule_val(entry, 1))
+    assert sizes("rules4") == (len(pack_rule_key(4, 0, (1, 6, 0, 0, 0, 0))), val) == (16, 24)
+    assert sizes("rules6") == (len(pack_rule_key(6, 0, (1, 6, 0, 0, 0, 0))), val) == (40, 24)
+    assert sizes("shapes") == (4, len(pack_shape(c.v4.shapes[0], 1))) == (4, 56)
+    assert sizes("banks") == (4, BANK.size) == (4, 16)
+    assert sizes("rule_stats") == (4, RULE_CTR.size) == (4, 24)
+    assert sizes("counters") == (4, COUNTERS.size) == (4, 48 * 8)
+    assert sizes("frags") == (FRAG_KEY.size, FRAG_VAL.size)
+    assert sizes("reaped") == (4, REAPED.size)
+    assert sizes("settings") == (4, SETTINGS.size)
     assert EVENT.size == 80
 
 

@@ -1,8 +1,8 @@
 """What one classifier instance is: its configuration, where its pins live, and its error.
 
 In: the operator's choices (instance name, table sizes, timeouts, attach mode). Out: a frozen
-DatapathConfig, the paths derived from it (pin directories, the attachment record), and
-DatapathError, which every datapath module raises. Nothing here touches the kernel.
+DatapathConfig, the paths derived from it (pin directories, the attachment record, the build
+cache), and DatapathError, which every datapath module raises. Nothing here touches the kernel.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from streamer.datapath.reference import Timeouts
 
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/microseg")
 DEFAULT_RUN_DIR = Path("/run/microseg")
+# Compiled classifiers by a hash of what they depend on (streamer.datapath.artifact).
+DEFAULT_CACHE_DIR = Path("/var/cache/microseg/classifier")
 ATTACH_MODES = ("auto", "tcx", "tc")
 LINKS_DIR = "links"  # <instance>/links/: our pinned tcx links, beside the maps' layout dirs
 
@@ -42,6 +44,7 @@ class DatapathConfig:
     attach_mode: str = "auto"
 
     run_dir: Path = DEFAULT_RUN_DIR
+    cache_dir: Path = DEFAULT_CACHE_DIR  # the classifier's builds: a start that finds one is fast
 
     @property
     def instance_dir(self) -> Path:

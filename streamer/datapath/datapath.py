@@ -12,7 +12,7 @@ Maps (and tcx links) are pinned under <pin_root>/<instance>/ so enforcement outl
 programs stay attached when the process dies, and the next start adopts the same maps (sessions,
 rules, counters) and swaps its programs in atomically (a link update, or `tc filter replace`).
 
-`Datapath` composes the parts, each a module of this package: loader (bcc, pins), banks
+`Datapath` composes the parts, each a module of this package: loader (the build, pins), banks
 (apply, the flip, retiring the old bank), tables (reading), reaper (timeouts, removals),
 attach (TC hooks), maps and bindings (raw libbpf access), layout (the kernel's structs).
 `with Datapath(cfg) as dp:` loads it and closes it on leaving (pins stay: `remove_pins`).
@@ -20,7 +20,6 @@ attach (TC hooks), maps and bindings (raw libbpf access), layout (the kernel's s
 
 from __future__ import annotations
 
-import ctypes as ct
 import mmap
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -29,10 +28,9 @@ from typing import Any
 from streamer.datapath import attach as attaching
 from streamer.datapath import loader, reaper
 from streamer.datapath.banks import Banks
-from streamer.datapath.bindings import libbpf
 from streamer.datapath.compiler import CompiledPolicy
 from streamer.datapath.config import DatapathConfig, DatapathError
-from streamer.datapath.maps import Maps
+from streamer.datapath.maps import Maps, Ring
 from streamer.datapath.reference import Timeouts
 from streamer.datapath.ruletables import RuleTables, TableChange
 from streamer.datapath.tables import MapFill, RuleCounters, Session, Tables
@@ -46,30 +44,28 @@ class Datapath:
     def __init__(self, config: DatapathConfig) -> None:
         self.config = config
         self._maps = Maps()
-        self._progs: dict[str, Any] = {}
+        self._progs: dict[str, loader.Program] = {}
         self._banks = Banks(self._maps, config)
         self._reaper = reaper.Reaper(self._maps, config)
         self._tables = Tables(self._maps, config, self._banks, self._reaper)
         self.adopted = False  # the pinned maps held an applied generation when we loaded
         self.attached_as: dict[str, str] = {}  # interface -> "tcx" or "tc", as attach chose
+        self.compiled = False  # the last load compiled the classifier (no cached build)
 
     # ---- life --------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Compile and load the classifier, adopting pinned maps of a compatible layout."""
-        self._progs = loader.load_classifier(self.config, self._maps)
+        """Load the classifier (built first when the cache has no build of it), adopting
+        pinned maps of a compatible layout."""
+        loaded = loader.load_classifier(self.config, self._maps)
+        self._progs, self.compiled = loaded.progs, loaded.compiled
         self.set_timeouts(self.config.timeouts)
         self._reaper.read_reaped()
         self.adopted = self._banks.adopt()
 
     @property
     def loaded(self) -> bool:
-        return self._maps.bpf is not None
-
-    @property
-    def _bpf(self) -> Any:
-        """bcc's BPF object (None until loaded)."""
-        return self._maps.bpf
+        return bool(self._progs)
 
     def close(self) -> None:
         """Release our references; pinned maps and attached filters stay. Waits for the old
@@ -77,7 +73,7 @@ class Datapath:
         try:
             self._banks.close()
         finally:
-            loader.release(self._maps)
+            loader.release(self._maps, self._progs)
 
     def __enter__(self) -> Datapath:
         """Load; close on leaving, or at once when loading fails half way."""
@@ -225,27 +221,27 @@ class Datapath:
     # ---- events ------------------------------------------------------------------------------
 
     def open_events(self, callback: Callable[[bytes], bool | None]) -> int:
-        """Route ring-buffer records (raw struct ms_event bytes, copied) to callback.
+        """Route ring-buffer records (raw struct ms_event bytes, copied) to callback, in
+        place of any callback before.
 
         A callback returning False ends the current consume_events() after that record (the
         rest stays in the ring for the next call). Returns the epoll fd to watch; call
         consume_events() when it is readable.
         """
-
-        def _cb(_ctx: Any, data: Any, size: int) -> int:
-            more = callback(ct.string_at(data, size))
-            return -1 if more is False else 0
-
-        self._bpf["events"].open_ring_buffer(_cb)
-        return int(libbpf().ring_buffer__epoll_fd(ct.c_void_p(self._bpf._ringbuf_manager)))
+        ring = Ring(self._maps.fds["events"], callback)
+        if self._maps.ring is not None:
+            self._maps.ring.close()
+        self._maps.ring = ring
+        return ring.epoll_fd()
 
     def consume_events(self) -> None:
-        self._bpf.ring_buffer_consume()
+        if self._maps.ring is not None:
+            self._maps.ring.consume()
 
     def events_ring(self) -> tuple[int, int]:
         """The ring buffer's map fd and its data size in bytes (a power of two), for a reader
         that maps it itself (streamer.events.source.RingReader) instead of `open_events`."""
-        return int(self._bpf["events"].get_fd()), self.config.ringbuf_pages * mmap.PAGESIZE
+        return self._maps.fds["events"], self.config.ringbuf_pages * mmap.PAGESIZE
 
     # ---- attaching (streamer.datapath.attach) ----------------------------------------------
 
@@ -264,4 +260,4 @@ class Datapath:
 
 def prog_fd(dp: Datapath, direction: str) -> int:
     """The fd of the ingress or egress program, for streamer.datapath.bindings.test_run."""
-    return int(dp._progs["ms_ingress" if direction == "ingress" else "ms_egress"].fd)
+    return dp._progs["ms_ingress" if direction == "ingress" else "ms_egress"].fd

@@ -1,23 +1,28 @@
 """Raw access to the loaded classifier's maps, by name: bytes in, bytes out.
 
 In: map names (as bpf/classifier.c declares them) and packed keys and values (packed with
-streamer.datapath.layout). Out: single and batched lookups, writes, deletes and walks through
-libbpf on the maps' fds; per-CPU entries and the RCU barrier through bcc's table objects.
-Write failures raise DatapathError; deletes report the keys they could not remove (KeysLeft)
-and count a key already gone as removed. Until the loader fills it a Maps holds no map.
+streamer.datapath.layout). Out: single and batched lookups, writes, deletes and walks, per-CPU
+entries (one value per possible CPU), the RCU barrier, and the ring buffer's records by callback
+(`Ring`), all through libbpf on the maps' fds. Write failures raise DatapathError; deletes report
+the keys they could not remove (KeysLeft) and count a key already gone as removed. Until the
+loader fills it a Maps holds no map; `close` closes its fds (pins stay).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import errno
 import os
 import struct
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
-from streamer.datapath.bindings import libbpf
+from streamer.datapath.bindings import RingBufferSample, libbpf, possible_cpus
 from streamer.datapath.config import DatapathError
+
+if TYPE_CHECKING:
+    from streamer.datapath.artifact import MapDef
 
 _BATCH = 65536  # entries per batched write or delete (one syscall each)
 _WALK_BATCH = 4096
@@ -36,12 +41,54 @@ class KeysLeft(DatapathError):
         self.keys = keys
 
 
+class Ring:
+    """A ring buffer map's records, each handed to a callback (libbpf's ring_buffer)."""
+
+    def __init__(self, fd: int, callback: Callable[[bytes], bool | None]) -> None:
+        def _sample(_ctx: Any, data: Any, size: int) -> int:
+            more = callback(ct.string_at(data, size))
+            return -1 if more is False else 0
+
+        self._sample = RingBufferSample(_sample)  # referenced as long as libbpf may call it
+        self._rb = libbpf().ring_buffer__new(fd, self._sample, None, None)
+        if not self._rb:
+            err = ct.get_errno()
+            raise DatapathError(f"opening the ring buffer failed: {os.strerror(err)}")
+
+    def epoll_fd(self) -> int:
+        return int(libbpf().ring_buffer__epoll_fd(self._rb))
+
+    def consume(self) -> None:
+        """Hand every record in the ring to the callback, until one returns False."""
+        if self._rb:
+            libbpf().ring_buffer__consume(self._rb)
+
+    def close(self) -> None:
+        if self._rb:
+            libbpf().ring_buffer__free(self._rb)
+            self._rb = None
+
+
 class Maps:
-    """The maps of one loaded classifier: `bpf` is bcc's BPF object, `fds` the maps' fds."""
+    """The maps of one loaded classifier: `fds` their fds by name, `defs` their definitions,
+    `ring` the reader of `events` once one is opened."""
 
     def __init__(self) -> None:
-        self.bpf: Any = None
         self.fds: dict[str, int] = {}
+        self.defs: dict[str, MapDef] = {}
+        self.ring: Ring | None = None
+        self._ncpu = 0
+
+    def close(self) -> None:
+        """Close every fd (the ring buffer's reader first); pinned maps stay."""
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+        self.defs.clear()
 
     def write(self, name: str, key: bytes, value: bytes) -> None:
         if libbpf().bpf_map_update_elem(self.fds[name], key, value, 0) != 0:
@@ -140,8 +187,16 @@ class Maps:
 
     def percpu(self, name: str, index: int) -> list[bytes]:
         """One per-CPU array entry, as raw bytes per possible CPU."""
-        return [bytes(v) for v in self.bpf[name][ct.c_uint32(index)]]
+        if not self._ncpu:
+            self._ncpu = possible_cpus()
+        size = self.defs[name].value_size
+        stride = (size + 7) // 8 * 8  # the kernel pads each CPU's value to 8 bytes
+        raw = self.lookup(name, array_key(index), stride * self._ncpu)
+        if raw is None:
+            err = ct.get_errno()
+            raise DatapathError(f"reading map {name} entry {index} failed: {os.strerror(err)}")
+        return [raw[i * stride : i * stride + size] for i in range(self._ncpu)]
 
     def barrier(self) -> None:
         """Return once no BPF program still runs with a view from before this call."""
-        self.bpf["barrier"][ct.c_int(0)] = ct.c_int(self.bpf["barrier_inner"].get_fd())
+        self.write("barrier", array_key(0), struct.pack("<I", self.fds["barrier_inner"]))
