@@ -57,6 +57,7 @@ async def test_crud_is_enforced_when_answered(api: Api) -> None:
         "policies": [full(1001, src_ip="0.0.0.0/0", dst_ip="10.0.0.5", dst_port=443)],
         "count": 1,
         "default_action": "deny",
+        "groups": {},
         "generation": api.store.generation,
     }
 

@@ -16,12 +16,12 @@ Checks, in order, before any handler runs (streamer/api/auth.py):
    the socket file's mode (0660) decides who may connect.
 Then the route: unknown → 404, wrong method → 405 (with `Allow`), unknown query parameter → 400
 (a typo like `?dryrun=1` must not apply a change), body not `application/json` → 415, too large
-→ 413 (64 KiB; 64 MiB for `PUT /api/v1/policies`), bad JSON or invalid rule → 400
-(streamer/api/params.py).
+→ 413 (64 KiB; 64 MiB for `PUT /api/v1/policies` and the group routes), bad JSON or invalid rule
+or group → 400 (streamer/api/params.py).
 
 No CORS headers are ever sent: browsers on other origins cannot read answers.
 `DELETE /api/v1/policies/{rule_id}` answers 200 with the deleted rule. Writes carry the new
-policy generation in the `X-Policy-Generation` header.
+policy generation in the `X-Policy-Generation` header. Address groups: streamer/api/groups.py.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from streamer.api import flows, policies, sessions, stats, status, viewer
+from streamer.api import flows, groups, policies, sessions, stats, status, viewer
 from streamer.api.auth import PUBLIC_PATHS, authenticate, check_host, check_origin
 from streamer.api.context import (
     ACTOR,
@@ -177,6 +177,12 @@ def make_app(ctx: ApiContext) -> web.Application:
     r.add_get(f"{p}/policies/{{rule_id}}", policies.get_policy, allow_head=False)
     r.add_put(f"{p}/policies/{{rule_id}}", policies.update_policy)
     r.add_delete(f"{p}/policies/{{rule_id}}", policies.delete_policy)
+    r.add_get(f"{p}/groups", groups.list_groups, allow_head=False)
+    r.add_get(f"{p}/groups/{{name}}", groups.get_group, allow_head=False)
+    r.add_put(f"{p}/groups/{{name}}", groups.put_group)
+    r.add_delete(f"{p}/groups/{{name}}", groups.delete_group)
+    r.add_post(f"{p}/groups/{{name}}/members", groups.add_members)
+    r.add_delete(f"{p}/groups/{{name}}/members", groups.remove_members)
     r.add_get(f"{p}/stats", stats.stats, allow_head=False)
     r.add_get(f"{p}/stats/packets", stats.packet_stats, allow_head=False)
     r.add_get(f"{p}/stats/policies", stats.policy_stats, allow_head=False)

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from pydantic.json_schema import models_json_schema
 
-from streamer.policy.model import MAX_RULE_ID, PolicySet, Rule
+from streamer.policy.model import GROUP_NAME_PATTERN, MAX_RULE_ID, PolicySet, Rule
 from streamer.vocabulary import PACKET_DIRECTIONS, VERDICTS, Protocol
 
 __all__ = ["SESSION_LIMIT_MAX", "build_openapi"]
@@ -35,6 +35,25 @@ _PORT_SCHEMA: Final[dict[str, Any]] = {
     ],
     "description": '0 = any port; a port; or an inclusive range "lo-hi". Only tcp and udp '
     "rules may have a port condition",
+}
+_GROUP_NAME_SCHEMA: Final[dict[str, Any]] = {
+    "type": "string",
+    "pattern": GROUP_NAME_PATTERN,
+    "description": 'a group name: 1 to 63 letters, digits, "_", "." or "-", starting with a '
+    "letter or digit",
+}
+_MEMBER_SCHEMA: Final[dict[str, Any]] = {
+    "type": "string",
+    "maxLength": 64,
+    "description": "IPv4/IPv6 address or CIDR (no host bits set); 0.0.0.0/0 and ::/0 stand "
+    'for every address of that family ("any" is not a member)',
+    "examples": ["10.0.1.0/24", "fd00:1::/64", "10.0.0.5"],
+}
+_MEMBERS_SCHEMA: Final[dict[str, Any]] = {"type": "array", "items": _MEMBER_SCHEMA}
+_RULE_IDS: Final[dict[str, Any]] = {
+    "type": "array",
+    "items": {"type": "integer", "minimum": 1, "maximum": MAX_RULE_ID},
+    "description": "the rule_ids of the rules that name the group, in set order",
 }
 _TIME: Final[dict[str, Any]] = {
     "type": ["string", "null"],
@@ -83,9 +102,31 @@ def _model_schemas() -> dict[str, Any]:
         rule["properties"][name] = {**_IP_SCHEMA, "default": "any"}
     for name in ("src_port", "dst_port"):
         rule["properties"][name] = {**_PORT_SCHEMA, "default": 0}
+    for end in ("src", "dst"):
+        rule["properties"][f"{end}_group"] = {
+            **_GROUP_NAME_SCHEMA,
+            "description": f"an address group of the set in place of {end}_ip (which is then "
+            '"any"); left out: the end is an address',
+        }
+    defs["Group"] = {
+        "type": "object",
+        "properties": {"members": {**_MEMBERS_SCHEMA, "default": []}},
+        "additionalProperties": False,
+        "description": "An address group (docs/contract.md §5): addresses and CIDRs of both "
+        "families; an empty group matches nothing. select (label groups) needs fleet mode "
+        "and is refused.",
+    }
+    defs["PolicySet"]["properties"]["groups"] = {
+        "type": "object",
+        "propertyNames": {"pattern": GROUP_NAME_PATTERN},
+        "additionalProperties": _ref("Group"),
+        "default": {},
+        "description": "the address groups by name",
+    }
     defs["PolicySet"]["description"] = (
-        "A whole policy set, as in a policy file: default_action defaults to allow, policies "
-        "to an empty list (which removes every rule)."
+        "A whole policy set, as in a policy file: default_action defaults to allow, groups to "
+        "none, policies to an empty list (which removes every rule). A rule may only name a "
+        "group of the document."
     )
     # PUT /policies/{rule_id}: the id comes from the path.
     update = copy.deepcopy(rule)
@@ -97,8 +138,11 @@ def _model_schemas() -> dict[str, Any]:
     defs["RuleUpdate"] = update
     # What the API returns: every field, canonical.
     out = copy.deepcopy(rule)
-    out["required"] = list(out["properties"])
-    out["description"] = "A policy rule as stored: every field, canonical values."
+    out["required"] = [f for f in out["properties"] if not f.endswith("_group")]
+    out["description"] = (
+        "A policy rule as stored: every field, canonical values; src_group and dst_group only "
+        "when the rule has them."
+    )
     for prop in out["properties"].values():
         prop.pop("default", None)
     defs["RuleOut"] = out
@@ -207,8 +251,80 @@ def _schemas() -> dict[str, Any]:
                     "policies": {"type": "array", "items": _ref("RuleOut")},
                     "count": _COUNT,
                     "default_action": _ref("DefaultAction"),
+                    "groups": {
+                        "type": "object",
+                        "additionalProperties": _ref("Group"),
+                        "description": "the address groups by name, members canonical",
+                    },
                     "generation": _COUNT,
+                },
+                description="The whole policy document (default_action, groups, policies: "
+                "what PUT /policies takes) with the rule count and the generation.",
+            ),
+            "GroupSummary": _obj(
+                {"name": _GROUP_NAME_SCHEMA, "member_count": _COUNT, "rules": _RULE_IDS}
+            ),
+            "GroupList": _obj(
+                {"groups": {"type": "array", "items": _ref("GroupSummary")}, "count": _COUNT},
+                description="Every group, by name.",
+            ),
+            "GroupDetail": _obj(
+                {
+                    "name": _GROUP_NAME_SCHEMA,
+                    "members": _MEMBERS_SCHEMA,
+                    "member_count": _COUNT,
+                    "rules": _RULE_IDS,
                 }
+            ),
+            "Members": _obj(
+                {"members": _MEMBERS_SCHEMA},
+                description="Members to add or remove (canonicalized; repeats count once).",
+            ),
+            "GroupChange": _obj(
+                {
+                    "dry_run": {"type": "boolean"},
+                    "generation": {
+                        **_COUNT,
+                        "description": "after the change (dry run, or nothing changed: now)",
+                    },
+                    "name": _GROUP_NAME_SCHEMA,
+                    "created": {"type": "boolean", "description": "PUT made a new group"},
+                    "deleted": {"type": "boolean"},
+                    "members_added": {
+                        **_MEMBERS_SCHEMA,
+                        "description": "members that went into the group",
+                    },
+                    "members_removed": {
+                        **_MEMBERS_SCHEMA,
+                        "description": "members that left the group",
+                    },
+                    "members_unchanged": {
+                        **_MEMBERS_SCHEMA,
+                        "description": "members given that changed nothing: already in the "
+                        "group (add) or not in it (remove)",
+                    },
+                    "member_count": {**_COUNT, "description": "after the change"},
+                    "rules": _RULE_IDS,
+                    "sessions_checked": {**_COUNT, "description": "dry run only"},
+                    "sessions_changing_verdict": {
+                        **_COUNT,
+                        "description": "dry run only: live sessions the change would judge "
+                        "differently",
+                    },
+                },
+                required=[
+                    "dry_run",
+                    "generation",
+                    "name",
+                    "created",
+                    "deleted",
+                    "members_added",
+                    "members_removed",
+                    "members_unchanged",
+                    "member_count",
+                    "rules",
+                ],
+                description="What a group change did (or, dry run, would do).",
             ),
             "Change": _obj(
                 {
@@ -221,6 +337,13 @@ def _schemas() -> dict[str, Any]:
                         "items": _obj({"before": _ref("RuleOut"), "after": _ref("RuleOut")}),
                     },
                     "default_action_changed": {"type": "boolean"},
+                    "groups_added": {"type": "array", "items": _GROUP_NAME_SCHEMA},
+                    "groups_removed": {"type": "array", "items": _GROUP_NAME_SCHEMA},
+                    "groups_changed": {
+                        "type": "array",
+                        "items": _GROUP_NAME_SCHEMA,
+                        "description": "groups whose members differ",
+                    },
                     "sessions_checked": {**_COUNT, "description": "dry run only"},
                     "sessions_changing_verdict": {
                         **_COUNT,
@@ -300,8 +423,8 @@ _ERRORS: Final[dict[int, str]] = {
     400: "Invalid input: the message names the field, what was wrong and what is allowed",
     401: "No or wrong bearer token",
     403: "A write whose Origin is not the API's own (cross-site request)",
-    404: "No rule with this rule_id",
-    409: "A rule with this rule_id exists already",
+    404: "No rule with this rule_id, or no group of this name",
+    409: "A rule with this rule_id exists already, or (in_use) rules name the group",
     413: "The body is too large",
     415: "The body is not application/json",
     421: "The Host header names neither the API's address nor localhost (DNS rebinding)",
@@ -390,6 +513,89 @@ _RULE_ID: Final = {
     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_RULE_ID},
     "description": "the rule's rule_id",
 }
+
+
+_GROUP_NAME: Final = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "schema": _GROUP_NAME_SCHEMA,
+    "description": "the group's name",
+}
+
+
+def _group_paths(write_errors: list[int]) -> dict[str, Any]:
+    """/groups, /groups/{name} and /groups/{name}/members (streamer/api/groups.py)."""
+    change = _json(
+        _ref("GroupChange"), "The change, enforced (dry run: what it would do)", _GENERATION_HEADER
+    )
+    members = _body("Members", "the members (at most 64 MiB)")
+    return {
+        "/api/v1/groups": {
+            "get": _op(
+                "Every address group: names, member counts, the rules using each",
+                {"200": _json(_ref("GroupList"), "The groups")},
+                [400],
+            )
+        },
+        "/api/v1/groups/{name}": {
+            "parameters": [_GROUP_NAME],
+            "get": _op(
+                "One group: its members and the rules using it",
+                {"200": _json(_ref("GroupDetail"), "The group")},
+                [400, 404],
+            ),
+            "put": _op(
+                "Create a group, or replace its members",
+                {
+                    "201": _json(
+                        _ref("GroupChange"),
+                        "Created and enforced",
+                        {
+                            **_GENERATION_HEADER,
+                            "Location": {
+                                "schema": {"type": "string"},
+                                "description": "the group's URL",
+                            },
+                        },
+                    ),
+                    "200": change,
+                },
+                write_errors,
+                params=[_DRY_RUN],
+                body=_body("Group", "the group (at most 64 MiB)"),
+            ),
+            "delete": _op(
+                "Delete a group no rule uses",
+                {"200": change},
+                [400, 403, 404, 409, 503],
+                params=[_DRY_RUN],
+                description="409 (in_use) while a rule names the group; the message lists "
+                "the rules.",
+            ),
+        },
+        "/api/v1/groups/{name}/members": {
+            "parameters": [_GROUP_NAME],
+            "post": _op(
+                "Add members (idempotent)",
+                {"200": change},
+                [*write_errors, 404],
+                params=[_DRY_RUN],
+                body=members,
+                description="Members already in the group change nothing "
+                "(members_unchanged); when none is new the generation stays.",
+            ),
+            "delete": _op(
+                "Remove members (idempotent)",
+                {"200": change},
+                [*write_errors, 404],
+                params=[_DRY_RUN],
+                body=members,
+                description="Members not in the group change nothing (members_unchanged); "
+                "when none is removed the generation stays.",
+            ),
+        },
+    }
 
 
 def _body(schema: str, description: str) -> dict[str, Any]:
@@ -626,6 +832,7 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
             )
         },
     }
+    paths.update(_group_paths(write_errors))
     paths.update(_viewer_paths())
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -633,9 +840,9 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
             "title": "microseg admin API",
             "version": version,
             "description": (
-                "Policy CRUD, counters and sessions of a microseg agent. Errors are "
-                '{"error": code, "message": text}. Unknown query parameters and body fields '
-                "are rejected. Writes return once the change is enforced in the kernel."
+                "Policy CRUD, address groups, counters and sessions of a microseg agent. "
+                'Errors are {"error": code, "message": text}. Unknown query parameters and body '
+                "fields are rejected. Writes return once the change is enforced in the kernel."
             ),
         },
         "paths": paths,

@@ -1,9 +1,10 @@
 """Reading a request's input: query parameters, the rule id in the path, and JSON bodies.
 
 In: an aiohttp request. Out: checked values (`query_params`, `dry_run_param`, `int_param`,
-`path_rule_id`), the parsed JSON body (`read_json`, within `SMALL_BODY_LIMIT` or
-`WHOLE_SET_BODY_LIMIT`) and that body validated into a `Rule` or `PolicySet` (`validate_rule`,
-`validate_set`). Anything else is an `ApiError`: 400 for an unknown or repeated query parameter
+`path_rule_id`, `path_group_name`), the parsed JSON body (`read_json`, within `SMALL_BODY_LIMIT`,
+`GROUP_BODY_LIMIT` or `WHOLE_SET_BODY_LIMIT`) and that body validated into a `Rule`, `Group` or
+`PolicySet` (`validate_rule`, `validate_group`, `validate_set`) or a member list
+(`members_body`). Anything else is an `ApiError`: 400 for an unknown or repeated query parameter
 (a typo like `?dryrun=1` must not apply a change) or a bad value, 415 for a body that is not
 UTF-8 `application/json`, 413 for one above the limit; validation lists at most 20 problems in
 the message.
@@ -21,27 +22,36 @@ from aiohttp import web
 from streamer.api.context import ApiError, short
 from streamer.policy.model import (
     MAX_RULE_ID,
+    Group,
     PolicyError,
     PolicySet,
     Rule,
+    check_group_name,
     format_validation_error,
     parse_policy_document,
 )
 
 __all__ = [
+    "GROUP_BODY_LIMIT",
     "SMALL_BODY_LIMIT",
     "WHOLE_SET_BODY_LIMIT",
     "dry_run_param",
     "int_param",
+    "members_body",
+    "path_group_name",
     "path_rule_id",
     "query_params",
     "read_json",
+    "validate_group",
     "validate_rule",
     "validate_set",
 ]
 
 SMALL_BODY_LIMIT: Final = 64 * 1024
 WHOLE_SET_BODY_LIMIT: Final = 64 * 1024 * 1024  # 100,000 full rules take about 20 MiB
+# A group's members (PUT /groups/{name}, the member routes): 100,000 IPv6 CIDRs take about
+# 5 MiB, a million about 45.
+GROUP_BODY_LIMIT: Final = 64 * 1024 * 1024
 _BIG_JSON: Final = 256 * 1024  # parse and validate bodies above this off the event loop
 
 
@@ -81,6 +91,14 @@ def int_param(name: str, value: str, low: int, high: int) -> int:
     if not low <= number <= high:
         raise ApiError(400, f"{name}: {number} is out of range: use {low}..{high}")
     return number
+
+
+def path_group_name(request: web.Request) -> str:
+    raw = request.match_info["name"]
+    try:
+        return check_group_name(raw)
+    except ValueError as e:
+        raise ApiError(400, f"group name in the path: {e}") from None
 
 
 def path_rule_id(request: web.Request) -> int:
@@ -145,6 +163,30 @@ def validate_rule(data: Any) -> Rule:
         return Rule.model_validate(data)
     except pydantic.ValidationError as e:
         raise _problems(format_validation_error(e, data)) from None
+
+
+def validate_group(data: Any) -> Group:
+    """A group body ({"members": [...]})."""
+    try:
+        return Group.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise _problems(format_validation_error(e, data)) from None
+
+
+def members_body(data: Any) -> list[Any]:
+    """The list of a member route's body ({"members": [...]}); each member is the store's
+    to check."""
+    shape = 'expected an object {"members": [ADDRESS or CIDR, ...]}'
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the body is not an object: {shape}")
+    extra = [k for k in data if k != "members"]
+    if extra:
+        raise ApiError(400, f"{short(repr(extra[0]), 40)}: unknown field; {shape}")
+    members = data.get("members")
+    if not isinstance(members, list):
+        given = "missing" if members is None else "not a list"
+        raise ApiError(400, f"members: {given}: {shape}")
+    return members
 
 
 def validate_set(data: Any) -> PolicySet:
