@@ -8,61 +8,17 @@ when the response arrives" means the probe runs right after the response, with n
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from support import REPO
 from support.agentapi import P1, P2, P3, assert_error, ids_of, start_agent
-from support.agentproc import AgentFactory, AgentProcess, free_port, rule, write_policy
+from support.agentproc import AgentFactory, free_port, rule, write_policy
+from support.cli import cli, cli_fails, cli_json
 from support.netutil import POS_TIMEOUT, TcpConn, echo_server, expect_ports
 
 from streamer.lab.lab import Lab
 
 # ---- 6. the CLI against the real agent ----------------------------------------------------
-
-
-def cli(
-    agent: AgentProcess,
-    *args: str,
-    api: str | None = None,
-    state_dir: Path | None = None,
-    env: Mapping[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """`microseg ARGS --api .. --state-dir ..` (the agent's by default), output captured."""
-    argv = [
-        sys.executable,
-        "-m",
-        "streamer",
-        *args,
-        "--api",
-        api or str(agent.api),
-        "--state-dir",
-        str(state_dir or agent.state_dir),
-    ]
-    environ = {k: v for k, v in os.environ.items() if k != "MICROSEG_TOKEN"}
-    environ.update(env or {})
-    proc = subprocess.run(
-        argv, capture_output=True, text=True, timeout=60, cwd=REPO, env=environ, check=False
-    )
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
-
-
-def cli_json(agent: AgentProcess, *args: str) -> Any:
-    p = cli(agent, *args, "-o", "json")
-    assert p.returncode == 0, f"{args}: exit {p.returncode}: {p.stderr}"
-    return json.loads(p.stdout)
-
-
-def cli_fails(p: subprocess.CompletedProcess[str], status: int, *words: str) -> None:
-    assert p.returncode == status, f"exit {p.returncode}: {p.stdout}{p.stderr}"
-    assert p.stderr.startswith("microseg: ") or status == 2, p.stderr
-    for w in words:
-        assert w.lower() in p.stderr.lower(), f"{w!r} not in: {p.stderr}"
 
 
 def test_cli_against_real_agent(

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Final, TypeVar
 
 from streamer.cli.endpoint import Endpoint, parse_api_address
+from streamer.policy.model import GROUP_NAME_PATTERN
 
 __all__ = [
     "MAX_RULE_ID",
@@ -29,6 +30,7 @@ __all__ = [
     "choice_list",
     "class_seconds",
     "fraction",
+    "group_name",
     "ifname",
     "instance_name",
     "ip_list",
@@ -182,6 +184,11 @@ ifname = name_matching(
 kafka_topic = name_matching(
     re.compile(r"^[A-Za-z0-9._-]{1,249}$"),
     "a Kafka topic name (letters, digits, '.', '_', '-'; up to 249)",
+)
+# docs/contract.md §5: such a name needs no quoting in a URL path; the agent checks it again.
+group_name = name_matching(
+    re.compile(GROUP_NAME_PATTERN),
+    'a group name (1 to 63 letters, digits, "_", "." or "-", starting with a letter or digit)',
 )
 instance_name = name_matching(
     re.compile(r"^[A-Za-z0-9_-]{1,64}$"),

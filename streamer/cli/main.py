@@ -16,6 +16,7 @@ from pathlib import Path
 from streamer import __version__
 from streamer.agent.pressure import PressureConfig
 from streamer.cli import argtypes
+from streamer.cli.group import add_group_parser
 from streamer.cli.lab import add_lab_parser
 from streamer.cli.monitor import add_monitor_parser
 from streamer.cli.observe import add_flow_parsers
@@ -312,7 +313,8 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         print(f"microseg: {e}", file=sys.stderr)
         return 1
     print(
-        f"{args.file}: {len(policy.policies)} rules, default {policy.default_action.value},"
+        f"{args.file}: {len(policy.policies)} rules, {len(policy.groups)} groups,"
+        f" default {policy.default_action.value},"
         f" {compiled.shape_count} shapes, {compiled.entry_count} table entries"
     )
     return 0
@@ -328,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check(sub)
     add_lab_parser(sub)
     add_policy_parser(sub)
+    add_group_parser(sub)
     add_session_parser(sub)
     add_stats_parser(sub)
     add_flow_parsers(sub)

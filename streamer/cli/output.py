@@ -26,12 +26,15 @@ __all__ = [
     "rules_table",
 ]
 
-# A rule's fields in contract §2 order: the order they are shown, compared and sent in.
+# A rule's fields in contract §2 order (the groups of §5 after the addresses): the order they
+# are shown, compared and sent in.
 RULE_FIELDS: Final = (
     "rule_id",
     "name",
     "src_ip",
     "dst_ip",
+    "src_group",
+    "dst_group",
     "src_port",
     "dst_port",
     "protocol",
@@ -83,13 +86,21 @@ def _port(value: Any) -> str:
     return "any" if value in (0, "0", None) else str(value)
 
 
+def _end(rule: Mapping[str, Any], end: str) -> str:
+    """A rule end as shown: its address, or `group:NAME` for a group end."""
+    group = rule.get(f"{end}_group")
+    if group:
+        return f"group:{cell(group)}"
+    return cell(rule.get(f"{end}_ip", "any"))
+
+
 def _rule_row(rule: Mapping[str, Any]) -> list[str]:
     return [
         cell(rule.get("rule_id")),
         cell(rule.get("name")) if rule.get("name") else "-",
-        cell(rule.get("src_ip", "any")),
+        _end(rule, "src"),
         _port(rule.get("src_port")),
-        cell(rule.get("dst_ip", "any")),
+        _end(rule, "dst"),
         _port(rule.get("dst_port")),
         cell(rule.get("protocol")),
         cell(rule.get("action")),
@@ -143,8 +154,8 @@ def key_values(data: Mapping[str, Any], order: Sequence[str] = ()) -> str:
 
 def _rule_summary(rule: Mapping[str, Any]) -> str:
     name = f' "{rule["name"]}"' if rule.get("name") else ""
-    src = cell(rule.get("src_ip", "any"))
-    dst = cell(rule.get("dst_ip", "any"))
+    src = _end(rule, "src")
+    dst = _end(rule, "dst")
     if _port(rule.get("src_port")) != "any":
         src += f" port {rule['src_port']}"
     if _port(rule.get("dst_port")) != "any":
@@ -170,7 +181,8 @@ def _rule_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
 
 def render_diff(diff: Mapping[str, Any], new_default: str | None = None) -> str:
     """A policy change (the API's diff object) for people: a header, `+` added, `-` removed,
-    `~` changed rules (with the fields that differ), the default action, and for a dry run how
+    `~` changed rules (with the fields that differ), groups added, removed and changed, the
+    default action, and for a dry run how
     many live sessions would change verdict. `new_default` names the new default action when
     the caller knows it (the diff only says whether it changed)."""
     dry = bool(diff.get("dry_run"))
@@ -187,6 +199,14 @@ def render_diff(diff: Mapping[str, Any], new_default: str | None = None) -> str:
         before, after = pair.get("before"), pair.get("after")
         if isinstance(before, Mapping) and isinstance(after, Mapping):
             lines.append(f"~ {_rule_changes(before, after)}")
+    for key, mark, what in (
+        ("groups_added", "+", "added"),
+        ("groups_removed", "-", "removed"),
+        ("groups_changed", "~", "members changed"),
+    ):
+        names = diff.get(key)
+        for name in names if isinstance(names, list) else []:
+            lines.append(f"{mark} group {cell(name)} ({what})")
     if diff.get("default_action_changed"):
         to = f" to {new_default}" if new_default else ""
         lines.append(f"~ default action {'would change' if dry else 'changed'}{to}")

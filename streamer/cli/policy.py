@@ -1,9 +1,11 @@
-"""`microseg policy add|list|get|update|delete|apply|load`: the agent's rules through its API.
+"""`microseg policy add|list|get|update|delete|apply|load|export`: the agent's rules through
+its API.
 
 In: the command line (see `add_policy_parser`): rule fields as flags and/or a rule or policy
 file (streamer/cli/documents.py). Out: one request (two for `policy update`: GET, then PUT of
 the rule with the changes overlaid) to /api/v1/policies..., its answer printed as a rule
-table, the rule's fields, a readable diff (streamer/cli/output.py) or with `-o json` unchanged.
+table, the rule's fields, a readable diff (streamer/cli/output.py) or with `-o json` unchanged;
+`policy export` prints the whole document (with the address groups) as `policy apply` takes it.
 Exit status: 0 done, 1 the API refused or the agent could not be reached, 2 bad arguments.
 
 The client checks only what it must to build a request (argument types, file syntax); rule
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 from typing import Any, Final
+
+import yaml
 
 from streamer.cli import argtypes
 from streamer.cli.connection import Api, common_parser, expect_dict, run_command
@@ -39,6 +43,7 @@ __all__ = [
     "cmd_policy_add",
     "cmd_policy_apply",
     "cmd_policy_delete",
+    "cmd_policy_export",
     "cmd_policy_get",
     "cmd_policy_list",
     "cmd_policy_load",
@@ -88,10 +93,29 @@ async def _policy_list(api: Api, args: argparse.Namespace) -> int:
     if rules:
         print(rules_table(rules))
     count = data.get("count", len(rules))
+    groups = data.get("groups")
+    # Only when there are groups: `group list` has them in full.
+    in_groups = ""
+    if isinstance(groups, dict) and groups:
+        in_groups = f", {len(groups)} group{'' if len(groups) == 1 else 's'}"
     print(
-        f"{count} rule{'' if count == 1 else 's'}, default action "
+        f"{count} rule{'' if count == 1 else 's'}{in_groups}, default action "
         f"{cell(data.get('default_action'))}, generation {cell(data.get('generation'))}"
     )
+    return 0
+
+
+# What `policy export` keeps of GET /policies: the document `policy apply` takes.
+_DOCUMENT_KEYS: Final = ("default_action", "groups", "policies")
+
+
+async def _policy_export(api: Api, args: argparse.Namespace) -> int:
+    data = expect_dict(await api.call("GET", "/policies"), api, "GET /policies")
+    document = {k: data[k] for k in _DOCUMENT_KEYS if k in data}
+    if args.format == "yaml":
+        print(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), end="")
+    else:
+        print_json(document)
     return 0
 
 
@@ -141,6 +165,12 @@ async def _policy_update(api: Api, args: argparse.Namespace) -> int:
     # Only RULE fields go back: the hit counters (packets, bytes, last_hit) are read-only and
     # the API rejects unknown fields.
     rule: dict[str, Any] = {f: current[f] for f in RULE_FIELDS if f in current}
+    # A new address for an end replaces its group, and a new group its address.
+    for end in ("src", "dst"):
+        if f"{end}_ip" in changes and f"{end}_group" not in changes:
+            rule.pop(f"{end}_group", None)
+        if f"{end}_group" in changes and f"{end}_ip" not in changes:
+            rule[f"{end}_ip"] = "any"
     rule.update(changes)
     rule["rule_id"] = args.rule_id
     result = await api.call("PUT", path, params=_dry_params(args), body=rule)
@@ -177,6 +207,11 @@ async def _policy_load(api: Api, args: argparse.Namespace) -> int:
     else:
         print("reloaded the agent's policy file")
     return 0
+
+
+def cmd_policy_export(args: argparse.Namespace) -> int:
+    """`policy export`: the whole document (default action, groups, rules) for `policy apply`."""
+    return run_command(args, _policy_export, APPLY_TIMEOUT)
 
 
 def cmd_policy_list(args: argparse.Namespace) -> int:
@@ -229,6 +264,14 @@ def _rule_flags(p: argparse.ArgumentParser, with_id: bool) -> None:
     g.add_argument("--name", help='shown in events, UI, metrics (default "")')
     g.add_argument("--src-ip", metavar="IP|CIDR|any")
     g.add_argument("--dst-ip", metavar="IP|CIDR|any")
+    g.add_argument(
+        "--src-group", type=argtypes.group_name, metavar="GROUP",
+        help="an address group in place of --src-ip (docs/contract.md §5)",
+    )
+    g.add_argument(
+        "--dst-group", type=argtypes.group_name, metavar="GROUP",
+        help="an address group in place of --dst-ip",
+    )
     g.add_argument("--src-port", type=argtypes.rule_port, metavar="PORT|LO-HI", help="0 = any")
     g.add_argument("--dst-port", type=argtypes.rule_port, metavar="PORT|LO-HI", help="0 = any")
     g.add_argument("--protocol", type=str.lower, choices=[p.value for p in Protocol])
@@ -252,7 +295,8 @@ def _dry_run_flag(p: argparse.ArgumentParser) -> None:
 
 
 def add_policy_parser(subparsers: Any) -> None:
-    """Register `policy add|list|get|update|delete|apply|load` on the `microseg` subparsers.
+    """Register `policy add|list|get|update|delete|apply|load|export` on the `microseg`
+    subparsers.
     Each leaf sets `func` to its `cmd_*` handler, which returns the exit status."""
     common = common_parser()
 
@@ -262,12 +306,22 @@ def add_policy_parser(subparsers: Any) -> None:
         description="Manage the running agent's rules through its admin API.",
     )
     psub = policy.add_subparsers(
-        dest="policy_command", metavar="{add,list,get,update,delete,apply,load}"
+        dest="policy_command", metavar="{add,list,get,update,delete,apply,load,export}"
     )
     psub.required = True
 
     p = psub.add_parser("list", parents=[common], help="list the rules")
     p.set_defaults(func=cmd_policy_list)
+
+    p = psub.add_parser(
+        "export",
+        parents=[common],
+        help="print the whole policy document (for policy apply)",
+        description="Print the applied set as a policy document (default_action, groups, "
+        "policies): `microseg policy apply` takes it back unchanged.",
+    )
+    p.add_argument("--format", choices=("json", "yaml"), default="json")
+    p.set_defaults(func=cmd_policy_export)
 
     p = psub.add_parser("get", parents=[common], help="one rule and its hit counters")
     p.add_argument("rule_id", type=argtypes.rule_id, metavar="RULE_ID")
@@ -288,7 +342,9 @@ def add_policy_parser(subparsers: Any) -> None:
         "update",
         parents=[common],
         help="change fields of one rule",
-        description="Change the given fields of one rule; the others keep their current values.",
+        description="Change the given fields of one rule; the others keep their current values "
+        "(except that a new --src-ip replaces a source group, a new --src-group a source "
+        "address, and likewise for dst).",
     )
     p.add_argument("rule_id", type=argtypes.rule_id, metavar="RULE_ID")
     _rule_flags(p, with_id=False)

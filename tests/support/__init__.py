@@ -11,6 +11,7 @@ as `support`): nothing here is a test, and nothing here needs root until it is c
 - `diffkit`: the kernel classifier against the stateful reference model, frame by frame.
 - `agentproc`: `microseg run` as a real subprocess; policy files and rule documents for it.
 - `agentapi`: HTTP to a running agent's admin API (TCP or Unix socket).
+- `cli`: the `microseg` command as a subprocess against a running agent.
 - `stubapi`: a stub admin API for the client tests (no agent, no root).
 - `apiapp`: the admin API served in-process over the session's classifier.
 """
