@@ -34,7 +34,7 @@ from streamer.datapath.bindings import test_run as bpf_test_run
 from streamer.datapath.compiler import CompiledPolicy, compile_policy
 from streamer.datapath.config import DatapathConfig, DatapathError
 from streamer.datapath.datapath import Datapath, prog_fd
-from streamer.datapath.layout import EVENT, RULE_KEY4, RULE_KEY6
+from streamer.datapath.layout import EVENT
 from streamer.datapath.maps import KeysLeft
 from streamer.datapath.reference import judge
 from streamer.policy.model import PolicySet, parse_policy_document

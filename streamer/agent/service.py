@@ -182,14 +182,14 @@ class Agent:
         changes: dict[int, Rule | None] = {}
         try:
             for rule in edit.removed:
-                change.remove_rule(rule, *rule_ends(rule))
+                change.remove_rule(rule, *rule_ends(rule, state.groups))
                 changes[rule.rule_id] = None
             for old, new in edit.changed:
-                change.remove(old, *rule_ends(old))
-                change.add(new, *rule_ends(new))
+                change.remove(old, *rule_ends(old, state.groups))
+                change.add(new, *rule_ends(new, state.groups))
                 changes[new.rule_id] = new
             for rule in edit.added:
-                change.add_rule(rule, *rule_ends(rule))
+                change.add_rule(rule, *rule_ends(rule, state.groups))
                 changes[rule.rule_id] = rule
         except NeedsRecompile as e:
             log.info("%s: %s", edit.what, e)

@@ -265,11 +265,15 @@ def _rule_flags(p: argparse.ArgumentParser, with_id: bool) -> None:
     g.add_argument("--src-ip", metavar="IP|CIDR|any")
     g.add_argument("--dst-ip", metavar="IP|CIDR|any")
     g.add_argument(
-        "--src-group", type=argtypes.group_name, metavar="GROUP",
+        "--src-group",
+        type=argtypes.group_name,
+        metavar="GROUP",
         help="an address group in place of --src-ip (docs/contract.md §5)",
     )
     g.add_argument(
-        "--dst-group", type=argtypes.group_name, metavar="GROUP",
+        "--dst-group",
+        type=argtypes.group_name,
+        metavar="GROUP",
         help="an address group in place of --dst-ip",
     )
     g.add_argument("--src-port", type=argtypes.rule_port, metavar="PORT|LO-HI", help="0 = any")

@@ -6,13 +6,17 @@ probes one hash lookup per shape, best shape first, so what costs per packet is 
 distinct shapes, not the number of rules. Pure Python and kernel-free: the datapath packs the
 result into maps, tests inspect it directly.
 
+A rule end naming an address group is expanded into each of the group's members (so an empty
+group gives no entries: the rule matches nothing).
+
 Dropped on the way: nothing that can match. A rule whose addresses are of different families
-never matches any packet and produces no entry (the policy model rejects such rules anyway).
+never matches any packet and produces no entry (the policy model rejects such rules anyway), nor
+does a group member of the other family than the rule's other end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from streamer.datapath.layout import (
@@ -27,7 +31,7 @@ from streamer.datapath.layout import (
     RULE_VAL,
     SHAPE,
 )
-from streamer.policy.model import MAX_RULE_ID, PolicySet, Rule
+from streamer.policy.model import GROUP_END, MAX_RULE_ID, Group, PolicySet, Rule
 from streamer.vocabulary import Action, DefaultAction
 
 PROTO_TCP = 6
@@ -164,10 +168,15 @@ def rule_score(rule: Rule) -> int:
     return rule.match_data()[6] + 1
 
 
-def rule_ends(rule: Rule) -> tuple[list[Addr], list[Addr]]:
-    """The rule's source and destination address ends (one each for an address rule)."""
+def rule_ends(
+    rule: Rule, groups: Mapping[str, Group] | None = None
+) -> tuple[list[Addr], list[Addr]]:
+    """The rule's source and destination ends: its address, or a group end's members (none
+    for an empty group: the rule matches nothing)."""
     src, dst = rule.match_data()[:2]
-    return [src], [dst]
+    srcs = (groups or {})[src[0]].addrs() if src[1] == GROUP_END else [src]
+    dsts = (groups or {})[dst[0]].addrs() if dst[1] == GROUP_END else [dst]
+    return srcs, dsts
 
 
 def rule_entries(
@@ -221,7 +230,7 @@ def compile_policy(policy: PolicySet, max_shapes: int) -> CompiledPolicy:
     shared: dict[ShapeT, dict[EntryKey, list[int]]] = {}
     for rule in policy.policies:
         score = rule_score(rule)  # one int object shared by all the rule's entries
-        srcs, dsts = rule_ends(rule)
+        srcs, dsts = rule_ends(rule, policy.groups)
         last_t: ShapeT | None = None
         entries: dict[EntryKey, int] = {}
         for shape_t, key in rule_entries(rule, srcs, dsts):

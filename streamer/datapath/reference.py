@@ -1,4 +1,5 @@
-"""The reference model of the classifier: contract §2 semantics in plain Python, no kernel.
+"""The reference model of the classifier: contract §2 (and §5, address groups) semantics in
+plain Python, no kernel.
 
 The kernel classifier is tested against this packet by packet, so everything here is written
 to be obviously correct rather than fast (linear scans, no indexes).
@@ -17,7 +18,9 @@ state counters under the same names (`StatefulReference.counters`).
 from __future__ import annotations
 
 import ipaddress
+import weakref
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from ipaddress import IPv4Address, IPv6Address
@@ -48,7 +51,7 @@ from streamer.datapath.layout import (
     MS_TO_UDP,
     MS_TO_UDP_STREAM,
 )
-from streamer.policy.model import PolicySet, Rule
+from streamer.policy.model import Group, IPNet, PolicySet, Rule
 from streamer.vocabulary import PACKET_DIRECTIONS, Action, DefaultAction, Direction, Protocol
 
 __all__ = [
@@ -237,8 +240,56 @@ def _port_ok(ports: tuple[int, int] | None, port: int) -> bool:
     return ports is None or ports[0] <= port <= ports[1]
 
 
-def rule_matches(rule: Rule, pkt: Packet) -> bool:
-    """True when every field of `rule` matches `pkt` (docs/contract.md §2)."""
+class _GroupIndex:
+    """A group's members by (IP version, prefix length): the sets of their network values."""
+
+    def __init__(self, group: Group) -> None:
+        self.nets: dict[int, dict[int, set[int]]] = {4: {}, 6: {}}
+        for _text, version, value, plen in group.addrs():
+            self.nets[version].setdefault(plen, set()).add(value)
+
+    def holds(self, addr: IPAddress) -> bool:
+        bits = addr.max_prefixlen
+        value = int(addr)
+        for plen, values in self.nets[addr.version].items():
+            host_bits = bits - plen
+            if (value >> host_bits) << host_bits in values:
+                return True
+        return False
+
+
+# Each group's index while the group lives (a dry run judges every live session by the set):
+# by id, as a group of a million members is slow to hash.
+_GROUP_INDEXES: dict[int, tuple[weakref.ref[Group], _GroupIndex]] = {}
+
+
+def in_group(group: Group, addr: IPAddress) -> bool:
+    """True when `addr` is in any member of `group` (an empty group holds no address)."""
+    key = id(group)
+    hit = _GROUP_INDEXES.get(key)
+    if hit is None or hit[0]() is not group:
+        index = _GroupIndex(group)
+        ref = weakref.ref(group, lambda _ref: _GROUP_INDEXES.pop(key, None))
+        _GROUP_INDEXES[key] = hit = (ref, index)
+    return hit[1].holds(addr)
+
+
+def _end_matches(
+    name: str | None, net: IPNet | None, addr: IPAddress, groups: Mapping[str, Group], rule: Rule
+) -> bool:
+    if name is not None:
+        group = groups.get(name)
+        if group is None:
+            raise ValueError(f"rule {rule.rule_id} names group {name!r}, not among the groups")
+        return in_group(group, addr)
+    return net is None or addr in net
+
+
+def rule_matches(rule: Rule, pkt: Packet, groups: Mapping[str, Group] | None = None) -> bool:
+    """True when every field of `rule` matches `pkt` (docs/contract.md §2); a group end
+    (§5) matches an address in any of the group's members, found in `groups` (the policy
+    set's)."""
+    groups = {} if groups is None else groups
     if rule.direction is not Direction.ANY and rule.direction.value != pkt.direction:
         return False
     # icmp is only ICMP for IPv4, icmpv6 only for IPv6; "any" addresses match both families.
@@ -246,9 +297,9 @@ def rule_matches(rule: Rule, pkt: Packet) -> bool:
         return False
     if rule.proto_number is not None and rule.proto_number != pkt.proto:
         return False
-    if rule.src_net is not None and pkt.src not in rule.src_net:
+    if not _end_matches(rule.src_group, rule.src_net, pkt.src, groups, rule):
         return False
-    if rule.dst_net is not None and pkt.dst not in rule.dst_net:
+    if not _end_matches(rule.dst_group, rule.dst_net, pkt.dst, groups, rule):
         return False
     if rule.src_ports is not None or rule.dst_ports is not None:
         # A port condition is met only by TCP and UDP packets.
@@ -261,7 +312,7 @@ def rule_matches(rule: Rule, pkt: Packet) -> bool:
 
 def judge(policy: PolicySet, pkt: Packet) -> Decision:
     """The stateless verdict: the best matching rule by `Rule.score`, else the default."""
-    matching = [rule for rule in policy.policies if rule_matches(rule, pkt)]
+    matching = [rule for rule in policy.policies if rule_matches(rule, pkt, policy.groups)]
     best = max(matching, key=lambda rule: rule.score, default=None)
     if best is None:
         return Decision(_DEFAULT_VERDICT[policy.default_action])

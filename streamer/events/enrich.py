@@ -6,8 +6,9 @@ generation, protocol, direction, verdict, flags, kind) a record template is made
 those filled in; per event only nine values are formatted into it (IPv4 text from a cached
 "a.b.c." prefix and an octet table: a flood of new sources costs no cache misses). `enrich`
 makes the same object as a dict from one FlowEvent (tests check the two agree byte for byte).
-Both add the rule's metadata as it was at the event's policy generation, host and interface
-names, wall-clock time from the kernel's monotonic stamp and a per-agent sequence number.
+Both add the rule's metadata as it was at the event's policy generation (rule_id, name,
+priority, action, and a group rule's src_group/dst_group names), host and interface names,
+wall-clock time from the kernel's monotonic stamp and a per-agent sequence number.
 Also builds the `lost` records that stand in the stream for events that never made it
 (docs/flow-event.schema.json describes both).
 
@@ -102,6 +103,8 @@ def rule_meta(rule: Rule) -> dict[str, Any]:
         "name": rule.name,
         "priority": rule.priority,
         "action": rule.action.value,
+        **({"src_group": rule.src_group} if rule.src_group is not None else {}),
+        **({"dst_group": rule.dst_group} if rule.dst_group is not None else {}),
     }
 
 

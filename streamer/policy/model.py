@@ -1,10 +1,13 @@
-"""The policy model (docs/contract.md §2): rules, policy sets, validation and policy files.
+"""The policy model (docs/contract.md §2, §5): rules, address groups, policy sets, validation
+and policy files.
 
 In: policy documents (dicts from JSON/YAML, API bodies) or policy files.
 Out: frozen, validated `Rule` objects with canonical field values and precomputed match data
-(`src_net`, `dst_net`, `src_ports`, `dst_ports`, `proto_number`, `families`, `score`), grouped
-in a `PolicySet`. Invalid input raises `PolicyError` whose `.errors` are messages a person can
-act on (which rule, which field, what was wrong, what is allowed); nothing invalid is kept.
+(`src_net`, `dst_net`, `src_ports`, `dst_ports`, `proto_number`, `families`, `score`), and
+`Group`s (canonical member addresses, deduplicated), together in a `PolicySet`. Invalid input
+raises `PolicyError` whose `.errors` are messages a person can act on (which rule or group, which
+field, what was wrong, what is allowed); nothing invalid is kept. Label groups (`select`) need
+fleet mode and are refused here.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from __future__ import annotations
 import gc
 import ipaddress
 import json
+import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
@@ -35,22 +39,38 @@ from streamer.vocabulary import PROTOCOL_NUMBERS as VOCABULARY_NUMBERS
 from streamer.vocabulary import Action, DefaultAction, Direction, Protocol
 
 __all__ = [
+    "GROUP_END",
+    "GROUP_NAME_PATTERN",
     "MAX_NAME_LEN",
     "MAX_RULE_ID",
     "PROTOCOL_NUMBERS",
+    "Group",
     "IPNet",
     "PolicyError",
     "PolicySet",
     "Rule",
+    "check_group_name",
     "format_validation_error",
     "load_policy_file",
+    "parse_address",
+    "parse_members",
     "parse_policy_document",
+    "unknown_group_message",
 ]
 
 MAX_RULE_ID: Final = 2**32 - 1
 MAX_PORT: Final = 65535
 MAX_PRIORITY: Final = 65535
 MAX_NAME_LEN: Final = 128
+# A group name: 1..63 characters, letters, digits, "_", "." and "-", not starting with a
+# punctuation mark (so it can never be mistaken for an option or a path in the CLI and URLs).
+GROUP_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+_GROUP_NAME_RE: Final = re.compile(GROUP_NAME_PATTERN)
+_GROUP_NAME_HINT = 'use 1 to 63 letters, digits, "_", "." or "-", starting with a letter or digit'
+# The version of a group end in match data (`Rule.match_data`): its text is the group's name.
+GROUP_END: Final = -1
+# Member problems listed in one message; the count of the rest follows.
+_MAX_MEMBER_PROBLEMS: Final = 20
 
 IPNet = IPv4Network | IPv6Network
 
@@ -116,6 +136,12 @@ def _parse_ip(text: str) -> _Addr:
         _IP_CACHE[text] = addr
         _IP_CACHE[addr[0]] = addr
     return addr
+
+
+def parse_address(text: str) -> tuple[str, int, int, int]:
+    """An address, CIDR or "any" -> (canonical text, version (0: "any"), network as int,
+    prefix length). Raises ValueError with the message for the user (without a field name)."""
+    return _parse_ip(text)
 
 
 def _parse_ip_uncached(text: str) -> _Addr:
@@ -220,6 +246,139 @@ def _validate_port(value: Any) -> int | str:
     raise _invalid(f"{_show(value)} is not a port: {_PORT_HINT}")
 
 
+def check_group_name(name: Any) -> str:
+    """A group name as given, if valid; else ValueError with the message for the user."""
+    if name.__class__ is str and _GROUP_NAME_RE.match(name):
+        return str(name)
+    if not isinstance(name, str):
+        raise ValueError(f"{_show(name)} is not a group name (not a string): {_GROUP_NAME_HINT}")
+    raise ValueError(f"{_show(name)} is not a group name: {_GROUP_NAME_HINT}")
+
+
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+def _validate_group_name(value: Any) -> str:
+    try:
+        return check_group_name(value)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
+
+
+def _validate_group_ref(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_group_name(value)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
+
+
+def _member(text: Any) -> str:
+    """One member's canonical text; ValueError with the message for the user."""
+    if text.__class__ is not str:
+        raise ValueError(f"{_show(text)} is not a string: use an IPv4/IPv6 address or CIDR")
+    # Uncached: a million members would only flush the cache the rule validator relies on.
+    addr = _parse_ip_uncached(text)
+    if not addr[1]:
+        raise ValueError(
+            f"{_show(text)} is not a member: a group holds addresses and CIDRs; "
+            "0.0.0.0/0 and ::/0 stand for every address of a family"
+        )
+    return addr[0]
+
+
+def parse_members(values: Any) -> tuple[str, ...]:
+    """A list of member addresses/CIDRs -> their canonical texts, first occurrence kept.
+
+    Raises ValueError whose lines are `[index]: problem` (at most 20, then a count).
+    """
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{_show(values)} is not a list: expected a list of addresses and CIDRs")
+    out: dict[str, None] = {}
+    problems: list[str] = []
+    bad = 0
+    for index, text in enumerate(values):
+        try:
+            out[_member(text)] = None
+        except ValueError as exc:
+            bad += 1
+            if len(problems) < _MAX_MEMBER_PROBLEMS:
+                problems.append(f"[{index}]: {exc}")
+    if bad:
+        if bad > len(problems):
+            problems.append(f"... and {bad - len(problems)} more bad members")
+        raise ValueError("\n".join(problems))
+    return tuple(out)
+
+
+def _validate_members(value: Any) -> tuple[str, ...]:
+    try:
+        return parse_members(value)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
+
+
+class Group(BaseModel):
+    """An address group (docs/contract.md §5): canonical member addresses and CIDRs of both
+    families, each once, in the order first given. Empty: it matches nothing.
+
+    Members stay plain strings (a group may hold a million); `addrs()` parses them when a
+    compiler needs their values.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    members: Annotated[tuple[str, ...], PlainValidator(_validate_members)] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_select(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "select" in data:
+            raise _invalid(
+                "select: label groups (select) need fleet mode (docs/contract.md §7), which "
+                "this agent does not run: list the group's members instead"
+            )
+        return data
+
+    def addrs(self) -> list[tuple[str, int, int, int]]:
+        """Each member as (canonical text, version, network as int, prefix length)."""
+        return [_parse_ip_uncached(m) for m in self.members]
+
+    def with_members(self, given: Iterable[str]) -> tuple[Group, list[str], list[str]]:
+        """(this group plus the members `given`, the members added, those already in it).
+
+        `given`: canonical texts, each once (`parse_members`' result).
+        """
+        given = tuple(given)
+        present = set(self.members)
+        added = [m for m in given if m not in present]
+        unchanged = [m for m in given if m in present]
+        if not added:
+            return self, added, unchanged
+        return Group.model_construct(members=(*self.members, *added)), added, unchanged
+
+    def without_members(self, given: Iterable[str]) -> tuple[Group, list[str], list[str]]:
+        """(this group less the members `given`, the members removed, those not in it).
+
+        `given`: canonical texts, each once (`parse_members`' result).
+        """
+        given = tuple(given)
+        present = set(self.members)
+        removed = [m for m in given if m in present]
+        unchanged = [m for m in given if m not in present]
+        if not removed:
+            return self, removed, unchanged
+        gone = set(removed)
+        kept = tuple(m for m in self.members if m not in gone)
+        return Group.model_construct(members=kept), removed, unchanged
+
+    def to_api(self) -> dict[str, Any]:
+        """{"members": [...]}, canonical."""
+        return {"members": list(self.members)}
+
+
 # Match data of a rule, computed once at validation:
 # (src addr, dst addr, src_ports, dst_ports, proto_number, families, score)
 _Derived = tuple[
@@ -240,14 +399,19 @@ _ACTION_BITS: Final[dict[Action, int]] = {
 
 IPField = Annotated[str, PlainValidator(_validate_ip)]
 PortField = Annotated[int | str, PlainValidator(_validate_port)]
+GroupRef = Annotated[str | None, PlainValidator(_validate_group_ref)]
+GroupName = Annotated[str, PlainValidator(_validate_group_name)]
 
 
 class Rule(BaseModel):
     """One policy rule (docs/contract.md §2). Field values are canonical after validation.
 
-    Derived (read-only): `src_net`/`dst_net` (None = any family), `src_ports`/`dst_ports`
-    (inclusive range, None = no condition), `proto_number` (None = any), `families`,
-    `score` (higher wins).
+    An end may name a group (`src_group`, `dst_group`, §5) instead of an address; its
+    `src_ip`/`dst_ip` is then "any" and the group's members decide (the policy set holds them).
+
+    Derived (read-only): `src_net`/`dst_net` (None = any family, and also for a group end),
+    `src_ports`/`dst_ports` (inclusive range, None = no condition), `proto_number` (None =
+    any), `families` (from the protocol and the address ends), `score` (higher wins).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -258,6 +422,9 @@ class Rule(BaseModel):
     ] = ""
     src_ip: IPField = "any"
     dst_ip: IPField = "any"
+    # Left out of dumps when unset, as in to_api: a rule without groups dumps as it always did.
+    src_group: Annotated[GroupRef, Field(exclude_if=_is_none)] = None
+    dst_group: Annotated[GroupRef, Field(exclude_if=_is_none)] = None
     src_port: PortField = 0
     dst_port: PortField = 0
     protocol: Protocol
@@ -271,8 +438,13 @@ class Rule(BaseModel):
         fields = self.__dict__
         src = _IP_CACHE.get(fields["src_ip"]) or _parse_ip(fields["src_ip"])
         dst = _IP_CACHE.get(fields["dst_ip"]) or _parse_ip(fields["dst_ip"])
-        version = src[1] or dst[1]
-        if src[1] and dst[1] and src[1] != dst[1]:
+        # A group end: its version is GROUP_END, and the family comes from the other end.
+        if fields["src_group"] is not None:
+            src = self._group_end("src", src)
+        if fields["dst_group"] is not None:
+            dst = self._group_end("dst", dst)
+        version = max(src[1], 0) or max(dst[1], 0)
+        if src[1] > 0 and dst[1] > 0 and src[1] != dst[1]:
             raise _invalid(
                 f"src_ip is IPv{src[1]} but dst_ip is IPv{dst[1]}; a rule matches one "
                 'family: use addresses of one family, or "any"'
@@ -308,6 +480,14 @@ class Rule(BaseModel):
             {"_d": (src, dst, src_ports, dst_ports, number, _FAMILIES[version], score)},
         )
         return self
+
+    def _group_end(self, end: str, addr: _Addr) -> _Addr:
+        if addr[1]:
+            raise _invalid(
+                f"{end}_ip and {end}_group: a rule end is an address or a group, not both: "
+                f'remove {end}_ip (or make it "any") or {end}_group'
+            )
+        return (self.__dict__[f"{end}_group"], GROUP_END, 0, 0)
 
     def _check_icmp(
         self, version: int, only_version: int, src_port: int | str, dst_port: int | str
@@ -355,7 +535,8 @@ class Rule(BaseModel):
     def match_data(self) -> _Derived:
         """Everything matching needs, in one tuple, for hot loops (the compiler):
         (src, dst, src_ports, dst_ports, proto_number, families, score), where src and dst
-        are (canonical text, version (0: any), network as int, prefix length)."""
+        are (canonical text, version (0: any), network as int, prefix length), or for a group
+        end (group name, GROUP_END, 0, 0): the members are the policy set's."""
         return self._derived()
 
     @property
@@ -402,8 +583,9 @@ class Rule(BaseModel):
         return self._derived()[6]
 
     def to_api(self) -> dict[str, Any]:
-        """All fields, canonical, JSON-able (the RULE object of contract §2)."""
-        return {
+        """All fields, canonical, JSON-able (the RULE object of contract §2); `src_group` and
+        `dst_group` only when set."""
+        out = {
             "rule_id": self.rule_id,
             "name": self.name,
             "src_ip": self.src_ip,
@@ -415,14 +597,21 @@ class Rule(BaseModel):
             "priority": self.priority,
             "direction": self.direction.value,
         }
+        if self.src_group is not None:
+            out["src_group"] = self.src_group
+        if self.dst_group is not None:
+            out["dst_group"] = self.dst_group
+        return out
 
 
 class PolicySet(BaseModel):
-    """A whole policy set: the default action and the rules (rule_ids unique)."""
+    """A whole policy set: the default action, the address groups by name, and the rules
+    (rule_ids unique; every group a rule names is in `groups`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     default_action: DefaultAction = DefaultAction.ALLOW
+    groups: dict[GroupName, Group] = Field(default_factory=dict)
     policies: list[Rule] = Field(default_factory=list)
 
     @model_validator(mode="wrap")
@@ -455,6 +644,22 @@ class PolicySet(BaseModel):
             raise _invalid("\n".join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _known_groups(self) -> PolicySet:
+        groups = self.groups
+        problems: list[str] = []
+        for index, rule in enumerate(self.policies):
+            for field in ("src_group", "dst_group"):
+                name = rule.__dict__[field]
+                if name is not None and name not in groups:
+                    problems.append(
+                        f"policies[{index}] (rule_id {rule.rule_id}): {field}: "
+                        + unknown_group_message(name, groups)
+                    )
+        if problems:
+            raise _invalid("\n".join(problems))
+        return self
+
     def get(self, rule_id: int) -> Rule | None:
         """The rule with this id, or None."""
         for rule in self.policies:
@@ -462,12 +667,43 @@ class PolicySet(BaseModel):
                 return rule
         return None
 
+    def rules_using(self, name: str) -> list[int]:
+        """The rule_ids of the rules that name group `name` on either end, in set order."""
+        return [
+            r.rule_id
+            for r in self.policies
+            if r.__dict__["src_group"] == name or r.__dict__["dst_group"] == name
+        ]
+
+    def group_users(self) -> dict[str, list[int]]:
+        """Every group's name -> the rule_ids that use it (set order), in one pass."""
+        users: dict[str, list[int]] = {name: [] for name in self.groups}
+        for r in self.policies:
+            fields = r.__dict__
+            for name in {fields["src_group"], fields["dst_group"]}:
+                if name is not None:
+                    users.setdefault(name, []).append(r.rule_id)
+        return users
+
     def to_api(self) -> dict[str, Any]:
-        """The policy document: {"default_action": ..., "policies": [RULE, ...]}."""
+        """The policy document: {"default_action": ..., "groups": {NAME: GROUP, ...},
+        "policies": [RULE, ...]}."""
         return {
             "default_action": self.default_action.value,
+            "groups": {name: group.to_api() for name, group in self.groups.items()},
             "policies": [rule.to_api() for rule in self.policies],
         }
+
+
+def unknown_group_message(name: str, groups: Mapping[str, Any]) -> str:
+    """What to say of a rule naming group `name` that is not among `groups`."""
+    if not groups:
+        known = "there are no groups: define it under groups first"
+    else:
+        names = sorted(groups)
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        known = f"the groups are: {shown}"
+    return f"no group named {_show(name)} ({known})"
 
 
 class PolicyError(ValueError):
@@ -485,8 +721,14 @@ class PolicyError(ValueError):
         return head + ":\n" + "\n".join(f"  {message}" for message in self.errors)
 
 
+_ITEM_LINE: Final = re.compile(r"^\[\d+\]: ")
 _RULE_FIELDS: Final = tuple(Rule.model_fields)
 _SET_FIELDS: Final = tuple(PolicySet.model_fields)
+_GROUP_FIELDS: Final = tuple(Group.model_fields)
+# What an error is inside: its allowed fields and what the whole is called.
+_RULE_CTX: Final = (_RULE_FIELDS, "a rule")
+_SET_CTX: Final = (_SET_FIELDS, "a policy document")
+_GROUP_CTX: Final = (_GROUP_FIELDS, 'a group: expected an object {"members": [...]}')
 _INT_HINTS: Final[dict[str, str]] = {
     "rule_id": f"use an int 1..{MAX_RULE_ID}",
     "priority": f"use an int 0..{MAX_PRIORITY}",
@@ -521,10 +763,12 @@ def _rule_prefix(loc: tuple[int | str, ...], data: Any) -> tuple[str, tuple[int 
     return prefix, rest
 
 
-def _describe(error: Any, field: str, value: Any, in_rule: bool) -> str:
+def _describe(
+    error: Any, field: str, value: Any, where: tuple[tuple[str, ...], str] = _SET_CTX
+) -> str:
     kind = error["type"]
     ctx = error.get("ctx") or {}
-    allowed = ", ".join(_RULE_FIELDS if in_rule else _SET_FIELDS)
+    allowed = ", ".join(where[0])
     if kind == _CUSTOM:
         return str(ctx.get("reason", error["msg"]))
     if kind == "missing":
@@ -548,9 +792,15 @@ def _describe(error: Any, field: str, value: Any, in_rule: bool) -> str:
         return "must not contain control characters (newline, tab, ...)"
     if kind == "string_too_long":
         return f"is {len(value)} characters long; at most {ctx.get('max_length')} are allowed"
+    if kind == "dict_type" and field == "groups":
+        return (
+            f"{_show(value)} is not a map of groups: expected an object "
+            '{"NAME": {"members": [...]}, ...}'
+        )
     if kind in ("model_type", "model_attributes_type", "dict_type"):
-        what = "a rule" if in_rule else "a policy document"
-        return f"{_show(value)} is not {what}: expected an object (a JSON mapping)"
+        if where is _GROUP_CTX:
+            return f"{_show(value)} is not {where[1]}"
+        return f"{_show(value)} is not {where[1]}: expected an object (a JSON mapping)"
     if kind == "list_type":
         return f"{_show(value)} is not a list: expected a list of rules"
     return str(error["msg"])
@@ -565,30 +815,48 @@ def format_validation_error(exc: pydantic.ValidationError, data: Any) -> list[st
     """
     messages: list[str] = []
     single_rule = exc.title == Rule.__name__
+    single_group = exc.title == Group.__name__
     for error in exc.errors(include_url=False):
         loc: tuple[int | str, ...] = tuple(error["loc"])
-        prefix, rest = ("", loc) if single_rule else _rule_prefix(loc, data)
-        in_rule = bool(prefix) or single_rule
+        prefix, rest = ("", loc) if single_rule or single_group else _rule_prefix(loc, data)
+        if len(rest) >= 2 and rest[-1] == "[key]":
+            rest = rest[:-2]  # a bad key of a map (a group's name): the map is the field
+        if prefix or single_rule:
+            where = _RULE_CTX
+        elif single_group or (len(rest) >= 2 and rest[0] == "groups"):
+            where = _GROUP_CTX
+        else:
+            where = _SET_CTX
         field = ".".join(str(part) for part in rest)
         value = error.get("input") if error["type"] != "missing" else None
         if error["type"] == "extra_forbidden":
             value = rest[-1] if rest else None
-        text = _describe(error, str(rest[-1]) if rest else "", value, in_rule)
+        text = _describe(error, str(rest[-1]) if rest else "", value, where)
         if error["type"] == _CUSTOM and not rest:
             # Whole-rule or whole-set checks name their fields (and rules) themselves.
-            parts = [prefix, text] if prefix else [text]
+            parts = [prefix] if prefix else []
         elif error["type"] == "extra_forbidden":
-            parts = [p for p in (prefix, _show(value)) if p] + [text]
+            parts = [p for p in (prefix, ".".join(str(x) for x in rest[:-1]), _show(value)) if p]
         else:
-            parts = [p for p in (prefix, field) if p] + [text]
-        for line in ": ".join(parts).split("\n"):
-            if line not in messages:
-                messages.append(line)
+            parts = [p for p in (prefix, field) if p]
+        head = ": ".join(parts)
+        # A check may report several problems, a line each; each line gets the location, and
+        # a line starting with "[index]" names an item of the field (members[3]: ...).
+        for line in text.split("\n"):
+            if not head:
+                message = line
+            elif _ITEM_LINE.match(line):
+                message = head + line
+            else:
+                message = f"{head}: {line}"
+            if message not in messages:
+                messages.append(message)
     return messages
 
 
 def parse_policy_document(data: Any, source: str | None = None) -> PolicySet:
-    """Validate a policy document ({"default_action": ..., "policies": [...]}).
+    """Validate a policy document ({"default_action": ..., "groups": {...}, "policies": [...]};
+    groups may be left out).
 
     Raises PolicyError with every problem found; nothing of an invalid document is kept.
     """
@@ -597,7 +865,7 @@ def parse_policy_document(data: Any, source: str | None = None) -> PolicySet:
         raise PolicyError(
             [
                 f"the top level is {kind}: expected an object "
-                '{"default_action": "allow"|"deny", "policies": [RULE, ...]}'
+                '{"default_action": "allow"|"deny", "groups": {...}, "policies": [RULE, ...]}'
             ],
             source,
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamer.policy.model import PolicySet, Rule
+from streamer.policy.model import Group, PolicySet, Rule
 from streamer.vocabulary import DefaultAction
 
 
@@ -33,23 +33,34 @@ class Edit:
 
 
 class PolicyState:
-    """The rules by rule_id and the default action; `policy_set` is a PolicySet view."""
+    """The rules by rule_id, the address groups and the default action; `policy_set` is a
+    PolicySet view. Group changes come as whole-set edits."""
 
-    def __init__(self, default_action: DefaultAction, rules: dict[int, Rule]) -> None:
+    def __init__(
+        self,
+        default_action: DefaultAction,
+        rules: dict[int, Rule],
+        groups: dict[str, Group] | None = None,
+    ) -> None:
         self.default_action = default_action
         self.rules = rules
+        self.groups: dict[str, Group] = groups or {}
         self._view: PolicySet | None = None
 
     @classmethod
     def of(cls, policy: PolicySet) -> PolicyState:
-        return cls(policy.default_action, {r.rule_id: r for r in policy.policies})
+        return cls(
+            policy.default_action, {r.rule_id: r for r in policy.policies}, dict(policy.groups)
+        )
 
     def policy_set(self) -> PolicySet:
         """The state as a PolicySet (built without validating again; kept until a change)."""
         view = self._view
         if view is None:
             view = self._view = PolicySet.model_construct(
-                default_action=self.default_action, policies=list(self.rules.values())
+                default_action=self.default_action,
+                groups=self.groups,
+                policies=list(self.rules.values()),
             )
         return view
 
@@ -67,6 +78,7 @@ class PolicyState:
         _move(rules, edit)
         return PolicySet.model_construct(
             default_action=edit.default_action or self.default_action,
+            groups=self.groups,
             policies=list(rules.values()),
         )
 
@@ -76,6 +88,7 @@ class PolicyState:
         if edit.whole is not None:
             self.default_action = edit.whole.default_action
             self.rules = {r.rule_id: r for r in edit.whole.policies}
+            self.groups = dict(edit.whole.groups)
             return
         _move(self.rules, edit)
         if edit.default_action is not None:

@@ -1,9 +1,11 @@
 """The policy store: the applied set and its generation, in the kernel and on disk, never apart.
 
-In: whole sets or single-rule changes (from the API, SIGHUP, `microseg policy load`). Out: the
+In: whole sets, single-rule changes and changes of one address group (from the API, SIGHUP,
+`microseg policy load`). Out: the
 new set enforced in the kernel *and* persisted in the state dir before the call returns, or
-neither (an error, with kernel and disk as they were). Writes are serialized. Dry runs compute
-the diff and the live sessions whose verdict would change, and apply nothing.
+neither (an error, with kernel and disk as they were). Writes are serialized; a member change
+that changes nothing is not applied. Dry runs compute the diff and the live sessions whose
+verdict would change, and apply nothing.
 
 A single-rule change costs what it touches: the state moves in place (streamer.policy.state),
 the kernel takes only the entries it changes (an `EditApplier`), and the disk one journal line
@@ -17,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
@@ -28,7 +30,16 @@ import orjson
 from streamer.datapath.layout import VERDICT_NAMES
 from streamer.datapath.reference import Packet, judge
 from streamer.policy.journal import Journal, JournalError, read_state
-from streamer.policy.model import PolicyError, PolicySet, Rule, parse_policy_document
+from streamer.policy.model import (
+    Group,
+    PolicyError,
+    PolicySet,
+    Rule,
+    check_group_name,
+    parse_members,
+    parse_policy_document,
+    unknown_group_message,
+)
 from streamer.policy.state import Edit, PolicyState, replay
 from streamer.vocabulary import DefaultAction
 
@@ -52,6 +63,18 @@ class RuleNotFound(StoreError):
 class DuplicateRule(StoreError):
     status = 409
     code = "conflict"
+
+
+class GroupNotFound(StoreError):
+    status = 404
+    code = "not_found"
+
+
+class GroupInUse(StoreError):
+    """A group that rules name cannot be deleted."""
+
+    status = 409
+    code = "in_use"
 
 
 class ApplyFailed(StoreError):
@@ -89,16 +112,36 @@ class LiveSession(Protocol):
 
 @dataclass
 class ChangeResult:
-    """The outcome of a change: the diff, and for a dry run the sessions it would re-judge."""
+    """The outcome of a change: the diff, and for a dry run the sessions it would re-judge.
+
+    Groups: `groups_added`/`groups_removed` by name, `groups_changed` the names whose members
+    differ. A change of one group (`set_group`, `delete_group`, `add_members`,
+    `remove_members`) also fills `group` (its name), `group_created`/`group_deleted`,
+    `members_added`/`members_removed` (canonical members that went in or out),
+    `members_unchanged` (members given that changed nothing: already in the group for an add,
+    not in it for a remove), `member_count` (after the change) and `group_rules` (the
+    rule_ids using the group); `group_to_api` is the answer of the group routes.
+    """
 
     generation: int
     added: list[Rule] = field(default_factory=list)
     removed: list[Rule] = field(default_factory=list)
     changed: list[tuple[Rule, Rule]] = field(default_factory=list)
     default_action_changed: bool = False
+    groups_added: list[str] = field(default_factory=list)
+    groups_removed: list[str] = field(default_factory=list)
+    groups_changed: list[str] = field(default_factory=list)
     dry_run: bool = False
     sessions_checked: int = 0
     sessions_changing: int = 0
+    group: str | None = None
+    group_created: bool = False
+    group_deleted: bool = False
+    members_added: list[str] = field(default_factory=list)
+    members_removed: list[str] = field(default_factory=list)
+    members_unchanged: list[str] = field(default_factory=list)
+    member_count: int = 0
+    group_rules: list[int] = field(default_factory=list)
 
     def to_api(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -108,6 +151,28 @@ class ChangeResult:
             "removed": [r.to_api() for r in self.removed],
             "changed": [{"before": a.to_api(), "after": b.to_api()} for a, b in self.changed],
             "default_action_changed": self.default_action_changed,
+            "groups_added": self.groups_added,
+            "groups_removed": self.groups_removed,
+            "groups_changed": self.groups_changed,
+        }
+        if self.dry_run:
+            out["sessions_checked"] = self.sessions_checked
+            out["sessions_changing_verdict"] = self.sessions_changing
+        return out
+
+    def group_to_api(self) -> dict[str, Any]:
+        """The answer of a group write (docs/contract.md §5, the GroupChange object)."""
+        out: dict[str, Any] = {
+            "dry_run": self.dry_run,
+            "generation": self.generation,
+            "name": self.group,
+            "created": self.group_created,
+            "deleted": self.group_deleted,
+            "members_added": self.members_added,
+            "members_removed": self.members_removed,
+            "members_unchanged": self.members_unchanged,
+            "member_count": self.member_count,
+            "rules": self.group_rules,
         }
         if self.dry_run:
             out["sessions_checked"] = self.sessions_checked
@@ -116,15 +181,24 @@ class ChangeResult:
 
 
 def diff_policies(old: PolicySet, new: PolicySet, generation: int) -> ChangeResult:
-    """Rules added, removed and changed (by rule_id) from old to new."""
+    """Rules added, removed and changed (by rule_id), and groups added, removed and changed
+    (by name), from old to new."""
     before = {r.rule_id: r for r in old.policies}
     after = {r.rule_id: r for r in new.policies}
+    old_groups, new_groups = old.groups, new.groups
     return ChangeResult(
         generation=generation,
         added=[r for rid, r in after.items() if rid not in before],
         removed=[r for rid, r in before.items() if rid not in after],
         changed=[(before[k], r) for k, r in after.items() if k in before and before[k] != r],
         default_action_changed=old.default_action != new.default_action,
+        groups_added=[n for n in new_groups if n not in old_groups],
+        groups_removed=[n for n in old_groups if n not in new_groups],
+        groups_changed=[
+            n
+            for n, g in new_groups.items()
+            if n in old_groups and old_groups[n] is not g and old_groups[n] != g
+        ],
     )
 
 
@@ -151,6 +225,52 @@ def sessions_changing(sessions: Iterable[LiveSession], new: PolicySet) -> tuple[
         if VERDICT_NAMES.get(d.verdict) != s.verdict or rid != s.rule_id:
             changing += 1
     return checked, changing
+
+
+class _Unchanged(Exception):
+    """An edit that leaves the set as it is (`PolicyStore.change_unless_same`)."""
+
+
+def _check_name(name: str) -> None:
+    try:
+        check_group_name(name)
+    except ValueError as e:
+        raise StoreError(str(e)) from None
+
+
+def _group_of(policy: PolicySet, name: str) -> Group:
+    group = policy.groups.get(name)
+    if group is None:
+        raise GroupNotFound(f"no group named {name!r}")
+    return group
+
+
+def _check_groups(rule: Rule, groups: Mapping[str, Group]) -> None:
+    """A rule may only name groups the set has (400 otherwise)."""
+    for end, name in (("src_group", rule.src_group), ("dst_group", rule.dst_group)):
+        if name is not None and name not in groups:
+            raise StoreError(
+                f"rule_id {rule.rule_id}: {end}: {unknown_group_message(name, dict(groups))}"
+            )
+
+
+def _rules_text(rule_ids: list[int]) -> str:
+    shown = ", ".join(str(r) for r in rule_ids[:20])
+    more = f" and {len(rule_ids) - 20} more" if len(rule_ids) > 20 else ""
+    return f"rule{'s' if len(rule_ids) > 1 else ''} {shown}{more}"
+
+
+_MEMBERS_OFF_LOOP = 2000  # parse longer member lists in a worker thread
+
+
+async def _canonical_members(members: Sequence[str]) -> tuple[str, ...]:
+    """The members' canonical texts; StoreError (400) naming each bad one."""
+    try:
+        if len(members) > _MEMBERS_OFF_LOOP:
+            return await asyncio.to_thread(parse_members, list(members))
+        return parse_members(list(members))
+    except ValueError as e:
+        raise StoreError("\n".join(f"members{line}" for line in str(e).split("\n"))) from None
 
 
 Applier = Callable[[PolicySet, int | None], int]
@@ -247,6 +367,7 @@ class PolicyStore:
         def edit(cur: PolicyState) -> Edit:
             if cur.get(rule.rule_id) is not None:
                 raise DuplicateRule(f"rule_id {rule.rule_id} already exists")
+            _check_groups(rule, cur.groups)
             return Edit(f"add rule {rule.rule_id}", added=[rule], record=_rule_record("add", rule))
 
         return await self.edit(edit, actor, dry_run)
@@ -256,6 +377,7 @@ class PolicyStore:
             old = cur.get(rule.rule_id)
             if old is None:
                 raise RuleNotFound(f"no rule with rule_id {rule.rule_id}")
+            _check_groups(rule, cur.groups)
             return Edit(
                 f"update rule {rule.rule_id}",
                 changed=[(old, rule)],
@@ -276,6 +398,119 @@ class PolicyStore:
             )
 
         return await self.edit(edit, actor, dry_run)
+
+    # ---- groups (docs/contract.md §5) ----------------------------------------------------
+
+    async def set_group(
+        self, name: str, group: Group, actor: str, dry_run: bool = False
+    ) -> ChangeResult:
+        """Create group `name`, or replace its members."""
+        _check_name(name)
+        facts: dict[str, Any] = {}
+
+        def edit(cur: PolicySet) -> PolicySet:
+            old = cur.groups.get(name)
+            before = set(old.members) if old is not None else set()
+            after = set(group.members)
+            facts["created"] = old is None
+            facts["added"] = [m for m in group.members if m not in before]
+            facts["removed"] = [m for m in old.members if m not in after] if old else []
+            return cur.model_copy(update={"groups": {**cur.groups, name: group}})
+
+        what = f"set group {name} ({len(group.members)} members)"
+        result = await self.change(edit, actor, what, dry_run)
+        result.group_created = facts["created"]
+        result.members_added, result.members_removed = facts["added"], facts["removed"]
+        return self._group_facts(result, name, len(group.members))
+
+    async def delete_group(self, name: str, actor: str, dry_run: bool = False) -> ChangeResult:
+        """Delete group `name`: refused (GroupInUse) while a rule names it."""
+        _check_name(name)
+        facts: dict[str, Any] = {}
+
+        def edit(cur: PolicySet) -> PolicySet:
+            old = _group_of(cur, name)
+            users = cur.rules_using(name)
+            if users:
+                raise GroupInUse(
+                    f"group {name!r} is used by {_rules_text(users)}: change or delete "
+                    "those rules first"
+                )
+            facts["removed"] = list(old.members)
+            groups = {n: g for n, g in cur.groups.items() if n != name}
+            return cur.model_copy(update={"groups": groups})
+
+        result = await self.change(edit, actor, f"delete group {name}", dry_run)
+        result.group_deleted = True
+        result.members_removed = facts["removed"]
+        return self._group_facts(result, name, 0)
+
+    async def add_members(
+        self, name: str, members: Sequence[str], actor: str, dry_run: bool = False
+    ) -> ChangeResult:
+        """Add members to group `name`. Idempotent: members already in it change nothing
+        (`members_unchanged`); with none new the set is not rewritten (no new generation)."""
+        _check_name(name)
+        given = await _canonical_members(members)
+        facts: dict[str, Any] = {}
+
+        def edit(cur: PolicySet) -> PolicySet:
+            new_group, added, unchanged = _group_of(cur, name).with_members(given)
+            facts.update(added=added, unchanged=unchanged, count=len(new_group.members))
+            if not added:
+                return cur
+            return cur.model_copy(update={"groups": {**cur.groups, name: new_group}})
+
+        what = f"add {len(given)} members to group {name}"
+        result = await self.change_unless_same(edit, actor, what, dry_run)
+        result.members_added, result.members_unchanged = facts["added"], facts["unchanged"]
+        return self._group_facts(result, name, facts["count"])
+
+    async def remove_members(
+        self, name: str, members: Sequence[str], actor: str, dry_run: bool = False
+    ) -> ChangeResult:
+        """Remove members from group `name`. Idempotent: members not in it change nothing
+        (`members_unchanged`); with none removed the set is not rewritten (no new generation).
+        """
+        _check_name(name)
+        given = await _canonical_members(members)
+        facts: dict[str, Any] = {}
+
+        def edit(cur: PolicySet) -> PolicySet:
+            new_group, removed, unchanged = _group_of(cur, name).without_members(given)
+            facts.update(removed=removed, unchanged=unchanged, count=len(new_group.members))
+            if not removed:
+                return cur
+            return cur.model_copy(update={"groups": {**cur.groups, name: new_group}})
+
+        what = f"remove {len(given)} members from group {name}"
+        result = await self.change_unless_same(edit, actor, what, dry_run)
+        result.members_removed, result.members_unchanged = facts["removed"], facts["unchanged"]
+        return self._group_facts(result, name, facts["count"])
+
+    def _group_facts(self, result: ChangeResult, name: str, count: int) -> ChangeResult:
+        result.group = name
+        result.member_count = count
+        result.group_rules = self.policy.rules_using(name)
+        return result
+
+    async def change_unless_same(
+        self, edit: Callable[[PolicySet], PolicySet], actor: str, what: str, dry_run: bool
+    ) -> ChangeResult:
+        """`change`, except that an edit returning the set it was given changes nothing: the
+        answer is an empty diff at the current generation (no session to check), nothing is
+        applied or logged."""
+
+        def checked(cur: PolicySet) -> PolicySet:
+            new = edit(cur)
+            if new is cur:
+                raise _Unchanged
+            return new
+
+        try:
+            return await self.change(checked, actor, what, dry_run)
+        except _Unchanged:
+            return ChangeResult(generation=self.generation, dry_run=dry_run)
 
     async def replace(self, policy: PolicySet, actor: str, dry_run: bool = False) -> ChangeResult:
         return await self.change(
