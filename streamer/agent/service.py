@@ -35,13 +35,20 @@ from streamer.datapath.compiler import (
 )
 from streamer.datapath.config import DatapathConfig, DatapathError
 from streamer.datapath.datapath import Datapath
-from streamer.datapath.ruletables import NeedsRecompile, TablesOutOfStep
+from streamer.datapath.ruletables import NeedsRecompile, TableChange, TablesOutOfStep
 from streamer.events.enrich import Enricher
 from streamer.events.pipeline import Pipeline, PipelineConfig, register_metrics, tune_gc
 from streamer.events.sinks.file import DEFAULT_KEEP, DEFAULT_MAX_BYTES, FileSinkConfig
 from streamer.events.sinks.kafka import DEFAULT_SPOOL_MAX_BYTES, DEFAULT_TOPIC, KafkaSinkConfig
 from streamer.events.sinks.websocket import WebSocketConfig
-from streamer.policy.model import PolicyError, PolicySet, Rule, load_policy_file
+from streamer.policy.model import (
+    Group,
+    PolicyError,
+    PolicySet,
+    Rule,
+    load_policy_file,
+    parse_address,
+)
 from streamer.policy.state import Edit, PolicyState
 from streamer.policy.store import ChangeResult, PolicyStore, StoreError
 from streamer.vocabulary import DefaultAction
@@ -191,6 +198,8 @@ class Agent:
             for rule in edit.added:
                 change.add_rule(rule, *rule_ends(rule, state.groups))
                 changes[rule.rule_id] = rule
+            for name, (before, _, added, removed) in edit.groups.items():
+                _change_members(change, state, name, before, added, removed)
         except NeedsRecompile as e:
             log.info("%s: %s", edit.what, e)
             return self.apply(state.after(edit))
@@ -521,3 +530,36 @@ def run_agent(config: AgentConfig) -> int:
 
 def describe(obj: Any) -> str:
     return orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode()
+
+
+def _change_members(
+    change: TableChange,
+    state: PolicyState,
+    name: str,
+    before: Group,
+    added: list[str],
+    removed: list[str],
+) -> None:
+    """The entries of every rule using group `name` for the members that came and went only:
+    new (source, destination) pairs in, pairs that lost a member out."""
+    gone = [parse_address(m) for m in removed]
+    new = [parse_address(m) for m in added]
+    for rule in state.users(name):
+        src, dst = rule.match_data()[:2]
+        src_is, dst_is = rule.src_group == name, rule.dst_group == name
+        if src_is and dst_is:
+            went = set(removed)
+            kept = [parse_address(m) for m in before.members if m not in went]
+            change.remove(rule, gone, kept + gone)
+            change.remove(rule, kept, gone)
+            change.add(rule, new, kept + new)
+            change.add(rule, kept, new)
+        elif src_is:
+            # The other end: an address, or another group's members.
+            dsts = state.groups[dst[0]].addrs() if rule.dst_group is not None else [dst]
+            change.remove(rule, gone, dsts)
+            change.add(rule, new, dsts)
+        else:
+            srcs = state.groups[src[0]].addrs() if rule.src_group is not None else [src]
+            change.remove(rule, srcs, gone)
+            change.add(rule, srcs, new)

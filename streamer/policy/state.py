@@ -30,6 +30,8 @@ class Edit:
     default_action: DefaultAction | None = None
     whole: PolicySet | None = None
     record: dict[str, Any] = field(default_factory=dict)
+    # name -> (the group before, after, members added, members removed): a member change
+    groups: dict[str, tuple[Group, Group, list[str], list[str]]] = field(default_factory=dict)
 
 
 class PolicyState:
@@ -46,6 +48,7 @@ class PolicyState:
         self.rules = rules
         self.groups: dict[str, Group] = groups or {}
         self._view: PolicySet | None = None
+        self._users: dict[str, set[int]] | None = None  # group -> rule_ids naming it
 
     @classmethod
     def of(cls, policy: PolicySet) -> PolicyState:
@@ -67,6 +70,15 @@ class PolicyState:
     def get(self, rule_id: int) -> Rule | None:
         return self.rules.get(rule_id)
 
+    def users(self, name: str) -> list[Rule]:
+        """The rules naming group `name` on either end, by rule_id (indexed: no walk)."""
+        if self._users is None:
+            self._users = {}
+            for r in self.rules.values():
+                _index(self._users, r, True)
+        ids = self._users.get(name, set())
+        return [self.rules[i] for i in sorted(ids)]
+
     def __len__(self) -> int:
         return len(self.rules)
 
@@ -76,16 +88,30 @@ class PolicyState:
             return edit.whole
         rules = dict(self.rules)
         _move(rules, edit)
+        groups = dict(self.groups)
+        for name, (_, after, _, _) in edit.groups.items():
+            groups[name] = after
         return PolicySet.model_construct(
             default_action=edit.default_action or self.default_action,
-            groups=self.groups,
+            groups=groups,
             policies=list(rules.values()),
         )
 
     def apply(self, edit: Edit) -> None:
         """Move to the state after `edit` (which was made against this state)."""
         self._view = None
+        for name, (_, group, _, _) in edit.groups.items():
+            self.groups[name] = group
+        if self._users is not None and edit.whole is None:
+            for r in edit.removed:
+                _index(self._users, r, False)
+            for before, after in edit.changed:
+                _index(self._users, before, False)
+                _index(self._users, after, True)
+            for r in edit.added:
+                _index(self._users, r, True)
         if edit.whole is not None:
+            self._users = None
             self.default_action = edit.whole.default_action
             self.rules = {r.rule_id: r for r in edit.whole.policies}
             self.groups = dict(edit.whole.groups)
@@ -93,6 +119,15 @@ class PolicyState:
         _move(self.rules, edit)
         if edit.default_action is not None:
             self.default_action = edit.default_action
+
+
+def _index(users: dict[str, set[int]], rule: Rule, add: bool) -> None:
+    for name in {rule.src_group, rule.dst_group} - {None}:
+        assert name is not None
+        if add:
+            users.setdefault(name, set()).add(rule.rule_id)
+        else:
+            users.get(name, set()).discard(rule.rule_id)
 
 
 def _move(rules: dict[int, Rule], edit: Edit) -> None:
@@ -120,6 +155,13 @@ def replay(state: PolicyState, record: dict[str, Any]) -> None:
             raise ValueError(f"journal: delete of unknown rule {record['rule_id']}")
     elif op == "default":
         state.default_action = DefaultAction(record["default_action"])
+    elif op == "add_members" or op == "remove_members":
+        group = state.groups[record["name"]]
+        members = record["members"]
+        if op == "add_members":
+            state.groups[record["name"]] = group.with_members(members)[0]
+        else:
+            state.groups[record["name"]] = group.without_members(members)[0]
     else:
         raise ValueError(f"journal: unknown record {op!r}")
     state._view = None

@@ -449,49 +449,61 @@ class PolicyStore:
         self, name: str, members: Sequence[str], actor: str, dry_run: bool = False
     ) -> ChangeResult:
         """Add members to group `name`. Idempotent: members already in it change nothing
-        (`members_unchanged`); with none new the set is not rewritten (no new generation)."""
-        _check_name(name)
-        given = await _canonical_members(members)
-        facts: dict[str, Any] = {}
-
-        def edit(cur: PolicySet) -> PolicySet:
-            new_group, added, unchanged = _group_of(cur, name).with_members(given)
-            facts.update(added=added, unchanged=unchanged, count=len(new_group.members))
-            if not added:
-                return cur
-            return cur.model_copy(update={"groups": {**cur.groups, name: new_group}})
-
-        what = f"add {len(given)} members to group {name}"
-        result = await self.change_unless_same(edit, actor, what, dry_run)
-        result.members_added, result.members_unchanged = facts["added"], facts["unchanged"]
-        return self._group_facts(result, name, facts["count"])
+        (`members_unchanged`); with none new the set is not rewritten (no new generation).
+        Only the entries of the new members are written."""
+        return await self._members(name, members, actor, dry_run, adding=True)
 
     async def remove_members(
         self, name: str, members: Sequence[str], actor: str, dry_run: bool = False
     ) -> ChangeResult:
         """Remove members from group `name`. Idempotent: members not in it change nothing
         (`members_unchanged`); with none removed the set is not rewritten (no new generation).
-        """
+        Only the entries of the members removed are deleted."""
+        return await self._members(name, members, actor, dry_run, adding=False)
+
+    async def _members(
+        self, name: str, members: Sequence[str], actor: str, dry_run: bool, adding: bool
+    ) -> ChangeResult:
         _check_name(name)
         given = await _canonical_members(members)
         facts: dict[str, Any] = {}
 
-        def edit(cur: PolicySet) -> PolicySet:
-            new_group, removed, unchanged = _group_of(cur, name).without_members(given)
-            facts.update(removed=removed, unchanged=unchanged, count=len(new_group.members))
-            if not removed:
-                return cur
-            return cur.model_copy(update={"groups": {**cur.groups, name: new_group}})
+        def edit(cur: PolicyState) -> Edit:
+            old = cur.groups.get(name)
+            if old is None:
+                raise GroupNotFound(f"no group named {name!r}")
+            if adding:
+                new, changed, unchanged = old.with_members(given)
+            else:
+                new, changed, unchanged = old.without_members(given)
+            facts.update(changed=changed, unchanged=unchanged, count=len(new.members))
+            if not changed:
+                raise _Unchanged
+            op = "add_members" if adding else "remove_members"
+            return Edit(
+                f"{'add' if adding else 'remove'} {len(changed)} members"
+                f" {'to' if adding else 'from'} group {name}",
+                groups={name: (old, new, changed if adding else [], [] if adding else changed)},
+                record={"op": op, "name": name, "members": changed},
+            )
 
-        what = f"remove {len(given)} members from group {name}"
-        result = await self.change_unless_same(edit, actor, what, dry_run)
-        result.members_removed, result.members_unchanged = facts["removed"], facts["unchanged"]
-        return self._group_facts(result, name, facts["count"])
+        try:
+            result = await self.edit(edit, actor, dry_run)
+        except _Unchanged:
+            result = ChangeResult(generation=self.generation, dry_run=dry_run)
+        if adding:
+            result.members_added = facts.get("changed", [])
+        else:
+            result.members_removed = facts.get("changed", [])
+        result.members_unchanged = facts.get("unchanged", [])
+        if facts.get("changed"):
+            result.groups_changed = [name]
+        return self._group_facts(result, name, facts.get("count", 0))
 
     def _group_facts(self, result: ChangeResult, name: str, count: int) -> ChangeResult:
         result.group = name
         result.member_count = count
-        result.group_rules = self.policy.rules_using(name)
+        result.group_rules = [r.rule_id for r in self.state.users(name)]
         return result
 
     async def change_unless_same(
