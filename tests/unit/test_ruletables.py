@@ -101,7 +101,7 @@ def test_member_changes_in_place_equal_a_whole_compile() -> None:
             {"rule_id": 1, "src_group": "a", "protocol": "tcp", "dst_port": 80, "action": "allow"},
             {"rule_id": 2, "dst_group": "a", "protocol": "any", "action": "deny", "priority": 5},
             {"rule_id": 3, "src_group": "a", "dst_group": "a", "protocol": "udp", "action": "log"},
-            {"rule_id": 4, "src_group": "b", "dst_group": "a", "protocol": "any", "action": "allow"},
+            {"rule_id": 4, "src_group": "b", "dst_group": "a", "protocol": "any", "action": "log"},
             {"rule_id": 5, "src_ip": "10.0.0.0/8", "protocol": "tcp", "action": "deny"},
         ],
     }
