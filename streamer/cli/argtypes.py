@@ -132,7 +132,8 @@ def name_matching(pattern: re.Pattern[str], what: str) -> Callable[[str], str]:
     {what}"."""
 
     def check(value: str) -> str:
-        if not pattern.match(value) or value in (".", ".."):
+        # fullmatch: `$` alone would let a trailing newline through.
+        if not pattern.fullmatch(value) or value in (".", ".."):
             raise argparse.ArgumentTypeError(f"{value!r} is not {what}")
         return value
 

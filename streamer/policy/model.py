@@ -248,7 +248,7 @@ def _validate_port(value: Any) -> int | str:
 
 def check_group_name(name: Any) -> str:
     """A group name as given, if valid; else ValueError with the message for the user."""
-    if name.__class__ is str and _GROUP_NAME_RE.match(name):
+    if name.__class__ is str and _GROUP_NAME_RE.fullmatch(name):
         return str(name)
     if not isinstance(name, str):
         raise ValueError(f"{_show(name)} is not a group name (not a string): {_GROUP_NAME_HINT}")

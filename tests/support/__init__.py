@@ -8,6 +8,7 @@ as `support`): nothing here is a test, and nothing here needs root until it is c
 - `bpf`: a classifier loaded for BPF_PROG_TEST_RUN, its ring-buffer records, its verdicts.
 - `events`: the flow-event schema check and records for the pipeline tests.
 - `classifier`: rule documents, packets and counters for the classifier tests.
+- `tables`: the classifier's lookup over compiled tables, in Python.
 - `diffkit`: the kernel classifier against the stateful reference model, frame by frame.
 - `agentproc`: `microseg run` as a real subprocess; policy files and rule documents for it.
 - `agentapi`: HTTP to a running agent's admin API (TCP or Unix socket).

@@ -9,11 +9,11 @@ import random
 from typing import Any
 
 import pytest
+from support.tables import probe
 
 from streamer.datapath.compiler import (
     ACTION_CODES,
     CompiledPolicy,
-    Entry,
     Shape,
     bloom_layout,
     build_bloom,
@@ -264,35 +264,6 @@ def test_shapes_sorted_by_max_score() -> None:
     assert ft.max_scores[0] == best + 1
 
 
-def _probe(compiled: CompiledPolicy, pkt: Packet) -> Entry | None:
-    """The kernel's probe loop (bpf/classifier.c judge_family) over compiled tables."""
-    tables = compiled.family(pkt.family)
-    bits = 32 if pkt.family == 4 else 128
-    ports = pkt.proto in (6, 17)
-    best: Entry | None = None
-    for shape, max_score, entries in zip(
-        tables.shapes, tables.max_scores, tables.entries, strict=True
-    ):
-        if best is not None and best.score >= max_score:
-            break
-
-        def m(v: int, width: int, plen: int) -> int:
-            return v & (((1 << width) - 1) ^ ((1 << (width - plen)) - 1))
-
-        key = (
-            1 if pkt.direction == "ingress" else 2,
-            0 if shape.proto_wild else pkt.proto,
-            m(pkt.sport if ports else 0, 16, shape.sport_plen),
-            m(pkt.dport if ports else 0, 16, shape.dport_plen),
-            m(int(pkt.src), bits, shape.src_plen),
-            m(int(pkt.dst), bits, shape.dst_plen),
-        )
-        e = entries.get(key)
-        if e is not None and (best is None or e.score > best.score):
-            best = e
-    return best
-
-
 def test_more_shapes_than_allowed_are_merged_not_refused() -> None:
     rules = [{"rule_id": p + 1, "src_ip": f"10.0.0.0/{p}", "protocol": "tcp"} for p in range(8, 17)]
     pol = _policy(*rules)
@@ -356,7 +327,7 @@ def test_merged_shapes_judge_like_the_reference(seed: int) -> None:
             direction=rng.choice(("ingress", "egress")),
         )
         want = judge(pol, pkt)
-        got = _probe(fitted, pkt)
+        got = probe(fitted, pkt)
         want_id = want.rule.rule_id if want.rule is not None else None
         assert (got.rule_id if got else None) == want_id, (seed, pkt)
 
