@@ -149,15 +149,17 @@ class Journal:
                 (self.state_dir / name).unlink(missing_ok=True)
             self.records = 0
 
-    def compact_if_due(self, document: Callable[[], dict[str, Any]], generation: int) -> None:
-        """When the journal is long: a new snapshot of `document()` (called and written beside
-        the caller: it must not change meanwhile), then the journal it covers is dropped."""
+    def due(self) -> bool:
+        """Whether the journal is long enough for `compact` (and none is running)."""
         t = self._compacting
         if t is not None and not t.is_alive():
             t.join()
             self._compacting = t = None
-        if self.records < COMPACT_RECORDS or t is not None:
-            return
+        return self.records >= COMPACT_RECORDS and t is None
+
+    def compact(self, document: Callable[[], dict[str, Any]], generation: int) -> None:
+        """A new snapshot of `document()` at `generation` (called and written beside the
+        caller: it must not change meanwhile), then the journal it covers is dropped."""
         with self._lock:
             self._close()
             old = self.state_dir / OLD_JOURNAL_FILE

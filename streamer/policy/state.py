@@ -62,7 +62,7 @@ class PolicyState:
         if view is None:
             view = self._view = PolicySet.model_construct(
                 default_action=self.default_action,
-                groups=self.groups,
+                groups=dict(self.groups),
                 policies=list(self.rules.values()),
             )
         return view

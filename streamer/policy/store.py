@@ -576,13 +576,10 @@ class PolicyStore:
             log.info("%s by %s: generation %d", e.what, actor, gen)
             self._audit(actor, e.what, gen)
             result.generation = gen
-            if e.whole is None:
-                self.journal.compact_if_due(self._snapshot_of(state.policy_set()), gen)
+            if e.whole is None and self.journal.due():
+                # The view is taken now: the state moves on while the snapshot is written.
+                self.journal.compact(state.policy_set().to_api, gen)
             return result
-
-    @staticmethod
-    def _snapshot_of(policy: PolicySet) -> Callable[[], dict[str, Any]]:
-        return policy.to_api
 
     def _commit(self, e: Edit, state: PolicyState) -> int:
         """Kernel, then disk (both or neither); returns the generation."""
