@@ -155,6 +155,8 @@ def replay(state: PolicyState, record: dict[str, Any]) -> None:
             raise ValueError(f"journal: delete of unknown rule {record['rule_id']}")
     elif op == "default":
         state.default_action = DefaultAction(record["default_action"])
+    elif op == "set_group":
+        state.groups[record["name"]] = Group.model_validate({"members": record["members"]})
     elif op == "add_members" or op == "remove_members":
         group = state.groups[record["name"]]
         members = record["members"]

@@ -408,19 +408,27 @@ class PolicyStore:
         _check_name(name)
         facts: dict[str, Any] = {}
 
-        def edit(cur: PolicySet) -> PolicySet:
+        def edit(cur: PolicyState) -> Edit:
             old = cur.groups.get(name)
             before = set(old.members) if old is not None else set()
             after = set(group.members)
-            facts["created"] = old is None
-            facts["added"] = [m for m in group.members if m not in before]
-            facts["removed"] = [m for m in old.members if m not in after] if old else []
-            return cur.model_copy(update={"groups": {**cur.groups, name: group}})
+            added = [m for m in group.members if m not in before]
+            removed = [m for m in old.members if m not in after] if old else []
+            facts.update(created=old is None, added=added, removed=removed)
+            return Edit(
+                what,
+                groups={name: (old or Group(members=()), group, added, removed)},
+                record={"op": "set_group", "name": name, "members": list(group.members)},
+            )
 
         what = f"set group {name} ({len(group.members)} members)"
-        result = await self.change(edit, actor, what, dry_run)
+        result = await self.edit(edit, actor, dry_run)
         result.group_created = facts["created"]
         result.members_added, result.members_removed = facts["added"], facts["removed"]
+        if facts["created"]:
+            result.groups_added = [name]
+        elif facts["added"] or facts["removed"]:
+            result.groups_changed = [name]
         return self._group_facts(result, name, len(group.members))
 
     async def delete_group(self, name: str, actor: str, dry_run: bool = False) -> ChangeResult:

@@ -12,7 +12,7 @@ import pytest
 
 from streamer.datapath.compiler import Shape, compile_policy, rule_ends
 from streamer.datapath.ruletables import NeedsRecompile, RuleTables
-from streamer.policy.model import Rule, parse_policy_document
+from streamer.policy.model import Group, Rule, parse_policy_document
 
 
 def _rule(rng: random.Random, rule_id: int) -> Rule:
@@ -113,12 +113,20 @@ def test_member_changes_in_place_equal_a_whole_compile() -> None:
         name = rng.choice(("a", "b"))
         before = state.groups[name]
         given = rng.sample(pool, rng.randint(1, 3))
-        adding = rng.random() < 0.55
-        new, changed, _ = before.with_members(given) if adding else before.without_members(given)
-        if not changed:
+        op = rng.random()
+        if op < 0.2:  # a replace: some go, some come
+            new = Group(members=tuple(given))
+            added = [m for m in new.members if m not in before.members]
+            removed = [m for m in before.members if m not in new.members]
+        else:
+            adding = op < 0.6
+            new, changed, _ = (
+                before.with_members(given) if adding else before.without_members(given)
+            )
+            added, removed = (changed, []) if adding else ([], changed)
+        if not added and not removed:
             continue
         ch = t.begin()
-        added, removed = (changed, []) if adding else ([], changed)
         _change_members(ch, state, name, before, added, removed)
         ch.finish()
         ch.commit()
