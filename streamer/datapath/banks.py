@@ -353,6 +353,8 @@ class Banks:
             else:
                 self._clear_bank(job.bank, job.old)
                 self._fill(job.bank, job.generation, job.tables)
+            # Level now: what it took is not kept (a whole set's old tables are large).
+            job.old = job.delta = None
         except BaseException as e:  # handed to settle, in the thread that waits for it
             self._dirty.add(job.bank)
             job.error = e
