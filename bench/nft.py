@@ -198,12 +198,19 @@ def _group_key(r: _Rule, fam: int, marked: bool) -> tuple[Any, ...]:
     )
 
 
+def _addr(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+    # A host is written as an address: a set without `flags interval` refuses prefixes.
+    if net.prefixlen == net.max_prefixlen:
+        return str(net.network_address)
+    return net.with_prefixlen
+
+
 def _elements(r: _Rule) -> list[str]:
     parts: list[list[str]] = []
     if r.src is not None:
-        parts.append([r.src.with_prefixlen])
+        parts.append([_addr(r.src)])
     if r.dst is not None:
-        parts.append([r.dst.with_prefixlen])
+        parts.append([_addr(r.dst)])
     if r.protos:
         parts.append(list(r.protos))
     if r.sport:
