@@ -5,6 +5,10 @@ subnet, host to host, exposed services, quarantined networks, a port range, ICMP
 IPv6 counterparts). Each template has fixed prefix lengths and port forms, so the set of
 shapes (mask combinations) is the same for 10 and for 100,000 rules: what grows is the number
 of entries per shape. `shape_sweep_policy` instead spreads rules evenly over k shapes.
+`irregular_policy` is the opposite of the palette: every field drawn at random, the set a new
+user writes, with hundreds of shapes; `group_members` draws the members of an address group.
+No rule and no member of these sets covers the lab's addresses (198.18.0.0/15,
+fd6d:7365:67::/48): lab traffic is decided only by the rules a benchmark adds.
 
 Packets for a measured case are picked with `probe`, a Python mirror of the classifier's
 tuple-space search over the compiled tables, so every packet of a case takes the same path
@@ -253,6 +257,115 @@ def shape_sweep_policy(count: int, k: int, seed: int) -> Doc:
             rule.update(name="top4", priority=TOP_PRIORITY, action="allow")
         rules.append(rule)
     return {"default_action": "deny", "policies": rules}
+
+
+# ---- the irregular set ----------------------------------------------------------------------
+
+IRREGULAR_PORTS = (
+    22, 25, 53, 80, 110, 123, 143, 389, 443, 445, 465, 587, 636, 993, 995, 1433, 1521, 2049,
+    2379, 3000, 3306, 3389, 5000, 5432, 5672, 6379, 6443, 8080, 8443, 9000, 9090, 9092, 9200,
+    11211, 27017,
+)  # fmt: skip
+_COMMON_RANGES = ("1024-65535", "8000-8999", "30000-32767", "6000-6063", "49152-65535")
+_LAB4_NET16 = 0xC612  # 198.18.0.0/15 (every lab and benchmarking address): never drawn
+
+
+def _any_v4(rng: random.Random, plen: int) -> str:
+    """A unicast IPv4 network of `plen` anywhere but 0/8, 127/8 and the lab's 198.18.0.0/15."""
+    while True:
+        addr = rng.getrandbits(32) & _mask(32, plen)
+        first = addr >> 24
+        if 1 <= first <= 223 and first != 127 and addr >> 17 != _LAB4_NET16 >> 1:
+            text = socket.inet_ntoa(struct.pack("!I", addr))
+            return text if plen == 32 else f"{text}/{plen}"
+
+
+def _any_v6(rng: random.Random, plen: int) -> str:
+    """An IPv6 network of `plen` in 2000::/4 (global unicast: never the lab's fd6d::)."""
+    addr = ((0x2000 | rng.getrandbits(12)) << 112 | rng.getrandbits(112)) & _mask(128, plen)
+    text = str(IPv6Address(addr))
+    return text if plen == 128 else f"{text}/{plen}"
+
+
+def _irregular_port(rng: random.Random) -> int | str:
+    """0 (any) 30 %, one port 45 % (a well-known one or any), a range 25 %: a common one or
+    an arbitrary span, which splits into many prefix blocks (shapes)."""
+    r = rng.random()
+    if r < 0.30:
+        return 0
+    if r < 0.75:
+        return rng.choice(IRREGULAR_PORTS) if rng.random() < 0.6 else rng.randrange(1, 65536)
+    if r < 0.80:
+        return rng.choice(_COMMON_RANGES)
+    lo = rng.randrange(1, 65000)
+    span = rng.choice((1, 9, 15, 99, 255, 1000, rng.randrange(1, 2000)))
+    return f"{lo}-{min(65535, lo + span)}"
+
+
+def _irregular_rule(rng: random.Random, rule_id: int) -> Doc:
+    v6 = rng.random() < 0.15
+    protocol = rng.choices(("tcp", "udp", "icmp", "any"), (50, 25, 8, 17))[0]
+    if v6:
+        src = _any_v6(rng, rng.choice((48, 64, 128)))
+        dst = rng.choice(("any", _any_v6(rng, 128), _any_v6(rng, 64)))
+        protocol = "icmpv6" if protocol == "icmp" else protocol
+    else:
+        src = _any_v4(rng, rng.choice((24, 28, 32)))
+        dst = rng.choice(("any", _any_v4(rng, 32), _any_v4(rng, 24)))
+    rule: Doc = {
+        "rule_id": rule_id,
+        "src_ip": src,
+        "dst_ip": dst,
+        "protocol": protocol,
+        "action": rng.choices(("allow", "deny", "log"), (6, 3, 1))[0],
+        "priority": rng.randint(1, 999),
+        "direction": rng.choice(("ingress", "egress", "any")),
+    }
+    if protocol in ("tcp", "udp", "any"):
+        port = _irregular_port(rng)
+        if port:
+            rule["dst_port"] = port
+        if rng.random() < 0.05:
+            rule["src_port"] = rng.choice(IRREGULAR_PORTS)
+    return rule
+
+
+def irregular_policy(count: int, seed: int) -> Doc:
+    """A policy document of `count` rules (rule_ids 1..count), every field drawn at random:
+    IPv4 sources /24, /28, /32 (15 % IPv6 /48, /64, /128), destinations any, /32 or /24
+    (IPv6: any, /128, /64), protocols tcp, udp, icmp, any, ports as `_irregular_port`, a few
+    source ports, actions allow / deny / log, priorities 1-999, any direction. Default deny.
+    """
+    rng = random.Random(seed)
+    return {
+        "default_action": "deny",
+        "policies": [_irregular_rule(rng, i + 1) for i in range(count)],
+    }
+
+
+RULE_SETS: dict[str, Callable[[int, int], Doc]] = {
+    "palette": palette_policy,
+    "irregular": irregular_policy,
+}
+
+
+def group_members(count: int, seed: int) -> list[str]:
+    """`count` distinct members of an address group: IPv4 hosts (70 %), IPv4 /24../28
+    (15 %), IPv6 hosts (10 %) and /64s (5 %); none covers a lab address."""
+    rng = random.Random(seed)
+    out: dict[str, None] = {}
+    while len(out) < count:
+        r = rng.random()
+        if r < 0.70:
+            member = _any_v4(rng, 32)
+        elif r < 0.85:
+            member = _any_v4(rng, rng.choice((24, 26, 28)))
+        elif r < 0.95:
+            member = _any_v6(rng, 128)
+        else:
+            member = _any_v6(rng, 64)
+        out[member] = None
+    return list(out)
 
 
 # ---- the tuple-space search, mirrored ------------------------------------------------------
