@@ -107,10 +107,13 @@ def _suite(
 
 def _run_api(args: argparse.Namespace, res: dict[str, Any]) -> int:
     """The admin API suite (bench.api): prints its table, fills res["api"]; 0 or the status."""
-    from bench.api import render_api, run_api_bench, settings_for
+    from bench.api import run_api_bench, settings_for
+    from bench.apireport import render_api
     from streamer.lab.netns import LabError
 
-    settings = settings_for(args.quick, args.api_requests, args.api_rules, args.seed)
+    settings = settings_for(
+        args.quick, args.api_requests, args.api_rules, args.seed, args.api_budget
+    )
     return _suite(res, "api", lambda: run_api_bench(settings, _progress), render_api, (LabError,))
 
 

@@ -1,34 +1,48 @@
 """The admin API benchmarks: a real agent (`microseg run`) in a lab of our own, timed from here.
 
-In: `ApiSettings` (request count, rule counts, seed). Out: a results dict (`run_api_bench`) and
-its plain-text table (`render_api`). Everything made is removed at the end, also on failure or
-SIGTERM (SystemExit): the agent, its pins, the lab, the temporary state dir.
+In: `ApiSettings` (rule sets, live sizes, requests per row, a time budget per row, the bulk
+size, the big group's size, the seed). Out: a results dict (`run_api_bench`); its table and
+its targets are bench.apireport's. Everything made is removed at the end, also on failure or
+SIGTERM (SystemExit): the agents, their pins, the labs, the temporary directories.
 
-Measured:
-- single-rule write -> enforced: the round trip of one `POST /api/v1/policies` (its answer means
-  the kernel enforces the rule), over `requests` requests with distinct rule_ids, each on a
-  keep-alive loopback connection, one at a time. After each answer (untimed) a connection
-  through the new rule must pass, then the rule is deleted (`DELETE`, timed too); every tenth
-  delete is checked the same way (a new connection must be refused). The live set is a seeded
-  palette set (bench.rulesets) of `base_rules` rules: the first row is the target's; larger
-  sets follow (each write recompiles and re-applies the whole set, so the cost grows with it).
-- `PUT /api/v1/policies` of `bulk_rules` palette rules (replacing the base set): the wall time
-  of the request, seen by the client, median of `bulk_runs`; then its pieces timed in-process
-  on a private classifier with the store's own steps (parse JSON, validate, compile, kernel
-  apply, persist with the diff, encode the answer); the rest is HTTP and the event loop.
+For each rule set (bench.rulesets: the regular "palette" and the "irregular" one a new user
+writes), a fresh agent (bench.agentproc), one request at a time on a keep-alive loopback
+connection, every answer checked against real traffic from the lab's peer:
+
+- rule sets: shapes and table entries of every set used, compiled here (compile_policy);
+- single-rule write -> enforced, at each live size: rounds of `POST` of a rule allowing PORT
+  (a connection to PORT must then pass), `PUT /policies/{id}` of it moving it to PORT_ALT at
+  another priority (PORT_ALT must pass; every DELETE_CHECK_EVERY-th round PORT must be
+  refused) and `DELETE` (every DELETE_CHECK_EVERY-th round PORT_ALT must be refused);
+- group member write -> enforced (SPEC §5), at each live size: a rule allows PORT from a
+  small group; rounds of `POST /groups/{name}/members` adding the peer's address (PORT must
+  pass) and `DELETE .../members` removing it (every DELETE_CHECK_EVERY-th: refused). An
+  agent answering 404 on GET /groups has no groups: those rows say so;
+- `PUT /policies` of `bulk_rules` rules replacing the first size's set: wall time (median of
+  `bulk_runs`), VmRSS 1 s after the answer and the peak VmHWM from just before the request
+  (reset through /proc/PID/clear_refs); beside it `nft -f` of the same policy rendered as
+  sets (bench.nft NS) and as a chain (NL) into a scratch lab's device, bounded by NFT_BOUND_S;
+  then its pieces in a fresh process (bench.apisplit);
+- memory after `rss_writes` single-rule writes (POST, PUT, DELETE in turn) at `bulk_rules`;
+- a group of `group_members` members replaced whole (`PUT /groups/{name}`) at `bulk_rules`
+  rules, set up by a whole-set document with "groups": wall time; the peer is in every other
+  member list, and the connection passes or is refused accordingly;
+- start-up with `bulk_rules` rules: the agent stopped (`--keep-on-exit`) and started again
+  onto its pins and state dir, then a fresh instance (no pins, a new state dir seeded from
+  the policy file): seconds from process start until the API answers and a connection the
+  policy allows passes (and one it does not is refused), VmRSS and VmHWM then.
+
+A row stops early when it has run for `budget_s` (a slow agent): it says how many rounds it
+did. A missed target is printed, never a failure; a wrong answer (an HTTP error, a change not
+enforced when answered) is a BenchError.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import http.client
 import os
 import shutil
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,161 +52,80 @@ from typing import Any
 
 import orjson
 
+from bench.agentproc import BenchAgent, Client, Memory
+from bench.apidocs import (
+    BENCH_PRIORITY,
+    BIG_GROUP,
+    BIG_GROUP_RULE_ID,
+    FIRST_ID,
+    GROUP,
+    GROUP_RULE_ID,
+    PORT,
+    PORT_ALT,
+    PORT_DENIED,
+    bulk_doc,
+    group_rule,
+    grouped_doc,
+    live_doc,
+    port_rule,
+)
+from bench.apisplit import split_in_subprocess
 from bench.common import BenchError
-from bench.rulesets import palette_policy
+from bench.rulesets import group_members
 
-ROOT = Path(__file__).resolve().parent.parent
-PREFIX = "/api/v1"
-PORT = 7443  # no palette rule names it (bench.rulesets._PORTS, BOTTOM_PORT, 8000-8099)
-BENCH_PRIORITY = 60000  # above every palette rule but the top ones (which never match the lab)
-FIRST_ID = 1_000_000  # rule_ids of the single-rule writes: above every palette id
+__all__ = ["ApiSettings", "run_api_bench", "settings_for"]
+
 DELETE_CHECK_EVERY = 10
 NEG_TIMEOUT = 0.2
-# Informational targets (printed next to the numbers, never a failure).
-TARGET_P99_MS = 20.0
-TARGET_BULK_S = 3.0
+POS_TIMEOUT = 2.0
+SETTLE_S = 1.0  # between an answer and reading VmRSS: what the agent frees right after counts
+SMALL_GROUP = 10  # members of the small group besides the peer
+GROUP_OK = (200, 201, 204)  # SPEC §5 names no status for group writes: any success
+NFT_BOUND_S = 30.0  # an nft -f taking longer is stopped and reported as "more than"
+START_TIMEOUT_S = 180.0
 
 
 @dataclass(frozen=True)
 class ApiSettings:
-    """How much to measure. `write_rows`: (base rules, requests) per single-rule row; the
-    first row is the one the p99 target is read from."""
+    """How much to measure. `sizes`: live rules of the single-rule and group rows;
+    `requests`: rounds per row; `budget_s`: a row (and the writes before the RSS reading)
+    stops after this long; `rss_writes`: single-rule writes at `bulk_rules` rules before RSS
+    is read; `group_members`: the size of the group replaced whole."""
 
-    write_rows: tuple[tuple[int, int], ...]
+    sets: tuple[str, ...]
+    sizes: tuple[int, ...]
+    requests: int
+    budget_s: float
     bulk_rules: int
     bulk_runs: int
+    group_members: int
+    rss_writes: int
     seed: int
     quick: bool
 
 
-FULL_API = ApiSettings(((100, 1000), (1_000, 200), (10_000, 20)), 100_000, 3, 1, False)
-QUICK_API = ApiSettings(((100, 50),), 1_000, 1, 1, True)
+FULL_API = ApiSettings(
+    ("palette", "irregular"), (100, 10_000, 100_000), 200, 60.0, 100_000, 3, 100_000, 1_000,
+    1, False,
+)  # fmt: skip
+QUICK_API = ApiSettings(
+    ("palette", "irregular"), (100, 1_000), 10, 20.0, 1_000, 1, 1_000, 30, 1, True
+)
 
 
 def settings_for(
-    quick: bool, requests: int | None, bulk_rules: int | None, seed: int
+    quick: bool,
+    requests: int | None,
+    bulk_rules: int | None,
+    seed: int,
+    budget_s: float | None = None,
 ) -> ApiSettings:
-    """FULL_API or QUICK_API with the first row's request count and the bulk size overridden."""
-    base = QUICK_API if quick else FULL_API
-    rows = list(base.write_rows)
-    if requests is not None:
-        rows[0] = (rows[0][0], requests)
-    return ApiSettings(tuple(rows), bulk_rules or base.bulk_rules, base.bulk_runs, seed, base.quick)
-
-
-# ---- the agent ---------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class BenchAgent:
-    """`microseg run --no-auth` on a lab's host interface, its log in a file. The lab is a
-    fresh one unless `lab` is given (then the caller keeps it: `close` leaves it standing)."""
-
-    def __init__(self, workdir: Path, base_doc: dict[str, Any], lab: Any = None) -> None:
-        from streamer.lab.lab import Lab
-
-        self.workdir = workdir
-        self.instance = f"bench-api-{os.getpid()}-{time.time_ns() % 1_000_000:06d}"
-        self.port = _free_port()
-        self.policy_file = workdir / "policy.json"
-        self.policy_file.write_bytes(orjson.dumps(base_doc))
-        self.log_file = workdir / "agent.log"
-        self.own_lab = lab is None
-        self.lab: Any = Lab.create() if lab is None else lab
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60.0) -> None:
-        """Start the agent and wait until its API answers (BenchError with its log if not)."""
-        argv = [
-            sys.executable, "-m", "streamer", "run",
-            "--netns", self.lab.host_ns, "--iface", self.lab.host_if,
-            "--policy-file", str(self.policy_file),
-            "--state-dir", str(self.workdir / "state"),
-            "--instance", self.instance,
-            "--api", f"127.0.0.1:{self.port}", "--no-auth",
-        ]  # fmt: skip
-        with self.log_file.open("wb") as log:
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                cwd=ROOT, start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"the agent exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
-                try:
-                    conn.request("GET", f"{PREFIX}/health")
-                    if conn.getresponse().status == 200:
-                        return
-                finally:
-                    conn.close()
-            time.sleep(0.1)
-        raise BenchError(f"the agent's API did not answer within {timeout:g} s:\n{self.log()}")
-
-    def log(self, last: int = 30) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-last:])
-        except OSError:
-            return "(no log)"
-
-    def close(self) -> None:
-        """Stop the agent (SIGTERM, then SIGKILL), detach, remove its pins and the lab."""
-        from streamer.datapath.attach import detach
-        from streamer.datapath.config import DEFAULT_PIN_ROOT, DEFAULT_RUN_DIR
-
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        try:
-            if self.lab.exists():
-                with contextlib.suppress(Exception):  # whatever pyroute2 raises: go on
-                    detach(self.lab.host_if, self.lab.host_ns)
-        finally:
-            shutil.rmtree(DEFAULT_PIN_ROOT / self.instance, ignore_errors=True)
-            shutil.rmtree(DEFAULT_RUN_DIR / self.instance, ignore_errors=True)
-            if self.own_lab:
-                self.lab.destroy()
-
-
-class Client:
-    """One keep-alive HTTP connection to the agent's API."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-
-    def call(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        try:
-            self.conn.request(method, PREFIX + path, body=body, headers=headers)
-            resp = self.conn.getresponse()
-            return resp.status, resp.read()
-        except (OSError, http.client.HTTPException) as e:
-            self.conn.close()
-            raise BenchError(f"{method} {path}: {e}") from e
-
-    def must(self, method: str, path: str, body: bytes | None, status: int) -> bytes:
-        got, data = self.call(method, path, body)
-        if got != status:
-            raise BenchError(f"{method} {path}: HTTP {got}, expected {status}: {data[:300]!r}")
-        return data
-
-    def close(self) -> None:
-        self.conn.close()
+    """FULL_API or QUICK_API with the rounds per row, the bulk size and the budget overridden."""
+    b = QUICK_API if quick else FULL_API
+    return ApiSettings(
+        b.sets, b.sizes, requests or b.requests, budget_s or b.budget_s, bulk_rules or b.bulk_rules,
+        b.bulk_runs, b.group_members, b.rss_writes, seed, b.quick,
+    )  # fmt: skip
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -205,394 +138,497 @@ def _pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-def _summary_ms(values_s: list[float]) -> dict[str, float]:
+def summary_ms(values_s: list[float]) -> dict[str, Any]:
     ms = [v * 1000 for v in values_s]
     return {
+        "n": len(ms),
         "p50_ms": round(statistics.median(ms), 3),
         "p99_ms": round(_pct(ms, 99), 3),
         "max_ms": round(max(ms), 3),
     }
 
 
+def rule_set_shape(kind: str, rules: int, seed: int) -> dict[str, Any]:
+    """Shapes and table entries of a generated set, compiled here as the agent compiles it."""
+    from streamer.datapath.compiler import compile_policy
+    from streamer.datapath.config import DatapathConfig
+    from streamer.policy.model import parse_policy_document
+
+    compiled = compile_policy(
+        parse_policy_document(live_doc(kind, rules, seed)), DatapathConfig("bench").max_shapes
+    )
+    return {
+        "set": kind,
+        "rules": rules,
+        "shapes": compiled.shape_count,
+        "shapes_v4": len(compiled.v4.shapes),
+        "shapes_v6": len(compiled.v6.shapes),
+        "entries": compiled.entry_count,
+    }
+
+
 class ApiBench:
-    def __init__(self, settings: ApiSettings, agent: BenchAgent, client: Client) -> None:
+    """The measurements on one agent with one kind of rule set."""
+
+    def __init__(self, settings: ApiSettings, kind: str, agent: BenchAgent) -> None:
         self.s = settings
+        self.kind = kind
         self.agent = agent
-        self.client = client
+        self.client = Client(agent.port)
         self.next_id = FIRST_ID
         lab = agent.lab
-        self.targets = [lab.host_v4, lab.host_v6]
+        self.hosts = [lab.host_v4, lab.host_v6]
+        self.peers = [lab.peer_v4, lab.peer_v6]
+        self.groups: bool | None = None  # does the agent have address groups (SPEC §5)?
 
-    def _passes(self, i: int, timeout: float) -> bool:
+    def close(self) -> None:
+        self.client.close()
+
+    # -- helpers --
+
+    def passes(self, i: int, port: int, timeout: float) -> bool:
+        """A TCP exchange from the peer to the host (IPv4 for even i, IPv6 for odd) on port."""
         from streamer.lab.probes import tcp_exchange
 
-        return tcp_exchange(self.agent.lab.peer_ns, self.targets[i % 2], PORT, timeout)
+        return tcp_exchange(self.agent.lab.peer_ns, self.hosts[i % 2], port, timeout)
+
+    def must_pass(self, i: int, port: int, what: str) -> None:
+        if not self.passes(i, port, POS_TIMEOUT):
+            family = "IPv4" if i % 2 == 0 else "IPv6"
+            raise BenchError(
+                f"{what} was answered, but an {family} connection to port {port} it allows did"
+                " not pass: not enforced when the answer came"
+            )
+
+    def must_refuse(self, i: int, port: int, what: str) -> None:
+        if self.passes(i, port, NEG_TIMEOUT):
+            family = "IPv4" if i % 2 == 0 else "IPv6"
+            raise BenchError(
+                f"{what} was answered, but an {family} connection to port {port} still passed"
+            )
+
+    def timed(self, method: str, path: str, doc: Any = None, ok: tuple[int, ...] = (200,)) -> float:
+        """Seconds of one request; BenchError unless it answers one of `ok`."""
+        body = None if doc is None else orjson.dumps(doc)
+        t0 = time.perf_counter()
+        status, data = self.client.call(method, path, body)
+        elapsed = time.perf_counter() - t0
+        if status not in ok:
+            raise BenchError(f"{method} {path}: HTTP {status}: {data[:300]!r}")
+        return elapsed
 
     def replace(self, doc: dict[str, Any]) -> float:
-        body = orjson.dumps(doc)
-        t0 = time.perf_counter()
-        self.client.must("PUT", "/policies", body, 200)
-        return time.perf_counter() - t0
+        return self.timed("PUT", "/policies", doc)
 
-    def writes(self, base_rules: int, requests: int) -> dict[str, Any]:
-        """`requests` POST+DELETE pairs on a live set of `base_rules` palette rules."""
-        self.replace(palette_policy(base_rules, self.s.seed))
+    def memory(self, settle: bool = True) -> Memory:
+        if settle:
+            time.sleep(SETTLE_S)
+        return Memory.read(self.agent.pid)
+
+    # -- single-rule writes --
+
+    def writes(self, rules: int) -> dict[str, Any]:
+        """Rounds of POST, PUT and DELETE of one rule on a live set of `rules` rules."""
+        s = self.s
+        self.replace(live_doc(self.kind, rules, s.seed))
+        self.must_refuse(0, PORT, f"the {rules:,}-rule set")
         post: list[float] = []
+        put: list[float] = []
         delete: list[float] = []
-        delete_checks = 0
-        for i in range(requests):
+        negative = 0
+        started = time.perf_counter()
+        for i in range(s.requests):
+            if i and time.perf_counter() - started > s.budget_s:
+                break
             rid = self.next_id
             self.next_id += 1
-            body = orjson.dumps({
-                "rule_id": rid, "name": "bench", "protocol": "tcp", "dst_port": PORT,
-                "direction": "ingress", "action": "allow", "priority": BENCH_PRIORITY,
-            })  # fmt: skip
-            t0 = time.perf_counter()
-            status, data = self.client.call("POST", "/policies", body)
-            t1 = time.perf_counter()
-            if status != 201:
-                raise BenchError(f"POST rule {rid}: HTTP {status}: {data[:300]!r}")
-            if not self._passes(i, 2.0):
-                raise BenchError(
-                    f"rule {rid} was answered 201 but a connection to port {PORT} it allows"
-                    " did not pass: not enforced when the answer came"
-                )
-            t2 = time.perf_counter()
-            status, data = self.client.call("DELETE", f"/policies/{rid}")
-            t3 = time.perf_counter()
-            if status != 200:
-                raise BenchError(f"DELETE rule {rid}: HTTP {status}: {data[:300]!r}")
-            if i % DELETE_CHECK_EVERY == 0:
-                delete_checks += 1
-                if self._passes(i, NEG_TIMEOUT):
-                    raise BenchError(f"rule {rid} was deleted but port {PORT} still passes")
-            post.append(t1 - t0)
-            delete.append(t3 - t2)
+            rule = port_rule(rid, PORT, BENCH_PRIORITY)
+            post.append(self.timed("POST", "/policies", rule, (201,)))
+            self.must_pass(i, PORT, f"POST of rule {rid}")
+            moved = port_rule(rid, PORT_ALT, BENCH_PRIORITY - 1)
+            put.append(self.timed("PUT", f"/policies/{rid}", moved))
+            self.must_pass(i, PORT_ALT, f"PUT of rule {rid}")
+            check = i % DELETE_CHECK_EVERY == 0
+            if check:
+                self.must_refuse(i, PORT, f"PUT of rule {rid} (off port {PORT})")
+            delete.append(self.timed("DELETE", f"/policies/{rid}"))
+            if check:
+                self.must_refuse(i, PORT_ALT, f"DELETE of rule {rid}")
+                negative += 1
+        done = len(post)
         return {
-            "base_rules": base_rules,
-            "requests": requests,
-            "post": _summary_ms(post),
-            "delete": _summary_ms(delete),
-            "enforcement_checks": {"after_post": requests, "after_delete": delete_checks},
+            "base_rules": rules,
+            "requests": s.requests,
+            "done": done,
+            "budget_hit": done < s.requests,
+            "seconds": round(time.perf_counter() - started, 1),
+            "post": summary_ms(post),
+            "put": summary_ms(put),
+            "delete": summary_ms(delete),
+            "enforcement_checks": {
+                "passed_after_post": done, "passed_after_put": done,
+                "refused_after_put": negative, "refused_after_delete": negative,
+            },
+        }  # fmt: skip
+
+    # -- address groups --
+
+    def has_groups(self) -> bool:
+        """GET /groups: 200 yes, 404 no (an agent before address groups); else BenchError."""
+        if self.groups is None:
+            status, data = self.client.call("GET", "/groups")
+            if status not in (200, 404):
+                raise BenchError(f"GET /groups: HTTP {status}: {data[:300]!r}")
+            self.groups = status == 200
+        return self.groups
+
+    def group_row(self, rules: int) -> dict[str, Any]:
+        """Rounds of adding the peer's address to a group a rule allows PORT from, and of
+        removing it, on the live set of `rules` rules (left by `writes`)."""
+        s = self.s
+        members = group_members(SMALL_GROUP, s.seed + 7)
+        self.timed("PUT", f"/groups/{GROUP}", {"members": members}, GROUP_OK)
+        self.timed("POST", "/policies", group_rule(GROUP_RULE_ID, GROUP, PORT), (201,))
+        self.must_refuse(0, PORT, f"the rule from group {GROUP} (the peer not a member)")
+        add: list[float] = []
+        remove: list[float] = []
+        negative = 0
+        started = time.perf_counter()
+        path = f"/groups/{GROUP}/members"
+        for i in range(s.requests):
+            if i and time.perf_counter() - started > s.budget_s:
+                break
+            one = {"members": [self.peers[i % 2]]}
+            add.append(self.timed("POST", path, one, GROUP_OK))
+            self.must_pass(i, PORT, f"adding {self.peers[i % 2]} to group {GROUP}")
+            remove.append(self.timed("DELETE", path, one, GROUP_OK))
+            if i % DELETE_CHECK_EVERY == 0:
+                self.must_refuse(i, PORT, f"removing {self.peers[i % 2]} from group {GROUP}")
+                negative += 1
+        elapsed = time.perf_counter() - started
+        self.timed("DELETE", f"/policies/{GROUP_RULE_ID}")
+        self.timed("DELETE", f"/groups/{GROUP}", ok=GROUP_OK)
+        done = len(add)
+        return {
+            "base_rules": rules,
+            "requests": s.requests,
+            "done": done,
+            "budget_hit": done < s.requests,
+            "seconds": round(elapsed, 1),
+            "add": summary_ms(add),
+            "remove": summary_ms(remove),
+            "enforcement_checks": {"passed_after_add": done, "refused_after_remove": negative},
         }
 
-    def bulk(self) -> dict[str, Any]:
-        """PUT of `bulk_rules` rules replacing the first row's base set, `bulk_runs` times."""
+    def group_replace(self) -> dict[str, Any]:
+        """A group of `group_members` members replaced whole, back and forth, at bulk_rules
+        rules: the peer is a member of every other list (B), not of the first (A)."""
         s = self.s
-        base_doc = palette_policy(s.write_rows[0][0], s.seed)
-        doc = bulk_doc(s.bulk_rules, s.seed)
-        body = orjson.dumps(doc)
+        old = group_members(s.group_members, s.seed + 101)
+        new = group_members(s.group_members - 2, s.seed + 202) + self.peers
+        setup = self.replace(grouped_doc(self.kind, s.bulk_rules, s.seed, old))
+        self.must_refuse(0, PORT_ALT, f"the set with group {BIG_GROUP} (the peer not a member)")
+        path = f"/groups/{BIG_GROUP}"
+        walls: list[float] = []
+        Memory.reset_peak(self.agent.pid)
+        for run in range(s.bulk_runs):
+            walls.append(self.timed("PUT", path, {"members": new}, GROUP_OK))
+            self.must_pass(run, PORT_ALT, f"PUT {path} of {len(new):,} members")
+            walls.append(self.timed("PUT", path, {"members": old}, GROUP_OK))
+            self.must_refuse(run, PORT_ALT, f"PUT {path} of {len(old):,} members")
+        mem = self.memory()
+        self.timed("DELETE", f"/policies/{BIG_GROUP_RULE_ID}")
+        self.timed("DELETE", path, ok=GROUP_OK)
+        return {
+            "members": s.group_members,
+            "rules": s.bulk_rules,
+            "replacements": len(walls),
+            "setup_s": round(setup, 3),
+            "wall_s": round(statistics.median(walls), 3),
+            "wall_min_s": round(min(walls), 3),
+            "wall_max_s": round(max(walls), 3),
+            "memory": mem.to_dict(),
+        }
+
+    # -- the whole set --
+
+    def bulk(self) -> dict[str, Any]:
+        """PUT of `bulk_rules` rules replacing the first size's set, `bulk_runs` times, with
+        the agent's memory after each (the worst run kept)."""
+        s = self.s
+        base_doc = live_doc(self.kind, s.sizes[0], s.seed)
+        body_doc = bulk_doc(self.kind, s.bulk_rules, s.seed)
+        body_bytes = len(orjson.dumps(body_doc))
         walls: list[float] = []
         backs: list[float] = []
+        mems: list[Memory] = []
         for run in range(s.bulk_runs):
             self.replace(base_doc)
-            if self._passes(run, NEG_TIMEOUT):
-                raise BenchError(f"port {PORT} passes under the base set (default deny)")
-            t0 = time.perf_counter()
-            self.client.must("PUT", "/policies", body, 200)
-            walls.append(time.perf_counter() - t0)
-            if not self._passes(run, 2.0):
-                raise BenchError(
-                    f"the {s.bulk_rules:,}-rule set was answered 200 but is not"
-                    f" enforced (port {PORT} does not pass)"
-                )
+            self.must_refuse(run, PORT, f"the {s.sizes[0]:,}-rule set")
+            Memory.reset_peak(self.agent.pid)
+            walls.append(self.replace(body_doc))
+            self.must_pass(run, PORT, f"the PUT of {s.bulk_rules:,} rules")
+            mems.append(self.memory())
             backs.append(self.replace(base_doc))
         return {
             "rules": s.bulk_rules,
-            "replacing": s.write_rows[0][0],
-            "body_bytes": len(body),
+            "replacing": s.sizes[0],
+            "body_bytes": body_bytes,
             "runs": s.bulk_runs,
             "wall_s": round(statistics.median(walls), 3),
             "wall_min_s": round(min(walls), 3),
             "wall_max_s": round(max(walls), 3),
             "back_to_base_s": round(statistics.median(backs), 3),
+            "memory": {
+                "rss_mib": max(m.rss_mib for m in mems),
+                "peak_mib": max(m.peak_mib for m in mems),
+            },
         }
 
+    def rss_after_writes(self) -> dict[str, Any]:
+        """`rss_writes` single-rule writes (POST, PUT, DELETE in turn) at bulk_rules rules,
+        then the agent's memory; the peak is the one during the writes."""
+        s = self.s
+        self.replace(live_doc(self.kind, s.bulk_rules, s.seed))
+        time.sleep(SETTLE_S)
+        before = Memory.read(self.agent.pid)
+        Memory.reset_peak(self.agent.pid)
+        started = time.perf_counter()
+        rid = 0
+        done = 0
+        for i in range(s.rss_writes):
+            if i % 3 == 0 and time.perf_counter() - started > s.budget_s:
+                break
+            step = i % 3
+            if step == 0:
+                rid = self.next_id
+                self.next_id += 1
+                self.timed("POST", "/policies", port_rule(rid, PORT, BENCH_PRIORITY), (201,))
+                if i % (3 * DELETE_CHECK_EVERY) == 0:
+                    self.must_pass(i // 3, PORT, f"POST of rule {rid}")
+            elif step == 1:
+                self.timed("PUT", f"/policies/{rid}", port_rule(rid, PORT_ALT, BENCH_PRIORITY))
+            else:
+                self.timed("DELETE", f"/policies/{rid}")
+            done += 1
+        elapsed = time.perf_counter() - started
+        mem = self.memory()
+        if done % 3:
+            self.timed("DELETE", f"/policies/{rid}")
+        return {
+            "rules": s.bulk_rules,
+            "writes": done,
+            "of": s.rss_writes,
+            "budget_hit": done < s.rss_writes,
+            "seconds": round(elapsed, 1),
+            "before": before.to_dict(),
+            "memory": mem.to_dict(),
+        }
 
-def bulk_doc(count: int, seed: int) -> dict[str, Any]:
-    """`count` rules: the palette set of count - 1, and one rule allowing PORT (the check)."""
-    doc = palette_policy(count - 1, seed)
-    doc["policies"].append({
-        "rule_id": count, "name": "bench-check", "protocol": "tcp", "dst_port": PORT,
-        "direction": "ingress", "action": "allow", "priority": BENCH_PRIORITY,
-    })  # fmt: skip
-    return doc
+    def restart(self) -> dict[str, Any]:
+        """The bulk set (PORT allowed) saved, the agent stopped leaving its pins, and started
+        again onto them: start-up to enforcing, then its memory."""
+        s = self.s
+        self.replace(bulk_doc(self.kind, s.bulk_rules, s.seed))
+        self.client.close()
+        self.agent.stop()
+        out = timed_start(self.agent)
+        self.client = Client(self.agent.port)
+        return out
 
 
-SPLIT_PIECES = (
-    ("parse_json_s", "parse JSON"),
-    ("validate_s", "validate"),
-    ("compile_s", "compile"),
-    ("kernel_apply_s", "kernel apply"),
-    ("persist_s", "persist"),
-    ("diff_s", "diff + log"),
-    ("answer_s", "encode answer"),
-)
+def timed_start(agent: BenchAgent) -> dict[str, Any]:
+    """Launch `agent` and time it to enforcing: its API answers and a connection from the peer
+    to PORT passes; then one to PORT_DENIED must be refused (else no classifier judged the
+    first one, and the wait goes on). Its memory 1 s later (peak: since it started)."""
+    from streamer.lab.probes import tcp_exchange
+
+    lab = agent.lab
+    t0 = time.perf_counter()
+    agent.launch()
+    api = False
+    while time.perf_counter() - t0 < START_TIMEOUT_S:
+        api = api or agent.api_answers(0.5)
+        if api and tcp_exchange(lab.peer_ns, lab.host_v4, PORT, 0.5):
+            seconds = time.perf_counter() - t0
+            if not tcp_exchange(lab.peer_ns, lab.host_v4, PORT_DENIED, NEG_TIMEOUT):
+                time.sleep(SETTLE_S)
+                mem = Memory.read(agent.pid)
+                return {"startup_s": round(seconds, 3), "memory": mem.to_dict()}
+        time.sleep(0.01)
+    raise BenchError(
+        f"the agent was not enforcing its policy within {START_TIMEOUT_S:g} s of its start"
+        f" (API answering: {api}):\n{agent.log()}"
+    )
 
 
-def split_pieces(
-    rules: int, base_rules: int, seed: int, runs: int, instance: str, workdir: Path
-) -> dict[str, float]:
-    """The pieces of a whole-set replace of `bulk_doc(rules)` over `palette_policy(base_rules)`,
-    timed as the agent runs them: the store's own steps on a private classifier (`instance`,
-    not attached) persisting into `workdir`. Median of `runs` per piece, in seconds.
+# ---- nft -f beside the PUT --------------------------------------------------------------------
 
-    Run it in a fresh interpreter (`split_in_subprocess`): in the bench process, the garbage
-    collector walking everything the bench keeps alive would be timed too.
-    """
-    from streamer.datapath.compiler import compile_policy
-    from streamer.datapath.config import DatapathConfig
-    from streamer.datapath.datapath import Datapath
-    from streamer.policy.model import PolicySet, parse_policy_document
-    from streamer.policy.store import PolicyStore
 
-    dp = Datapath(DatapathConfig(instance=instance))
-    t: dict[str, float] = {}
+def nft_apply(kind: str, s: ApiSettings, scratch: Any) -> dict[str, Any]:
+    """`nft -f` of the bulk set rendered as sets (NS) and as one chain (NL) into the scratch
+    lab's host device: seconds, median of bulk_runs (one run when it hits NFT_BOUND_S)."""
+    from bench.lab import NFT_TABLE
+    from bench.nft import render_linear, render_sets
 
-    def applier(policy: PolicySet, generation: int | None) -> int:
-        t0 = time.perf_counter()
-        compiled = compile_policy(policy, dp.config.max_shapes)
-        t1 = time.perf_counter()
-        gen = dp.apply(compiled, generation)
-        t["compile_s"] = t1 - t0
-        t["kernel_apply_s"] = time.perf_counter() - t1
-        return gen
+    doc = bulk_doc(kind, s.bulk_rules, s.seed)
+    out: dict[str, Any] = {}
+    for name, render in (("ns", render_sets), ("nl", render_linear)):
+        r = render(doc, NFT_TABLE, scratch.host_if)
+        times: list[float] = []
+        over = False
+        with tempfile.NamedTemporaryFile("w", prefix="msbench-", suffix=".nft") as f:
+            f.write(r.script)
+            f.flush()
+            for _ in range(s.bulk_runs):
+                seconds, over = _nft_load(scratch.host_ns, f.name)
+                times.append(seconds)
+                if over:
+                    break
+        out[name] = {
+            "seconds": round(statistics.median(times), 3),
+            "over_bound": over,
+            "bound_s": NFT_BOUND_S,
+            "nft_rules": r.rules,
+            "script_bytes": len(r.script),
+        }
+    return out
 
-    samples: dict[str, list[float]] = {key: [] for key, _ in SPLIT_PIECES}
-    base = parse_policy_document(palette_policy(base_rules, seed))
-    body = orjson.dumps(bulk_doc(rules, seed))
+
+def _nft_load(ns: str, path: str) -> tuple[float, bool]:
+    """(seconds, stopped at NFT_BOUND_S) of `nft -f path` in netns `ns`; the table is
+    deleted afterwards (untimed)."""
+    from bench.lab import NFT_TABLE
+
+    argv = ["ip", "netns", "exec", ns, "nft", "-f", path]
+    t0 = time.perf_counter()
     try:
-        dp.load()
-        store = PolicyStore(workdir, applier)
-        persist = store._persist
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=NFT_BOUND_S)
+    except subprocess.TimeoutExpired:
+        seconds, over = time.perf_counter() - t0, True
+    else:
+        seconds, over = time.perf_counter() - t0, False
+        if proc.returncode != 0:
+            raise BenchError(f"nft -f of the rendered policy: {proc.stderr.strip()[:800]}")
+    subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", "delete", "table", "netdev", NFT_TABLE],
+        capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    return seconds, over
 
-        def timed_persist(policy: PolicySet, generation: int) -> None:
-            t0 = time.perf_counter()
-            persist(policy, generation)
-            t["persist_s"] = time.perf_counter() - t0
 
-        store._persist = timed_persist  # type: ignore[method-assign]
-        store.restore(base, 0)
+# ---- one rule set ------------------------------------------------------------------------------
 
-        async def measure() -> None:
-            # One event loop for all runs, as in the agent (no loop or thread pool set-up timed).
-            for _ in range(runs):
-                await store.replace(base, "bench")
-                t0 = time.perf_counter()
-                data = orjson.loads(body)
-                t1 = time.perf_counter()
-                policy = parse_policy_document(data)
-                t2 = time.perf_counter()
-                result = await store.replace(policy, "bench")
-                t3 = time.perf_counter()
-                orjson.dumps(result.to_api())
-                t4 = time.perf_counter()
-                t.update(parse_json_s=t1 - t0, validate_s=t2 - t1, answer_s=t4 - t3)
-                t["diff_s"] = t3 - t2 - t["compile_s"] - t["kernel_apply_s"] - t["persist_s"]
-                for key in samples:
-                    samples[key].append(t[key])
-                del data, policy, result
 
-        asyncio.run(measure())
+def _one_set(
+    s: ApiSettings, kind: str, lab: Any, workdir: Path, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """Every measurement of one rule set on a fresh agent, then a first start."""
+    agent = BenchAgent(workdir / kind, live_doc(kind, s.sizes[0], s.seed), lab, keep_on_exit=True)
+    bench: ApiBench | None = None
+    out: dict[str, Any] = {"writes": [], "groups": {"supported": None, "rows": [], "replace": None}}
+    groups = out["groups"]
+    try:
+        agent.start()
+        bench = ApiBench(s, kind, agent)
+        groups["supported"] = bench.has_groups()
+        if not groups["supported"]:
+            progress(f"api: {kind}: groups: not supported by this agent (GET /groups: 404)")
+        for rules in s.sizes:
+            progress(f"api: {kind}: single-rule writes on {rules:,} rules ...")
+            out["writes"].append(bench.writes(rules))
+            if groups["supported"]:
+                progress(f"api: {kind}: group member writes on {rules:,} rules ...")
+                groups["rows"].append(bench.group_row(rules))
+        progress(f"api: {kind}: PUT of {s.bulk_rules:,} rules x{s.bulk_runs} ...")
+        out["bulk"] = bench.bulk()
+        progress(f"api: {kind}: {s.rss_writes:,} single-rule writes on {s.bulk_rules:,} rules ...")
+        out["after_writes"] = bench.rss_after_writes()
+        if groups["supported"]:
+            progress(f"api: {kind}: a group of {s.group_members:,} members replaced ...")
+            groups["replace"] = bench.group_replace()
+        progress(f"api: {kind}: restart onto the pins with {s.bulk_rules:,} rules ...")
+        out["restart"] = bench.restart()
     finally:
-        try:
-            dp.close()
-        finally:
-            dp.remove_pins()
-    return {key: round(statistics.median(v), 3) for key, v in samples.items()}
-
-
-def split_in_subprocess(settings: ApiSettings, workdir: Path) -> dict[str, float]:
-    """`split_pieces` for the bulk PUT of `settings`, in a fresh `python -m bench.api`."""
-    from streamer.datapath.config import DEFAULT_PIN_ROOT
-
-    instance = f"bench-apisplit-{os.getpid()}-{time.time_ns() % 1_000_000:06d}"
-    argv = [
-        sys.executable, "-m", "bench.api", "split", str(settings.bulk_rules),
-        str(settings.write_rows[0][0]), str(settings.seed), str(settings.bulk_runs), instance,
-        str(workdir / "split-state"),
-    ]  # fmt: skip
+        if bench is not None:
+            bench.close()
+        agent.close()
+    progress(f"api: {kind}: first start with {s.bulk_rules:,} rules ...")
+    first = BenchAgent(workdir / f"{kind}-first", bulk_doc(kind, s.bulk_rules, s.seed), lab)
     try:
-        proc = subprocess.run(
-            argv, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
-        )
+        out["first_start"] = timed_start(first)
     finally:
-        # A child killed with us (SIGTERM, timeout) leaves its pins: ours to remove.
-        shutil.rmtree(DEFAULT_PIN_ROOT / instance, ignore_errors=True)
-    if proc.returncode != 0:
-        raise BenchError(f"timing the pieces of the PUT failed:\n{proc.stderr[-2000:]}")
-    try:
-        pieces: dict[str, float] = orjson.loads(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError) as e:
-        raise BenchError(f"timing the pieces of the PUT: unreadable answer {proc.stdout!r}") from e
-    return pieces
-
-
-def _targets(res: dict[str, Any]) -> list[dict[str, Any]]:
-    first = res["writes"][0]
-    bulk = res["bulk"]
-    full = bulk["rules"] >= 100_000
-    return [
-        {
-            "what": f"single-rule POST -> enforced, p99 under {TARGET_P99_MS:g} ms"
-            f" ({first['base_rules']:,} rules live, {first['requests']:,} requests)",
-            "value": first["post"]["p99_ms"],
-            "unit": "ms",
-            "met": first["post"]["p99_ms"] < TARGET_P99_MS,
-        },
-        {
-            "what": f"100,000 rules applied (PUT wall time) under {TARGET_BULK_S:g} s"
-            + ("" if full else f" (QUICK: {bulk['rules']:,} rules only)"),
-            "value": bulk["wall_s"],
-            "unit": "s",
-            "met": bulk["wall_s"] < TARGET_BULK_S,
-        },
-    ]
+        first.close()
+    return out
 
 
 def run_api_bench(settings: ApiSettings, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Run every API benchmark of `settings`; the results dict (see render_api)."""
+    """Run every API benchmark of `settings`; the results dict (see bench.apireport)."""
     from pyroute2 import config as pyroute2_config
+
+    from bench.apireport import targets
+    from streamer.lab.lab import Lab
+    from streamer.lab.probes import EchoServer
 
     # pyroute2 forks a helper per netns operation and SIGTERMs it when done; our SIGTERM
     # handler (SystemExit, for cleanup) must not run in that child, or the lab comes out
     # half-built. The agent does the same.
     pyroute2_config.disable_mp_signal = True
+    s = settings
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     workdir = Path(tempfile.mkdtemp(prefix="microseg-bench-api-"))
-    agent: BenchAgent | None = None
-    client: Client | None = None
+    res: dict[str, Any] = {"rule_sets": [], "sets": {}}
+    lab: Any = None
+    scratch: Any = None
     try:
-        base_doc = palette_policy(settings.write_rows[0][0], settings.seed)
-        agent = BenchAgent(workdir, base_doc)
-        progress(f"api: starting an agent in lab {agent.lab.name} ...")
-        agent.start()
-        client = Client(agent.port)
-        bench = ApiBench(settings, agent, client)
-        from streamer.lab.probes import EchoServer
-
-        with EchoServer(agent.lab.host_ns, [PORT]).start():
-            writes = []
-            for base_rules, requests in settings.write_rows:
-                progress(f"api: {requests:,} single-rule writes on {base_rules:,} rules ...")
-                writes.append(bench.writes(base_rules, requests))
-            progress(f"api: PUT of {settings.bulk_rules:,} rules x{settings.bulk_runs} ...")
-            bulk = bench.bulk()
-        client.close()
-        client = None
-        agent.close()
-        agent = None
-        progress("api: timing the pieces of the PUT in a fresh process ...")
-        bulk["split"] = split_in_subprocess(settings, workdir)
+        progress("api: compiling the rule sets here (shapes, entries) ...")
+        for kind in s.sets:
+            for rules in sorted({*s.sizes, s.bulk_rules}):
+                res["rule_sets"].append(rule_set_shape(kind, rules, s.seed))
+        lab = Lab.create()
+        progress(f"api: starting an agent in lab {lab.name} ...")
+        with EchoServer(lab.host_ns, [PORT, PORT_ALT, PORT_DENIED]).start():
+            for kind in s.sets:
+                res["sets"][kind] = _one_set(s, kind, lab, workdir, progress)
+        scratch = Lab.create()
+        for kind in s.sets:
+            bulk = res["sets"][kind]["bulk"]
+            progress(f"api: {kind}: nft -f of the same {s.bulk_rules:,} rules (scratch lab) ...")
+            bulk["nft"] = nft_apply(kind, s, scratch)
+            progress(f"api: {kind}: timing the pieces of the PUT in a fresh process ...")
+            try:
+                bulk["split"] = split_in_subprocess(
+                    kind, s.bulk_rules, s.sizes[0], s.seed, s.bulk_runs, workdir
+                )
+            except BenchError as e:
+                # It drives the store's internals; a store without them is no agent error.
+                bulk["split"] = None
+                bulk["split_error"] = str(e).splitlines()[-1][:300]
     finally:
-        if client is not None:
-            client.close()
         try:
-            if agent is not None:
-                agent.close()
+            if scratch is not None:
+                scratch.destroy()
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-    res: dict[str, Any] = {
-        "meta": {
-            "cpus": os.cpu_count(),
-            "load_before": round(load_before, 2),
-            "load_after": round(os.getloadavg()[0], 2),
-            "quick": settings.quick,
-            "seed": settings.seed,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-        "writes": writes,
-        "bulk": bulk,
+            try:
+                if lab is not None:
+                    lab.destroy()
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+    res["meta"] = {
+        "cpus": os.cpu_count(),
+        "load_before": round(load_before, 2),
+        "load_after": round(os.getloadavg()[0], 2),
+        "quick": s.quick,
+        "seed": s.seed,
+        "sizes": list(s.sizes),
+        "requests": s.requests,
+        "budget_s": s.budget_s,
+        "bulk_rules": s.bulk_rules,
+        "group_members": s.group_members,
+        "rss_writes": s.rss_writes,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    res["targets"] = _targets(res)
+    res["targets"] = targets(res)
     res["meta"]["elapsed_s"] = round(time.perf_counter() - started, 1)
     return res
-
-
-# ---- output ------------------------------------------------------------------------------------
-
-
-def render_api(res: dict[str, Any]) -> str:
-    """The plain-text table of an API results dict."""
-    lines: list[str] = []
-    add = lines.append
-    m = res["meta"]
-    add("microseg admin API benchmarks (a real agent on a lab veth, HTTP over loopback,")
-    add(f"one request at a time on a keep-alive connection){'; QUICK mode' if m['quick'] else ''}")
-    add(
-        f"{m['cpus']} CPUs, load average {m['load_before']:.2f} before and {m['load_after']:.2f}"
-        " after (other work on the machine shows in the tails)"
-    )
-    add("")
-    add("Single-rule write -> enforced: round trip of the request; its answer means the kernel")
-    add("enforces the change (checked: a connection through each new rule passes, and after")
-    add(
-        f"every {DELETE_CHECK_EVERY}th DELETE a new one is refused). Live set: seeded palette"
-        " rules."
-    )
-    add(
-        f"  {'live rules':>10} {'requests':>9}   {'POST p50':>8} {'p99':>7} {'max':>7}"
-        f"   {'DELETE p50':>10} {'p99':>7} {'max':>7}  (ms)"
-    )
-    for w in res["writes"]:
-        p, d = w["post"], w["delete"]
-        add(
-            f"  {w['base_rules']:>10,} {w['requests']:>9,}"
-            f"   {p['p50_ms']:>8.1f} {p['p99_ms']:>7.1f} {p['max_ms']:>7.1f}"
-            f"   {d['p50_ms']:>10.1f} {d['p99_ms']:>7.1f} {d['max_ms']:>7.1f}"
-        )
-    b = res["bulk"]
-    add("")
-    add(
-        f"PUT {PREFIX}/policies of {b['rules']:,} rules ({b['body_bytes'] / 2**20:.1f} MiB)"
-        f" replacing {b['replacing']:,}, wall time of the request:"
-    )
-    spread = f" (median of {b['runs']}, {b['wall_min_s']:.2f}..{b['wall_max_s']:.2f})"
-    add(
-        f"  {b['wall_s']:.2f} s{spread if b['runs'] > 1 else ''};"
-        f" back to {b['replacing']:,} rules: {b['back_to_base_s']:.2f} s"
-    )
-    sp = b.get("split")
-    if sp:
-        total = sum(sp[key] for key, _ in SPLIT_PIECES)
-        add(
-            "  its pieces, the store's own steps timed in a fresh process on a private"
-            f" classifier{' (median of ' + str(b['runs']) + ')' if b['runs'] > 1 else ''}:"
-        )
-        shown = [f"{name} {sp[key]:.2f} s" for key, name in SPLIT_PIECES]
-        add("  " + ", ".join(shown[:4]) + ",")
-        add("  " + ", ".join(shown[4:]))
-        rest = b["wall_s"] - total
-        add(
-            f"  = {total:.2f} s; HTTP transfer, event loop and the rest ~{rest:.2f} s"
-            if rest >= 0
-            else f"  = {total:.2f} s (more than the request took: timing noise)"
-        )
-    add("")
-    add("Targets (informational, not pass/fail)")
-    for t in res["targets"]:
-        value = f"{t['value']:.1f} ms" if t["unit"] == "ms" else f"{t['value']:.2f} s"
-        add(f"  [{'met' if t['met'] else 'NOT met':>7}] {t['what']}: {value}")
-    add(f"API bench time {m['elapsed_s']:.0f} s.")
-    return "\n".join(lines)
-
-
-def _split_main(argv: list[str]) -> int:
-    """`python -m bench.api split RULES BASE SEED RUNS INSTANCE STATE_DIR`: split_pieces as a
-    JSON line on stdout (used by split_in_subprocess)."""
-    if len(argv) != 7 or argv[0] != "split":
-        print(
-            "usage: python -m bench.api split RULES BASE SEED RUNS INSTANCE STATE_DIR",
-            file=sys.stderr,
-        )
-        return 2
-    rules, base, seed, runs = (int(x) for x in argv[1:5])
-    pieces = split_pieces(rules, base, seed, runs, argv[5], Path(argv[6]))
-    print(orjson.dumps(pieces).decode())
-    return 0
-
-
-if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: remove our pins
-    raise SystemExit(_split_main(sys.argv[1:]))

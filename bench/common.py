@@ -40,14 +40,22 @@ def int_in(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.1 <= value <= 60:
-        raise argparse.ArgumentTypeError(f"{value:g} is out of range: use 0.1..60 seconds")
-    return value
+def seconds_in(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(
+                f"{value:g} is out of range: use {lo:g}..{hi:g} seconds"
+            )
+        return value
+
+    return parse
+
+
+seconds = seconds_in(0.1, 60)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -82,7 +90,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--api-requests",
         type=int_in(1, 100_000),
-        help="single-rule writes against the agent (default 1000; --quick 50)",
+        help="rounds of single-rule writes (POST, PUT, DELETE) and of group member writes per"
+        " row of the API suite (default 200; --quick 10)",
+    )
+    p.add_argument(
+        "--api-budget",
+        type=seconds_in(1, 3600),
+        help="seconds one row of the API suite may run before it stops with fewer rounds"
+        " (default 60; --quick 20)",
     )
     p.add_argument(
         "--compare-runs",
@@ -103,6 +118,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--api-rules",
         type=int_in(2, 1_000_000),
-        help="rules in the whole-set PUT (default 100,000; --quick 1,000)",
+        help="rules in the whole-set PUT, the memory and start-up measurements of the API"
+        " suite (default 100,000; --quick 1,000)",
     )
     return p

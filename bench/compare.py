@@ -359,7 +359,7 @@ class Compare:
             self.lab.detach_empty()
 
     def microseg(self, points: list[Point], workdir: Path) -> None:
-        from bench.api import BenchAgent, Client
+        from bench.agentproc import BenchAgent, Client
 
         peer, host = self.peer_host()
         empty, _ = bench_doc(0, "default", peer, host, self.s.seed)

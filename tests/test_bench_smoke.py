@@ -30,31 +30,58 @@ def _lab_of(stderr: str) -> str:
 
 
 def _check_api_results(api: dict[str, Any], stdout: str, requests: int, rules: int) -> None:
+    """The quick API section: both rule sets, every measurement, every target marked."""
     for heading in (
         "microseg admin API benchmarks",
+        "Rule sets (seeded",
         "Single-rule write -> enforced",
-        f"PUT /api/v1/policies of {rules:,} rules",
-        "its pieces",
+        "Group member write -> enforced",
+        f"PUT /api/v1/policies of {rules:,} palette rules",
+        f"PUT /api/v1/policies of {rules:,} irregular rules",
+        "beside it, nft -f of the same policy",
+        "Agent memory in MiB",
+        "Targets",
     ):
         assert heading in stdout, f"{heading!r} missing from:\n{stdout}"
-    first = api["writes"][0]
-    assert first["requests"] == requests and first["base_rules"] == 100
-    for kind in ("post", "delete"):
-        s = first[kind]
-        assert 0 < s["p50_ms"] <= s["p99_ms"] <= s["max_ms"], s
-    assert first["enforcement_checks"]["after_post"] == requests
-    bulk = api["bulk"]
-    assert bulk["rules"] == rules and bulk["wall_s"] > 0
-    assert set(bulk["split"]) == {
-        "parse_json_s",
-        "validate_s",
-        "compile_s",
-        "kernel_apply_s",
-        "persist_s",
-        "diff_s",
-        "answer_s",
-    }
-    assert len(api["targets"]) == 2
+    assert set(api["sets"]) == {"palette", "irregular"}
+    shapes = {(r["set"], r["rules"]): r for r in api["rule_sets"]}
+    assert {(k, n) for k in api["sets"] for n in (100, 1000, rules)} <= set(shapes)
+    # The irregular set is the one with many shapes.
+    assert shapes[("irregular", 1000)]["shapes"] > 4 * shapes[("palette", 1000)]["shapes"]
+    for kind, r in api["sets"].items():
+        assert [w["base_rules"] for w in r["writes"]] == [100, 1000], kind
+        for w in r["writes"]:
+            assert w["requests"] == requests and 1 <= w["done"] <= requests
+            for op in ("post", "put", "delete"):
+                s = w[op]
+                assert s["n"] == w["done"] and 0 < s["p50_ms"] <= s["p99_ms"] <= s["max_ms"], s
+            assert w["enforcement_checks"]["passed_after_put"] == w["done"]
+        g = r["groups"]
+        if g["supported"]:
+            assert [row["base_rules"] for row in g["rows"]] == [100, 1000]
+            assert g["replace"]["wall_s"] > 0
+        else:
+            assert "groups: not supported by this agent" in stdout
+        bulk = r["bulk"]
+        assert bulk["rules"] == rules and bulk["wall_s"] > 0
+        assert bulk["memory"]["peak_mib"] >= bulk["memory"]["rss_mib"] > 0
+        assert bulk["nft"]["ns"]["seconds"] > 0 and bulk["nft"]["nl"]["seconds"] > 0
+        assert bulk["split"] is None or set(bulk["split"]) == {
+            "parse_json_s",
+            "validate_s",
+            "compile_s",
+            "kernel_apply_s",
+            "persist_s",
+            "diff_s",
+            "answer_s",
+        }
+        assert r["after_writes"]["writes"] > 0 and r["after_writes"]["memory"]["rss_mib"] > 0
+        for start in ("restart", "first_start"):
+            assert r[start]["startup_s"] > 0 and r[start]["memory"]["rss_mib"] > 0
+    assert len(api["targets"]) == 12 * 2
+    for t in api["targets"]:
+        assert t["met"] in (True, False, None), t
+    assert "[    met]" in stdout or "[NOT met]" in stdout
 
 
 def _check_events_results(ev: dict[str, Any], stdout: str) -> None:
@@ -152,7 +179,7 @@ def test_quick_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     assert res["targets"]
     assert _bench_pins() <= pins_before
 
-    _check_api_results(res["api"], proc.stdout, 50, 1000)
+    _check_api_results(res["api"], proc.stdout, 10, 1000)
     assert res["api"]["meta"]["quick"] is True
     lab = _lab_of(proc.stderr)
     assert not Path(f"/run/netns/{lab}-host").exists(), f"lab {lab} left behind"
