@@ -61,7 +61,7 @@ run: setup
 	$(MICROSEG) run --netns "$$host_ns" --iface "$$host_if" $(RUN_ARGS)
 
 # Every suite (datapath micro-benchmarks, admin API, flow events to Kafka, side by side with
-# nftables on real traffic): tables on stdout, bench/results.json, docs/bench.png. Under 20
+# nftables on real traffic): tables on stdout, bench/results.json, docs/bench.png. About 21
 # minutes on 2 cores. BENCH_ARGS='--only compare' (or --quick, --compare-runs N, ...).
 BENCH_ARGS ?=
 bench: setup
