@@ -397,9 +397,6 @@ _ACTION_BITS: Final[dict[Action, int]] = {
 }
 
 
-# The fields set every validated rule carries (see Rule._derive); never changed.
-_SHARED_FIELDS_SET: Final[set[str]] = set()
-
 IPField = Annotated[str, PlainValidator(_validate_ip)]
 PortField = Annotated[int | str, PlainValidator(_validate_port)]
 GroupRef = Annotated[str | None, PlainValidator(_validate_group_ref)]
@@ -482,9 +479,6 @@ class Rule(BaseModel):
             "__pydantic_private__",
             {"_d": (src, dst, src_ports, dst_ports, number, _FAMILIES[version], score)},
         )
-        # Which fields the input named is never asked of a rule (to_api writes them all), and
-        # a set per rule is 40 % of its memory: all rules share one.
-        object.__setattr__(self, "__pydantic_fields_set__", _SHARED_FIELDS_SET)
         return self
 
     def _group_end(self, end: str, addr: _Addr) -> _Addr:
