@@ -1,13 +1,15 @@
 """Differential test: the kernel classifier against the reference model, packet by packet.
 
 Seeded random rule sets (hundreds of rules: CIDRs of every prefix length in both families,
-"any" and family-specific any, exact ports and ranges, every protocol, direction and action,
+"any" and family-specific any, address groups on either end (members of both families, empty
+groups, 0.0.0.0/0 and ::/0), exact ports and ranges, every protocol, direction and action,
 priorities from a small set so ties are common, both default actions) and thousands of
-packets, most aimed at rules (addresses at and just beyond a CIDR's ends, ports at and just
-beyond a range's ends), some random, many the reply or repeat of an earlier flow. The policy
-changes midway, so live sessions are judged again. Every packet's verdict (allow, deny, log,
-L2 pass, drops, read from the kernel's counters) must equal `StatefulReference`'s, and at the
-end of each phase the kernel's session table must equal the reference's.
+packets, most aimed at rules (addresses at and just beyond a CIDR's or a member's ends, ports at
+and just beyond a range's ends), some random, many the reply or repeat of an earlier flow. The
+policy changes midway (groups' members too), so live sessions are judged again. Every packet's
+verdict (allow, deny, log, L2 pass, drops, read from the kernel's counters) must equal
+`StatefulReference`'s, and at the end of each phase the kernel's session table must equal the
+reference's.
 
 The seed is random unless PYTEST_SEED is set; it is printed, and every failure names it.
 """
@@ -72,6 +74,9 @@ V6_ANCHORS = [
 ]
 PORT_ANCHORS = [0, 1, 22, 53, 80, 443, 1023, 1024, 8080, 32767, 32768, 65534, 65535]
 PRIORITIES = [50, 100, 100, 200]
+N_GROUPS = 6
+GROUP_END_SHARE = 0.2  # of rules that name a group
+MEMBER_PLENS = {4: (8, 16, 24, 31, 32), 6: (32, 48, 64, 127, 128)}
 ND_TYPES = (133, 134, 135, 136, 137)
 MLD_TYPES = (130, 131, 132, 143)  # pass like ND only from a link-local or unspecified source
 
@@ -132,6 +137,7 @@ class Generator:
         # Prefix lengths are dealt from a shuffled deck per family: every length turns up.
         self.decks: dict[int, list[int]] = {4: [], 6: []}
         self.used_ids: set[int] = set()
+        self.groups: dict[str, list[str]] = {}
 
     # -- rules ---------------------------------------------------------------------------------
 
@@ -148,9 +154,9 @@ class Generator:
         k = self.rng.choice([0, 4, 8, 16, 24, bits // 2, bits])
         return base ^ self.rng.getrandbits(k) if k else base
 
-    def _cidr(self, family: int) -> str:
+    def _cidr(self, family: int, plen: int | None = None) -> str:
         bits = 32 if family == 4 else 128
-        plen = self._plen(family)
+        plen = self._plen(family) if plen is None else plen
         value = self._address(family)
         value = value >> (bits - plen) << (bits - plen) if plen < bits else value
         return f"{_ip(value, family)}/{plen}"
@@ -164,6 +170,43 @@ class Generator:
         if r < 0.13:
             return "0.0.0.0/0" if family == 4 else "::/0"
         return self._cidr(family)
+
+    def _member(self) -> str:
+        r = self.rng.random()
+        if r < 0.03:
+            return self.rng.choice(["0.0.0.0/0", "::/0"])
+        # Few prefix lengths: each member multiplies its rules' shapes by the other end's.
+        family = self.rng.choice([4, 6])
+        plens = MEMBER_PLENS[family]
+        return self._cidr(family, self.rng.choice(plens))
+
+    def _group_members(self) -> list[str]:
+        if self.rng.random() < 0.15:
+            return []  # an empty group: its rules match nothing
+        return [self._member() for _ in range(self.rng.choice([1, 1, 2, 3, 5, 8]))]
+
+    def _groups(self) -> dict[str, list[str]]:
+        return {f"g{i}": self._group_members() for i in range(N_GROUPS)}
+
+    def _ends(self, rule: dict[str, Any], family: int) -> None:
+        """Make some rules name groups on one end or both. The other end of such a rule is
+        then any address (of its family, if it has one), and its ports exact: members
+        multiply a rule's shapes by the other end's prefix lengths and port blocks, and the
+        classifier has 512 shapes per family."""
+        rng = self.rng
+        if rng.random() >= GROUP_END_SHARE:
+            return
+        for field in ("src_port", "dst_port"):
+            port = rule.get(field)
+            if isinstance(port, str):
+                rule[field] = int(port.partition("-")[0]) or 1
+        ends = rng.choice([("src",), ("dst",), ("src", "dst")])
+        for end in ("src", "dst"):
+            if end in ends:
+                rule[f"{end}_ip"] = "any"
+                rule[f"{end}_group"] = rng.choice(sorted(self.groups))
+            else:
+                rule[f"{end}_ip"] = {0: "any", 4: "0.0.0.0/0", 6: "::/0"}[family]
 
     def _port(self) -> int:
         if self.rng.random() < 0.7:
@@ -218,16 +261,22 @@ class Generator:
             wild = family == 0 and protocol == "any"
             if wild and "src_port" not in rule and "dst_port" not in rule:
                 rule["dst_port"] = self._port_spec(rng.random() < 0.5)
+        self._ends(rule, family)
         return rule
+
+    def _document(self, default: str, rules: list[dict[str, Any]]) -> PolicySet:
+        return parse_policy_document(
+            {
+                "default_action": default,
+                "groups": {n: {"members": m} for n, m in self.groups.items()},
+                "policies": rules,
+            }
+        )
 
     def policy(self, n: int) -> PolicySet:
         self.used_ids.clear()
-        return parse_policy_document(
-            {
-                "default_action": self.rng.choice(["allow", "deny"]),
-                "policies": [self.rule() for _ in range(n)],
-            }
-        )
+        self.groups = self._groups()
+        return self._document(self.rng.choice(["allow", "deny"]), [self.rule() for _ in range(n)])
 
     def mutate(self, pol: PolicySet) -> PolicySet:
         """Keep most rules (some with another action or priority), drop some, add some."""
@@ -244,11 +293,20 @@ class Generator:
             elif x < 0.4:
                 doc["priority"] = rng.choice(self.priorities)
             rules.append(doc)
+        # Groups change members (a rule using one is re-judged without being rewritten).
+        for name, members in self.groups.items():
+            x = rng.random()
+            if x < 0.2:
+                self.groups[name] = [*members, self._member()]
+            elif x < 0.35 and members:
+                self.groups[name] = members[1:]
+            elif x < 0.45:
+                self.groups[name] = self._group_members()
         rules += [self.rule() for _ in range(len(pol.policies) // 4)]
         default = pol.default_action.value
         if rng.random() < 0.5:
             default = "deny" if default == "allow" else "allow"
-        return parse_policy_document({"default_action": default, "policies": rules})
+        return self._document(default, rules)
 
     # -- packets -------------------------------------------------------------------------------
 
@@ -328,17 +386,25 @@ class Generator:
         other = 58 if family == 4 else 1
         return rng.choice([6, 6, 17, 17, own, own, 47, 132, other])
 
+    def _end_net(self, net: Any, group: str | None, family: int) -> Any:
+        """What a packet aimed at a rule end should fall into (or just miss): the end's
+        network, or a member of its group of this family; None: anything."""
+        if group is not None:
+            members = [
+                m for m in map(ipaddress.ip_network, self.groups[group]) if m.version == family
+            ]
+            return self.rng.choice(members) if members else None
+        return net if net is not None and net.version == family else None
+
     def packet_for(self, rule: Rule) -> Spec:
         rng = self.rng
         fams = sorted(rule.families)
         family = rng.choice(fams)
-        nets = [rule.src_net, rule.dst_net]
-        addrs = [
-            self._inside(n, family)
-            if n is not None and n.version == family
-            else self._address(family)
-            for n in nets
+        nets = [
+            self._end_net(rule.src_net, rule.src_group, family),
+            self._end_net(rule.dst_net, rule.dst_group, family),
         ]
+        addrs = [self._inside(n, family) if n is not None else self._address(family) for n in nets]
         proto = self._proto(family, rule)
         sport = self._packet_port(rule.src_ports)
         dport = self._packet_port(rule.dst_ports)
@@ -420,7 +486,9 @@ def _reference_sessions(ref: StatefulReference) -> dict[Any, tuple[Any, ...]]:
 
 
 def _rules_matching(pol: PolicySet, pkt: Packet) -> list[str]:
-    hits = sorted((r for r in pol.policies if rule_matches(r, pkt)), key=lambda r: -r.score)
+    hits = sorted(
+        (r for r in pol.policies if rule_matches(r, pkt, pol.groups)), key=lambda r: -r.score
+    )
     lines = [f"    {r.to_api()}" for r in hits[:8]]
     if len(hits) > 8:
         lines.append(f"    ... {len(hits) - 8} more")
@@ -456,6 +524,7 @@ def _describe(
         f"  frame: {data.hex()}",
         kernel_line,
         f"  default_action: {pol.default_action.value}",
+        f"  groups: {pol.to_api()['groups']}",
         "  rules matching this packet, best first:",
         *_rules_matching(pol, parsed),
     ]
