@@ -493,3 +493,38 @@ def test_lost_counter_shows_a_forced_gap(
     assert "kernel" in str(browser.find_element(By.ID, "lost").get_attribute("title"))
     lost_rows = [r for r in rows(browser) if r["lost"]]
     assert lost_rows and all("lost at kernel" in "".join(r["cells"].values()) for r in lost_rows)
+
+
+def test_a_group_rule_shows_its_groups_by_name(
+    agent: AgentProcess, browser: WebDriver, module_lab: Lab
+) -> None:
+    """A deny by a rule naming an address group: the rule cell names the group, its title
+    says which end it is, and the rule filter finds it by the group's name."""
+    lab = module_lab
+    api = api_of(agent)
+    r = api.call("PUT", "/groups/lab-peer", {"members": [lab.peer_v4, lab.peer_v6]})
+    assert r.status == 201, str(r)
+    grp_rule = {"rule_id": 1010, "name": "grp", "src_group": "lab-peer", "dst_port": 2222,
+                "protocol": "tcp", "action": "deny", "priority": 250}
+    assert api.call("POST", "/policies", grp_rule).status == 201
+    try:
+        sign_in(browser, mint_link(agent))
+        sport = syn(lab, "v4", 2222)
+        want = "1010 grp (from lab-peer)"
+        assert wait_until(
+            lambda: any(r["sport"] == str(sport) for r in flow_rows(browser)), 10
+        ), flow_rows(browser)[:3]
+        row = next(r for r in flow_rows(browser) if r["sport"] == str(sport))
+        assert row["rule"] == want, row
+        title = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#rows td.c-rule'))"
+            ".find(td => td.textContent === arguments[0]).title", want)
+        assert "source group lab-peer" in title, title
+        browser.find_element(By.ID, "f-rule").send_keys("lab-peer")
+        time.sleep(0.6)  # the page redraws four times a second
+        shown = flow_rows(browser)
+        assert shown and all(r["rule"] == want for r in shown), shown
+        browser.find_element(By.ID, "f-clear").click()
+    finally:
+        api.call("DELETE", "/policies/1010")
+        api.call("DELETE", "/groups/lab-peer")

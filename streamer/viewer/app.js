@@ -149,7 +149,8 @@
       const r = ev.rule;
       if (f.rule === "default") { if (r) return false; }
       else if (/^\d+$/.test(f.rule)) { if (!r || String(r.rule_id) !== f.rule) return false; }
-      else if (!r || !String(r.name || "").toLowerCase().includes(f.rule)) return false;
+      else if (!r || ![r.name, r.src_group, r.dst_group]
+        .some((x) => String(x || "").toLowerCase().includes(f.rule))) return false;
     }
     if (f.nets) {
       const ends = [addrOf(ev, "src_ip"), addrOf(ev, "dst_ip")];
@@ -178,8 +179,20 @@
     for (const [k, v] of keep) map.set(k, v);
   }
 
+  // A group rule's ends by group name, e.g. "(from web, to db)"; "" for an address rule.
+  function groupEnds(r) {
+    const ends = [];
+    if (r && r.src_group) ends.push(`from ${r.src_group}`);
+    if (r && r.dst_group) ends.push(`to ${r.dst_group}`);
+    return ends.length ? `(${ends.join(", ")})` : "";
+  }
+
+  function ruleText(r) {
+    return `${r.rule_id} ${r.name || ""} ${groupEnds(r)}`.replace(/\s+/g, " ").trim();
+  }
+
   function ruleLabel(r) {
-    return r ? `${r.rule_id} ${r.name || ""}`.trim() : "default action";
+    return r ? ruleText(r) : "default action";
   }
 
   function account(ev, live) {
@@ -320,13 +333,18 @@
         `<td colspan="10">${esc(ev.lost)} events lost at ${esc(ev.stage)}${esc(range)}</td></tr>`;
     }
     const r = ev.rule;
-    const rule = r ? `${r.rule_id} ${r.name || ""}`.trim() : "default";
+    const rule = r ? ruleText(r) : "default";
+    const groups = [];
+    if (r && r.src_group) groups.push(`source group ${r.src_group}`);
+    if (r && r.dst_group) groups.push(`destination group ${r.dst_group}`);
+    const ruleTitle = r ? `${rule}: priority ${r.priority}, ${r.action}` +
+      (groups.length ? `; ${groups.join(", ")}` : "") : "the policy's default action";
     return `<tr class="v-${esc(ev.verdict)}" data-seq="${esc(ev.seq)}" data-verdict="${esc(ev.verdict)}">` +
       cell("time", timeOf(ev.time), ev.time) + cell("verdict", ev.verdict) +
       cell("dir", ev.direction) + cell("src", ev.src_ip, ev.src_ip) + cell("sport", ev.src_port ?? "") +
       cell("dst", ev.dst_ip, ev.dst_ip) + cell("dport", ev.dst_port ?? "") +
       cell("proto", ev.protocol, ev.tcp_flags || "") +
-      cell("rule", rule, r ? `${rule}: priority ${r.priority}, ${r.action}` : "the policy's default action") +
+      cell("rule", rule, ruleTitle) +
       cell("pkts", ev.packets) + cell("bytes", ev.bytes) + "</tr>";
   }
 
