@@ -49,3 +49,30 @@ def test_enricher_keeps_generations_until_drained() -> None:
     en.add_generation(3, p1)
     en.forget(3)  # the switch failed
     assert en.generations == [2]
+
+
+def test_a_group_rules_metadata_names_its_groups() -> None:
+    """docs/contract.md §5: the event's rule object carries src_group/dst_group when the rule
+    has them, and only then."""
+    policy = parse_policy_document(
+        {
+            "groups": {"web": {"members": ["10.0.0.0/24"]}, "db": {}},
+            "policies": [
+                tcp_rule(1, name="g", src_group="web", dst_group="db"),
+                tcp_rule(2, name="a", dst_group="db"),
+                tcp_rule(3, name="plain"),
+            ],
+        }
+    )
+    en = Enricher({}, host="h")
+    en.add_generation(1, policy)
+    assert en.rule(1, 1) == {
+        "rule_id": 1,
+        "name": "g",
+        "priority": 100,
+        "action": "deny",
+        "src_group": "web",
+        "dst_group": "db",
+    }
+    assert "src_group" not in en.rule(1, 2) and en.rule(1, 2)["dst_group"] == "db"
+    assert set(en.rule(1, 3)) == {"rule_id", "name", "priority", "action"}
