@@ -337,7 +337,7 @@ class Group(BaseModel):
     def _no_select(cls, data: Any) -> Any:
         if isinstance(data, dict) and "select" in data:
             raise _invalid(
-                "select: label groups (select) need fleet mode (docs/contract.md §7), which "
+                "select: label groups (select) need fleet mode, which "
                 "this agent does not run: list the group's members instead"
             )
         return data

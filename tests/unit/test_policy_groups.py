@@ -145,7 +145,7 @@ def test_many_bad_members_are_counted_not_all_listed() -> None:
         ),
         (
             {"groups": {"web": {"members": [], "select": {"role": "web"}}}},
-            "groups.web: select: label groups (select) need fleet mode (docs/contract.md §7), "
+            "groups.web: select: label groups (select) need fleet mode, "
             "which this agent does not run: list the group's members instead",
         ),
     ],
