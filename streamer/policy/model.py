@@ -397,6 +397,28 @@ _ACTION_BITS: Final[dict[Action, int]] = {
 }
 
 
+# Port ranges by (lo, hi), and single ports also by the port: shared by the rules that have
+# them (Rule._derive). Bounded by clearing, like _IP_CACHE (every single port fits).
+_PORT_RANGES: dict[int | tuple[int, int], tuple[int, int]] = {}
+_PORT_RANGES_MAX: Final = 1 << 18
+
+
+def _port_range(lo: int, hi: int) -> tuple[int, int]:
+    key = (lo, hi)
+    kept = _PORT_RANGES.get(key)
+    if kept is None:
+        if len(_PORT_RANGES) >= _PORT_RANGES_MAX:
+            _PORT_RANGES.clear()
+        kept = _PORT_RANGES[key] = key
+        if lo == hi:
+            _PORT_RANGES[lo] = key
+    return kept
+
+
+# Each distinct set of given fields, shared by the rules that gave those (Rule._derive).
+_FIELDS_SETS: dict[tuple[str, ...], frozenset[str]] = {}
+_new_object = object.__new__
+
 IPField = Annotated[str, PlainValidator(_validate_ip)]
 PortField = Annotated[int | str, PlainValidator(_validate_port)]
 GroupRef = Annotated[str | None, PlainValidator(_validate_group_ref)]
@@ -456,16 +478,21 @@ class Rule(BaseModel):
             self._check_icmp(version, only_version, src_port, dst_port)
             version = only_version
         # Canonical ports: int 0 = none, int p = (p, p), "lo-hi" (also "0-0") = (lo, hi).
+        # Ranges repeat across rules: each is kept once (a tuple costs 56 bytes a rule).
         if src_port.__class__ is int:
-            src_ports = (src_port, src_port) if src_port else None
+            src_ports = _PORT_RANGES.get(src_port) if src_port else None
+            if src_ports is None and src_port:
+                src_ports = _port_range(src_port, src_port)
         else:
             lo, _, hi = src_port.partition("-")
-            src_ports = (int(lo), int(hi))
+            src_ports = _port_range(int(lo), int(hi))
         if dst_port.__class__ is int:
-            dst_ports = (dst_port, dst_port) if dst_port else None
+            dst_ports = _PORT_RANGES.get(dst_port) if dst_port else None
+            if dst_ports is None and dst_port:
+                dst_ports = _port_range(dst_port, dst_port)
         else:
             lo, _, hi = dst_port.partition("-")
-            dst_ports = (int(lo), int(hi))
+            dst_ports = _port_range(int(lo), int(hi))
         score = (
             (fields["priority"] << 34)
             | _ACTION_BITS[fields["action"]]
@@ -474,11 +501,30 @@ class Rule(BaseModel):
         # Not a PrivateAttr: pydantic's per-instance private-attribute setup costs more than
         # the rest of the validation. The slot is BaseModel's own, copied and pickled with it;
         # "src_net"/"dst_net" are added on first use.
-        object.__setattr__(
+        setattr_ = object.__setattr__
+        setattr_(
             self,
             "__pydantic_private__",
             {"_d": (src, dst, src_ports, dst_ports, number, _FAMILIES[version], score)},
         )
+        # Memory (100,000 rules are kept): the set of the fields given is the same few sets
+        # for all rules, so one frozen copy of each is shared (pydantic only reads and copies
+        # it once a model is frozen); and the fields move into a dict of the class's shared
+        # keys, as an instance's own attributes would be (about 170 bytes, not 460).
+        given = self.__pydantic_fields_set__
+        key = tuple(given)  # cheaper than a frozenset; equal sets mostly iterate alike
+        shared = _FIELDS_SETS.get(key)
+        if shared is None:
+            shared = frozenset(given)
+            if len(_FIELDS_SETS) < 4096:
+                _FIELDS_SETS[key] = shared
+        setattr_(self, "__pydantic_fields_set__", shared)
+        # A fresh instance's __dict__ is made with the class's shared keys; filled in field
+        # order (always the same) it stays that way.
+        compact = _new_object(self.__class__).__dict__
+        for name, value in fields.items():
+            compact[name] = value  # one by one: update() would copy into a dict of its own
+        setattr_(self, "__dict__", compact)
         return self
 
     def _group_end(self, end: str, addr: _Addr) -> _Addr:
