@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,32 +144,21 @@ class Agent:
             # the state dir recorded it. Both banks are written again (we do not know what the
             # other one holds) but the generation stays, and with it the sessions' verdicts.
             self.datapath.adopted = False
-            if enricher is not None:
-                enricher.add_generation(generation, policy)
-            self.datapath.apply(compiled, generation, keep=True)
-            self.generation = generation
-            if enricher is not None:
-                enricher.switched(generation)
+            self.generation = self._switch(
+                generation,
+                lambda g: enricher.add_generation(g, policy) if enricher else None,
+                lambda: self.datapath.apply(compiled, generation, keep=True),
+            )
             log.info("policy generation %d kept: the pinned maps already enforce it", generation)
             return generation
-        # Events of the new generation can be drained the moment the kernel switches, so
-        # its rules are known to the enricher before (the datapath picks the number so).
         expected = generation if generation is not None and generation > live else live + 1
-        if enricher is not None:
-            enricher.add_generation(expected, policy)
-        try:
-            gen = self.datapath.apply(compiled, generation)
-        except BaseException:
-            if enricher is not None:
-                enricher.forget(expected)
-            raise
+        gen = self._switch(
+            expected,
+            lambda g: enricher.add_generation(g, policy) if enricher else None,
+            lambda: self.datapath.apply(compiled, generation),
+        )
         self.generation = gen
         self._heap_dirty = True
-        if enricher is not None:
-            if gen != expected:
-                enricher.add_generation(gen, policy)
-                enricher.forget(expected)
-            enricher.switched(gen)
         log.info(
             "policy generation %d applied: %d rules, default %s, %d shapes, %d entries",
             gen,
@@ -177,6 +167,28 @@ class Agent:
             compiled.shape_count,
             compiled.entry_count,
         )
+        return gen
+
+    def _switch(
+        self, expected: int, register: Callable[[int], None], switch: Callable[[], int]
+    ) -> int:
+        """Switch the kernel (`switch`, returning the generation it took) with the enricher
+        knowing the new generation's rules first: its events can be drained the moment the
+        kernel switches, so they are registered (`register`) under the number expected, again
+        under the one taken if the datapath picked another, and forgotten if it failed."""
+        enricher = self._enricher
+        register(expected)
+        try:
+            gen = switch()
+        except BaseException:
+            if enricher is not None:
+                enricher.forget(expected)
+            raise
+        if enricher is not None:
+            if gen != expected:
+                register(gen)
+                enricher.forget(expected)
+            enricher.switched(gen)
         return gen
 
     def apply_edit(self, edit: Edit, state: PolicyState) -> int:
@@ -211,21 +223,12 @@ class Agent:
         if edit.default_action is not None:
             change.default_action = DEFAULT_ACTION_CODES[edit.default_action]
         enricher = self._enricher
-        expected = dp.active()[0] + 1
-        if enricher is not None:
-            enricher.add_changes(expected, changes)
-        try:
-            gen = dp.apply_change(change)
-        except BaseException:
-            if enricher is not None:
-                enricher.forget(expected)
-            raise
+        gen = self._switch(
+            dp.active()[0] + 1,
+            lambda g: enricher.add_changes(g, changes) if enricher else None,
+            lambda: dp.apply_change(change),
+        )
         self.generation = gen
-        if enricher is not None:
-            if gen != expected:
-                enricher.add_changes(gen, changes)
-                enricher.forget(expected)
-            enricher.switched(gen)
         delta = change.finish()
         log.info(
             "policy generation %d applied: %s, %d table entries written",

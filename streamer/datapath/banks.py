@@ -20,7 +20,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from streamer.datapath.compiler import pack_shape
+from streamer.datapath.compiler import entry_of, pack_shape
 from streamer.datapath.config import DatapathConfig, DatapathError
 from streamer.datapath.layout import (
     BANK,
@@ -39,7 +39,6 @@ from streamer.datapath.ruletables import (
     TableChange,
     TableDelta,
     bank_key,
-    entry_value,
 )
 
 log = logging.getLogger(__name__)
@@ -229,8 +228,8 @@ class Banks:
     def _value(self, cache: dict[int, bytes], score: int) -> bytes:
         v = cache.get(score)
         if v is None:
-            rid, action = entry_value(score)
-            v = cache[score] = RULE_VAL.pack(score, rid, self.slots[rid], action)
+            e = entry_of(score)
+            v = cache[score] = RULE_VAL.pack(score, e.rule_id, self.slots[e.rule_id], e.action)
         return v
 
     def _fill(self, bank: int, gen: int, tables: RuleTables) -> None:
@@ -255,7 +254,13 @@ class Banks:
             [array_key(base + w) for w in range(top)],
             [bytes(bloom[w * 8 : w * 8 + 8]) for w in range(top)],
         )
-        self._write_header(bank, gen, tables.default_action, tables)
+        self._write_header(
+            bank,
+            gen,
+            tables.default_action,
+            len(tables.fam[4].order),
+            len(tables.fam[6].order),
+        )
         self._dirty.discard(bank)
 
     def _write_delta(self, bank: int, gen: int, delta: TableDelta, tables: RuleTables) -> None:
@@ -303,12 +308,8 @@ class Banks:
             ],
         )
 
-    def _write_header(self, bank: int, gen: int, default: int, tables: RuleTables) -> None:
-        self._maps.write(
-            "banks",
-            array_key(bank),
-            BANK.pack(gen, len(tables.fam[4].order), len(tables.fam[6].order), default),
-        )
+    def _write_header(self, bank: int, gen: int, default: int, n4: int, n6: int) -> None:
+        self._maps.write("banks", array_key(bank), BANK.pack(gen, n4, n6, default))
 
     def _clear_bank(self, bank: int, tables: RuleTables | None) -> None:
         """Remove the rule entries of `bank`: those of `tables` when the bank holds exactly
@@ -331,7 +332,7 @@ class Banks:
                 ]
             self._maps.delete_batch(name, keys)
         # The header last: a bank without entries announces no shapes.
-        self._maps.write("banks", array_key(bank), BANK.pack(0, 0, 0, 0))
+        self._write_header(bank, 0, 0, 0, 0)
 
     # ---- the other bank, beside the caller -----------------------------------------------
 

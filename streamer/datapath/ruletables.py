@@ -37,7 +37,6 @@ from streamer.datapath.compiler import (
     ShapeT,
     _expand,
     bloom_layout,
-    entry_of,
     key_hash,
     pack_rule_key,
     rule_entries,
@@ -459,9 +458,3 @@ class _Finished:
     results: dict[LiveShape, tuple[int, int]]
     orders: dict[int, list[tuple[LiveShape, int]]]
     top: int
-
-
-def entry_value(score: int) -> tuple[int, int]:
-    """(rule_id, action) of a stored score."""
-    e = entry_of(score)
-    return e.rule_id, e.action

@@ -19,8 +19,8 @@ from streamer.vocabulary import DefaultAction
 
 @dataclass
 class Edit:
-    """One change of the applied set. `whole`: a whole-set replace (then the lists are its
-    diff); else rules `added`, `removed` and `changed` (before, after) and a new
+    """One change of the applied set. `whole`: a whole-set replace; else rules `added`,
+    `removed` and `changed` (before, after), group members (`groups`) and a new
     `default_action` (None: unchanged). `record`: what the journal keeps of it."""
 
     what: str

@@ -558,8 +558,6 @@ class PolicyStore:
             e = make(state)
             if e.whole is not None:
                 result = diff_policies(state.policy_set(), e.whole, old_gen)
-                e.added, e.removed = result.added, result.removed
-                e.changed = result.changed
             else:
                 result = ChangeResult(
                     generation=old_gen,
