@@ -504,21 +504,30 @@ def test_a_group_rule_shows_its_groups_by_name(
     api = api_of(agent)
     r = api.call("PUT", "/groups/lab-peer", {"members": [lab.peer_v4, lab.peer_v6]})
     assert r.status == 201, str(r)
-    grp_rule = {"rule_id": 1010, "name": "grp", "src_group": "lab-peer", "dst_port": 2222,
-                "protocol": "tcp", "action": "deny", "priority": 250}
+    grp_rule = {
+        "rule_id": 1010,
+        "name": "grp",
+        "src_group": "lab-peer",
+        "dst_port": 2222,
+        "protocol": "tcp",
+        "action": "deny",
+        "priority": 250,
+    }
     assert api.call("POST", "/policies", grp_rule).status == 201
     try:
         sign_in(browser, mint_link(agent))
         sport = syn(lab, "v4", 2222)
         want = "1010 grp (from lab-peer)"
-        assert wait_until(
-            lambda: any(r["sport"] == str(sport) for r in flow_rows(browser)), 10
-        ), flow_rows(browser)[:3]
+        assert wait_until(lambda: any(r["sport"] == str(sport) for r in flow_rows(browser)), 10), (
+            flow_rows(browser)[:3]
+        )
         row = next(r for r in flow_rows(browser) if r["sport"] == str(sport))
         assert row["rule"] == want, row
         title = browser.execute_script(
             "return Array.from(document.querySelectorAll('#rows td.c-rule'))"
-            ".find(td => td.textContent === arguments[0]).title", want)
+            ".find(td => td.textContent === arguments[0]).title",
+            want,
+        )
         assert "source group lab-peer" in title, title
         browser.find_element(By.ID, "f-rule").send_keys("lab-peer")
         time.sleep(0.6)  # the page redraws four times a second

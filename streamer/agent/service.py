@@ -26,29 +26,25 @@ from typing import Any
 import orjson
 from pyroute2 import config as pyroute2_config
 
+from streamer.agent.edits import change_tables
 from streamer.agent.pressure import AlertChange, PressureCollector, PressureConfig, PressureWatch
 from streamer.datapath.attach import detach
 from streamer.datapath.compiler import (
-    DEFAULT_ACTION_CODES,
     CompileError,
     compile_policy,
-    rule_ends,
 )
 from streamer.datapath.config import DatapathConfig, DatapathError
 from streamer.datapath.datapath import Datapath
-from streamer.datapath.ruletables import NeedsRecompile, TableChange, TablesOutOfStep
+from streamer.datapath.ruletables import NeedsRecompile, TablesOutOfStep
 from streamer.events.enrich import Enricher
 from streamer.events.pipeline import Pipeline, PipelineConfig, register_metrics, tune_gc
 from streamer.events.sinks.file import DEFAULT_KEEP, DEFAULT_MAX_BYTES, FileSinkConfig
 from streamer.events.sinks.kafka import DEFAULT_SPOOL_MAX_BYTES, DEFAULT_TOPIC, KafkaSinkConfig
 from streamer.events.sinks.websocket import WebSocketConfig
 from streamer.policy.model import (
-    Group,
     PolicyError,
     PolicySet,
-    Rule,
     load_policy_file,
-    parse_address,
 )
 from streamer.policy.state import Edit, PolicyState
 from streamer.policy.store import ChangeResult, PolicyStore, StoreError
@@ -198,20 +194,8 @@ class Agent:
         if dp.tables is None:
             return self.apply(state.after(edit))
         change = dp.begin_change()
-        changes: dict[int, Rule | None] = {}
         try:
-            for rule in edit.removed:
-                change.remove_rule(rule, *rule_ends(rule, state.groups))
-                changes[rule.rule_id] = None
-            for old, new in edit.changed:
-                change.remove(old, *rule_ends(old, state.groups))
-                change.add(new, *rule_ends(new, state.groups))
-                changes[new.rule_id] = new
-            for rule in edit.added:
-                change.add_rule(rule, *rule_ends(rule, state.groups))
-                changes[rule.rule_id] = rule
-            for name, (before, _, added, removed) in edit.groups.items():
-                _change_members(change, state, name, before, added, removed)
+            changes = change_tables(change, edit, state)
         except NeedsRecompile as e:
             log.info("%s: %s", edit.what, e)
             return self.apply(state.after(edit))
@@ -220,8 +204,6 @@ class Agent:
                 "%s: the tables are out of step (%s): compiling the whole set", edit.what, e
             )
             return self.apply(state.after(edit))
-        if edit.default_action is not None:
-            change.default_action = DEFAULT_ACTION_CODES[edit.default_action]
         enricher = self._enricher
         gen = self._switch(
             dp.active()[0] + 1,
@@ -533,36 +515,3 @@ def run_agent(config: AgentConfig) -> int:
 
 def describe(obj: Any) -> str:
     return orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode()
-
-
-def _change_members(
-    change: TableChange,
-    state: PolicyState,
-    name: str,
-    before: Group,
-    added: list[str],
-    removed: list[str],
-) -> None:
-    """The entries of every rule using group `name` for the members that came and went only:
-    new (source, destination) pairs in, pairs that lost a member out."""
-    gone = [parse_address(m) for m in removed]
-    new = [parse_address(m) for m in added]
-    for rule in state.users(name):
-        src, dst = rule.match_data()[:2]
-        src_is, dst_is = rule.src_group == name, rule.dst_group == name
-        if src_is and dst_is:
-            went = set(removed)
-            kept = [parse_address(m) for m in before.members if m not in went]
-            change.remove(rule, gone, kept + gone)
-            change.remove(rule, kept, gone)
-            change.add(rule, new, kept + new)
-            change.add(rule, kept, new)
-        elif src_is:
-            # The other end: an address, or another group's members.
-            dsts = state.groups[dst[0]].addrs() if rule.dst_group is not None else [dst]
-            change.remove(rule, gone, dsts)
-            change.add(rule, new, dsts)
-        else:
-            srcs = state.groups[src[0]].addrs() if rule.src_group is not None else [src]
-            change.remove(rule, srcs, gone)
-            change.add(rule, srcs, new)
