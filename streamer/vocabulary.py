@@ -47,6 +47,14 @@ class Direction(LowerEnum):
     ANY = "any"
 
 
+class Mode(LowerEnum):
+    """A rule's mode (and an agent's --policy-mode): `staged` rules are judged like any but
+    decide nothing; the flow's staged verdict says what they would have done."""
+
+    ENFORCE = "enforce"
+    STAGED = "staged"
+
+
 class Protocol(LowerEnum):
     """A rule's protocol."""
 

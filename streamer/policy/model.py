@@ -36,7 +36,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from streamer.vocabulary import PROTOCOL_NUMBERS as VOCABULARY_NUMBERS
-from streamer.vocabulary import Action, DefaultAction, Direction, Protocol
+from streamer.vocabulary import Action, DefaultAction, Direction, Mode, Protocol
 
 __all__ = [
     "GROUP_END",
@@ -255,6 +255,10 @@ def check_group_name(name: Any) -> str:
     raise ValueError(f"{_show(name)} is not a group name: {_GROUP_NAME_HINT}")
 
 
+def _is_enforce(value: Any) -> bool:
+    return value is Mode.ENFORCE
+
+
 def _is_none(value: Any) -> bool:
     return value is None
 
@@ -453,6 +457,8 @@ class Rule(BaseModel):
     action: Action
     priority: Annotated[int, Field(strict=True, ge=0, le=MAX_PRIORITY)] = 100
     direction: Direction = Direction.ANY
+    # Left out of dumps when enforce (the default), as in to_api.
+    mode: Annotated[Mode, Field(exclude_if=_is_enforce)] = Mode.ENFORCE
 
     @model_validator(mode="after")
     def _derive(self) -> Rule:
@@ -630,7 +636,7 @@ class Rule(BaseModel):
 
     def to_api(self) -> dict[str, Any]:
         """All fields, canonical, JSON-able (the RULE object of contract §2); `src_group` and
-        `dst_group` only when set."""
+        `dst_group` only when set, `mode` only when staged."""
         out = {
             "rule_id": self.rule_id,
             "name": self.name,
@@ -647,7 +653,14 @@ class Rule(BaseModel):
             out["src_group"] = self.src_group
         if self.dst_group is not None:
             out["dst_group"] = self.dst_group
+        if self.mode is Mode.STAGED:
+            out["mode"] = "staged"
         return out
+
+    @property
+    def staged(self) -> bool:
+        """A staged rule: judged, deciding nothing (contract §6)."""
+        return self.mode is Mode.STAGED
 
 
 class PolicySet(BaseModel):
@@ -783,6 +796,7 @@ _ENUMS: Final[dict[str, type[StrEnum]]] = {
     "protocol": Protocol,
     "action": Action,
     "direction": Direction,
+    "mode": Mode,
     "default_action": DefaultAction,
 }
 

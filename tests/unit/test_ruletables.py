@@ -91,7 +91,7 @@ def test_changes_in_place_equal_a_whole_compile(max_shapes: int) -> None:
 def test_member_changes_in_place_equal_a_whole_compile() -> None:
     """Members added to and removed from groups used on one end, the other, or both, give
     the tables a whole compile of the resulting set gives."""
-    from streamer.agent.service import _change_members
+    from streamer.agent.edits import _change_members
     from streamer.policy.state import PolicyState
 
     rng = random.Random(7)
