@@ -669,7 +669,10 @@ static __always_inline void emit(struct ms_sess_key *k, struct ms_sess_val *s, _
     }
     e->tcp_flags = tcp_flags;
     e->kind = kind;
+    e->staged_verdict = s->staged_verdict;
     e->pad = 0;
+    e->staged_rule_id = s->staged_rule_id;
+    e->pad2 = 0;
     events.ringbuf_submit(e, 0);
     ctr->c[C_EVENTS_SENT]++;
 }
@@ -1061,6 +1064,7 @@ int ms_record(struct __sk_buff *skb)
     nv.verdict = rv->action;
     nv.orig_dir = dir;
     nv.a_is_src = src_is_a;
+    nv.staged_verdict = MS_NO_STAGED;
     if (sc->rejudge) {
         struct ms_sess_val *s = sessions.lookup(&key);
         if (s) {

@@ -8,7 +8,7 @@
 #ifndef MICROSEG_CLASSIFIER_H
 #define MICROSEG_CLASSIFIER_H
 
-#define MS_LAYOUT_VERSION 5
+#define MS_LAYOUT_VERSION 6
 
 /* Verdicts: the same numbers as streamer.datapath.reference.Verdict. */
 #define MS_ALLOW 0
@@ -19,6 +19,16 @@
 #define MS_DROP_FRAGMENT 5
 #define MS_PASS_RELATED 6 /* an ICMP error quoting a packet of a live allowed flow */
 #define MS_DROP_PRESSURE 7 /* a resource the verdict needs failed: never fail open */
+
+/* A flow's staged verdict (contract §6) when the staged view decides as the enforced one. */
+#define MS_NO_STAGED 0xff
+
+/* Per-rule counter slots: 0 is the default action's, 1 failsafe traffic's; rules from 2. */
+#define MS_DEFAULT_SLOT 0
+#define MS_FAILSAFE_SLOT 1
+
+/* Failsafe entries (ms_settings.failsafe) the classifier holds. */
+#define MS_MAX_FAILSAFE 16
 
 #define MS_DIR_INGRESS 1
 #define MS_DIR_EGRESS 2
@@ -62,6 +72,9 @@ enum ms_counter {
     C_PRESSURE_DROPS,  /* drop reason "pressure": a map or the judge program failed */
     C_FRAG_REPLACED,   /* first fragments remembered in the place of an older first of their
                         * key (an IP ID reused, a retransmission, one past its timeout) */
+    C_FAILSAFE_PASSED, /* packets of failsafe flows (passed before any rule) */
+    C_FAILSAFE_FLOWS,  /* new flows that a failsafe entry passed */
+    C_STAGED_FLOWS,    /* new or re-judged flows whose staged verdict differs from the enforced */
     C_MAX = 48,
 };
 
@@ -121,8 +134,8 @@ struct ms_sess_val {
     __u8 tcp_flags; /* union of flags seen */
     __u8 tclass;    /* timeout class: MS_TCP_* state or MS_TO_* */
     __u8 fins;      /* 1: originator sent FIN, 2: reply sent FIN, 4: the first FIN was a reply's */
-    __u8 pad;
-    __u32 pad1;
+    __u8 staged_verdict; /* MS_ALLOW/DENY/LOG by the staged view, or MS_NO_STAGED */
+    __u32 staged_rule_id; /* the staged view's rule (0: its default action) */
     /* written by the originator's packets (and, for deny/log flows, the event state) */
     __u64 pkts_orig;
     __u64 bytes_orig;
@@ -130,7 +143,9 @@ struct ms_sess_val {
     __u64 ev_last;  /* when the last event of this flow was sent (ktime ns) */
     __u64 ev_pkts;  /* since then */
     __u64 ev_bytes;
-    __u64 pad2[2];
+    __u32 staged_slot; /* counter slot of the staged view's rule (read only when staged) */
+    __u32 pad2;
+    __u64 pad2b;
     /* written by the replies */
     __u64 pkts_reply;
     __u64 bytes_reply;
@@ -193,12 +208,20 @@ struct ms_rule_key6 {
     __u32 dst[4];
 };
 
+/* A key's two winners: the enforced view's (the best enforce-mode rule) and the staged view's
+ * (the best rule of either mode, as if all were enforced). Where no staged rule wins, the two
+ * halves are the same rule; with no staged rule in the policy they always are. */
 struct ms_rule_val {
     __u64 score;   /* 1 + (priority << 34 | action rank << 32 | ~rule_id): higher wins; 0: none */
     __u32 rule_id;
     __u32 slot;
     __u8 action;   /* MS_ALLOW / MS_DENY / MS_LOG */
     __u8 pad[7];
+    __u64 s_score; /* the staged view's winner, as above (>= score) */
+    __u32 s_rule_id;
+    __u32 s_slot;
+    __u8 s_action;
+    __u8 s_pad[7];
 };
 
 struct ms_shape {
@@ -229,18 +252,39 @@ struct ms_bank {
     __u32 nshapes4;
     __u32 nshapes6;
     __u8 default_action; /* MS_ALLOW or MS_DENY */
-    __u8 pad[3];
+    __u8 staged_default; /* the staged view's default: default_action, unless the agent stages
+                          * everything (--policy-mode staged: default_action is then allow) */
+    __u8 pad[2];
+};
+
+/* One failsafe entry: flows whose first packet crosses in `dir` with `proto` and destination
+ * `port`, from (in) or to (out) a remote address in addr/mask, pass before any rule. */
+struct ms_failsafe {
+    __u8 family;  /* 4 or 6; 0: either (addr and mask are then 0) */
+    __u8 proto;
+    __u8 dir;     /* MS_DIR_INGRESS (in) or MS_DIR_EGRESS (out) */
+    __u8 pad;
+    __u16 port;   /* network byte order */
+    __u16 pad1;
+    __u32 addr[4]; /* the remote end, masked, network byte order; IPv4 uses word 0 */
+    __u32 mask[4];
 };
 
 struct ms_settings {
     __u64 event_interval_ns; /* at most one event per flow per interval after its first */
     __u64 timeout_ns[MS_TO_MAX]; /* idle timeouts by class: TCP states 0-8, then MS_TO_* */
+    __u32 nfailsafe;              /* entries of `failsafe` in use */
+    __u32 pad;
+    struct ms_failsafe failsafe[MS_MAX_FAILSAFE];
 };
 
 struct ms_rule_ctr {
     __u64 packets;
     __u64 bytes;
     __u64 last_hit; /* ktime (coarse) ns */
+    __u64 staged_packets; /* what the rule decided in the staged view (where that differs) */
+    __u64 staged_bytes;
+    __u64 staged_flows;
 };
 
 #define MS_EV_NEW 1
@@ -263,7 +307,10 @@ struct ms_event {
     __u16 dport;
     __u8 tcp_flags;
     __u8 kind;      /* MS_EV_* */
-    __u16 pad;
+    __u8 staged_verdict; /* as in ms_sess_val: MS_NO_STAGED when the views agree */
+    __u8 pad;
+    __u32 staged_rule_id;
+    __u32 pad2;
 };
 
 #endif

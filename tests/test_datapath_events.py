@@ -54,16 +54,16 @@ def test_map_layouts_match_python_packing(dp: Datapath) -> None:
     c = compile_policy(pol, 8)
     entry = next(iter(c.v4.entries[0].values()))
     val = len(pack_rule_val(entry, 1))
-    assert sizes("rules4") == (len(pack_rule_key(4, 0, (1, 6, 0, 0, 0, 0))), val) == (16, 24)
-    assert sizes("rules6") == (len(pack_rule_key(6, 0, (1, 6, 0, 0, 0, 0))), val) == (40, 24)
+    assert sizes("rules4") == (len(pack_rule_key(4, 0, (1, 6, 0, 0, 0, 0))), val) == (16, 48)
+    assert sizes("rules6") == (len(pack_rule_key(6, 0, (1, 6, 0, 0, 0, 0))), val) == (40, 48)
     assert sizes("shapes") == (4, len(pack_shape(c.v4.shapes[0], 1))) == (4, 56)
     assert sizes("banks") == (4, BANK.size) == (4, 16)
-    assert sizes("rule_stats") == (4, RULE_CTR.size) == (4, 24)
+    assert sizes("rule_stats") == (4, RULE_CTR.size) == (4, 48)
     assert sizes("counters") == (4, COUNTERS.size) == (4, 48 * 8)
     assert sizes("frags") == (FRAG_KEY.size, FRAG_VAL.size)
     assert sizes("reaped") == (4, REAPED.size)
     assert sizes("settings") == (4, SETTINGS.size)
-    assert EVENT.size == 80
+    assert EVENT.size == 88
 
 
 # ---- events --------------------------------------------------------------------------------
@@ -88,7 +88,8 @@ def _decode(raw: bytes) -> dict[str, Any]:
         dport,
         tcp_flags,
         kind,
-        _pad,
+        _staged_verdict,
+        _staged_rule_id,
     ) = EVENT.unpack(raw)
     alen = 4 if family == 4 else 16
     return {

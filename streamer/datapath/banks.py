@@ -229,7 +229,16 @@ class Banks:
         v = cache.get(score)
         if v is None:
             e = entry_of(score)
-            v = cache[score] = RULE_VAL.pack(score, e.rule_id, self.slots[e.rule_id], e.action)
+            v = cache[score] = RULE_VAL.pack(
+                score,
+                e.rule_id,
+                self.slots[e.rule_id],
+                e.action,
+                score,
+                e.rule_id,
+                self.slots[e.rule_id],
+                e.action,
+            )
         return v
 
     def _fill(self, bank: int, gen: int, tables: RuleTables) -> None:
@@ -287,7 +296,11 @@ class Banks:
             if fd.shapes is not None:
                 self._write_shapes(bank, family, fd.shapes)
         n4, n6 = delta.nshapes
-        self._maps.write("banks", array_key(bank), BANK.pack(gen, n4, n6, delta.default_action))
+        self._maps.write(
+            "banks",
+            array_key(bank),
+            BANK.pack(gen, n4, n6, delta.default_action, delta.default_action),
+        )
 
     def _write_shapes(self, bank: int, family: int, rows: list[ShapeRow]) -> None:
         ms = self._config.max_shapes
@@ -309,7 +322,7 @@ class Banks:
         )
 
     def _write_header(self, bank: int, gen: int, default: int, n4: int, n6: int) -> None:
-        self._maps.write("banks", array_key(bank), BANK.pack(gen, n4, n6, default))
+        self._maps.write("banks", array_key(bank), BANK.pack(gen, n4, n6, default, default))
 
     def _clear_bank(self, bank: int, tables: RuleTables | None) -> None:
         """Remove the rule entries of `bank`: those of `tables` when the bank holds exactly

@@ -528,4 +528,13 @@ def pack_rule_key(family: int, shape_id: int, key: EntryKey) -> bytes:
 
 def pack_rule_val(entry: Entry, slot: int) -> bytes:
     """struct ms_rule_val (bpf/classifier.h)."""
-    return RULE_VAL.pack(entry.score, entry.rule_id, slot, entry.action)
+    return RULE_VAL.pack(
+        entry.score,
+        entry.rule_id,
+        slot,
+        entry.action,
+        entry.score,
+        entry.rule_id,
+        slot,
+        entry.action,
+    )

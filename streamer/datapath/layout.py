@@ -22,7 +22,7 @@ from streamer.vocabulary import Action, Direction
 
 # ---- #define MS_* (bpf/classifier.h), by their C names ------------------------------------
 
-MS_LAYOUT_VERSION: Final = 5  # in the pin directory's name: maps of another layout are fresh
+MS_LAYOUT_VERSION: Final = 6  # in the pin directory's name: maps of another layout are fresh
 
 # Verdicts (struct ms_sess_val.verdict, ms_event.verdict, ms_rule_val.action, ms_bank's
 # default_action); streamer.datapath.reference.Verdict has the same numbers.
@@ -34,6 +34,13 @@ MS_DROP_PARSE: Final = 4
 MS_DROP_FRAGMENT: Final = 5
 MS_PASS_RELATED: Final = 6
 MS_DROP_PRESSURE: Final = 7
+
+MS_NO_STAGED: Final = 0xFF  # a flow's staged verdict when the views agree
+
+MS_DEFAULT_SLOT: Final = 0
+MS_FAILSAFE_SLOT: Final = 1
+
+MS_MAX_FAILSAFE: Final = 16
 
 MS_DIR_INGRESS: Final = 1
 MS_DIR_EGRESS: Final = 2
@@ -96,6 +103,9 @@ C_FRAG_OVERLAP: Final = 35
 C_FRAG_TINY: Final = 36
 C_PRESSURE_DROPS: Final = 37
 C_FRAG_REPLACED: Final = 38
+C_FAILSAFE_PASSED: Final = 39
+C_FAILSAFE_FLOWS: Final = 40
+C_STAGED_FLOWS: Final = 41
 C_MAX: Final = 48
 
 
@@ -146,6 +156,9 @@ COUNTER_NAMES: Final[dict[str, int]] = {
     "fragment_drops_tiny": C_FRAG_TINY,
     "pressure_drops": C_PRESSURE_DROPS,
     "fragments_replaced": C_FRAG_REPLACED,
+    "failsafe_passed": C_FAILSAFE_PASSED,
+    "failsafe_flows": C_FAILSAFE_FLOWS,
+    "staged_flows": C_STAGED_FLOWS,
 }
 # The verdicts a flow (a session, an event, a rule) carries.
 VERDICT_NAMES: Final[dict[int, str]] = {
@@ -261,8 +274,8 @@ SESS_VAL: Final = CStruct(
     ("tcp_flags", "B"),
     ("tclass", "B"),
     ("fins", "B"),
-    ("pad", "B"),
-    ("pad1", "4x"),
+    ("staged_verdict", "B"),
+    ("staged_rule_id", "I"),
     # the originator's line
     ("pkts_orig", "Q"),
     ("bytes_orig", "Q"),
@@ -270,7 +283,9 @@ SESS_VAL: Final = CStruct(
     ("ev_last", "Q"),
     ("ev_pkts", "Q"),
     ("ev_bytes", "Q"),
-    ("pad2", "16x"),
+    ("staged_slot", "I"),
+    ("pad2", "4x"),
+    ("pad2b", "8x"),
     # the replies' line
     ("pkts_reply", "Q"),
     ("bytes_reply", "Q"),
@@ -331,6 +346,11 @@ RULE_VAL: Final = CStruct(
     ("slot", "I"),
     ("action", "B"),
     ("pad", "7x"),
+    ("s_score", "Q"),
+    ("s_rule_id", "I"),
+    ("s_slot", "I"),
+    ("s_action", "B"),
+    ("s_pad", "7x"),
 )
 SHAPE: Final = CStruct(
     "ms_shape",
@@ -351,12 +371,27 @@ BANK: Final = CStruct(
     ("nshapes4", "I"),
     ("nshapes6", "I"),
     ("default_action", "B"),
-    ("pad", "3x"),
+    ("staged_default", "B"),
+    ("pad", "2x"),
+)
+FAILSAFE: Final = CStruct(
+    "ms_failsafe",
+    ("family", "B"),
+    ("proto", "B"),
+    ("dir", "B"),
+    ("pad", "x"),
+    ("port", "2s"),  # network byte order
+    ("pad1", "2x"),
+    ("addr", "16s"),
+    ("mask", "16s"),
 )
 SETTINGS: Final = CStruct(
     "ms_settings",
     ("event_interval_ns", "Q"),
     ("timeout_ns", f"{MS_TO_MAX}Q"),
+    ("nfailsafe", "I"),
+    ("pad", "4x"),
+    ("failsafe", f"{FAILSAFE.size * MS_MAX_FAILSAFE}s"),  # MS_MAX_FAILSAFE FAILSAFE structs
 )
 COUNTERS: Final = CStruct("ms_counters", ("c", f"{C_MAX}Q"))
 RULE_CTR: Final = CStruct(
@@ -364,6 +399,9 @@ RULE_CTR: Final = CStruct(
     ("packets", "Q"),
     ("bytes", "Q"),
     ("last_hit", "Q"),
+    ("staged_packets", "Q"),
+    ("staged_bytes", "Q"),
+    ("staged_flows", "Q"),
 )
 EVENT: Final = CStruct(
     "ms_event",
@@ -383,7 +421,10 @@ EVENT: Final = CStruct(
     ("dport", "H"),
     ("tcp_flags", "B"),
     ("kind", "B"),
-    ("pad", "H"),
+    ("staged_verdict", "B"),
+    ("pad", "x"),
+    ("staged_rule_id", "I"),
+    ("pad2", "4x"),
 )
 STRUCTS: Final = (
     SESS_KEY,
@@ -396,6 +437,7 @@ STRUCTS: Final = (
     RULE_VAL,
     SHAPE,
     BANK,
+    FAILSAFE,
     SETTINGS,
     COUNTERS,
     RULE_CTR,
@@ -403,9 +445,9 @@ STRUCTS: Final = (
 )
 
 # A flow event as the event pipeline reads it: the fields events mostly repeat stay packed
-# (meta: ifindex, rule_id, gen, family, proto, direction, verdict; tail: tcp_flags, kind, pad)
+# (meta: ifindex, rule_id, gen, family, proto, direction, verdict; tail: tcp_flags to pad2)
 # so nine values come out per record, not seventeen. EVENT_META unpacks a meta.
-EVENT_ROW: Final = EVENT.grouped(("ifindex", "verdict"), ("tcp_flags", "pad"))
+EVENT_ROW: Final = EVENT.grouped(("ifindex", "verdict"), ("tcp_flags", "pad2"))
 EVENT_META: Final = EVENT.part("ifindex", "verdict")
 EVENT_META_FAMILY: Final = EVENT.offset("family") - EVENT.offset("ifindex")  # within a meta
 

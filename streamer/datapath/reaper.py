@@ -78,7 +78,7 @@ class Reaper:
         self._maps.write(
             "settings",
             array_key(0),
-            SETTINGS.pack(self._config.event_interval_ns, *timeouts.by_class_ns()),
+            SETTINGS.pack(self._config.event_interval_ns, *timeouts.by_class_ns(), 0, b""),
         )
         self.timeouts = timeouts
 

@@ -184,7 +184,7 @@ class Tables:
     def _slot_counters(self, slot: int) -> RuleCounters:
         p = b = last = 0
         for raw in self._maps.percpu("rule_stats", slot):
-            cp, cb, cl = RULE_CTR.unpack(raw[: RULE_CTR.size])
+            cp, cb, cl = RULE_CTR.unpack(raw[: RULE_CTR.size])[:3]
             p += cp
             b += cb
             last = max(last, cl)

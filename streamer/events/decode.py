@@ -127,9 +127,9 @@ def decode(record: bytes) -> FlowEvent:
 Row = tuple[int, int, int, bytes, bytes, bytes, int, int, bytes]
 """One record's fields as `decode_batch` gives them (layout.EVENT_ROW): ts, packets, bytes,
 meta (16 bytes: ifindex, rule_id, gen, family, proto, direction, verdict, as
-layout.EVENT_META), src (16 bytes), dst (16 bytes), sport, dport, tail (4 bytes: tcp_flags,
-kind, pad). The fields an event stream mostly repeats stay packed, so the renderer looks them
-up as one key."""
+layout.EVENT_META), src (16 bytes), dst (16 bytes), sport, dport, tail (12 bytes: tcp_flags,
+kind, staged_verdict, pad, staged_rule_id, pad2). The fields an event stream mostly repeats
+stay packed, so the renderer looks them up as one key."""
 
 _FAMILY_OFFSET = EVENT.offset("family")
 _GOOD_FAMILIES = b"\x04\x06"
