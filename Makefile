@@ -58,7 +58,8 @@ run: setup
 	$(MICROSEG) lab traffic >"$(TRAFFIC_LOG)" 2>&1 &
 	traffic_pid=$$!
 	echo "demo traffic: tail -f $(TRAFFIC_LOG)"
-	$(MICROSEG) run --netns "$$host_ns" --iface "$$host_if" $(RUN_ARGS)
+	echo "failsafe is off in the demo lab (its policy denies SSH to show a deny); on a real interface (IFACE=...) it stays on"
+	$(MICROSEG) run --netns "$$host_ns" --iface "$$host_if" --failsafe none $(RUN_ARGS)
 
 # Every suite (datapath micro-benchmarks, admin API, flow events to Kafka, side by side with
 # nftables on real traffic): tables on stdout, bench/results.json, docs/bench.png. About 21

@@ -59,6 +59,8 @@ async def test_crud_is_enforced_when_answered(api: Api) -> None:
         "default_action": "deny",
         "groups": {},
         "generation": api.store.generation,
+        "policy_mode": "enforce",
+        "failsafe": [],
     }
 
     # PUT one: rule_id may be left out of the body.

@@ -48,7 +48,7 @@ from streamer.policy.model import (
 )
 from streamer.policy.state import Edit, PolicyState
 from streamer.policy.store import ChangeResult, PolicyStore, StoreError
-from streamer.vocabulary import DefaultAction
+from streamer.vocabulary import DefaultAction, Mode
 
 log = logging.getLogger("microseg.agent")
 # How often expired sessions and fragments are removed (the timeouts themselves are in
@@ -105,7 +105,11 @@ class Agent:
     def __post_init__(self) -> None:
         self.datapath = Datapath(self.config.datapath)
         self.store = PolicyStore(
-            self.config.state_dir, self.apply, self.datapath.sessions, self.apply_edit
+            self.config.state_dir,
+            self.apply,
+            self.datapath.sessions,
+            self.apply_edit,
+            failsafe=self.config.datapath.failsafe,
         )
         self.pressure = PressureWatch(self.config.pressure, on_alert=self._alert)
 
@@ -422,6 +426,8 @@ class Agent:
             reload=self.reload if cfg.policy_file is not None else None,
             extra_stats=self._extra_stats,
             flows=self.pipeline.websocket if self.pipeline is not None else None,
+            policy_mode=Mode.STAGED if cfg.datapath.staged_all else Mode.ENFORCE,
+            failsafe=cfg.datapath.failsafe,
         )
         if self.pipeline is not None:
             register_metrics(registry, self.pipeline)

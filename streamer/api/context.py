@@ -21,7 +21,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from streamer.api.signin import ViewerAuth
+from streamer.policy.failsafe import FailsafeRule
 from streamer.policy.store import ChangeResult, PolicyStore
+from streamer.vocabulary import Mode
 
 __all__ = [
     "ACTOR",
@@ -72,6 +74,8 @@ class ApiContext:
     /api/v1/policies/reload`, `microseg policy load`); None: that route answers 404.
     `flows`: the live flow feed (a `streamer.events.sinks.websocket.WebSocketHub`) behind
     `GET /api/v1/flows`; None: that route answers 503.
+    `policy_mode` and `failsafe`: what the agent was started with (`--policy-mode`,
+    `--failsafe`).
     """
 
     store: PolicyStore
@@ -85,6 +89,9 @@ class ApiContext:
     extra_stats: Callable[[], dict[str, Any]] | None = None
     reload: Callable[[str], Awaitable[ChangeResult]] | None = None
     flows: Any = None
+    # --policy-mode and --failsafe (contract §6): /status, dry runs and promote show them.
+    policy_mode: Mode = Mode.ENFORCE
+    failsafe: tuple[FailsafeRule, ...] = ()
     # The browser viewer's one-time sign-in codes and sessions (streamer/api/signin.py).
     viewer: ViewerAuth = field(default_factory=lambda: ViewerAuth(), repr=False)
 

@@ -97,7 +97,7 @@ def _generation_header(result: ChangeResult) -> dict[str, str]:
     return {"X-Policy-Generation": str(result.generation)}
 
 
-def _policy_list(store: PolicyStore) -> bytes:
+def _policy_list(store: PolicyStore, policy_mode: str) -> bytes:
     policy, generation = store.policy, store.generation
     return orjson.dumps(
         {
@@ -106,18 +106,22 @@ def _policy_list(store: PolicyStore) -> bytes:
             "default_action": policy.default_action.value,
             "groups": {name: g.to_api() for name, g in policy.groups.items()},
             "generation": generation,
+            # How the agent applies it (contract §6): not part of the document.
+            "policy_mode": policy_mode,
+            "failsafe": [str(f) for f in store.failsafe],
         }
     )
 
 
 async def list_policies(request: web.Request) -> web.Response:
     query_params(request)
-    store = request.app[CTX].store
+    ctx = request.app[CTX]
+    store, mode = ctx.store, ctx.policy_mode.value
     members = sum(len(g.members) for g in store.policy.groups.values())
     if len(store.policy.policies) > 5000 or members > 20000:
-        body = await asyncio.to_thread(_policy_list, store)
+        body = await asyncio.to_thread(_policy_list, store, mode)
     else:
-        body = _policy_list(store)
+        body = _policy_list(store, mode)
     return web.Response(body=body, content_type="application/json")
 
 

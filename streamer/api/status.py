@@ -57,6 +57,8 @@ async def status(request: web.Request) -> web.Response:
             "statistics": stats,
             "policy_count": len(ctx.store.policy.policies),
             "policy_generation": store_generation,
+            "policy_mode": ctx.policy_mode.value,
+            "failsafe": [f.to_api() for f in ctx.failsafe],
             "uptime_seconds": max(0, int(time.monotonic() - ctx.started_monotonic)),
         }
     )

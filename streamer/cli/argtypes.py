@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Final, TypeVar
 
 from streamer.cli.endpoint import Endpoint, parse_api_address
+from streamer.policy.failsafe import FailsafeError, FailsafeRule, parse_failsafe
 from streamer.policy.model import GROUP_NAME_PATTERN
 
 __all__ = [
@@ -308,3 +309,11 @@ def rule_list(value: str) -> list[str]:
 
 monitor_interval = seconds_between(0.1, 3600)
 monitor_count = bounded_int(0, None, "a whole number", "must be 0 (until stopped) or more")
+
+
+def failsafe_list(value: str) -> tuple[FailsafeRule, ...]:
+    """--failsafe: PROTO:PORT:in|out[@CIDR],... or none (streamer.policy.failsafe)."""
+    try:
+        return parse_failsafe(value)
+    except FailsafeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

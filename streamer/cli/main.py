@@ -25,7 +25,8 @@ from streamer.cli.policy import add_policy_parser
 from streamer.cli.sessions import add_session_parser
 from streamer.cli.stats import add_stats_parser
 from streamer.datapath.reference import Timeouts
-from streamer.vocabulary import DefaultAction
+from streamer.policy.failsafe import DEFAULT_FAILSAFE, parse_failsafe
+from streamer.vocabulary import DefaultAction, Mode
 
 _TIMEOUT_CLASSES = [f.name for f in dataclasses.fields(Timeouts)]
 
@@ -45,6 +46,21 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--default-action",
         choices=[a.value for a in DefaultAction],
         help="verdict when no rule matches (overrides the policy file's)",
+    )
+    p.add_argument(
+        "--policy-mode",
+        choices=[m.value for m in Mode],
+        default=Mode.ENFORCE.value,
+        help="staged: every rule (and the default action) is staged: nothing is dropped, "
+        "every flow the policy would deny is reported (default enforce)",
+    )
+    p.add_argument(
+        "--failsafe",
+        type=argtypes.failsafe_list,
+        default=parse_failsafe(DEFAULT_FAILSAFE),
+        metavar="LIST|none",
+        help="traffic that passes before any rule: PROTO:PORT:in|out[@CIDR],... "
+        f"(default {DEFAULT_FAILSAFE}); none turns it off",
     )
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/microseg"))
     p.add_argument("--events-file", type=Path, help="write flow events as JSON lines here")
@@ -266,6 +282,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             event_interval_ns=int(args.event_interval * 1e9),
             timeouts=timeouts,
             attach_mode=args.attach_mode,
+            failsafe=args.failsafe,
+            staged_all=args.policy_mode == Mode.STAGED.value,
         ),
     )
     return run_agent(config)

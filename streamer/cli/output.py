@@ -41,6 +41,7 @@ RULE_FIELDS: Final = (
     "action",
     "priority",
     "direction",
+    "mode",
 )
 
 
@@ -124,8 +125,13 @@ RULE_HEADERS: Final = (
 
 
 def rules_table(rules: Sequence[Mapping[str, Any]]) -> str:
-    """Rules as a table, one row each."""
-    return format_table(RULE_HEADERS, [_rule_row(r) for r in rules], right=(0, 8))
+    """Rules as a table, one row each; a MODE column when any rule is staged (§6)."""
+    rows = [_rule_row(r) for r in rules]
+    if not any(r.get("mode", "enforce") != "enforce" for r in rules):
+        return format_table(RULE_HEADERS, rows, right=(0, 8))
+    for row, r in zip(rows, rules, strict=True):
+        row.append(cell(r.get("mode", "enforce")))
+    return format_table((*RULE_HEADERS, "MODE"), rows, right=(0, 8))
 
 
 def key_values(data: Mapping[str, Any], order: Sequence[str] = ()) -> str:

@@ -1,5 +1,5 @@
-"""`microseg policy add|list|get|update|delete|apply|load|export`: the agent's rules through
-its API.
+"""`microseg policy add|list|get|update|delete|apply|load|export|promote`: the agent's rules
+through its API.
 
 In: the command line (see `add_policy_parser`): rule fields as flags and/or a rule or policy
 file (streamer/cli/documents.py). Out: one request (two for `policy update`: GET, then PUT of
@@ -28,6 +28,7 @@ from streamer.cli.errors import UsageError
 from streamer.cli.output import (
     RULE_FIELDS,
     cell,
+    format_table,
     is_diff,
     key_values,
     list_of_dicts,
@@ -35,7 +36,7 @@ from streamer.cli.output import (
     render_diff,
     rules_table,
 )
-from streamer.vocabulary import Action, Direction, Protocol
+from streamer.vocabulary import Action, Direction, Mode, Protocol
 
 __all__ = [
     "APPLY_TIMEOUT",
@@ -47,6 +48,7 @@ __all__ = [
     "cmd_policy_get",
     "cmd_policy_list",
     "cmd_policy_load",
+    "cmd_policy_promote",
     "cmd_policy_update",
 ]
 
@@ -92,6 +94,7 @@ async def _policy_list(api: Api, args: argparse.Namespace) -> int:
     rules = list_of_dicts(data.get("policies"))
     if rules:
         print(rules_table(rules))
+    _print_rollout(data)
     count = data.get("count", len(rules))
     groups = data.get("groups")
     # Only when there are groups: `group list` has them in full.
@@ -103,6 +106,18 @@ async def _policy_list(api: Api, args: argparse.Namespace) -> int:
         f"{cell(data.get('default_action'))}, generation {cell(data.get('generation'))}"
     )
     return 0
+
+
+def _print_rollout(listing: dict[str, Any]) -> None:
+    """The agent's failsafe entries and policy mode (contract §6), as GET /policies has them
+    (an agent from before them has neither: nothing is printed)."""
+    entries = listing.get("failsafe")
+    if isinstance(entries, list) and entries:
+        print(f"failsafe (passes before any rule): {', '.join(map(cell, entries))}")
+    elif isinstance(entries, list):
+        print("failsafe: none (--failsafe none)")
+    if listing.get("policy_mode") == "staged":
+        print("policy mode: staged (--policy-mode staged: nothing is dropped)")
 
 
 # What `policy export` keeps of GET /policies: the document `policy apply` takes.
@@ -194,6 +209,33 @@ async def _policy_apply(api: Api, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _policy_promote(api: Api, args: argparse.Namespace) -> int:
+    ids = list(dict.fromkeys(args.rule_ids))
+    if len(ids) == 1:
+        path, body = f"/policies/{ids[0]}/promote", None
+    else:
+        path, body = "/policies/promote", {"rule_ids": ids}
+    result = expect_dict(
+        await api.call("POST", path, params=_dry_params(args), body=body), api, f"POST {path}"
+    )
+    if args.output == "json":
+        print_json(result)
+        return 0
+    if args.dry_run:
+        print(f"would promote {len(ids)} rule{'' if len(ids) == 1 else 's'} (dry run)")
+    else:
+        print(f"promoted, generation {cell(result.get('generation'))}")
+    print("what they decided while staged:")
+    rows = [
+        [cell(p.get(k)) for k in ("rule_id", "staged_flows", "staged_packets", "staged_bytes")]
+        for p in list_of_dicts(result.get("promoted"))
+    ]
+    print(format_table(("ID", "FLOWS", "PACKETS", "BYTES"), rows, right=(0, 1, 2, 3)))
+    if args.dry_run and is_diff(result):
+        print(render_diff(result))
+    return 0
+
+
 async def _policy_load(api: Api, args: argparse.Namespace) -> int:
     result = await api.call("POST", "/policies/reload")
     if args.output == "json":
@@ -244,6 +286,11 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
     return run_command(args, _policy_apply, APPLY_TIMEOUT)
 
 
+def cmd_policy_promote(args: argparse.Namespace) -> int:
+    """`policy promote RULE_ID...`: staged rules enforced, in one generation."""
+    return run_command(args, _policy_promote)
+
+
 def cmd_policy_load(args: argparse.Namespace) -> int:
     """`policy load`: the agent re-reads its own policy file; `--file F` = `policy apply F`."""
     if args.file is not None:
@@ -282,6 +329,12 @@ def _rule_flags(p: argparse.ArgumentParser, with_id: bool) -> None:
     g.add_argument("--action", type=str.lower, choices=[a.value for a in Action])
     g.add_argument("--priority", type=argtypes.priority, help="0..65535, higher wins (default 100)")
     g.add_argument("--direction", type=str.lower, choices=[d.value for d in Direction])
+    g.add_argument(
+        "--mode",
+        type=str.lower,
+        choices=[m.value for m in Mode],
+        help="staged: judged and reported, deciding nothing (default enforce; docs/contract.md §6)",
+    )
     p.add_argument(
         "--file",
         type=Path,
@@ -370,6 +423,17 @@ def add_policy_parser(subparsers: Any) -> None:
     p.add_argument("file", type=Path, metavar="FILE", help="policy file (JSON or YAML; - = stdin)")
     _dry_run_flag(p)
     p.set_defaults(func=cmd_policy_apply)
+
+    p = psub.add_parser(
+        "promote",
+        parents=[common],
+        help="enforce staged rules",
+        description="Turn staged rules into enforced ones, all in one generation; prints "
+        "what each decided while staged (flows, packets, bytes).",
+    )
+    p.add_argument("rule_ids", type=argtypes.rule_id, nargs="+", metavar="RULE_ID")
+    _dry_run_flag(p)
+    p.set_defaults(func=cmd_policy_promote)
 
     p = psub.add_parser(
         "load",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from streamer.datapath.layout import MS_LAYOUT_VERSION
 from streamer.datapath.reference import Timeouts
+from streamer.policy.failsafe import DEFAULT_FAILSAFE, FailsafeRule, parse_failsafe
 
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/microseg")
 DEFAULT_RUN_DIR = Path("/run/microseg")
@@ -42,6 +43,11 @@ class DatapathConfig:
     # "tcx": BPF links on the TC hook (kernel 6.6+; no qdisc, and the cheaper hook), "tc":
     # direct-action filters on a clsact qdisc, "auto": tcx where the kernel has it
     attach_mode: str = "auto"
+    # Flows that pass before any rule (contract §6); () with --failsafe none.
+    failsafe: tuple[FailsafeRule, ...] = field(
+        default_factory=lambda: parse_failsafe(DEFAULT_FAILSAFE)
+    )
+    staged_all: bool = False  # --policy-mode staged: every rule staged, nothing dropped
 
     run_dir: Path = DEFAULT_RUN_DIR
     cache_dir: Path = DEFAULT_CACHE_DIR  # the classifier's builds: a start that finds one is fast

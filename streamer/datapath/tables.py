@@ -111,6 +111,10 @@ class RuleCounters:
     packets: int
     bytes: int
     last_hit_ns: int  # CLOCK_MONOTONIC (coarse); 0: never
+    # What the rule decided in the staged view, where that differed from the enforced one
+    staged_packets: int = 0
+    staged_bytes: int = 0
+    staged_flows: int = 0
 
 
 def _addr(family: int, raw: bytes) -> str:
@@ -182,13 +186,16 @@ class Tables:
         return self._slot_counters(0)
 
     def _slot_counters(self, slot: int) -> RuleCounters:
-        p = b = last = 0
+        p = b = last = sp = sb = sf = 0
         for raw in self._maps.percpu("rule_stats", slot):
-            cp, cb, cl = RULE_CTR.unpack(raw[: RULE_CTR.size])[:3]
+            cp, cb, cl, csp, csb, csf = RULE_CTR.unpack(raw[: RULE_CTR.size])
             p += cp
             b += cb
             last = max(last, cl)
-        return RuleCounters(p, b, last)
+            sp += csp
+            sb += csb
+            sf += csf
+        return RuleCounters(p, b, last, sp, sb, sf)
 
     def all_rule_counters(self) -> dict[int, RuleCounters]:
         return {rid: self._slot_counters(slot) for rid, slot in self._banks.slots.items()}

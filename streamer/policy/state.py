@@ -153,6 +153,12 @@ def replay(state: PolicyState, record: dict[str, Any]) -> None:
     elif op == "delete":
         if state.rules.pop(int(record["rule_id"]), None) is None:
             raise ValueError(f"journal: delete of unknown rule {record['rule_id']}")
+    elif op == "promote":
+        for rid in record["rule_ids"]:
+            staged = state.rules.get(int(rid))
+            if staged is None or not staged.staged:
+                raise ValueError(f"journal: promote of rule {rid}, which is not staged")
+            state.rules[staged.rule_id] = enforced(staged)
     elif op == "default":
         state.default_action = DefaultAction(record["default_action"])
     elif op == "set_group":
@@ -167,3 +173,10 @@ def replay(state: PolicyState, record: dict[str, Any]) -> None:
     else:
         raise ValueError(f"journal: unknown record {op!r}")
     state._view = None
+
+
+def enforced(rule: Rule) -> Rule:
+    """`rule` in mode enforce (a promoted staged rule), everything else as it was."""
+    doc = rule.to_api()
+    doc.pop("mode", None)
+    return Rule.model_validate(doc)

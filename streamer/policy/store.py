@@ -29,6 +29,7 @@ import orjson
 
 from streamer.datapath.layout import VERDICT_NAMES
 from streamer.datapath.reference import Packet, judge
+from streamer.policy.failsafe import FailsafeRule
 from streamer.policy.journal import Journal, JournalError, read_state
 from streamer.policy.model import (
     Group,
@@ -40,7 +41,7 @@ from streamer.policy.model import (
     parse_policy_document,
     unknown_group_message,
 )
-from streamer.policy.state import Edit, PolicyState, replay
+from streamer.policy.state import Edit, PolicyState, enforced, replay
 from streamer.vocabulary import DefaultAction
 
 log = logging.getLogger("microseg.store")
@@ -75,6 +76,13 @@ class GroupInUse(StoreError):
 
     status = 409
     code = "in_use"
+
+
+class NotStaged(StoreError):
+    """A promote of a rule that is not staged."""
+
+    status = 409
+    code = "not_staged"
 
 
 class ApplyFailed(StoreError):
@@ -142,6 +150,8 @@ class ChangeResult:
     members_unchanged: list[str] = field(default_factory=list)
     member_count: int = 0
     group_rules: list[int] = field(default_factory=list)
+    # A dry run's: the failsafe entries that pass before any rule, whatever the change.
+    failsafe: list[str] = field(default_factory=list)
 
     def to_api(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -158,6 +168,7 @@ class ChangeResult:
         if self.dry_run:
             out["sessions_checked"] = self.sessions_checked
             out["sessions_changing_verdict"] = self.sessions_changing
+            out["failsafe"] = self.failsafe
         return out
 
     def group_to_api(self) -> dict[str, Any]:
@@ -177,6 +188,7 @@ class ChangeResult:
         if self.dry_run:
             out["sessions_checked"] = self.sessions_checked
             out["sessions_changing_verdict"] = self.sessions_changing
+            out["failsafe"] = self.failsafe
         return out
 
 
@@ -304,8 +316,10 @@ class PolicyStore:
         applier: Applier,
         sessions: Callable[[], Iterable[LiveSession]] = lambda: (),
         edit_applier: EditApplier | None = None,
+        failsafe: tuple[FailsafeRule, ...] = (),
     ) -> None:
         self.state_dir = state_dir
+        self.failsafe = failsafe  # passes before any rule: dry runs judge sessions with it
         self._apply = applier
         self._apply_edit = edit_applier
         self._sessions = sessions
@@ -382,6 +396,30 @@ class PolicyStore:
                 f"update rule {rule.rule_id}",
                 changed=[(old, rule)],
                 record=_rule_record("update", rule),
+            )
+
+        return await self.edit(edit, actor, dry_run)
+
+    async def promote(
+        self, rule_ids: Sequence[int], actor: str, dry_run: bool = False
+    ) -> ChangeResult:
+        """Staged rules made enforced, all in one generation (contract §6). RuleNotFound for
+        an unknown rule_id, NotStaged for a rule that is not staged: then nothing changes."""
+
+        def edit(cur: PolicyState) -> Edit:
+            changed = []
+            for rid in dict.fromkeys(rule_ids):
+                old = cur.get(rid)
+                if old is None:
+                    raise RuleNotFound(f"no rule with rule_id {rid}")
+                if not old.staged:
+                    raise NotStaged(f"rule {rid} is not staged: there is nothing to promote")
+                changed.append((old, enforced(old)))
+            ids = [new.rule_id for _, new in changed]
+            return Edit(
+                f"promote rule{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}",
+                changed=changed,
+                record={"op": "promote", "rule_ids": ids},
             )
 
         return await self.edit(edit, actor, dry_run)
@@ -574,6 +612,7 @@ class PolicyStore:
                     sessions_changing, list(self._sessions()), new
                 )
                 result.sessions_checked, result.sessions_changing = checked, changing
+                result.failsafe = [str(f) for f in self.failsafe]
                 return result
             gen = await asyncio.to_thread(self._commit, e, state)
             # The state moves here, on the loop, where its readers are.

@@ -129,6 +129,7 @@ class AgentProcess:
 
     `command` is the `microseg` to run (default: this interpreter's `-m streamer`, the
     checkout's code); `cwd` (default: the repository) and `env` (default: ours) are its process's.
+    `failsafe` is its --failsafe (default none; None: the agent's own default).
     """
 
     def __init__(
@@ -142,6 +143,7 @@ class AgentProcess:
         keep_on_exit: bool = False,
         stats_interval: float = 0.0,
         event_interval: float | None = None,
+        failsafe: str | None = "none",
         extra_args: Sequence[str] = (),
         start_timeout: float = 30.0,
         state_dir: Path | None = None,
@@ -158,6 +160,8 @@ class AgentProcess:
         self.keep_on_exit = keep_on_exit
         self.stats_interval = stats_interval
         self.event_interval = event_interval
+        # Off unless a test asks: lab policies deny port 22 and DNS to show denials.
+        self.failsafe = failsafe
         self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
         # Each agent keeps its own applied set: restarts of this object restore from it.
@@ -200,6 +204,8 @@ class AgentProcess:
             argv += ["--stats-interval", str(self.stats_interval)]
         if self.event_interval is not None:
             argv += ["--event-interval", str(self.event_interval)]
+        if self.failsafe is not None:
+            argv += ["--failsafe", self.failsafe]
         return argv + self.extra_args
 
     def start(self, wait: bool = True) -> AgentProcess:

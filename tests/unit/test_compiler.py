@@ -358,7 +358,7 @@ def test_packed_layouts() -> None:
     assert raw[8:12] == bytes.fromhex("20010db8") and raw[24:] == bytes(16)
     assert len(pack_rule_key(4, 1, (1, 6, 0, 22, 0x0A000000, 0))) == 16
     val = pack_rule_val(entry, 3)
-    assert len(val) == 24 and val[16] == ACTION_CODES[Action.DENY]
+    assert len(val) == 48 and val[16] == val[40] == ACTION_CODES[Action.DENY]
     shape = pack_shape(c.v6.shapes[0], c.v6.max_scores[0], 96, 10)
     assert len(shape) == 56  # struct ms_shape
     assert shape[:4] == b"\xff\xff\xff\xff" and shape[4:16] == bytes(12)
