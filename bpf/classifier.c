@@ -120,8 +120,13 @@ struct ms_evlimit {
 };
 BPF_TABLE("lru_hash", struct ms_sess_key, struct ms_evlimit, evlimit, 8192);
 
+/* Judges in flight by CPU and bank (struct ms_judging): the agent waits for a bank's count to
+ * be 0 on every CPU before writing to the bank it retired. Pinned, so the judges of a
+ * previous agent's programs still running during a restart count in the same place. */
+BPF_TABLE_PINNED("percpu_array", u32, struct ms_judging, judging, 1, MS_PIN "/judging");
+
 /* Updating a map-of-maps waits for every running BPF program to finish (the kernel calls
- * synchronize_rcu), which lets userspace know no packet still reads the bank it just retired. */
+ * synchronize_rcu): the fallback when counting judges cannot be trusted (see banks.py). */
 BPF_ARRAY(barrier_inner, u32, 1);
 BPF_ARRAY_OF_MAPS(barrier, "barrier_inner", 1);
 
@@ -1016,16 +1021,41 @@ int ms_judge(struct __sk_buff *skb)
         return TC_ACT_SHOT;
     struct ms_scratch *sc = scratch.lookup(&zero);
     __u64 *actp = active.lookup(&zero);
-    if (!sc || !actp)
+    struct ms_judging *jg = judging.lookup(&zero);
+    if (!sc || !actp || !jg)
         return drop(ctr, C_PRESSURE_DROPS);
-    __u64 act = *actp;
-    __u32 bank = act & 1;
+    /* Count in for the active bank, then read the active word again: the count is a full
+     * barrier (a fetching atomic), so either the agent's wait after a flip sees this judge,
+     * or this judge sees the flip and counts in for the new bank instead. */
+    __u64 act = 0;
+    __u32 bank = 0;
+    __u64 *count = 0;
+#pragma clang loop unroll(disable)
+    for (int tries = 0; tries < 4; tries++) {
+        act = *(volatile __u64 *)actp;
+        bank = act & 1;
+        /* a branch, not an index: the verifier keeps the pointer's bounds */
+        __u64 *n = bank ? &jg->n[1] : &jg->n[0];
+        if (__sync_fetch_and_add(n, 1) > (1ULL << 62))
+            asm volatile("" ::: "memory"); /* the value is used: a fetching, ordered atomic */
+        if (*(volatile __u64 *)actp == act) {
+            count = n;
+            break;
+        }
+        __sync_fetch_and_add(n, -1);
+    }
+    if (!count)
+        return drop(ctr, C_PRESSURE_DROPS);
     struct ms_bank *bk = banks.lookup(&bank);
-    if (!bk)
+    if (!bk) {
+        __sync_fetch_and_add(count, -1);
         return drop(ctr, C_PRESSURE_DROPS);
+    }
     sc->gen = act >> 1;
     struct ms_pkt jp = sc->jp;
     judge(&jp, bank, bk, &sc->rv, ctr);
+    if (__sync_fetch_and_add(count, -1) > (1ULL << 62))
+        asm volatile("" ::: "memory");
     slow_path.call(skb, SLOW_RECORD);
     return drop(ctr, C_PRESSURE_DROPS);
 }

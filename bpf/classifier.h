@@ -257,6 +257,13 @@ struct ms_bank {
     __u8 pad[2];
 };
 
+/* Judges in flight per CPU (`judging`, a per-CPU array of one): a judge counts itself in for the
+ * bank it reads before it reads any of the bank's tables, and out once done, so the agent can
+ * tell when no judge reads a bank any more without waiting for an RCU grace period. */
+struct ms_judging {
+    __u64 n[2]; /* by bank */
+};
+
 /* One failsafe entry: flows whose first packet crosses in `dir` with `proto` and destination
  * `port`, from (in) or to (out) a remote address in addr/mask, pass before any rule. */
 struct ms_failsafe {

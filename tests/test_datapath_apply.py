@@ -34,8 +34,8 @@ from streamer.datapath.bindings import test_run as bpf_test_run
 from streamer.datapath.compiler import CompiledPolicy, compile_policy
 from streamer.datapath.config import DatapathConfig, DatapathError
 from streamer.datapath.datapath import Datapath, prog_fd
-from streamer.datapath.layout import EVENT
-from streamer.datapath.maps import KeysLeft
+from streamer.datapath.layout import EVENT, JUDGING
+from streamer.datapath.maps import KeysLeft, array_key
 from streamer.datapath.reference import judge
 from streamer.policy.model import PolicySet, parse_policy_document
 
@@ -128,6 +128,39 @@ def test_packets_never_see_a_half_applied_set(dp: Datapath) -> None:
     assert not t.is_alive()
     assert results["sent"] >= 1000, (results, applied)
     assert results["dropped"] == 0, (results, applied)
+
+
+def test_judges_count_themselves_out_and_a_retired_bank_waits_for_them(dp: Datapath) -> None:
+    """Every judge counts itself in for the bank it reads and out when done (`judging` is 0
+    everywhere after packets); `Maps.quiesce` waits while a count is not 0, and gives up
+    after its timeout for the RCU barrier."""
+    install(dp, "deny", R(1, dst_ip="10.9.0.1", protocol="tcp", dst_port=80))
+    for i in range(200):
+        run(dp, pk("10.0.0.1", "10.9.0.1", "tcp", 1000 + i, 80 + i % 2))
+    counts = [JUDGING.unpack(v) for v in dp._maps.percpu("judging", 0)]
+    assert counts == [(0, 0)] * len(counts)
+    maps, bank = dp._maps, dp.active()[1] ^ 1
+    assert maps.quiesce(bank)
+    # A judge of `bank` in flight on the last CPU (written by hand): waited for until it ends.
+    busy = [JUDGING.pack(0, 0)] * (len(counts) - 1) + [
+        JUDGING.pack(*((1, 0) if bank == 0 else (0, 1)))
+    ]
+    maps.update_batch("judging", [array_key(0)], [b"".join(busy)])
+    done: list[bool] = []
+    waiter = threading.Thread(target=lambda: done.append(maps.quiesce(bank, timeout=30)))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and not done
+    maps.update_batch("judging", [array_key(0)], [JUDGING.pack(0, 0) * len(counts)])
+    waiter.join(10)
+    assert done == [True]
+    # One that never ends: the timeout, then the RCU barrier.
+    maps.update_batch("judging", [array_key(0)], [b"".join(busy)])
+    try:
+        assert maps.quiesce(bank, timeout=0.05) is False
+    finally:
+        maps.update_batch("judging", [array_key(0)], [JUDGING.pack(0, 0) * len(counts)])
+    dp.clear_sessions()
 
 
 def test_failed_bank_writes_change_nothing_and_are_repaired(

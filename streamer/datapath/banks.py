@@ -4,13 +4,13 @@ In: the live tables (streamer.datapath.ruletables.RuleTables) and their changes 
 or a whole new set of tables; the loaded maps. Out: the idle bank written (the delta's entries,
 filter words and shapes; or for a whole set: cleared and filled), then `active` switched to it
 in one 8-byte write, so a packet is judged by one whole set; then, once no program can still
-read the other bank (an RCU barrier, beside the caller), the same writes into that one, which
-makes the two equal again (`settle` waits for that; every apply runs one first). Per-rule
-counter slots are kept across generations (a rule keeps its counters), zeroed before a new
-rule uses one and freed once no bank names the rule. A bank whose writes failed is *dirty*:
-before it is used again it is cleared (by a walk of the maps) and filled whole. On start,
-`adopt` learns the live generation and rule slots a previous agent left in the pinned maps
-(both banks are dirty until the first apply fills them).
+read the other bank (no judge is counted in for it, Maps.quiesce; beside the caller), the
+same writes into that one, which makes the two equal again (`settle` waits for that; every
+apply runs one first). Per-rule counter slots are kept across generations (a rule keeps its
+counters), zeroed before a new rule uses one and freed once no bank names the rule. A bank
+whose writes failed is *dirty*: before it is used again it is cleared (by a walk of the maps)
+and filled whole. On start, `adopt` learns the live generation and rule slots a previous
+agent left in the pinned maps (both banks are dirty until the first apply fills them).
 """
 
 from __future__ import annotations
@@ -361,7 +361,7 @@ class Banks:
         kept in `job` for `settle`, never lost with the thread."""
         job.error = None
         try:
-            self._maps.barrier()
+            self._maps.quiesce(job.bank)
             if job.delta is not None and job.bank not in self._dirty:
                 self._write_delta(job.bank, job.generation, job.delta, job.tables)
             else:

@@ -374,6 +374,7 @@ BANK: Final = CStruct(
     ("staged_default", "B"),
     ("pad", "2x"),
 )
+JUDGING: Final = CStruct("ms_judging", ("n", "2Q"))  # judges in flight, by bank
 FAILSAFE: Final = CStruct(
     "ms_failsafe",
     ("family", "B"),
@@ -437,6 +438,7 @@ STRUCTS: Final = (
     RULE_VAL,
     SHAPE,
     BANK,
+    JUDGING,
     FAILSAFE,
     SETTINGS,
     COUNTERS,

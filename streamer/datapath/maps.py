@@ -2,7 +2,8 @@
 
 In: map names (as bpf/classifier.c declares them) and packed keys and values (packed with
 streamer.datapath.layout). Out: single and batched lookups, writes, deletes and walks, per-CPU
-entries (one value per possible CPU), the RCU barrier, and the ring buffer's records by callback
+entries (one value per possible CPU), waiting for a retired bank's judges (`quiesce`, or the
+RCU barrier), and the ring buffer's records by callback
 (`Ring`), all through libbpf on the maps' fds. Write failures raise DatapathError; deletes report
 the keys they could not remove (KeysLeft) and count a key already gone as removed. Until the
 loader fills it a Maps holds no map; `close` closes its fds (pins stay).
@@ -15,11 +16,13 @@ import ctypes as ct
 import errno
 import os
 import struct
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from streamer.datapath.bindings import RingBufferSample, libbpf, possible_cpus
 from streamer.datapath.config import DatapathError
+from streamer.datapath.layout import JUDGING
 
 if TYPE_CHECKING:
     from streamer.datapath.artifact import MapDef
@@ -200,3 +203,47 @@ class Maps:
     def barrier(self) -> None:
         """Return once no BPF program still runs with a view from before this call."""
         self.write("barrier", array_key(0), struct.pack("<I", self.fds["barrier_inner"]))
+
+    def quiesce(self, bank: int, timeout: float = 1.0) -> bool:
+        """Return once no judge reads `bank` (retired by a flip of `active` before this call):
+        its count in `judging` is 0 on every CPU, which takes microseconds where the RCU
+        barrier takes a grace period. True when it did; False (after `barrier`, which is
+        always safe) when the counts could not be trusted (no full memory barrier to order
+        the flip before reading them) or did not reach 0 within `timeout`."""
+        if not full_memory_barrier():
+            self.barrier()
+            return False
+        deadline = time.monotonic() + timeout
+        pause = 0.00002
+        while True:
+            if not any(JUDGING.unpack(v)[bank] for v in self.percpu("judging", 0)):
+                return True
+            if time.monotonic() > deadline:
+                self.barrier()
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.001)
+
+
+_SYS_MEMBARRIER = {"x86_64": 324, "aarch64": 283}.get(os.uname().machine)
+_MEMBARRIER_PRIVATE_EXPEDITED = 8
+_MEMBARRIER_REGISTER_PRIVATE_EXPEDITED = 16
+_membarrier_ready: bool | None = None
+_LIBC = ct.CDLL(None, use_errno=True)
+
+
+def full_memory_barrier() -> bool:
+    """A full memory barrier on this CPU (membarrier(2), private expedited): stores before it
+    (the flip of `active`) are visible to every CPU before loads after it. False where the
+    kernel does not offer one."""
+    global _membarrier_ready
+    if _SYS_MEMBARRIER is None or _membarrier_ready is False:
+        return False
+    syscall = _LIBC.syscall
+    if _membarrier_ready is None:
+        _membarrier_ready = (
+            syscall(_SYS_MEMBARRIER, _MEMBARRIER_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0
+        )
+        if not _membarrier_ready:
+            return False
+    return bool(syscall(_SYS_MEMBARRIER, _MEMBARRIER_PRIVATE_EXPEDITED, 0, 0) == 0)
