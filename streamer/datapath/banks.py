@@ -77,6 +77,7 @@ class Banks:
         self._next_slot = 1
         self._dirty: set[int] = set()  # banks whose contents are not `tables`
         self._catching_up: _CatchUp | None = None
+        self._packed_shapes: dict[tuple[ShapeRow, int], bytes] = {}  # (row, bank) -> ms_shape
 
     def adopt(self) -> bool:
         """Learn what a previous agent left in the pinned maps: the live bank's rule slots
@@ -306,19 +307,21 @@ class Banks:
         ms = self._config.max_shapes
         fidx = 0 if family == 4 else 1
         bloom_base = bank * MS_BLOOM_BANK_WORDS
-        self._maps.update_batch(
-            "shapes",
-            [array_key((bank * 2 + fidx) * ms + i) for i in range(len(rows))],
-            [
-                pack_shape(
-                    r.shape,
-                    r.max_score,
-                    bloom_base + r.bloom_off,
-                    r.bloom_log2,
-                    bank * ms + r.sid,
+        # A change that moves one shape in the probe order rewrites every row after it: the
+        # rows themselves mostly stay, so their packing is kept (both banks, a few changes).
+        cache = self._packed_shapes
+        if len(cache) > 4 * 2 * 2 * ms:
+            cache.clear()
+        values = []
+        for r in rows:
+            v = cache.get((r, bank))
+            if v is None:
+                v = cache[(r, bank)] = pack_shape(
+                    r.shape, r.max_score, bloom_base + r.bloom_off, r.bloom_log2, bank * ms + r.sid
                 )
-                for r in rows
-            ],
+            values.append(v)
+        self._maps.update_batch(
+            "shapes", [array_key((bank * 2 + fidx) * ms + i) for i in range(len(rows))], values
         )
 
     def _write_header(self, bank: int, gen: int, default: int, n4: int, n6: int) -> None:
