@@ -6,6 +6,8 @@ source copies them out in one piece). Out: FlowEvent (`decode`, one record) or r
 (`decode_batch`, a drained batch at once, one C-level unpack: the hot path; the fields events
 mostly repeat stay packed in two byte strings, see `Row`). A record of the wrong size or an
 unknown address family is rejected (DecodeError, or counted by `decode_batch`), never guessed at.
+A record whose staged verdict is MS_NO_STAGED (the staged view agrees) has no staged verdict;
+its staged rule id is then ignored.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from streamer.datapath.layout import (
     EVENT_KIND_NAMES,
     EVENT_META_FAMILY,
     EVENT_ROW,
+    MS_NO_STAGED,
     VERDICT_NAMES,
 )
 from streamer.vocabulary import PROTOCOL_NAMES
@@ -57,6 +60,10 @@ class FlowEvent:
     dst_port: int
     tcp_flags: int
     kind: str
+    # What the staged view decided where it differs from the enforced one (contract §6):
+    # None when the views agree; staged_rule_id None when the staged default decided.
+    staged_verdict: str | None = None
+    staged_rule_id: int | None = None
 
     @property
     def protocol_name(self) -> str:
@@ -94,7 +101,8 @@ def decode(record: bytes) -> FlowEvent:
         dport,
         tcp_flags,
         kind,
-        _pad,
+        staged_verdict,
+        staged_rule_id,
     ) = EVENT.unpack(record)
     if family == 4:
         src_ip = socket.inet_ntop(socket.AF_INET, src[:4])
@@ -121,6 +129,10 @@ def decode(record: bytes) -> FlowEvent:
         dst_port=dport,
         tcp_flags=tcp_flags,
         kind=EVENT_KIND_NAMES.get(kind, "unknown"),
+        staged_verdict=(
+            None if staged_verdict == MS_NO_STAGED else VERDICT_NAMES.get(staged_verdict, "unknown")
+        ),
+        staged_rule_id=(staged_rule_id or None) if staged_verdict != MS_NO_STAGED else None,
     )
 
 
@@ -223,5 +235,6 @@ def encode(ev: FlowEvent) -> bytes:
         ev.dst_port,
         ev.tcp_flags,
         rkind[ev.kind],
-        0,
+        MS_NO_STAGED if ev.staged_verdict is None else rverdict[ev.staged_verdict],
+        ev.staged_rule_id or 0,
     )

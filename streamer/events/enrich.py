@@ -2,13 +2,16 @@
 
 `render` is the hot path: a drained batch of raw rows straight into serialized records, ready
 for the fan-out. Per combination of the fields events mostly repeat (interface, rule,
-generation, protocol, direction, verdict, flags, kind) a record template is made once with
-those filled in; per event only nine values are formatted into it (IPv4 text from a cached
-"a.b.c." prefix and an octet table: a flood of new sources costs no cache misses). `enrich`
-makes the same object as a dict from one FlowEvent (tests check the two agree byte for byte).
-Both add the rule's metadata as it was at the event's policy generation (rule_id, name,
-priority, action, and a group rule's src_group/dst_group names), host and interface names,
-wall-clock time from the kernel's monotonic stamp and a per-agent sequence number.
+generation, protocol, direction, verdict, flags, kind, staged verdict and rule) a record
+template is made once with those filled in; per event only nine values are formatted into it
+(IPv4 text from a cached "a.b.c." prefix and an octet table: a flood of new sources costs no
+cache misses). `enrich` makes the same object as a dict from one FlowEvent (tests check the
+two agree byte for byte). Both add the rule's metadata as it was at the event's policy
+generation (rule_id, name, priority, action, a group rule's src_group/dst_group names, a
+staged rule's mode), the `staged` object where the staged view differs from the enforced one
+(contract §6: its verdict and rule, described like `rule`; no `staged` key where they agree),
+host and interface names, wall-clock time from the kernel's monotonic stamp and a per-agent
+sequence number.
 Also builds the `lost` records that stand in the stream for events that never made it
 (docs/flow-event.schema.json describes both).
 
@@ -31,7 +34,14 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from streamer.datapath.layout import DIRECTION_NAMES, EVENT_KIND_NAMES, EVENT_META, VERDICT_NAMES
+from streamer.datapath.layout import (
+    DIRECTION_NAMES,
+    EVENT,
+    EVENT_KIND_NAMES,
+    EVENT_META,
+    MS_NO_STAGED,
+    VERDICT_NAMES,
+)
 from streamer.events.decode import _FLAG_TEXT, PROTOCOLS, FlowEvent, Row
 from streamer.events.fanout import Item
 from streamer.policy.model import PolicySet, Rule
@@ -78,8 +88,11 @@ _FLOW_TEMPLATE = (
     b'{"schema":"' + SCHEMA.encode() + b'","type":"flow","seq":%%d,"time":"%%b.%%09dZ",'
     b'"host":%b,"iface":%b,"direction":%b,"verdict":%b,"src_ip":"%%b","dst_ip":"%%b",'
     b'"src_port":%%d,"dst_port":%%d,"protocol":%b,"tcp_flags":%b,"packets":%%d,"bytes":%%d,'
-    b'"kind":%b,"rule":%b,"policy_generation":%b}'
+    b'"kind":%b,"rule":%b%b,"policy_generation":%b}'
 )
+# A record's tail (layout.EVENT_ROW: tcp_flags to pad2), where the staged verdict and rule are.
+_TAIL_STAGED_VERDICT = EVENT.offset("staged_verdict") - EVENT.offset("tcp_flags")
+_TAIL_STAGED_RULE = EVENT.offset("staged_rule_id") - EVENT.offset("tcp_flags")
 _OCTETS = tuple(b"%d" % i for i in range(256))
 
 
@@ -105,6 +118,7 @@ def rule_meta(rule: Rule) -> dict[str, Any]:
         "action": rule.action.value,
         **({"src_group": rule.src_group} if rule.src_group is not None else {}),
         **({"dst_group": rule.dst_group} if rule.dst_group is not None else {}),
+        **({"mode": "staged"} if rule.staged else {}),
     }
 
 
@@ -284,10 +298,22 @@ class Enricher:
 
     def _template(self, meta: bytes, tail: bytes) -> tuple[bytes, int]:
         """The record of one combination of the fields events mostly repeat (interface,
-        rule, generation, family, protocol, direction, verdict, flags, kind) with those
+        rule, generation, family, protocol, direction, verdict, flags, kind, staged verdict
+        and rule) with those
         filled in: what is left per event is 9 values. With the address family."""
         ifindex, rule_id, gen, family, proto, direction, verdict = EVENT_META.unpack(meta)
-        tcp_flags, kind = tail[0], tail[1]
+        tcp_flags, kind, staged_verdict = tail[0], tail[1], tail[_TAIL_STAGED_VERDICT]
+        staged = b""
+        if staged_verdict != MS_NO_STAGED:
+            at = _TAIL_STAGED_RULE
+            staged_rule = int.from_bytes(tail[at : at + 4], "little")
+            staged = (
+                b',"staged":{"verdict":'
+                + _VERDICT_JSON[staged_verdict]
+                + b',"rule":'
+                + (self._rule_json(gen, staged_rule) if staged_rule else b"null")
+                + b"}"
+            )
         iface = self._iface_json.get(ifindex)
         if iface is None:
             iface = orjson.dumps(self.ifnames.get(ifindex, str(ifindex)))
@@ -301,6 +327,7 @@ class Enricher:
             _FLAGS_JSON[tcp_flags] if proto == 6 else b"null",
             _KIND_JSON[kind],
             rule,
+            staged,
             b"%d" % gen,
         )
         # Names may hold a '%': escaped, they come out of the second formatting as they are.
@@ -382,7 +409,19 @@ class Enricher:
             "bytes": ev.bytes,
             "kind": ev.kind,
             "rule": self.rule(ev.generation, ev.rule_id),
+            **self._staged(ev),
             "policy_generation": ev.generation,
+        }
+
+    def _staged(self, ev: FlowEvent) -> dict[str, Any]:
+        """The `staged` member of an event (contract §6), or nothing where the views agree."""
+        if ev.staged_verdict is None:
+            return {}
+        return {
+            "staged": {
+                "verdict": ev.staged_verdict,
+                "rule": self.rule(ev.generation, ev.staged_rule_id),
+            }
         }
 
     def alert_record(self, fields: dict[str, Any]) -> dict[str, Any]:

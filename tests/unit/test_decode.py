@@ -5,12 +5,13 @@ against the C header)."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import orjson
 import pytest
 from support.events import tcp_rule, valid
 
-from streamer.datapath.layout import EVENT
+from streamer.datapath.layout import EVENT, MS_NO_STAGED
 from streamer.events.decode import (
     DecodeError,
     FlowEvent,
@@ -56,6 +57,8 @@ def test_decode_round_trip(family: int, src: str, dst: str, proto: int) -> None:
         dst_port=1 if proto in (6, 17) else 0,
         tcp_flags=0x12,
         kind="update",
+        staged_verdict="deny",
+        staged_rule_id=4294967294,
     )
     raw = encode(ev)
     assert len(raw) == EVENT.size
@@ -81,6 +84,32 @@ def test_decode_round_trip(family: int, src: str, dst: str, proto: int) -> None:
         2,
         2,
         2,
+    )
+    assert (r["staged_verdict"], r["staged_rule_id"]) == (1, 4294967294)
+
+
+def test_decode_staged_verdicts() -> None:
+    """contract §6: MS_NO_STAGED (the views agree) is no staged verdict, whatever the rule
+    field holds; a staged verdict with rule 0 is the staged default's; an unknown byte is
+    "unknown"."""
+    base = FlowEvent(
+        1, 1, 60, 1, 5, 1, 4, 6, "ingress", "allow", "10.0.0.1", "10.0.0.2", 1, 2, 2, "new"
+    )
+    plain = encode(base)
+    assert plain[EVENT.offset("staged_verdict")] == MS_NO_STAGED
+    assert (decode(plain).staged_verdict, decode(plain).staged_rule_id) == (None, None)
+    stray = bytearray(plain)
+    stray[EVENT.offset("staged_rule_id")] = 9
+    assert decode(bytes(stray)).staged_rule_id is None
+    by_default = decode(encode(replace(base, staged_verdict="log")))
+    assert (by_default.staged_verdict, by_default.staged_rule_id) == ("log", None)
+    by_rule = decode(encode(replace(base, staged_verdict="deny", staged_rule_id=7)))
+    assert (by_rule.staged_verdict, by_rule.staged_rule_id) == ("deny", 7)
+    odd = bytearray(encode(replace(base, staged_verdict="deny", staged_rule_id=7)))
+    odd[EVENT.offset("staged_verdict")] = 77
+    assert (decode(bytes(odd)).staged_verdict, decode(bytes(odd)).staged_rule_id) == (
+        "unknown",
+        7,
     )
 
 
@@ -109,9 +138,9 @@ def test_decode_rejects_what_is_no_event() -> None:
             )
         )
     )
-    with pytest.raises(DecodeError, match="79 bytes, expected 80"):
+    with pytest.raises(DecodeError, match=f"{EVENT.size - 1} bytes, expected {EVENT.size}"):
         decode(good[:-1])
-    with pytest.raises(DecodeError, match="81 bytes"):
+    with pytest.raises(DecodeError, match=f"{EVENT.size + 1} bytes"):
         decode(good + b"\0")
     bad_family = bytearray(good)
     bad_family[EVENT.offset("family")] = 5
@@ -153,7 +182,9 @@ def test_render_writes_byte_for_byte_what_enrich_describes() -> None:
             "policies": [
                 tcp_rule(3, name='say "hi"\u00e9', priority=5),
                 tcp_rule(9, action="log", name="x"),
-            ]
+                tcp_rule(12, action="deny", name="would", mode="staged", src_group="g"),
+            ],
+            "groups": {"g": {"members": ["10.0.0.0/8"]}},
         }
     )
     fast = Enricher({1: "eth0", 7: 'we"ird\\if'}, host="host-ü\n")
@@ -185,6 +216,8 @@ def test_render_writes_byte_for_byte_what_enrich_describes() -> None:
                 dst_port=rnd.randrange(65536),
                 tcp_flags=rnd.randrange(256),
                 kind=rnd.choice(("new", "update")),
+                staged_verdict=rnd.choice((None, None, "deny", "log", "allow")),
+                staged_rule_id=rnd.choice((None, 12, 3, 77)),
             )
         )
     raws = [encode(e) for e in evs]
@@ -192,6 +225,7 @@ def test_render_writes_byte_for_byte_what_enrich_describes() -> None:
     odd[EVENT.offset("direction")] = 9
     odd[EVENT.offset("verdict")] = 200
     odd[EVENT.offset("kind")] = 0
+    odd[EVENT.offset("staged_verdict")] = 201
     raws.append(bytes(odd))
     rows, bad = decode_batch(raws)
     assert bad == 0
@@ -205,3 +239,7 @@ def test_render_writes_byte_for_byte_what_enrich_describes() -> None:
         assert not item.is_lost and item.obj == obj
         valid(obj)
     assert fast.seq == ref.seq == len(raws)
+    staged = [i.obj["staged"] for i in items if "staged" in i.obj]
+    assert any(st["rule"] and st["rule"].get("mode") == "staged" for st in staged)
+    assert any(st["rule"] is None for st in staged)
+    assert {st["verdict"] for st in staged} == {"deny", "log", "allow", "unknown"}

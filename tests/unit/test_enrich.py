@@ -3,8 +3,12 @@ and generations kept until the events they judged are drained."""
 
 from __future__ import annotations
 
-from support.events import tcp_rule
+from dataclasses import replace
 
+import pytest
+from support.events import tcp_rule, valid
+
+from streamer.events.decode import FlowEvent
 from streamer.events.enrich import Enricher
 from streamer.policy.model import parse_policy_document
 
@@ -76,3 +80,49 @@ def test_a_group_rules_metadata_names_its_groups() -> None:
     }
     assert "src_group" not in en.rule(1, 2) and en.rule(1, 2)["dst_group"] == "db"
     assert set(en.rule(1, 3)) == {"rule_id", "name", "priority", "action"}
+
+
+def test_a_staged_verdict_is_the_staged_object_and_only_where_the_views_differ() -> None:
+    """docs/contract.md §6: a record whose staged view differs carries `staged` (its verdict,
+    and its rule described like `rule`, "mode": "staged" included; null for the staged
+    default); one where they agree has no `staged` key at all. Only a staged rule's object
+    carries `mode`."""
+    policy = parse_policy_document(
+        {
+            "policies": [
+                tcp_rule(1, name="enforced", action="allow"),
+                tcp_rule(2, name="trial", mode="staged"),
+            ]
+        }
+    )
+    en = Enricher({1: "eth0"}, host="h")
+    en.add_generation(3, policy)
+    agree = FlowEvent(
+        1, 1, 60, 1, 1, 3, 4, 6, "ingress", "log", "10.0.0.1", "10.0.0.2", 1, 22, 2, "new"
+    )
+    obj = en.enrich(agree)
+    assert "staged" not in obj and "mode" not in obj["rule"]
+    valid(obj)
+    by_rule = en.enrich(replace(agree, verdict="allow", staged_verdict="deny", staged_rule_id=2))
+    assert by_rule["rule"]["name"] == "enforced" and "mode" not in by_rule["rule"]
+    assert by_rule["staged"] == {
+        "verdict": "deny",
+        "rule": {
+            "rule_id": 2,
+            "name": "trial",
+            "priority": 100,
+            "action": "deny",
+            "mode": "staged",
+        },
+    }
+    assert list(by_rule).index("staged") == list(by_rule).index("rule") + 1
+    valid(by_rule)
+    by_default = en.enrich(replace(agree, rule_id=None, staged_verdict="deny"))
+    assert by_default["rule"] is None and by_default["staged"] == {"verdict": "deny", "rule": None}
+    valid(by_default)
+    gone = en.enrich(replace(agree, staged_verdict="deny", staged_rule_id=99))
+    assert gone["staged"]["rule"] == {"rule_id": 99, "name": "", "priority": None, "action": None}
+    valid(gone)
+    bad = dict(by_rule, staged={"verdict": "maybe", "rule": None})
+    with pytest.raises(AssertionError, match="not valid"):
+        valid(bad)
