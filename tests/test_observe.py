@@ -142,6 +142,7 @@ def test_table_and_compact_output(agent: AgentProcess, module_lab: Lab) -> None:
         "RULE",
         "PKTS",
         "BYTES",
+        "STAGED",
     ]
     assert "\033[" not in out.stdout  # not a terminal: no colours
     row = next(ln for ln in lines[1:] if f"{module_lab.host_v4}:22" in ln)

@@ -1,11 +1,11 @@
 """The flow feed's routes: `/api/v1/flows` (a live WebSocket) and `/api/v1/flows/recent`.
 
-In: requests with the feed's filters (verdict, ip, port, protocol, rule_id) and the feed of the
-`ApiContext` (a `streamer.events.sinks.websocket.WebSocketHub`, which streams and keeps the
-recent records). Out: the WebSocket upgrade, or the last `limit` matching records (100 by
-default, oldest first) as JSON. No feed: the WebSocket answers 503 and the recent list is empty.
-The WebSocket refuses a cross-site `Origin` itself, since browsers send a handshake (a GET)
-cross-origin.
+In: requests with the feed's filters (verdict, ip, port, protocol, rule_id, staged) and the
+feed of the `ApiContext` (a `streamer.events.sinks.websocket.WebSocketHub`, which streams and
+keeps the recent records). Out: the WebSocket upgrade, or the last `limit` matching records
+(100 by default, oldest first) as JSON. No feed: the WebSocket answers 503 and the recent list
+is empty. The WebSocket refuses a cross-site `Origin` itself, since browsers send a handshake
+(a GET) cross-origin.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ __all__ = ["FLOWS_RECENT_PATH", "RECENT_LIMIT_MAX", "flows", "flows_recent"]
 
 FLOWS_RECENT_PATH: Final = f"{FLOWS_PATH}/recent"
 RECENT_LIMIT_MAX: Final = 10_000
-_FLOW_PARAMS: Final = ("verdict", "ip", "port", "protocol", "rule_id", "token")
+_FLOW_PARAMS: Final = ("verdict", "ip", "port", "protocol", "rule_id", "staged", "token")
 
 
 async def flows(request: web.Request) -> web.StreamResponse:

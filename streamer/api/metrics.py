@@ -1,14 +1,19 @@
 """Counters for people and for Prometheus: one reading of the datapath, two renderings.
 
-In: the datapath (duck-typed: `counters()`, `map_fill()`, `config.session_entries`), the
-policy store and optional extra counters (the event pipeline's). Out: `read_stats()`, the dict
-behind `/api/v1/stats`, and `MicrosegCollector`, a prometheus-client collector that reads the
-same numbers at scrape time; `ApiMetrics` counts API requests. Everything is registered on an
-injected `CollectorRegistry`, never the process-global one.
+In: the datapath (duck-typed: `counters()`, `map_fill()`, `all_rule_counters()`,
+`default_counters()`, `config.session_entries`), the policy store and optional extra counters
+(the event pipeline's). Out: `read_stats()`, the dict behind `/api/v1/stats`, and
+`MicrosegCollector`, a prometheus-client collector that reads the same numbers at scrape time;
+`ApiMetrics` counts API requests. Everything is registered on an injected `CollectorRegistry`,
+never the process-global one.
 
 `allowed_packets` counts every packet passed by a verdict, `log` included (`log` = allow and
 report); `logged_packets` is the `log` part of it. `total_packets` also counts packets no verdict
 was taken for (parse drops, ARP and neighbour discovery), so allowed + denied <= total.
+`failsafe_passed` counts the packets of flows the failsafe list passed before any rule, and
+`staged_flows` the flows whose staged verdict differs from the enforced one (contract §6); per
+rule, `microseg_rule_staged_{packets,bytes,flows}_total{rule_id,name}` say what it would have
+decided there.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ _PLAIN = (
     "events_lost",
     "session_create_failed",
     "total_bytes",
+    "failsafe_passed",
+    "failsafe_flows",
+    "staged_flows",
 )
 
 
@@ -184,6 +192,51 @@ class MicrosegCollector(Collector):
         events.add_metric(["sent"], s["events_sent"])
         events.add_metric(["lost"], s["events_lost"])
         yield events
+        yield CounterMetricFamily(
+            "microseg_failsafe_passed_packets",
+            "Packets of failsafe flows, passed before any rule",
+            value=s["failsafe_passed"],
+        )
+        yield CounterMetricFamily(
+            "microseg_failsafe_flows", "Flows the failsafe list passed", value=s["failsafe_flows"]
+        )
+        yield CounterMetricFamily(
+            "microseg_staged_flows",
+            "Flows whose staged verdict differs from the enforced one",
+            value=s["staged_flows"],
+        )
+        yield from self._staged(policy)
+
+    def _staged(self, policy: Any) -> Iterator[Metric]:
+        """Per rule, what it would have decided where the staged view differs: every staged
+        rule (zeros too, so a dashboard sees it from the start), any other rule that has such
+        counts (under --policy-mode staged every rule is judged staged), and the default action
+        (rule_id "default") once it has."""
+        per_rule = self._datapath.all_rule_counters()
+        default = self._datapath.default_counters()
+        families = {
+            field: CounterMetricFamily(
+                f"microseg_rule_staged_{field}",
+                f"{what} of the flows a rule would have decided where the staged view differs "
+                "from the enforced one (rule_id default: the staged default action)",
+                labels=["rule_id", "name"],
+            )
+            for field, what in (("packets", "Packets"), ("bytes", "Bytes"), ("flows", "Number"))
+        }
+        rows: list[tuple[str, str, Any]] = []
+        for r in policy.policies:
+            c = per_rule.get(r.rule_id)
+            if c is None:
+                continue
+            if r.staged or c.staged_packets or c.staged_flows:
+                rows.append((str(r.rule_id), r.name, c))
+        if default.staged_packets or default.staged_flows:
+            rows.append(("default", "", default))
+        for rule_id, name, c in rows:
+            families["packets"].add_metric([rule_id, name], c.staged_packets)
+            families["bytes"].add_metric([rule_id, name], c.staged_bytes)
+            families["flows"].add_metric([rule_id, name], c.staged_flows)
+        yield from families.values()
 
     def _maps(self) -> Iterator[Metric]:
         """Fill, entries, capacity and evictions of every map (`Datapath.map_fill()`)."""

@@ -67,6 +67,14 @@ _RATE: Final[dict[str, Any]] = {
     "maximum": 100,
     "description": "percent",
 }
+_STAGED_PARAM: Final[dict[str, Any]] = {
+    "type": "string",
+    "pattern": "^(any|(allow|deny|log)(,(allow|deny|log))*)$",
+}
+_STAGED_DESC: Final = (
+    "only events with a staged verdict (docs/contract.md §6): any, or these staged verdicts "
+    "(comma-separated)"
+)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -138,10 +146,10 @@ def _model_schemas() -> dict[str, Any]:
     defs["RuleUpdate"] = update
     # What the API returns: every field, canonical.
     out = copy.deepcopy(rule)
-    out["required"] = [f for f in out["properties"] if not f.endswith("_group")]
+    out["required"] = [f for f in out["properties"] if not f.endswith("_group") and f != "mode"]
     out["description"] = (
         "A policy rule as stored: every field, canonical values; src_group and dst_group only "
-        "when the rule has them."
+        "when the rule has them, mode only when it is staged."
     )
     for prop in out["properties"].values():
         prop.pop("default", None)
@@ -180,10 +188,27 @@ def _schemas() -> dict[str, Any]:
         "session_create_failed": _COUNT,
         "session_table_capacity": _COUNT,
         "total_bytes": _COUNT,
+        "failsafe_passed": {**_COUNT, "description": "packets of failsafe flows (passed first)"},
+        "failsafe_flows": {**_COUNT, "description": "flows the failsafe list passed"},
+        "staged_flows": {
+            **_COUNT,
+            "description": "flows whose staged verdict differs from the enforced one",
+        },
         "by_direction": _ref("ByDirection"),
     }
     component = {"status": {"type": "string"}, "message": {"type": "string"}}
-    hits = {"packets": _COUNT, "bytes": _COUNT, "last_hit": _TIME}
+    hits = {
+        "packets": _COUNT,
+        "bytes": _COUNT,
+        "last_hit": _TIME,
+        "staged_packets": {
+            **_COUNT,
+            "description": "packets of the flows it would have decided where the staged view "
+            "differs from the enforced one (docs/contract.md §6)",
+        },
+        "staged_bytes": _COUNT,
+        "staged_flows": _COUNT,
+    }
     schemas.update(
         {
             "Error": _obj(
@@ -224,8 +249,10 @@ def _schemas() -> dict[str, Any]:
                     "rule_id": {"type": "integer", "minimum": 1, "maximum": MAX_RULE_ID},
                     "name": {"type": "string"},
                     "action": _ref("Action"),
+                    "mode": {"const": "staged", "description": "only when the rule is staged"},
                     **hits,
-                }
+                },
+                required=["rule_id", "name", "action", *hits],
             ),
             "PolicyStats": _obj(
                 {
@@ -233,7 +260,11 @@ def _schemas() -> dict[str, Any]:
                     "policy_misses": _COUNT,
                     "hit_rate": _RATE,
                     "rule_count": _COUNT,
-                    "default": _obj(hits, description="flows decided by the default action"),
+                    "default": _obj(
+                        hits,
+                        description="flows decided by the default action (staged_*: by the "
+                        "staged default where the views differ)",
+                    ),
                     "rules": {
                         "type": "array",
                         "items": _ref("RuleHits"),
@@ -243,8 +274,10 @@ def _schemas() -> dict[str, Any]:
             ),
             "RuleDetail": _obj(
                 {**schemas["RuleOut"]["properties"], **hits},
+                required=[*schemas["RuleOut"]["required"], *hits],
                 description="A rule with its hit counters (packets and bytes of the flows it "
-                "decided, and when it last decided one).",
+                "decided, and when it last decided one) and its staged counters (what it "
+                "would have decided where the staged view differs: docs/contract.md §6).",
             ),
             "PolicyList": _obj(
                 {
@@ -805,6 +838,7 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
                         {"type": "string", "pattern": "^[0-9]{1,10}(,[0-9]{1,10})*$"},
                         "only events decided by these rules (comma-separated)",
                     ),
+                    _query("staged", _STAGED_PARAM, _STAGED_DESC),
                     _query(
                         "token",
                         {"type": "string"},
@@ -882,6 +916,7 @@ def _viewer_paths() -> dict[str, Any]:
         _query("port", {"type": "string"}, "either port is one of these (comma-separated)"),
         _query("protocol", {"type": "string"}, "tcp, udp, icmp or icmpv6 (comma-separated)"),
         _query("rule_id", {"type": "string"}, "decided by these rules (comma-separated)"),
+        _query("staged", _STAGED_PARAM, _STAGED_DESC),
     ]
     index = _op(
         "The flow viewer (HTML)",

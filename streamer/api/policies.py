@@ -26,7 +26,6 @@ from streamer.api.context import (
     ApiError,
     json_response,
     short,
-    wall_time,
 )
 from streamer.api.params import (
     SMALL_BODY_LIMIT,
@@ -38,6 +37,7 @@ from streamer.api.params import (
     validate_rule,
     validate_set,
 )
+from streamer.api.stats import rule_hits
 from streamer.policy.store import ChangeResult, PolicyStore, StoreError
 
 __all__ = [
@@ -185,14 +185,7 @@ async def get_policy(request: web.Request) -> web.Response:
     if rule is None:
         raise ApiError(404, f"no rule with rule_id {rule_id}")
     counters = ctx.datapath.rule_counters(rule_id)
-    return json_response(
-        {
-            **rule.to_api(),
-            "packets": int(counters.packets),
-            "bytes": int(counters.bytes),
-            "last_hit": wall_time(int(counters.last_hit_ns)),
-        }
-    )
+    return json_response({**rule.to_api(), **rule_hits(counters)})
 
 
 async def update_policy(request: web.Request) -> web.Response:

@@ -3,7 +3,8 @@
 In: requests, and the datapath's counters with the extra ones of the `ApiContext` (read by
 `streamer.api.metrics.read_stats`, off the event loop). Out: the counters as JSON, packet rates in
 percent, and the rules ranked by packets (`?limit=`, 100 by default) with the default action's
-hits; a rule that was never hit counts zero.
+hits; a rule that was never hit counts zero. Every rule's hits come with its staged counters
+(`rule_hits`, also in GET /policies/{rule_id}); a staged rule is marked `"mode": "staged"`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from streamer.api.metrics import read_stats
 from streamer.api.openapi import RULE_LIMIT_MAX
 from streamer.api.params import int_param, query_params
 
-__all__ = ["current_stats", "packet_stats", "policy_stats", "stats"]
+__all__ = ["current_stats", "packet_stats", "policy_stats", "rule_hits", "stats"]
 
 
 async def current_stats(ctx: ApiContext) -> dict[str, Any]:
@@ -53,11 +54,16 @@ async def packet_stats(request: web.Request) -> web.Response:
     )
 
 
-def _hits(counters: Any) -> dict[str, Any]:
+def rule_hits(counters: Any) -> dict[str, Any]:
+    """A rule's (or the default action's) hit counters and, beside them, its staged counters:
+    what it would have decided where the staged view differs (contract §6)."""
     return {
         "packets": int(counters.packets),
         "bytes": int(counters.bytes),
         "last_hit": wall_time(int(counters.last_hit_ns)),
+        "staged_packets": int(counters.staged_packets),
+        "staged_bytes": int(counters.staged_bytes),
+        "staged_flows": int(counters.staged_flows),
     }
 
 
@@ -80,7 +86,8 @@ async def policy_stats(request: web.Request) -> web.Response:
             "rule_id": r.rule_id,
             "name": r.name,
             "action": r.action.value,
-            **_hits(per_rule.get(r.rule_id, zero)),
+            **({"mode": r.mode.value} if r.staged else {}),
+            **rule_hits(per_rule.get(r.rule_id, zero)),
         }
         for r in ranked
     ]
@@ -91,7 +98,7 @@ async def policy_stats(request: web.Request) -> web.Response:
             "policy_misses": misses,
             "hit_rate": _rate(hits, hits + misses),
             "rule_count": len(policy.policies),
-            "default": _hits(default),
+            "default": rule_hits(default),
             "rules": rules,
         }
     )
@@ -102,3 +109,6 @@ class _Zero:
     packets: int = 0
     bytes: int = 0
     last_hit_ns: int = 0
+    staged_packets: int = 0
+    staged_bytes: int = 0
+    staged_flows: int = 0

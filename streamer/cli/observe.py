@@ -1,13 +1,14 @@
 """`microseg flows observe` (the terminal view of the flow feed, like `hubble observe`) and
 `microseg viewer-url` (a one-time sign-in link for the browser viewer).
 
-In: command-line filters (`--verdict`, `--ip`, `--port`, `--protocol`, `--rule`), `--last N`,
-`--follow`, `-o table|json|compact`, and the API address and token as for the other clients
-(streamer/cli/connection.py). Out: the agent's recent records (GET /api/v1/flows/recent) and, with
-`--follow`, the live feed (the WebSocket at /api/v1/flows) on stdout, one line per record;
-colours only when stdout is a terminal (`--color`), never with `-o json`. `lost` records always
-pass the filters: a gap concerns every view. Records already printed from the recent ones are
-not printed again from the feed (by `seq`).
+In: command-line filters (`--verdict`, `--ip`, `--port`, `--protocol`, `--rule`, `--staged`,
+`--staged-verdict`: contract §6), `--last N`, `--follow`, `-o table|json|compact`, and the API
+address and token as for the other clients (streamer/cli/connection.py). Out: the agent's recent
+records (GET /api/v1/flows/recent) and, with `--follow`, the live feed (the WebSocket at
+/api/v1/flows) on stdout, one line per record; colours only when stdout is a terminal
+(`--color`), never with `-o json`. `lost` records always pass the filters: a gap concerns every
+view. Records already printed from the recent ones are not printed again from the feed (by
+`seq`).
 
 Filters other than a rule *name* are applied by the agent; `--rule NAME` (not a number) and
 `--rule default` are applied here. Exit status: 0 done (or Ctrl-C while following), 1 the agent
@@ -58,9 +59,10 @@ HEADERS: Final = (
     "RULE",
     "PKTS",
     "BYTES",
+    "STAGED",
 )
 # Column widths while following (rows cannot be measured ahead); longer values just push on.
-_FOLLOW_WIDTHS: Final = (12, 7, 9, 27, 27, 6, 20, 6, 8)
+_FOLLOW_WIDTHS: Final = (12, 7, 9, 27, 27, 6, 20, 6, 8, 0)
 _RIGHT: Final = (7, 8)
 _COLORS: Final = {
     "deny": "\033[1;31m",
@@ -100,6 +102,11 @@ class ObserveConfig:
             values = _flatten(getattr(args, key))
             if values:
                 params[key] = ",".join(values)
+        staged = _flatten(args.staged_verdict)
+        if staged:
+            params["staged"] = ",".join(staged)
+        elif args.staged:
+            params["staged"] = "any"
         rules = _flatten(args.rule)
         ids = [r for r in rules if r.isdigit()]
         names = frozenset(r.lower() for r in rules if not r.isdigit())
@@ -381,6 +388,18 @@ def add_flow_parsers(subparsers: Any) -> None:
         type=argtypes.rule_list,
         metavar="ID|NAME",
         help="decided by this rule (rule_id or name; 'default': the default action)",
+    )
+    g.add_argument(
+        "--staged",
+        action="store_true",
+        help="only events with a staged verdict (staged rules would decide otherwise)",
+    )
+    g.add_argument(
+        "--staged-verdict",
+        action="append",
+        type=argtypes.choice_list(VERDICTS, "staged verdict"),
+        metavar="deny|log|allow",
+        help="only events whose staged verdict is this (implies --staged)",
     )
     p.add_argument(
         "-f",

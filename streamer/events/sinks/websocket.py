@@ -1,11 +1,11 @@
 """The WebSocket sink: the live flow feed at GET /api/v1/flows.
 
 In: a channel of Items (the hub's), and WebSocket clients, each with a `FlowFilter` from the
-query string (verdict, ip, port, protocol, rule_id). Out: one text message per matching record
-(lost records always pass: they concern every subscriber). Each client has a bounded queue; the
-hub only ever puts into it without waiting, so a client that stops reading delays nobody. A
-client whose queue overflows is sent `{"type": "slow_consumer", ...}` (if its socket still
-takes it within two seconds), disconnected (close code 1008), and counted.
+query string (verdict, ip, port, protocol, rule_id, staged). Out: one text message per matching
+record (lost records always pass: they concern every subscriber). Each client has a bounded
+queue; the hub only ever puts into it without waiting, so a client that stops reading delays
+nobody. A client whose queue overflows is sent `{"type": "slow_consumer", ...}` (if its socket
+still takes it within two seconds), disconnected (close code 1008), and counted.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ log = logging.getLogger("microseg.sink.websocket")
 
 VERDICTS = frozenset(vocabulary.VERDICTS)
 PROTOCOLS = frozenset(vocabulary.PROTOCOL_NUMBERS)
-FILTER_PARAMS = ("verdict", "ip", "port", "protocol", "rule_id")
+FILTER_PARAMS = ("verdict", "ip", "port", "protocol", "rule_id", "staged")
+STAGED_ANY = "any"  # `staged=any`: every event with a staged verdict
 DEFAULT_CLIENT_QUEUE = 4096
 MAX_CLIENTS = 64
 
@@ -47,18 +48,20 @@ def _split(value: str) -> list[str]:
 @dataclass(frozen=True)
 class FlowFilter:
     """Which events a client wants; None = any. Values within a field are alternatives
-    (`verdict=deny,log`); fields must all match. `ip` and `port` match either endpoint."""
+    (`verdict=deny,log`); fields must all match. `ip` and `port` match either endpoint;
+    `staged` is `any` (the event has a staged verdict: contract §6) or staged verdicts."""
 
     verdicts: frozenset[str] | None = None
     nets: tuple[IPNet, ...] | None = None
     ports: frozenset[int] | None = None
     protocols: frozenset[str] | None = None
     rule_ids: frozenset[int] | None = None
+    staged: frozenset[str] | None = None
 
     @classmethod
     def parse(cls, query: Mapping[str, str]) -> FlowFilter:
         """From query parameters; ValueError naming the bad one."""
-        verdicts = nets = ports = protocols = rule_ids = None
+        verdicts = nets = ports = protocols = rule_ids = staged = None
         if "verdict" in query:
             vs = _split(query["verdict"].lower())
             bad = [v for v in vs if v not in VERDICTS]
@@ -96,7 +99,18 @@ class FlowFilter:
             if not items or not all(v.isdigit() and 0 < int(v) < 2**32 for v in items):
                 raise ValueError(f"rule_id: {query['rule_id'][:40]!r} is not a rule_id")
             rule_ids = frozenset(int(v) for v in items)
-        return cls(verdicts, nets, ports, protocols, rule_ids)
+        if "staged" in query:
+            vs = _split(query["staged"].lower())
+            if vs == [STAGED_ANY]:
+                staged = VERDICTS
+            elif vs and all(v in VERDICTS for v in vs):
+                staged = frozenset(vs)
+            else:
+                raise ValueError(
+                    f"staged: {query['staged'][:40]!r}: use any, or staged verdicts allow, deny"
+                    " or log (comma-separated for several)"
+                )
+        return cls(verdicts, nets, ports, protocols, rule_ids, staged)
 
     @property
     def any(self) -> bool:
@@ -106,6 +120,7 @@ class FlowFilter:
             and self.ports is None
             and self.protocols is None
             and self.rule_ids is None
+            and self.staged is None
         )
 
     def matches(self, obj: dict[str, Any]) -> bool:
@@ -122,6 +137,10 @@ class FlowFilter:
         if self.rule_ids is not None:
             rule = obj.get("rule")
             if not rule or rule.get("rule_id") not in self.rule_ids:
+                return False
+        if self.staged is not None:
+            st = obj.get("staged")
+            if not isinstance(st, dict) or st.get("verdict") not in self.staged:
                 return False
         if self.nets is not None:
             try:
@@ -144,6 +163,8 @@ class FlowFilter:
             out["protocol"] = sorted(self.protocols)
         if self.rule_ids is not None:
             out["rule_id"] = sorted(self.rule_ids)
+        if self.staged is not None:
+            out["staged"] = [STAGED_ANY] if self.staged == VERDICTS else sorted(self.staged)
         return out
 
 
