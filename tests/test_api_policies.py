@@ -122,6 +122,9 @@ async def test_rule_hit_counters(api: Api) -> None:
     assert body == {
         **full(20, dst_ip="10.20.0.1"),
         **{k: body[k] for k in ("packets", "bytes", "last_hit")},
+        "staged_packets": 0,  # contract §6: beside the hits; an enforced rule decides itself
+        "staged_bytes": 0,
+        "staged_flows": 0,
     }
     assert body["packets"] == 3 and body["bytes"] > 3 * 40
     last_hit = datetime.fromisoformat(body["last_hit"])

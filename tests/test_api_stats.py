@@ -10,9 +10,13 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.apiapp import Api, Factory, P, assert_error, full, passes, rule
-from support.bpf import kernel_retval
+from support.bpf import kernel_retval, loaded_datapath, unique_instance
 
 from streamer.api.app import make_app
+from streamer.datapath.compiler import compile_policy
+from streamer.datapath.config import DatapathConfig
+from streamer.datapath.layout import RULE_CTR
+from streamer.datapath.maps import array_key
 from streamer.datapath.reference import Packet
 from streamer.policy.model import PolicySet
 from streamer.policy.store import StoreError
@@ -301,3 +305,145 @@ async def test_reload_route(api: Api) -> None:
     status, body, _ = await api.call("GET", f"{P}/policies/reload")
     assert_error(status, body, 400, "invalid", "rule_id")
     assert len(actors) == 2
+
+
+# ---- staged counters and failsafe (contract §6) ----------------------------------------------
+
+
+def _set_rule_counters(dp: Any, slot: int, values: tuple[int, ...]) -> bytes:
+    """Write one per-rule counter slot (CPU 0 holds `values`: RULE_CTR's fields in order, the
+    other CPUs zero); returns what it held, to put back."""
+    old = b"".join(dp._maps.percpu("rule_stats", slot))
+    ncpu = len(dp._maps.percpu("rule_stats", slot))
+    raw = RULE_CTR.pack(*values) + bytes(RULE_CTR.size * (ncpu - 1))
+    dp._maps.update_batch("rule_stats", [array_key(slot)], [raw])
+    return old
+
+
+def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_staged_counters_are_read_beside_the_hit_counters(api: Api) -> None:
+    """GET /policies/{id}, /stats/policies and /metrics read the per-rule staged counters the
+    classifier keeps (written here into the rule's counter slot, as the kernel would), and
+    /stats the failsafe and staged totals. /metrics has a staged rule's series from the start,
+    another rule's only once it counted, the staged default's (rule_id "default") likewise."""
+    doc = {
+        "default_action": "allow",
+        "policies": [
+            rule(80, name="trial", dst_ip="10.80.0.1", action="deny", mode="staged"),
+            rule(81, name="kept", dst_ip="10.80.0.2"),
+            rule(82, name="quiet", dst_ip="10.80.0.3", action="deny", mode="staged"),
+        ],
+    }
+    assert (await api.call("PUT", f"{P}/policies", doc))[0] == 200
+    slot = api.dp._banks.slots[80]
+    _set_rule_counters(api.dp, slot, (0, 0, 0, 5, 600, 2))
+    old_default = _set_rule_counters(api.dp, 0, (0, 0, 0, 3, 180, 1))
+    try:
+        status, body, _ = await api.call("GET", f"{P}/policies/80")
+        assert status == 200 and body["mode"] == "staged"
+        assert (body["staged_packets"], body["staged_bytes"], body["staged_flows"]) == (5, 600, 2)
+        assert (body["packets"], body["bytes"], body["last_hit"]) == (0, 0, None)
+        status, body, _ = await api.call("GET", f"{P}/policies/81")
+        assert "mode" not in body and body["staged_packets"] == body["staged_flows"] == 0
+
+        status, pol, _ = await api.call("GET", f"{P}/stats/policies")
+        assert status == 200
+        by_id = {r["rule_id"]: r for r in pol["rules"]}
+        assert by_id[80]["mode"] == "staged" and "mode" not in by_id[81]
+        staged = ("staged_packets", "staged_bytes", "staged_flows")
+        assert tuple(by_id[80][k] for k in staged) == (5, 600, 2)
+        assert tuple(by_id[81][k] for k in staged) == (0, 0, 0)
+        assert tuple(pol["default"][k] for k in staged) == (3, 180, 1)
+
+        status, stats, _ = await api.call("GET", f"{P}/stats")
+        for key in ("failsafe_passed", "failsafe_flows", "staged_flows"):
+            assert isinstance(stats[key], int), key
+
+        status, text, _ = await api.call("GET", "/metrics", auth=False)
+        assert status == 200
+        samples = _samples(text)
+
+        def value(metric: str, **labels: str) -> float | None:
+            return samples.get((metric, frozenset(labels.items())))
+
+        for field, n in (("packets", 5), ("bytes", 600), ("flows", 2)):
+            metric = f"microseg_rule_staged_{field}_total"
+            assert value(metric, rule_id="80", name="trial") == n
+            assert value(metric, rule_id="82", name="quiet") == 0
+            assert value(metric, rule_id="81", name="kept") is None
+        assert value("microseg_rule_staged_packets_total", rule_id="default", name="") == 3
+        assert value("microseg_failsafe_passed_packets_total") == stats["failsafe_passed"]
+        assert value("microseg_failsafe_flows_total") == stats["failsafe_flows"]
+        assert value("microseg_staged_flows_total") == stats["staged_flows"]
+    finally:
+        api.dp._maps.update_batch("rule_stats", [array_key(0)], [old_default])
+
+
+async def test_a_staged_rule_counts_what_it_would_have_decided(api: Api) -> None:
+    """Needs the classifier's staged view (engineer A). A staged deny rule decides nothing:
+    its flows pass by the default action, and its staged counters count them (new flows:
+    staged_flows; their packets and bytes), as do /stats staged_flows and /metrics; an
+    enforced rule's flows count nothing staged."""
+    doc = {
+        "default_action": "allow",
+        "policies": [
+            rule(
+                83,
+                name="would-deny",
+                dst_ip="10.83.0.1",
+                dst_port=8083,
+                action="deny",
+                mode="staged",
+            ),
+            rule(84, name="enforced", dst_ip="10.83.0.2", dst_port=8084, action="log"),
+        ],
+    }
+    assert (await api.call("PUT", f"{P}/policies", doc))[0] == 200
+    _, before, _ = await api.call("GET", f"{P}/stats")
+    for _ in range(3):
+        assert passes(api.dp, "10.83.0.1", 8083)
+    assert passes(api.dp, "10.83.0.2", 8084)
+    _, after, _ = await api.call("GET", f"{P}/stats")
+    assert after["staged_flows"] - before["staged_flows"] == 3
+    status, body, _ = await api.call("GET", f"{P}/policies/83")
+    assert status == 200 and body["mode"] == "staged"
+    assert (body["packets"], body["staged_packets"], body["staged_flows"]) == (0, 3, 3)
+    assert body["staged_bytes"] > 3 * 40
+    _, body, _ = await api.call("GET", f"{P}/policies/84")
+    assert (body["packets"], body["staged_packets"], body["staged_flows"]) == (1, 0, 0)
+    _, text, _ = await api.call("GET", "/metrics", auth=False)
+    samples = _samples(text)
+    key = frozenset({("rule_id", "83"), ("name", "would-deny")})
+    assert samples[("microseg_rule_staged_flows_total", key)] == 3
+
+
+async def test_failsafe_traffic_is_counted(make_api: Factory) -> None:
+    """Needs the classifier's failsafe (engineer A) and DatapathConfig.failsafe (the lead).
+    With a failsafe entry tcp:2222:in and a default-deny set, a new flow to tcp 2222 passes
+    and is counted in /stats (failsafe_passed: its packets, failsafe_flows) and /metrics;
+    another port is denied and not counted."""
+    from streamer.policy.failsafe import parse_failsafe
+
+    cfg = DatapathConfig(instance=unique_instance("fs"), failsafe=parse_failsafe("tcp:2222:in"))
+    with loaded_datapath(cfg) as fdp:
+        fdp.apply(compile_policy(PolicySet(default_action="deny"), fdp.config.max_shapes), None)
+        api = await make_api(datapath=fdp)
+        _, before, _ = await api.call("GET", f"{P}/stats")
+        assert passes(fdp, "10.84.0.1", 2222)
+        assert not passes(fdp, "10.84.0.1", 2223)
+        _, after, _ = await api.call("GET", f"{P}/stats")
+        assert after["failsafe_passed"] - before["failsafe_passed"] == 1
+        assert after["failsafe_flows"] - before["failsafe_flows"] == 1
+        _, text, _ = await api.call("GET", "/metrics", auth=False)
+        samples = _samples(text)
+        assert (
+            samples[("microseg_failsafe_passed_packets_total", frozenset())]
+            == (after["failsafe_passed"])
+        )
