@@ -16,8 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from support.agentapi import P1, P2, P3, Api, api_of, api_stats
-from support.agentproc import AgentFactory, AgentProcess, flows, free_port, rule, write_policy
+from support.agentapi import P1, P2, P3, Api, api_stats, start_agent
+from support.agentproc import AgentFactory, AgentProcess, flows, free_port, rule
 from support.cli import cli, cli_json
 from support.netutil import TcpConn, echo_server, expect_ports, wait_until
 
@@ -34,11 +34,9 @@ def _agent(
     default: str = "deny",
     **kwargs: Any,
 ) -> tuple[AgentProcess, Api]:
-    policy = write_policy(tmp_path / f"policy-{free_port()}.json", rules, default)
-    agent = agent_factory(lab, policy, api=f"127.0.0.1:{free_port()}", **kwargs)
-    agent.start()
-    agent.wait_api()
-    return agent, api_of(agent)
+    """support.agentapi.start_agent with a policy file of its own (a test starts several)."""
+    name = f"policy-{free_port()}.json"
+    return start_agent(agent_factory, lab, tmp_path, rules, default, name=name, **kwargs)
 
 
 def _staged_events(agent: AgentProcess, port: int) -> list[dict[str, Any]]:

@@ -184,16 +184,21 @@ def start_agent(
     unix: Path | None = None,
     no_auth: bool = False,
     name: str = "policy.json",
+    **agent_kwargs: Any,
 ) -> tuple[AgentProcess, Api]:
     """An agent enforcing `rules` from a fresh policy file, its API on a free loopback port
-    (and on `unix`, if given), ready to answer; and an Api client with its token."""
+    (and on `unix`, if given), ready to answer; and an Api client with its token.
+    `agent_kwargs` go to the AgentProcess (`extra_args` after the flags above)."""
     extra: list[str] = []
     if unix is not None:
         extra += ["--api", f"unix:{unix}"]
     if no_auth:
         extra.append("--no-auth")
     policy = write_policy(tmp_path / name, rules, default)
-    agent = agent_factory(lab, policy, api=f"127.0.0.1:{free_port()}", extra_args=extra)
+    extra += agent_kwargs.pop("extra_args", ())
+    agent = agent_factory(
+        lab, policy, api=f"127.0.0.1:{free_port()}", extra_args=extra, **agent_kwargs
+    )
     agent.start()
     agent.wait_api()
     return agent, api_of(agent)
