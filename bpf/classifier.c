@@ -6,6 +6,14 @@
  * DENY and LOG flows put events on the ring buffer (first packet, then at most one per flow
  * per interval). What cannot be parsed far enough to judge is dropped and counted.
  *
+ * Two views in one pass (contract §6): the search keeps the enforced view's winner (the best
+ * enforce-mode rule; else the bank's default_action), which decides, and the staged view's
+ * (the best rule of either mode; else staged_default), which only reports. Where they differ
+ * the session holds the staged verdict, rule and counter slot, the flow's events carry them,
+ * a flow either view does not simply allow is reported, and the staged rule's counters count
+ * what it would have decided. Failsafe entries (in `settings`) are checked before any rule
+ * when a flow is judged: such a flow is allowed, by no rule, under MS_FAILSAFE_SLOT.
+ *
  * Why tuple-space search: the policy model allows CIDRs of any length on both addresses,
  * port ranges and wildcards, so no single exact-match or LPM lookup can answer it. Rules that
  * share their masks (a "shape") live in one hash table keyed by the masked fields; a packet
@@ -568,6 +576,7 @@ static __always_inline __u32 judge_family(struct ms_pkt *p, __u32 bank, __u32 n,
     struct ms_rule_key4 k4 = {};
     struct ms_rule_key6 k6 = {};
     out->score = 0;
+    out->s_score = 0;
     __u32 base = (bank * 2 + (family == 6)) * MS_MAX_SHAPES;
     /* The verifier must see the loop's constant bound on every path: keep the compiler from
      * folding the two exits into one comparison against the unknown n. */
@@ -580,6 +589,8 @@ static __always_inline __u32 judge_family(struct ms_pkt *p, __u32 bank, __u32 n,
             break;
         __u32 idx = base + i;
         struct ms_shape *s = shapes.lookup(&idx);
+        /* max_score is the best of either view's in the shape, and the staged winner is never
+         * below the enforced one: once the enforced winner reaches it, neither can improve. */
         if (!s || out->score >= s->max_score)
             break;
         struct ms_rule_val *v;
@@ -619,13 +630,30 @@ static __always_inline __u32 judge_family(struct ms_pkt *p, __u32 bank, __u32 n,
                 continue;
             v = rules6.lookup(&k6);
         }
-        if (v && v->score > out->score)
-            *out = *v;
+        if (v) {
+            /* Two winners: the staged view's (every rule) and the enforced view's (enforce
+             * rules only; a key only staged rules give has score 0 there). Where no staged
+             * rule is involved both halves are the same rule and both move together. */
+            if (v->s_score > out->s_score) {
+                out->s_score = v->s_score;
+                out->s_rule_id = v->s_rule_id;
+                out->s_slot = v->s_slot;
+                out->s_action = v->s_action;
+            }
+            if (v->score > out->score) {
+                out->score = v->score;
+                out->rule_id = v->rule_id;
+                out->slot = v->slot;
+                out->action = v->action;
+            }
+        }
     }
     return i; /* shapes examined (filtered out or probed) */
 }
 
-/* Judge a flow by the active bank: fills verdict, rule_id and slot. */
+/* Judge a flow by the active bank: fills both views' verdict, rule_id and slot (a view no
+ * rule decides gets its default: default_action, staged_default). The scores stay as found,
+ * so the views differ exactly when the scores or the actions do (see staged_of). */
 static __always_inline void judge(struct ms_pkt *p, __u32 bank, struct ms_bank *bk,
                                   struct ms_rule_val *out, struct ms_counters *ctr)
 {
@@ -639,8 +667,53 @@ static __always_inline void judge(struct ms_pkt *p, __u32 bank, struct ms_bank *
         ctr->c[C_POLICY_MISSES]++;
         out->action = bk->default_action;
         out->rule_id = 0;
-        out->slot = 0;
+        out->slot = MS_DEFAULT_SLOT;
     }
+    if (!out->s_score) {
+        out->s_action = bk->staged_default;
+        out->s_rule_id = 0;
+        out->s_slot = MS_DEFAULT_SLOT;
+    }
+}
+
+/* The flow's staged verdict: MS_NO_STAGED where the staged view's winner is the enforced
+ * one's (the same rule, or both defaults alike), else what the staged view decides. */
+static __always_inline __u8 staged_of(struct ms_rule_val *rv)
+{
+    if (rv->s_score != rv->score || rv->s_action != rv->action)
+        return rv->s_action;
+    return MS_NO_STAGED;
+}
+
+/* A flow is reported (events) when either view does not simply allow it. */
+static __always_inline int reported(__u8 verdict, __u8 staged_verdict)
+{
+    /* staged_verdict + 1 > 1: neither MS_NO_STAGED (0xff) nor MS_ALLOW (0) */
+    return verdict != MS_ALLOW || (__u8)(staged_verdict + 1) > 1;
+}
+
+/* Whether a flow's first packet is failsafe traffic: an entry of its direction, protocol and
+ * destination port whose remote end (the source of an ingress flow, the destination of an
+ * egress one) holds the packet's. Family 0 entries have addr and mask 0: either family. */
+static __always_inline int failsafe(struct ms_pkt *p, struct ms_settings *st)
+{
+    __u32 n = st->nfailsafe;
+    asm volatile("" : "+r"(n));
+    __u32 *r = p->dir == MS_DIR_INGRESS ? p->src : p->dst;
+#pragma clang loop unroll(disable)
+    for (__u32 i = 0; i < MS_MAX_FAILSAFE; i++) {
+        if (i >= n)
+            break;
+        struct ms_failsafe *f = &st->failsafe[i];
+        if (f->dir != p->dir || f->proto != p->proto || f->port != p->dport)
+            continue;
+        if (f->family && f->family != p->family)
+            continue;
+        if ((r[0] & f->mask[0]) == f->addr[0] && (r[1] & f->mask[1]) == f->addr[1] &&
+            (r[2] & f->mask[2]) == f->addr[2] && (r[3] & f->mask[3]) == f->addr[3])
+            return 1;
+    }
+    return 0;
 }
 
 static __always_inline void emit(struct ms_sess_key *k, struct ms_sess_val *s, __u8 kind,
@@ -726,7 +799,8 @@ static __always_inline int account(struct ms_sess_key *key, struct ms_sess_val *
     *tr = advance(s, key->proto, d, tcp_flags);
     __u8 verdict = s->verdict;
     __u32 slot = s->slot;
-    if (verdict != MS_ALLOW) {
+    __u8 sv = s->staged_verdict;
+    if (reported(verdict, sv)) {
         s->ev_pkts++;
         s->ev_bytes += len;
         if (s->ev_last == 0) {
@@ -747,6 +821,17 @@ static __always_inline int account(struct ms_sess_key *key, struct ms_sess_val *
         rs->bytes += len;
         rs->last_hit = now;
     }
+    if (sv != MS_NO_STAGED) {
+        /* what the staged view's rule would have decided */
+        __u32 sslot = s->staged_slot;
+        struct ms_rule_ctr *ss = rule_stats.lookup(&sslot);
+        if (ss) {
+            ss->staged_packets++;
+            ss->staged_bytes += len;
+        }
+    }
+    if (slot == MS_FAILSAFE_SLOT)
+        ctr->c[C_FAILSAFE_PASSED]++;
     __u32 ci = C_DIR_VERDICT + (dir - 1) * 4 + verdict;
     /* keep the bound check: the compiler would fold it away and the verifier needs it */
     asm volatile("" : "+r"(ci));
@@ -761,6 +846,15 @@ static __always_inline int account(struct ms_sess_key *key, struct ms_sess_val *
     else
         ctr->c[C_ALLOWED]++;
     return TC_ACT_OK;
+}
+
+/* A flow newly judged into a staged difference: counted globally and for the staged rule. */
+static __always_inline void count_staged_flow(struct ms_counters *ctr, __u32 slot)
+{
+    ctr->c[C_STAGED_FLOWS]++;
+    struct ms_rule_ctr *rs = rule_stats.lookup(&slot);
+    if (rs)
+        rs->staged_flows++;
 }
 
 static __always_inline int drop(struct ms_counters *ctr, __u32 reason)
@@ -1012,7 +1106,8 @@ int ms_related(struct __sk_buff *skb)
 }
 
 /* The tuple-space search alone (its loop is what the verifier's budget goes to): the verdict
- * of sc->jp by the active bank into sc->rv, then on to ms_record. */
+ * of sc->jp by the active bank into sc->rv, then on to ms_record. Failsafe traffic is
+ * decided first, before any rule of either view: allow, rule 0, the failsafe slot. */
 int ms_judge(struct __sk_buff *skb)
 {
     __u32 zero = 0;
@@ -1022,7 +1117,8 @@ int ms_judge(struct __sk_buff *skb)
     struct ms_scratch *sc = scratch.lookup(&zero);
     __u64 *actp = active.lookup(&zero);
     struct ms_judging *jg = judging.lookup(&zero);
-    if (!sc || !actp || !jg)
+    struct ms_settings *st = settings.lookup(&zero);
+    if (!sc || !actp || !jg || !st)
         return drop(ctr, C_PRESSURE_DROPS);
     /* Count in for the active bank, then read the active word again: the count is a full
      * barrier (a fetching atomic), so either the agent's wait after a flip sees this judge,
@@ -1053,7 +1149,15 @@ int ms_judge(struct __sk_buff *skb)
     }
     sc->gen = act >> 1;
     struct ms_pkt jp = sc->jp;
-    judge(&jp, bank, bk, &sc->rv, ctr);
+    struct ms_rule_val *rv = &sc->rv;
+    if (failsafe(&jp, st)) {
+        rv->score = rv->s_score = 0;
+        rv->rule_id = rv->s_rule_id = 0;
+        rv->slot = rv->s_slot = MS_FAILSAFE_SLOT;
+        rv->action = rv->s_action = MS_ALLOW;
+    } else {
+        judge(&jp, bank, bk, rv, ctr);
+    }
     if (__sync_fetch_and_add(count, -1) > (1ULL << 62))
         asm volatile("" ::: "memory");
     slow_path.call(skb, SLOW_RECORD);
@@ -1086,6 +1190,7 @@ int ms_record(struct __sk_buff *skb)
     __u32 tr = 0;
     int action;
 
+    __u8 sv = staged_of(rv);
     struct ms_sess_val nv = {};
     nv.first_seen = now;
     nv.gen = gen;
@@ -1094,29 +1199,50 @@ int ms_record(struct __sk_buff *skb)
     nv.verdict = rv->action;
     nv.orig_dir = dir;
     nv.a_is_src = src_is_a;
-    nv.staged_verdict = MS_NO_STAGED;
+    nv.staged_verdict = sv;
+    if (sv != MS_NO_STAGED) {
+        nv.staged_rule_id = rv->s_rule_id;
+        nv.staged_slot = rv->s_slot;
+    }
     if (sc->rejudge) {
         struct ms_sess_val *s = sessions.lookup(&key);
         if (s) {
             ctr->c[C_REJUDGED]++;
-            if (rv->action != s->verdict || rv->rule_id != s->rule_id)
-                s->ev_last = 0; /* report the flow afresh under its new verdict */
+            /* a flow entering failsafe, or a staged difference of another rule, is a flow of
+             * them from now on (counted as new ones are) */
+            if (rv->slot == MS_FAILSAFE_SLOT && s->slot != MS_FAILSAFE_SLOT)
+                ctr->c[C_FAILSAFE_FLOWS]++;
+            if (sv != MS_NO_STAGED &&
+                (s->staged_verdict == MS_NO_STAGED || s->staged_rule_id != nv.staged_rule_id))
+                count_staged_flow(ctr, nv.staged_slot);
+            if (rv->action != s->verdict || rv->rule_id != s->rule_id ||
+                sv != s->staged_verdict || nv.staged_rule_id != s->staged_rule_id)
+                s->ev_last = 0; /* report the flow afresh under its new verdicts */
             s->verdict = rv->action;
             s->rule_id = rv->rule_id;
             s->slot = rv->slot;
+            s->staged_verdict = sv;
+            s->staged_rule_id = nv.staged_rule_id;
+            s->staged_slot = nv.staged_slot;
             s->gen = gen;
             action = account(&key, s, src_is_a, flags, dir, len, now, st, ctr, &tr);
             if (tr)
                 count_transitions(ctr, tr);
             return action;
         }
-        /* cleared meanwhile: this packet gets its flow's verdict, uncached */
-        return account(&key, &nv, src_is_a, flags, dir, len, now, st, ctr, &tr);
+        /* cleared meanwhile: this packet gets its flow's verdict, uncached (and is counted
+         * as a new flow's) */
     }
+    if (rv->slot == MS_FAILSAFE_SLOT)
+        ctr->c[C_FAILSAFE_FLOWS]++;
+    if (sv != MS_NO_STAGED)
+        count_staged_flow(ctr, nv.staged_slot);
+    if (sc->rejudge)
+        return account(&key, &nv, src_is_a, flags, dir, len, now, st, ctr, &tr);
 
     /* A flow the full table turned away before: its events go on where they stopped. */
     struct ms_evlimit *el = 0;
-    if (rv->action != MS_ALLOW) {
+    if (reported(nv.verdict, sv)) {
         el = evlimit.lookup(&key);
         if (el) {
             nv.ev_last = el->ev_last;
@@ -1151,7 +1277,7 @@ int ms_record(struct __sk_buff *skb)
         /* -EEXIST: another CPU recorded the flow meanwhile (same verdict). Else the table is
          * full: this packet's verdict stands, and the flow's next packet is judged again. */
         ctr->c[C_SESSION_CREATE_FAILED]++;
-        if (rv->action != MS_ALLOW) {
+        if (reported(nv.verdict, sv)) {
             struct ms_evlimit ev = {nv.ev_last, nv.ev_pkts, nv.ev_bytes};
             if (el)
                 *el = ev;

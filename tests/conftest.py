@@ -125,10 +125,27 @@ def module_lab() -> Iterator[Lab]:
 
 @pytest.fixture(scope="session")
 def datapath() -> Iterator[Datapath]:
-    """One loaded classifier for the session; its pins are removed afterwards."""
+    """One loaded classifier for the session; its pins are removed afterwards. No failsafe
+    entries: the tests judge rules (tests of failsafe traffic set their own, and put none
+    back)."""
     remove_stale_test_pins()
     with loaded_datapath(
-        DatapathConfig(instance=unique_instance("dp"), session_entries=65536)
+        DatapathConfig(instance=unique_instance("dp"), session_entries=65536, failsafe=())
+    ) as dp:
+        yield dp
+
+
+@pytest.fixture(scope="session")
+def staged_datapath() -> Iterator[Datapath]:
+    """A second classifier for the session, as `--policy-mode staged` runs one (every rule
+    staged, nothing dropped by a rule), with no failsafe entries."""
+    with loaded_datapath(
+        DatapathConfig(
+            instance=unique_instance("staged"),
+            session_entries=65536,
+            failsafe=(),
+            staged_all=True,
+        )
     ) as dp:
         yield dp
 

@@ -267,12 +267,13 @@ def test_failed_bank_writes_change_nothing_and_are_repaired(
 
 @pytest.fixture(scope="module")
 def small_dp() -> Iterator[Datapath]:
-    """A classifier with room for 8 shapes per family and 15 rule counter slots."""
+    """A classifier with room for 8 shapes per family and 15 rule counter slots (slots 0 and
+    1 are the default action's and failsafe traffic's)."""
     cfg = DatapathConfig(
         instance=f"test-small-{os.getpid()}-{uuid.uuid4().hex[:8]}",
         session_entries=1024,
         max_shapes=8,
-        rule_slots=16,
+        rule_slots=17,
         rule_entries=4096,
         event_interval_ns=50_000_000,
     )

@@ -3,13 +3,17 @@
 Seeded random rule sets (hundreds of rules: CIDRs of every prefix length in both families,
 "any" and family-specific any, address groups on either end (members of both families, empty
 groups, 0.0.0.0/0 and ::/0), exact ports and ranges, every protocol, direction and action,
-priorities from a small set so ties are common, both default actions) and thousands of
-packets, most aimed at rules (addresses at and just beyond a CIDR's or a member's ends, ports at
-and just beyond a range's ends), some random, many the reply or repeat of an earlier flow. The
-policy changes midway (groups' members too), so live sessions are judged again. Every packet's
-verdict (allow, deny, log, L2 pass, drops, read from the kernel's counters) must equal
-`StatefulReference`'s, and at the end of each phase the kernel's session table must equal the
-reference's.
+priorities from a small set so ties are common, both default actions, rules of both modes:
+staged ones beside enforce ones, or every rule staged under staged_all) with random failsafe
+entries (in/out, TCP/UDP, any remote end or a CIDR of either family) and thousands of
+packets, most aimed at rules or failsafe entries (addresses at and just beyond a CIDR's or a
+member's ends, ports at and just beyond a range's ends), some random, many the reply or repeat
+of an earlier flow. The policy changes midway (groups' members and rules' modes too), so live
+sessions are judged again. Every packet's verdict (allow, deny, log, L2 pass, drops, read from
+the kernel's counters) must equal `StatefulReference`'s, and at the end of each phase the
+kernel's session table must equal the reference's (each flow's verdict, rule, staged verdict
+and rule, and whether failsafe passed it), and so must the failsafe and staged counters, per
+rule too.
 
 The seed is random unless PYTEST_SEED is set; it is printed, and every failure names it.
 """
@@ -39,6 +43,7 @@ from streamer.datapath.reference import (
     flow_key,
     rule_matches,
 )
+from streamer.policy.failsafe import FailsafeRule
 from streamer.policy.model import PolicySet, Rule, parse_policy_document
 
 N_RULES = 300
@@ -129,11 +134,12 @@ class Spec:
 
 
 class Generator:
-    """Random rules, policy sets and packets from one seeded RNG."""
+    """Random rules, policy sets, failsafe entries and packets from one seeded RNG."""
 
-    def __init__(self, rng: random.Random, priorities: list[int]) -> None:
+    def __init__(self, rng: random.Random, priorities: list[int], staged_share: float) -> None:
         self.rng = rng
         self.priorities = priorities
+        self.staged_share = staged_share
         # Prefix lengths are dealt from a shuffled deck per family: every length turns up.
         self.decks: dict[int, list[int]] = {4: [], 6: []}
         self.used_ids: set[int] = set()
@@ -248,6 +254,8 @@ class Generator:
             "priority": rng.choice(self.priorities),
             "direction": rng.choice(["ingress", "egress", "any"]),
         }
+        if rng.random() < self.staged_share:
+            rule["mode"] = "staged"
         if protocol in ("tcp", "udp", "any"):
             ranged = False  # at most one range a rule: ranges multiply into shapes
             for field in ("src_port", "dst_port"):
@@ -292,6 +300,9 @@ class Generator:
                 doc["action"] = rng.choice(["allow", "deny", "log"])
             elif x < 0.4:
                 doc["priority"] = rng.choice(self.priorities)
+            elif x < 0.5 and self.staged_share:
+                # promoted, or staged again
+                doc["mode"] = "enforce" if r.staged else "staged"
             rules.append(doc)
         # Groups change members (a rule using one is re-judged without being rewritten).
         for name, members in self.groups.items():
@@ -307,6 +318,45 @@ class Generator:
         if rng.random() < 0.5:
             default = "deny" if default == "allow" else "allow"
         return self._document(default, rules)
+
+    # -- failsafe entries ----------------------------------------------------------------------
+
+    def failsafe(self) -> tuple[FailsafeRule, ...]:
+        """A few entries: ports the rules and packets use too, in and out, TCP and UDP, any
+        remote end or a CIDR of either family."""
+        rng = self.rng
+        out: list[FailsafeRule] = []
+        for _ in range(rng.choice([0, 1, 3, 5, 8])):
+            cidr = None
+            if rng.random() < 0.6:
+                family = rng.choice([4, 6])
+                plen = rng.choice([0, 8, 16, 24, 32] if family == 4 else [0, 32, 64, 128])
+                cidr = ipaddress.ip_network(self._cidr(family, plen))
+            entry = FailsafeRule(
+                rng.choice(["tcp", "udp"]),
+                rng.choice([22, 53, 67, 68, 80, 443, 8080]),
+                rng.choice(["in", "out"]),
+                cidr,
+            )
+            if entry not in out:
+                out.append(entry)
+        return tuple(out)
+
+    def packet_for_failsafe(self, entry: FailsafeRule) -> Spec:
+        """A first packet aimed at a failsafe entry (or just beside it)."""
+        rng = self.rng
+        net = entry.cidr
+        family = net.version if net is not None else rng.choice([4, 6])
+        remote = self._inside(net, family) if net is not None else self._address(family)
+        local = self._address(family)
+        inbound = entry.direction == "in"
+        if rng.random() < 0.1:
+            inbound = not inbound
+        src, dst = (remote, local) if inbound else (local, remote)
+        proto = entry.proto_number if rng.random() < 0.9 else rng.choice([6, 17])
+        dport = entry.port if rng.random() < 0.85 else self._port()
+        sport = self._port()
+        return self._spec(family, src, dst, proto, sport, dport, "ingress" if inbound else "egress")
 
     # -- packets -------------------------------------------------------------------------------
 
@@ -463,7 +513,16 @@ def _kernel_sessions(dp: Datapath) -> dict[Any, tuple[Any, ...]]:
             "ingress" if s.direction == "ingress" else "egress",
             s.ifindex,
         )
-        out[flow_key(pkt)] = (s.verdict, s.rule_id, s.direction, s.src_ip, s.src_port)
+        out[flow_key(pkt)] = (
+            s.verdict,
+            s.rule_id,
+            s.direction,
+            s.src_ip,
+            s.src_port,
+            s.staged_verdict,
+            s.staged_rule_id,
+            s.failsafe,
+        )
     return out
 
 
@@ -472,13 +531,29 @@ def _reference_sessions(ref: StatefulReference) -> dict[Any, tuple[Any, ...]]:
     for key, sess in ref.sessions.items():
         rule = sess.decision.rule
         o = sess.origin
+        d = sess.decision
         out[key] = (
-            sess.decision.verdict.name.lower(),
+            d.verdict.name.lower(),
             rule.rule_id if rule else None,
             o.direction,
             str(o.src),
             o.sport,
+            d.staged.name.lower() if d.staged is not None else None,
+            (d.staged_rule_id or None) if d.staged is not None else None,
+            d.failsafe,
         )
+    return out
+
+
+_FLOW_COUNTERS = ("failsafe_passed", "failsafe_flows", "staged_flows")
+
+
+def _staged_counters(dp: Datapath, rule_ids: list[int]) -> dict[int, tuple[int, int, int]]:
+    """The kernel's staged counters of these rules (0: the default's slot)."""
+    out = {}
+    for rid in rule_ids:
+        c = dp.default_counters() if rid == 0 else dp.rule_counters(rid)
+        out[rid] = (c.staged_packets, c.staged_bytes, c.staged_flows)
     return out
 
 
@@ -541,15 +616,23 @@ def _describe(
 
 
 def _run_differential(
-    dp: Datapath, seed: int, priorities: list[int], phases: tuple[int, ...]
+    dp: Datapath,
+    seed: int,
+    priorities: list[int],
+    phases: tuple[int, ...],
+    staged_share: float = 0.0,
 ) -> None:
     rng = random.Random(seed)
-    gen = Generator(rng, priorities)
+    gen = Generator(rng, priorities, staged_share)
+    staged_all = dp.config.staged_all
     pol = gen.policy(N_RULES)
-    dp.apply(compile_policy(pol, dp.config.max_shapes))
+    failsafe = gen.failsafe()
+    dp.set_failsafe(failsafe)
+    dp.apply(compile_policy(pol, dp.config.max_shapes, staged_all))
     dp.clear_sessions()
-    ref = StatefulReference(pol)
+    ref = StatefulReference(pol, failsafe=failsafe, staged_all=staged_all)
     kernel = Kernel(dp)
+    base = dp.counters()
     flows: list[Spec] = []
     mismatches: list[str] = []
     count = 0
@@ -557,15 +640,20 @@ def _run_differential(
     for phase, n in enumerate(phases):
         if phase:
             pol = gen.mutate(pol)
-            dp.apply(compile_policy(pol, dp.config.max_shapes))
+            dp.apply(compile_policy(pol, dp.config.max_shapes, staged_all))
             ref.set_policy(pol)
         rules = pol.policies
+        watched = [0, *(r.rule_id for r in rules)]
+        k_staged0 = _staged_counters(dp, watched)
+        r_staged0 = {rid: tuple(c) for rid, c in ref.staged.items()}
         for i in range(n):
             r = rng.random()
             if flows and r < (0.25 if phase == 0 else 0.5):
                 spec = rng.choice(flows)
                 if rng.random() < 0.6:
                     spec = spec.reply()
+            elif failsafe and r < 0.6 and rng.random() < 0.2:
+                spec = gen.packet_for_failsafe(rng.choice(failsafe))
             elif r < 0.85 and rules:
                 spec = gen.packet_for(rng.choice(rules))
             else:
@@ -621,7 +709,35 @@ def _run_differential(
                 + f"\n  reproduce: PYTEST_SEED={seed}",
                 pytrace=False,
             )
+        now = dp.counters()
+        flow_diffs = {
+            name: (now[name] - base[name], ref.counters[name])
+            for name in _FLOW_COUNTERS
+            if now[name] - base[name] != ref.counters[name]
+        }
+        k_staged = _staged_counters(dp, watched)
+        staged_diffs = {}
+        for rid in watched:
+            model = ref.staged.get(rid, [0, 0, 0])
+            start = r_staged0.get(rid, (0, 0, 0))
+            want = tuple(m - s0 for m, s0 in zip(model, start, strict=True))
+            got = tuple(k - k0 for k, k0 in zip(k_staged[rid], k_staged0[rid], strict=True))
+            if got != want:
+                staged_diffs[rid] = (got, want)
+        if flow_diffs or staged_diffs:
+            pytest.fail(
+                f"seed {seed}: after phase {phase} the counters differ (kernel, reference):"
+                f" {flow_diffs}; staged (packets, bytes, flows) by rule:"
+                f" {dict(list(staged_diffs.items())[:8])}\n  reproduce: PYTEST_SEED={seed}",
+                pytrace=False,
+            )
     dp.clear_sessions()
+    dp.set_failsafe(dp.config.failsafe)
+    # the run did exercise what it was given
+    if staged_share or staged_all:
+        assert ref.counters["staged_flows"] > 0, f"seed {seed}: no flow had a staged verdict"
+    if failsafe:
+        assert ref.counters["failsafe_flows"] > 0, f"seed {seed}: no failsafe flow"
     if count:
         pytest.fail(
             f"seed {seed}: {count} of {sent} packets judged differently by the kernel and the "
@@ -647,6 +763,24 @@ def test_kernel_matches_reference(long_timeouts: Datapath) -> None:
     seed = _seed()
     print(f"differential seed: {seed} (PYTEST_SEED={seed} to repeat)")
     _run_differential(long_timeouts, seed, PRIORITIES, PHASES)
+
+
+def test_kernel_matches_reference_staged(long_timeouts: Datapath) -> None:
+    """A third of the rules staged (and modes changing between phases): both views."""
+    seed = _seed()
+    print(f"differential seed (staged): {seed} (PYTEST_SEED={seed} to repeat)")
+    _run_differential(long_timeouts, seed, PRIORITIES, PHASES, staged_share=0.35)
+
+
+def test_kernel_matches_reference_staged_all(staged_datapath: Datapath) -> None:
+    """--policy-mode staged: every rule staged, the enforced default allow."""
+    seed = _seed()
+    print(f"differential seed (staged_all): {seed} (PYTEST_SEED={seed} to repeat)")
+    staged_datapath.set_timeouts(Timeouts.uniform(864_000.0))
+    try:
+        _run_differential(staged_datapath, seed, PRIORITIES, (1500, 1000), staged_share=0.2)
+    finally:
+        staged_datapath.set_timeouts(staged_datapath.config.timeouts)
 
 
 def test_kernel_matches_reference_all_tied(long_timeouts: Datapath) -> None:

@@ -110,6 +110,7 @@ class Agent:
             self.datapath.sessions,
             self.apply_edit,
             failsafe=self.config.datapath.failsafe,
+            staged_all=self.config.datapath.staged_all,
         )
         self.pressure = PressureWatch(self.config.pressure, on_alert=self._alert)
 
@@ -134,7 +135,8 @@ class Agent:
         Raises StoreError for a policy the classifier cannot hold; the live set stays.
         """
         try:
-            compiled = compile_policy(policy, self.config.datapath.max_shapes)
+            dp = self.config.datapath
+            compiled = compile_policy(policy, dp.max_shapes, staged_all=dp.staged_all)
         except CompileError as e:
             raise StoreError(str(e)) from e
         enricher = self._enricher

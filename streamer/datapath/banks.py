@@ -6,11 +6,14 @@ filter words and shapes; or for a whole set: cleared and filled), then `active` 
 in one 8-byte write, so a packet is judged by one whole set; then, once no program can still
 read the other bank (no judge is counted in for it, Maps.quiesce; beside the caller), the
 same writes into that one, which makes the two equal again (`settle` waits for that; every
-apply runs one first). Per-rule counter slots are kept across generations (a rule keeps its
-counters), zeroed before a new rule uses one and freed once no bank names the rule. A bank
-whose writes failed is *dirty*: before it is used again it is cleared (by a walk of the maps)
-and filled whole. On start, `adopt` learns the live generation and rule slots a previous
-agent left in the pinned maps (both banks are dirty until the first apply fills them).
+apply runs one first). A rule entry holds both views' winners (rule, counter slot, action); a
+bank header the enforced default and the staged one. Per-rule counter slots are kept across
+generations (a rule keeps its counters, staged ones too), zeroed before a new rule uses one and
+freed once no bank names the rule; slot 0 is the default action's, 1 failsafe traffic's, rules
+get theirs from 2. A bank whose writes failed is *dirty*: before it is used again it is cleared
+(by a walk of the maps) and filled whole. On start, `adopt` learns the live generation and rule
+slots a previous agent left in the pinned maps (both banks are dirty until the first apply
+fills them).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from streamer.datapath.config import DatapathConfig, DatapathError
 from streamer.datapath.layout import (
     BANK,
     MS_BLOOM_BANK_WORDS,
+    MS_FAILSAFE_SLOT,
     RULE_CTR,
     RULE_KEY4,
     RULE_KEY6,
@@ -44,6 +48,8 @@ from streamer.datapath.ruletables import (
 log = logging.getLogger(__name__)
 
 _RULE_ID, _SLOT = RULE_VAL.index("rule_id"), RULE_VAL.index("slot")
+_S_RULE_ID, _S_SLOT = RULE_VAL.index("s_rule_id"), RULE_VAL.index("s_slot")
+_FIRST_RULE_SLOT = MS_FAILSAFE_SLOT + 1
 _SHAPE_FIELD = struct.Struct("<H")
 _RULE_KEYS = {4: RULE_KEY4, 6: RULE_KEY6}
 
@@ -74,7 +80,7 @@ class Banks:
         self.tables: RuleTables | None = None
         self.slots: dict[int, int] = {}  # rule_id -> per-rule counter slot
         self._free_slots: list[int] = []
-        self._next_slot = 1
+        self._next_slot = _FIRST_RULE_SLOT
         self._dirty: set[int] = set()  # banks whose contents are not `tables`
         self._catching_up: _CatchUp | None = None
         self._packed_shapes: dict[tuple[ShapeRow, int], bytes] = {}  # (row, bank) -> ms_shape
@@ -92,10 +98,14 @@ class Banks:
                 found = True
                 if gen > 0 and _SHAPE_FIELD.unpack_from(key)[0] // ms == bank:
                     v = RULE_VAL.unpack(val)
-                    self.slots[v[_RULE_ID]] = v[_SLOT]
+                    # a half no rule holds (a staged-only key's enforced one) names rule 0
+                    if v[_RULE_ID]:
+                        self.slots[v[_RULE_ID]] = v[_SLOT]
+                    if v[_S_RULE_ID]:
+                        self.slots[v[_S_RULE_ID]] = v[_S_SLOT]
         self._dirty = {0, 1} if (found or gen > 0) else set()
         used = set(self.slots.values())
-        self._next_slot = max(used, default=0) + 1
+        self._next_slot = max(used, default=_FIRST_RULE_SLOT - 1) + 1
         if gen > 0:
             log.info("adopted pinned state: generation %d, %d rules", gen, len(self.slots))
         return gen > 0
@@ -138,6 +148,12 @@ class Banks:
             nb = bank ^ 1
             new_gen = self._new_generation(gen, generation, keep)
             self._check_shapes(tables)
+            if tables.staged_all != self._config.staged_all:
+                raise DatapathError(
+                    "the tables were compiled with staged_all="
+                    f"{tables.staged_all}, this classifier runs with staged_all="
+                    f"{self._config.staged_all} (compile_policy(..., staged_all=...))"
+                )
             fresh = self._take_slots(tables.rule_ids)
             try:
                 self._clear_bank(nb, self.tables)
@@ -226,19 +242,20 @@ class Banks:
 
     # ---- writing a bank --------------------------------------------------------------------
 
-    def _value(self, cache: dict[int, bytes], score: int) -> bytes:
-        v = cache.get(score)
+    def _value(self, cache: dict[int, bytes], value: int) -> bytes:
+        v = cache.get(value)
         if v is None:
-            e = entry_of(score)
-            v = cache[score] = RULE_VAL.pack(
-                score,
+            e = entry_of(value)
+            s_slot = self.slots[e.s_rule_id]
+            v = cache[value] = RULE_VAL.pack(
+                e.score,
                 e.rule_id,
-                self.slots[e.rule_id],
+                s_slot if e.rule_id == e.s_rule_id else self.slots[e.rule_id] if e.score else 0,
                 e.action,
-                score,
-                e.rule_id,
-                self.slots[e.rule_id],
-                e.action,
+                e.s_score,
+                e.s_rule_id,
+                s_slot,
+                e.s_action,
             )
         return v
 
@@ -267,9 +284,10 @@ class Banks:
         self._write_header(
             bank,
             gen,
-            tables.default_action,
+            tables.enforced_default,
             len(tables.fam[4].order),
             len(tables.fam[6].order),
+            tables.staged_default,
         )
         self._dirty.discard(bank)
 
@@ -300,7 +318,7 @@ class Banks:
         self._maps.write(
             "banks",
             array_key(bank),
-            BANK.pack(gen, n4, n6, delta.default_action, delta.default_action),
+            BANK.pack(gen, n4, n6, delta.default_action, delta.staged_default),
         )
 
     def _write_shapes(self, bank: int, family: int, rows: list[ShapeRow]) -> None:
@@ -324,8 +342,10 @@ class Banks:
             "shapes", [array_key((bank * 2 + fidx) * ms + i) for i in range(len(rows))], values
         )
 
-    def _write_header(self, bank: int, gen: int, default: int, n4: int, n6: int) -> None:
-        self._maps.write("banks", array_key(bank), BANK.pack(gen, n4, n6, default, default))
+    def _write_header(
+        self, bank: int, gen: int, default: int, n4: int, n6: int, staged_default: int = 0
+    ) -> None:
+        self._maps.write("banks", array_key(bank), BANK.pack(gen, n4, n6, default, staged_default))
 
     def _clear_bank(self, bank: int, tables: RuleTables | None) -> None:
         """Remove the rule entries of `bank`: those of `tables` when the bank holds exactly

@@ -9,6 +9,13 @@ result into maps, tests inspect it directly.
 A rule end naming an address group is expanded into each of the group's members (so an empty
 group gives no entries: the rule matches nothing).
 
+Staged rules (contract §6) are compiled beside enforce ones: each key holds two winners, the
+enforced view's (enforce-mode rules only) and the staged view's (every rule, as if all were
+enforced). Both are kept in one int per key and per contribution (see `halves`): the plain
+score where the two are the same rule, so a set without staged rules costs what it did.
+`staged_all` (an agent run with --policy-mode staged) compiles every rule as staged; the
+enforced default is then allow and the staged default the set's.
+
 Dropped on the way: nothing that can match. A rule whose addresses are of different families
 never matches any packet and produces no entry (the policy model rejects such rules anyway), nor
 does a group member of the other family than the rule's other end.
@@ -74,11 +81,20 @@ class Shape:
 
 @dataclass(slots=True)
 class Entry:
-    """The best rule for one masked key of a shape."""
+    """The best rule for one masked key of a shape: the enforced view's (score 0: no enforce
+    rule gives the key) and the staged view's (the same rule unless a staged one beats it)."""
 
     score: int  # rule.score + 1: 0 is "no match" in the kernel
     rule_id: int
     action: int
+    s_score: int = 0
+    s_rule_id: int = 0
+    s_action: int = 0
+
+    @property
+    def staged(self) -> bool:
+        """The staged view's winner is a staged rule (the views differ on this key)."""
+        return self.s_score != self.score
 
 
 # (direction, protocol or 0, masked sport, masked dport, masked src int, masked dst int)
@@ -110,14 +126,25 @@ class CompiledPolicy:
     """A whole set compiled: what the datapath writes into a bank. `merged` maps the natural
     shapes that did not fit to the shape their entries went into."""
 
-    default_action: int
+    default_action: int  # the set's (MS_ALLOW / MS_DENY)
     v4: FamilyTables
     v6: FamilyTables
     rule_ids: list[int]
     merged: dict[ShapeT, ShapeT] = field(default_factory=dict)
+    staged_all: bool = False
 
     def family(self, family: int) -> FamilyTables:
         return self.v4 if family == 4 else self.v6
+
+    @property
+    def enforced_default(self) -> int:
+        """The bank's default_action: the set's, or allow when everything is staged."""
+        return MS_ALLOW if self.staged_all else self.default_action
+
+    @property
+    def staged_default(self) -> int:
+        """The bank's staged_default: always the set's."""
+        return self.default_action
 
     @property
     def shape_count(self) -> int:
@@ -166,6 +193,54 @@ def _blocks(ports: tuple[int, int] | None) -> list[tuple[int, int]]:
 def rule_score(rule: Rule) -> int:
     """The score the kernel stores for the rule's entries (its score + 1: 0 is "no match")."""
     return rule.match_data()[6] + 1
+
+
+_M64 = (1 << 64) - 1
+
+
+def contribution(rule: Rule, staged_all: bool = False) -> int:
+    """What one entry of `rule` contributes to its key (see `halves`): its score, or for a
+    staged rule -(score << 64) (a staged view's winner without an enforced one)."""
+    score = rule.match_data()[6] + 1
+    return -(score << 64) if staged_all or rule.staged else score
+
+
+def halves(value: int) -> tuple[int, int]:
+    """(enforced score, staged score) of a key's value or a contribution: a positive value is
+    both; a negative one is -(staged << 64 | enforced), the enforced 0 when no enforce rule
+    gives the key. The staged score is never below the enforced one."""
+    if value > 0:
+        return value, value
+    u = -value
+    return u & _M64, u >> 64
+
+
+def top(value: int) -> int:
+    """The best score of either view in a value (the staged one): what shapes are ranked by."""
+    return value if value >= 0 else -value >> 64
+
+
+def combine(a: int, b: int) -> int:
+    """The value of a key two values (or contributions) share: the better of each half."""
+    if a > 0 and b > 0:
+        return a if a >= b else b
+    ea, sa = halves(a)
+    eb, sb = halves(b)
+    e = ea if ea >= eb else eb
+    st = sa if sa >= sb else sb
+    return st if e == st else -(st << 64 | e)
+
+
+def value_of(contributions: list[int]) -> int:
+    """A key's value from all its contributions (0: none)."""
+    if not contributions:
+        return 0
+    if min(contributions) > 0:
+        return max(contributions)
+    v = contributions[0]
+    for c in contributions[1:]:
+        v = combine(v, c)
+    return v
 
 
 def rule_ends(
@@ -217,19 +292,23 @@ def rule_entries(
                                 yield shape_t, (direction, p, sport, dport, svalue, dvalue)
 
 
-def compile_policy(policy: PolicySet, max_shapes: int) -> CompiledPolicy:
+def compile_policy(policy: PolicySet, max_shapes: int, staged_all: bool = False) -> CompiledPolicy:
     """Compile a policy set; raises CompileError when a family needs more than max_shapes.
+    `staged_all`: every rule as staged (--policy-mode staged).
 
     Works on plain tuples and reads each rule's match data once; shapes become Shape objects
-    only at the end. Besides the best score of every key it keeps, for the keys more than one
+    only at the end. Besides the best value of every key it keeps, for the keys more than one
     rule (or group member) gives, every contribution (`shared`), so that a later change can
     remove one and find the next best (streamer.datapath.ruletables).
     """
     # shape tuple -> {entry key: best score}; shared: shape tuple -> {key: [scores]}
     tables: dict[ShapeT, dict[EntryKey, int]] = {}
     shared: dict[ShapeT, dict[EntryKey, list[int]]] = {}
+    any_staged = False
     for rule in policy.policies:
-        score = rule_score(rule)  # one int object shared by all the rule's entries
+        score = contribution(rule, staged_all)  # one int object shared by all its entries
+        if score < 0:
+            any_staged = True
         srcs, dsts = rule_ends(rule, policy.groups)
         last_t: ShapeT | None = None
         entries: dict[EntryKey, int] = {}
@@ -250,8 +329,11 @@ def compile_policy(policy: PolicySet, max_shapes: int) -> CompiledPolicy:
                 by_key[key] = [cur, score]
             else:
                 lst.append(score)
-            if score > cur:
-                entries[key] = score
+            if cur > 0 and score > 0:
+                if score > cur:
+                    entries[key] = score
+            else:
+                entries[key] = combine(cur, score)
     merged: dict[ShapeT, ShapeT] = {}
     for family in (4, 6):
         _fit_shapes(tables, shared, merged, family, max_shapes)
@@ -260,7 +342,8 @@ def compile_policy(policy: PolicySet, max_shapes: int) -> CompiledPolicy:
     ranked = {4: [], 6: []}
     for key_t, found in tables.items():
         sh = Shape(*key_t)
-        ranked[sh.family].append((max(found.values()), sh, found, shared.get(key_t, {})))
+        best = max(map(top, found.values())) if any_staged else max(found.values())
+        ranked[sh.family].append((best, sh, found, shared.get(key_t, {})))
     for family, items in ranked.items():
         # Best first: probing stops once no remaining shape can beat the match in hand.
         items.sort(key=lambda it: (-it[0], it[1]))
@@ -276,14 +359,27 @@ def compile_policy(policy: PolicySet, max_shapes: int) -> CompiledPolicy:
         v6=out[6],
         rule_ids=[r.rule_id for r in policy.policies],
         merged=merged,
+        staged_all=staged_all,
     )
 
 
-def entry_of(score: int) -> Entry:
-    """The Entry (rule_id, action) a stored score stands for: the score encodes both."""
+def _rule_of(score: int) -> tuple[int, int]:
+    """(rule_id, action) a stored score stands for (the score encodes both); (0, 0) for 0."""
+    if not score:
+        return 0, 0
     low = (score - 1) & 0xFFFFFFFF
     rank = ((score - 1) >> 32) & 3
-    return Entry(score, MAX_RULE_ID - low, _RANK_ACTIONS[rank])
+    return MAX_RULE_ID - low, _RANK_ACTIONS[rank]
+
+
+def entry_of(value: int) -> Entry:
+    """The Entry (both views' rule_id and action) a key's value stands for."""
+    e, st = halves(value)
+    rid, action = _rule_of(e)
+    if e == st:
+        return Entry(e, rid, action, e, rid, action)
+    s_rid, s_action = _rule_of(st)
+    return Entry(e, rid, action, st, s_rid, s_action)
 
 
 def _dims(shape: ShapeT) -> tuple[int, int, int, int]:
@@ -331,8 +427,11 @@ def _merge_into(
                     target_shared[k] = [cur, score]
                 else:
                     lst.append(score)
-                if score > cur:
-                    target[k] = score
+                if cur > 0 and score > 0:
+                    if score > cur:
+                        target[k] = score
+                else:
+                    target[k] = combine(cur, score)
     if not target_shared:
         del shared[to]
     # Every natural shape that lived in `frm` lives in `to` from now on.
@@ -410,7 +509,6 @@ def _mask(bits: int, plen: int) -> int:
     return ((1 << bits) - 1) ^ ((1 << (bits - plen)) - 1)
 
 
-_M64 = (1 << 64) - 1
 BLOOM_BITS_PER_ENTRY = 16  # ~6 % false positives with one hash
 BLOOM_MIN_BITS = 64
 BLOOM_MAX_BITS = 1 << 22
@@ -526,15 +624,16 @@ def pack_rule_key(family: int, shape_id: int, key: EntryKey) -> bytes:
     )
 
 
-def pack_rule_val(entry: Entry, slot: int) -> bytes:
-    """struct ms_rule_val (bpf/classifier.h)."""
+def pack_rule_val(entry: Entry, slot: int, s_slot: int | None = None) -> bytes:
+    """struct ms_rule_val (bpf/classifier.h): `slot` is the enforced winner's counter slot,
+    `s_slot` the staged winner's (None: the same rule's)."""
     return RULE_VAL.pack(
         entry.score,
         entry.rule_id,
-        slot,
+        slot if entry.score else 0,
         entry.action,
-        entry.score,
-        entry.rule_id,
-        slot,
-        entry.action,
+        entry.s_score,
+        entry.s_rule_id,
+        slot if s_slot is None else s_slot,
+        entry.s_action,
     )

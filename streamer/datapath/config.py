@@ -1,6 +1,7 @@
 """What one classifier instance is: its configuration, where its pins live, and its error.
 
-In: the operator's choices (instance name, table sizes, timeouts, attach mode). Out: a frozen
+In: the operator's choices (instance name, table sizes, timeouts, failsafe entries, whether
+every rule is staged, attach mode). Out: a frozen
 DatapathConfig, the paths derived from it (pin directories, the attachment record, the build
 cache), and DatapathError, which every datapath module raises. Nothing here touches the kernel.
 """
@@ -35,19 +36,23 @@ class DatapathConfig:
     session_entries: int = 262144
     max_shapes: int = 512  # the verifier walks the probe loop: 1,024 exceeds its budget
     rule_entries: int = 1 << 22
-    rule_slots: int = 200_002  # two whole sets of 100,000 rules side by side, plus slot 0
+    # two whole sets of 100,000 rules side by side, plus slots 0 (default) and 1 (failsafe)
+    rule_slots: int = 200_002
     ringbuf_pages: int = 256
     event_interval_ns: int = 1_000_000_000
     frag_entries: int = 16384  # remembered first fragments (an LRU)
     timeouts: Timeouts = field(default_factory=Timeouts)  # idle timeouts per protocol and TCP state
-    # "tcx": BPF links on the TC hook (kernel 6.6+; no qdisc, and the cheaper hook), "tc":
-    # direct-action filters on a clsact qdisc, "auto": tcx where the kernel has it
-    attach_mode: str = "auto"
-    # Flows that pass before any rule (contract §6); () with --failsafe none.
+    # flows that pass before any rule (contract §6, --failsafe; () with none); written with
+    # the timeouts
     failsafe: tuple[FailsafeRule, ...] = field(
         default_factory=lambda: parse_failsafe(DEFAULT_FAILSAFE)
     )
-    staged_all: bool = False  # --policy-mode staged: every rule staged, nothing dropped
+    # --policy-mode staged: policies are compiled with every rule staged (compile_policy's
+    # staged_all); the banks refuse tables compiled otherwise
+    staged_all: bool = False
+    # "tcx": BPF links on the TC hook (kernel 6.6+; no qdisc, and the cheaper hook), "tc":
+    # direct-action filters on a clsact qdisc, "auto": tcx where the kernel has it
+    attach_mode: str = "auto"
 
     run_dir: Path = DEFAULT_RUN_DIR
     cache_dir: Path = DEFAULT_CACHE_DIR  # the classifier's builds: a start that finds one is fast

@@ -34,6 +34,7 @@ from streamer.datapath.maps import Maps, Ring
 from streamer.datapath.reference import Timeouts
 from streamer.datapath.ruletables import RuleTables, TableChange
 from streamer.datapath.tables import MapFill, RuleCounters, Session, Tables
+from streamer.policy.failsafe import FailsafeRule
 
 
 class Datapath:
@@ -59,6 +60,7 @@ class Datapath:
         pinned maps of a compatible layout."""
         loaded = loader.load_classifier(self.config, self._maps)
         self._progs, self.compiled = loaded.progs, loaded.compiled
+        # the timeouts and the failsafe entries, before a packet of ours is judged
         self.set_timeouts(self.config.timeouts)
         self._reaper.read_reaped()
         self.adopted = self._banks.adopt()
@@ -164,6 +166,10 @@ class Datapath:
         """Packets and bytes decided by the default action."""
         return self._tables.default_counters()
 
+    def failsafe_counters(self) -> RuleCounters:
+        """Packets and bytes of failsafe flows (their per-rule counter slot)."""
+        return self._tables.failsafe_counters()
+
     def all_rule_counters(self) -> dict[int, RuleCounters]:
         return self._tables.all_rule_counters()
 
@@ -203,6 +209,16 @@ class Datapath:
     def set_timeouts(self, timeouts: Timeouts) -> None:
         """Idle timeouts the classifier and the reaper use from now on (live sessions too)."""
         self._reaper.set_timeouts(timeouts)
+
+    @property
+    def failsafe(self) -> tuple[FailsafeRule, ...]:
+        """The failsafe entries in force (the config's, unless `set_failsafe` changed them)."""
+        return self._reaper.failsafe
+
+    def set_failsafe(self, failsafe: tuple[FailsafeRule, ...]) -> None:
+        """Failsafe entries from now on: checked when a flow is judged (a new flow, or a live
+        one after the next policy change), before any rule."""
+        self._reaper.set_failsafe(failsafe)
 
     @staticmethod
     def now_ns() -> int:

@@ -1,6 +1,7 @@
 """Removing state: idle timeouts, the reaper, and clearing sessions and fragments.
 
-In: Timeouts (written to the classifier's `settings`, and used here) and the loaded maps.
+In: Timeouts (written to the classifier's `settings` with the failsafe entries, which live
+there too, and used here) and the loaded maps.
 Out: sessions past their idle timeout and first fragments past theirs removed
 (`reap_expired`, called periodically), or every session or fragment (`clear_*`); every
 removal counted in struct ms_reaped (`reaped`), which userspace alone writes and which the
@@ -25,10 +26,11 @@ from streamer.datapath.layout import (
     REAPED,
     SESS_KEY,
     SESS_VAL,
-    SETTINGS,
 )
 from streamer.datapath.maps import Maps, array_key
 from streamer.datapath.reference import Timeouts
+from streamer.datapath.settings import pack_settings
+from streamer.policy.failsafe import FailsafeRule
 
 CLOCK_MONOTONIC_COARSE = 6  # bpf_ktime_get_coarse_ns() reads this clock
 _LAST_SEEN_OFF = SESS_VAL.offset("last_seen")
@@ -65,6 +67,7 @@ class Reaper:
         self._maps = maps
         self._config = config
         self.timeouts = config.timeouts
+        self.failsafe: tuple[FailsafeRule, ...] = config.failsafe
         self.reaped: list[int] = [0] * len(REAPED.unpack(bytes(REAPED.size)))
         self._lock = threading.Lock()
 
@@ -75,12 +78,19 @@ class Reaper:
 
     def set_timeouts(self, timeouts: Timeouts) -> None:
         """Idle timeouts the classifier and the reaper use from now on (live sessions too)."""
-        self._maps.write(
-            "settings",
-            array_key(0),
-            SETTINGS.pack(self._config.event_interval_ns, *timeouts.by_class_ns(), 0, b""),
-        )
+        self._write_settings(timeouts, self.failsafe)
         self.timeouts = timeouts
+
+    def set_failsafe(self, failsafe: tuple[FailsafeRule, ...]) -> None:
+        """Failsafe entries flows are judged by from now on (live sessions at their next
+        judgement: a new flow, or after a policy change)."""
+        self._write_settings(self.timeouts, failsafe)
+        self.failsafe = failsafe
+
+    def _write_settings(self, timeouts: Timeouts, failsafe: tuple[FailsafeRule, ...]) -> None:
+        # One value: the timeouts and the failsafe entries are always written together.
+        raw = pack_settings(self._config.event_interval_ns, timeouts, failsafe)
+        self._maps.write("settings", array_key(0), raw)
 
     def clear_sessions(self) -> None:
         """Remove every session (counted as `cleared_sessions`)."""

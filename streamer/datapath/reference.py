@@ -1,18 +1,21 @@
-"""The reference model of the classifier: contract §2 (and §5, address groups) semantics in
-plain Python, no kernel.
+"""The reference model of the classifier: contract §2 (and §5, address groups; §6, staged
+rules and failsafe traffic) semantics in plain Python, no kernel.
 
 The kernel classifier is tested against this packet by packet, so everything here is written
 to be obviously correct rather than fast (linear scans, no indexes).
 
 In: a `PolicySet` and packets, either as `Packet` tuples or as raw Ethernet frames
-(`parse_frame` mirrors the kernel parser). Out: a `Decision` (verdict and deciding rule).
+(`parse_frame` mirrors the kernel parser), and the failsafe entries. Out: a `Decision`
+(verdict and deciding rule; the staged view's verdict and rule where it differs; whether a
+failsafe entry passed the flow).
 `StatefulReference` adds the session table: a flow's verdict is taken on its first packet and
 shared by both directions, and re-taken (on the flow's original packet) after a policy change.
 It also models what the kernel keeps beside the verdicts: the TCP state machine and idle
 timeouts per session (an expired entry, or a SYN on a finished connection, starts a new flow),
 a table of fixed capacity (full: new flows are judged on every packet, not cached),
 remembered first fragments (later ones follow them), related ICMP errors, and the kernel's
-state counters under the same names (`StatefulReference.counters`).
+state counters under the same names (`StatefulReference.counters`), with the per-rule staged
+counters (`StatefulReference.staged`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from streamer.datapath.layout import (
     MS_TO_UDP,
     MS_TO_UDP_STREAM,
 )
+from streamer.policy.failsafe import FailsafeRule
 from streamer.policy.model import Group, IPNet, PolicySet, Rule
 from streamer.vocabulary import PACKET_DIRECTIONS, Action, DefaultAction, Direction, Protocol
 
@@ -70,6 +74,7 @@ __all__ = [
     "StatefulReference",
     "Timeouts",
     "Verdict",
+    "failsafe_matches",
     "flow_key",
     "judge",
     "parse_frame",
@@ -225,10 +230,27 @@ _PROTO_BY_NAME: Final[dict[str, int]] = {
 
 @dataclass(frozen=True)
 class Decision:
-    """A verdict and the rule that decided it (None: default action, or PASS_L2 / DROP_*)."""
+    """A verdict and the rule that decided it (None: default action, or PASS_L2 / DROP_*).
+
+    `staged`: the staged view's verdict where it differs from the enforced one (None: the
+    views agree), `staged_rule` its rule (None: its default, or the views agree); `failsafe`:
+    a failsafe entry passed the flow (verdict allow, no rule, no staged verdict)."""
 
     verdict: Verdict
     rule: Rule | None = None
+    staged: Verdict | None = None
+    staged_rule: Rule | None = None
+    failsafe: bool = False
+
+    @property
+    def staged_rule_id(self) -> int:
+        """The staged rule's id as the kernel holds it (0: none, or the default)."""
+        return self.staged_rule.rule_id if self.staged_rule is not None else 0
+
+    @property
+    def reported(self) -> bool:
+        """Events report the flow: either view does not simply allow it."""
+        return self.verdict is not Verdict.ALLOW or self.staged not in (None, Verdict.ALLOW)
 
     @property
     def passes(self) -> bool:
@@ -310,13 +332,49 @@ def rule_matches(rule: Rule, pkt: Packet, groups: Mapping[str, Group] | None = N
     return True
 
 
-def judge(policy: PolicySet, pkt: Packet) -> Decision:
-    """The stateless verdict: the best matching rule by `Rule.score`, else the default."""
+def failsafe_matches(entry: FailsafeRule, pkt: Packet) -> bool:
+    """True when `pkt`, as a flow's first packet, is failsafe traffic by `entry` (contract
+    §6): its direction (in: ingress, out: egress), protocol and destination port, and the
+    remote end (in: the source, out: the destination) in the entry's CIDR if it has one."""
+    inbound = entry.direction == "in"
+    if pkt.direction != ("ingress" if inbound else "egress"):
+        return False
+    if pkt.proto != entry.proto_number or pkt.dport != entry.port:
+        return False
+    if entry.cidr is None:
+        return True
+    remote = pkt.src if inbound else pkt.dst
+    return remote.version == entry.cidr.version and remote in entry.cidr
+
+
+def judge(
+    policy: PolicySet,
+    pkt: Packet,
+    failsafe: tuple[FailsafeRule, ...] | list[FailsafeRule] = (),
+    staged_all: bool = False,
+) -> Decision:
+    """The stateless verdict of a flow's first packet: failsafe traffic passes before any
+    rule; else the enforced view decides (the best matching enforce-mode rule by
+    `Rule.score`, else the default) and the staged view (the best matching rule of either
+    mode, else the default) is told where it differs: where its winner is a staged rule, or
+    both defaults decide and differ. `staged_all` (--policy-mode staged): every rule is
+    staged and the enforced default is allow."""
+    if any(failsafe_matches(f, pkt) for f in failsafe):
+        return Decision(Verdict.ALLOW, failsafe=True)
     matching = [rule for rule in policy.policies if rule_matches(rule, pkt, policy.groups)]
     best = max(matching, key=lambda rule: rule.score, default=None)
+    default = _DEFAULT_VERDICT[policy.default_action]
+    enforced_default = Verdict.ALLOW if staged_all else default
     if best is None:
-        return Decision(_DEFAULT_VERDICT[policy.default_action])
-    return Decision(_ACTION_VERDICT[best.action], best)
+        if enforced_default != default:
+            return Decision(enforced_default, staged=default)
+        return Decision(default)
+    if not (staged_all or best.staged):
+        return Decision(_ACTION_VERDICT[best.action], best)
+    enforced = [r for r in matching if not (staged_all or r.staged)]
+    e_best = max(enforced, key=lambda rule: rule.score, default=None)
+    verdict = enforced_default if e_best is None else _ACTION_VERDICT[e_best.action]
+    return Decision(verdict, e_best, staged=_ACTION_VERDICT[best.action], staged_rule=best)
 
 
 TCP_FIN: Final = 0x01
@@ -498,6 +556,33 @@ class StatefulReference:
     timeouts: Timeouts = field(default_factory=Timeouts)
     frags: dict[tuple[object, ...], _FragEntry] = field(default_factory=dict)
     counters: Counter[str] = field(default_factory=Counter)
+    failsafe: tuple[FailsafeRule, ...] = ()
+    staged_all: bool = False
+    # per staged rule (0: the staged view's default): [packets, bytes, flows] it would have
+    # decided where the views differed, as the kernel's staged_* rule counters
+    staged: dict[int, list[int]] = field(default_factory=dict)
+
+    def _judge(self, pkt: Packet) -> Decision:
+        return judge(self.policy, pkt, self.failsafe, self.staged_all)
+
+    def _entered(self, new: Decision, old: Decision | None) -> None:
+        """Count a flow newly judged (old None) or judged again into failsafe or into a
+        staged difference of another rule, as the kernel does."""
+        if new.failsafe and (old is None or not old.failsafe):
+            self.counters["failsafe_flows"] += 1
+        if new.staged is not None and (
+            old is None or old.staged is None or old.staged_rule_id != new.staged_rule_id
+        ):
+            self.counters["staged_flows"] += 1
+            self.staged.setdefault(new.staged_rule_id, [0, 0, 0])[2] += 1
+
+    def _count_packet(self, d: Decision, pkt: Packet) -> None:
+        if d.failsafe:
+            self.counters["failsafe_passed"] += 1
+        elif d.staged is not None:
+            c = self.staged.setdefault(d.staged_rule_id, [0, 0, 0])
+            c[0] += 1
+            c[1] += pkt.length
 
     def set_policy(self, policy: PolicySet) -> None:
         """Replace the policy set; live sessions are re-judged lazily."""
@@ -570,11 +655,16 @@ class StatefulReference:
                 renew = 2
         if session is not None and not renew:
             if session.generation != self.generation:
-                session.decision = judge(self.policy, session.origin)
+                old = session.decision
+                session.decision = self._judge(session.origin)
                 session.generation = self.generation
+                self._entered(session.decision, old)
             self.counters.update(self._account(session, pkt, now))
+            self._count_packet(session.decision, pkt)
             return session.decision
-        decision = judge(self.policy, pkt)
+        decision = self._judge(pkt)
+        self._entered(decision, None)
+        self._count_packet(decision, pkt)
         new = Session(pkt, decision, self.generation, first_seen=now)
         transitions = self._account(new, pkt, now)
         if session is not None:

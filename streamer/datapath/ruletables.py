@@ -10,10 +10,14 @@ flips, and once no program reads the other bank any more writes it there too
 adds or removes, and (rarely) a scan of one shape whose best score it removed.
 
 A key's *contributions* are every (rule, source end, destination end) giving it (one rule with
-two overlapping group members can give a key twice); its best score decides. Keys with one
-contribution keep only it (`best`); the others also keep all of theirs (`shared`), so that
-removing the best finds the next. Keys hold the shape's stable id; a bank's copy puts
-bank * max_shapes + id in the key's `shape` field.
+two overlapping group members can give a key twice); its best score decides, in each view: a
+key's value holds the enforced and the staged view's winner, a staged rule's contribution only
+the staged view's (streamer.datapath.compiler.halves). Keys with one contribution keep only it
+(`best`); the others also keep all of theirs (`shared`), so that removing the best finds the
+next. A rule changing mode is removed as it was and added as it is. Keys hold the shape's
+stable id; a bank's copy puts bank * max_shapes + id in the key's `shape` field. `staged_all`
+(--policy-mode staged) is a property of the tables: every rule a change adds or removes is
+taken as staged, and the enforced default is allow.
 
 Not done incrementally: a new natural shape when the family already has max_shapes shapes
 (which ones to merge is a whole-set decision: NeedsRecompile). Bloom bits of removed keys stay
@@ -37,12 +41,14 @@ from streamer.datapath.compiler import (
     ShapeT,
     _expand,
     bloom_layout,
+    contribution,
     key_hash,
     pack_rule_key,
     rule_entries,
-    rule_score,
+    value_of,
 )
-from streamer.datapath.layout import MS_BLOOM_BANK_WORDS
+from streamer.datapath.compiler import top as top_score
+from streamer.datapath.layout import MS_ALLOW, MS_BLOOM_BANK_WORDS
 from streamer.policy.model import Rule
 
 _SHAPE_FIELD = struct.Struct("<H")
@@ -58,7 +64,8 @@ class TablesOutOfStep(Exception):
 
 @dataclass(slots=True, eq=False)
 class LiveShape:
-    """One shape of the live tables: its keys' best scores and shared contributions."""
+    """One shape of the live tables: its keys' values and shared contributions; max_score is
+    the best score of either view in it (`top`)."""
 
     shape: Shape
     sid: int  # stable id: the key's `shape` field is bank * max_shapes + sid
@@ -82,7 +89,7 @@ class ShapeRow:
 
 @dataclass
 class FamilyDelta:
-    """One family's kernel writes: `upserts` key -> score, `deletes`, and the whole shapes
+    """One family's kernel writes: `upserts` key -> value, `deletes`, and the whole shapes
     array (probe order) when it changed (None: unchanged)."""
 
     upserts: dict[bytes, int] = field(default_factory=dict)
@@ -97,10 +104,11 @@ class TableDelta:
     v4: FamilyDelta
     v6: FamilyDelta
     bloom_words: dict[int, int]  # word index within a bank's part -> value
-    default_action: int
+    default_action: int  # the bank's (enforced view's) default
     nshapes: tuple[int, int]
     new_rules: set[int]
     gone_rules: set[int]
+    staged_default: int = MS_ALLOW
 
     def family(self, family: int) -> FamilyDelta:
         return self.v4 if family == 4 else self.v6
@@ -143,9 +151,10 @@ def _order_key(s: LiveShape, max_score: int) -> tuple[int, Shape]:
 class RuleTables:
     """The tables both banks hold (once the lagging one caught up), in Python."""
 
-    def __init__(self, max_shapes: int, default_action: int) -> None:
+    def __init__(self, max_shapes: int, default_action: int, staged_all: bool = False) -> None:
         self.max_shapes = max_shapes
-        self.default_action = default_action
+        self.default_action = default_action  # the set's
+        self.staged_all = staged_all
         self.fam = {4: FamilyState(4, max_shapes), 6: FamilyState(6, max_shapes)}
         self.bloom = bytearray(MS_BLOOM_BANK_WORDS * 8)  # both banks' filters: one copy
         self.bloom_top = 0  # words in use (regions above are free)
@@ -154,7 +163,7 @@ class RuleTables:
     @classmethod
     def build(cls, compiled: CompiledPolicy, max_shapes: int) -> RuleTables:
         """The tables of a whole compiled set (shape ids in probe order, filters laid out)."""
-        t = cls(max_shapes, compiled.default_action)
+        t = cls(max_shapes, compiled.default_action, compiled.staged_all)
         t.rule_ids = set(compiled.rule_ids)
         layout = bloom_layout([len(e) for f in (4, 6) for e in compiled.family(f).scores])
         n = 0
@@ -193,6 +202,16 @@ class RuleTables:
     # ---- reading -----------------------------------------------------------------------------
 
     @property
+    def enforced_default(self) -> int:
+        """The bank's default_action: the set's, or allow when everything is staged."""
+        return MS_ALLOW if self.staged_all else self.default_action
+
+    @property
+    def staged_default(self) -> int:
+        """The bank's staged_default: the set's."""
+        return self.default_action
+
+    @property
     def shape_count(self) -> int:
         return len(self.fam[4].order) + len(self.fam[6].order)
 
@@ -220,7 +239,7 @@ class TableChange:
         self._touched: dict[LiveShape, dict[bytes, list[int]]] = {}
         self._new: dict[tuple[int, ShapeT], LiveShape] = {}  # shapes this change creates
         self._last: tuple[ShapeT, LiveShape, ShapeT] | None = None
-        self.default_action = tables.default_action
+        self.default_action = tables.default_action  # the set's: a change may set it
         self.new_rules: set[int] = set()
         self.gone_rules: set[int] = set()
         self._finished: _Finished | None = None
@@ -252,7 +271,7 @@ class TableChange:
     def _apply(self, rule: Rule, srcs: list[Addr], dsts: list[Addr], adding: bool) -> None:
         if self._finished is not None:
             raise RuntimeError("the change is finished")
-        score = rule_score(rule)
+        score = contribution(rule, self._t.staged_all)
         touched = self._touched
         for shape_t, key in rule_entries(rule, srcs, dsts):
             last = self._last
@@ -325,19 +344,19 @@ class TableChange:
             added: list[bytes] = []
             for kb, lst in by_key.items():
                 old = ls.best.get(kb, 0)
-                new = max(lst) if lst else 0
+                new = value_of(lst)
                 if new == old:
                     continue
                 if new:
                     fd.upserts[kb] = new
-                    mx = max(mx, new)
+                    mx = max(mx, top_score(new))
                     if not old:
                         added.append(kb)
                         count += 1
                 else:
                     fd.deletes.append(kb)
                     count -= 1
-                if old and old == ls.max_score and new < old:
+                if old and top_score(old) == ls.max_score and top_score(new) < top_score(old):
                     lost_max = True
             if lost_max:
                 # The best score of the shape went: scan it (one shape, only then).
@@ -345,11 +364,12 @@ class TableChange:
                 for kb, v in ls.best.items():
                     now = by_key.get(kb)
                     if now is not None:
-                        v = max(now) if now else 0
-                    if v > mx:
-                        mx = v
+                        v = value_of(now)
+                    t_v = top_score(v)
+                    if t_v > mx:
+                        mx = t_v
                 for kb in added:
-                    mx = max(mx, max(by_key[kb]))
+                    mx = max(mx, top_score(value_of(by_key[kb])))
             results[ls] = (count, mx)
             new_keys[ls] = added
         top = t.bloom_top
@@ -400,10 +420,11 @@ class TableChange:
             v4=deltas[4],
             v6=deltas[6],
             bloom_words=words,
-            default_action=self.default_action,
+            default_action=MS_ALLOW if t.staged_all else self.default_action,
             nshapes=(len(orders[4]), len(orders[6])),
             new_rules=set(self.new_rules),
             gone_rules=set(self.gone_rules),
+            staged_default=self.default_action,
         )
         self._finished = _Finished(delta, results, orders, top)
         return delta
@@ -426,7 +447,7 @@ class TableChange:
                     best[kb] = lst[0]
                     shared.pop(kb, None)
                 else:
-                    best[kb] = max(lst)
+                    best[kb] = value_of(lst)
                     shared[kb] = lst
         for ls, (count, mx) in fin.results.items():
             ls.max_score = mx

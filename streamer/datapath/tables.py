@@ -3,8 +3,10 @@
 In: the loaded maps (per-CPU counters, the session table, rule counters), the banks' rule
 bookkeeping and the reaper's removal counts. Out: counters summed over CPUs under their API
 names (streamer.datapath.layout.COUNTER_NAMES) with exact session gauges derived from them,
-Session entries oriented as their flow's first packet went, RuleCounters, MapFill of every map
-that fills up, and `pressure` (all an operator watches under load, in one read). Only reads.
+Session entries oriented as their flow's first packet went (with their staged verdict and
+rule, and whether failsafe passed them), RuleCounters (hits, and what the rule decided in the
+staged view), MapFill of every map that fills up, and `pressure` (all an operator watches
+under load, in one read). Only reads.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from streamer.datapath.layout import (
     DIRECTION_NAMES,
     FRAG_KEY,
     FRAG_VAL,
+    MS_DEFAULT_SLOT,
+    MS_FAILSAFE_SLOT,
+    MS_NO_STAGED,
     RULE_CTR,
     SESS_KEY,
     SESS_VAL,
@@ -42,6 +47,9 @@ _SV_VERDICT, _SV_ORIG_DIR, _SV_A_IS_SRC, _SV_TCP_STATE, _SV_TCP_FLAGS = (
 _SV_PKTS_ORIG, _SV_BYTES_ORIG, _SV_FIRST_SEEN, _SV_PKTS_REPLY, _SV_BYTES_REPLY = (
     SESS_VAL.index(f)
     for f in ("pkts_orig", "bytes_orig", "first_seen", "pkts_reply", "bytes_reply")
+)
+_SV_SLOT, _SV_STAGED_VERDICT, _SV_STAGED_RULE_ID = (
+    SESS_VAL.index(f) for f in ("slot", "staged_verdict", "staged_rule_id")
 )
 _NSHAPES4, _NSHAPES6 = BANK.index("nshapes4"), BANK.index("nshapes6")
 
@@ -69,6 +77,11 @@ class Session:
     bytes_in: int
     tcp_flags: int
     tcp_state: str = ""  # streamer.datapath.layout.TCP_STATE_NAMES ("" for other protocols)
+    # the staged view's verdict where it differs from `verdict` (None: the views agree) and
+    # its rule (None: its default action, or the views agree)
+    staged_verdict: str | None = None
+    staged_rule_id: int | None = None
+    failsafe: bool = False  # a failsafe entry passed it (verdict allow, no rule)
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,9 @@ def drops_by_reason(counters: dict[str, int]) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class RuleCounters:
+    """Hits of a rule (flows it decided), and where the staged view's winner was this rule and
+    the views differed, what it would have decided: staged packets, bytes, flows."""
+
     packets: int
     bytes: int
     last_hit_ns: int  # CLOCK_MONOTONIC (coarse); 0: never
@@ -182,8 +198,13 @@ class Tables:
         return self._slot_counters(slot)
 
     def default_counters(self) -> RuleCounters:
-        """Packets and bytes decided by the default action."""
-        return self._slot_counters(0)
+        """Packets and bytes decided by the default action (staged: by the staged view's
+        default where it differs from the enforced view)."""
+        return self._slot_counters(MS_DEFAULT_SLOT)
+
+    def failsafe_counters(self) -> RuleCounters:
+        """Packets and bytes of failsafe flows."""
+        return self._slot_counters(MS_FAILSAFE_SLOT)
 
     def _slot_counters(self, slot: int) -> RuleCounters:
         p = b = last = sp = sb = sf = 0
@@ -225,6 +246,7 @@ class Tables:
         tcp_state, tcp_flags = v[_SV_TCP_STATE], v[_SV_TCP_FLAGS]
         p0, b0, first = v[_SV_PKTS_ORIG], v[_SV_BYTES_ORIG], v[_SV_FIRST_SEEN]
         p1, b1 = v[_SV_PKTS_REPLY], v[_SV_BYTES_REPLY]
+        sv = v[_SV_STAGED_VERDICT]
         aport, bport = int.from_bytes(ap, "big"), int.from_bytes(bp, "big")
         if a_is_src:
             src, dst, sport, dport = a, b, aport, bport
@@ -250,6 +272,9 @@ class Tables:
             bytes_in=b1,
             tcp_flags=tcp_flags,
             tcp_state=TCP_STATE_NAMES.get(tcp_state, "?") if proto == 6 else "",
+            staged_verdict=None if sv == MS_NO_STAGED else VERDICT_NAMES.get(sv, "?"),
+            staged_rule_id=(v[_SV_STAGED_RULE_ID] or None) if sv != MS_NO_STAGED else None,
+            failsafe=v[_SV_SLOT] == MS_FAILSAFE_SLOT,
         )
 
     def map_fill(self, counters: dict[str, int] | None = None) -> dict[str, MapFill]:
@@ -267,7 +292,8 @@ class Tables:
         out["fragments"] = MapFill(nfrag, cfg.frag_entries, max(0, gone))
         for fam in (4, 6):
             out[f"rules{fam}"] = MapFill(self._banks.rule_entries(fam), cfg.rule_entries, 0)
-        out["rule_slots"] = MapFill(len(self._banks.slots) + 1, cfg.rule_slots, 0)
+        # the rules' slots and the two reserved ones (default action, failsafe)
+        out["rule_slots"] = MapFill(len(self._banks.slots) + 2, cfg.rule_slots, 0)
         gen, bank = self._banks.active()
         raw = self._maps.lookup("banks", array_key(bank), BANK.size)
         b = BANK.unpack(raw) if raw and gen else None

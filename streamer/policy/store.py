@@ -214,10 +214,16 @@ def diff_policies(old: PolicySet, new: PolicySet, generation: int) -> ChangeResu
     )
 
 
-def sessions_changing(sessions: Iterable[LiveSession], new: PolicySet) -> tuple[int, int]:
+def sessions_changing(
+    sessions: Iterable[LiveSession],
+    new: PolicySet,
+    failsafe: tuple[FailsafeRule, ...] = (),
+    staged_all: bool = False,
+) -> tuple[int, int]:
     """(sessions checked, sessions whose verdict or rule the new set would change).
 
-    Each session is judged by the reference model as its first packet was.
+    Each session is judged by the reference model as its first packet was, with the agent's
+    failsafe entries and policy mode (the enforced view: what the kernel would do).
     """
     checked = changing = 0
     for s in sessions:
@@ -232,7 +238,7 @@ def sessions_changing(sessions: Iterable[LiveSession], new: PolicySet) -> tuple[
             direction="egress" if s.direction == "egress" else "ingress",
             ifindex=s.ifindex,
         )
-        d = judge(new, pkt)
+        d = judge(new, pkt, failsafe, staged_all)
         rid = d.rule.rule_id if d.rule is not None else None
         if VERDICT_NAMES.get(d.verdict) != s.verdict or rid != s.rule_id:
             changing += 1
@@ -317,9 +323,12 @@ class PolicyStore:
         sessions: Callable[[], Iterable[LiveSession]] = lambda: (),
         edit_applier: EditApplier | None = None,
         failsafe: tuple[FailsafeRule, ...] = (),
+        staged_all: bool = False,
     ) -> None:
         self.state_dir = state_dir
-        self.failsafe = failsafe  # passes before any rule: dry runs judge sessions with it
+        # dry runs judge sessions as the kernel does: failsafe first, in the agent's policy mode
+        self.failsafe = failsafe
+        self.staged_all = staged_all
         self._apply = applier
         self._apply_edit = edit_applier
         self._sessions = sessions
@@ -609,7 +618,7 @@ class PolicyStore:
                 result.dry_run = True
                 new = state.after(e)
                 checked, changing = await asyncio.to_thread(
-                    sessions_changing, list(self._sessions()), new
+                    sessions_changing, list(self._sessions()), new, self.failsafe, self.staged_all
                 )
                 result.sessions_checked, result.sessions_changing = checked, changing
                 result.failsafe = [str(f) for f in self.failsafe]

@@ -1,7 +1,9 @@
 """The kernel classifier against the stateful reference model, frame by frame (for the hostile
 corpus and the fuzzer).
 
-`Harness(dp, policy)` applies a policy, empties the session and fragment tables, sets long
+`Harness(dp, policy, failsafe=..., staged_all=...)` applies a policy (and the failsafe
+entries: put back to the datapath's own by `close`), empties the session and fragment tables,
+sets long
 timeouts (so nothing expires while a run goes on: the model's clock stands still) and sends
 frames through BPF_PROG_TEST_RUN and `StatefulReference.process_frame` side by side. Each
 frame's pass/drop must agree at once; the kernel's counters (what each packet became, and the
@@ -21,6 +23,7 @@ from streamer.datapath.config import DatapathError
 from streamer.datapath.datapath import Datapath, prog_fd
 from streamer.datapath.layout import TC_ACT_OK, TC_ACT_SHOT
 from streamer.datapath.reference import Decision, StatefulReference, Timeouts, Verdict
+from streamer.policy.failsafe import FailsafeRule
 from streamer.policy.model import PolicySet
 
 # What a packet became, by the kernel counter it increments.
@@ -50,6 +53,9 @@ STATE_COUNTERS = (
     "fragment_drops_overlap",
     "fragment_drops_tiny",
     "pressure_drops",
+    "failsafe_passed",
+    "failsafe_flows",
+    "staged_flows",
 )
 LONG = Timeouts.uniform(864_000.0)  # ten days: nothing expires during a run
 
@@ -79,16 +85,21 @@ class Harness:
         policy: PolicySet,
         capacity: int | None = None,
         timeouts: Timeouts = LONG,
+        failsafe: tuple[FailsafeRule, ...] = (),
     ) -> None:
         self.dp = dp
-        dp.apply(compile_policy(policy, dp.config.max_shapes))
+        staged_all = dp.config.staged_all
+        dp.apply(compile_policy(policy, dp.config.max_shapes, staged_all))
         dp.clear_sessions()
         dp.clear_fragments()
         dp.set_timeouts(timeouts)
+        dp.set_failsafe(failsafe)
         self.ref = StatefulReference(
             policy,
             capacity=dp.config.session_entries if capacity is None else capacity,
             timeouts=timeouts,
+            failsafe=failsafe,
+            staged_all=staged_all,
         )
         self.fds = {d: prog_fd(dp, d) for d in ("ingress", "egress")}
         self.base = dp.counters()
@@ -146,3 +157,4 @@ class Harness:
         self.dp.clear_sessions()
         self.dp.clear_fragments()
         self.dp.set_timeouts(self.dp.config.timeouts)
+        self.dp.set_failsafe(self.dp.config.failsafe)

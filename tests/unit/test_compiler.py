@@ -358,7 +358,9 @@ def test_packed_layouts() -> None:
     assert raw[8:12] == bytes.fromhex("20010db8") and raw[24:] == bytes(16)
     assert len(pack_rule_key(4, 1, (1, 6, 0, 22, 0x0A000000, 0))) == 16
     val = pack_rule_val(entry, 3)
+    # both views' halves (struct ms_rule_val): the same rule where no staged rule wins
     assert len(val) == 48 and val[16] == val[40] == ACTION_CODES[Action.DENY]
+    assert val[:16] == val[24:40]
     shape = pack_shape(c.v6.shapes[0], c.v6.max_scores[0], 96, 10)
     assert len(shape) == 56  # struct ms_shape
     assert shape[:4] == b"\xff\xff\xff\xff" and shape[4:16] == bytes(12)

@@ -1,7 +1,8 @@
 """streamer.datapath.ruletables: a long random sequence of single-rule changes made in place
-gives the same tables as compiling the final set whole (with room for every shape), and keeps
-its invariants (every shape non-empty, its max score exact, probe order by max score) when
-shapes are merged."""
+(rules of both modes, rules changing mode, the default action changing; and under staged_all)
+gives the same tables as compiling the final set whole (with room for every shape), both
+views' halves of every key included, and keeps its invariants (every shape non-empty, its max
+score exact, probe order by max score) when shapes are merged."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from streamer.datapath.compiler import Shape, compile_policy, rule_ends
+from streamer.datapath.compiler import Shape, compile_policy, entry_of, rule_ends, top, value_of
 from streamer.datapath.ruletables import NeedsRecompile, RuleTables
 from streamer.policy.model import Group, Rule, parse_policy_document
 
 
-def _rule(rng: random.Random, rule_id: int) -> Rule:
+def _rule(rng: random.Random, rule_id: int, staged_share: float = 0.3) -> Rule:
     plen = rng.choice((8, 16, 24, 32))
     value = (10 << 24 | rng.getrandbits(24)) & (((1 << 32) - 1) ^ ((1 << (32 - plen)) - 1))
     text = ".".join(str(value >> k & 255) for k in (24, 16, 8, 0))
@@ -33,6 +34,14 @@ def _rule(rng: random.Random, rule_id: int) -> Rule:
         doc["src_ip"] = "10.0.0.0/8"  # the same keys from several rules
     if rng.random() < 0.1:
         doc["src_ip"] = "fd00::/16"
+    if rng.random() < staged_share:
+        doc["mode"] = "staged"
+    return Rule.model_validate(doc)
+
+
+def _other_mode(rule: Rule) -> Rule:
+    doc = rule.to_api()
+    doc["mode"] = "enforce" if rule.staged else "staged"
     return Rule.model_validate(doc)
 
 
@@ -48,44 +57,80 @@ def _check_invariants(t: RuleTables) -> None:
         assert [s.max_score for s in order] == sorted((s.max_score for s in order), reverse=True)
         assert len({s.sid for s in order}) == len(order)
         for ls in order:
-            assert ls.best and ls.max_score == max(ls.best.values())
+            assert ls.best and ls.max_score == max(map(top, ls.best.values()))
             for k, lst in ls.shared.items():
-                assert len(lst) >= 2 and ls.best[k] == max(lst)
+                assert len(lst) >= 2 and ls.best[k] == value_of(lst)
+            for v in ls.best.values():
+                e = entry_of(v)
+                assert e.s_score >= e.score and e.s_score > 0
 
 
-@pytest.mark.parametrize("max_shapes", [512, 14])
-def test_changes_in_place_equal_a_whole_compile(max_shapes: int) -> None:
+@pytest.mark.parametrize(
+    ("max_shapes", "staged_share", "staged_all"),
+    [(512, 0.0, False), (512, 0.3, False), (14, 0.3, False), (512, 0.3, True)],
+)
+def test_changes_in_place_equal_a_whole_compile(
+    max_shapes: int, staged_share: float, staged_all: bool
+) -> None:
     rng = random.Random(5)
-    rules = {i: _rule(rng, i) for i in range(1, 300)}
+    rules = {i: _rule(rng, i, staged_share) for i in range(1, 300)}
+    default = ["allow"]
 
     def whole() -> RuleTables:
-        doc = {"policies": [r.to_api() for r in rules.values()]}
-        return RuleTables.build(compile_policy(parse_policy_document(doc), max_shapes), max_shapes)
+        doc = {"default_action": default[0], "policies": [r.to_api() for r in rules.values()]}
+        compiled = compile_policy(parse_policy_document(doc), max_shapes, staged_all)
+        return RuleTables.build(compiled, max_shapes)
 
     t = whole()
+    assert t.staged_all is staged_all
     for step in range(600):
         ch = t.begin()
         op = rng.random()
         try:
-            if op < 0.4:
+            if op < 0.35:
                 rid = max(rules) + 1
-                rules[rid] = r = _rule(rng, rid)
+                rules[rid] = r = _rule(rng, rid, staged_share)
                 ch.add_rule(r, *rule_ends(r))
-            elif op < 0.7:
+            elif op < 0.6:
                 r = rules.pop(rng.choice(list(rules)))
                 ch.remove_rule(r, *rule_ends(r))
-            else:
+            elif op < 0.75 and staged_share:
+                # enforce <-> staged (a promote, or staging a rule again)
                 rid = rng.choice(list(rules))
-                old, rules[rid] = rules[rid], _rule(rng, rid)
+                old, rules[rid] = rules[rid], _other_mode(rules[rid])
                 ch.remove(old, *rule_ends(old))
                 ch.add(rules[rid], *rule_ends(rules[rid]))
-            ch.finish()
+            elif op < 0.8:
+                default[0] = "deny" if default[0] == "allow" else "allow"
+                ch.default_action = 1 if default[0] == "deny" else 0
+            else:
+                rid = rng.choice(list(rules))
+                old, rules[rid] = rules[rid], _rule(rng, rid, staged_share)
+                ch.remove(old, *rule_ends(old))
+                ch.add(rules[rid], *rule_ends(rules[rid]))
+            delta = ch.finish()
             ch.commit()
+            want = 1 if default[0] == "deny" else 0
+            assert delta.staged_default == want
+            assert delta.default_action == (0 if staged_all else want)
         except NeedsRecompile:
             t = whole()
         _check_invariants(t)
+        want = 1 if default[0] == "deny" else 0
+        assert (t.enforced_default, t.staged_default) == (0 if staged_all else want, want)
         if max_shapes == 512:
             assert _content(t) == _content(whole()), step
+    if staged_all:
+        # every key's enforced half is empty: nothing decides but the (allow) default
+        assert all(
+            entry_of(v).score == 0
+            for f in (4, 6)
+            for ls in t.fam[f].order
+            for v in ls.best.values()
+        )
+    elif staged_share:
+        halves = [entry_of(v) for f in (4, 6) for ls in t.fam[f].order for v in ls.best.values()]
+        assert any(e.staged for e in halves) and any(not e.staged for e in halves)
 
 
 def test_member_changes_in_place_equal_a_whole_compile() -> None:
