@@ -537,3 +537,98 @@ def test_a_group_rule_shows_its_groups_by_name(
     finally:
         api.call("DELETE", "/policies/1010")
         api.call("DELETE", "/groups/lab-peer")
+
+
+def test_a_staged_verdict_shows_as_a_badge_and_filters(
+    agent: AgentProcess, browser: WebDriver, module_lab: Lab
+) -> None:
+    """Needs the classifier's staged view (engineer A). docs/contract.md §6: a flow a staged
+    rule would decide otherwise shows a "would deny by rule N" badge in the staged column (which
+    appears with it; its title names the rule), is reported even when its enforced verdict is
+    allow, and the staged filter keeps exactly such flows, by staged verdict too. The columns
+    stay readable at 1400 px with the staged one shown (its badge may be ellipsised, like an
+    address: the cell's title has it whole)."""
+    lab = module_lab
+    api = api_of(agent)
+    staged_rules = [
+        # Enforced: allowed (no event of its own); staged: would deny.
+        {
+            "rule_id": 1021,
+            "name": "open-7321",
+            "dst_port": 7321,
+            "protocol": "udp",
+            "action": "allow",
+        },
+        {
+            "rule_id": 1020,
+            "name": "trial-7321",
+            "dst_port": 7321,
+            "protocol": "udp",
+            "action": "deny",
+            "priority": 300,
+            "mode": "staged",
+        },
+        # Enforced: the default deny; staged: would allow.
+        {
+            "rule_id": 1022,
+            "name": "trial-2323",
+            "dst_port": 2323,
+            "protocol": "tcp",
+            "action": "allow",
+            "mode": "staged",
+        },
+    ]
+    for r in staged_rules:
+        assert api.call("POST", "/policies", r).status == 201
+    try:
+        sign_in(browser, mint_link(agent))
+        udp_to(lab, "v4", [7321])
+        sport = syn(lab, "v4", 2323)
+
+        def staged_rows() -> list[dict[str, str]]:
+            return [r for r in flow_rows(browser) if r.get("staged")]
+
+        assert wait_until(lambda: {r["dport"] for r in staged_rows()} >= {"7321", "2323"}, 10), (
+            flow_rows(browser)[:4]
+        )
+        heads = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "#flows thead th")]
+        assert heads == [*HEADERS[:9], "staged", *HEADERS[9:]]
+        would_deny = next(r for r in staged_rows() if r["dport"] == "7321")
+        assert (would_deny["verdict"], would_deny["rule"]) == ("allow", "1021 open-7321")
+        assert would_deny["staged"] == "would deny by rule 1020"
+        would_allow = next(r for r in staged_rows() if r["sport"] == str(sport))
+        assert (would_allow["verdict"], would_allow["rule"]) == ("deny", "default")
+        assert would_allow["staged"] == "would allow by rule 1022"
+        title = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#rows td.c-staged'))"
+            ".find(td => td.textContent === arguments[0]).title",
+            "would deny by rule 1020",
+        )
+        assert "staged rule 1020 trial-7321" in title and "priority 300" in title, title
+
+        def shown_after(value: str) -> list[dict[str, str]]:
+            Select(browser.find_element(By.ID, "f-staged")).select_by_value(value)
+            time.sleep(0.6)  # the page redraws four times a second
+            return flow_rows(browser)
+
+        only = shown_after("any")
+        assert only and all(r["staged"] for r in only), only
+        denying = shown_after("deny")
+        assert denying and all(r["staged"].startswith("would deny") for r in denying), denying
+        browser.find_element(By.ID, "f-clear").click()
+        top = text(browser, "top-rules")
+        assert "1020 trial-7321 (staged: would deny)" in top, top
+
+        # Readable with the staged column shown.
+        browser.find_element(By.ID, "pause").click()
+        try:
+            time.sleep(0.3)
+            g = browser.execute_script(GEOMETRY_JS, str(sport))
+            assert g["cells"], "the staged row is not in the table"
+            for cls in ("src", "dst", "rule", "staged"):
+                assert g["cells"][cls]["width"] >= READABLE_PX, (cls, g["cells"][cls])
+        finally:
+            browser.find_element(By.ID, "pause").click()
+    finally:
+        for r in staged_rules:
+            api.call("DELETE", f"/policies/{r['rule_id']}")

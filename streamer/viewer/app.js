@@ -1,7 +1,9 @@
 // The microseg flow viewer: the agent's live feed (GET /api/v1/flows, a WebSocket) as a table,
 // rates, tops and a map. The browser is signed in by a session cookie (see /login); no token
 // is ever handled here. Responsive at 1,000 events/s: messages only update counters and a
-// bounded buffer; the page is redrawn at most four times a second, the table capped.
+// bounded buffer; the page is redrawn at most four times a second, the table capped. A flow
+// whose staged verdict differs (docs/contract.md §6) shows a "would deny by rule N" badge in
+// the staged column, added once such an event is kept (or the staged filter is set).
 "use strict";
 (() => {
   const TABLE_CAP = 200;      // rows drawn
@@ -19,6 +21,8 @@
     total: 0,
     lost: 0,
     lostStages: new Map(),
+    hasStaged: false,         // an event with a staged verdict was seen
+    stagedColumn: false,      // the table has its staged column
     alerts: new Map(),  // "alert subject" -> the firing alert record
     lastSeq: 0,
     paused: false,
@@ -136,6 +140,8 @@
     }
     const rule = $("f-rule").value.trim().toLowerCase();
     if (rule) f.rule = rule;
+    const staged = $("f-staged").value;
+    if (staged) f.staged = staged;
     $("f-error").textContent = problems.join("; ");
     return f;
   }
@@ -144,6 +150,10 @@
     if (ev.type === "lost" || ev.type === "alert") return true;  // they concern every view
     if (f.verdict && ev.verdict !== f.verdict) return false;
     if (f.protocol && ev.protocol !== f.protocol) return false;
+    if (f.staged) {
+      if (!ev.staged) return false;
+      if (f.staged !== "any" && ev.staged.verdict !== f.staged) return false;
+    }
     if (f.ports && !(f.ports.has(ev.src_port) || f.ports.has(ev.dst_port))) return false;
     if (f.rule) {
       const r = ev.rule;
@@ -195,6 +205,16 @@
     return r ? ruleText(r) : "default action";
   }
 
+  // A staged verdict as a badge's text and its title (the rule's name and details).
+  function stagedText(st) {
+    if (!st) return ["", ""];
+    const r = st.rule;
+    if (!r) return [`would ${st.verdict} by default`, `would ${st.verdict} by the staged default action`];
+    const what = r.mode === "staged" ? "staged rule" : "rule";
+    return [`would ${st.verdict} by rule ${r.rule_id}`,
+      `would ${st.verdict} by ${what} ${ruleText(r)}: priority ${r.priority}, ${r.action}`];
+  }
+
   function account(ev, live) {
     if (ev.type === "alert") {
       // Firing alerts by alert+subject; a resolved one leaves the list.
@@ -217,6 +237,13 @@
     }
     const r = ev.rule;
     bump(state.rules, r ? String(r.rule_id) : "default", () => ({ label: ruleLabel(r), n: 0 }));
+    if (ev.staged) {
+      // What a staged rule would decide counts under its own entry, marked as staged.
+      state.hasStaged = true;
+      const s = ev.staged.rule;
+      bump(state.rules, `staged ${s ? s.rule_id : "default"} ${ev.staged.verdict}`,
+        () => ({ label: `${ruleLabel(s)} (staged: would ${ev.staged.verdict})`, n: 0 }));
+    }
     bump(state.talkers, ev.src_ip, () => ({ label: ev.src_ip, n: 0 }));
     const edge = bump(state.edges, `${ev.src_ip} ${ev.dst_ip}`,
       () => ({ src: ev.src_ip, dst: ev.dst_ip, n: 0, deny: 0, log: 0 }));
@@ -320,17 +347,31 @@
   const cell = (cls, v, title) =>
     `<td class="c-${cls}"${title ? ` title="${esc(title)}"` : ""}>${esc(v)}</td>`;
 
-  function row(ev) {
+  // The staged column, from the first staged verdict on (a column nobody needs takes no room).
+  function addStagedColumn() {
+    state.stagedColumn = true;
+    const col = document.createElement("col");
+    col.className = "w-staged";
+    document.querySelector("#flows col.w-rule").after(col);
+    const th = document.createElement("th");
+    th.id = "h-staged";
+    th.textContent = "staged";
+    th.title = "what staged rules would decide, where it differs from the enforced verdict";
+    $("h-rule").after(th);
+    $("flows").classList.add("has-staged");
+  }
+
+  function row(ev, span, staged) {
     // Cells that may be ellipsised (addresses, rule, messages) carry their whole text as a title.
     if (ev.type === "alert") {
       const msg = `ALERT ${ev.alert} ${ev.state} (${ev.severity}): ${ev.message}`;
       return `<tr class="alert a-${esc(ev.severity)}" data-seq="${esc(ev.seq)}"><td class="c-time">${esc(timeOf(ev.time))}</td>` +
-        `<td colspan="10" title="${esc(msg)}">${esc(msg)}</td></tr>`;
+        `<td colspan="${span}" title="${esc(msg)}">${esc(msg)}</td></tr>`;
     }
     if (ev.type === "lost") {
       const range = ev.first_seq ? ` (seq ${ev.first_seq}..${ev.seq})` : "";
       return `<tr class="lost" data-seq="${esc(ev.seq)}"><td class="c-time">${esc(timeOf(ev.time))}</td>` +
-        `<td colspan="10">${esc(ev.lost)} events lost at ${esc(ev.stage)}${esc(range)}</td></tr>`;
+        `<td colspan="${span}">${esc(ev.lost)} events lost at ${esc(ev.stage)}${esc(range)}</td></tr>`;
     }
     const r = ev.rule;
     const rule = r ? ruleText(r) : "default";
@@ -344,8 +385,15 @@
       cell("dir", ev.direction) + cell("src", ev.src_ip, ev.src_ip) + cell("sport", ev.src_port ?? "") +
       cell("dst", ev.dst_ip, ev.dst_ip) + cell("dport", ev.dst_port ?? "") +
       cell("proto", ev.protocol, ev.tcp_flags || "") +
-      cell("rule", rule, ruleTitle) +
+      cell("rule", rule, ruleTitle) + (staged ? stagedCell(ev.staged) : "") +
       cell("pkts", ev.packets) + cell("bytes", ev.bytes) + "</tr>";
+  }
+
+  function stagedCell(st) {
+    const [badge, title] = stagedText(st);
+    if (!badge) return '<td class="c-staged"></td>';
+    return `<td class="c-staged" title="${esc(title)}">` +
+      `<span class="badge s-${esc(st.verdict)}">${esc(badge)}</span></td>`;
   }
 
   function timeOf(t) {
@@ -358,12 +406,15 @@
     const out = [];
     let matched = 0;
     const ev = state.events;
+    if (!state.stagedColumn && (state.hasStaged || f.staged)) addStagedColumn();
+    const staged = state.stagedColumn;
+    const span = staged ? 11 : 10;  // the cells after the time
     for (let i = ev.length - 1; i >= 0 && out.length < TABLE_CAP; i--) {
       const e = ev[i];
       if (state.paused && e.seq > state.pausedAtSeq) continue;
       if (!matches(e, f)) continue;
       matched += 1;
-      out.push(row(e));
+      out.push(row(e, span, staged));
     }
     $("rows").innerHTML = out.join("");
     $("shown").textContent = `${matched} rows shown (newest first, at most ${TABLE_CAP}); ` +
@@ -467,7 +518,7 @@
   }
 
   function start() {
-    for (const id of ["f-verdict", "f-protocol"]) $(id).addEventListener("change", onFilter);
+    for (const id of ["f-verdict", "f-protocol", "f-staged"]) $(id).addEventListener("change", onFilter);
     for (const id of ["f-ip", "f-port", "f-rule"]) $(id).addEventListener("input", onFilter);
     $("filters").addEventListener("reset", () => setTimeout(onFilter, 0));
     $("filters").addEventListener("submit", (e) => e.preventDefault());
