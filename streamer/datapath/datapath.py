@@ -33,7 +33,7 @@ from streamer.datapath.config import DatapathConfig, DatapathError
 from streamer.datapath.maps import Maps, Ring
 from streamer.datapath.reference import Timeouts
 from streamer.datapath.ruletables import RuleTables, TableChange
-from streamer.datapath.tables import MapFill, RuleCounters, Session, Tables
+from streamer.datapath.tables import IPAddress, MapFill, RuleCounters, Session, Tables
 from streamer.policy.failsafe import FailsafeRule
 
 
@@ -176,6 +176,13 @@ class Datapath:
     def sessions(self, limit: int | None = None) -> Iterator[Session]:
         """Session table entries (a snapshot walk: entries may come and go meanwhile)."""
         return self._tables.sessions(limit)
+
+    def session_of(
+        self, ifindex: int, proto: int, src: IPAddress, dst: IPAddress, sport: int, dport: int
+    ) -> Session | None:
+        """The session a packet of this 5-tuple on `ifindex` belongs to (either direction):
+        one lookup by key, no walk. None when there is none."""
+        return self._tables.session_of(ifindex, proto, src, dst, sport, dport)
 
     def session_count(self) -> int:
         """Entries in the session table: exact, from counters (no walk)."""

@@ -133,6 +133,32 @@ class RuleCounters:
     staged_flows: int = 0
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def session_key(
+    ifindex: int, proto: int, src: IPAddress, dst: IPAddress, sport: int, dport: int
+) -> bytes:
+    """The session table key of a packet, as the classifier's make_key builds it: endpoint a
+    is the lower (address, port) pair, addresses in network order (IPv4 in the first 4 of
+    16 bytes), ports in network order."""
+    if src.version != dst.version:
+        raise ValueError(f"{src} and {dst} are not of one address family")
+    a, b = (src, sport), (dst, dport)
+    if (int(dst), dport) < (int(src), sport):
+        a, b = b, a
+    return SESS_KEY.pack(
+        ifindex,
+        src.version,
+        proto,
+        0,
+        a[0].packed.ljust(16, b"\0"),
+        b[0].packed.ljust(16, b"\0"),
+        a[1].to_bytes(2, "big"),
+        b[1].to_bytes(2, "big"),
+    )
+
+
 def _addr(family: int, raw: bytes) -> str:
     if family == 4:
         return str(ipaddress.IPv4Address(raw[:4]))
@@ -236,6 +262,15 @@ class Tables:
     def session_count(self) -> int:
         """Entries in the session table: exact, from counters (no walk)."""
         return self.counters()["active_sessions"]
+
+    def session_of(
+        self, ifindex: int, proto: int, src: IPAddress, dst: IPAddress, sport: int, dport: int
+    ) -> Session | None:
+        """The session of one packet's 5-tuple on `ifindex` (either direction), by one lookup
+        of its key (`session_key`), or None."""
+        key = session_key(ifindex, proto, src, dst, sport, dport)
+        raw = self._maps.lookup("sessions", key, SESS_VAL.size)
+        return None if raw is None else self._session(key, raw)
 
     @staticmethod
     def _session(key: bytes, raw: bytes) -> Session:
