@@ -12,11 +12,18 @@ the kernel takes only the entries it changes (an `EditApplier`), and the disk on
 (streamer.policy.journal); a whole set is compiled and written whole, and becomes the new
 snapshot. The kernel is switched first and the disk second; if the disk write fails the kernel
 is switched back.
+
+Confirm or revert (contract §6): a write with `WriteOptions.confirm_within` is applied at once
+and becomes the pending change (streamer.policy.pending: recorded with the set it replaced
+before the change is saved). Until `confirm` or `revert` no other write is made
+(PendingConflict); `revert` puts the replaced set back as a new generation. A write's `check`
+(the lockout guard) sees the set it leads to before anything is applied.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -40,6 +47,15 @@ from streamer.policy.model import (
     parse_members,
     parse_policy_document,
     unknown_group_message,
+)
+from streamer.policy.pending import (
+    PendingChange,
+    PendingError,
+    clear_pending,
+    read_pending,
+    rfc3339,
+    set_aside,
+    write_pending,
 )
 from streamer.policy.state import Edit, PolicyState, enforced, replay
 from streamer.vocabulary import DefaultAction
@@ -90,6 +106,33 @@ class ApplyFailed(StoreError):
 
     status = 503
     code = "apply_failed"
+
+
+class PendingConflict(StoreError):
+    """Another change waits for its confirmation: no write until it is confirmed or reverted."""
+
+    status = 409
+    code = "pending"
+
+
+class NotPending(StoreError):
+    """A confirmation of a generation that is not the one waiting."""
+
+    status = 409
+    code = "not_pending"
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How a write is made, beyond what it changes.
+
+    `confirm_within`: seconds (MIN_CONFIRM_S..MAX_CONFIRM_S) until the change is reverted
+    unless confirmed (None: it stays). `check`: called with the set the write leads to before
+    anything is applied (the lockout guard); raises a StoreError to refuse the write.
+    """
+
+    confirm_within: int | None = None
+    check: Callable[[PolicySet], None] | None = None
 
 
 class LiveSession(Protocol):
@@ -152,6 +195,14 @@ class ChangeResult:
     group_rules: list[int] = field(default_factory=list)
     # A dry run's: the failsafe entries that pass before any rule, whatever the change.
     failsafe: list[str] = field(default_factory=list)
+    pending: PendingChange | None = None
+
+    def with_pending(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`body` with `pending` (generation, deadline) when this change waits for its
+        confirmation."""
+        if self.pending is not None:
+            body["pending"] = self.pending.to_api()
+        return body
 
     def to_api(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -169,7 +220,7 @@ class ChangeResult:
             out["sessions_checked"] = self.sessions_checked
             out["sessions_changing_verdict"] = self.sessions_changing
             out["failsafe"] = self.failsafe
-        return out
+        return self.with_pending(out)
 
     def group_to_api(self) -> dict[str, Any]:
         """The answer of a group write (docs/contract.md §5, the GroupChange object)."""
@@ -189,7 +240,7 @@ class ChangeResult:
             out["sessions_checked"] = self.sessions_checked
             out["sessions_changing_verdict"] = self.sessions_changing
             out["failsafe"] = self.failsafe
-        return out
+        return self.with_pending(out)
 
 
 def diff_policies(old: PolicySet, new: PolicySet, generation: int) -> ChangeResult:
@@ -336,6 +387,9 @@ class PolicyStore:
         self.state = PolicyState(DefaultAction.ALLOW, {})
         self.generation = 0
         self.journal = Journal(state_dir)
+        # The change waiting for its confirmation (contract §6); set on each change of it.
+        self.pending: PendingChange | None = None
+        self.pending_changed = asyncio.Event()
 
     @property
     def path(self) -> Path:
@@ -386,16 +440,20 @@ class PolicyStore:
 
     # ---- changes ------------------------------------------------------------------------
 
-    async def add(self, rule: Rule, actor: str, dry_run: bool = False) -> ChangeResult:
+    async def add(
+        self, rule: Rule, actor: str, dry_run: bool = False, opts: WriteOptions | None = None
+    ) -> ChangeResult:
         def edit(cur: PolicyState) -> Edit:
             if cur.get(rule.rule_id) is not None:
                 raise DuplicateRule(f"rule_id {rule.rule_id} already exists")
             _check_groups(rule, cur.groups)
             return Edit(f"add rule {rule.rule_id}", added=[rule], record=_rule_record("add", rule))
 
-        return await self.edit(edit, actor, dry_run)
+        return await self.edit(edit, actor, dry_run, opts)
 
-    async def update(self, rule: Rule, actor: str, dry_run: bool = False) -> ChangeResult:
+    async def update(
+        self, rule: Rule, actor: str, dry_run: bool = False, opts: WriteOptions | None = None
+    ) -> ChangeResult:
         def edit(cur: PolicyState) -> Edit:
             old = cur.get(rule.rule_id)
             if old is None:
@@ -407,10 +465,14 @@ class PolicyStore:
                 record=_rule_record("update", rule),
             )
 
-        return await self.edit(edit, actor, dry_run)
+        return await self.edit(edit, actor, dry_run, opts)
 
     async def promote(
-        self, rule_ids: Sequence[int], actor: str, dry_run: bool = False
+        self,
+        rule_ids: Sequence[int],
+        actor: str,
+        dry_run: bool = False,
+        opts: WriteOptions | None = None,
     ) -> ChangeResult:
         """Staged rules made enforced, all in one generation (contract §6). RuleNotFound for
         an unknown rule_id, NotStaged for a rule that is not staged: then nothing changes."""
@@ -431,9 +493,11 @@ class PolicyStore:
                 record={"op": "promote", "rule_ids": ids},
             )
 
-        return await self.edit(edit, actor, dry_run)
+        return await self.edit(edit, actor, dry_run, opts)
 
-    async def delete(self, rule_id: int, actor: str, dry_run: bool = False) -> ChangeResult:
+    async def delete(
+        self, rule_id: int, actor: str, dry_run: bool = False, opts: WriteOptions | None = None
+    ) -> ChangeResult:
         def edit(cur: PolicyState) -> Edit:
             old = cur.get(rule_id)
             if old is None:
@@ -444,12 +508,17 @@ class PolicyStore:
                 record={"op": "delete", "rule_id": rule_id},
             )
 
-        return await self.edit(edit, actor, dry_run)
+        return await self.edit(edit, actor, dry_run, opts)
 
     # ---- groups (docs/contract.md §5) ----------------------------------------------------
 
     async def set_group(
-        self, name: str, group: Group, actor: str, dry_run: bool = False
+        self,
+        name: str,
+        group: Group,
+        actor: str,
+        dry_run: bool = False,
+        opts: WriteOptions | None = None,
     ) -> ChangeResult:
         """Create group `name`, or replace its members."""
         _check_name(name)
@@ -469,7 +538,7 @@ class PolicyStore:
             )
 
         what = f"set group {name} ({len(group.members)} members)"
-        result = await self.edit(edit, actor, dry_run)
+        result = await self.edit(edit, actor, dry_run, opts)
         result.group_created = facts["created"]
         result.members_added, result.members_removed = facts["added"], facts["removed"]
         if facts["created"]:
@@ -478,7 +547,9 @@ class PolicyStore:
             result.groups_changed = [name]
         return self._group_facts(result, name, len(group.members))
 
-    async def delete_group(self, name: str, actor: str, dry_run: bool = False) -> ChangeResult:
+    async def delete_group(
+        self, name: str, actor: str, dry_run: bool = False, opts: WriteOptions | None = None
+    ) -> ChangeResult:
         """Delete group `name`: refused (GroupInUse) while a rule names it."""
         _check_name(name)
         facts: dict[str, Any] = {}
@@ -495,29 +566,45 @@ class PolicyStore:
             groups = {n: g for n, g in cur.groups.items() if n != name}
             return cur.model_copy(update={"groups": groups})
 
-        result = await self.change(edit, actor, f"delete group {name}", dry_run)
+        result = await self.change(edit, actor, f"delete group {name}", dry_run, opts)
         result.group_deleted = True
         result.members_removed = facts["removed"]
         return self._group_facts(result, name, 0)
 
     async def add_members(
-        self, name: str, members: Sequence[str], actor: str, dry_run: bool = False
+        self,
+        name: str,
+        members: Sequence[str],
+        actor: str,
+        dry_run: bool = False,
+        opts: WriteOptions | None = None,
     ) -> ChangeResult:
         """Add members to group `name`. Idempotent: members already in it change nothing
         (`members_unchanged`); with none new the set is not rewritten (no new generation).
         Only the entries of the new members are written."""
-        return await self._members(name, members, actor, dry_run, adding=True)
+        return await self._members(name, members, actor, dry_run, True, opts)
 
     async def remove_members(
-        self, name: str, members: Sequence[str], actor: str, dry_run: bool = False
+        self,
+        name: str,
+        members: Sequence[str],
+        actor: str,
+        dry_run: bool = False,
+        opts: WriteOptions | None = None,
     ) -> ChangeResult:
         """Remove members from group `name`. Idempotent: members not in it change nothing
         (`members_unchanged`); with none removed the set is not rewritten (no new generation).
         Only the entries of the members removed are deleted."""
-        return await self._members(name, members, actor, dry_run, adding=False)
+        return await self._members(name, members, actor, dry_run, False, opts)
 
     async def _members(
-        self, name: str, members: Sequence[str], actor: str, dry_run: bool, adding: bool
+        self,
+        name: str,
+        members: Sequence[str],
+        actor: str,
+        dry_run: bool,
+        adding: bool,
+        opts: WriteOptions | None,
     ) -> ChangeResult:
         _check_name(name)
         given = await _canonical_members(members)
@@ -543,7 +630,7 @@ class PolicyStore:
             )
 
         try:
-            result = await self.edit(edit, actor, dry_run)
+            result = await self.edit(edit, actor, dry_run, opts)
         except _Unchanged:
             result = ChangeResult(generation=self.generation, dry_run=dry_run)
         if adding:
@@ -562,7 +649,12 @@ class PolicyStore:
         return result
 
     async def change_unless_same(
-        self, edit: Callable[[PolicySet], PolicySet], actor: str, what: str, dry_run: bool
+        self,
+        edit: Callable[[PolicySet], PolicySet],
+        actor: str,
+        what: str,
+        dry_run: bool,
+        opts: WriteOptions | None = None,
     ) -> ChangeResult:
         """`change`, except that an edit returning the set it was given changes nothing: the
         answer is an empty diff at the current generation (no session to check), nothing is
@@ -575,17 +667,28 @@ class PolicyStore:
             return new
 
         try:
-            return await self.change(checked, actor, what, dry_run)
+            return await self.change(checked, actor, what, dry_run, opts)
         except _Unchanged:
             return ChangeResult(generation=self.generation, dry_run=dry_run)
 
-    async def replace(self, policy: PolicySet, actor: str, dry_run: bool = False) -> ChangeResult:
+    async def replace(
+        self,
+        policy: PolicySet,
+        actor: str,
+        dry_run: bool = False,
+        opts: WriteOptions | None = None,
+    ) -> ChangeResult:
         return await self.change(
-            lambda _cur: policy, actor, f"replace set ({len(policy.policies)} rules)", dry_run
+            lambda _cur: policy, actor, f"replace set ({len(policy.policies)} rules)", dry_run, opts
         )
 
     async def change(
-        self, edit: Callable[[PolicySet], PolicySet], actor: str, what: str, dry_run: bool
+        self,
+        edit: Callable[[PolicySet], PolicySet],
+        actor: str,
+        what: str,
+        dry_run: bool,
+        opts: WriteOptions | None = None,
     ) -> ChangeResult:
         """A whole-set edit: `edit` gets the applied set and returns the new one."""
 
@@ -593,51 +696,108 @@ class PolicyStore:
             new = edit(cur.policy_set())
             return Edit(what, whole=new)
 
-        return await self.edit(whole, actor, dry_run)
+        return await self.edit(whole, actor, dry_run, opts)
 
     async def edit(
-        self, make: Callable[[PolicyState], Edit], actor: str, dry_run: bool
+        self,
+        make: Callable[[PolicyState], Edit],
+        actor: str,
+        dry_run: bool,
+        opts: WriteOptions | None = None,
     ) -> ChangeResult:
         """Serialize, make the edit against the applied state, then enforce and persist it
-        (or, dry, only describe it)."""
+        (or, dry, only describe it). While a change waits for its confirmation no other is
+        made (PendingConflict); dry runs are answered."""
+        opts = opts or WriteOptions()
         async with self._lock:
-            state, old_gen = self.state, self.generation
-            e = make(state)
-            if e.whole is not None:
-                result = diff_policies(state.policy_set(), e.whole, old_gen)
-            else:
-                result = ChangeResult(
-                    generation=old_gen,
-                    added=list(e.added),
-                    removed=list(e.removed),
-                    changed=[(a, b) for a, b in e.changed if a != b],
-                    default_action_changed=e.default_action is not None
-                    and e.default_action != state.default_action,
+            pending = self.pending
+            if pending is not None and not dry_run:
+                raise PendingConflict(
+                    f"generation {pending.generation} ({pending.what}) waits for its "
+                    f"confirmation until {rfc3339(pending.deadline)}: confirm it (POST "
+                    "/api/v1/policies/confirm) or let it be reverted, then try again"
                 )
-            if dry_run:
-                result.dry_run = True
-                new = state.after(e)
-                checked, changing = await asyncio.to_thread(
-                    sessions_changing, list(self._sessions()), new, self.failsafe, self.staged_all
-                )
-                result.sessions_checked, result.sessions_changing = checked, changing
-                result.failsafe = [str(f) for f in self.failsafe]
-                return result
-            gen = await asyncio.to_thread(self._commit, e, state)
-            # The state moves here, on the loop, where its readers are.
-            state.apply(e)
-            self.generation = gen
-            log.info("%s by %s: generation %d", e.what, actor, gen)
-            self._audit(actor, e.what, gen)
-            result.generation = gen
-            if e.whole is None and self.journal.due():
-                # The view is taken now: the state moves on while the snapshot is written.
-                self.journal.compact(state.policy_set().to_api, gen)
-            return result
+            return await self._edit(make, actor, dry_run, opts)
 
-    def _commit(self, e: Edit, state: PolicyState) -> int:
-        """Kernel, then disk (both or neither); returns the generation."""
+    async def _edit(
+        self,
+        make: Callable[[PolicyState], Edit],
+        actor: str,
+        dry_run: bool,
+        opts: WriteOptions,
+        reverting: PendingChange | None = None,
+    ) -> ChangeResult:
+        state, old_gen = self.state, self.generation
+        e = make(state)
+        if e.whole is not None:
+            result = diff_policies(state.policy_set(), e.whole, old_gen)
+        else:
+            result = ChangeResult(
+                generation=old_gen,
+                added=list(e.added),
+                removed=list(e.removed),
+                changed=[(a, b) for a, b in e.changed if a != b],
+                default_action_changed=e.default_action is not None
+                and e.default_action != state.default_action,
+            )
+        if dry_run:
+            result.dry_run = True
+            new = state.after(e)
+            checked, changing = await asyncio.to_thread(
+                sessions_changing, list(self._sessions()), new, self.failsafe, self.staged_all
+            )
+            result.sessions_checked, result.sessions_changing = checked, changing
+            result.failsafe = [str(f) for f in self.failsafe]
+            return result
+        pend: PendingChange | None = None
+        if opts.confirm_within is not None:
+            now = time.time()
+            pend = PendingChange(
+                generation=0,  # known once the kernel took it
+                base_generation=old_gen,
+                deadline=now + opts.confirm_within,
+                confirm_within=opts.confirm_within,
+                actor=actor,
+                what=e.what,
+                previous=state.policy_set(),
+                applied_at=now,
+            )
+        gen = await asyncio.to_thread(self._commit, e, state, opts.check, pend, reverting)
+        # The state moves here, on the loop, where its readers are.
+        state.apply(e)
+        self.generation = gen
+        log.info("%s by %s: generation %d", e.what, actor, gen)
+        extra: dict[str, Any] = {}
+        if pend is not None:
+            self._set_pending(pend)
+            extra["confirm_by"] = rfc3339(pend.deadline)
+            log.info("generation %d reverts at %s unless confirmed", gen, rfc3339(pend.deadline))
+        elif reverting is not None:
+            self._set_pending(None)
+            extra["reverted"] = reverting.generation
+        self._audit(actor, e.what, gen, extra)
+        result.generation = gen
+        result.pending = pend
+        if e.whole is None and self.journal.due():
+            # The view is taken now: the state moves on while the snapshot is written.
+            self.journal.compact(state.policy_set().to_api, gen)
+        return result
+
+    def _commit(
+        self,
+        e: Edit,
+        state: PolicyState,
+        check: Callable[[PolicySet], None] | None = None,
+        pend: PendingChange | None = None,
+        reverting: PendingChange | None = None,
+    ) -> int:
+        """`check` the new set, then kernel, then disk (both or neither); returns the
+        generation. A change to confirm (`pend`) is recorded with what it replaced before the
+        change is saved; the record of a change being reverted (`reverting`) is removed after
+        the revert is saved."""
         whole = e.whole
+        if check is not None:
+            check(state.after(e))
         try:
             if whole is not None:
                 gen = self._apply(whole, None)
@@ -650,6 +810,9 @@ class PolicyStore:
         except Exception as exc:
             raise ApplyFailed(f"the kernel refused the policy, nothing changed: {exc}") from exc
         try:
+            if pend is not None:
+                pend.generation = gen
+                write_pending(self.state_dir, pend)
             if whole is not None:
                 self._persist(whole, gen)
             else:
@@ -657,17 +820,111 @@ class PolicyStore:
         except OSError as exc:
             # The disk said no: put the kernel back so both stay on the old set.
             self._apply(state.policy_set(), None)
+            if pend is not None:
+                with contextlib.suppress(OSError):
+                    clear_pending(self.state_dir)
             raise ApplyFailed(f"saving the policy failed, nothing changed: {exc}") from exc
+        if reverting is not None:
+            try:
+                clear_pending(self.state_dir)
+            except OSError as exc:
+                # Harmless at the next start: the saved set is newer than the pending change.
+                log.warning("could not remove the pending change's record: %s", exc)
         return gen
+
+    # ---- confirm or revert (contract §6) --------------------------------------------------
+
+    def _set_pending(self, pending: PendingChange | None) -> None:
+        self.pending = pending
+        self.pending_changed.set()
+
+    async def confirm(self, generation: int, actor: str) -> PendingChange:
+        """Keep the pending change of `generation`: NotPending when it is not the one
+        waiting (none is, another is, or it was reverted)."""
+        async with self._lock:
+            pending = self.pending
+            if pending is None:
+                raise NotPending(f"generation {generation} is not pending: no change is")
+            if pending.generation != generation:
+                raise NotPending(
+                    f"generation {generation} is not pending: generation "
+                    f"{pending.generation} is (until {rfc3339(pending.deadline)})"
+                )
+            try:
+                await asyncio.to_thread(clear_pending, self.state_dir)
+            except OSError as exc:
+                raise ApplyFailed(
+                    f"recording the confirmation failed; generation {generation} is still "
+                    f"pending: {exc}"
+                ) from exc
+            self._set_pending(None)
+            log.info("generation %d confirmed by %s", generation, actor)
+            self._audit(actor, f"confirm generation {generation}", generation, {})
+            return pending
+
+    async def revert(self, pending: PendingChange, actor: str = "revert") -> ChangeResult | None:
+        """Put back the set `pending` replaced, as a new generation: None when that change is
+        no longer pending (confirmed meanwhile). StoreError when the set cannot be applied:
+        the change then stays in force and is no longer pending (kept, not retried)."""
+        async with self._lock:
+            if self.pending is not pending:
+                return None
+            what = f"revert generation {pending.generation} ({pending.what})"
+            try:
+                return await self._edit(
+                    lambda _cur: Edit(what, whole=pending.previous),
+                    actor,
+                    False,
+                    WriteOptions(),
+                    reverting=pending,
+                )
+            except StoreError:
+                self._set_pending(None)
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(clear_pending, self.state_dir)
+                raise
+
+    def adopt_pending(self, saved_generation: int | None) -> PendingChange | None:
+        """At start, after `restore`: the change the state dir says is pending, if the set
+        restored (saved at `saved_generation`; None: nothing was saved) is that change's.
+        Anything else on disk is stale (the change was never saved, or it was reverted
+        already) and is removed. A damaged record is set aside and logged (PendingError)."""
+        try:
+            found = read_pending(self.state_dir)
+        except PendingError:
+            set_aside(self.state_dir)
+            raise
+        if found is None:
+            return None
+        if saved_generation != found.generation:
+            log.info(
+                "the pending record of generation %d is stale (the saved set is generation "
+                "%s): nothing to revert",
+                found.generation,
+                saved_generation,
+            )
+            with contextlib.suppress(OSError):
+                clear_pending(self.state_dir)
+            return None
+        # The kernel may have given the restored set another number.
+        found.generation = self.generation
+        self._set_pending(found)
+        return found
 
     def close(self) -> None:
         """Finish a snapshot being written and close the journal."""
         self.journal.close()
 
-    def _audit(self, actor: str, what: str, generation: int) -> None:
+    def _audit(self, actor: str, what: str, generation: int, extra: dict[str, Any]) -> None:
         try:
             line = orjson.dumps(
-                {"time": time.time(), "actor": actor, "change": what, "generation": generation}
+                {
+                    "time": time.time(),
+                    "actor": actor,
+                    "change": what,
+                    "generation": generation,
+                    **extra,
+                }
             )
             with (self.state_dir / CHANGES_FILE).open("ab") as f:
                 f.write(line + b"\n")
