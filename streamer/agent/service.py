@@ -28,6 +28,7 @@ from pyroute2 import config as pyroute2_config
 
 from streamer.agent.edits import change_tables
 from streamer.agent.pressure import AlertChange, PressureCollector, PressureConfig, PressureWatch
+from streamer.agent.rollback import Rollback
 from streamer.datapath.attach import detach
 from streamer.datapath.compiler import (
     CompileError,
@@ -41,13 +42,15 @@ from streamer.events.pipeline import Pipeline, PipelineConfig, register_metrics,
 from streamer.events.sinks.file import DEFAULT_KEEP, DEFAULT_MAX_BYTES, FileSinkConfig
 from streamer.events.sinks.kafka import DEFAULT_SPOOL_MAX_BYTES, DEFAULT_TOPIC, KafkaSinkConfig
 from streamer.events.sinks.websocket import WebSocketConfig
+from streamer.policy.lockout import LockoutGuard
 from streamer.policy.model import (
     PolicyError,
     PolicySet,
     load_policy_file,
 )
+from streamer.policy.pending import PendingError
 from streamer.policy.state import Edit, PolicyState
-from streamer.policy.store import ChangeResult, PolicyStore, StoreError
+from streamer.policy.store import ChangeResult, PolicyStore, StoreError, WriteOptions
 from streamer.vocabulary import DefaultAction, Mode
 
 log = logging.getLogger("microseg.agent")
@@ -100,6 +103,10 @@ class Agent:
     pipeline: Pipeline | None = None
     store: PolicyStore = field(init=False)
     pressure: PressureWatch = field(init=False)
+    # Confirm or revert, and the lockout guard (contract §6).
+    rollback: Rollback = field(init=False)
+    lockout: LockoutGuard = field(init=False)
+    ifindexes: dict[int, str] = field(default_factory=dict)  # attached: ifindex -> name
     _heap_dirty: bool = False  # a policy was applied since the heap was last trimmed
 
     def __post_init__(self) -> None:
@@ -113,6 +120,13 @@ class Agent:
             staged_all=self.config.datapath.staged_all,
         )
         self.pressure = PressureWatch(self.config.pressure, on_alert=self._alert)
+        self.rollback = Rollback(self.store, on_alert=self._publish_alert)
+        self.lockout = LockoutGuard(
+            self.datapath.session_of,
+            self.ifindexes,
+            failsafe=self.config.datapath.failsafe,
+            staged_all=self.config.datapath.staged_all,
+        )
 
     # ---- policy --------------------------------------------------------------------------
 
@@ -226,7 +240,7 @@ class Agent:
         )
         return gen
 
-    async def reload(self, actor: str = "sighup") -> ChangeResult:
+    async def reload(self, actor: str = "sighup", opts: WriteOptions | None = None) -> ChangeResult:
         """SIGHUP and `microseg policy load`: the policy file as a whole-set replace.
 
         A bad file changes nothing: the error is logged and raised (StoreError). An agent
@@ -241,7 +255,7 @@ class Agent:
             log.error("policy reload rejected, generation %d stays: %s", self.generation, e)
             raise StoreError(str(e)) from e
         try:
-            return await self.store.replace(policy, actor)
+            return await self.store.replace(policy, actor, opts=opts)
         except StoreError as e:
             log.error("policy reload rejected, generation %d stays: %s", self.generation, e)
             raise
@@ -251,6 +265,7 @@ class Agent:
         persisted = self.store.read_persisted()
         if persisted is None:
             self.store.restore(self.read_policy(), 0)
+            self._adopt_pending(None)
             return
         policy, gen = persisted
         log.info(
@@ -262,6 +277,15 @@ class Agent:
         if self.config.policy_file is not None:
             log.info("the policy file seeds only an empty state dir: SIGHUP applies it")
         self.store.restore(policy, gen)
+        self._adopt_pending(gen)
+
+    def _adopt_pending(self, saved_generation: int | None) -> None:
+        """The change still waiting for its confirmation, if any; a damaged record is not a
+        reason to stay down (the set restored stays, unconfirmed or not)."""
+        try:
+            self.store.adopt_pending(saved_generation)
+        except PendingError as e:
+            log.error("%s: set aside; the restored set stays as it is", e)
 
     # ---- events ----------------------------------------------------------------------------
 
@@ -338,7 +362,7 @@ class Agent:
         """Restore the policy and attach to every interface; 0, or the exit code after
         logging why not."""
         cfg = self.config
-        ifindexes: dict[int, str] = {}
+        ifindexes = self.ifindexes
         self._enricher = Enricher(ifindexes)
         try:
             self._restore()
@@ -367,6 +391,8 @@ class Agent:
         assert self._enricher is not None
         pipeline = self.pipeline = Pipeline(self.pipeline_config(), self.datapath, self._enricher)
         tune_gc()
+        # A change left unconfirmed past its deadline while we were down: before the API.
+        await self.rollback.revert_overdue()
         async with contextlib.AsyncExitStack() as stack:
             if cfg.api_listen:
                 runner = await self._start_api(loop)
@@ -380,6 +406,7 @@ class Agent:
                 tasks.append(
                     tg.create_task(self.pressure.run(self.datapath.pressure), name="pressure")
                 )
+                tasks.append(tg.create_task(self.rollback.run(), name="rollback"))
                 if cfg.stats_interval > 0:
                     tasks.append(tg.create_task(self._print_stats(cfg.stats_interval)))
                 await stop.wait()
@@ -430,6 +457,7 @@ class Agent:
             flows=self.pipeline.websocket if self.pipeline is not None else None,
             policy_mode=Mode.STAGED if cfg.datapath.staged_all else Mode.ENFORCE,
             failsafe=cfg.datapath.failsafe,
+            lockout=self.lockout,
         )
         if self.pipeline is not None:
             register_metrics(registry, self.pipeline)
@@ -457,8 +485,11 @@ class Agent:
         return out
 
     def _alert(self, change: AlertChange) -> None:
+        self._publish_alert(change.fields())
+
+    def _publish_alert(self, fields: dict[str, Any]) -> None:
         if self.pipeline is not None:
-            self.pipeline.publish_alert(change.fields())
+            self.pipeline.publish_alert(fields)
 
     def _announce_viewer(self, ctx: Any, listen: str) -> None:
         # The one-time sign-in link goes to stdout only, never into the log.

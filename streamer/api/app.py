@@ -37,7 +37,17 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from streamer.api import flows, groups, policies, promote, sessions, stats, status, viewer
+from streamer.api import (
+    flows,
+    groups,
+    policies,
+    promote,
+    rollout,
+    sessions,
+    stats,
+    status,
+    viewer,
+)
 from streamer.api.auth import PUBLIC_PATHS, authenticate, check_host, check_origin
 from streamer.api.context import (
     ACTOR,
@@ -172,10 +182,11 @@ def make_app(ctx: ApiContext) -> web.Application:
     r.add_get(f"{p}/policies", policies.list_policies, allow_head=False)
     r.add_post(f"{p}/policies", policies.add_policy)
     r.add_put(f"{p}/policies", policies.replace_policies)
-    # Before {rule_id}: "reload" is no rule_id.
+    # Before {rule_id}: "reload" and "confirm" are no rule_ids.
     r.add_post(f"{p}/policies/reload", policies.reload_policies)
     r.add_post(f"{p}/policies/promote", promote.promote_many)
     r.add_post(f"{p}/policies/{{rule_id}}/promote", promote.promote_one)
+    r.add_post(f"{p}/policies/confirm", rollout.confirm_policies)
     r.add_get(f"{p}/policies/{{rule_id}}", policies.get_policy, allow_head=False)
     r.add_put(f"{p}/policies/{{rule_id}}", policies.update_policy)
     r.add_delete(f"{p}/policies/{{rule_id}}", policies.delete_policy)

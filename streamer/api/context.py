@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from streamer.api.signin import ViewerAuth
 from streamer.policy.failsafe import FailsafeRule
-from streamer.policy.store import ChangeResult, PolicyStore
+from streamer.policy.store import ChangeResult, PolicyStore, WriteOptions
 from streamer.vocabulary import Mode
 
 __all__ = [
@@ -70,12 +70,14 @@ class ApiContext:
     `bind_hosts`: host names/addresses the API is reachable by (`start_api` adds the listen
     hosts); localhost, 127.0.0.1 and ::1 are always accepted in `Host`.
     `extra_stats`: more counters for /stats and /metrics (the event pipeline's).
-    `reload(actor)`: re-apply the agent's policy file as a whole-set replace (`POST
+    `reload(actor, opts)`: re-apply the agent's policy file as a whole-set replace (`POST
     /api/v1/policies/reload`, `microseg policy load`); None: that route answers 404.
     `flows`: the live flow feed (a `streamer.events.sinks.websocket.WebSocketHub`) behind
     `GET /api/v1/flows`; None: that route answers 503.
     `policy_mode` and `failsafe`: what the agent was started with (`--policy-mode`,
     `--failsafe`).
+    `lockout`: the lockout guard (streamer.policy.lockout.LockoutGuard) every write from a
+    connection crossing an attached interface is checked by; None: no check.
     """
 
     store: PolicyStore
@@ -87,11 +89,12 @@ class ApiContext:
     bind_hosts: set[str]
     registry: CollectorRegistry
     extra_stats: Callable[[], dict[str, Any]] | None = None
-    reload: Callable[[str], Awaitable[ChangeResult]] | None = None
+    reload: Callable[[str, WriteOptions], Awaitable[ChangeResult]] | None = None
     flows: Any = None
     # --policy-mode and --failsafe (contract §6): /status, dry runs and promote show them.
     policy_mode: Mode = Mode.ENFORCE
     failsafe: tuple[FailsafeRule, ...] = ()
+    lockout: Any = None
     # The browser viewer's one-time sign-in codes and sessions (streamer/api/signin.py).
     viewer: ViewerAuth = field(default_factory=lambda: ViewerAuth(), repr=False)
 

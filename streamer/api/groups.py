@@ -3,7 +3,8 @@ create or replace, delete) and `.../{name}/members` (add, remove).
 
 In: requests and the `PolicyStore` of the `ApiContext`. Out: groups as JSON. Writes go through
 the store, are answered only once the change is enforced in the kernel and saved, carry the
-generation in `X-Policy-Generation`, take `?dry_run=1`, and answer a GroupChange (what went in
+generation in `X-Policy-Generation`, take `?dry_run=1` (and `?confirm_within`, `?force`:
+streamer/api/rollout.py), and answer a GroupChange (what went in
 and out, what changed nothing); a member change that changes nothing keeps the generation.
 Errors: 400 a bad name, member or body; 404 an unknown group; 409 deleting a group rules use;
 413 a body above 64 MiB; 415 a body that is not JSON.
@@ -20,7 +21,6 @@ from aiohttp import web
 from streamer.api.context import ACTOR, API_PREFIX, CTX, ApiError, json_response
 from streamer.api.params import (
     GROUP_BODY_LIMIT,
-    dry_run_param,
     members_body,
     path_group_name,
     query_params,
@@ -28,6 +28,7 @@ from streamer.api.params import (
     validate_group,
 )
 from streamer.api.policies import write_change
+from streamer.api.rollout import write_params
 from streamer.policy.model import Group
 from streamer.policy.store import ChangeResult
 
@@ -98,14 +99,16 @@ def _member_count(data: Any) -> int:
 
 async def put_group(request: web.Request) -> web.Response:
     name = path_group_name(request)
-    dry_run = dry_run_param(request)
+    dry_run, opts = write_params(request)
     ctx = request.app[CTX]
     data = await read_json(request, GROUP_BODY_LIMIT)
     if _member_count(data) > _BIG:
         group = await asyncio.to_thread(validate_group, data)
     else:
         group = validate_group(data)
-    result = await write_change(request, ctx.store.set_group(name, group, request[ACTOR], dry_run))
+    result = await write_change(
+        request, ctx.store.set_group(name, group, request[ACTOR], dry_run, opts)
+    )
     if result.group_created and not dry_run:
         return await _answer(result, 201, Location=f"{API_PREFIX}/groups/{name}")
     return await _answer(result)
@@ -113,29 +116,33 @@ async def put_group(request: web.Request) -> web.Response:
 
 async def delete_group(request: web.Request) -> web.Response:
     name = path_group_name(request)
-    dry_run = dry_run_param(request)
+    dry_run, opts = write_params(request)
     ctx = request.app[CTX]
-    result = await write_change(request, ctx.store.delete_group(name, request[ACTOR], dry_run))
+    result = await write_change(
+        request, ctx.store.delete_group(name, request[ACTOR], dry_run, opts)
+    )
     return await _answer(result)
 
 
 async def add_members(request: web.Request) -> web.Response:
     name = path_group_name(request)
-    dry_run = dry_run_param(request)
+    dry_run, opts = write_params(request)
     ctx = request.app[CTX]
     members = members_body(await read_json(request, GROUP_BODY_LIMIT))
     store = ctx.store
-    result = await write_change(request, store.add_members(name, members, request[ACTOR], dry_run))
+    result = await write_change(
+        request, store.add_members(name, members, request[ACTOR], dry_run, opts)
+    )
     return await _answer(result)
 
 
 async def remove_members(request: web.Request) -> web.Response:
     name = path_group_name(request)
-    dry_run = dry_run_param(request)
+    dry_run, opts = write_params(request)
     ctx = request.app[CTX]
     members = members_body(await read_json(request, GROUP_BODY_LIMIT))
     store = ctx.store
     result = await write_change(
-        request, store.remove_members(name, members, request[ACTOR], dry_run)
+        request, store.remove_members(name, members, request[ACTOR], dry_run, opts)
     )
     return await _answer(result)

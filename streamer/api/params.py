@@ -1,13 +1,13 @@
 """Reading a request's input: query parameters, the rule id in the path, and JSON bodies.
 
-In: an aiohttp request. Out: checked values (`query_params`, `dry_run_param`, `int_param`,
-`path_rule_id`, `path_group_name`), the parsed JSON body (`read_json`, within `SMALL_BODY_LIMIT`,
-`GROUP_BODY_LIMIT` or `WHOLE_SET_BODY_LIMIT`) and that body validated into a `Rule`, `Group` or
-`PolicySet` (`validate_rule`, `validate_group`, `validate_set`) or a member list
-(`members_body`). Anything else is an `ApiError`: 400 for an unknown or repeated query parameter
-(a typo like `?dryrun=1` must not apply a change) or a bad value, 415 for a body that is not
-UTF-8 `application/json`, 413 for one above the limit; validation lists at most 20 problems in
-the message.
+In: an aiohttp request. Out: checked values (`query_params`, `dry_run_param`, `flag_param`,
+`int_param`, `path_rule_id`, `path_group_name`), the parsed JSON body (`read_json`, within
+`SMALL_BODY_LIMIT`, `GROUP_BODY_LIMIT` or `WHOLE_SET_BODY_LIMIT`) and that body validated into
+a `Rule`, `Group` or `PolicySet` (`validate_rule`, `validate_group`, `validate_set`) or a member
+list (`members_body`). Anything else is an `ApiError`: 400 for an unknown or repeated query
+parameter (a typo like `?dryrun=1` must not apply a change) or a bad value, 415 for a body that
+is not UTF-8 `application/json`, 413 for one above the limit; validation lists at most 20
+problems in the message.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ __all__ = [
     "SMALL_BODY_LIMIT",
     "WHOLE_SET_BODY_LIMIT",
     "dry_run_param",
+    "flag_param",
     "int_param",
     "members_body",
     "path_group_name",
@@ -73,7 +74,11 @@ _FALSE: Final = frozenset({"0", "false", "no", "off"})
 
 
 def dry_run_param(request: web.Request) -> bool:
-    value = query_params(request, ("dry_run",)).get("dry_run")
+    return flag_param("dry_run", query_params(request, ("dry_run",)).get("dry_run"))
+
+
+def flag_param(name: str, value: str | None) -> bool:
+    """A yes/no query parameter (absent: no)."""
     if value is None:
         return False
     if value.lower() in _TRUE:
@@ -81,7 +86,7 @@ def dry_run_param(request: web.Request) -> bool:
     if value.lower() in _FALSE:
         return False
     # A bare `?dry_run` is ambiguous: refuse it rather than guess and maybe apply.
-    raise ApiError(400, f"dry_run: {short(value, 40)!r} is not a flag: use dry_run=1 or dry_run=0")
+    raise ApiError(400, f"{name}: {short(value, 40)!r} is not a flag: use {name}=1 or {name}=0")
 
 
 def int_param(name: str, value: str, low: int, high: int) -> int:

@@ -6,7 +6,9 @@ Out: the rules as JSON; the list also holds the address groups, so that it is th
 document (what `PUT /policies` takes) plus its count and generation. Writes go through the
 store and are answered only once the change is enforced in the kernel and saved; they carry the
 new generation in `X-Policy-Generation`, and with `?dry_run=1` answer what would change without
-changing it. A request cancelled mid-write (`write_change`) does not cancel the write.
+changing it; `?confirm_within=S` and `?force=1` as streamer/api/rollout.py reads them (a pending
+change adds `pending` to the answer). A request cancelled mid-write (`write_change`) does not
+cancel the write.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ from streamer.api.context import (
 from streamer.api.params import (
     SMALL_BODY_LIMIT,
     WHOLE_SET_BODY_LIMIT,
-    dry_run_param,
     path_rule_id,
     query_params,
     read_json,
     validate_rule,
     validate_set,
 )
+from streamer.api.rollout import write_params
 from streamer.api.stats import rule_hits
 from streamer.policy.store import ChangeResult, PolicyStore, StoreError
 
@@ -126,15 +128,15 @@ async def list_policies(request: web.Request) -> web.Response:
 
 
 async def add_policy(request: web.Request) -> web.Response:
-    dry_run = dry_run_param(request)
+    dry_run, opts = write_params(request)
     ctx = request.app[CTX]
     rule = validate_rule(await read_json(request, SMALL_BODY_LIMIT))
-    result = await write_change(request, ctx.store.add(rule, request[ACTOR], dry_run))
+    result = await write_change(request, ctx.store.add(rule, request[ACTOR], dry_run, opts))
     headers = _generation_header(result)
     if dry_run:
         return json_response(result.to_api(), 200, headers)
     headers["Location"] = f"{API_PREFIX}/policies/{rule.rule_id}"
-    return json_response(rule.to_api(), 201, headers)
+    return json_response(result.with_pending(rule.to_api()), 201, headers)
 
 
 def _items(data: object) -> int:
@@ -151,14 +153,14 @@ def _items(data: object) -> int:
 
 
 async def replace_policies(request: web.Request) -> web.Response:
-    dry_run = dry_run_param(request)
+    dry_run, opts = write_params(request)
     ctx = request.app[CTX]
     data = await read_json(request, WHOLE_SET_BODY_LIMIT)
     if _items(data) > 1000:
         policy = await asyncio.to_thread(validate_set, data)
     else:
         policy = validate_set(data)
-    result = await write_change(request, ctx.store.replace(policy, request[ACTOR], dry_run))
+    result = await write_change(request, ctx.store.replace(policy, request[ACTOR], dry_run, opts))
     size = len(result.added) + len(result.removed) + len(result.changed)
     if size > 5000:
         body = await asyncio.to_thread(lambda: orjson.dumps(result.to_api()))
@@ -169,11 +171,13 @@ async def replace_policies(request: web.Request) -> web.Response:
 
 
 async def reload_policies(request: web.Request) -> web.Response:
-    query_params(request)
+    dry_run, opts = write_params(request)
+    if dry_run:
+        raise ApiError(400, "dry_run: a reload has no dry run; use PUT /policies?dry_run=1")
     ctx = request.app[CTX]
     if ctx.reload is None:
         raise ApiError(404, "this agent has no policy file to reload")
-    result = await write_change(request, ctx.reload(request[ACTOR]))
+    result = await write_change(request, ctx.reload(request[ACTOR], opts))
     return json_response(result.to_api(), 200, _generation_header(result))
 
 
@@ -190,7 +194,7 @@ async def get_policy(request: web.Request) -> web.Response:
 
 async def update_policy(request: web.Request) -> web.Response:
     rule_id = path_rule_id(request)
-    dry_run = dry_run_param(request)
+    dry_run, opts = write_params(request)
     ctx = request.app[CTX]
     data = await read_json(request, SMALL_BODY_LIMIT)
     if isinstance(data, dict):
@@ -203,17 +207,18 @@ async def update_policy(request: web.Request) -> web.Response:
             )
         data = {**data, "rule_id": rule_id}
     rule = validate_rule(data)
-    result = await write_change(request, ctx.store.update(rule, request[ACTOR], dry_run))
+    result = await write_change(request, ctx.store.update(rule, request[ACTOR], dry_run, opts))
     if dry_run:
         return json_response(result.to_api(), 200, _generation_header(result))
-    return json_response(rule.to_api(), 200, _generation_header(result))
+    return json_response(result.with_pending(rule.to_api()), 200, _generation_header(result))
 
 
 async def delete_policy(request: web.Request) -> web.Response:
     rule_id = path_rule_id(request)
-    dry_run = dry_run_param(request)
+    dry_run, opts = write_params(request)
     ctx = request.app[CTX]
-    result = await write_change(request, ctx.store.delete(rule_id, request[ACTOR], dry_run))
+    result = await write_change(request, ctx.store.delete(rule_id, request[ACTOR], dry_run, opts))
     if dry_run:
         return json_response(result.to_api(), 200, _generation_header(result))
-    return json_response(result.removed[0].to_api(), 200, _generation_header(result))
+    body = result.with_pending(result.removed[0].to_api())
+    return json_response(body, 200, _generation_header(result))

@@ -5,7 +5,9 @@ and, for several rules in one generation, `POST /api/v1/policies/promote` with
 In: the rule ids; the store and the datapath's per-rule counters of the `ApiContext`. Out:
 `{"generation": G, "promoted": [{"rule_id", "staged_packets", "staged_bytes",
 "staged_flows"}]}`: what each rule decided while staged (read just before the change), and
-with `?dry_run=1` the same beside the dry run's diff and re-judged sessions, nothing changed.
+with `?dry_run=1` the same beside the dry run's diff and re-judged sessions, nothing changed;
+with `?confirm_within=S` it reverts unless confirmed (`pending` in the answer), and the lockout
+guard checks it like every write (`?force=1`).
 Errors: 404 unknown rule, 409 `not_staged`, 409 `staged_agent` on an agent that stages every
 rule (--policy-mode staged), 400 for a bad body; nothing changes on any of them.
 """
@@ -17,8 +19,9 @@ from typing import Any
 from aiohttp import web
 
 from streamer.api.context import ACTOR, CTX, ApiContext, ApiError, json_response
-from streamer.api.params import SMALL_BODY_LIMIT, dry_run_param, path_rule_id, read_json
+from streamer.api.params import SMALL_BODY_LIMIT, path_rule_id, read_json
 from streamer.api.policies import write_change
+from streamer.api.rollout import write_params
 from streamer.policy.model import MAX_RULE_ID
 from streamer.vocabulary import Mode
 
@@ -49,7 +52,7 @@ async def promote_many(request: web.Request) -> web.Response:
 
 
 async def _promote(request: web.Request, rule_ids: list[int]) -> web.Response:
-    dry_run = dry_run_param(request)
+    dry_run, opts = write_params(request)
     ctx = request.app[CTX]
     if ctx.policy_mode is Mode.STAGED:
         raise ApiError(
@@ -59,10 +62,11 @@ async def _promote(request: web.Request, rule_ids: list[int]) -> web.Response:
             code="staged_agent",
         )
     promoted = [_staged_counters(ctx, rid) for rid in dict.fromkeys(rule_ids)]
-    result = await write_change(request, ctx.store.promote(rule_ids, request[ACTOR], dry_run))
+    result = await write_change(request, ctx.store.promote(rule_ids, request[ACTOR], dry_run, opts))
     body: dict[str, Any] = {"generation": result.generation, "promoted": promoted}
     if dry_run:
         body = {**result.to_api(), **body}
+    body = result.with_pending(body)
     return json_response(body, 200, {"X-Policy-Generation": str(result.generation)})
 
 
