@@ -134,8 +134,10 @@ class Api:
         *,
         params: Mapping[str, str] | None = None,
         body: Any = None,
+        timeout: float | None = None,
     ) -> Any:
         """Send one request to /api/v1{path}; return the decoded JSON (None for no body).
+        `timeout` bounds this request instead of the session's.
 
         Raises ApiError for an error status, ClientError when the agent cannot be reached,
         times out or answers something that is not JSON.
@@ -152,16 +154,21 @@ class Api:
             data = _dump_body(body)
             headers["Content-Type"] = "application/json"
         where = self.endpoint.display
+        limit = self.timeout if timeout is None else timeout
         try:
-            async with self._session.request(method, url, data=data, headers=headers) as resp:
+            async with self._session.request(
+                method,
+                url,
+                data=data,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=limit),
+            ) as resp:
                 raw = await resp.read()
                 status, reason = resp.status, resp.reason or ""
         except aiohttp.ClientConnectorError as e:
             raise ClientError(unreachable(where, e.os_error, self.endpoint)) from None
         except TimeoutError:
-            raise ClientError(
-                f"the agent at {where} did not answer within {self.timeout:g} s"
-            ) from None
+            raise ClientError(f"the agent at {where} did not answer within {limit:g} s") from None
         except aiohttp.ServerDisconnectedError:
             raise ClientError(
                 f"the agent at {where} closed the connection without an answer"

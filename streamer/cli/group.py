@@ -8,7 +8,8 @@ its answer printed as a table, the group's members one a line, a sentence saying
 Exit status: 0 done, 1 the API refused or the agent could not be reached, 2 bad arguments.
 
 The client checks only the group name (it goes into the URL) and the file's syntax; member
-validation is the agent's, so its messages are the ones shown.
+validation is the agent's, so its messages are the ones shown. Writes take `--confirm SECONDS`
+and `--force` (streamer/cli/rollout.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from streamer.cli.documents import read_members
 from streamer.cli.errors import UsageError
 from streamer.cli.output import cell, format_table, key_values, list_of_dicts, print_json
 from streamer.cli.policy import APPLY_TIMEOUT
+from streamer.cli.rollout import add_write_flags, write
 
 __all__ = [
     "add_group_parser",
@@ -42,10 +44,6 @@ def _members(args: argparse.Namespace, what: str, allow_none: bool = False) -> l
     if not members and not allow_none:
         raise UsageError(f"group {what}: give members as arguments or --file")
     return members
-
-
-def _dry_params(args: argparse.Namespace) -> dict[str, str]:
-    return {"dry_run": "1"} if args.dry_run else {}
 
 
 def _rules_text(rules: Any) -> str:
@@ -156,7 +154,7 @@ async def _group_get(api: Api, args: argparse.Namespace) -> int:
 
 async def _group_set(api: Api, args: argparse.Namespace) -> int:
     body = {"members": _members(args, "set", allow_none=True)}
-    result = await api.call("PUT", f"/groups/{args.name}", params=_dry_params(args), body=body)
+    result = await write(api, args, "PUT", f"/groups/{args.name}", body)
     _show_change(args, result)
     return 0
 
@@ -164,7 +162,7 @@ async def _group_set(api: Api, args: argparse.Namespace) -> int:
 async def _group_add(api: Api, args: argparse.Namespace) -> int:
     body = {"members": _members(args, "add")}
     path = f"/groups/{args.name}/members"
-    result = await api.call("POST", path, params=_dry_params(args), body=body)
+    result = await write(api, args, "POST", path, body)
     _show_change(args, result)
     return 0
 
@@ -172,13 +170,13 @@ async def _group_add(api: Api, args: argparse.Namespace) -> int:
 async def _group_remove(api: Api, args: argparse.Namespace) -> int:
     body = {"members": _members(args, "remove")}
     path = f"/groups/{args.name}/members"
-    result = await api.call("DELETE", path, params=_dry_params(args), body=body)
+    result = await write(api, args, "DELETE", path, body)
     _show_change(args, result)
     return 0
 
 
 async def _group_delete(api: Api, args: argparse.Namespace) -> int:
-    result = await api.call("DELETE", f"/groups/{args.name}", params=_dry_params(args))
+    result = await write(api, args, "DELETE", f"/groups/{args.name}")
     _show_change(args, result)
     return 0
 
@@ -234,6 +232,7 @@ def _dry_run_flag(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="show what would change (and how many live sessions) without applying",
     )
+    add_write_flags(p)
 
 
 def add_group_parser(subparsers: Any) -> None:

@@ -1,4 +1,4 @@
-"""`microseg policy add|list|get|update|delete|apply|load|export|promote`: the agent's rules
+"""`microseg policy add|list|get|update|delete|apply|load|export|promote|confirm`: the agent's rules
 through its API.
 
 In: the command line (see `add_policy_parser`): rule fields as flags and/or a rule or policy
@@ -6,6 +6,8 @@ file (streamer/cli/documents.py). Out: one request (two for `policy update`: GET
 the rule with the changes overlaid) to /api/v1/policies..., its answer printed as a rule
 table, the rule's fields, a readable diff (streamer/cli/output.py) or with `-o json` unchanged;
 `policy export` prints the whole document (with the address groups) as `policy apply` takes it.
+Writes take `--confirm SECONDS` and `--force` (streamer/cli/rollout.py); `policy confirm G`
+keeps a pending change.
 Exit status: 0 done, 1 the API refused or the agent could not be reached, 2 bad arguments.
 
 The client checks only what it must to build a request (argument types, file syntax); rule
@@ -36,6 +38,7 @@ from streamer.cli.output import (
     render_diff,
     rules_table,
 )
+from streamer.cli.rollout import add_write_flags, cmd_confirm, write
 from streamer.vocabulary import Action, Direction, Mode, Protocol
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "add_policy_parser",
     "cmd_policy_add",
     "cmd_policy_apply",
+    "cmd_policy_confirm",
     "cmd_policy_delete",
     "cmd_policy_export",
     "cmd_policy_get",
@@ -65,10 +69,6 @@ def _rule_from_flags(args: argparse.Namespace, with_id: bool) -> dict[str, Any]:
     update it is the positional, not a change)."""
     fields = RULE_FIELDS if with_id else RULE_FIELDS[1:]
     return {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
-
-
-def _dry_params(args: argparse.Namespace) -> dict[str, str]:
-    return {"dry_run": "1"} if args.dry_run else {}
 
 
 def _show_change(
@@ -156,7 +156,7 @@ async def _policy_add(api: Api, args: argparse.Namespace) -> int:
         ]
         if missing:
             raise UsageError(f"policy add: missing {', '.join(missing)} (or give --file)")
-    result = await api.call("POST", "/policies", params=_dry_params(args), body=rule)
+    result = await write(api, args, "POST", "/policies", rule)
     _show_change(args, result, f"added rule {rule.get('rule_id', '')}".rstrip())
     return 0
 
@@ -188,20 +188,20 @@ async def _policy_update(api: Api, args: argparse.Namespace) -> int:
             rule[f"{end}_ip"] = "any"
     rule.update(changes)
     rule["rule_id"] = args.rule_id
-    result = await api.call("PUT", path, params=_dry_params(args), body=rule)
+    result = await write(api, args, "PUT", path, rule)
     _show_change(args, result, f"updated rule {args.rule_id}")
     return 0
 
 
 async def _policy_delete(api: Api, args: argparse.Namespace) -> int:
-    result = await api.call("DELETE", f"/policies/{args.rule_id}", params=_dry_params(args))
+    result = await write(api, args, "DELETE", f"/policies/{args.rule_id}")
     _show_change(args, result, f"deleted rule {args.rule_id}")
     return 0
 
 
 async def _policy_apply(api: Api, args: argparse.Namespace) -> int:
     document = read_policy_file(args.file)
-    result = await api.call("PUT", "/policies", params=_dry_params(args), body=document)
+    result = await write(api, args, "PUT", "/policies", document)
     default = document.get("default_action")
     _show_change(
         args, result, f"applied {args.file}", default if isinstance(default, str) else None
@@ -216,7 +216,7 @@ async def _policy_promote(api: Api, args: argparse.Namespace) -> int:
     else:
         path, body = "/policies/promote", {"rule_ids": ids}
     result = expect_dict(
-        await api.call("POST", path, params=_dry_params(args), body=body), api, f"POST {path}"
+        await write(api, args, "POST", path, body), api, f"POST {path}"
     )
     if args.output == "json":
         print_json(result)
@@ -237,7 +237,7 @@ async def _policy_promote(api: Api, args: argparse.Namespace) -> int:
 
 
 async def _policy_load(api: Api, args: argparse.Namespace) -> int:
-    result = await api.call("POST", "/policies/reload")
+    result = await write(api, args, "POST", "/policies/reload")
     if args.output == "json":
         print_json(result)
     elif is_diff(result):
@@ -249,6 +249,11 @@ async def _policy_load(api: Api, args: argparse.Namespace) -> int:
     else:
         print("reloaded the agent's policy file")
     return 0
+
+
+def cmd_policy_confirm(args: argparse.Namespace) -> int:
+    """`policy confirm GENERATION`: keep a change made with --confirm (or confirm_within)."""
+    return run_command(args, cmd_confirm)
 
 
 def cmd_policy_export(args: argparse.Namespace) -> int:
@@ -301,6 +306,8 @@ def cmd_policy_load(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- parser
 
+_generation = argtypes.bounded_int(1, None, "a policy generation (an int >= 1)", digits=True)
+
 
 def _rule_flags(p: argparse.ArgumentParser, with_id: bool) -> None:
     g = p.add_argument_group("rule fields (docs/contract.md §2)")
@@ -349,6 +356,7 @@ def _dry_run_flag(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="show what would change (and how many live sessions) without applying",
     )
+    add_write_flags(p)
 
 
 def add_policy_parser(subparsers: Any) -> None:
@@ -363,7 +371,7 @@ def add_policy_parser(subparsers: Any) -> None:
         description="Manage the running agent's rules through its admin API.",
     )
     psub = policy.add_subparsers(
-        dest="policy_command", metavar="{add,list,get,update,delete,apply,load,export}"
+        dest="policy_command", metavar="{add,list,get,update,delete,apply,load,export,confirm}"
     )
     psub.required = True
 
@@ -443,4 +451,15 @@ def add_policy_parser(subparsers: Any) -> None:
         "SIGHUP). With --file, apply that file instead (= policy apply FILE).",
     )
     p.add_argument("--file", type=Path, help="apply this file instead")
+    add_write_flags(p)
     p.set_defaults(func=cmd_policy_load)
+
+    p = psub.add_parser(
+        "confirm",
+        parents=[common],
+        help="keep a change made with --confirm",
+        description="Keep the pending change of GENERATION (made with --confirm SECONDS or "
+        "?confirm_within): without this the agent reverts it at its deadline.",
+    )
+    p.add_argument("generation", type=_generation, metavar="GENERATION")
+    p.set_defaults(func=cmd_policy_confirm)
