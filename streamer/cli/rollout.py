@@ -92,6 +92,17 @@ async def write(
     deadline = str(pending.get("deadline", ""))
     try:
         await confirm(api, generation, _left(deadline, window))
+    except ApiError as e:
+        if e.code != "not_pending":
+            raise ClientError(
+                f"the change was applied as generation {generation}, but confirming it "
+                f"failed: {e}; the agent reverts it at {deadline or 'its deadline'}"
+            ) from None
+        raise ClientError(
+            f"the change was applied as generation {generation}, but it was no longer "
+            f"pending when the confirmation got through ({e.api_message}): the agent has "
+            "reverted it (its deadline passed)"
+        ) from None
     except ClientError as e:
         raise ClientError(
             f"the change was applied as generation {generation}, but confirming it over a "

@@ -46,9 +46,14 @@ class Agent:
             peer = request.transport.get_extra_info("peername") if request.transport else None
             self.seen.append(Seen(request.method, request.path, dict(request.query), body, peer))
             if request.path.endswith("/confirm"):
-                if self.confirm_status != 200:
+                if self.confirm_status == 409:
                     return web.json_response(
                         {"error": "not_pending", "message": "generation 7 is not pending"},
+                        status=409,
+                    )
+                if self.confirm_status != 200:
+                    return web.json_response(
+                        {"error": "unavailable", "message": "the disk is full"},
                         status=self.confirm_status,
                     )
                 return web.json_response({"generation": 7, "confirmed": True})
@@ -124,11 +129,13 @@ def test_no_confirmation_without_pending(run: Cli, agent: Agent, state_dir: Path
 def test_a_failed_confirmation_says_the_change_is_reverted(
     run: Cli, agent: Agent, state_dir: Path
 ) -> None:
-    agent.confirm_status = 409
+    agent.confirm_status = 503
     rc, _, err = _add(run, agent, state_dir, "--confirm", "30", "-o", "json")
     assert rc == 1
     assert "applied as generation 7" in err and f"reverts it at {DEADLINE}" in err, err
-    assert "not pending" in err
+    agent.confirm_status = 409  # too late: reverted already
+    rc, _, err = _add(run, agent, state_dir, "--confirm", "30")
+    assert rc == 1 and "no longer pending" in err and "has reverted it" in err, err
 
 
 def test_a_write_without_an_answer_says_the_change_is_reverted(
