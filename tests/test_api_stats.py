@@ -19,7 +19,7 @@ from streamer.datapath.layout import RULE_CTR
 from streamer.datapath.maps import array_key
 from streamer.datapath.reference import Packet
 from streamer.policy.model import PolicySet
-from streamer.policy.store import StoreError
+from streamer.policy.store import StoreError, WriteOptions
 
 # ---- stats --------------------------------------------------------------------------------
 
@@ -278,11 +278,11 @@ async def test_reload_route(api: Api) -> None:
     actors: list[str] = []
     file_set = PolicySet.model_validate({"default_action": "deny", "policies": [rule(99)]})
 
-    async def reload(actor: str) -> Any:
+    async def reload(actor: str, opts: WriteOptions) -> Any:
         actors.append(actor)
         if len(actors) > 1:
             raise StoreError("invalid policy file /etc/x.json: policies[0]: protocol: required")
-        return await api.store.replace(file_set, actor)
+        return await api.store.replace(file_set, actor, opts=opts)
 
     api.ctx.reload = reload
     status, body, headers = await api.call("POST", f"{P}/policies/reload")

@@ -77,6 +77,19 @@ _STAGED_DESC: Final = (
 )
 
 
+_PENDING: Final[dict[str, Any]] = {
+    "type": "object",
+    "properties": {
+        "generation": {"type": "integer", "minimum": 1},
+        "deadline": {"type": "string", "format": "date-time", "description": "RFC 3339, UTC"},
+    },
+    "required": ["generation", "deadline"],
+    "additionalProperties": False,
+    "description": "the change waits for POST /policies/confirm until the deadline, else the "
+    "agent reverts it (contract §6); only with ?confirm_within",
+}
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": _REF.format(model=name)}
 
@@ -154,6 +167,10 @@ def _model_schemas() -> dict[str, Any]:
     for prop in out["properties"].values():
         prop.pop("default", None)
     defs["RuleOut"] = out
+    written = copy.deepcopy(out)
+    written["properties"]["pending"] = _PENDING
+    written["description"] = "The rule a write applied, with `pending` under ?confirm_within."
+    defs["RuleWritten"] = written
     return defs
 
 
@@ -344,6 +361,7 @@ def _schemas() -> dict[str, Any]:
                         "description": "dry run only: live sessions the change would judge "
                         "differently",
                     },
+                    "pending": _PENDING,
                 },
                 required=[
                     "dry_run",
@@ -383,6 +401,7 @@ def _schemas() -> dict[str, Any]:
                         "description": "dry run only: live sessions the change would judge "
                         "differently",
                     },
+                    "pending": _PENDING,
                 },
                 required=[
                     "dry_run",
@@ -405,6 +424,23 @@ def _schemas() -> dict[str, Any]:
                     "statistics": _ref("Stats"),
                     "policy_count": _COUNT,
                     "policy_generation": _COUNT,
+                    "pending": {
+                        "anyOf": [
+                            {"type": "null"},
+                            {
+                                **_PENDING,
+                                "properties": {
+                                    **_PENDING["properties"],
+                                    "confirm_within": {"type": "integer"},
+                                    "actor": {"type": "string"},
+                                    "change": {"type": "string"},
+                                    "replaces_generation": _COUNT,
+                                },
+                                "required": list(_PENDING["required"]),
+                            },
+                        ],
+                        "description": "the change waiting for its confirmation, or null",
+                    },
                     "uptime_seconds": _COUNT,
                 }
             ),
@@ -539,6 +575,18 @@ _DRY_RUN: Final = _query(
     "1: change nothing and answer with the diff the change would make, and how many live "
     "sessions would change verdict",
 )
+_CONFIRM_WITHIN: Final = _query(
+    "confirm_within",
+    {"type": "integer", "minimum": 1, "maximum": 3600},
+    "apply at once, and revert after this many seconds unless POST /policies/confirm keeps it "
+    "(the answer has `pending`); meanwhile other writes answer 409 pending",
+)
+_FORCE: Final = _query(
+    "force",
+    {"type": "string", "enum": ["1", "0", "true", "false", "yes", "no", "on", "off"]},
+    "1: apply even if the new set would deny the connection the request came on (else 409 lockout)",
+)
+_WRITE_PARAMS: Final = [_DRY_RUN, _CONFIRM_WITHIN, _FORCE]
 _RULE_ID: Final = {
     "name": "rule_id",
     "in": "path",
@@ -595,14 +643,14 @@ def _group_paths(write_errors: list[int]) -> dict[str, Any]:
                     "200": change,
                 },
                 write_errors,
-                params=[_DRY_RUN],
+                params=_WRITE_PARAMS,
                 body=_body("Group", "the group (at most 64 MiB)"),
             ),
             "delete": _op(
                 "Delete a group no rule uses",
                 {"200": change},
                 [400, 403, 404, 409, 503],
-                params=[_DRY_RUN],
+                params=_WRITE_PARAMS,
                 description="409 (in_use) while a rule names the group; the message lists "
                 "the rules.",
             ),
@@ -613,7 +661,7 @@ def _group_paths(write_errors: list[int]) -> dict[str, Any]:
                 "Add members (idempotent)",
                 {"200": change},
                 [*write_errors, 404],
-                params=[_DRY_RUN],
+                params=_WRITE_PARAMS,
                 body=members,
                 description="Members already in the group change nothing "
                 "(members_unchanged); when none is new the generation stays.",
@@ -622,7 +670,7 @@ def _group_paths(write_errors: list[int]) -> dict[str, Any]:
                 "Remove members (idempotent)",
                 {"200": change},
                 [*write_errors, 404],
-                params=[_DRY_RUN],
+                params=_WRITE_PARAMS,
                 body=members,
                 description="Members not in the group change nothing (members_unchanged); "
                 "when none is removed the generation stays.",
@@ -641,7 +689,7 @@ def _body(schema: str, description: str) -> dict[str, Any]:
 
 def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
     """The OpenAPI 3.1 document for an agent of `version` (`auth`: a token is required)."""
-    write_errors = [400, 403, 413, 415, 503]
+    write_errors = [400, 403, 409, 413, 415, 503]
     change = _json(_ref("Change"), "Dry run: the diff; nothing was changed", _GENERATION_HEADER)
     ip_desc = "an address or CIDR"
     paths: dict[str, Any] = {
@@ -663,7 +711,7 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
                 "Add one rule",
                 {
                     "201": _json(
-                        _ref("RuleOut"),
+                        _ref("RuleWritten"),
                         "Added and enforced in the kernel",
                         {
                             **_GENERATION_HEADER,
@@ -676,7 +724,7 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
                     "200": change,
                 },
                 [*write_errors, 409],
-                params=[_DRY_RUN],
+                params=_WRITE_PARAMS,
                 body=_body("Rule", "the rule (at most 64 KiB)"),
             ),
             "put": _op(
@@ -689,7 +737,7 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
                     )
                 },
                 write_errors,
-                params=[_DRY_RUN],
+                params=_WRITE_PARAMS,
                 body=_body("PolicySet", "the new set (at most 64 MiB)"),
             ),
         },
@@ -697,9 +745,34 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
             "post": _op(
                 "Re-apply the agent's policy file (as a whole-set replace)",
                 {"200": _json(_ref("Change"), "The file's set is enforced", _GENERATION_HEADER)},
-                [400, 403, 404, 503],
+                [400, 403, 404, 409, 503],
+                params=[_CONFIRM_WITHIN, _FORCE],
                 description="400: the file is invalid (nothing changed). 404: the agent has "
                 "no policy file.",
+            )
+        },
+        "/api/v1/policies/confirm": {
+            "post": _op(
+                "Keep the change pending confirmation (made with ?confirm_within)",
+                {
+                    "200": _json(
+                        _obj({"generation": _COUNT, "confirmed": {"const": True}}),
+                        "Confirmed: the change stays",
+                        _GENERATION_HEADER,
+                    )
+                },
+                [400, 403, 409, 413, 415, 503],
+                body={
+                    "required": True,
+                    "description": "the pending change's generation",
+                    "content": {
+                        "application/json": {
+                            "schema": _obj({"generation": {"type": "integer", "minimum": 1}})
+                        }
+                    },
+                },
+                description="409 not_pending: that generation is not the change waiting "
+                "(none is, another is, or it was reverted).",
             )
         },
         "/api/v1/policies/{rule_id}": {
@@ -713,26 +786,26 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
                 "Replace one rule",
                 {
                     "200": _json(
-                        {"anyOf": [_ref("RuleOut"), _ref("Change")]},
+                        {"anyOf": [_ref("RuleWritten"), _ref("Change")]},
                         "The rule as enforced (dry run: the diff)",
                         _GENERATION_HEADER,
                     )
                 },
                 [*write_errors, 404],
-                params=[_DRY_RUN],
+                params=_WRITE_PARAMS,
                 body=_body("RuleUpdate", "the rule (at most 64 KiB)"),
             ),
             "delete": _op(
                 "Delete one rule",
                 {
                     "200": _json(
-                        {"anyOf": [_ref("RuleOut"), _ref("Change")]},
+                        {"anyOf": [_ref("RuleWritten"), _ref("Change")]},
                         "The deleted rule, no longer enforced (dry run: the diff)",
                         _GENERATION_HEADER,
                     )
                 },
-                [400, 403, 404, 503],
-                params=[_DRY_RUN],
+                [400, 403, 404, 409, 503],
+                params=_WRITE_PARAMS,
             ),
         },
         "/api/v1/stats": {
