@@ -215,9 +215,7 @@ async def _policy_promote(api: Api, args: argparse.Namespace) -> int:
         path, body = f"/policies/{ids[0]}/promote", None
     else:
         path, body = "/policies/promote", {"rule_ids": ids}
-    result = expect_dict(
-        await write(api, args, "POST", path, body), api, f"POST {path}"
-    )
+    result = expect_dict(await write(api, args, "POST", path, body), api, f"POST {path}")
     if args.output == "json":
         print_json(result)
         return 0
