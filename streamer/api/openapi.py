@@ -77,6 +77,16 @@ _STAGED_DESC: Final = (
 )
 
 
+# The agent's --failsafe entries and --policy-mode (contract §6), where answers show them.
+_FAILSAFE: Final[dict[str, Any]] = {
+    "type": "array",
+    "items": {"type": "string", "description": "PROTO:PORT:in|out[@CIDR], as --failsafe"},
+    "description": "the failsafe entries: flows that pass before any rule",
+}
+_POLICY_MODE: Final[dict[str, Any]] = {
+    "enum": ["enforce", "staged"],
+    "description": "--policy-mode: staged stages every rule (nothing is dropped)",
+}
 _PENDING: Final[dict[str, Any]] = {
     "type": "object",
     "properties": {
@@ -307,9 +317,12 @@ def _schemas() -> dict[str, Any]:
                         "description": "the address groups by name, members canonical",
                     },
                     "generation": _COUNT,
+                    "policy_mode": _POLICY_MODE,
+                    "failsafe": _FAILSAFE,
                 },
                 description="The whole policy document (default_action, groups, policies: "
-                "what PUT /policies takes) with the rule count and the generation.",
+                "what PUT /policies takes) with the rule count, the generation and how the "
+                "agent applies it (policy_mode, failsafe: not part of the document).",
             ),
             "GroupSummary": _obj(
                 {"name": _GROUP_NAME_SCHEMA, "member_count": _COUNT, "rules": _RULE_IDS}
@@ -361,6 +374,10 @@ def _schemas() -> dict[str, Any]:
                         "description": "dry run only: live sessions the change would judge "
                         "differently",
                     },
+                    "failsafe": {
+                        **_FAILSAFE,
+                        "description": "dry run only: " + _FAILSAFE["description"],
+                    },
                     "pending": _PENDING,
                 },
                 required=[
@@ -401,6 +418,10 @@ def _schemas() -> dict[str, Any]:
                         "description": "dry run only: live sessions the change would judge "
                         "differently",
                     },
+                    "failsafe": {
+                        **_FAILSAFE,
+                        "description": "dry run only: " + _FAILSAFE["description"],
+                    },
                     "pending": _PENDING,
                 },
                 required=[
@@ -424,6 +445,8 @@ def _schemas() -> dict[str, Any]:
                     "statistics": _ref("Stats"),
                     "policy_count": _COUNT,
                     "policy_generation": _COUNT,
+                    "policy_mode": _POLICY_MODE,
+                    "failsafe": _FAILSAFE,
                     "pending": {
                         "anyOf": [
                             {"type": "null"},
@@ -484,6 +507,28 @@ def _schemas() -> dict[str, Any]:
                 }
             ),
         }
+    )
+    schemas["Promoted"] = _obj(
+        {
+            **schemas["Change"]["properties"],
+            "generation": {**_COUNT, "description": "after the change (dry run: now)"},
+            "promoted": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "rule_id": _COUNT,
+                        "staged_packets": _COUNT,
+                        "staged_bytes": _COUNT,
+                        "staged_flows": _COUNT,
+                    },
+                    required=["rule_id", "staged_packets", "staged_bytes", "staged_flows"],
+                ),
+                "description": "what each rule decided while staged",
+            },
+        },
+        required=["generation", "promoted"],
+        description="The promoted rules with what they decided while staged; a dry "
+        "run has the diff (Change) too.",
     )
     return schemas
 
@@ -587,6 +632,7 @@ _FORCE: Final = _query(
     "1: apply even if the new set would deny the connection the request came on (else 409 lockout)",
 )
 _WRITE_PARAMS: Final = [_DRY_RUN, _CONFIRM_WITHIN, _FORCE]
+
 _RULE_ID: Final = {
     "name": "rule_id",
     "in": "path",
@@ -750,6 +796,46 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
                 description="400: the file is invalid (nothing changed). 404: the agent has "
                 "no policy file.",
             )
+        },
+        "/api/v1/policies/promote": {
+            "post": _op(
+                "Enforce several staged rules in one generation",
+                {"200": _json(_ref("Promoted"), "Enforced", _GENERATION_HEADER)},
+                [*write_errors, 404],
+                params=_WRITE_PARAMS,
+                body={
+                    "required": True,
+                    "description": "the staged rules to enforce",
+                    "content": {
+                        "application/json": {
+                            "schema": _obj(
+                                {
+                                    "rule_ids": {
+                                        "type": "array",
+                                        "items": _RULE_ID["schema"],
+                                        "minItems": 1,
+                                        "maxItems": 10000,
+                                    }
+                                },
+                                required=["rule_ids"],
+                            )
+                        }
+                    },
+                },
+                description="404: an unknown rule. 409 not_staged: a rule is not staged; "
+                "409 staged_agent: the agent runs with --policy-mode staged. Nothing changes "
+                "on any error.",
+            )
+        },
+        "/api/v1/policies/{rule_id}/promote": {
+            "parameters": [_RULE_ID],
+            "post": _op(
+                "Enforce one staged rule",
+                {"200": _json(_ref("Promoted"), "Enforced", _GENERATION_HEADER)},
+                [*write_errors, 404],
+                params=_WRITE_PARAMS,
+                description="404: no such rule. 409 not_staged, 409 staged_agent.",
+            ),
         },
         "/api/v1/policies/confirm": {
             "post": _op(

@@ -58,7 +58,7 @@ async def status(request: web.Request) -> web.Response:
             "policy_count": len(ctx.store.policy.policies),
             "policy_generation": store_generation,
             "policy_mode": ctx.policy_mode.value,
-            "failsafe": [f.to_api() for f in ctx.failsafe],
+            "failsafe": [str(f) for f in ctx.failsafe],
             # The change waiting for its confirmation (contract §6), or null.
             "pending": ctx.store.pending.status() if ctx.store.pending is not None else None,
             "uptime_seconds": max(0, int(time.monotonic() - ctx.started_monotonic)),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 DEFAULT_FAILSAFE: Final = "tcp:22:in,udp:68:in,udp:67:out,udp:53:out,tcp:53:out"
 MAX_FAILSAFE: Final = 16  # entries the classifier holds (MS_MAX_FAILSAFE)
@@ -44,16 +44,6 @@ class FailsafeRule:
     def __str__(self) -> str:
         text = f"{self.protocol}:{self.port}:{self.direction}"
         return f"{text}@{self.cidr}" if self.cidr is not None else text
-
-    def to_api(self) -> dict[str, Any]:
-        """The entry as /status and dry runs show it."""
-        return {
-            "protocol": self.protocol,
-            "port": self.port,
-            "direction": self.direction,
-            "cidr": str(self.cidr) if self.cidr is not None else "any",
-            "text": str(self),
-        }
 
 
 def parse_failsafe(text: str) -> tuple[FailsafeRule, ...]:
