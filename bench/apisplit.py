@@ -53,7 +53,7 @@ def split_pieces(
     from streamer.policy.model import PolicySet, parse_policy_document
     from streamer.policy.store import PolicyStore
 
-    dp = Datapath(DatapathConfig(instance=instance))
+    dp = Datapath(DatapathConfig(instance=instance, failsafe=()))
     t: dict[str, float] = {}
 
     def applier(policy: PolicySet, generation: int | None) -> int:

@@ -344,7 +344,9 @@ class EventsBench:
             raise BenchError(str(e)) from e
         self.broker_start_s = float(self.broker.startup_seconds or 0.0)
         instance = f"bench-ev-{os.getpid()}-{time.time_ns() % 1_000_000:06d}"
-        self.dp = Datapath(DatapathConfig(instance=instance, ringbuf_pages=RINGBUF_PAGES))
+        self.dp = Datapath(
+            DatapathConfig(instance=instance, ringbuf_pages=RINGBUF_PAGES, failsafe=())
+        )
         self.dp.load()
         self.policy = parse_policy_document({"default_action": "deny", "policies": []})
         self.generation = self.dp.apply(compile_policy(self.policy, self.dp.config.max_shapes))

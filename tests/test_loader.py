@@ -46,7 +46,9 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def small(cache: Path, tag: str = "ld", **sizes: int) -> DatapathConfig:
     base = {"session_entries": 1024, "max_shapes": 8, "rule_slots": 64, "rule_entries": 4096}
-    return DatapathConfig(instance=unique_instance(tag), cache_dir=cache, **{**base, **sizes})
+    return DatapathConfig(
+        instance=unique_instance(tag), cache_dir=cache, failsafe=(), **{**base, **sizes}
+    )
 
 
 def artifacts(cache: Path) -> list[Path]:

@@ -56,7 +56,8 @@ def _slot_v4(slot: int) -> tuple[str, str]:
 
 
 def _slot_v6(slot: int) -> tuple[str, str]:
-    return f"fd6d:7365:67:{slot:x}::1", f"fd6d:7365:67:{slot:x}::2"
+    net = ipaddress.IPv6Network(f"fd6d:7365:67:{slot:x}::/64")
+    return str(net.network_address + 1), str(net.network_address + 2)
 
 
 @dataclass
