@@ -106,3 +106,19 @@ async def test_an_agent_that_stages_everything_refuses_promote(api: Api) -> None
     status, body, _ = await api.call("POST", f"{P}/policies/1/promote")
     assert_error(status, body, 409, "staged_agent", "--policy-mode staged")
     assert api.store.rule(1).staged  # type: ignore[union-attr]
+
+
+async def test_promote_with_confirm_within_pends_then_is_confirmed(api: Api) -> None:
+    await _setup(api)
+    gen = api.store.generation
+    status, body, _ = await api.call("POST", f"{P}/policies/1/promote?confirm_within=60")
+    assert status == 200, body
+    assert body["generation"] == gen + 1 and body["pending"]["generation"] == gen + 1, body
+    # While it waits, another promote is refused and nothing changes.
+    status, err, _ = await api.call("POST", f"{P}/policies/2/promote")
+    assert_error(status, err, 409, "pending")
+    status, ok, _ = await api.call("POST", f"{P}/policies/confirm", {"generation": gen + 1})
+    assert status == 200 and ok["confirmed"] is True, ok
+    status, body, _ = await api.call("POST", f"{P}/policies/2/promote?confirm_within=0")
+    assert_error(status, body, 400, "invalid", "confirm_within")
+    assert api.store.rule(2) is not None and api.store.rule(2).staged  # type: ignore[union-attr]
