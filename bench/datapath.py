@@ -891,6 +891,10 @@ def run_datapath(s: Settings, res: dict[str, Any]) -> int:
         for k in s.sweep_shapes:
             print(f"bench: {k} shapes ...", file=sys.stderr, flush=True)
             bench.shapes_block(k)
+        from bench.staged import measure_staged, render_staged
+
+        print("bench: staged view and failsafe ...", file=sys.stderr, flush=True)
+        staged = measure_staged(bench, s)
     except (BenchError, DatapathError, CompileError, PolicyError) as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 1
@@ -904,5 +908,8 @@ def run_datapath(s: Settings, res: dict[str, Any]) -> int:
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
     meta["events_received"] = bench._events
     res.update(results(bench, meta))
+    res["staged"] = staged
     print(render(res))
+    print()
+    print(render_staged(staged))
     return 0
