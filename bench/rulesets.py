@@ -26,7 +26,7 @@ from ipaddress import IPv6Address
 from typing import Any
 
 from bench.frames import TCP, UDP, Flow
-from streamer.datapath.compiler import CompiledPolicy, Entry, EntryKey
+from streamer.datapath.compiler import CompiledPolicy, Entry, EntryKey, entry_of
 from streamer.datapath.layout import MS_DIR_EGRESS, MS_DIR_INGRESS
 
 # Top rules: one per family, above every generated priority, so "the highest-priority rule"
@@ -379,8 +379,9 @@ def probe(compiled: CompiledPolicy, flow: Flow) -> tuple[Entry | None, int]:
     best: Entry | None = None
     score = 0
     probes = 0
-    for shape, max_score, entries in zip(
-        tables.shapes, tables.max_scores, tables.entries, strict=True
+    # the keys' values, not `tables.entries` (which builds every Entry on each call)
+    for shape, max_score, values in zip(
+        tables.shapes, tables.max_scores, tables.scores, strict=True
     ):
         if score >= max_score:
             break
@@ -393,7 +394,8 @@ def probe(compiled: CompiledPolicy, flow: Flow) -> tuple[Entry | None, int]:
             flow.src & _mask(bits, shape.src_plen),
             flow.dst & _mask(bits, shape.dst_plen),
         )
-        entry = entries.get(key)
+        value = values.get(key)
+        entry = entry_of(value) if value else None
         if entry is not None and entry.score > score:
             best, score = entry, entry.score
     return best, probes
