@@ -9,7 +9,8 @@
   always destroyed afterwards, also when the test fails.
 - `datapath` (per session) is one loaded classifier (unique pins, removed afterwards) for
   BPF_PROG_TEST_RUN; a test applies its own policy and clears sessions. `datapath_events`
-  collects its ring-buffer records; `verdict` runs one packet or frame through it; `dp` is
+  collects its ring-buffer records (`staged_datapath_events` those of `staged_datapath`, the
+  classifier of `--policy-mode staged`); `verdict` runs one packet or frame through it; `dp` is
   `datapath` with its sessions cleared.
 - `make_api` (per test) serves the admin API in-process over `dp` and a fresh PolicyStore
   (support/apiapp.py); `api` is one such app with the default token.
@@ -154,6 +155,12 @@ def staged_datapath() -> Iterator[Datapath]:
 def datapath_events(datapath: Datapath) -> EventSink:
     """The event sink of `datapath` (a ring buffer can be opened once per datapath)."""
     return EventSink(datapath)
+
+
+@pytest.fixture(scope="session")
+def staged_datapath_events(staged_datapath: Datapath) -> EventSink:
+    """The event sink of `staged_datapath`."""
+    return EventSink(staged_datapath)
 
 
 @pytest.fixture

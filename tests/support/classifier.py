@@ -40,9 +40,10 @@ def pk(
 
 
 def install(dp: Datapath, default: str, *rules: dict[str, Any]) -> PolicySet:
-    """Apply a policy set and forget every session: the next packet of any flow is new."""
+    """Apply a policy set (compiled in the classifier's policy mode: staged_all or not) and
+    forget every session: the next packet of any flow is new."""
     pol = parse_policy_document({"default_action": default, "policies": list(rules)})
-    dp.apply(compile_policy(pol, dp.config.max_shapes))
+    dp.apply(compile_policy(pol, dp.config.max_shapes, dp.config.staged_all))
     dp.clear_sessions()
     return pol
 
