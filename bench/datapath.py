@@ -25,9 +25,8 @@ import statistics
 import struct
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -488,21 +487,9 @@ def _expected_rc(target: Target, policy: Any) -> int:
 
 def _verify(policy: Any, flow: Flow, target: Target, label: str) -> None:
     """The reference model (SPEC semantics) must agree on who decides the case's packets."""
-    from streamer.datapath.reference import Packet, judge
+    from streamer.datapath.reference import judge
 
-    addr: Callable[[int], IPv4Address | IPv6Address] = (
-        IPv4Address if flow.family == 4 else IPv6Address
-    )
-    pkt = Packet(
-        flow.family,
-        addr(flow.src),
-        addr(flow.dst),
-        flow.proto,
-        flow.sport,
-        flow.dport,
-        "ingress" if flow.direction == "ingress" else "egress",
-    )
-    decision = judge(policy, pkt)
+    decision = judge(policy, flow.packet())
     got = decision.rule.rule_id if decision.rule is not None else 0
     if got != target.rule_id:
         raise BenchError(

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from streamer.datapath.reference import Packet
 
 _ETH_V4 = bytes.fromhex("0200000000020200000000010800")
 _ETH_V6 = bytes.fromhex("02000000000202000000000186dd")
@@ -29,6 +34,22 @@ class Flow:
     sport: int
     dport: int
     direction: str  # "ingress" or "egress": which program runs it
+
+    def packet(self) -> Packet:
+        """The flow's first packet as the reference model (streamer.datapath.reference) takes
+        it."""
+        from streamer.datapath.reference import Packet
+
+        addr = IPv4Address if self.family == 4 else IPv6Address
+        return Packet(
+            self.family,
+            addr(self.src),
+            addr(self.dst),
+            self.proto,
+            self.sport,
+            self.dport,
+            "ingress" if self.direction == "ingress" else "egress",
+        )
 
 
 def _l4(flow: Flow) -> bytes:

@@ -12,8 +12,6 @@ failsafe flows) and by the reference model's verdict of each case's first flow.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
-from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from bench.common import BenchError
@@ -35,23 +33,6 @@ def _doc(count: int, seed: int, variant: str) -> dict[str, Any]:
     return doc
 
 
-def _packet(flow: Flow) -> Any:
-    from streamer.datapath.reference import Packet
-
-    addr: Callable[[int], IPv4Address | IPv6Address] = (
-        IPv4Address if flow.family == 4 else IPv6Address
-    )
-    return Packet(
-        flow.family,
-        addr(flow.src),
-        addr(flow.dst),
-        flow.proto,
-        flow.sport,
-        flow.dport,
-        "ingress" if flow.direction == "ingress" else "egress",
-    )
-
-
 class _Staged:
     def __init__(self, bench: Bench, s: Settings) -> None:
         self.b = bench
@@ -68,7 +49,7 @@ class _Staged:
         from streamer.datapath.reference import judge
 
         dp = self.b.dp
-        d = judge(policy, _packet(flows[0]), failsafe)
+        d = judge(policy, flows[0].packet(), failsafe)
         expect_rc = 2 if int(d.verdict) == MS_DENY else 0
         frames = [frame(f) for f in flows]
         fds = [prog_fd(dp, f.direction) for f in flows]
@@ -131,7 +112,7 @@ class _Staged:
         policies = {v: parse_policy_document(_doc(count, s.seed, v)) for v in VARIANTS}
         failsafe = parse_failsafe(DEFAULT_FAILSAFE)
         # flows the list passes would take the failsafe path: the row times the check
-        fs_flows = [f for f in dflows if not any(failsafe_matches(e, _packet(f)) for e in failsafe)]
+        fs_flows = [f for f in dflows if not any(failsafe_matches(e, f.packet()) for e in failsafe)]
         for _ in range(s.runs):
             for v in VARIANTS:
                 policy = policies[v]
