@@ -174,3 +174,25 @@ def test_failsafe_keeps_ssh_open_under_default_deny(
         scoped = f"tcp:22:in@{lab.peer_v4}/32,tcp:22:in@{lab.peer_v6}/128"
         agent, _ = _agent(agent_factory, lab, tmp_path, [], failsafe=scoped)
         expect_ports(lab, {SSH: True, P1: False}, "failsafe scoped to the peer")
+
+
+def test_a_restart_with_another_failsafe_list_judges_live_flows_again(
+    module_lab: Lab, agent_factory: AgentFactory, tmp_path: Path
+) -> None:
+    """The pins outlive the agent (SIGKILL): a connection that only the old failsafe list
+    passed is cut once the agent is back with `--failsafe none`, not at the next change."""
+    lab = module_lab
+    with echo_server(lab.host_ns, (SSH,)):
+        agent, _ = _agent(agent_factory, lab, tmp_path, [], failsafe="tcp:22:in")
+        conn = TcpConn(lab.peer_ns, lab.host_v4, SSH)
+        try:
+            assert conn.exchange(), "failsafe SSH under default deny"
+            agent.kill9()
+            assert conn.exchange(), "the pins enforce on while the agent is down"
+            agent.failsafe = "none"
+            agent.start()
+            agent.wait_log(r"failsafe entries or timeouts changed", timeout=5)
+            assert not conn.exchange(), "a flow only the old failsafe list passed goes on"
+        finally:
+            conn.close()
+        assert agent.stop() == 0

@@ -20,6 +20,7 @@ attach (TC hooks), maps and bindings (raw libbpf access), layout (the kernel's s
 
 from __future__ import annotations
 
+import logging
 import mmap
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -35,6 +36,8 @@ from streamer.datapath.reference import Timeouts
 from streamer.datapath.ruletables import RuleTables, TableChange
 from streamer.datapath.tables import IPAddress, MapFill, RuleCounters, Session, Tables
 from streamer.policy.failsafe import FailsafeRule
+
+log = logging.getLogger("microseg.datapath")
 
 
 class Datapath:
@@ -61,9 +64,16 @@ class Datapath:
         loaded = loader.load_classifier(self.config, self._maps)
         self._progs, self.compiled = loaded.progs, loaded.compiled
         # the timeouts and the failsafe entries, before a packet of ours is judged
+        before = self._reaper.read_settings()
         self.set_timeouts(self.config.timeouts)
         self._reaper.read_reaped()
         self.adopted = self._banks.adopt()
+        if self.adopted and before is not None and before != self._reaper.read_settings():
+            # Live sessions were judged under other failsafe entries (or timeouts): the
+            # generation the pins hold must not be kept, or a flow the old list passed would
+            # stay passed until the next policy change.
+            log.info("the failsafe entries or timeouts changed since the pins were written")
+            self.adopted = False
 
     @property
     def loaded(self) -> bool:

@@ -26,6 +26,7 @@ from streamer.datapath.layout import (
     REAPED,
     SESS_KEY,
     SESS_VAL,
+    SETTINGS,
 )
 from streamer.datapath.maps import Maps, array_key
 from streamer.datapath.reference import Timeouts
@@ -86,6 +87,11 @@ class Reaper:
         judgement: a new flow, or after a policy change)."""
         self._write_settings(self.timeouts, failsafe)
         self.failsafe = failsafe
+
+    def read_settings(self) -> bytes | None:
+        """The settings value the classifier holds (None: never written)."""
+        raw = self._maps.lookup("settings", array_key(0), SETTINGS.size)
+        return raw if raw and any(raw) else None
 
     def _write_settings(self, timeouts: Timeouts, failsafe: tuple[FailsafeRule, ...]) -> None:
         # One value: the timeouts and the failsafe entries are always written together.
