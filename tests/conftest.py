@@ -234,7 +234,7 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     happened."""
     made: list[AgentProcess] = []
 
-    def make(lab: Lab, policy_file: Path, **kwargs: Any) -> AgentProcess:
+    def make(lab: Lab, policy_file: Path | None, **kwargs: Any) -> AgentProcess:
         kwargs.setdefault("events_file", tmp_path / f"events-{len(made)}.jsonl")
         agent = AgentProcess(lab, policy_file, **kwargs)
         made.append(agent)

@@ -42,6 +42,10 @@ from streamer.events.pipeline import Pipeline, PipelineConfig, register_metrics,
 from streamer.events.sinks.file import DEFAULT_KEEP, DEFAULT_MAX_BYTES, FileSinkConfig
 from streamer.events.sinks.kafka import DEFAULT_SPOOL_MAX_BYTES, DEFAULT_TOPIC, KafkaSinkConfig
 from streamer.events.sinks.websocket import WebSocketConfig
+from streamer.fleet.addresses import interface_addresses
+from streamer.fleet.config import FleetConfig
+from streamer.fleet.follower import Follower
+from streamer.fleet.metrics import FleetCollector
 from streamer.policy.lockout import LockoutGuard
 from streamer.policy.model import (
     PolicyError,
@@ -82,6 +86,8 @@ class AgentConfig:
     api_listen: tuple[str, ...] = ()
     no_auth: bool = False
     pressure: PressureConfig = field(default_factory=PressureConfig)
+    # --fleet (contract §7): the policy comes from the fleet's topic, local writes are refused.
+    fleet: FleetConfig | None = None
 
 
 def default_instance(netns: str | None) -> str:
@@ -107,6 +113,7 @@ class Agent:
     rollback: Rollback = field(init=False)
     lockout: LockoutGuard = field(init=False)
     ifindexes: dict[int, str] = field(default_factory=dict)  # attached: ifindex -> name
+    follower: Follower | None = None  # fleet mode
     _heap_dirty: bool = False  # a policy was applied since the heap was last trimmed
 
     def __post_init__(self) -> None:
@@ -119,6 +126,14 @@ class Agent:
             failsafe=self.config.datapath.failsafe,
             staged_all=self.config.datapath.staged_all,
         )
+        fleet = self.config.fleet
+        if fleet is not None:
+            from streamer import __version__
+
+            self.store.managed_by = f"topic {fleet.policy_topic} on {fleet.bootstrap}"
+            self.follower = Follower(
+                fleet, self.store, self.config.state_dir, self._addresses, __version__
+            )
         self.pressure = PressureWatch(self.config.pressure, on_alert=self._alert)
         self.rollback = Rollback(self.store, on_alert=self._publish_alert)
         self.lockout = LockoutGuard(
@@ -260,8 +275,19 @@ class Agent:
             log.error("policy reload rejected, generation %d stays: %s", self.generation, e)
             raise
 
+    async def _addresses(self) -> tuple[str, ...]:
+        """The attached interfaces' addresses (what the fleet's select groups hold of us)."""
+        cfg = self.config
+        try:
+            return await asyncio.to_thread(interface_addresses, cfg.ifaces, cfg.netns)
+        except OSError as e:
+            log.warning("reading the interfaces' addresses failed: %s", e)
+            return self.follower.addresses if self.follower is not None else ()
+
     def _restore(self) -> None:
         """At start: the state dir's set if it has one, else the policy file seeds it."""
+        if self.follower is not None:
+            self.follower.restore()
         persisted = self.store.read_persisted()
         if persisted is None:
             self.store.restore(self.read_policy(), 0)
@@ -409,8 +435,12 @@ class Agent:
                 tasks.append(tg.create_task(self.rollback.run(), name="rollback"))
                 if cfg.stats_interval > 0:
                     tasks.append(tg.create_task(self._print_stats(cfg.stats_interval)))
+                if self.follower is not None:
+                    tasks.append(tg.create_task(self.follower.run(), name="fleet"))
                 await stop.wait()
                 log.info("stopping")
+                if self.follower is not None:
+                    self.follower.stopping()
                 for t in tasks:
                     t.cancel()
                 # Drains the ring buffer a last time and lets the sinks write out.
@@ -458,10 +488,13 @@ class Agent:
             policy_mode=Mode.STAGED if cfg.datapath.staged_all else Mode.ENFORCE,
             failsafe=cfg.datapath.failsafe,
             lockout=self.lockout,
+            fleet=self.follower,
         )
         if self.pipeline is not None:
             register_metrics(registry, self.pipeline)
         registry.register(PressureCollector(self.pressure))
+        if self.follower is not None:
+            registry.register(FleetCollector(self.follower))
         runner = await start_api(ctx, list(cfg.api_listen))
         for addr in cfg.api_listen:
             log.info("API listening on %s%s", addr, " (no auth)" if cfg.no_auth else "")

@@ -95,6 +95,8 @@ class ApiContext:
     policy_mode: Mode = Mode.ENFORCE
     failsafe: tuple[FailsafeRule, ...] = ()
     lockout: Any = None
+    # Fleet mode (contract §7): the follower (streamer.fleet.follower.Follower), for /status.
+    fleet: Any = None
     # The browser viewer's one-time sign-in codes and sessions (streamer/api/signin.py).
     viewer: ViewerAuth = field(default_factory=lambda: ViewerAuth(), repr=False)
 

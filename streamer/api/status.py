@@ -61,6 +61,8 @@ async def status(request: web.Request) -> web.Response:
             "failsafe": [str(f) for f in ctx.failsafe],
             # The change waiting for its confirmation (contract §6), or null.
             "pending": ctx.store.pending.status() if ctx.store.pending is not None else None,
+            # Fleet mode (contract §7): this host, its labels, the fleet generation, or null.
+            "fleet": ctx.fleet.describe() if ctx.fleet is not None else None,
             "uptime_seconds": max(0, int(time.monotonic() - ctx.started_monotonic)),
         }
     )

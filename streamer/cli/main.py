@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from streamer import __version__
 from streamer.agent.pressure import PressureConfig
 from streamer.cli import argtypes
+from streamer.cli.fleet import add_fleet_parsers
 from streamer.cli.group import add_group_parser
 from streamer.cli.lab import add_lab_parser
 from streamer.cli.monitor import add_monitor_parser
@@ -25,6 +27,8 @@ from streamer.cli.policy import add_policy_parser
 from streamer.cli.sessions import add_session_parser
 from streamer.cli.stats import add_stats_parser
 from streamer.datapath.reference import Timeouts
+from streamer.fleet.config import FleetConfig
+from streamer.fleet.records import DEFAULT_AGENTS_TOPIC, DEFAULT_HEARTBEAT_S, DEFAULT_POLICY_TOPIC
 from streamer.policy.failsafe import DEFAULT_FAILSAFE, parse_failsafe
 from streamer.vocabulary import DefaultAction, Mode
 
@@ -165,7 +169,68 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         + " (defaults: Linux conntrack's; see README)",
     )
     _pressure_flags(p)
+    _fleet_flags(p)
     p.set_defaults(func=cmd_run)
+
+
+def _fleet_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fleet (one policy for many hosts through Kafka; see docs/fleet.md)")
+    g.add_argument(
+        "--fleet",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        type=argtypes.kafka_servers,
+        help="follow the fleet's policy topic on these brokers (local policy writes are then"
+        " refused); flow events go to their flows topic unless --kafka names others",
+    )
+    g.add_argument(
+        "--host-name",
+        type=argtypes.host_name,
+        metavar="NAME",
+        help="this host's name in the fleet (default: the system's host name)",
+    )
+    g.add_argument(
+        "--host-label",
+        action="append",
+        type=argtypes.host_label,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label of this host, for rules' hosts and groups' select (repeatable)",
+    )
+    g.add_argument(
+        "--fleet-topic",
+        default=DEFAULT_POLICY_TOPIC,
+        type=argtypes.kafka_topic,
+        help="the fleet's policy topic (default %(default)s)",
+    )
+    g.add_argument(
+        "--fleet-agents-topic",
+        default=DEFAULT_AGENTS_TOPIC,
+        type=argtypes.kafka_topic,
+        help="the fleet's agent status topic (default %(default)s)",
+    )
+    g.add_argument(
+        "--fleet-heartbeat",
+        default=DEFAULT_HEARTBEAT_S,
+        type=argtypes.seconds_between(0.2, 300.0),
+        metavar="SECONDS",
+        help="status heartbeat; an agent silent for 3 heartbeats is lost (default %(default)s)",
+    )
+
+
+def _fleet_config(args: argparse.Namespace) -> FleetConfig | None:
+    if args.fleet is None:
+        return None
+    labels = dict(args.host_label)
+    if len(labels) != len(args.host_label):
+        raise ValueError("--host-label: a key is given twice")
+    return FleetConfig(
+        bootstrap=args.fleet,
+        host=args.host_name or argtypes.host_name(socket.gethostname()),
+        labels=labels,
+        policy_topic=args.fleet_topic,
+        agents_topic=args.fleet_agents_topic,
+        heartbeat_s=args.fleet_heartbeat,
+    )
 
 
 def _pressure_flags(p: argparse.ArgumentParser) -> None:
@@ -251,6 +316,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"microseg run: {e}", file=sys.stderr)
         return 2
+    if args.fleet is not None and args.policy_file is not None:
+        print(
+            "microseg run: --policy-file with --fleet: the fleet's topic is the policy"
+            " (publish it with `microseg fleet apply FILE`)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.fleet is None and (args.host_name or args.host_label):
+        print("microseg run: --host-name and --host-label need --fleet", file=sys.stderr)
+        return 2
+    try:
+        fleet = _fleet_config(args)
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        print(f"microseg run: {e}", file=sys.stderr)
+        return 2
     instance = args.instance or default_instance(args.netns)
     api = tuple(args.api or ["127.0.0.1:8080"])
     if "none" in api:
@@ -264,7 +344,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         events_file=args.events_file,
         events_file_max_bytes=args.events_file_max_bytes,
         events_file_keep=args.events_file_keep,
-        kafka=args.kafka,
+        kafka=args.kafka or (fleet.bootstrap if fleet is not None else None),
         kafka_topic=args.kafka_topic,
         kafka_spool_max_bytes=args.kafka_spool_max_bytes,
         flow_feed_queue=args.flow_feed_queue,
@@ -274,6 +354,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         api_listen=api,
         no_auth=args.no_auth,
         pressure=pressure,
+        fleet=fleet,
         datapath=DatapathConfig(
             instance=instance,
             session_entries=args.session_table_size,
@@ -353,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_stats_parser(sub)
     add_flow_parsers(sub)
     add_monitor_parser(sub)
+    add_fleet_parsers(sub)
     return parser
 
 

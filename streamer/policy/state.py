@@ -159,6 +159,15 @@ def replay(state: PolicyState, record: dict[str, Any]) -> None:
             if staged is None or not staged.staged:
                 raise ValueError(f"journal: promote of rule {rid}, which is not staged")
             state.rules[staged.rule_id] = enforced(staged)
+    elif op == "sync":
+        for rid in record["removed"]:
+            if state.rules.pop(int(rid), None) is None:
+                raise ValueError(f"journal: sync removes unknown rule {rid}")
+        for doc in record["put"]:
+            rule = Rule.model_validate(doc)
+            state.rules[rule.rule_id] = rule
+        if "default_action" in record:
+            state.default_action = DefaultAction(record["default_action"])
     elif op == "default":
         state.default_action = DefaultAction(record["default_action"])
     elif op == "set_group":
@@ -173,6 +182,58 @@ def replay(state: PolicyState, record: dict[str, Any]) -> None:
     else:
         raise ValueError(f"journal: unknown record {op!r}")
     state._view = None
+
+
+def diff_edit(state: PolicyState, new: PolicySet, what: str) -> Edit | None:
+    """The edit that moves `state` to `new` in place: rules added, removed and changed and a
+    new default action (groups the same), or the members of one group (nothing else
+    changed). None when the sets differ otherwise (a whole-set replace is needed). An empty
+    edit (nothing in it) when they are the same."""
+    if new.groups.keys() != state.groups.keys():
+        return None
+    changed_groups = [n for n, g in new.groups.items() if state.groups[n] != g]
+    default = new.default_action if new.default_action != state.default_action else None
+    new_rules = {r.rule_id: r for r in new.policies}
+    added = [r for rid, r in new_rules.items() if rid not in state.rules]
+    removed = [r for rid, r in state.rules.items() if rid not in new_rules]
+    changed = [
+        (old, r)
+        for rid, r in new_rules.items()
+        if (old := state.rules.get(rid)) is not None and old != r
+    ]
+    if changed_groups:
+        if len(changed_groups) > 1 or added or removed or changed or default is not None:
+            return None
+        name = changed_groups[0]
+        before, after = state.groups[name], new.groups[name]
+        kept = set(after.members)
+        was = set(before.members)
+        came = [m for m in after.members if m not in was]
+        went = [m for m in before.members if m not in kept]
+        return Edit(
+            what,
+            groups={name: (before, after, came, went)},
+            record={"op": "set_group", "name": name, "members": list(after.members)},
+        )
+    record: dict[str, Any] = {
+        "op": "sync",
+        "removed": [r.rule_id for r in removed],
+        "put": [r.to_api() for r in added] + [b.to_api() for _, b in changed],
+    }
+    if default is not None:
+        record["default_action"] = default.value
+    return Edit(
+        what, added=added, removed=removed, changed=changed, default_action=default, record=record
+    )
+
+
+def is_empty(edit: Edit) -> bool:
+    """Nothing in it: no rule, group or default action changes."""
+    return (
+        edit.whole is None
+        and not (edit.added or edit.removed or edit.changed or edit.groups)
+        and edit.default_action is None
+    )
 
 
 def enforced(rule: Rule) -> Rule:

@@ -57,7 +57,7 @@ from streamer.policy.pending import (
     set_aside,
     write_pending,
 )
-from streamer.policy.state import Edit, PolicyState, enforced, replay
+from streamer.policy.state import Edit, PolicyState, diff_edit, enforced, is_empty, replay
 from streamer.vocabulary import DefaultAction
 
 log = logging.getLogger("microseg.store")
@@ -115,6 +115,13 @@ class PendingConflict(StoreError):
     code = "pending"
 
 
+class Managed(StoreError):
+    """A local write to an agent whose policy the fleet decides (contract §7)."""
+
+    status = 409
+    code = "managed"
+
+
 class NotPending(StoreError):
     """A confirmation of a generation that is not the one waiting."""
 
@@ -133,6 +140,8 @@ class WriteOptions:
 
     confirm_within: int | None = None
     check: Callable[[PolicySet], None] | None = None
+    # Made by the fleet follower (streamer/fleet/follower.py): the one writer of a managed store.
+    fleet: bool = False
 
 
 class LiveSession(Protocol):
@@ -390,6 +399,8 @@ class PolicyStore:
         # The change waiting for its confirmation (contract §6); set on each change of it.
         self.pending: PendingChange | None = None
         self.pending_changed = asyncio.Event()
+        # In fleet mode: what decides the policy (local writes are refused with it).
+        self.managed_by: str | None = None
 
     @property
     def path(self) -> Path:
@@ -682,6 +693,27 @@ class PolicyStore:
             lambda _cur: policy, actor, f"replace set ({len(policy.policies)} rules)", dry_run, opts
         )
 
+    async def sync(
+        self, policy: PolicySet, actor: str, what: str, opts: WriteOptions | None = None
+    ) -> ChangeResult:
+        """Move the applied set to `policy` by the smallest edit that gets there (streamer.
+        policy.state.diff_edit: the changed rules, or one group's members, in place; else a
+        whole-set replace). The same set changes nothing: the answer is the current
+        generation."""
+
+        def make(cur: PolicyState) -> Edit:
+            e = diff_edit(cur, policy, what)
+            if e is None:
+                return Edit(what, whole=policy)
+            if is_empty(e):
+                raise _Unchanged
+            return e
+
+        try:
+            return await self.edit(make, actor, False, opts)
+        except _Unchanged:
+            return ChangeResult(generation=self.generation)
+
     async def change(
         self,
         edit: Callable[[PolicySet], PolicySet],
@@ -709,6 +741,8 @@ class PolicyStore:
         (or, dry, only describe it). While a change waits for its confirmation no other is
         made (PendingConflict); dry runs are answered."""
         opts = opts or WriteOptions()
+        if self.managed_by is not None and not dry_run and not opts.fleet:
+            raise Managed(self._managed_message())
         async with self._lock:
             pending = self.pending
             if pending is not None and not dry_run:
@@ -838,9 +872,17 @@ class PolicyStore:
         self.pending = pending
         self.pending_changed.set()
 
+    def _managed_message(self) -> str:
+        return (
+            f"this agent's policy is managed by the fleet ({self.managed_by}): change it with "
+            "`microseg fleet apply`; reads and dry runs work here"
+        )
+
     async def confirm(self, generation: int, actor: str) -> PendingChange:
         """Keep the pending change of `generation`: NotPending when it is not the one
         waiting (none is, another is, or it was reverted)."""
+        if self.managed_by is not None:
+            raise Managed(self._managed_message())
         async with self._lock:
             pending = self.pending
             if pending is None:

@@ -130,12 +130,14 @@ class AgentProcess:
     `command` is the `microseg` to run (default: this interpreter's `-m streamer`, the
     checkout's code); `cwd` (default: the repository) and `env` (default: ours) are its process's.
     `failsafe` is its --failsafe (default none; None: the agent's own default).
+    `policy_file` None: no --policy-file (a fleet agent's policy comes from its topic).
+    `side`: the lab end it attaches to, "host" (default) or "peer".
     """
 
     def __init__(
         self,
         lab: Lab,
-        policy_file: Path,
+        policy_file: Path | None,
         events_file: Path,
         *,
         instance: str | None = None,
@@ -151,8 +153,11 @@ class AgentProcess:
         command: Sequence[str] = (sys.executable, "-m", "streamer"),
         cwd: Path | None = None,
         env: Mapping[str, str] | None = None,
+        side: str = "host",
     ) -> None:
+        assert side in ("host", "peer"), side
         self.lab = lab
+        self.side = side
         self.policy_file = policy_file
         self.events_file = events_file
         self.instance = instance or unique_agent_instance()
@@ -175,6 +180,14 @@ class AgentProcess:
         self._out: _LineReader | None = None
         self.previous_logs: list[str] = []
 
+    @property
+    def netns(self) -> str:
+        return self.lab.host_ns if self.side == "host" else self.lab.peer_ns
+
+    @property
+    def iface(self) -> str:
+        return self.lab.host_if if self.side == "host" else self.lab.peer_if
+
     # ---- the process -----------------------------------------------------------------------
 
     def argv(self) -> list[str]:
@@ -182,11 +195,10 @@ class AgentProcess:
             *self.command,
             "run",
             "--netns",
-            self.lab.host_ns,
+            self.netns,
             "--iface",
-            self.lab.host_if,
-            "--policy-file",
-            str(self.policy_file),
+            self.iface,
+            *(["--policy-file", str(self.policy_file)] if self.policy_file is not None else []),
             "--events-file",
             str(self.events_file),
             "--instance",
@@ -237,7 +249,7 @@ class AgentProcess:
         """Wait for "enforcing on <iface>" in this run's log; AgentError with the log if the
         agent exits or takes longer than `start_timeout`."""
         assert self._err is not None and self.proc is not None, "agent never started"
-        want = re.compile(rf"enforcing on {re.escape(self.lab.host_if)}\b")
+        want = re.compile(rf"enforcing on {re.escape(self.iface)}\b")
         if self._err.wait_for(want, 0, self.start_timeout) is None:
             rc = self.proc.poll()
             state = f"exited with {rc}" if rc is not None else "still not enforcing"
@@ -412,7 +424,7 @@ class AgentProcess:
         if self.lab.exists():
             # Teardown must go on whatever pyroute2 raises (the interface may be gone).
             with contextlib.suppress(Exception):
-                detach(self.lab.host_if, self.lab.host_ns)
+                detach(self.iface, self.netns)
         # bpffs allows unlink and rmdir, which is all rmtree needs.
         shutil.rmtree(self.pin_dir, ignore_errors=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -430,7 +442,7 @@ class AgentProcess:
 
 
 AgentFactory = Callable[..., AgentProcess]
-"""The `agent_factory` fixture: (lab, policy_file, **AgentProcess kwargs) -> AgentProcess."""
+"""The `agent_factory` fixture: (lab, policy_file or None, **AgentProcess kwargs) -> AgentProcess."""
 
 
 def flows(agent: AgentProcess) -> list[dict[str, Any]]:

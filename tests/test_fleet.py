@@ -1,0 +1,293 @@
+"""The fleet end to end (docs/contract.md §7): one real Kafka broker, real agent processes each
+on its own lab end, real traffic from the labs' peer namespaces, `microseg fleet` as a user
+runs it.
+
+- Five agents with different labels and one `fleet apply` of host-scoped rules and a `select`
+  group: each host enforces exactly its part; the select group holds the addresses of the
+  agents whose labels match; an agent of the group stopping removes its addresses from it
+  everywhere (no new generation); local API writes answer 409 managed; /status and /metrics
+  show the fleet generation.
+- An agent down during three generations catches up when it comes back; the broker stopped:
+  nothing changes, an agent restarted meanwhile enforces from its state dir, applies fail
+  cleanly, and all catch up when the broker is back.
+- Two concurrent applies from the same base: exactly one wins, the other exits 3 `stale`.
+- Bad input: a document that fails validation is refused before anything is published; a bad
+  record written by hand on the topic is reported by every agent and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.agentapi import P1, P2, P3, Api, api_metrics, api_of, assert_error
+from support.agentproc import REPO, AgentFactory, free_port
+from support.fleet import HEARTBEAT_S, Fleet
+from support.netutil import echo_server, expect_ports, wait_until
+
+from bench.kafkabroker import KafkaBroker, kcat_produce
+from streamer.lab.lab import Lab
+
+PORTS = (P1, P2, P3)
+
+
+@pytest.fixture
+def labs() -> Iterator[list[Lab]]:
+    """Three fresh labs, destroyed afterwards whatever happens."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(Lab.create()) for _ in range(3)]
+
+
+@pytest.fixture
+def fleet(kafka_broker: KafkaBroker, agent_factory: AgentFactory, tmp_path: Path) -> Fleet:
+    return Fleet(kafka_broker, agent_factory, tmp_path)
+
+
+def _scoped_doc(extra_rules: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {
+        "default_action": "allow",
+        "groups": {"clients": {"members": [], "select": {"role": "client"}}},
+        "policies": [
+            {"rule_id": 10, "name": "clients-to-db", "hosts": {"role": "db"}, "protocol": "tcp",
+             "dst_port": P1, "src_group": "clients", "action": "allow", "priority": 200,
+             "direction": "in"},
+            {"rule_id": 11, "name": "db-closed", "hosts": {"role": "db"}, "protocol": "tcp",
+             "dst_port": P1, "action": "deny", "direction": "in"},
+            {"rule_id": 20, "name": "web-closed", "hosts": {"role": "web"}, "protocol": "tcp",
+             "dst_port": P2, "action": "deny", "direction": "in"},
+            {"rule_id": 30, "name": "closed-everywhere", "protocol": "tcp", "dst_port": P3,
+             "action": "deny", "direction": "in"},
+            *(extra_rules or []),
+        ],
+    }
+
+
+def test_five_agents_enforce_their_part_and_select_groups_follow_the_members(
+    labs: list[Lab], fleet: Fleet
+) -> None:
+    lab1, lab2, lab3 = labs
+    with ExitStack() as stack:
+        for lab in labs:
+            stack.enter_context(echo_server(lab.host_ns, PORTS))
+        gen = fleet.apply(_scoped_doc())
+        db = fleet.agent(lab1, "db-1", {"role": "db", "env": "prod"}, api=f"127.0.0.1:{free_port()}")
+        client = fleet.agent(lab1, "client-1", {"role": "client"}, side="peer")
+        web = fleet.agent(lab2, "web-1", {"role": "web"})
+        other = fleet.agent(lab2, "other-1", {"role": "other"}, side="peer")
+        cache = fleet.agent(lab3, "cache-1", {"role": "cache"})
+        agents = [db, client, web, other, cache]
+        for a in agents:
+            a.start()
+        hosts = ["db-1", "client-1", "web-1", "other-1", "cache-1"]
+        fleet.wait_converged(hosts, gen)
+        status = fleet.agents()
+        assert status["client-1"]["addresses"] == sorted([lab1.peer_v4, lab1.peer_v6]) or set(
+            status["client-1"]["addresses"]
+        ) == {lab1.peer_v4, lab1.peer_v6}, status["client-1"]
+        assert status["db-1"]["labels"] == {"role": "db", "env": "prod"}
+
+        def db_admits_clients() -> bool:
+            return all(ok for ok in _reach(lab1, P1).values())
+
+        # The select group resolves once the client agent's status is read: then P1 opens.
+        assert wait_until(db_admits_clients, timeout=15), "db never admitted the client agent"
+        expect_ports(lab1, {P1: True, P2: True, P3: False}, "db: clients admitted, P3 closed")
+        expect_ports(lab2, {P1: True, P2: False, P3: False}, "web: P2 and P3 closed")
+        expect_ports(lab3, {P1: True, P2: True, P3: False}, "cache: only P3 closed")
+
+        # In fleet mode the local API reads but does not write.
+        api = api_of(db)
+        r = api.call("POST", "/policies", {"rule_id": 99, "protocol": "tcp", "action": "deny"})
+        assert_error(r, 409, "managed", "fleet apply")
+        listed = {p["rule_id"] for p in api.policies()["policies"]}
+        assert listed == {10, 11, 30}, listed
+        fleet_status = api.ok("GET", "/status")["fleet"]
+        assert fleet_status["host"] == "db-1" and fleet_status["generation"] == gen
+        metrics = api_metrics(db)
+        assert f'microseg_fleet_generation{{host="db-1"}} {float(gen)}' in metrics, metrics
+
+        # The client agent stops: it leaves the group everywhere, without a new generation.
+        assert client.stop() == 0
+        assert wait_until(lambda: not any(_reach(lab1, P1).values()), timeout=15), (
+            "the stopped client's addresses still open the db"
+        )
+        status = fleet.agents()
+        assert "client-1" not in status, status
+        assert status["db-1"]["generation"] == gen
+        proc = fleet.cli("status")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "db-1" in proc.stdout and "client-1" not in proc.stdout
+        for a in (db, web, other, cache):
+            assert a.stop() == 0
+
+
+def _reach(lab: Lab, port: int) -> dict[Any, bool]:
+    from support.netutil import reach
+
+    return {fam: ok for (fam, _), ok in reach(lab, {port: True}).items()}
+
+
+def test_catch_up_after_downtime_and_a_broker_outage(
+    labs: list[Lab], fleet: Fleet, kafka_broker: KafkaBroker
+) -> None:
+    lab1, lab2, _ = labs
+    rule = {"rule_id": 1, "protocol": "tcp", "dst_port": P1, "action": "deny", "direction": "in"}
+    with ExitStack() as stack:
+        for lab in (lab1, lab2):
+            stack.enter_context(echo_server(lab.host_ns, PORTS))
+        a = fleet.agent(lab1, "a", {"n": "1"})
+        b = fleet.agent(lab2, "b", {"n": "2"})
+        a.start()
+        b.start()
+        g1 = fleet.apply({"default_action": "allow", "policies": [rule]})
+        fleet.wait_converged(["a", "b"], g1)
+        expect_ports(lab2, {P1: False, P2: True}, "generation 1")
+
+        # b is down during three generations; it catches up on the newest when back.
+        b.stop()
+        for port in (P2, P3):
+            fleet.apply(
+                {"default_action": "allow", "policies": [rule, {**rule, "rule_id": port, "dst_port": port}]}
+            )
+        g4 = fleet.apply({"default_action": "allow", "policies": [{**rule, "dst_port": P2}]})
+        fleet.wait_converged(["a"], g4)
+        expect_ports(lab2, {P1: False, P2: True}, "b down: its pins keep generation 1")
+        b.start()
+        fleet.wait_converged(["a", "b"], g4)
+        expect_ports(lab2, {P1: True, P2: False}, "b caught up on generation 4")
+        b.wait_log(r"fleet generation 4 enforced")
+        assert "fleet generation 2 enforced" not in b.log, "b applied a generation already replaced"
+
+        # The broker goes away: enforcement stays, a restarted agent restores from its state
+        # dir, an apply fails cleanly; when it is back everyone catches up.
+        with kafka_broker.outage():
+            time.sleep(3 * HEARTBEAT_S)
+            expect_ports(lab1, {P1: True, P2: False}, "broker away: a keeps generation 4")
+            b.stop()
+            b.start()
+            b.wait_log(r"fleet generation 4 restored")
+            expect_ports(lab2, {P1: True, P2: False}, "broker away: b restarted on generation 4")
+            proc = fleet.cli("apply", str(fleet.write({"policies": []})), "--timeout", "5")
+            assert proc.returncode == 1, proc.stdout + proc.stderr
+            assert "cannot be used" in proc.stderr, proc.stderr
+        g5 = fleet.apply({"default_action": "allow", "policies": [{**rule, "dst_port": P3}]})
+        assert g5 == g4 + 1, "the failed apply must not have published anything"
+        fleet.wait_converged(["a", "b"], g5, timeout=60)
+        expect_ports(lab1, {P1: True, P2: True, P3: False}, "a after the outage")
+        expect_ports(lab2, {P1: True, P2: True, P3: False}, "b after the outage")
+        a.stop()
+        b.stop()
+
+
+def test_concurrent_applies_from_one_base_exactly_one_wins(fleet: Fleet) -> None:
+    base = fleet.apply({"policies": []})
+    docs = [
+        fleet.write({"policies": [{"rule_id": i, "protocol": "udp", "action": "deny"}]})
+        for i in (1, 2)
+    ]
+    argv = [sys.executable, "-m", "streamer", "fleet", "apply"]
+    procs = [
+        subprocess.Popen(
+            [*argv, str(d), "--base", str(base), *fleet.topic_args()],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for d in docs
+    ]
+    outs = [p.communicate(timeout=90) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 3], outs
+    loser = outs[[p.returncode for p in procs].index(3)]
+    assert f"stale: newest is {base + 1}" in loser[1], loser
+    got = json.loads(fleet.cli("get", "-o", "json").stdout)
+    assert got["generation"] == base + 1
+    # A stale base given by hand is refused the same way, and nothing is published.
+    proc = fleet.cli("apply", str(docs[0]), "--base", str(base))
+    assert proc.returncode == 3 and f"stale: newest is {base + 1}" in proc.stderr, proc.stderr
+    assert json.loads(fleet.cli("get", "-o", "json").stdout)["generation"] == base + 1
+
+
+def test_bad_documents_and_bad_records(labs: list[Lab], fleet: Fleet, kafka_broker: KafkaBroker) -> None:
+    lab1, lab2, _ = labs
+    rule = {"rule_id": 1, "protocol": "tcp", "dst_port": P1, "action": "deny", "direction": "in"}
+    with ExitStack() as stack:
+        for lab in (lab1, lab2):
+            stack.enter_context(echo_server(lab.host_ns, PORTS))
+        g1 = fleet.apply({"default_action": "allow", "policies": [rule]})
+        a = fleet.agent(lab1, "a")
+        b = fleet.agent(lab2, "b")
+        a.start()
+        b.start()
+        fleet.wait_converged(["a", "b"], g1)
+        # Refused before anything is published: the CLI names the problem.
+        bad = {"policies": [{**rule, "protocol": "tcpx"}, {"rule_id": 2, "protocol": "tcp",
+                                                            "action": "allow", "src_group": "nope"}]}
+        proc = fleet.cli("apply", str(fleet.write(bad)))
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "protocol" in proc.stderr and "nope" in proc.stderr and "nothing was published" in proc.stderr
+        assert json.loads(fleet.cli("get", "-o", "json").stdout)["generation"] == g1
+
+        # A record written by hand that no writer of ours could have written.
+        kcat_produce(kafka_broker.bootstrap, fleet.policy_topic, [("policy", "this is not a policy")])
+        for agent in (a, b):
+            agent.wait_log(r"fleet policy topic: .*changes nothing here", timeout=15)
+        assert wait_until(
+            lambda: all(x["state"] == "error" and x["error"] for x in fleet.agents().values()),
+            timeout=10,
+        ), fleet.agents()
+        expect_ports(lab1, {P1: False, P2: True}, "a after the bad record: generation 1 stays")
+        expect_ports(lab2, {P1: False, P2: True}, "b after the bad record: generation 1 stays")
+        # The next good generation clears it.
+        g2 = fleet.apply({"default_action": "allow", "policies": [{**rule, "dst_port": P2}]})
+        fleet.wait_converged(["a", "b"], g2)
+        expect_ports(lab2, {P1: True, P2: False}, "b on generation 2")
+        a.stop()
+        b.stop()
+
+
+def test_run_flags_for_the_fleet_are_checked(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "streamer", "run", "--iface", "lo", *args],
+            capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+        )
+
+    policy = tmp_path / "p.json"
+    policy.write_text('{"policies": []}')
+    proc = run("--fleet", "127.0.0.1:9", "--policy-file", str(policy))
+    assert proc.returncode == 2 and "the fleet's topic is the policy" in proc.stderr, proc.stderr
+    proc = run("--host-label", "role=db")
+    assert proc.returncode == 2 and "need --fleet" in proc.stderr, proc.stderr
+    proc = run("--fleet", "127.0.0.1:9", "--host-label", "not a label")
+    assert proc.returncode == 2 and "--host-label" in proc.stderr, proc.stderr
+    proc = run("--fleet", "127.0.0.1:9", "--host-label", "a=1", "--host-label", "a=2")
+    assert proc.returncode == 2 and "twice" in proc.stderr, proc.stderr
+
+
+def test_fleet_commands_without_brokers_or_with_bad_flags(tmp_path: Path) -> None:
+    env_less = subprocess.run(
+        [sys.executable, "-m", "streamer", "fleet", "status"],
+        capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+        env={k: v for k, v in __import__("os").environ.items() if k != "MICROSEG_FLEET"},
+    )
+    assert env_less.returncode == 2 and "--fleet" in env_less.stderr, env_less.stderr
+    port = free_port()
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamer", "fleet", "get", "--fleet", f"127.0.0.1:{port}",
+         "--timeout", "3"],
+        capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+    )
+    assert proc.returncode == 1 and "cannot be used" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+_ = Api
