@@ -22,6 +22,7 @@ from support.bpf import kernel_retval as run
 from support.events import lost_factory, tcp_rule, valid
 from support.packets import frame
 
+from bench.kafkabroker import KafkaBroker, kcat_consume, unique_topic
 from streamer.datapath.bindings import test_run as prog_test_run
 from streamer.datapath.compiler import compile_policy
 from streamer.datapath.config import DatapathConfig
@@ -282,3 +283,59 @@ async def test_a_sink_failing_as_the_stop_timeout_cancels_it_is_raised_by_run(
     assert pipe.fanout.sink_errors["stuck"] == 0  # not restarted
     got = [json.loads(x) for x in path.read_bytes().splitlines()]
     assert [o["seq"] for o in got] == [1, 2, 3, 4, 5]
+
+
+# ---- the host name --------------------------------------------------------------------------
+
+
+async def test_every_record_carries_the_agents_host_name_to_kafka_and_the_file(
+    tiny_ringbuf: Datapath, tmp_path: Path, kafka_broker: KafkaBroker
+) -> None:
+    """The host name the agent was given (AgentConfig.host_name: Enricher's `host`) is in
+    every record reaching the sinks: flows, lost and alert records, on Kafka and in the file
+    alike (contract §4, §7: the fleet's one flows topic tells hosts apart by it)."""
+    from streamer.agent.service import Agent, AgentConfig
+
+    topic = unique_topic("host")
+    cfg = AgentConfig(
+        ifaces=("eth0",),
+        datapath=tiny_ringbuf.config,
+        state_dir=tmp_path,
+        events_file=tmp_path / "events.jsonl",
+        kafka=kafka_broker.bootstrap,
+        kafka_topic=topic,
+        host_name="node-fleet-7",
+    )
+    agent = Agent.__new__(Agent)  # only its pipeline_config(): no datapath of its own
+    agent.config = cfg
+    en = Enricher({1: "eth0"}, host=cfg.host_name)
+    pipe = Pipeline(agent.pipeline_config(), tiny_ringbuf, en)
+    task = asyncio.create_task(pipe.run())
+    await asyncio.sleep(0.1)
+    pipe.handle(_flow_records(3))
+    pipe.handle([b"short"])  # undecodable: a lost record
+    pipe.publish_alert({"alert": "syn_flood", "subject": "eth0", "state": "firing"})
+    # The sink creates the topic and delivers while the pipeline runs (at stop it would only
+    # spool what the broker has not taken yet).
+    for _ in range(300):
+        if pipe.stats()["sinks"]["kafka"]["delivered"] >= 3:
+            break
+        await asyncio.sleep(0.1)
+    pipe.stop()
+    await asyncio.wait_for(task, 30)
+    in_file = [json.loads(x) for x in (tmp_path / "events.jsonl").read_bytes().splitlines()]
+    on_kafka = [
+        json.loads(r["value"])
+        for r in await asyncio.to_thread(kcat_consume, kafka_broker.bootstrap, topic, count=5)
+    ]
+    for got in (in_file, on_kafka):
+        assert [o["type"] for o in got] == ["flow", "flow", "flow", "lost", "alert"]
+        assert {o["host"] for o in got} == {"node-fleet-7"}
+
+
+def test_without_a_host_name_records_carry_the_machines_hostname() -> None:
+    """Unset, `host` stays what it always was: socket.gethostname()."""
+    import socket
+
+    en = Enricher({1: "eth0"}, host=None)
+    assert en.lost_record(1, "kernel")["host"] == socket.gethostname()

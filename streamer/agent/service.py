@@ -88,6 +88,11 @@ class AgentConfig:
     pressure: PressureConfig = field(default_factory=PressureConfig)
     # --fleet (contract §7): the policy comes from the fleet's topic, local writes are refused.
     fleet: FleetConfig | None = None
+    # The `host` of every record this agent sends (None: the machine's hostname).
+    host_name: str | None = None
+    # (bootstrap, topic) of the fleet's flows topic: the API serves it as the fleet feed
+    # (`/api/v1/flows?source=fleet`, the viewer's fleet view). None: no fleet feed.
+    fleet_flows: tuple[str, str] | None = None
 
 
 def default_instance(netns: str | None) -> str:
@@ -389,7 +394,7 @@ class Agent:
         logging why not."""
         cfg = self.config
         ifindexes = self.ifindexes
-        self._enricher = Enricher(ifindexes)
+        self._enricher = Enricher(ifindexes, host=cfg.host_name)
         try:
             self._restore()
             for ifname in cfg.ifaces:

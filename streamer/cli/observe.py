@@ -11,8 +11,11 @@ view. Records already printed from the recent ones are not printed again from th
 `seq`).
 
 Filters other than a rule *name* are applied by the agent; `--rule NAME` (not a number) and
-`--rule default` are applied here. Exit status: 0 done (or Ctrl-C while following), 1 the agent
-refused, could not be reached, closed the feed or dropped us as too slow, 2 bad arguments.
+`--rule default` are applied here. `ObserveConfig.matches` applies them all here, the same way
+(`microseg fleet observe`, streamer/cli/fleetobserve.py, reads Kafka, where nobody filters for
+it); `add_observe_args` gives both commands the same flags. Exit status: 0 done (or Ctrl-C
+while following), 1 the agent refused, could not be reached, closed the feed or dropped us as
+too slow, 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import IO, Any, Final
 
 import aiohttp
@@ -32,6 +36,7 @@ from streamer.cli.connection import TOKEN_ENV, Api, add_connection_args, run_cli
 from streamer.cli.endpoint import API_PREFIX, Endpoint
 from streamer.cli.errors import ApiError, ClientError
 from streamer.cli.output import format_table
+from streamer.events.sinks.websocket import FlowFilter
 from streamer.events.text import cells, compact_line
 from streamer.vocabulary import PROTOCOL_NUMBERS, Action
 
@@ -39,6 +44,7 @@ __all__ = [
     "ObserveConfig",
     "Printer",
     "add_flow_parsers",
+    "add_observe_args",
     "cmd_flows_observe",
     "cmd_viewer_url",
     "observe",
@@ -64,6 +70,10 @@ HEADERS: Final = (
 # Column widths while following (rows cannot be measured ahead); longer values just push on.
 _FOLLOW_WIDTHS: Final = (12, 7, 9, 27, 27, 6, 20, 6, 8, 0)
 _RIGHT: Final = (7, 8)
+# With a host column (the fleet's records), right after the time.
+HOST_HEADERS: Final = (HEADERS[0], "HOST", *HEADERS[1:])
+_HOST_WIDTHS: Final = (_FOLLOW_WIDTHS[0], 14, *_FOLLOW_WIDTHS[1:])
+_HOST_RIGHT: Final = tuple(i + 1 for i in _RIGHT)
 _COLORS: Final = {
     "deny": "\033[1;31m",
     "log": "\033[33m",
@@ -84,8 +94,10 @@ def _flatten(values: list[list[str]] | None) -> list[str]:
 @dataclass(frozen=True)
 class ObserveConfig:
     """What to show. `params`: the agent's filters (query parameters); `rule_names`: rule
-    names (lowercase, or "default" for the default action) matched here; `last`: recent
-    records first (0: none); `follow`: then the live feed until interrupted."""
+    names (lowercase, or "default" for the default action) matched here; `hosts`: the
+    records' `host` (empty: any; only the fleet's records differ in it); `last`: recent
+    records first (0: none); `follow`: then the live feed until interrupted; `host_column`:
+    the table and compact lines show each record's host."""
 
     params: dict[str, str] = field(default_factory=dict)
     rule_names: frozenset[str] = frozenset()
@@ -94,9 +106,14 @@ class ObserveConfig:
     follow: bool = False
     output: str = "table"
     color: bool = False
+    hosts: frozenset[str] = frozenset()
+    host_column: bool = False
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, stream: IO[str]) -> ObserveConfig:
+    def from_args(
+        cls, args: argparse.Namespace, stream: IO[str], *, host_column: bool = False
+    ) -> ObserveConfig:
+        """From the flags of `add_observe_args` (and `--host`, where the parser has it)."""
         params: dict[str, str] = {}
         for key in ("verdict", "ip", "port", "protocol"):
             values = _flatten(getattr(args, key))
@@ -129,7 +146,24 @@ class ObserveConfig:
             follow=args.follow,
             output=args.output,
             color=color and args.output != "json",
+            hosts=frozenset(_flatten(getattr(args, "host", None))),
+            host_column=host_column,
         )
+
+    @cached_property
+    def flow_filter(self) -> FlowFilter:
+        """The agent's own filter for `params` (streamer.events.sinks.websocket), to apply
+        them where no agent does. `params` were validated by the flags' types."""
+        return FlowFilter.parse(self.params)
+
+    def matches(self, obj: dict[str, Any]) -> bool:
+        """Every filter, applied here, with the agent's semantics: `params` as the agent
+        applies them (lost and alert records pass), then `keep`, then `hosts` (which applies
+        to lost and alert records too: another host's gap concerns no view of this one)."""
+        if self.hosts and obj.get("host") not in self.hosts:
+            return False
+        flt = self.flow_filter
+        return (flt.any or flt.matches(obj)) and self.keep(obj)
 
     def keep(self, obj: Mapping[str, Any]) -> bool:
         """The filters applied here (rule names); the agent applied the rest."""
@@ -154,6 +188,15 @@ class Printer:
         self.stream = stream
         self.header_done = False
         self.count = 0
+        self.headers = HOST_HEADERS if cfg.host_column else HEADERS
+        self._widths = _HOST_WIDTHS if cfg.host_column else _FOLLOW_WIDTHS
+        self._right = _HOST_RIGHT if cfg.host_column else _RIGHT
+
+    def cells(self, obj: Mapping[str, Any]) -> list[str]:
+        row = cells(obj)
+        if self.cfg.host_column:
+            row.insert(1, str(obj.get("host") or "-"))
+        return row
 
     def _paint(self, obj: Mapping[str, Any], line: str) -> str:
         if not self.cfg.color:
@@ -169,8 +212,8 @@ class Printer:
             for obj, raw in records:
                 self.one(obj, raw)
             return
-        rows = [cells(obj) for obj, _ in records]
-        text = format_table(HEADERS, rows, right=_RIGHT)
+        rows = [self.cells(obj) for obj, _ in records]
+        text = format_table(self.headers, rows, right=self._right)
         lines = text.split("\n")
         out = [lines[0]] + [
             self._paint(obj, ln) for (obj, _), ln in zip(records, lines[1:], strict=True)
@@ -184,21 +227,21 @@ class Printer:
         if self.cfg.output == "json":
             line = raw if raw is not None else json.dumps(obj, separators=(",", ":"))
         elif self.cfg.output == "compact":
-            line = self._paint(obj, compact_line(obj))
+            host = f"{obj.get('host') or '-'} " if self.cfg.host_column else ""
+            line = self._paint(obj, host + compact_line(obj))
         else:
             if not self.header_done:
-                self.stream.write(self._fixed(list(HEADERS)) + "\n")
+                self.stream.write(self._fixed(list(self.headers)) + "\n")
                 self.header_done = True
-            line = self._paint(obj, self._fixed(cells(obj)))
+            line = self._paint(obj, self._fixed(self.cells(obj)))
         self.stream.write(line + "\n")
         self.stream.flush()
         self.count += 1
 
-    @staticmethod
-    def _fixed(cells: list[str]) -> str:
+    def _fixed(self, cells: list[str]) -> str:
         parts = [
-            c.rjust(w) if i in _RIGHT else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, _FOLLOW_WIDTHS, strict=True))
+            c.rjust(w) if i in self._right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, self._widths, strict=True))
         ]
         return "  ".join(parts).rstrip()
 
@@ -343,22 +386,9 @@ def _connection(p: argparse.ArgumentParser) -> None:
     add_connection_args(p.add_argument_group("connection"))
 
 
-def add_flow_parsers(subparsers: Any) -> None:
-    """Register `flows observe` and `viewer-url` on the `microseg` subparsers."""
-    flows: argparse.ArgumentParser = subparsers.add_parser(
-        "flows",
-        help="flow events of the running agent",
-        description="Flow events of the running agent, through its API.",
-    )
-    fsub = flows.add_subparsers(dest="flows_command", metavar="{observe}")
-    fsub.required = True
-    p = fsub.add_parser(
-        "observe",
-        help="show recent flow events, or follow them live",
-        description="Show the agent's recent flow events (the last 20 by default), or follow "
-        "the live feed with --follow. Filters take comma-separated alternatives and may be "
-        "repeated; lost records always show.",
-    )
+def add_observe_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The filters, `-f/--follow`, `--last`, `-o` and `--color` of `flows observe` (and of
+    `fleet observe`) on `p`; returns the filters' group (for more filters)."""
     g = p.add_argument_group("filters")
     g.add_argument(
         "--verdict",
@@ -427,6 +457,26 @@ def add_flow_parsers(subparsers: Any) -> None:
         default="auto",
         help="colour verdicts (auto: only on a terminal, and not with NO_COLOR)",
     )
+    return g
+
+
+def add_flow_parsers(subparsers: Any) -> None:
+    """Register `flows observe` and `viewer-url` on the `microseg` subparsers."""
+    flows: argparse.ArgumentParser = subparsers.add_parser(
+        "flows",
+        help="flow events of the running agent",
+        description="Flow events of the running agent, through its API.",
+    )
+    fsub = flows.add_subparsers(dest="flows_command", metavar="{observe}")
+    fsub.required = True
+    p = fsub.add_parser(
+        "observe",
+        help="show recent flow events, or follow them live",
+        description="Show the agent's recent flow events (the last 20 by default), or follow "
+        "the live feed with --follow. Filters take comma-separated alternatives and may be "
+        "repeated; lost records always show.",
+    )
+    add_observe_args(p)
     _connection(p)
     p.set_defaults(func=cmd_flows_observe)
 
