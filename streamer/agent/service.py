@@ -38,10 +38,11 @@ from streamer.datapath.config import DatapathConfig, DatapathError
 from streamer.datapath.datapath import Datapath
 from streamer.datapath.ruletables import NeedsRecompile, TablesOutOfStep
 from streamer.events.enrich import Enricher
+from streamer.events.fleetfeed import FleetFeed
 from streamer.events.pipeline import Pipeline, PipelineConfig, register_metrics, tune_gc
 from streamer.events.sinks.file import DEFAULT_KEEP, DEFAULT_MAX_BYTES, FileSinkConfig
 from streamer.events.sinks.kafka import DEFAULT_SPOOL_MAX_BYTES, DEFAULT_TOPIC, KafkaSinkConfig
-from streamer.events.sinks.websocket import WebSocketConfig
+from streamer.events.sinks.websocket import WebSocketConfig, WebSocketHub
 from streamer.fleet.addresses import interface_addresses
 from streamer.fleet.config import FleetConfig
 from streamer.fleet.follower import Follower
@@ -112,6 +113,8 @@ class Agent:
     generation: int = 0
     _enricher: Enricher | None = None
     pipeline: Pipeline | None = None
+    # The fleet feed (config.fleet_flows with the API on): its hub, served as ?source=fleet.
+    fleet_feed: FleetFeed | None = None
     store: PolicyStore = field(init=False)
     pressure: PressureWatch = field(init=False)
     # Confirm or revert, and the lockout guard (contract §6).
@@ -421,6 +424,10 @@ class Agent:
         cfg = self.config
         assert self._enricher is not None
         pipeline = self.pipeline = Pipeline(self.pipeline_config(), self.datapath, self._enricher)
+        if cfg.fleet_flows is not None and cfg.api_listen:
+            bootstrap, topic = cfg.fleet_flows
+            hub = WebSocketHub(WebSocketConfig(client_queue=cfg.flow_feed_queue))
+            self.fleet_feed = FleetFeed(bootstrap, topic, hub)
         tune_gc()
         # A change left unconfirmed past its deadline while we were down: before the API.
         await self.rollback.revert_overdue()
@@ -438,6 +445,8 @@ class Agent:
                     tg.create_task(self.pressure.run(self.datapath.pressure), name="pressure")
                 )
                 tasks.append(tg.create_task(self.rollback.run(), name="rollback"))
+                if self.fleet_feed is not None:
+                    tasks.append(tg.create_task(self.fleet_feed.run(), name="fleet-feed"))
                 if cfg.stats_interval > 0:
                     tasks.append(tg.create_task(self._print_stats(cfg.stats_interval)))
                 if self.follower is not None:
@@ -490,6 +499,7 @@ class Agent:
             reload=self.reload if cfg.policy_file is not None else None,
             extra_stats=self._extra_stats,
             flows=self.pipeline.websocket if self.pipeline is not None else None,
+            fleet_flows=self.fleet_feed.hub if self.fleet_feed is not None else None,
             policy_mode=Mode.STAGED if cfg.datapath.staged_all else Mode.ENFORCE,
             failsafe=cfg.datapath.failsafe,
             lockout=self.lockout,
@@ -520,6 +530,8 @@ class Agent:
         last reading (rates, active alerts)."""
         out = self.pipeline.extra_stats() if self.pipeline is not None else {}
         out["pressure"] = self.pressure.snapshot()
+        if self.fleet_feed is not None:
+            out["fleet_feed"] = self.fleet_feed.stats()
         return out
 
     def _alert(self, change: AlertChange) -> None:

@@ -74,6 +74,8 @@ class ApiContext:
     /api/v1/policies/reload`, `microseg policy load`); None: that route answers 404.
     `flows`: the live flow feed (a `streamer.events.sinks.websocket.WebSocketHub`) behind
     `GET /api/v1/flows`; None: that route answers 503.
+    `fleet_flows`: the fleet feed (another WebSocketHub, fed by streamer.events.fleetfeed
+    from the fleet's flows topic) behind `?source=fleet` of the same routes; None: no fleet.
     `policy_mode` and `failsafe`: what the agent was started with (`--policy-mode`,
     `--failsafe`).
     `lockout`: the lockout guard (streamer.policy.lockout.LockoutGuard) every write from a
@@ -91,6 +93,7 @@ class ApiContext:
     extra_stats: Callable[[], dict[str, Any]] | None = None
     reload: Callable[[str, WriteOptions], Awaitable[ChangeResult]] | None = None
     flows: Any = None
+    fleet_flows: Any = None
     # --policy-mode and --failsafe (contract §6): /status, dry runs and promote show them.
     policy_mode: Mode = Mode.ENFORCE
     failsafe: tuple[FailsafeRule, ...] = ()

@@ -1,16 +1,18 @@
 """The flow feed's routes: `/api/v1/flows` (a live WebSocket) and `/api/v1/flows/recent`.
 
-In: requests with the feed's filters (verdict, ip, port, protocol, rule_id, staged) and the
-feed of the `ApiContext` (a `streamer.events.sinks.websocket.WebSocketHub`, which streams and
-keeps the recent records). Out: the WebSocket upgrade, or the last `limit` matching records
-(100 by default, oldest first) as JSON. No feed: the WebSocket answers 503 and the recent list
-is empty. The WebSocket refuses a cross-site `Origin` itself, since browsers send a handshake
-(a GET) cross-origin.
+In: requests with the feed's filters (verdict, ip, port, protocol, rule_id, staged), `source`
+(`local`, the default: this agent's own feed; `fleet`: every agent's, from the fleet's flows
+topic, contract §7) and that feed of the `ApiContext` (a
+`streamer.events.sinks.websocket.WebSocketHub`, which streams and keeps the recent records).
+Out: the WebSocket upgrade, or the last `limit` matching records (100 by default, oldest
+first) as JSON. No feed: the WebSocket answers 503 and the recent list is empty (for
+`source=fleet`: the agent is given no fleet flows topic). The WebSocket refuses a cross-site
+`Origin` itself, since browsers send a handshake (a GET) cross-origin.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -21,7 +23,17 @@ __all__ = ["FLOWS_RECENT_PATH", "RECENT_LIMIT_MAX", "flows", "flows_recent"]
 
 FLOWS_RECENT_PATH: Final = f"{FLOWS_PATH}/recent"
 RECENT_LIMIT_MAX: Final = 10_000
-_FLOW_PARAMS: Final = ("verdict", "ip", "port", "protocol", "rule_id", "staged", "token")
+_FLOW_PARAMS: Final = ("verdict", "ip", "port", "protocol", "rule_id", "staged", "token", "source")
+SOURCES: Final = ("local", "fleet")
+
+
+def _hub(request: web.Request, query: dict[str, str]) -> Any:
+    """The feed `source` names (popped from `query`): the agent's own, or the fleet's."""
+    source = query.pop("source", "local")
+    if source not in SOURCES:
+        raise ApiError(400, f"source: {short(source)!r}: use local or fleet")
+    ctx = request.app[CTX]
+    return ctx.fleet_flows if source == "fleet" else ctx.flows
 
 
 async def flows(request: web.Request) -> web.StreamResponse:
@@ -30,6 +42,7 @@ async def flows(request: web.Request) -> web.StreamResponse:
     from streamer.events.sinks.websocket import FlowFilter
 
     query = query_params(request, _FLOW_PARAMS)
+    hub = _hub(request, query)
     try:
         flt = FlowFilter.parse(query)
     except ValueError as e:
@@ -46,8 +59,9 @@ async def flows(request: web.Request) -> web.StreamResponse:
         raise ApiError(
             400, "this route is a WebSocket: connect with a WebSocket client (Upgrade: websocket)"
         )
-    hub = request.app[CTX].flows
     if hub is None:
+        if request.query.get("source") == "fleet":
+            raise ApiError(503, "this agent is given no fleet flows topic (no fleet feed)")
         raise ApiError(503, "this agent runs no flow event feed")
     if hub.closed or not hub.has_room():
         raise ApiError(503, "the flow feed takes no more clients right now")
@@ -60,13 +74,13 @@ async def flows_recent(request: web.Request) -> web.Response:
     (oldest first), from the feed's bounded memory of recent records."""
     from streamer.events.sinks.websocket import FILTER_PARAMS, FlowFilter
 
-    query = query_params(request, (*FILTER_PARAMS, "limit"))
+    query = query_params(request, (*FILTER_PARAMS, "limit", "source"))
+    hub = _hub(request, query)
     limit = int_param("limit", query.pop("limit", "100"), 1, RECENT_LIMIT_MAX)
     try:
         flt = FlowFilter.parse(query)
     except ValueError as e:
         raise ApiError(400, str(e)) from None
-    hub = request.app[CTX].flows
     recent = list(hub.recent) if hub is not None else []  # no feed: nothing kept
     picked: list[bytes] = []
     for item in reversed(recent):

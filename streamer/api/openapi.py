@@ -71,6 +71,17 @@ _STAGED_PARAM: Final[dict[str, Any]] = {
     "type": "string",
     "pattern": "^(any|(allow|deny|log)(,(allow|deny|log))*)$",
 }
+_SOURCE_PARAM: Final[dict[str, Any]] = {
+    "type": "string",
+    "enum": ["local", "fleet"],
+    "default": "local",
+}
+_SOURCE_DESC: Final = (
+    "which feed: local (this agent's own flow events) or fleet (every agent's, from the "
+    "fleet's flows topic, docs/contract.md §7; each record's `host` tells them apart; 503 or "
+    "an empty list when the agent is given no fleet flows topic: see `flow_sources` in "
+    "/api/v1/status)"
+)
 _STAGED_DESC: Final = (
     "only events with a staged verdict (docs/contract.md §6): any, or these staged verdicts "
     "(comma-separated)"
@@ -463,6 +474,12 @@ def _schemas() -> dict[str, Any]:
                             },
                         ],
                         "description": "the change waiting for its confirmation, or null",
+                    },
+                    "flow_sources": {
+                        "type": "array",
+                        "items": {"type": "string", "enum": ["local", "fleet"]},
+                        "description": "the feeds `source` of /api/v1/flows names: fleet "
+                        "when the agent is given the fleet's flows topic",
                     },
                     "uptime_seconds": _COUNT,
                 }
@@ -998,6 +1015,7 @@ def build_openapi(version: str, auth: bool = True) -> dict[str, Any]:
                         "only events decided by these rules (comma-separated)",
                     ),
                     _query("staged", _STAGED_PARAM, _STAGED_DESC),
+                    _query("source", _SOURCE_PARAM, _SOURCE_DESC),
                     _query(
                         "token",
                         {"type": "string"},
@@ -1076,6 +1094,7 @@ def _viewer_paths() -> dict[str, Any]:
         _query("protocol", {"type": "string"}, "tcp, udp, icmp or icmpv6 (comma-separated)"),
         _query("rule_id", {"type": "string"}, "decided by these rules (comma-separated)"),
         _query("staged", _STAGED_PARAM, _STAGED_DESC),
+        _query("source", _SOURCE_PARAM, _SOURCE_DESC),
     ]
     index = _op(
         "The flow viewer (HTML)",

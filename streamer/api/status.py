@@ -63,6 +63,8 @@ async def status(request: web.Request) -> web.Response:
             "pending": ctx.store.pending.status() if ctx.store.pending is not None else None,
             # Fleet mode (contract §7): this host, its labels, the fleet generation, or null.
             "fleet": ctx.fleet.describe() if ctx.fleet is not None else None,
+            # The flow feeds `?source=` of /api/v1/flows names (the viewer's fleet toggle).
+            "flow_sources": ["local", *(["fleet"] if ctx.fleet_flows is not None else [])],
             "uptime_seconds": max(0, int(time.monotonic() - ctx.started_monotonic)),
         }
     )

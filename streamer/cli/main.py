@@ -120,6 +120,10 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="print counters every this many seconds (0: never)",
     )
     p.add_argument("--print-events", action="store_true", help="print flow events to stdout")
+    # The fleet feed alone (the viewer's fleet view, ?source=fleet), without the fleet's
+    # policy: what --fleet sets from its brokers and microseg.flows. Hidden: for tests.
+    p.add_argument("--fleet-flows", metavar="BOOTSTRAP", help=argparse.SUPPRESS)
+    p.add_argument("--fleet-flows-topic", default="microseg.flows", help=argparse.SUPPRESS)
     p.add_argument(
         "--api",
         action="append",
@@ -355,6 +359,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         no_auth=args.no_auth,
         pressure=pressure,
         fleet=fleet,
+        host_name=fleet.host if fleet is not None else None,
+        fleet_flows=(args.fleet_flows, args.fleet_flows_topic)
+        if args.fleet_flows
+        else (fleet.bootstrap, args.kafka_topic)
+        if fleet is not None and args.kafka is None
+        else None,
         datapath=DatapathConfig(
             instance=instance,
             session_entries=args.session_table_size,

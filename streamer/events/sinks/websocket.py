@@ -215,9 +215,14 @@ class WebSocketHub:
                     return
                 self.publish(items)
         finally:
-            self.closed = True
-            for c in list(self._clients.values()):
-                self._end(c, None)
+            self.close()
+
+    def close(self) -> None:
+        """No more records: every client is told to finish and disconnect; new ones are
+        refused (503). For a hub fed by something else than a channel (the fleet feed)."""
+        self.closed = True
+        for c in list(self._clients.values()):
+            self._end(c, None)
 
     def publish(self, items: list[Item]) -> None:
         """Queue `items` for every client whose filter matches; never waits."""
