@@ -10,6 +10,9 @@ chromedriver) against a real agent on the lab, with real traffic.
   the side panel is beside the table, or below it when the window is narrow; no sideways scroll.
 - A forced gap (a one-page ring buffer overflowed by a burst) shows in the lost counter, equal to
   what the agent counted.
+- The fleet view (the agent given the fleet's flows topic, contract §7): the "fleet" toggle
+  shows; on, records of two hosts written to the topic appear with their host column and the
+  hosts are nodes of the map; off, the page is back to the agent's own feed, without the column.
 - At 1,000 events/s the page keeps answering, keeps the table capped and counts every event;
   the full table scrolls in its own box, its column headers and the side panel staying in view.
 
@@ -19,6 +22,7 @@ MICROSEG_DOCS_SCREENSHOT=1).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -39,6 +43,7 @@ from support.agentapi import api_of, api_stats, request
 from support.agentproc import AgentFactory, AgentProcess, flows, free_port, write_policy
 from support.netutil import host, syn, udp_to, wait_until
 
+from bench.kafkabroker import KafkaBroker, kcat_produce, unique_topic
 from streamer.lab.lab import Lab
 
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -55,6 +60,7 @@ RULES = [
     {"rule_id": 1006, "name": "dns", "dst_port": 53, "protocol": "udp", "action": "allow"},
 ]
 TABLE_CAP = 200  # streamer/viewer/app.js
+FLEET_TOPIC = unique_topic("viewerfleet")
 
 
 # ---- the agent and the browser --------------------------------------------------------------
@@ -67,12 +73,20 @@ def start_agent(agent: AgentProcess) -> AgentProcess:
 
 
 @pytest.fixture(scope="module")
-def agent(module_lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    """One agent for the module's tests (AgentProcess cleans up after itself on exit)."""
+def agent(
+    module_lab: Lab, tmp_path_factory: pytest.TempPathFactory, kafka_broker: KafkaBroker
+) -> Iterator[AgentProcess]:
+    """One agent for the module's tests (AgentProcess cleans up after itself on exit), given
+    a fleet flows topic of its own (the fleet view's test writes to it)."""
     tmp = tmp_path_factory.mktemp("viewer")
     policy = write_policy(tmp / "policy.json", RULES, "deny")
+    fleet = ["--fleet-flows", kafka_broker.bootstrap, "--fleet-flows-topic", FLEET_TOPIC]
     with AgentProcess(
-        module_lab, policy, tmp / "events.jsonl", api=f"127.0.0.1:{free_port()}"
+        module_lab,
+        policy,
+        tmp / "events.jsonl",
+        api=f"127.0.0.1:{free_port()}",
+        extra_args=fleet,
     ) as a:
         yield start_agent(a)
 
@@ -632,3 +646,88 @@ def test_a_staged_verdict_shows_as_a_badge_and_filters(
     finally:
         for r in staged_rules:
             api.call("DELETE", f"/policies/{r['rule_id']}")
+
+
+def fleet_record(host: str, seq: int, src_port: int, direction: str = "ingress") -> str:
+    """A flow record of another agent of the fleet, as it sends it to the flows topic."""
+    return json.dumps(
+        {
+            "schema": "microseg.flow/v1",
+            "type": "flow",
+            "seq": seq,
+            "time": f"2026-11-22T10:01:{seq:02d}.123456789Z",
+            "host": host,
+            "iface": "eth0",
+            "direction": direction,
+            "verdict": "deny",
+            "src_ip": "10.9.0.7",
+            "dst_ip": "10.9.0.5",
+            "src_port": src_port,
+            "dst_port": 22,
+            "protocol": "tcp",
+            "tcp_flags": "SYN",
+            "packets": 1,
+            "bytes": 60,
+            "kind": "new",
+            "rule": {"rule_id": 1002, "name": "no-ssh", "priority": 200, "action": "deny"},
+            "policy_generation": 1,
+        }
+    )
+
+
+def test_the_fleet_view_shows_every_hosts_records_with_a_host_column(
+    agent: AgentProcess, browser: WebDriver, module_lab: Lab, kafka_broker: KafkaBroker
+) -> None:
+    sign_in(browser, mint_link(agent))  # a fresh page (the fleet view off)
+    toggle = browser.find_element(By.ID, "fleet-toggle")
+    assert wait_until(toggle.is_displayed, 10)  # /status says there is a fleet feed
+    assert not browser.find_elements(By.ID, "h-host")
+
+    # Two hosts' records on the topic, one of them egress (its source is the host's own end),
+    # then more once the page follows the fleet feed.
+    kcat_produce(
+        kafka_broker.bootstrap,
+        FLEET_TOPIC,
+        [fleet_record("node-a", 1, 41001), fleet_record("node-b", 1, 41002, "egress")],
+    )
+    browser.find_element(By.ID, "fleet").click()
+    assert wait_until(lambda: browser.find_elements(By.ID, "h-host"), 5)
+    assert wait_until(lambda: conn_state(browser) == "live", 10)
+    kcat_produce(
+        kafka_broker.bootstrap,
+        FLEET_TOPIC,
+        [fleet_record("node-a", 2, 41003), fleet_record("node-b", 2, 41004)],
+    )
+
+    def fleet_rows() -> list[dict[str, str]]:
+        return [r for r in flow_rows(browser) if r.get("src", "") == "10.9.0.7"]
+
+    assert wait_until(lambda: len(fleet_rows()) == 4, 30), flow_rows(browser)
+    got = sorted((r["host"], r["sport"]) for r in fleet_rows())
+    assert got == [
+        ("node-a", "41001"),
+        ("node-a", "41003"),
+        ("node-b", "41002"),
+        ("node-b", "41004"),
+    ]
+    assert all(r["verdict"] == "deny" and r["rule"] == "1002 no-ssh" for r in fleet_rows())
+    # Only the fleet's records (the local agent's own are not on this topic), the host's
+    # header cell readable, and the hosts as nodes of the map.
+    assert len(flow_rows(browser)) == 4
+    assert browser.find_element(By.ID, "h-host").text == "host"
+    assert wait_until(
+        lambda: (
+            {"node-a", "node-b"}
+            <= {t.text for t in browser.find_elements(By.CSS_SELECTOR, "#map text.host")}
+        ),
+        5,
+    )
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#map rect.host")) == 2
+
+    # Back to the agent's own feed: its flows, no host column.
+    browser.find_element(By.ID, "fleet").click()
+    assert wait_until(lambda: not browser.find_elements(By.ID, "h-host"), 5)
+    assert wait_until(lambda: conn_state(browser) == "live", 10)
+    syn(module_lab, "v4", 22)
+    assert wait_until(lambda: any(r["dport"] == "22" for r in flow_rows(browser)), 10)
+    assert not fleet_rows() and all("host" not in r for r in flow_rows(browser))

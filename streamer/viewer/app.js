@@ -4,6 +4,9 @@
 // bounded buffer; the page is redrawn at most four times a second, the table capped. A flow
 // whose staged verdict differs (docs/contract.md §6) shows a "would deny by rule N" badge in
 // the staged column, added once such an event is kept (or the staged filter is set).
+// An agent given the fleet's flows topic (docs/contract.md §7) also serves the fleet feed
+// (?source=fleet): the "fleet" toggle, shown only then, switches to every agent's events, with
+// a host column and each reporting host as a node of the map.
 "use strict";
 (() => {
   const TABLE_CAP = 200;      // rows drawn
@@ -24,9 +27,13 @@
     hasStaged: false,         // an event with a staged verdict was seen
     stagedColumn: false,      // the table has its staged column
     alerts: new Map(),  // "alert subject" -> the firing alert record
-    lastSeq: 0,
+    lastSeq: new Map(),       // host -> last seq: each agent numbers its own stream
+    arrived: 0,               // events taken since the page opened (pause holds the later ones)
     paused: false,
-    pausedAtSeq: 0,
+    pausedAt: 0,
+    source: "local",          // or "fleet": every agent's events (the fleet feed)
+    hostColumn: false,
+    conn: 0,                  // the current connection's number: older ones' ends are ignored
     filter: {},
     rates: new Map(),         // second -> {deny, log}
     rules: new Map(),         // key -> {label, n}
@@ -245,8 +252,12 @@
         () => ({ label: `${ruleLabel(s)} (staged: would ${ev.staged.verdict})`, n: 0 }));
     }
     bump(state.talkers, ev.src_ip, () => ({ label: ev.src_ip, n: 0 }));
-    const edge = bump(state.edges, `${ev.src_ip} ${ev.dst_ip}`,
-      () => ({ src: ev.src_ip, dst: ev.dst_ip, n: 0, deny: 0, log: 0 }));
+    // In the fleet view the reporting agent's own end is its host: "host:NAME" nodes.
+    const here = state.source === "fleet" && ev.host ? `host:${ev.host}` : null;
+    const src = here && ev.direction === "egress" ? here : ev.src_ip;
+    const dst = here && ev.direction !== "egress" ? here : ev.dst_ip;
+    const edge = bump(state.edges, `${src} ${dst}`,
+      () => ({ src, dst, n: 0, deny: 0, log: 0 }));
     if (ev.verdict === "deny") edge.deny += 1;
     else if (ev.verdict === "log") edge.log += 1;
   }
@@ -254,15 +265,18 @@
   function take(ev, live) {
     if (typeof ev.seq === "number") {
       // Within one agent's stream seq only grows: a step back means the agent restarted.
-      if (ev.seq <= state.lastSeq) state.lastSeq = 0;
-      const expected = state.lastSeq + 1;
+      const host = ev.host || "";
+      let last = state.lastSeq.get(host) || 0;
+      if (ev.seq <= last) last = 0;
+      const expected = last + 1;
       const first = ev.type === "lost" && typeof ev.first_seq === "number" ? ev.first_seq : ev.seq;
-      if (live && state.lastSeq > 0 && first > expected) {
+      if (live && last > 0 && first > expected) {
         // Missed while this page was reconnecting: nobody else will report these.
         account({ type: "lost", lost: first - expected, stage: "viewer-reconnect" }, live);
       }
-      if (ev.seq > state.lastSeq) state.lastSeq = ev.seq;
+      state.lastSeq.set(host, Math.max(last, ev.seq));
     }
+    ev._n = ++state.arrived;
     account(ev, live);
     state.events.push(ev);
     if (state.events.length > KEEP + 1000) state.events.splice(0, state.events.length - KEEP);
@@ -286,38 +300,52 @@
     }
   }
 
-  async function backfill(firstLiveSeq) {
+  async function backfill(firstLiveSeq, conn) {
     try {
-      const r = await fetch(`/api/v1/flows/recent?limit=${RECENT_ON_CONNECT}`,
+      const r = await fetch(`/api/v1/flows/recent?limit=${RECENT_ON_CONNECT}${sourceQuery()}`,
         { credentials: "same-origin", cache: "no-store" });
-      if (!r.ok) return;
+      if (!r.ok || conn !== state.conn) return;
       const body = await r.json();
-      const older = (body.events || []).filter((e) => firstLiveSeq === null || e.seq < firstLiveSeq);
+      if (conn !== state.conn) return;
+      // The fleet's hosts number their streams each for itself: what came live already is
+      // known by host and seq.
+      const seen = new Set(state.events.map((e) => `${e.host} ${e.seq}`));
+      const older = (body.events || []).filter((e) => state.source === "fleet"
+        ? !seen.has(`${e.host} ${e.seq}`)
+        : firstLiveSeq === null || e.seq < firstLiveSeq);
       if (!older.length) return;
-      for (const e of older) account(e, false);
+      for (const e of older) { e._n = 0; account(e, false); }
       state.events.unshift(...older);
       state.dirty = true;
     } catch (e) { /* the live feed goes on without history */ }
   }
 
+  function sourceQuery() {
+    return state.source === "fleet" ? "&source=fleet" : "";
+  }
+
   function connect() {
     setConn(state.retry ? "reconnecting" : "connecting", state.retry ? "reconnecting…" : "connecting…");
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
-    const ws = new WebSocket(`${proto}//${location.host}/api/v1/flows`);
+    const conn = ++state.conn;
+    const query = state.source === "fleet" ? "?source=fleet" : "";
+    const ws = new WebSocket(`${proto}//${location.host}/api/v1/flows${query}`);
     state.ws = ws;
     let opened = false;
     let firstLiveSeq = null;
     let backfilled = state.events.length > 0;
     ws.onopen = () => {
+      if (conn !== state.conn) return;
       opened = true;
       state.retry = 0;
       setConn("live", "live");
       if (!backfilled) {
         backfilled = true;
-        setTimeout(() => backfill(firstLiveSeq), 0);
+        setTimeout(() => backfill(firstLiveSeq, conn), 0);
       }
     };
     ws.onmessage = (msg) => {
+      if (conn !== state.conn) return;
       let ev;
       try { ev = JSON.parse(msg.data); } catch (e) { return; }
       if (ev.type === "slow_consumer") {
@@ -328,6 +356,7 @@
       take(ev, true);
     };
     ws.onclose = async (e) => {
+      if (conn !== state.conn) return;  // closed by a switch of source: the new one goes on
       state.ws = null;
       if (!opened && !(await signedIn())) {
         setConn("signed-out", "signed out: open a new sign-in link (microseg viewer-url)");
@@ -336,7 +365,7 @@
       const wait = Math.min(10, 2 ** state.retry);
       state.retry += 1;
       setConn("reconnecting", `disconnected (${e.code}); retrying in ${wait} s`);
-      setTimeout(connect, wait * 1000);
+      setTimeout(() => { if (conn === state.conn) connect(); }, wait * 1000);
     };
   }
 
@@ -361,16 +390,36 @@
     $("flows").classList.add("has-staged");
   }
 
+  // The host column while the fleet view is on (the column comes and goes with it).
+  function setHostColumn(on) {
+    if (on === state.hostColumn) return;
+    state.hostColumn = on;
+    if (on) {
+      const col = document.createElement("col");
+      col.className = "w-host";
+      document.querySelector("#flows col.w-time").after(col);
+      const th = document.createElement("th");
+      th.id = "h-host";
+      th.textContent = "host";
+      th.title = "the agent that reported the event";
+      document.querySelector("#flows thead th").after(th);
+    } else {
+      document.querySelector("#flows col.w-host").remove();
+      $("h-host").remove();
+    }
+    $("flows").classList.toggle("has-host", on);
+  }
+
   function row(ev, span, staged) {
     // Cells that may be ellipsised (addresses, rule, messages) carry their whole text as a title.
     if (ev.type === "alert") {
       const msg = `ALERT ${ev.alert} ${ev.state} (${ev.severity}): ${ev.message}`;
-      return `<tr class="alert a-${esc(ev.severity)}" data-seq="${esc(ev.seq)}"><td class="c-time">${esc(timeOf(ev.time))}</td>` +
+      return `<tr class="alert a-${esc(ev.severity)}" data-seq="${esc(ev.seq)}"><td class="c-time">${esc(timeOf(ev.time))}</td>` + hostCell(ev) +
         `<td colspan="${span}" title="${esc(msg)}">${esc(msg)}</td></tr>`;
     }
     if (ev.type === "lost") {
       const range = ev.first_seq ? ` (seq ${ev.first_seq}..${ev.seq})` : "";
-      return `<tr class="lost" data-seq="${esc(ev.seq)}"><td class="c-time">${esc(timeOf(ev.time))}</td>` +
+      return `<tr class="lost" data-seq="${esc(ev.seq)}"><td class="c-time">${esc(timeOf(ev.time))}</td>` + hostCell(ev) +
         `<td colspan="${span}">${esc(ev.lost)} events lost at ${esc(ev.stage)}${esc(range)}</td></tr>`;
     }
     const r = ev.rule;
@@ -381,12 +430,16 @@
     const ruleTitle = r ? `${rule}: priority ${r.priority}, ${r.action}` +
       (groups.length ? `; ${groups.join(", ")}` : "") : "the policy's default action";
     return `<tr class="v-${esc(ev.verdict)}" data-seq="${esc(ev.seq)}" data-verdict="${esc(ev.verdict)}">` +
-      cell("time", timeOf(ev.time), ev.time) + cell("verdict", ev.verdict) +
+      cell("time", timeOf(ev.time), ev.time) + hostCell(ev) + cell("verdict", ev.verdict) +
       cell("dir", ev.direction) + cell("src", ev.src_ip, ev.src_ip) + cell("sport", ev.src_port ?? "") +
       cell("dst", ev.dst_ip, ev.dst_ip) + cell("dport", ev.dst_port ?? "") +
       cell("proto", ev.protocol, ev.tcp_flags || "") +
       cell("rule", rule, ruleTitle) + (staged ? stagedCell(ev.staged) : "") +
       cell("pkts", ev.packets) + cell("bytes", ev.bytes) + "</tr>";
+  }
+
+  function hostCell(ev) {
+    return state.hostColumn ? cell("host", ev.host ?? "", ev.host) : "";
   }
 
   function stagedCell(st) {
@@ -408,10 +461,10 @@
     const ev = state.events;
     if (!state.stagedColumn && (state.hasStaged || f.staged)) addStagedColumn();
     const staged = state.stagedColumn;
-    const span = staged ? 11 : 10;  // the cells after the time
+    const span = staged ? 11 : 10;  // the cells after the time (and the host)
     for (let i = ev.length - 1; i >= 0 && out.length < TABLE_CAP; i--) {
       const e = ev[i];
-      if (state.paused && e.seq > state.pausedAtSeq) continue;
+      if (state.paused && e._n > state.pausedAt) continue;
       if (!matches(e, f)) continue;
       matched += 1;
       out.push(row(e, span, staged));
@@ -454,6 +507,16 @@
     for (const [n, [x, y]] of pos) {
       const tx = Math.min(265, Math.max(55, x));
       const ty = y < c ? y - 8 : y + 15;
+      if (n.startsWith("host:")) {
+        // A fleet host: the agent that reported these flows (its own end of them).
+        const name = n.slice(5);
+        const title = `host ${name} (the agent that reported these flows)`;
+        parts.push(`<rect class="host" x="${(x - 5).toFixed(1)}" y="${(y - 5).toFixed(1)}" width="10" ` +
+          `height="10"><title>${esc(title)}</title></rect>` +
+          `<text class="host" x="${tx.toFixed(1)}" y="${ty.toFixed(1)}" text-anchor="middle">` +
+          `<title>${esc(title)}</title>${esc(shortLabel(name))}</text>`);
+        continue;
+      }
       parts.push(`<circle cx="${x.toFixed(1)}" cy="${y.toFixed(1)}" r="4"><title>${esc(n)}</title></circle>` +
         `<text x="${tx.toFixed(1)}" y="${ty.toFixed(1)}" text-anchor="middle"><title>${esc(n)}</title>` +
         `${esc(shortLabel(n))}</text>`);
@@ -482,7 +545,7 @@
     alerts.classList.toggle("nonzero", state.alerts.size > 0);
     alerts.title = [...state.alerts.values()].map((a) => a.message).join("\n") || "no alert firing";
     if (state.paused) {
-      const held = state.events.filter((e) => e.seq > state.pausedAtSeq).length;
+      const held = state.events.filter((e) => e._n > state.pausedAt).length;
       $("paused-note").textContent = `paused: ${held} newer events held back`;
     }
   }
@@ -508,13 +571,42 @@
 
   function togglePause() {
     state.paused = !state.paused;
-    state.pausedAtSeq = state.lastSeq;
+    state.pausedAt = state.arrived;
     const b = $("pause");
     b.textContent = state.paused ? "Resume" : "Pause";
     b.setAttribute("aria-pressed", String(state.paused));
     $("paused-note").hidden = !state.paused;
     state.filterChanged = true;
     state.dirty = true;
+  }
+
+  // Local or fleet: what was shown goes (a switch starts the view afresh), the feed follows.
+  function setSource(source) {
+    if (source === state.source) return;
+    state.source = source;
+    const ws = state.ws;
+    state.conn += 1;  // the old connection's messages and end are ignored from now on
+    state.ws = null;
+    if (ws) ws.close();
+    Object.assign(state, { events: [], total: 0, lost: 0, hasStaged: false, lastSeq: new Map(),
+      pausedAt: state.arrived, retry: 0 });
+    for (const m of [state.lostStages, state.alerts, state.rates, state.rules, state.talkers, state.edges]) m.clear();
+    setHostColumn(source === "fleet");
+    state.filterChanged = true;
+    state.dirty = true;
+    connect();
+  }
+
+  // The fleet toggle, only where the agent serves a fleet feed (/status flow_sources).
+  async function offerFleet() {
+    try {
+      const r = await fetch("/api/v1/status", { credentials: "same-origin", cache: "no-store" });
+      if (!r.ok) return;
+      const body = await r.json();
+      if (!(body.flow_sources || []).includes("fleet")) return;
+      $("fleet-toggle").hidden = false;
+      $("fleet").addEventListener("change", () => setSource($("fleet").checked ? "fleet" : "local"));
+    } catch (e) { /* no toggle: the local feed goes on */ }
   }
 
   function start() {
@@ -526,6 +618,7 @@
     onFilter();
     setInterval(redraw, REDRAW_MS);
     connect();
+    offerFleet();
   }
 
   document.addEventListener("DOMContentLoaded", start);
