@@ -594,6 +594,7 @@
     setHostColumn(source === "fleet");
     state.filterChanged = true;
     state.dirty = true;
+    redraw();  // at once: the other source's rows must not linger until the next tick
     connect();
   }
 
