@@ -187,7 +187,7 @@ async def _ensure(
 
 
 async def _check_policy_topic(admin: AIOKafkaAdminClient, topic: str) -> None:
-    from aiokafka.admin import ConfigResource, ConfigResourceType
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
     answers = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
     configs: dict[str, str] = {}
