@@ -8,6 +8,11 @@ Out: frozen, validated `Rule` objects with canonical field values and precompute
 raises `PolicyError` whose `.errors` are messages a person can act on (which rule or group, which
 field, what was wrong, what is allowed); nothing invalid is kept. Label groups (`select`) need
 fleet mode and are refused here.
+
+Fleet mode (contract §7): a fleet policy document (`parse_policy_document(..., fleet=True)`,
+what `microseg fleet apply` publishes) may also scope a rule to hosts by their labels (`hosts`)
+and give a group a label selector (`select`); every other parse refuses both, and
+`streamer.fleet.scope` turns a fleet set into one host's local set, without them.
 """
 
 from __future__ import annotations
@@ -31,14 +36,17 @@ from pydantic import (
     Field,
     ModelWrapValidatorHandler,
     PlainValidator,
+    ValidationInfo,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from streamer.policy.labels import label_map
 from streamer.vocabulary import PROTOCOL_NUMBERS as VOCABULARY_NUMBERS
 from streamer.vocabulary import Action, DefaultAction, Direction, Mode, Protocol
 
 __all__ = [
+    "FLEET_CONTEXT",
     "GROUP_END",
     "GROUP_NAME_PATTERN",
     "MAX_NAME_LEN",
@@ -73,6 +81,18 @@ GROUP_END: Final = -1
 _MAX_MEMBER_PROBLEMS: Final = 20
 
 IPNet = IPv4Network | IPv6Network
+
+# The validation context of a fleet document: `hosts` and `select` are accepted only under it
+# (`Model.model_validate(data, context=FLEET_CONTEXT)`; parse_policy_document(fleet=True)).
+FLEET_CONTEXT: Final[Mapping[str, bool]] = {"fleet": True}
+_NO_HOSTS: Final = (
+    "host-scoped rules need fleet mode (microseg fleet apply), which a local policy does not "
+    "use: remove hosts (a rule of this agent's own policy applies to this host)"
+)
+_NO_SELECT: Final = (
+    "select: label groups (select) need fleet mode, which "
+    "this agent does not run: list the group's members instead"
+)
 
 
 # None = any protocol number.
@@ -279,6 +299,40 @@ def _validate_group_ref(value: Any) -> str | None:
         raise _invalid(str(exc)) from None
 
 
+def _fleet(info: ValidationInfo) -> bool:
+    """Whether this validation is of a fleet document (the context FLEET_CONTEXT gives)."""
+    context = info.context
+    return isinstance(context, Mapping) and context.get("fleet") is True
+
+
+def _validate_selector(value: Any) -> dict[str, str]:
+    try:
+        return label_map(value)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
+
+
+def _validate_hosts(value: Any, info: ValidationInfo) -> dict[str, str] | None:
+    # Only called when a rule gives `hosts`: the 100k-rule path without them does not pay.
+    if value is None:
+        return None
+    if not _fleet(info):
+        raise _invalid(_NO_HOSTS)
+    return _validate_selector(value)
+
+
+def _validate_select(value: Any, info: ValidationInfo) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not _fleet(info):
+        raise _invalid(_NO_SELECT.removeprefix("select: "))
+    return _validate_selector(value)
+
+
+def _selector_key(selector: dict[str, str] | None) -> frozenset[tuple[str, str]] | None:
+    return None if selector is None else frozenset(selector.items())
+
+
 def _member(text: Any) -> str:
     """One member's canonical text; ValueError with the message for the user."""
     if text.__class__ is not str:
@@ -335,16 +389,28 @@ class Group(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     members: Annotated[tuple[str, ...], PlainValidator(_validate_members)] = ()
+    # A label group (fleet documents only, contract §5, §7): its addresses are the members
+    # and those of every agent whose labels match. Left out of dumps when unset.
+    select: Annotated[
+        dict[str, str] | None, PlainValidator(_validate_select), Field(exclude_if=_is_none)
+    ] = None
 
     @model_validator(mode="before")
     @classmethod
-    def _no_select(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "select" in data:
-            raise _invalid(
-                "select: label groups (select) need fleet mode, which "
-                "this agent does not run: list the group's members instead"
-            )
+    def _no_select(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and data.get("select") is not None and not _fleet(info):
+            raise _invalid(_NO_SELECT)
         return data
+
+    def __hash__(self) -> int:
+        # A dict (select) is not hashable: its pairs are.
+        return hash((self.members, _selector_key(self.select)))
+
+    def _with(self, members: tuple[str, ...]) -> Group:
+        """This group with other members (built without validating again; select kept)."""
+        if self.select is None:
+            return Group.model_construct(members=members)
+        return Group.model_construct(members=members, select=self.select)
 
     def addrs(self) -> list[tuple[str, int, int, int]]:
         """Each member as (canonical text, version, network as int, prefix length)."""
@@ -361,7 +427,7 @@ class Group(BaseModel):
         unchanged = [m for m in given if m in present]
         if not added:
             return self, added, unchanged
-        return Group.model_construct(members=(*self.members, *added)), added, unchanged
+        return self._with((*self.members, *added)), added, unchanged
 
     def without_members(self, given: Iterable[str]) -> tuple[Group, list[str], list[str]]:
         """(this group less the members `given`, the members removed, those not in it).
@@ -376,11 +442,13 @@ class Group(BaseModel):
             return self, removed, unchanged
         gone = set(removed)
         kept = tuple(m for m in self.members if m not in gone)
-        return Group.model_construct(members=kept), removed, unchanged
+        return self._with(kept), removed, unchanged
 
     def to_api(self) -> dict[str, Any]:
-        """{"members": [...]}, canonical."""
-        return {"members": list(self.members)}
+        """{"members": [...]}, canonical; with "select": {...} when it is a label group."""
+        if self.select is None:
+            return {"members": list(self.members)}
+        return {"members": list(self.members), "select": dict(self.select)}
 
 
 # Match data of a rule, computed once at validation:
@@ -427,6 +495,9 @@ IPField = Annotated[str, PlainValidator(_validate_ip)]
 PortField = Annotated[int | str, PlainValidator(_validate_port)]
 GroupRef = Annotated[str | None, PlainValidator(_validate_group_ref)]
 GroupName = Annotated[str, PlainValidator(_validate_group_name)]
+HostsField = Annotated[
+    dict[str, str] | None, PlainValidator(_validate_hosts), Field(exclude_if=_is_none)
+]
 
 
 class Rule(BaseModel):
@@ -459,6 +530,9 @@ class Rule(BaseModel):
     direction: Direction = Direction.ANY
     # Left out of dumps when enforce (the default), as in to_api.
     mode: Annotated[Mode, Field(exclude_if=_is_enforce)] = Mode.ENFORCE
+    # Fleet documents only (contract §7): a label selector of the hosts the rule applies on;
+    # None = every host. Last, and left out of dumps when unset: local rules are unchanged.
+    hosts: HostsField = None
 
     @model_validator(mode="after")
     def _derive(self) -> Rule:
@@ -566,13 +640,39 @@ class Rule(BaseModel):
         return type(other) is type(self) and self.__dict__ == other.__dict__
 
     def __hash__(self) -> int:
-        return hash(tuple(self.__dict__.values()))
+        fields = self.__dict__
+        if fields["hosts"] is None:
+            return hash(tuple(fields.values()))
+        return hash(tuple(_selector_key(v) if v.__class__ is dict else v for v in fields.values()))
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
-        """A copy; with `update` the result is validated again (so its match data is right)."""
+        """A copy; with `update` the result is validated again (so its match data is right;
+        a host-scoped rule's copy is validated as the fleet document's it came from)."""
         if update:
-            return self.model_validate({**self.to_api(), **update})
+            context = FLEET_CONTEXT if self.__dict__["hosts"] is not None else None
+            return self.model_validate({**self.to_api(), **update}, context=context)
         return super().model_copy(deep=deep)
+
+    def without_hosts(self) -> Rule:
+        """This rule for every host (hosts None): itself when it has no hosts, else a copy
+        built without validating again (nothing else changes: the match data is shared)."""
+        fields = self.__dict__
+        if fields["hosts"] is None:
+            return self
+        clone = _new_object(self.__class__)
+        compact = clone.__dict__  # the class's shared keys, as in _derive
+        for name, value in fields.items():
+            compact[name] = value
+        compact["hosts"] = None
+        setattr_ = object.__setattr__
+        given = tuple(name for name in self.__pydantic_fields_set__ if name != "hosts")
+        shared = _FIELDS_SETS.get(given)
+        if shared is None:
+            shared = frozenset(given)
+        setattr_(clone, "__pydantic_fields_set__", shared)
+        setattr_(clone, "__pydantic_extra__", None)
+        setattr_(clone, "__pydantic_private__", dict(self._private()))
+        return clone
 
     def _private(self) -> dict[str, Any]:
         private = self.__pydantic_private__
@@ -636,7 +736,7 @@ class Rule(BaseModel):
 
     def to_api(self) -> dict[str, Any]:
         """All fields, canonical, JSON-able (the RULE object of contract §2); `src_group` and
-        `dst_group` only when set, `mode` only when staged."""
+        `dst_group` only when set, `mode` only when staged, `hosts` only when set (fleet)."""
         out = {
             "rule_id": self.rule_id,
             "name": self.name,
@@ -655,6 +755,9 @@ class Rule(BaseModel):
             out["dst_group"] = self.dst_group
         if self.mode is Mode.STAGED:
             out["mode"] = "staged"
+        hosts = self.__dict__["hosts"]
+        if hosts is not None:
+            out["hosts"] = dict(hosts)
         return out
 
     @property
@@ -781,13 +884,17 @@ class PolicyError(ValueError):
 
 
 _ITEM_LINE: Final = re.compile(r"^\[\d+\]: ")
-_RULE_FIELDS: Final = tuple(Rule.model_fields)
+# The fields a local document may give (unknown-field messages list them); fleet adds these.
+_FLEET_FIELDS: Final = frozenset({"hosts", "select"})
+_RULE_FIELDS: Final = tuple(f for f in Rule.model_fields if f not in _FLEET_FIELDS)
 _SET_FIELDS: Final = tuple(PolicySet.model_fields)
-_GROUP_FIELDS: Final = tuple(Group.model_fields)
+_GROUP_FIELDS: Final = tuple(f for f in Group.model_fields if f not in _FLEET_FIELDS)
 # What an error is inside: its allowed fields and what the whole is called.
 _RULE_CTX: Final = (_RULE_FIELDS, "a rule")
 _SET_CTX: Final = (_SET_FIELDS, "a policy document")
 _GROUP_CTX: Final = (_GROUP_FIELDS, 'a group: expected an object {"members": [...]}')
+_FLEET_RULE_CTX: Final = (tuple(Rule.model_fields), "a rule")
+_FLEET_GROUP_CTX: Final = (tuple(Group.model_fields), _GROUP_CTX[1])
 _INT_HINTS: Final[dict[str, str]] = {
     "rule_id": f"use an int 1..{MAX_RULE_ID}",
     "priority": f"use an int 0..{MAX_PRIORITY}",
@@ -858,7 +965,7 @@ def _describe(
             '{"NAME": {"members": [...]}, ...}'
         )
     if kind in ("model_type", "model_attributes_type", "dict_type"):
-        if where is _GROUP_CTX:
+        if where[1] == _GROUP_CTX[1]:
             return f"{_show(value)} is not {where[1]}"
         return f"{_show(value)} is not {where[1]}: expected an object (a JSON mapping)"
     if kind == "list_type":
@@ -866,11 +973,14 @@ def _describe(
     return str(error["msg"])
 
 
-def format_validation_error(exc: pydantic.ValidationError, data: Any) -> list[str]:
+def format_validation_error(
+    exc: pydantic.ValidationError, data: Any, *, fleet: bool = False
+) -> list[str]:
     """Turn a pydantic error into messages naming the rule (position, rule_id) and the field.
 
     `data` is the input that was validated: a policy document ({"policies": [...]}), a list of
-    rules (TypeAdapter(list[Rule])) or one rule dict.
+    rules (TypeAdapter(list[Rule])) or one rule dict; `fleet`: it was a fleet document (the
+    fields listed for an unknown one include hosts and select).
     Example: `policies[3] (rule_id 1002): dst_port: "70000" is not a port: ...`.
     """
     messages: list[str] = []
@@ -882,9 +992,9 @@ def format_validation_error(exc: pydantic.ValidationError, data: Any) -> list[st
         if len(rest) >= 2 and rest[-1] == "[key]":
             rest = rest[:-2]  # a bad key of a map (a group's name): the map is the field
         if prefix or single_rule:
-            where = _RULE_CTX
+            where = _FLEET_RULE_CTX if fleet else _RULE_CTX
         elif single_group or (len(rest) >= 2 and rest[0] == "groups"):
-            where = _GROUP_CTX
+            where = _FLEET_GROUP_CTX if fleet else _GROUP_CTX
         else:
             where = _SET_CTX
         field = ".".join(str(part) for part in rest)
@@ -914,9 +1024,12 @@ def format_validation_error(exc: pydantic.ValidationError, data: Any) -> list[st
     return messages
 
 
-def parse_policy_document(data: Any, source: str | None = None) -> PolicySet:
+def parse_policy_document(
+    data: Any, source: str | None = None, *, fleet: bool = False
+) -> PolicySet:
     """Validate a policy document ({"default_action": ..., "groups": {...}, "policies": [...]};
-    groups may be left out).
+    groups may be left out). `fleet`: a fleet document, whose rules may give `hosts` and groups
+    `select` (refused otherwise).
 
     Raises PolicyError with every problem found; nothing of an invalid document is kept.
     """
@@ -930,9 +1043,9 @@ def parse_policy_document(data: Any, source: str | None = None) -> PolicySet:
             source,
         )
     try:
-        return PolicySet.model_validate(data)
+        return PolicySet.model_validate(data, context=FLEET_CONTEXT if fleet else None)
     except pydantic.ValidationError as exc:
-        raise PolicyError(format_validation_error(exc, data), source) from None
+        raise PolicyError(format_validation_error(exc, data, fleet=fleet), source) from None
 
 
 def _yaml_error(exc: yaml.YAMLError) -> str:
@@ -943,8 +1056,9 @@ def _yaml_error(exc: yaml.YAMLError) -> str:
     return f"invalid YAML: {problem}"
 
 
-def load_policy_file(path: str | Path) -> PolicySet:
+def load_policy_file(path: str | Path, *, fleet: bool = False) -> PolicySet:
     """Read and validate a policy file: YAML when the suffix is .yaml/.yml, else JSON.
+    `fleet`: a fleet policy file (parse_policy_document's `fleet`).
 
     Raises PolicyError (naming the file) when it cannot be read or parsed, or any rule is
     invalid: the whole file is rejected.
@@ -976,4 +1090,4 @@ def load_policy_file(path: str | Path) -> PolicySet:
             ) from None
         except RecursionError:
             raise PolicyError(["invalid JSON: nested too deeply"], source) from None
-    return parse_policy_document(data, source)
+    return parse_policy_document(data, source, fleet=fleet)
