@@ -20,6 +20,7 @@ from typing import Final, TypeVar
 
 from streamer.cli.endpoint import Endpoint, parse_api_address
 from streamer.policy.failsafe import FailsafeError, FailsafeRule, parse_failsafe
+from streamer.policy.labels import check_host_name, parse_label
 from streamer.policy.model import GROUP_NAME_PATTERN
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "class_seconds",
     "fraction",
     "group_name",
+    "host_label",
+    "host_name",
     "ifname",
     "instance_name",
     "ip_list",
@@ -196,6 +199,25 @@ instance_name = name_matching(
     re.compile(r"^[A-Za-z0-9_-]{1,64}$"),
     "an instance name (letters, digits, - and _, up to 64)",
 )
+
+
+def host_label(value: str) -> tuple[str, str]:
+    """`--host-label KEY=VALUE` (contract §7; the syntax of streamer.policy.labels) ->
+    (key, value); the value may be empty."""
+    try:
+        return parse_label(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def host_name(value: str) -> str:
+    """`--host-name NAME`: the agent's name in the fleet (1..253 characters, DNS-like; the
+    key of its status record)."""
+    try:
+        return check_host_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
 
 _SIZE = re.compile(r"^(\d+)\s*([kKmMgG]i?[bB]?|[bB])?$")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}

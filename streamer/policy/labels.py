@@ -46,7 +46,8 @@ MAX_LABELS: Final = 32
 HOST_NAME_MAX: Final = 253
 
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?")
-_PREFIX_RE: Final = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*")
+_DNS_PART: Final = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+_PREFIX_RE: Final = re.compile(rf"{_DNS_PART}(?:\.{_DNS_PART})*")
 # A host name: dot-separated parts of 1..63 letters, digits, "-" and "_", each starting and
 # ending with a letter or digit (what hostnames and Kafka keys of the fleet look like).
 _HOST_PART: Final = r"[A-Za-z0-9](?:[-A-Za-z0-9_]{0,61}[A-Za-z0-9])?"
@@ -145,10 +146,7 @@ def check_labels(value: Any, what: str) -> dict[str, str]:
 def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     """Whether a host with `labels` is selected: every pair of `selector` is among them (the
     empty selector matches every host; an empty value only an empty value)."""
-    for key, value in selector.items():
-        if labels.get(key) != value:
-            return False
-    return True
+    return all(labels.get(key) == value for key, value in selector.items())
 
 
 def check_host_name(name: Any) -> str:
