@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.agentapi import P1, P2, P3, Api, api_metrics, api_of, assert_error
+from support.agentapi import P1, P2, P3, api_metrics, api_of, assert_error
 from support.agentproc import REPO, AgentFactory, free_port
 from support.fleet import HEARTBEAT_S, Fleet
 from support.netutil import echo_server, expect_ports, wait_until
@@ -55,15 +55,43 @@ def _scoped_doc(extra_rules: list[dict[str, Any]] | None = None) -> dict[str, An
         "default_action": "allow",
         "groups": {"clients": {"members": [], "select": {"role": "client"}}},
         "policies": [
-            {"rule_id": 10, "name": "clients-to-db", "hosts": {"role": "db"}, "protocol": "tcp",
-             "dst_port": P1, "src_group": "clients", "action": "allow", "priority": 200,
-             "direction": "in"},
-            {"rule_id": 11, "name": "db-closed", "hosts": {"role": "db"}, "protocol": "tcp",
-             "dst_port": P1, "action": "deny", "direction": "in"},
-            {"rule_id": 20, "name": "web-closed", "hosts": {"role": "web"}, "protocol": "tcp",
-             "dst_port": P2, "action": "deny", "direction": "in"},
-            {"rule_id": 30, "name": "closed-everywhere", "protocol": "tcp", "dst_port": P3,
-             "action": "deny", "direction": "in"},
+            {
+                "rule_id": 10,
+                "name": "clients-to-db",
+                "hosts": {"role": "db"},
+                "protocol": "tcp",
+                "dst_port": P1,
+                "src_group": "clients",
+                "action": "allow",
+                "priority": 200,
+                "direction": "ingress",
+            },
+            {
+                "rule_id": 11,
+                "name": "db-closed",
+                "hosts": {"role": "db"},
+                "protocol": "tcp",
+                "dst_port": P1,
+                "action": "deny",
+                "direction": "ingress",
+            },
+            {
+                "rule_id": 20,
+                "name": "web-closed",
+                "hosts": {"role": "web"},
+                "protocol": "tcp",
+                "dst_port": P2,
+                "action": "deny",
+                "direction": "ingress",
+            },
+            {
+                "rule_id": 30,
+                "name": "closed-everywhere",
+                "protocol": "tcp",
+                "dst_port": P3,
+                "action": "deny",
+                "direction": "ingress",
+            },
             *(extra_rules or []),
         ],
     }
@@ -77,7 +105,9 @@ def test_five_agents_enforce_their_part_and_select_groups_follow_the_members(
         for lab in labs:
             stack.enter_context(echo_server(lab.host_ns, PORTS))
         gen = fleet.apply(_scoped_doc())
-        db = fleet.agent(lab1, "db-1", {"role": "db", "env": "prod"}, api=f"127.0.0.1:{free_port()}")
+        db = fleet.agent(
+            lab1, "db-1", {"role": "db", "env": "prod"}, api=f"127.0.0.1:{free_port()}"
+        )
         client = fleet.agent(lab1, "client-1", {"role": "client"}, side="peer")
         web = fleet.agent(lab2, "web-1", {"role": "web"})
         other = fleet.agent(lab2, "other-1", {"role": "other"}, side="peer")
@@ -138,7 +168,13 @@ def test_catch_up_after_downtime_and_a_broker_outage(
     labs: list[Lab], fleet: Fleet, kafka_broker: KafkaBroker
 ) -> None:
     lab1, lab2, _ = labs
-    rule = {"rule_id": 1, "protocol": "tcp", "dst_port": P1, "action": "deny", "direction": "in"}
+    rule = {
+        "rule_id": 1,
+        "protocol": "tcp",
+        "dst_port": P1,
+        "action": "deny",
+        "direction": "ingress",
+    }
     with ExitStack() as stack:
         for lab in (lab1, lab2):
             stack.enter_context(echo_server(lab.host_ns, PORTS))
@@ -150,11 +186,15 @@ def test_catch_up_after_downtime_and_a_broker_outage(
         fleet.wait_converged(["a", "b"], g1)
         expect_ports(lab2, {P1: False, P2: True}, "generation 1")
 
-        # b is down during three generations; it catches up on the newest when back.
-        b.stop()
+        # b is down (killed: its pins enforce on) during three generations; it catches up on
+        # the newest when back.
+        b.kill9()
         for port in (P2, P3):
             fleet.apply(
-                {"default_action": "allow", "policies": [rule, {**rule, "rule_id": port, "dst_port": port}]}
+                {
+                    "default_action": "allow",
+                    "policies": [rule, {**rule, "rule_id": port, "dst_port": port}],
+                }
             )
         g4 = fleet.apply({"default_action": "allow", "policies": [{**rule, "dst_port": P2}]})
         fleet.wait_converged(["a"], g4)
@@ -216,9 +256,17 @@ def test_concurrent_applies_from_one_base_exactly_one_wins(fleet: Fleet) -> None
     assert json.loads(fleet.cli("get", "-o", "json").stdout)["generation"] == base + 1
 
 
-def test_bad_documents_and_bad_records(labs: list[Lab], fleet: Fleet, kafka_broker: KafkaBroker) -> None:
+def test_bad_documents_and_bad_records(
+    labs: list[Lab], fleet: Fleet, kafka_broker: KafkaBroker
+) -> None:
     lab1, lab2, _ = labs
-    rule = {"rule_id": 1, "protocol": "tcp", "dst_port": P1, "action": "deny", "direction": "in"}
+    rule = {
+        "rule_id": 1,
+        "protocol": "tcp",
+        "dst_port": P1,
+        "action": "deny",
+        "direction": "ingress",
+    }
     with ExitStack() as stack:
         for lab in (lab1, lab2):
             stack.enter_context(echo_server(lab.host_ns, PORTS))
@@ -229,15 +277,23 @@ def test_bad_documents_and_bad_records(labs: list[Lab], fleet: Fleet, kafka_brok
         b.start()
         fleet.wait_converged(["a", "b"], g1)
         # Refused before anything is published: the CLI names the problem.
-        bad = {"policies": [{**rule, "protocol": "tcpx"}, {"rule_id": 2, "protocol": "tcp",
-                                                            "action": "allow", "src_group": "nope"}]}
-        proc = fleet.cli("apply", str(fleet.write(bad)))
-        assert proc.returncode == 1, proc.stdout + proc.stderr
-        assert "protocol" in proc.stderr and "nope" in proc.stderr and "nothing was published" in proc.stderr
+        unknown = {"rule_id": 2, "protocol": "tcp", "action": "allow", "src_group": "nope"}
+        for bad, words in (
+            ({"policies": [{**rule, "protocol": "tcpx"}]}, ("protocol", "tcpx")),
+            ({"policies": [unknown]}, ("src_group", "nope")),
+            ({"policies": [{**rule, "hosts": {"bad key!": "x"}}]}, ("hosts",)),
+            ({"policies": [rule, rule]}, ("duplicate",)),
+        ):
+            proc = fleet.cli("apply", str(fleet.write(bad)))
+            assert proc.returncode == 1, proc.stdout + proc.stderr
+            for word in (*words, "nothing was published"):
+                assert word in proc.stderr, proc.stderr
         assert json.loads(fleet.cli("get", "-o", "json").stdout)["generation"] == g1
 
         # A record written by hand that no writer of ours could have written.
-        kcat_produce(kafka_broker.bootstrap, fleet.policy_topic, [("policy", "this is not a policy")])
+        kcat_produce(
+            kafka_broker.bootstrap, fleet.policy_topic, [("policy", "this is not a policy")]
+        )
         for agent in (a, b):
             agent.wait_log(r"fleet policy topic: .*changes nothing here", timeout=15)
         assert wait_until(
@@ -258,7 +314,11 @@ def test_run_flags_for_the_fleet_are_checked(tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "streamer", "run", "--iface", "lo", *args],
-            capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            check=False,
         )
 
     policy = tmp_path / "p.json"
@@ -276,18 +336,32 @@ def test_run_flags_for_the_fleet_are_checked(tmp_path: Path) -> None:
 def test_fleet_commands_without_brokers_or_with_bad_flags(tmp_path: Path) -> None:
     env_less = subprocess.run(
         [sys.executable, "-m", "streamer", "fleet", "status"],
-        capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
         env={k: v for k, v in __import__("os").environ.items() if k != "MICROSEG_FLEET"},
     )
     assert env_less.returncode == 2 and "--fleet" in env_less.stderr, env_less.stderr
     port = free_port()
     proc = subprocess.run(
-        [sys.executable, "-m", "streamer", "fleet", "get", "--fleet", f"127.0.0.1:{port}",
-         "--timeout", "3"],
-        capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+        [
+            sys.executable,
+            "-m",
+            "streamer",
+            "fleet",
+            "get",
+            "--fleet",
+            f"127.0.0.1:{port}",
+            "--timeout",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
     )
     assert proc.returncode == 1 and "cannot be used" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-_ = Api

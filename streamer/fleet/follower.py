@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any, Final
 
 import orjson
+
+from streamer.fleet.config import FleetConfig
 from streamer.fleet.records import AgentStatus, PolicyRecord
 from streamer.fleet.scope import FleetHost, scope_policy
 from streamer.fleet.topic import FleetView, PolicyReader, StatusPublisher
-
-from streamer.fleet.config import FleetConfig
 from streamer.policy.journal import write_atomic
 from streamer.policy.model import PolicyError, PolicySet, parse_policy_document
 from streamer.policy.store import PolicyStore, StoreError, WriteOptions

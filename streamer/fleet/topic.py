@@ -1054,3 +1054,33 @@ async def snapshot(
     finally:
         await _stop_quietly(consumer, 5.0)
     return view.agents
+
+
+async def read_newest(
+    bootstrap: str, topic: str = DEFAULT_POLICY_TOPIC, timeout: float = 10.0
+) -> PolicyRecord | None:
+    """The newest valid generation (read_committed, to the end), for readers that must not
+    fence a writer (`fleet get`, `fleet status`): no transactional id. None when the topic
+    holds none or does not exist. FleetError when the brokers do not answer in `timeout` s."""
+    newest = _Newest(lambda message: log.warning("%s", message))
+    consumer = _consumer(bootstrap, read_committed=True, request_timeout=timeout)
+    try:
+        async with asyncio.timeout(timeout):
+            await consumer.start()
+            tps = await _topic_partitions(consumer, topic)
+            if tps is None:
+                return None
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            async for recs in _read_to_end(consumer, tps):
+                for msg in recs:
+                    newest.feed(msg)
+    except TimeoutError:
+        raise FleetError(
+            f"the Kafka brokers at {bootstrap} did not answer within {timeout:.0f}s"
+        ) from None
+    except KafkaError as e:
+        raise FleetError(f"cannot read {topic} on {bootstrap}: {_describe(e)}") from e
+    finally:
+        await _stop_quietly(consumer, 5.0)
+    return newest.record

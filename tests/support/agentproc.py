@@ -442,7 +442,7 @@ class AgentProcess:
 
 
 AgentFactory = Callable[..., AgentProcess]
-"""The `agent_factory` fixture: (lab, policy_file or None, **AgentProcess kwargs) -> AgentProcess."""
+"""The `agent_factory` fixture: (lab, policy file or None, **AgentProcess kwargs) -> agent."""
 
 
 def flows(agent: AgentProcess) -> list[dict[str, Any]]:

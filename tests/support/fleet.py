@@ -17,11 +17,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from support.agentproc import REPO, AgentFactory, AgentProcess
-from support.netutil import wait_until
-
 from bench.kafkabroker import KafkaBroker, unique_topic
 from streamer.lab.lab import Lab
+from support.agentproc import REPO, AgentFactory, AgentProcess
+from support.netutil import wait_until
 
 # Short, so a test sees an agent lost in 3 heartbeats without waiting long.
 HEARTBEAT_S = 0.5
@@ -29,7 +28,11 @@ HEARTBEAT_S = 0.5
 
 class Fleet:
     def __init__(
-        self, broker: KafkaBroker, agent_factory: AgentFactory, tmp_path: Path, bootstrap: str | None = None
+        self,
+        broker: KafkaBroker,
+        agent_factory: AgentFactory,
+        tmp_path: Path,
+        bootstrap: str | None = None,
     ) -> None:
         self.broker = broker
         self.bootstrap = bootstrap or broker.bootstrap
@@ -102,7 +105,8 @@ class Fleet:
         """`fleet apply` of `doc`; the generation published (asserts success)."""
         proc = self.cli("apply", str(self.write(doc)), "-o", "json", *args)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        return int(json.loads(proc.stdout.splitlines()[0])["generation"])
+        first, _ = json.JSONDecoder().raw_decode(proc.stdout)
+        return int(first["generation"])
 
     def status(self) -> dict[str, Any]:
         proc = self.cli("status", "-o", "json", "--heartbeat", str(HEARTBEAT_S))
