@@ -893,7 +893,8 @@ class FleetView:
         if self._heard_at is None:
             return is_lost(status, now, self.heartbeat_s)
         # Time counts only while the broker answers: frozen since the last answer.
-        until = min(now, self._heard_at + self._gap_s)
+        # (A fetch answer is due every _FETCH_WAIT_MS: that much past the last one counts.)
+        until = min(now, self._heard_at + _FETCH_WAIT_MS / 1000)
         since = status.heartbeat_at
         if self._heard_since is not None:
             since = max(since, self._heard_since)
