@@ -76,15 +76,20 @@ lint: setup
 
 # A local single-node Kafka (KRaft) on 127.0.0.1:$(KAFKA_PORT), jars from the cache `setup`
 # fills; data and logs in a temporary directory that kafka-stop removes. See scripts/kafka.sh.
+# For a fleet across hosts: KAFKA_LISTEN=0.0.0.0:9092 KAFKA_ADVERTISED=this-host:9092 (the
+# address the other hosts' agents reach it at; it defaults to KAFKA_LISTEN).
 KAFKA_PORT ?= 9092
+KAFKA_LISTEN ?=
+KAFKA_ADVERTISED ?=
+KAFKA_WHERE = $(if $(KAFKA_LISTEN),--listen $(KAFKA_LISTEN),--port $(KAFKA_PORT))
 
 .PHONY: kafka kafka-stop
 
 kafka: setup
-	@scripts/kafka.sh start --port $(KAFKA_PORT)
+	@scripts/kafka.sh start $(KAFKA_WHERE) $(if $(KAFKA_ADVERTISED),--advertised $(KAFKA_ADVERTISED))
 
 kafka-stop:
-	@scripts/kafka.sh stop --port $(KAFKA_PORT)
+	@scripts/kafka.sh stop $(KAFKA_WHERE)
 
 clean:
 	@rm -rf .pytest_cache .mypy_cache .ruff_cache build dist

@@ -3,7 +3,8 @@
 #
 #   scripts/kafka.sh fetch  [--version V]
 #   scripts/kafka.sh cached [--version V]
-#   scripts/kafka.sh start  [--port P] [--controller-port C] [--dir D] [--version V] [--timeout S]
+#   scripts/kafka.sh start  [--port P | --listen ADDR:PORT [--advertised HOST:PORT]]
+#                           [--controller-port C] [--dir D] [--version V] [--timeout S]
 #   scripts/kafka.sh stop   [--port P | --dir D] [--keep] [--timeout S]
 #   scripts/kafka.sh status [--port P | --dir D]
 #
@@ -11,7 +12,11 @@
 #         network). `start` fetches too when the cache is empty; `make setup` does it ahead.
 # cached  prints the cache's jar directory and exits 0 when fetched, exits 1 otherwise.
 # start   formats a fresh data dir (or reuses D's), starts the JVM detached, waits (bounded)
-#         until the broker answers metadata requests, then prints "127.0.0.1:P" on stdout.
+#         until the broker answers metadata requests, then prints its advertised address
+#         ("127.0.0.1:P" by default) on stdout. --listen ADDR:PORT listens there instead of
+#         127.0.0.1:P (0.0.0.0 for every address: other hosts' agents can then reach it);
+#         --advertised HOST:PORT is the address clients are told to use (default: the listen
+#         address; required with 0.0.0.0 or ::). The controller stays on 127.0.0.1.
 #         Starting what already runs just prints its address. D (default: a new temporary
 #         directory) holds server.properties, data/, logs/server.log and kafka.pid; a restart
 #         with the same D keeps topics, data and ports.
@@ -19,7 +24,7 @@
 #         Stopping what does not run is not an error.
 # status  prints the address, pid and dir and exits 0 when running; exits 3 otherwise.
 #
-# Everything listens on 127.0.0.1 of the network namespace it is started in, so
+# By default everything listens on 127.0.0.1 of the network namespace it is started in, so
 # `ip netns exec NS scripts/kafka.sh start` gives NS its own broker on 127.0.0.1:9092; stop and
 # status find brokers per namespace and port. Messages go to stderr, results to stdout.
 #
@@ -36,7 +41,7 @@ say() { printf '%s: %s\n' "$PROG" "$*" >&2; }
 die() { printf '%s: ERROR: %s\n' "$PROG" "$*" >&2; exit 1; }
 usage_error() {
     printf '%s: %s\n' "$PROG" "$*" >&2
-    printf 'usage: %s fetch|cached|start|stop|status [--port P] [--controller-port C] [--dir D] [--version V] [--timeout S] [--keep]\n' "$0" >&2
+    printf 'usage: %s fetch|cached|start|stop|status [--port P] [--listen ADDR:PORT] [--advertised HOST:PORT] [--controller-port C] [--dir D] [--version V] [--timeout S] [--keep]\n' "$0" >&2
     exit 2
 }
 
@@ -58,16 +63,18 @@ MARKER=".microseg-kafka"
 CMD="$1"; shift
 case "$CMD" in
     fetch|cached|start|stop|status) ;;
-    -h|--help) sed -n '2,28s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) usage_error "unknown command '$CMD'" ;;
 esac
 
-PORT=""; CPORT=""; DIR=""; KEEP=0; TIMEOUT=""
+PORT=""; CPORT=""; DIR=""; KEEP=0; TIMEOUT=""; LISTEN=""; ADVERTISED=""
 need_value() { [ $# -ge 2 ] && [ -n "$2" ] || usage_error "option $1 needs a value"; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --port) need_value "$@"; PORT="$2"; shift 2 ;;
         --controller-port) need_value "$@"; CPORT="$2"; shift 2 ;;
+        --listen) need_value "$@"; LISTEN="$2"; shift 2 ;;
+        --advertised) need_value "$@"; ADVERTISED="$2"; shift 2 ;;
         --dir) need_value "$@"; DIR="$2"; shift 2 ;;
         --version) need_value "$@"; VERSION="$2"; shift 2 ;;
         --timeout) need_value "$@"; TIMEOUT="$2"; shift 2 ;;
@@ -80,6 +87,36 @@ valid_port() { [[ "$1" =~ ^[0-9]{1,5}$ ]] && [ "$((10#$1))" -ge 1 ] && [ "$((10#
 if [ -n "$PORT" ]; then
     valid_port "$PORT" || usage_error "invalid --port '$PORT': expected 1-65535"
     PORT=$((10#$PORT))
+fi
+# ADDR:PORT (IPv6 in brackets: [::]:9092) -> "ADDR PORT"; empty when malformed.
+split_hostport() {
+    local v6='^\[([0-9A-Fa-f:.]+)\]:([0-9]{1,5})$' plain='^([^]:[]+):([0-9]{1,5})$'
+    if [[ "$1" =~ $v6 ]] || [[ "$1" =~ $plain ]]; then
+        local host="${BASH_REMATCH[1]}" port="${BASH_REMATCH[2]}"  # valid_port's =~ resets them
+        if valid_port "$port"; then
+            printf '%s %s\n' "$host" "$((10#$port))"
+        fi
+    fi
+}
+LISTEN_HOST=""
+if [ -n "$LISTEN" ]; then
+    read -r LISTEN_HOST lport <<<"$(split_hostport "$LISTEN")" || true
+    [ -n "$LISTEN_HOST" ] || usage_error "invalid --listen '$LISTEN': expected ADDR:PORT (e.g. 0.0.0.0:9092)"
+    if [ -n "$PORT" ] && [ "$PORT" -ne "$lport" ]; then
+        usage_error "--port $PORT and --listen $LISTEN name different ports"
+    fi
+    PORT=$lport
+    [[ "$LISTEN_HOST" == *:* ]] && LISTEN="[$LISTEN_HOST]:$PORT" || LISTEN="$LISTEN_HOST:$PORT"
+fi
+if [ -n "$ADVERTISED" ]; then
+    [ "$CMD" = start ] || usage_error "--advertised is for start"
+    [ -n "$(split_hostport "$ADVERTISED")" ] \
+        || usage_error "invalid --advertised '$ADVERTISED': expected HOST:PORT (e.g. kafka1.example.net:9092)"
+fi
+if [ -n "$LISTEN" ] && [ -z "$ADVERTISED" ]; then
+    case "$LISTEN_HOST" in
+        0.0.0.0|::) usage_error "--listen $LISTEN listens on every address: say which one clients use with --advertised HOST:PORT" ;;
+    esac
 fi
 if [ -n "$CPORT" ]; then
     valid_port "$CPORT" || usage_error "invalid --controller-port '$CPORT': expected 1-65535"
@@ -233,6 +270,12 @@ conf_get() {  # conf_get DIR KEY: a value from DIR's marker file
     [ -f "$1/$MARKER" ] && sed -n "s/^$2=//p" "$1/$MARKER" | head -n 1 || true
 }
 
+advertised_of() {  # the address clients use for the broker of DIR $1 (older dirs: 127.0.0.1:port)
+    local a
+    a="$(conf_get "$1" advertised)"
+    printf '%s\n' "${a:-127.0.0.1:$(conf_get "$1" port)}"
+}
+
 # Prints the pid of the broker JVM of dir $1 when it runs (checked against its command line,
 # so a recycled pid is never taken for it).
 broker_pid() {
@@ -273,15 +316,15 @@ pick_controller_port() {
 
 # ---- start ----------------------------------------------------------------------------------
 
-write_configs() {  # write_configs DIR PORT CPORT
-    local d="$1" port="$2" cport="$3"
+write_configs() {  # write_configs DIR PORT CPORT LISTEN ADVERTISED
+    local d="$1" port="$2" cport="$3" listen="$4" advertised="$5"
     cat >"$d/server.properties" <<EOF
-# Generated by scripts/kafka.sh: one KRaft node, broker and controller, on 127.0.0.1 only.
+# Generated by scripts/kafka.sh: one KRaft node, broker and controller (on 127.0.0.1 only).
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$cport
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=PLAINTEXT://$listen,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://$advertised
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
@@ -382,8 +425,8 @@ start() {
         PORT="${PORT:-9092}"
         existing="$(registered_dir "$PORT")"
         if [ -n "$existing" ] && [ -n "$(broker_pid "$existing")" ]; then
-            say "already running on 127.0.0.1:$PORT (pid $(broker_pid "$existing"), dir $existing)"
-            printf '127.0.0.1:%s\n' "$PORT"
+            say "already running on $(advertised_of "$existing") (pid $(broker_pid "$existing"), dir $existing)"
+            advertised_of "$existing"
             return 0
         fi
         if [ -n "$existing" ] && [ -f "$existing/$MARKER" ]; then
@@ -401,14 +444,19 @@ start() {
         fi
         pid="$(broker_pid "$DIR")"
         if [ -n "$pid" ]; then
-            say "already running on 127.0.0.1:$(conf_get "$DIR" port) (pid $pid, dir $DIR)"
-            printf '127.0.0.1:%s\n' "$(conf_get "$DIR" port)"
+            say "already running on $(advertised_of "$DIR") (pid $pid, dir $DIR)"
+            advertised_of "$DIR"
             return 0
         fi
         # A restart keeps the ports the data was made with unless told otherwise.
         PORT="${PORT:-$(conf_get "$DIR" port)}"
         PORT="${PORT:-9092}"
         CPORT="${CPORT:-$(conf_get "$DIR" controller_port)}"
+        # ... and the addresses, unless given (a new --listen alone advertises itself).
+        if [ -z "$LISTEN" ] && [ "$PORT" = "$(conf_get "$DIR" port)" ]; then
+            LISTEN="$(conf_get "$DIR" listen)"
+            ADVERTISED="${ADVERTISED:-$(conf_get "$DIR" advertised)}"
+        fi
         if [ -f "$DIR/$MARKER" ] && [ "$(conf_get "$DIR" version)" != "$VERSION" ]; then
             usage_error "--dir $DIR holds data of Kafka $(conf_get "$DIR" version), not $VERSION"
         fi
@@ -438,6 +486,12 @@ start() {
         ip link set lo up || die "cannot bring up lo in this network namespace"
     fi
 
+    LISTEN="${LISTEN:-127.0.0.1:$PORT}"
+    ADVERTISED="${ADVERTISED:-$LISTEN}"
+    # Where this script itself connects: the listen address, or loopback for a wildcard.
+    local connect="$LISTEN"
+    case "$LISTEN" in 0.0.0.0:*|"[::]":*) connect="127.0.0.1:$PORT" ;; esac
+
     if port_in_use "$PORT"; then
         die "127.0.0.1:$PORT is already in use in this network namespace (another broker? try: $0 status --port $PORT)"
     fi
@@ -452,8 +506,9 @@ start() {
     java="$(find_java)"
 
     mkdir -p "$DIR/data" "$DIR/logs"
-    printf 'version=%s\nport=%s\ncontroller_port=%s\n' "$VERSION" "$PORT" "$CPORT" >"$DIR/$MARKER"
-    write_configs "$DIR" "$PORT" "$CPORT"
+    printf 'version=%s\nport=%s\ncontroller_port=%s\nlisten=%s\nadvertised=%s\n' \
+        "$VERSION" "$PORT" "$CPORT" "$LISTEN" "$ADVERTISED" >"$DIR/$MARKER"
+    write_configs "$DIR" "$PORT" "$CPORT" "$LISTEN" "$ADVERTISED"
     local jvm_common=(-Djava.awt.headless=true -Dlog4j2.configurationFile="$DIR/log4j2.properties"
                       -cp "$LIB/*")
     local t0=$EPOCHREALTIME
@@ -493,9 +548,9 @@ $(tail -n 20 "$DIR/logs/format.log")"
     printf '%s\n' "$DIR" >"$(registry_file "$PORT")"
 
     local rc=0
-    wait_ready "$DIR" "$pid" "127.0.0.1:$PORT" "${TIMEOUT:-60}" || rc=$?
+    wait_ready "$DIR" "$pid" "$connect" "${TIMEOUT:-60}" || rc=$?
     if [ "$rc" -ne 0 ]; then
-        local why="did not answer on 127.0.0.1:$PORT within ${TIMEOUT:-60}s"
+        local why="did not answer on $connect within ${TIMEOUT:-60}s"
         [ "$rc" -eq 1 ] && why="exited during start-up"
         local tail_text
         tail_text="$(log_tail "$DIR")"
@@ -507,8 +562,10 @@ $(tail -n 20 "$DIR/logs/format.log")"
 $tail_text"
     fi
     trap - EXIT INT TERM
-    say "Kafka $VERSION ready on 127.0.0.1:$PORT in $(elapsed "$t0")s (pid $pid, controller 127.0.0.1:$CPORT, dir $DIR); stop: $0 stop --port $PORT"
-    printf '127.0.0.1:%s\n' "$PORT"
+    local where="$ADVERTISED"
+    [ "$LISTEN" = "$ADVERTISED" ] || where="$ADVERTISED (listening on $LISTEN)"
+    say "Kafka $VERSION ready on $where in $(elapsed "$t0")s (pid $pid, controller 127.0.0.1:$CPORT, dir $DIR); stop: $0 stop --port $PORT"
+    printf '%s\n' "$ADVERTISED"
 }
 
 # ---- stop / status ----------------------------------------------------------------------------
@@ -526,7 +583,7 @@ stop() {
     pid="$(broker_pid "$DIR")"
     if [ -n "$pid" ]; then
         kill_broker "$pid" "${TIMEOUT:-30}"
-        say "stopped the broker on 127.0.0.1:$port (pid $pid)"
+        say "stopped the broker on $(advertised_of "$DIR") (pid $pid)"
     else
         say "the broker of $DIR was not running"
     fi
@@ -554,8 +611,8 @@ status() {
         printf 'not running%s\n' "${PORT:+ (127.0.0.1:$PORT)}${DIR:+ (dir $DIR)}"
         exit 3
     fi
-    printf 'running 127.0.0.1:%s pid %s version %s dir %s\n' \
-        "$(conf_get "$DIR" port)" "$pid" "$(conf_get "$DIR" version)" "$DIR"
+    printf 'running %s pid %s version %s dir %s\n' \
+        "$(advertised_of "$DIR")" "$pid" "$(conf_get "$DIR" version)" "$DIR"
 }
 
 case "$CMD" in

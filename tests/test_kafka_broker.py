@@ -230,6 +230,31 @@ def test_script_default_port_inside_a_namespace(lab: Lab) -> None:
     assert again_stopped.returncode == 0 and "nothing to stop" in again_stopped.stderr
 
 
+def test_script_listen_and_advertised(tmp_path: Path) -> None:
+    """`start --listen ADDR:PORT --advertised HOST:PORT` (what `make kafka KAFKA_LISTEN=...
+    KAFKA_ADVERTISED=...` runs): the broker listens and advertises there, and status and
+    stop find it by the port."""
+    port = free_port()
+    where = f"127.0.0.1:{port}"
+    try:
+        started = script(
+            "start", "--listen", where, "--advertised", where, "--dir", str(tmp_path / "b")
+        )
+        assert started.returncode == 0, started.stderr
+        assert started.stdout == f"{where}\n"
+        props = (tmp_path / "b" / "server.properties").read_text()
+        assert f"listeners=PLAINTEXT://{where}," in props
+        assert f"advertised.listeners=PLAINTEXT://{where}\n" in props
+        status = script("status", "--port", str(port))
+        assert status.returncode == 0 and status.stdout.startswith(f"running {where} pid ")
+        kcat_produce(where, "demo", ["hello"])
+        assert [r["value"] for r in kcat_consume(where, "demo")] == ["hello"]
+    finally:
+        stopped = script("stop", "--listen", where)
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"stopped the broker on {where}" in stopped.stderr
+
+
 def test_fetch_uses_the_cache_without_network(lab: Lab) -> None:
     """After `make setup` the jars are cached: a fetch from a namespace with no route out
     succeeds at once."""
@@ -282,6 +307,13 @@ def test_fetch_without_maven_central_fails_clearly(lab: Lab, tmp_path: Path) -> 
         (("start", "--timeout", "-3"), "invalid --timeout '-3'"),
         (("start", "--version", "3.9.1"), "invalid Kafka version '3.9.1'"),
         (("start", "--dir", "/"), "--dir / is not a broker directory"),
+        (("start", "--listen", "9092"), "invalid --listen '9092'"),
+        (("start", "--listen", "127.0.0.1:0"), "invalid --listen '127.0.0.1:0'"),
+        (("start", "--listen", "0.0.0.0:9092"), "say which one clients use with --advertised"),
+        (("start", "--listen", "[::]:9092"), "say which one clients use with --advertised"),
+        (("start", "--port", "5", "--listen", "127.0.0.1:6"), "name different ports"),
+        (("start", "--advertised", "kafka1"), "invalid --advertised 'kafka1'"),
+        (("status", "--advertised", "kafka1:9092"), "--advertised is for start"),
     ],
 )
 def test_script_rejects_bad_input(args: tuple[str, ...], message: str) -> None:

@@ -134,7 +134,7 @@ def test_policy_of_100000_rules_compresses() -> None:
     ],
 )
 def test_malformed_policy_values(value: bytes | None, message: str) -> None:
-    with pytest.raises(RecordError, match="^microseg.policy\\[0\\]@7: ") as exc:
+    with pytest.raises(RecordError, match=r"^microseg\.policy\[0\]@7: ") as exc:
         decode_policy(value, "microseg.policy[0]@7")
     assert message in str(exc.value)
     assert exc.value.where == "microseg.policy[0]@7"
@@ -146,7 +146,7 @@ def test_policy_size_is_read_before_decompressing() -> None:
     huge = bytearray(cramjam.zstd.compress(b"{}"))
     # Frame header: magic, descriptor (single segment, 8-byte size), size.
     header = b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + (MAX_POLICY_JSON_BYTES + 1).to_bytes(8, "little")
-    with pytest.raises(RecordError, match="decompresses to .* more than"):
+    with pytest.raises(RecordError, match=r"decompresses to .* more than"):
         decode_policy(header + bytes(huge[6:]))
     no_size = b"\x28\xb5\x2f\xfd" + bytes([0x00, 0x58]) + b"\x00" * 8
     with pytest.raises(RecordError, match="does not state its size"):
@@ -223,7 +223,7 @@ def _status_value(**over: Any) -> bytes:
     ],
 )
 def test_malformed_status_values(value: bytes | None, message: str) -> None:
-    with pytest.raises(RecordError, match="^microseg.agents\\[0\\]@2: ") as exc:
+    with pytest.raises(RecordError, match=r"^microseg\.agents\[0\]@2: ") as exc:
         decode_status(value, "microseg.agents[0]@2")
     assert message in str(exc.value)
 
