@@ -153,7 +153,9 @@ _reaped_once = False
 
 
 class KafkaBroker:
-    """One single-node KRaft broker on 127.0.0.1 of `netns` (None: our own namespace).
+    """One single-node KRaft broker on 127.0.0.1 of `netns` (None: our own namespace), or on
+    `host` there (an address of one of its interfaces: clients in other namespaces reach it
+    through that interface; it is also the address advertised).
 
     `port` / `controller_port` default to free ones picked at the first start; they stay the
     same across restarts. Not started by the constructor: call `start()` (or use `with`).
@@ -166,8 +168,10 @@ class KafkaBroker:
         port: int | None = None,
         controller_port: int | None = None,
         start_timeout: float = 60.0,
+        host: str = "127.0.0.1",
     ) -> None:
         self.netns = netns
+        self.host = host
         self.port = port
         self.controller_port = controller_port
         self.start_timeout = start_timeout
@@ -180,11 +184,11 @@ class KafkaBroker:
 
     @property
     def bootstrap(self) -> str:
-        """ "127.0.0.1:<port>", for clients in the broker's namespace; KafkaError before a
-        port is known (no port given and never started)."""
+        """ "<host>:<port>" ("127.0.0.1:<port>" for clients in the broker's namespace);
+        KafkaError before a port is known (no port given and never started)."""
         if self.port is None:
             raise KafkaError("the broker has no port yet: start() it first")
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -234,8 +238,11 @@ class KafkaBroker:
                     "start",
                     "--dir",
                     str(self.directory),
-                    "--port",
-                    str(self.port),
+                    *(
+                        ["--port", str(self.port)]
+                        if self.host == "127.0.0.1"
+                        else ["--listen", f"{self.host}:{self.port}"]
+                    ),
                     "--controller-port",
                     str(self.controller_port),
                     "--timeout",

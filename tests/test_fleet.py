@@ -365,3 +365,65 @@ def test_fleet_commands_without_brokers_or_with_bad_flags(tmp_path: Path) -> Non
     )
     assert proc.returncode == 1 and "cannot be used" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_confirm_reverts_on_an_agent_the_change_cut_off_from_the_broker(
+    lab: Lab, agent_factory: AgentFactory, tmp_path: Path
+) -> None:
+    """The broker lives in the lab's peer namespace; the victim agent runs in the host
+    namespace, so its connection to the broker crosses the interface it enforces on. A
+    `--confirm` apply that denies that connection there is not confirmed (the victim cannot
+    report it): the victim reverts by itself, the writer publishes the previous document
+    again, and everyone converges on that. A confirm that every agent reports is kept."""
+    broker = KafkaBroker(netns=lab.peer_ns, host=lab.peer_v4)
+    with ExitStack() as stack:
+        stack.callback(broker.destroy)
+        broker.start()
+        stack.enter_context(echo_server(lab.host_ns, PORTS))
+        fleet = Fleet(broker, agent_factory, tmp_path, netns=lab.peer_ns)
+
+        def in_ns(ns: str) -> tuple[str, ...]:
+            return ("ip", "netns", "exec", ns, sys.executable, "-m", "streamer")
+
+        victim = fleet.agent(lab, "victim", {"role": "victim"}, command=in_ns(lab.host_ns))
+        bystander = fleet.agent(
+            lab, "bystander", {"role": "peer"}, side="peer", command=in_ns(lab.peer_ns)
+        )
+        deny = {"protocol": "tcp", "action": "deny", "direction": "ingress"}
+        doc1 = {"default_action": "allow", "policies": [{"rule_id": 1, "dst_port": P1, **deny}]}
+        g1 = fleet.apply(doc1)
+        victim.start()
+        bystander.start()
+        fleet.wait_converged(["victim", "bystander"], g1)
+
+        # Confirmed: every agent reported it in time.
+        doc2 = {"policies": [*doc1["policies"], {"rule_id": 2, "dst_port": P2, **deny}]}
+        doc2["default_action"] = "allow"
+        proc = fleet.cli("apply", str(fleet.write(doc2)), "--confirm", "20")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "confirmed: all 2 agents" in proc.stdout, proc.stdout
+        victim.wait_log(r"fleet generation 2 confirmed", timeout=10)
+        expect_ports(lab, {P1: False, P2: False, P3: True}, "generation 2, confirmed")
+
+        # Not confirmed: the new generation cuts the victim off from the broker.
+        cut = {
+            "rule_id": 50,
+            "hosts": {"role": "victim"},
+            "protocol": "tcp",
+            "dst_port": broker.port,
+            "action": "deny",
+            "direction": "egress",
+        }
+        doc3 = {
+            "default_action": "allow",
+            "policies": [{"rule_id": 3, "dst_port": P3, **deny}, cut],
+        }
+        proc = fleet.cli("apply", str(fleet.write(doc3)), "--confirm", "8")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "generation 3 not confirmed: victim did not report it" in proc.stderr, proc.stderr
+        assert "generation 4 puts generation 2's document back" in proc.stderr, proc.stderr
+        victim.wait_log(r"fleet generation 3 reverted by this agent", timeout=30)
+        fleet.wait_converged(["victim", "bystander"], 4, timeout=60)
+        expect_ports(lab, {P1: False, P2: False, P3: True}, "back on generation 2's document")
+        assert victim.stop() == 0
+        assert bystander.stop() == 0

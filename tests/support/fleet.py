@@ -1,7 +1,8 @@
 """Fleets for tests: agents following one policy topic of the session's Kafka broker, each on
 its own lab end, and the `microseg fleet` command against the same topics.
 
-`Fleet(broker, agent_factory, tmp_path)` picks unique topic names; `agent(lab, host, labels,
+`Fleet(broker, agent_factory, tmp_path, netns=None)` picks unique topic names (`netns`: where
+the CLI runs, for a broker in a lab namespace); `agent(lab, host, labels,
 side=...)` makes (not starts) an AgentProcess in fleet mode with a short heartbeat;
 `cli(...)` runs `microseg fleet ...`; `status()` is `fleet status -o json` parsed;
 `wait_converged(hosts, generation)` polls it until those hosts enforce that generation.
@@ -32,10 +33,11 @@ class Fleet:
         broker: KafkaBroker,
         agent_factory: AgentFactory,
         tmp_path: Path,
-        bootstrap: str | None = None,
+        netns: str | None = None,
     ) -> None:
         self.broker = broker
-        self.bootstrap = bootstrap or broker.bootstrap
+        self.bootstrap = broker.bootstrap
+        self.netns = netns  # where `cli` runs: a namespace that reaches the broker
         self.policy_topic = unique_topic("fleet-policy")
         self.agents_topic = unique_topic("fleet-agents")
         self.flows_topic = unique_topic("fleet-flows")
@@ -81,6 +83,7 @@ class Fleet:
     ) -> subprocess.CompletedProcess[str]:
         """`microseg fleet ARGS` with this fleet's brokers and topics (in `netns` if given)."""
         argv = [sys.executable, "-m", "streamer", "fleet", *args, *self.topic_args()]
+        netns = netns or self.netns
         if netns is not None:
             argv = ["ip", "netns", "exec", netns, *argv]
         proc = subprocess.run(
