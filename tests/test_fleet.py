@@ -138,6 +138,13 @@ def test_five_agents_enforce_their_part_and_select_groups_follow_the_members(
         assert_error(r, 409, "managed", "fleet apply")
         listed = {p["rule_id"] for p in api.policies()["policies"]}
         assert listed == {10, 11, 30}, listed
+        # A dry run there takes the fleet form and answers for this host's part of it.
+        doc = _scoped_doc(
+            [{"rule_id": 40, "hosts": {"role": "web"}, "protocol": "udp", "action": "deny"}]
+        )
+        doc["policies"] = [p for p in doc["policies"] if p["rule_id"] != 11]
+        dry = api.ok("PUT", "/policies?dry_run=1", doc)
+        assert [r["rule_id"] for r in dry["removed"]] == [11] and dry["added"] == [], dry
         fleet_status = api.ok("GET", "/status")["fleet"]
         assert fleet_status["host"] == "db-1" and fleet_status["generation"] == gen
         metrics = api_metrics(db)

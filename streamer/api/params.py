@@ -194,10 +194,11 @@ def members_body(data: Any) -> list[Any]:
     return members
 
 
-def validate_set(data: Any) -> PolicySet:
+def validate_set(data: Any, fleet: bool = False) -> PolicySet:
     """A policy document, read as a policy file is (a missing default_action is "allow", a
-    missing policies list is empty): the same document means the same set everywhere."""
+    missing policies list is empty): the same document means the same set everywhere.
+    `fleet`: in the fleet form (rules' `hosts`, groups' `select`: contract §7)."""
     try:
-        return parse_policy_document(data)
+        return parse_policy_document(data, fleet=fleet)
     except PolicyError as e:
         raise _problems(e.errors) from None

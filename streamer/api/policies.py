@@ -156,10 +156,15 @@ async def replace_policies(request: web.Request) -> web.Response:
     dry_run, opts = write_params(request)
     ctx = request.app[CTX]
     data = await read_json(request, WHOLE_SET_BODY_LIMIT)
+    # A fleet agent takes the fleet form and answers for its own part of it (contract §7): a
+    # write is refused by the store (managed), a dry run shows this host's diff and sessions.
+    fleet = ctx.fleet
     if _items(data) > 1000:
-        policy = await asyncio.to_thread(validate_set, data)
+        policy = await asyncio.to_thread(validate_set, data, fleet is not None)
     else:
-        policy = validate_set(data)
+        policy = validate_set(data, fleet is not None)
+    if fleet is not None:
+        policy = fleet.scope(policy)
     result = await write_change(request, ctx.store.replace(policy, request[ACTOR], dry_run, opts))
     size = len(result.added) + len(result.removed) + len(result.changed)
     if size > 5000:

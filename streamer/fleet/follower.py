@@ -173,6 +173,10 @@ class Follower:
             "confirm_deadline": self.applied.confirm_deadline,
         }
 
+    def scope(self, policy: PolicySet) -> PolicySet:
+        """This host's part of a fleet policy, with the fleet's members as known now."""
+        return scope_policy(policy, self._me(), self._hosts.values())
+
     def stopping(self) -> None:
         """A clean stop follows: remove our status record on the way out."""
         self._stopping = True
@@ -352,7 +356,7 @@ class Follower:
         """This host's part of `policy` in the kernel; False (and the status says why) when
         it cannot be (the set in force stays)."""
         try:
-            local = scope_policy(policy, self._me(), self._hosts.values())
+            local = self.scope(policy)
             await self._store.sync(local, "fleet", what, WriteOptions(fleet=True))
         except (StoreError, PolicyError, ValueError) as e:
             self._failed(self.applied.generation, f"{what}: {e}")
