@@ -14,6 +14,7 @@ a rule for every host is kept as it is, a host-scoped one copied with its match 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -69,6 +70,14 @@ class FleetHost:
         return cls(name, labels, addresses)
 
 
+def _show(value: Any) -> str:
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _host_addresses(values: Any) -> tuple[str, ...]:
     if not isinstance(values, (list, tuple)):
         raise ValueError("addresses: expected a list of IPv4/IPv6 addresses")
@@ -78,7 +87,7 @@ def _host_addresses(values: Any) -> tuple[str, ...]:
     problems: list[str] = []
     for index, text in enumerate(values):
         if text.__class__ is not str:
-            problems.append(f"addresses[{index}]: {text!r} is not a string: use an IP address")
+            problems.append(f"addresses[{index}]: {_show(text)} is not a string: use an IP address")
             continue
         try:
             canonical, version, _, _ = parse_address(text)
@@ -87,7 +96,7 @@ def _host_addresses(values: Any) -> tuple[str, ...]:
             continue
         if not version or "/" in text:
             problems.append(
-                f"addresses[{index}]: {text!r} is not a host address: use an IPv4 or IPv6 "
+                f"addresses[{index}]: {_show(text)} is not a host address: use an IPv4 or IPv6 "
                 "address, without a prefix length"
             )
             continue

@@ -42,6 +42,23 @@ def test_load_json(tmp_path: Path) -> None:
     assert load_policy_file(str(path)) == ps
 
 
+def test_load_fleet_file(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(
+        "groups: {web: {select: {role: web}}}\n"
+        "policies:\n"
+        "  - {rule_id: 1, protocol: tcp, action: allow, src_group: web, hosts: {role: db}}\n",
+        encoding="utf-8",
+    )
+    ps = load_policy_file(path, fleet=True)
+    assert ps.policies[0].hosts == {"role": "db"}
+    assert ps.groups["web"].select == {"role": "web"}
+    with pytest.raises(PolicyError) as info:
+        load_policy_file(path)
+    assert str(info.value).startswith(f"invalid policy file {path}:")
+    assert [e.split(": ")[1] for e in info.value.errors] == ["select", "hosts"]
+
+
 @pytest.mark.parametrize("suffix", [".yaml", ".yml", ".YAML"])
 def test_load_yaml(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"p{suffix}"

@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import pytest
 from support.tables import probe
 
@@ -18,6 +19,7 @@ from streamer.cli.output import render_diff, rules_table
 from streamer.datapath.compiler import compile_policy
 from streamer.datapath.reference import Packet, judge, rule_matches
 from streamer.policy.model import (
+    FLEET_CONTEXT,
     GROUP_END,
     Group,
     PolicyError,
@@ -251,6 +253,75 @@ def test_a_million_members_validate() -> None:
     pol = parse_policy_document({"groups": {"big": {"members": members}}})
     assert len(pol.groups["big"].members) == 1_000_000
     assert pol.groups["big"].members[-1] == "2001:db8::7:a11f"
+
+
+# ---- label groups (select): fleet documents only ---------------------------------------------
+
+
+def test_select_accepted_in_fleet_mode() -> None:
+    doc = {
+        "groups": {
+            "web": {"members": ["10.0.9.0/24"], "select": {"role": "web"}},
+            "all": {"select": {}},
+            "db": {"members": ["10.0.1.1"]},
+        },
+        "policies": [r(1, src_group="web", dst_group="all")],
+    }
+    pol = parse_policy_document(doc, fleet=True)
+    assert pol.groups["web"] == Group.model_validate(
+        {"members": ["10.0.9.0/24"], "select": {"role": "web"}}, context=FLEET_CONTEXT
+    )
+    assert pol.groups["all"].select == {}
+    assert pol.groups["db"].select is None
+    assert pol.to_api()["groups"] == {
+        "web": {"members": ["10.0.9.0/24"], "select": {"role": "web"}},
+        "all": {"members": [], "select": {}},
+        "db": {"members": ["10.0.1.1"]},
+    }
+    assert parse_policy_document(pol.to_api(), fleet=True) == pol
+    assert "select" not in pol.groups["db"].model_dump()
+    assert len({pol.groups["web"], pol.groups["web"].model_copy()}) == 1  # hashable
+
+
+def test_select_kept_by_member_changes() -> None:
+    pol = parse_policy_document({"groups": {"web": {"select": {"role": "web"}}}}, fleet=True)
+    grown, added, _ = pol.groups["web"].with_members(["10.0.0.1"])
+    assert (grown.members, grown.select, added) == (("10.0.0.1",), {"role": "web"}, ["10.0.0.1"])
+    shrunk, removed, _ = grown.without_members(["10.0.0.1"])
+    assert (shrunk.members, shrunk.select, removed) == ((), {"role": "web"}, ["10.0.0.1"])
+
+
+def test_select_refused_outside_fleet_mode() -> None:
+    with pytest.raises(pydantic.ValidationError, match="need fleet mode"):
+        Group.model_validate({"select": {"role": "web"}})
+    assert Group.model_validate({"select": None}).select is None
+    assert one({"groups": {"web": {"select": {}}}}) == (
+        "groups.web: select: label groups (select) need fleet mode, "
+        "which this agent does not run: list the group's members instead"
+    )
+
+
+@pytest.mark.parametrize(
+    ("select", "expected"),
+    [
+        ({"role": 5}, 'groups.web.select: role: 5 is not a string (write it as a string: "5")'),
+        ("role=web", 'groups.web.select: "role=web" is not a map of labels'),
+        ({"a/b/c": "x"}, 'groups.web.select: "a/b/c" is not a label key'),
+    ],
+)
+def test_bad_select_in_fleet_mode(select: Any, expected: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        parse_policy_document({"groups": {"web": {"select": select}}}, fleet=True)
+    (message,) = info.value.errors
+    assert message.startswith(expected), message
+
+
+def test_fleet_mode_lists_select_among_a_groups_fields() -> None:
+    with pytest.raises(PolicyError) as info:
+        parse_policy_document({"groups": {"db": {"x": 1}}}, fleet=True)
+    assert info.value.errors == [
+        'groups.db: "x": unknown field; allowed fields are: members, select'
+    ]
 
 
 # ---- the compiler and the reference model ----------------------------------------------------

@@ -516,3 +516,98 @@ def test_format_validation_error_for_one_rule_and_lists() -> None:
 def test_braces_in_input_do_not_break_messages() -> None:
     message = one_error(src_ip="{reason}")
     assert '"{reason}" is not an IP address' in message
+
+
+# --- fleet documents: hosts (contract §7) ----------------------------------------------
+
+NO_HOSTS = (
+    "hosts: host-scoped rules need fleet mode (microseg fleet apply), which a local policy "
+    "does not use: remove hosts (a rule of this agent's own policy applies to this host)"
+)
+
+
+def fleet_doc(**fields: Any) -> dict[str, Any]:
+    return {"policies": [{"rule_id": 7, "protocol": "tcp", "action": "allow", **fields}]}
+
+
+def test_hosts_refused_outside_fleet_mode() -> None:
+    assert one_error(hosts={"role": "db"}) == f"policies[0] (rule_id 7): {NO_HOSTS}"
+    assert one_error(hosts={}) == f"policies[0] (rule_id 7): {NO_HOSTS}"
+    with pytest.raises(pydantic.ValidationError, match="host-scoped rules need fleet mode"):
+        rule(hosts={"role": "db"})
+    with pytest.raises(pydantic.ValidationError, match="host-scoped rules need fleet mode"):
+        TypeAdapter(list[Rule]).validate_python([fleet_doc(hosts={"a": "b"})["policies"][0]])
+
+
+def test_hosts_null_is_absent_in_either_mode() -> None:
+    for fleet in (False, True):
+        (r,) = parse_policy_document(fleet_doc(hosts=None), fleet=fleet).policies
+        assert r.hosts is None
+        assert "hosts" not in r.to_api()
+
+
+def test_hosts_accepted_in_fleet_mode() -> None:
+    (r,) = parse_policy_document(fleet_doc(hosts={"role": "db", "env": ""}), fleet=True).policies
+    assert r.hosts == {"role": "db", "env": ""}
+    assert r.to_api()["hosts"] == {"role": "db", "env": ""}
+    assert r.model_dump(mode="json")["hosts"] == {"role": "db", "env": ""}
+    assert hash(r) == hash(r.model_copy())
+    (every,) = parse_policy_document(fleet_doc(hosts={}), fleet=True).policies
+    assert every.hosts == {}
+
+
+def test_rules_without_hosts_dump_as_before() -> None:
+    r = rule()
+    assert "hosts" not in r.to_api()
+    assert "hosts" not in r.model_dump()
+    assert "hosts" not in json.loads(r.model_dump_json())
+
+
+@pytest.mark.parametrize(
+    ("hosts", "expected"),
+    [
+        ({"role": 1}, 'hosts: role: 1 is not a string (write it as a string: "1")'),
+        ({"-role": "db"}, 'hosts: "-role" is not a label key'),
+        ({"role": "a b"}, 'hosts: role: "a b" is not a label value'),
+        (["role=db"], 'hosts: ["role=db"] is not a map of labels'),
+        ({f"k{i}": "v" for i in range(33)}, "hosts: 33 labels: at most 32 are allowed"),
+    ],
+)
+def test_bad_hosts_in_fleet_mode(hosts: Any, expected: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        parse_policy_document(fleet_doc(hosts=hosts), fleet=True)
+    (message,) = info.value.errors
+    assert message.startswith(f"policies[0] (rule_id 7): {expected}"), message
+
+
+def test_fleet_mode_lists_hosts_among_the_fields() -> None:
+    local = rule_errors(colour="red")
+    assert "hosts" not in local[0]
+    with pytest.raises(PolicyError) as info:
+        parse_policy_document(fleet_doc(colour="red"), fleet=True)
+    assert info.value.errors[0].endswith(", mode, hosts")
+
+
+def test_without_hosts() -> None:
+    plain = rule(dst_port=443, src_ip="10.0.0.0/8")
+    assert plain.without_hosts() is plain
+    (scoped,) = parse_policy_document(
+        fleet_doc(dst_port=443, src_ip="10.0.0.0/8", hosts={"role": "db"}), fleet=True
+    ).policies
+    local = scoped.without_hosts()
+    assert local.hosts is None
+    assert local.to_api() == plain.to_api() | {"rule_id": 7}
+    assert local == Rule.model_validate(local.to_api())
+    assert local.match_data() == scoped.match_data()
+    assert local.src_net == IPv4Network("10.0.0.0/8")
+    assert "hosts" not in local.model_fields_set
+    assert pickle.loads(pickle.dumps(local)) == local
+    assert scoped.hosts == {"role": "db"}  # the fleet rule is unchanged
+
+
+def test_model_copy_of_a_host_scoped_rule() -> None:
+    (scoped,) = parse_policy_document(fleet_doc(hosts={"role": "db"}), fleet=True).policies
+    assert scoped.model_copy(update={"priority": 5}).hosts == {"role": "db"}
+    assert scoped.model_copy(update={"hosts": None}).hosts is None
+    with pytest.raises(pydantic.ValidationError, match="host-scoped"):
+        rule().model_copy(update={"hosts": {"role": "db"}})
