@@ -12,6 +12,13 @@ from typing import Any, Final
 
 from pydantic.json_schema import models_json_schema
 
+from streamer.policy.labels import (
+    LABEL_KEY_MAX,
+    LABEL_KEY_PATTERN,
+    LABEL_VALUE_MAX,
+    LABEL_VALUE_PATTERN,
+    MAX_LABELS,
+)
 from streamer.policy.model import GROUP_NAME_PATTERN, MAX_RULE_ID, PolicySet, Rule
 from streamer.vocabulary import PACKET_DIRECTIONS, VERDICTS, Protocol
 
@@ -139,7 +146,12 @@ def _model_schemas() -> dict[str, Any]:
     )
     defs: dict[str, Any] = doc["$defs"]
     rule = defs["Rule"]
-    rule["description"] = "A policy rule (docs/contract.md §2). Unknown fields are rejected."
+    rule["description"] = (
+        "A policy rule (docs/contract.md §2). Unknown fields are rejected, and so is hosts "
+        "(fleet documents only: FleetRule)."
+    )
+    # Fleet-only (contract §7): the local API refuses it; FleetRule below describes it.
+    rule["properties"].pop("hosts")
     for name in ("src_ip", "dst_ip"):
         rule["properties"][name] = {**_IP_SCHEMA, "default": "any"}
     for name in ("src_port", "dst_port"):
@@ -156,7 +168,7 @@ def _model_schemas() -> dict[str, Any]:
         "additionalProperties": False,
         "description": "An address group (docs/contract.md §5): addresses and CIDRs of both "
         "families; an empty group matches nothing. select (label groups) needs fleet mode "
-        "and is refused.",
+        "and is refused (FleetGroup).",
     }
     defs["PolicySet"]["properties"]["groups"] = {
         "type": "object",
@@ -192,7 +204,61 @@ def _model_schemas() -> dict[str, Any]:
     written["properties"]["pending"] = _PENDING
     written["description"] = "The rule a write applied, with `pending` under ?confirm_within."
     defs["RuleWritten"] = written
+    defs.update(_fleet_schemas(rule, defs["Group"], defs["PolicySet"]))
     return defs
+
+
+def _fleet_schemas(
+    rule: dict[str, Any], group: dict[str, Any], policy_set: dict[str, Any]
+) -> dict[str, Any]:
+    """The fleet document's forms (contract §7, `microseg fleet apply`): a rule with `hosts`,
+    a group with `select`. No route of this API takes them: the local API refuses both."""
+    selector = {
+        "type": "object",
+        "propertyNames": {"pattern": LABEL_KEY_PATTERN, "maxLength": LABEL_KEY_MAX},
+        "additionalProperties": {
+            "type": "string",
+            "pattern": LABEL_VALUE_PATTERN,
+            "maxLength": LABEL_VALUE_MAX,
+        },
+        "maxProperties": MAX_LABELS,
+        "description": "host labels, KEY: VALUE (keys [PREFIX/]NAME, NAME and values of "
+        'letters, digits, "-", "_", ".", starting and ending with a letter or digit; a value '
+        "may be empty); a selector matches a host when every pair is among its labels, {} "
+        "matches every host",
+        "examples": [{"role": "db", "env": "prod"}],
+    }
+    fleet_rule = copy.deepcopy(rule)
+    fleet_rule["properties"]["hosts"] = {
+        **_ref("LabelSelector"),
+        "description": "fleet only: the hosts the rule applies on (left out: every host)",
+    }
+    fleet_rule["description"] = (
+        "A rule of a fleet policy document: a Rule, plus hosts. Local API writes refuse hosts."
+    )
+    fleet_group = copy.deepcopy(group)
+    fleet_group["properties"]["select"] = {
+        **_ref("LabelSelector"),
+        "description": "fleet only: the group also holds the addresses of every agent whose "
+        "labels match",
+    }
+    fleet_group["description"] = (
+        "A group of a fleet policy document (contract §5, §7): members, plus select. Local "
+        "API writes refuse select."
+    )
+    fleet_set = copy.deepcopy(policy_set)
+    fleet_set["properties"]["groups"]["additionalProperties"] = _ref("FleetGroup")
+    fleet_set["properties"]["policies"]["items"] = _ref("FleetRule")
+    fleet_set["description"] = (
+        "A fleet policy document (microseg fleet apply): a PolicySet whose rules may give "
+        "hosts and groups select. Not taken by this API."
+    )
+    return {
+        "LabelSelector": selector,
+        "FleetRule": fleet_rule,
+        "FleetGroup": fleet_group,
+        "FleetPolicySet": fleet_set,
+    }
 
 
 def _schemas() -> dict[str, Any]:

@@ -27,8 +27,11 @@ from typing import Any, Final
 
 __all__ = [
     "HOST_NAME_MAX",
+    "LABEL_KEY_MAX",
+    "LABEL_KEY_PATTERN",
     "LABEL_NAME_MAX",
     "LABEL_VALUE_MAX",
+    "LABEL_VALUE_PATTERN",
     "MAX_LABELS",
     "check_host_name",
     "check_label_key",
@@ -45,9 +48,16 @@ LABEL_PREFIX_MAX: Final = 253
 MAX_LABELS: Final = 32
 HOST_NAME_MAX: Final = 253
 
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_NAME: Final = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 _DNS_PART: Final = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
-_PREFIX_RE: Final = re.compile(rf"{_DNS_PART}(?:\.{_DNS_PART})*")
+_PREFIX: Final = rf"{_DNS_PART}(?:\.{_DNS_PART})*"
+_NAME_RE: Final = re.compile(_NAME)
+_PREFIX_RE: Final = re.compile(_PREFIX)
+# The same as JSON Schema patterns (the OpenAPI document); the prefix's 253 characters are a
+# separate bound there (LABEL_KEY_MAX).
+LABEL_KEY_PATTERN: Final = rf"^(?:{_PREFIX}/)?{_NAME}$"
+LABEL_VALUE_PATTERN: Final = rf"^(?:{_NAME})?$"
+LABEL_KEY_MAX: Final = LABEL_PREFIX_MAX + 1 + LABEL_NAME_MAX
 # A host name: dot-separated parts of 1..63 letters, digits, "-" and "_", each starting and
 # ending with a letter or digit (what hostnames and Kafka keys of the fleet look like).
 _HOST_PART: Final = r"[A-Za-z0-9](?:[-A-Za-z0-9_]{0,61}[A-Za-z0-9])?"
@@ -79,7 +89,7 @@ def _show(value: Any) -> str:
 
 def _key_ok(key: str) -> bool:
     prefix, slash, name = key.rpartition("/")
-    if len(name) > LABEL_NAME_MAX or not _NAME_RE.fullmatch(name):
+    if not _NAME_RE.fullmatch(name):
         return False
     if slash:
         return len(prefix) <= LABEL_PREFIX_MAX and _PREFIX_RE.fullmatch(prefix) is not None
@@ -100,7 +110,7 @@ def check_label_value(key: str, value: Any) -> str:
     if value.__class__ is not str:
         hint = f' (write it as a string: "{value}")' if isinstance(value, (int, float)) else ""
         raise ValueError(f"{key}: {_show(value)} is not a string{hint}: {_VALUE_HINT}")
-    if value and (len(value) > LABEL_VALUE_MAX or not _NAME_RE.fullmatch(value)):
+    if value and not _NAME_RE.fullmatch(value):
         raise ValueError(f"{key}: {_show(value)} is not a label value: {_VALUE_HINT}")
     return str(value)
 
