@@ -226,7 +226,11 @@ def test_catch_up_after_downtime_and_a_broker_outage(
             assert "cannot be used" in proc.stderr, proc.stderr
         g5 = fleet.apply({"default_action": "allow", "policies": [{**rule, "dst_port": P3}]})
         assert g5 == g4 + 1, "the failed apply must not have published anything"
-        fleet.wait_converged(["a", "b"], g5, timeout=60)
+        try:
+            fleet.wait_converged(["a", "b"], g5, timeout=60)
+        except AssertionError:
+            print("A LOG:\n" + a.log[-6000:])
+            raise
         expect_ports(lab1, {P1: True, P2: True, P3: False}, "a after the outage")
         expect_ports(lab2, {P1: True, P2: True, P3: False}, "b after the outage")
         a.stop()

@@ -779,6 +779,9 @@ class StatusPublisher:
                 producer = await self._connect()
                 await producer.send_and_wait(self.topic, value, key=key)
         except (TimeoutError, KafkaError, OSError, FleetError) as e:
+            # A fresh producer next time: one whose send timed out can stay stuck behind that
+            # batch after the broker returns (seen with an idempotent producer and a restart).
+            await self.close()
             if not self._failing:
                 self._failing = True
                 log.warning(
