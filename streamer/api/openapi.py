@@ -541,6 +541,34 @@ def _schemas() -> dict[str, Any]:
                         ],
                         "description": "the change waiting for its confirmation, or null",
                     },
+                    "fleet": {
+                        "anyOf": [
+                            {"type": "null"},
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "bootstrap": {"type": "string"},
+                                    "policy_topic": {"type": "string"},
+                                    "agents_topic": {"type": "string"},
+                                    "host": {"type": "string"},
+                                    "labels": {
+                                        "type": "object",
+                                        "additionalProperties": {"type": "string"},
+                                    },
+                                    "addresses": {"type": "array", "items": {"type": "string"}},
+                                    "generation": _COUNT,
+                                    "state": {"enum": ["enforcing", "error"]},
+                                    "error": {"type": ["string", "null"]},
+                                    "connected": {"type": "boolean"},
+                                    "agents": {"type": "array", "items": {"type": "string"}},
+                                    "confirm_deadline": {"type": ["number", "null"]},
+                                },
+                                "required": ["host", "labels", "generation", "state"],
+                            },
+                        ],
+                        "description": "fleet mode (contract §7): this host in the fleet and "
+                        "the fleet generation it enforces; null outside fleet mode",
+                    },
                     "flow_sources": {
                         "type": "array",
                         "items": {"type": "string", "enum": ["local", "fleet"]},
@@ -621,7 +649,8 @@ _ERRORS: Final[dict[int, str]] = {
     401: "No or wrong bearer token",
     403: "A write whose Origin is not the API's own (cross-site request)",
     404: "No rule with this rule_id, or no group of this name",
-    409: "A rule with this rule_id exists already, or (in_use) rules name the group",
+    409: "A rule with this rule_id exists already, or (in_use) rules name the group; (managed) "
+    "a write to an agent in fleet mode, whose policy the fleet decides",
     413: "The body is too large",
     415: "The body is not application/json",
     421: "The Host header names neither the API's address nor localhost (DNS rebinding)",
