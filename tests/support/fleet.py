@@ -98,6 +98,16 @@ class Fleet:
         assert "Traceback" not in proc.stderr, proc.stderr
         return proc
 
+    def flows(self, *filters: str) -> list[dict[str, Any]]:
+        """Every record on the flows topic that `fleet observe --last 10000 FILTERS` prints."""
+        argv = [sys.executable, "-m", "streamer", "fleet", "observe", "--fleet", self.bootstrap]
+        argv += ["--flows-topic", self.flows_topic, "--last", "10000", "-o", "json", *filters]
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=60, cwd=REPO, check=False
+        )
+        assert proc.returncode == 0, proc.stderr
+        return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
     def write(self, doc: Mapping[str, Any]) -> Path:
         self._docs += 1
         path = self.tmp_path / f"fleet-policy-{self._docs}.json"
