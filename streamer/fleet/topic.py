@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -344,6 +344,25 @@ def _newer(rec: PolicyRecord | None, than: PolicyRecord | None) -> bool:
 # ---- the writer ----------------------------------------------------------------------------------
 
 
+class _Closing:
+    """`async with` for the clients below that connect lazily: entering does nothing, leaving
+    closes (`close()`)."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
 class PolicyWriter:
     """Publishes policy generations (the `microseg fleet` CLI's side). Async context
     manager: entering ensures both topics and starts the transactional producer (id
@@ -599,7 +618,7 @@ class PolicyWriter:
 # ---- the reader ----------------------------------------------------------------------------------
 
 
-class PolicyReader:
+class PolicyReader(_Closing):
     """Follows the policy topic (an agent's side). Async context manager; connecting happens
     in `records()`, which waits for the brokers and for the topic to exist, and survives the
     brokers going away (it reconnects and goes on from where it was).
@@ -622,17 +641,6 @@ class PolicyReader:
         self._consumer: AIOKafkaConsumer | None = None
         self._positions: dict[TopicPartition, int] = {}
         self._waiting_logged = False
-
-    async def __aenter__(self) -> PolicyReader:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         consumer, self._consumer = self._consumer, None
@@ -726,7 +734,7 @@ class PolicyReader:
 # ---- agent status --------------------------------------------------------------------------------
 
 
-class StatusPublisher:
+class StatusPublisher(_Closing):
     """Publishes an agent's status to the agents topic (key: the host name). Async context
     manager; connects lazily, so the brokers may be away at start.
 
@@ -749,17 +757,6 @@ class StatusPublisher:
         self._producer: AIOKafkaProducer | None = None
         self._topic_ok = False
         self._failing = False
-
-    async def __aenter__(self) -> StatusPublisher:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         producer, self._producer = self._producer, None
@@ -830,7 +827,7 @@ def is_lost(status: AgentStatus, now: float, heartbeat_s: float = DEFAULT_HEARTB
     return now - status.heartbeat_at > LOST_AFTER_HEARTBEATS * heartbeat_s
 
 
-class FleetView:
+class FleetView(_Closing):
     """The fleet as the agents topic tells it (both the agents' and the CLI's side): run
     `run()` in a task group; `agents` holds every host's newest status (tombstones remove),
     `caught_up` is set once the topic was read to the end seen at the first connection.
@@ -875,17 +872,6 @@ class FleetView:
         # Fetch answers come every _FETCH_WAIT_MS when idle: silence longer than this (and
         # than a heartbeat) means the broker was away.
         return max(self.heartbeat_s, 4 * _FETCH_WAIT_MS / 1000)
-
-    async def __aenter__(self) -> FleetView:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         consumer, self._consumer = self._consumer, None
@@ -1030,25 +1016,23 @@ class FleetView:
         return tps
 
 
-async def snapshot(
-    bootstrap: str, topic: str = DEFAULT_AGENTS_TOPIC, timeout: float = 10.0
-) -> dict[str, AgentStatus]:
-    """Every host's newest status, the agents topic read to its end once (for the CLI; judge
-    lost with `is_lost`). An absent topic is an empty fleet. FleetError when the brokers do
-    not answer within `timeout` s."""
-    view = FleetView(bootstrap, topic)
-    consumer = _consumer(bootstrap, read_committed=False, request_timeout=timeout)
+async def _read_once(
+    bootstrap: str, topic: str, timeout: float, read_committed: bool, feed: Callable[[Any], None]
+) -> None:
+    """Read `topic` from its start to its end once, each record to `feed` (an absent topic
+    feeds nothing). FleetError when the brokers do not answer within `timeout` s."""
+    consumer = _consumer(bootstrap, read_committed=read_committed, request_timeout=timeout)
     try:
         async with asyncio.timeout(timeout):
             await consumer.start()
             tps = await _topic_partitions(consumer, topic)
             if tps is None:
-                return {}
+                return
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             async for recs in _read_to_end(consumer, tps):
                 for msg in recs:
-                    view._feed(msg)
+                    feed(msg)
     except TimeoutError:
         raise FleetError(
             f"the Kafka brokers at {bootstrap} did not answer within {timeout:.0f}s"
@@ -1057,6 +1041,16 @@ async def snapshot(
         raise FleetError(f"cannot read {topic} on {bootstrap}: {_describe(e)}") from e
     finally:
         await _stop_quietly(consumer, 5.0)
+
+
+async def snapshot(
+    bootstrap: str, topic: str = DEFAULT_AGENTS_TOPIC, timeout: float = 10.0
+) -> dict[str, AgentStatus]:
+    """Every host's newest status, the agents topic read to its end once (for the CLI; judge
+    lost with `is_lost`). An absent topic is an empty fleet. FleetError when the brokers do
+    not answer within `timeout` s."""
+    view = FleetView(bootstrap, topic)
+    await _read_once(bootstrap, topic, timeout, False, view._feed)
     return view.agents
 
 
@@ -1067,24 +1061,5 @@ async def read_newest(
     fence a writer (`fleet get`, `fleet status`): no transactional id. None when the topic
     holds none or does not exist. FleetError when the brokers do not answer in `timeout` s."""
     newest = _Newest(lambda message: log.warning("%s", message))
-    consumer = _consumer(bootstrap, read_committed=True, request_timeout=timeout)
-    try:
-        async with asyncio.timeout(timeout):
-            await consumer.start()
-            tps = await _topic_partitions(consumer, topic)
-            if tps is None:
-                return None
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            async for recs in _read_to_end(consumer, tps):
-                for msg in recs:
-                    newest.feed(msg)
-    except TimeoutError:
-        raise FleetError(
-            f"the Kafka brokers at {bootstrap} did not answer within {timeout:.0f}s"
-        ) from None
-    except KafkaError as e:
-        raise FleetError(f"cannot read {topic} on {bootstrap}: {_describe(e)}") from e
-    finally:
-        await _stop_quietly(consumer, 5.0)
+    await _read_once(bootstrap, topic, timeout, True, newest.feed)
     return newest.record
