@@ -171,26 +171,37 @@ def _reach(lab: Lab, port: int) -> dict[Any, bool]:
     return {fam: ok for (fam, _), ok in reach(lab, {port: True}).items()}
 
 
+# Generation 1 of the two-agent tests: TCP to P1 denied on every host.
+DENY_P1: dict[str, Any] = {
+    "rule_id": 1,
+    "protocol": "tcp",
+    "dst_port": P1,
+    "action": "deny",
+    "direction": "ingress",
+}
+
+
+def _pair(stack: ExitStack, fleet: Fleet, lab1: Lab, lab2: Lab) -> tuple[Any, Any, int]:
+    """Echo servers on both labs' hosts, agents `a` and `b` on them enforcing generation 1
+    (DENY_P1): (a, b, 1's generation)."""
+    for lab in (lab1, lab2):
+        stack.enter_context(echo_server(lab.host_ns, PORTS))
+    a = fleet.agent(lab1, "a", {"n": "1"})
+    b = fleet.agent(lab2, "b", {"n": "2"})
+    a.start()
+    b.start()
+    g1 = fleet.apply({"default_action": "allow", "policies": [DENY_P1]})
+    fleet.wait_converged(["a", "b"], g1)
+    return a, b, g1
+
+
 def test_catch_up_after_downtime_and_a_broker_outage(
     labs: list[Lab], fleet: Fleet, kafka_broker: KafkaBroker
 ) -> None:
     lab1, lab2, _ = labs
-    rule = {
-        "rule_id": 1,
-        "protocol": "tcp",
-        "dst_port": P1,
-        "action": "deny",
-        "direction": "ingress",
-    }
+    rule = DENY_P1
     with ExitStack() as stack:
-        for lab in (lab1, lab2):
-            stack.enter_context(echo_server(lab.host_ns, PORTS))
-        a = fleet.agent(lab1, "a", {"n": "1"})
-        b = fleet.agent(lab2, "b", {"n": "2"})
-        a.start()
-        b.start()
-        g1 = fleet.apply({"default_action": "allow", "policies": [rule]})
-        fleet.wait_converged(["a", "b"], g1)
+        a, b, _ = _pair(stack, fleet, lab1, lab2)
         expect_ports(lab2, {P1: False, P2: True}, "generation 1")
 
         # b is down (killed: its pins enforce on) during three generations; it catches up on
@@ -279,22 +290,9 @@ def test_bad_documents_and_bad_records(
     labs: list[Lab], fleet: Fleet, kafka_broker: KafkaBroker
 ) -> None:
     lab1, lab2, _ = labs
-    rule = {
-        "rule_id": 1,
-        "protocol": "tcp",
-        "dst_port": P1,
-        "action": "deny",
-        "direction": "ingress",
-    }
+    rule = DENY_P1
     with ExitStack() as stack:
-        for lab in (lab1, lab2):
-            stack.enter_context(echo_server(lab.host_ns, PORTS))
-        g1 = fleet.apply({"default_action": "allow", "policies": [rule]})
-        a = fleet.agent(lab1, "a")
-        b = fleet.agent(lab2, "b")
-        a.start()
-        b.start()
-        fleet.wait_converged(["a", "b"], g1)
+        a, b, g1 = _pair(stack, fleet, lab1, lab2)
         # Refused before anything is published: the CLI names the problem.
         unknown = {"rule_id": 2, "protocol": "tcp", "action": "allow", "src_group": "nope"}
         for bad, words in (
