@@ -39,6 +39,7 @@ from streamer.datapath.datapath import Datapath
 from streamer.datapath.ruletables import NeedsRecompile, TablesOutOfStep
 from streamer.events.enrich import Enricher
 from streamer.events.fleetfeed import FleetFeed
+from streamer.events.ocsf import EventFormat
 from streamer.events.pipeline import Pipeline, PipelineConfig, register_metrics, tune_gc
 from streamer.events.sinks.file import DEFAULT_KEEP, DEFAULT_MAX_BYTES, FileSinkConfig
 from streamer.events.sinks.kafka import DEFAULT_SPOOL_MAX_BYTES, DEFAULT_TOPIC, KafkaSinkConfig
@@ -77,9 +78,11 @@ class AgentConfig:
     events_file: Path | None = None
     events_file_max_bytes: int = DEFAULT_MAX_BYTES
     events_file_keep: int = DEFAULT_KEEP
+    events_file_format: EventFormat = "microseg"
     kafka: str | None = None  # HOST:PORT[,HOST:PORT...]
     kafka_topic: str = DEFAULT_TOPIC
     kafka_spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
+    kafka_format: EventFormat = "microseg"
     flow_feed_queue: int = 4096
     keep_on_exit: bool = False
     stats_interval: float = 0.0
@@ -326,7 +329,12 @@ class Agent:
     def pipeline_config(self) -> PipelineConfig:
         cfg = self.config
         return PipelineConfig(
-            file=FileSinkConfig(cfg.events_file, cfg.events_file_max_bytes, cfg.events_file_keep)
+            file=FileSinkConfig(
+                cfg.events_file,
+                cfg.events_file_max_bytes,
+                cfg.events_file_keep,
+                format=cfg.events_file_format,
+            )
             if cfg.events_file is not None
             else None,
             kafka=KafkaSinkConfig(
@@ -334,6 +342,7 @@ class Agent:
                 topic=cfg.kafka_topic,
                 spool_dir=cfg.state_dir / "spool",
                 spool_max_bytes=cfg.kafka_spool_max_bytes,
+                format=cfg.kafka_format,
             )
             if cfg.kafka
             else None,

@@ -13,6 +13,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 from streamer import __version__
 from streamer.agent.pressure import PressureConfig
@@ -27,6 +28,7 @@ from streamer.cli.policy import add_policy_parser
 from streamer.cli.sessions import add_session_parser
 from streamer.cli.stats import add_stats_parser
 from streamer.datapath.reference import Timeouts
+from streamer.events.ocsf import EVENT_FORMATS, EventFormat
 from streamer.fleet.config import FleetConfig
 from streamer.fleet.records import DEFAULT_AGENTS_TOPIC, DEFAULT_HEARTBEAT_S, DEFAULT_POLICY_TOPIC
 from streamer.policy.failsafe import DEFAULT_FAILSAFE, parse_failsafe
@@ -81,6 +83,19 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=5,
         metavar="N",
         help="rotated events files kept (F.1 ... F.N)",
+    )
+    p.add_argument(
+        "--events-file-format",
+        choices=EVENT_FORMATS,
+        help="records in the events file: microseg (contract §4) or ocsf (OCSF 1.3.0 events;"
+        " see README); default --event-format's",
+    )
+    p.add_argument(
+        "--event-format",
+        choices=EVENT_FORMATS,
+        default="microseg",
+        help="the format of the events file and Kafka unless --events-file-format or"
+        " --kafka-format say otherwise (default microseg)",
     )
     p.add_argument(
         "--instance",
@@ -153,6 +168,12 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default="microseg.flows",
         type=argtypes.kafka_topic,
         help="topic for flow events (created if missing)",
+    )
+    p.add_argument(
+        "--kafka-format",
+        choices=EVENT_FORMATS,
+        help="Kafka record values: microseg (contract §4) or ocsf (OCSF 1.3.0 events);"
+        " default --event-format's",
     )
     p.add_argument(
         "--kafka-spool-max-bytes",
@@ -335,6 +356,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ValueError, argparse.ArgumentTypeError) as e:
         print(f"microseg run: {e}", file=sys.stderr)
         return 2
+    # argparse's choices checked them: one of EVENT_FORMATS.
+    events_file_format = cast(EventFormat, args.events_file_format or args.event_format)
+    kafka_format = cast(EventFormat, args.kafka_format or args.event_format)
+    if kafka_format != "microseg" and fleet is not None and args.kafka is None:
+        # The fleet's flows topic feeds `fleet observe` and the viewer's fleet view, which
+        # read contract §4 records.
+        print(
+            "microseg run: --kafka-format ocsf with --fleet: the fleet's flows topic carries"
+            " microseg records; name another topic or broker for OCSF with --kafka",
+            file=sys.stderr,
+        )
+        return 2
     instance = args.instance or default_instance(args.netns)
     api = tuple(args.api or ["127.0.0.1:8080"])
     if "none" in api:
@@ -348,9 +381,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         events_file=args.events_file,
         events_file_max_bytes=args.events_file_max_bytes,
         events_file_keep=args.events_file_keep,
+        events_file_format=events_file_format,
         kafka=args.kafka or (fleet.bootstrap if fleet is not None else None),
         kafka_topic=args.kafka_topic,
         kafka_spool_max_bytes=args.kafka_spool_max_bytes,
+        kafka_format=kafka_format,
         flow_feed_queue=args.flow_feed_queue,
         keep_on_exit=args.keep_on_exit,
         stats_interval=args.stats_interval,

@@ -1,6 +1,7 @@
 """The file sink: one JSON object per line, rotated by size.
 
-In: a channel of Items. Out: `<path>`, and when it would grow past `max_bytes`, the older
+In: a channel of Items. Out: `<path>` (each record as it is, or as an OCSF event with
+`format="ocsf"`: streamer.events.ocsf), and when it would grow past `max_bytes`, the older
 lines move to `<path>.1` (`.1` to `.2`, ... up to `.keep`; beyond that they are deleted).
 Each batch taken from the queue is written and flushed at once (one write call when the
 batch is big). A write that fails (disk full, file removed under us) drops the
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from streamer.events.fanout import Channel, Item, RateLimitedLog
+from streamer.events.ocsf import EVENT_FORMATS, EventFormat, ocsf_items
 
 log = logging.getLogger("microseg.sink.file")
 
@@ -29,6 +31,11 @@ class FileSinkConfig:
     path: Path
     max_bytes: int = DEFAULT_MAX_BYTES  # 0: never rotate
     keep: int = DEFAULT_KEEP  # rotated files kept beside the live one
+    format: EventFormat = "microseg"  # ocsf: each record as an OCSF 1.3.0 event
+
+    def __post_init__(self) -> None:
+        if self.format not in EVENT_FORMATS:
+            raise ValueError(f"events file format {self.format!r}: not one of {EVENT_FORMATS}")
 
 
 class FileSink:
@@ -44,6 +51,7 @@ class FileSink:
         self._out: IO[bytes] | None = None
         self._size = 0
         self._ratelog = RateLimitedLog(log)
+        self._ocsf = config.format == "ocsf"
 
     def _open(self) -> IO[bytes]:
         if self._out is None:
@@ -106,6 +114,8 @@ class FileSink:
                 items = await channel.get_batch(4096)
                 if not items:
                     break
+                if self._ocsf:
+                    items = ocsf_items(items)
                 try:
                     self.write(items)
                 except OSError as e:

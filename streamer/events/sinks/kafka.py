@@ -1,13 +1,13 @@
 """The Kafka sink: flow events to a topic, with a spool on disk while the broker is away.
 
 In: a channel of Items. Out: one Kafka record per Item on `topic` (created if missing), key
-`<src_ip>-><dst_ip>`, value the JSON object; `acks=all`, idempotent producer, zstd (or lz4,
-else gzip) compression, batches sized by the round trip: a batch is closed and sent as soon as
-no request of ours is out (aiokafka keeps one request per broker in flight anyway), with what
-arrived meanwhile, and only while a batch or more is waiting does one more wait in the
-producer behind the one in flight; no fixed linger, so the wait adapts to the rate (tens of
-records a batch at a few thousand events/s, hundreds to thousands at 100,000/s: the slower the
-broker, the bigger and fewer its requests).
+`<src_ip>-><dst_ip>`, value the JSON object (or, `format="ocsf"`, its OCSF event); `acks=all`,
+idempotent producer, zstd (or lz4, else gzip) compression, batches sized by the round trip: a
+batch is closed and sent as soon as no request of ours is out (aiokafka keeps one request per
+broker in flight anyway), with what arrived meanwhile, and only while a batch or more is
+waiting does one more wait in the producer behind the one in flight; no fixed linger, so the
+wait adapts to the rate (tens of records a batch at a few thousand events/s, hundreds to
+thousands at 100,000/s: the slower the broker, the bigger and fewer its requests).
 
 Every record is either sent directly or, when it cannot be right now, appended to the spool;
 the spool is replayed, oldest first, whenever the broker acknowledges again, and records go
@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from streamer.events.fanout import Channel, Item, LostFactory, RateLimitedLog, count_events
+from streamer.events.ocsf import EVENT_FORMATS, EventFormat, ocsf_items
 from streamer.events.sinks.spool import Dropped, Rec, Record, Spool
 from streamer.events.tasks import own_cancel_only, raise_sole, stop_task
 
@@ -101,6 +102,13 @@ class KafkaSinkConfig:
     compression: str | None = None  # None: best_compression()
     client_id: str = field(default_factory=lambda: f"microseg-{socket.gethostname()}")
     stop_timeout: float = 5.0  # at stop: time to deliver what is still unacknowledged
+    # ocsf: each record's value an OCSF 1.3.0 event (streamer.events.ocsf), made as the sink
+    # takes it (records already in the spool go out as they were written).
+    format: EventFormat = "microseg"
+
+    def __post_init__(self) -> None:
+        if self.format not in EVENT_FORMATS:
+            raise ValueError(f"Kafka format {self.format!r}: not one of {EVENT_FORMATS}")
 
 
 @dataclass
@@ -170,6 +178,7 @@ class KafkaSink:
             # same (rate-limited) in its own words. `microseg -v` shows both.
             aiokafka_log.setLevel(logging.CRITICAL)
         self._make_lost = make_lost
+        self._ocsf = config.format == "ocsf"
         self.spool: Spool | None = None
         self._producer: Any = None
         self._partitions: list[int] = [0]
@@ -304,6 +313,8 @@ class KafkaSink:
             items = await channel.get_batch(await self._await_room(channel))
             if not items:
                 return
+            if self._ocsf:
+                items = ocsf_items(items)
             self.received += count_events(items)
             direct = self._direct_room()
             if direct >= len(items):
@@ -355,6 +366,8 @@ class KafkaSink:
         if self._make_lost is None:
             return
         item: Item = self._make_lost(lost, stage, first_seq, last_seq)
+        if self._ocsf:
+            item = ocsf_items([item])[0]
         heapq.heappush(self._retry, Rec(item.seq, item.weight, item.key, item.data))
         self._wake_pump.set()
 
