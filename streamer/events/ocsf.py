@@ -93,7 +93,7 @@ _ALERT_STATE: Final = {
     "resolved": (3, "Close", 4, "Resolved"),
 }
 # Record fields an alert's OCSF event carries in its own places (the rest go to unmapped).
-_ALERT_MAPPED: Final = frozenset({"schema", "type", "seq", "time", "severity", "message"})
+_ALERT_MAPPED: Final = frozenset({"schema", "type", "seq", "time", "host", "severity", "message"})
 
 # time text -> ms: the whole second's epoch value, cached (records come in bursts).
 _second_cache: tuple[str, int] = ("", 0)
