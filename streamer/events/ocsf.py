@@ -58,7 +58,8 @@ _REFUSE, _TRAFFIC = (5, "Refuse"), (6, "Traffic")
 def _outcome(
     activity: tuple[int, str], action: tuple[int, str], disp: tuple[int, str]
 ) -> dict[str, Any]:
-    """The fields one flow outcome fixes: activity, type, action and disposition."""
+    """The fields one flow outcome fixes: class, activity, type, action, disposition, severity
+    (Informational: a flow is a policy decision, not a finding) and status."""
     return {
         "activity_id": activity[0],
         "activity_name": activity[1],
@@ -68,6 +69,14 @@ def _outcome(
         "action": action[1],
         "disposition_id": disp[0],
         "disposition": disp[1],
+        "category_uid": 4,
+        "category_name": "Network Activity",
+        "class_uid": 4001,
+        "class_name": "Network Activity",
+        "severity_id": 1,
+        "severity": "Informational",
+        "status_id": 1,
+        "status": "Success",
     }
 
 
@@ -76,7 +85,6 @@ _LOG: Final = _outcome(_TRAFFIC, (1, "Allowed"), (17, "Logged"))
 _WOULD_DENY: Final = _outcome(_TRAFFIC, (1, "Allowed"), (15, "Detected"))
 _ALLOWED: Final = _outcome(_TRAFFIC, (1, "Allowed"), (1, "Allowed"))
 
-_DIRECTION: Final = {"ingress": (1, "Inbound"), "egress": (2, "Outbound")}
 _TCP_FLAGS: Final = {text: bits for bits, text in enumerate(_FLAG_TEXT)}
 # Protocols whose ports are ports (ICMP's are the echo identifier, or 0: kept in unmapped).
 _PORTED: Final = frozenset({"tcp", "udp"})
@@ -160,74 +168,92 @@ def _firewall_rule(rule: Any) -> dict[str, Any]:
 
 
 def _flow(r: dict[str, Any]) -> dict[str, Any]:
-    verdict = r.get("verdict")
+    # One dict literal and few lookups: this runs per event on a sink whose format is ocsf.
+    verdict = r["verdict"]
     staged = r.get("staged")
-    staged_verdict = staged.get("verdict") if isinstance(staged, dict) else None
-    rule = r.get("rule")
+    rule = r["rule"]
     if verdict == "deny":
-        out = dict(_DENY)
-    elif staged_verdict == "deny":
-        out = dict(_WOULD_DENY)
-        rule = staged.get("rule")  # type: ignore[union-attr]  # the rule that would deny
+        outcome = _DENY
+    elif staged is not None and staged["verdict"] == "deny":
+        outcome = _WOULD_DENY
+        rule = staged["rule"]  # the rule that would deny
     elif verdict == "log":
-        out = dict(_LOG)
+        outcome = _LOG
     else:
-        out = dict(_ALLOWED)
+        outcome = _ALLOWED
     host = r.get("host")
-    out["category_uid"] = 4
-    out["category_name"] = "Network Activity"
-    out["class_uid"] = 4001
-    out["class_name"] = "Network Activity"
-    out["severity_id"] = 1
-    out["severity"] = "Informational"
-    out["status_id"] = 1
-    out["status"] = "Success"
-    out["time"] = epoch_ms(r["time"])
-    out["metadata"] = _metadata(r, _FLOW_PROFILES_HOST if host else _FLOW_PROFILES)
-    proto = r.get("protocol")
+    proto = r["protocol"]
     src: dict[str, Any] = {"ip": r["src_ip"]}
     dst: dict[str, Any] = {"ip": r["dst_ip"]}
     unmapped: dict[str, Any] = {
         "verdict": verdict,
-        "rule": r.get("rule"),
-        "kind": r.get("kind"),
-        "policy_generation": r.get("policy_generation"),
+        "rule": r["rule"],
+        "kind": r["kind"],
+        "policy_generation": r["policy_generation"],
     }
     if proto in _PORTED:
-        src["port"] = r.get("src_port")
-        dst["port"] = r.get("dst_port")
-    elif r.get("src_port") or r.get("dst_port"):
+        src["port"] = r["src_port"]
+        dst["port"] = r["dst_port"]
+    elif r["src_port"] or r["dst_port"]:
         # ICMP echo: the identifier in both ports (contract §4); it is no port.
-        key = "icmp_echo_id" if proto in _ICMP else "ports"
-        unmapped[key] = r.get("src_port") if proto in _ICMP else [r["src_port"], r["dst_port"]]
-    direction = _DIRECTION.get(r.get("direction", ""), (0, "Unknown"))
+        if proto in _ICMP:
+            unmapped["icmp_echo_id"] = r["src_port"]
+        else:
+            unmapped["ports"] = [r["src_port"], r["dst_port"]]
+    direction = _DIRECTION.get(r["direction"], _NO_DIRECTION)
     iface = r.get("iface")
     if iface:
         # The interface is the host's: the destination's for a flow coming in, else the source's.
-        (dst if direction[0] == 1 else src)["interface_name"] = iface
-    out["src_endpoint"] = src
-    out["dst_endpoint"] = dst
-    conn: dict[str, Any] = {"direction_id": direction[0], "direction": direction[1]}
-    num = PROTOCOL_NUMBERS.get(proto) if isinstance(proto, str) else None
-    if num is not None:
-        conn["protocol_num"] = num
-        conn["protocol_name"] = proto
-    elif isinstance(proto, str) and proto.isdigit():
-        conn["protocol_num"] = int(proto)
+        (dst if direction is _INBOUND else src)["interface_name"] = iface
+    conn = _CONNECTIONS.get((direction, proto))
+    if conn is None:
+        conn = _connection(direction, proto)
     flags = r.get("tcp_flags")
     if flags is not None:
-        conn["tcp_flags"] = _TCP_FLAGS.get(flags, 0)
-    out["connection_info"] = conn
-    traffic = {k: r[k] for k in ("packets", "bytes") if isinstance(r.get(k), int)}
-    if traffic:
-        out["traffic"] = traffic
-    out["firewall_rule"] = _firewall_rule(rule)
+        conn = {**conn, "tcp_flags": _TCP_FLAGS.get(flags, 0)}
+    meta: dict[str, Any] = {
+        "version": OCSF_VERSION,
+        "product": PRODUCT,
+        "profiles": _FLOW_PROFILES_HOST if host else _FLOW_PROFILES,
+        "original_time": r["time"],
+        "sequence": r["seq"],
+    }
+    out = {
+        **outcome,
+        "time": epoch_ms(r["time"]),
+        "metadata": meta,
+        "src_endpoint": src,
+        "dst_endpoint": dst,
+        "connection_info": conn,
+        "traffic": {"packets": r["packets"], "bytes": r["bytes"]},
+        "firewall_rule": _firewall_rule(rule),
+    }
     if host:
         out["device"] = _device(host)
     if staged is not None:
         unmapped["staged"] = staged
     out["unmapped"] = unmapped
     return out
+
+
+_INBOUND: Final = (1, "Inbound")
+_DIRECTION: Final = {"ingress": _INBOUND, "egress": (2, "Outbound")}
+_NO_DIRECTION: Final = (0, "Unknown")
+# (direction, protocol) -> connection_info without tcp_flags (shared: never changed).
+_CONNECTIONS: dict[tuple[tuple[int, str], str], dict[str, Any]] = {}
+
+
+def _connection(direction: tuple[int, str], proto: str) -> dict[str, Any]:
+    conn: dict[str, Any] = {"direction_id": direction[0], "direction": direction[1]}
+    num = PROTOCOL_NUMBERS.get(proto)
+    if num is not None:
+        conn["protocol_num"] = num
+        conn["protocol_name"] = proto
+    elif proto.isdigit():
+        conn["protocol_num"] = int(proto)
+    if len(_CONNECTIONS) < 1024:
+        _CONNECTIONS[(direction, proto)] = conn
+    return conn
 
 
 def _lost(r: dict[str, Any]) -> dict[str, Any]:
@@ -324,10 +350,107 @@ def to_ocsf(record: dict[str, Any]) -> dict[str, Any]:
     return _other(record)
 
 
+# ---- serialized, per event: templates ---------------------------------------------------------
+#
+# A TCP or UDP flow's event is, like the microseg record (streamer.events.enrich), the same
+# text for every event of one combination of the fields events repeat, with nine values put
+# in: the event of the first such record is made by `_flow`, serialized once with markers where
+# those values go, and kept as a template (about half the cost of making and serializing the
+# event each time). Anything else goes through `to_ocsf`.
+
+MAX_TEMPLATES = 4096
+_templates: dict[tuple[Any, ...], tuple[bytes, tuple[int, ...]]] = {}
+# Per-event values: (marker, format): strings are ip and time text (never needing escapes).
+_MARK_STR = ("@@ms-src@@", "@@ms-dst@@", "@@ms-otime@@")
+_MARK_INT = ("@@ms-time@@", "@@ms-seq@@", "@@ms-sport@@", "@@ms-dport@@", "@@ms-pk@@", "@@ms-by@@")
+
+
+def _rule_key(rule: Any) -> Any:
+    return tuple(rule.items()) if isinstance(rule, dict) else rule
+
+
+def _template(r: dict[str, Any]) -> tuple[bytes, tuple[int, ...]]:
+    """The serialized event of `r`'s combination, with %b/%d where the per-event values go, and
+    the order they go in (indexes into the values `_flow_bytes` makes)."""
+    marked = dict(r)
+    marked.update(
+        src_ip=_MARK_STR[0], dst_ip=_MARK_STR[1], src_port=0, dst_port=0, packets=0, bytes=0
+    )
+    ev = _flow(marked)
+    ev["time"] = _MARK_INT[0]
+    ev["metadata"] = {**ev["metadata"], "original_time": _MARK_STR[2], "sequence": _MARK_INT[1]}
+    ev["src_endpoint"] = {**ev["src_endpoint"], "port": _MARK_INT[2]}
+    ev["dst_endpoint"] = {**ev["dst_endpoint"], "port": _MARK_INT[3]}
+    ev["traffic"] = {"packets": _MARK_INT[4], "bytes": _MARK_INT[5]}
+    text = orjson.dumps(ev).replace(b"%", b"%%")
+    order: list[tuple[int, bytes, bytes]] = []
+    for m in _MARK_STR:
+        order.append((text.index(m.encode()), m.encode(), b"%b"))
+    for m in _MARK_INT:
+        quoted = b'"' + m.encode() + b'"'
+        order.append((text.index(quoted), quoted, b"%d"))
+    order.sort()
+    # The values go in the order the markers appear: record it as a permutation.
+    for _, mark, fmt in order:
+        text = text.replace(mark, fmt)
+    return text, tuple(_SLOT[mark] for _, mark, _ in order)
+
+
+_SLOT = {
+    m: i
+    for i, m in enumerate(
+        [m.encode() for m in _MARK_STR] + [b'"' + m.encode() + b'"' for m in _MARK_INT]
+    )
+}
+
+
+def _flow_bytes(r: dict[str, Any]) -> bytes:
+    """orjson.dumps(to_ocsf(r)) for a TCP or UDP flow, through its combination's template."""
+    rule = r["rule"]
+    staged = r.get("staged")
+    key = (
+        r["verdict"],
+        r["direction"],
+        r.get("iface"),
+        r["protocol"],
+        r.get("tcp_flags"),
+        r["kind"],
+        r["policy_generation"],
+        r.get("host"),
+        _rule_key(rule),
+        None if staged is None else (staged["verdict"], _rule_key(staged["rule"])),
+    )
+    found = _templates.get(key)
+    if found is None:
+        if len(_templates) >= MAX_TEMPLATES:
+            _templates.clear()
+        found = _templates[key] = _template(r)
+    tpl, order = found
+    t = r["time"]
+    values = (
+        r["src_ip"].encode(),
+        r["dst_ip"].encode(),
+        t.encode(),
+        epoch_ms(t),
+        r["seq"],
+        r["src_port"],
+        r["dst_port"],
+        r["packets"],
+        r["bytes"],
+    )
+    return tpl % tuple([values[i] for i in order])
+
+
+def to_ocsf_bytes(record: dict[str, Any]) -> bytes:
+    """`orjson.dumps(to_ocsf(record))`, the same text, cheaper for flows (templates)."""
+    if record.get("type") == "flow" and record.get("protocol") in _PORTED:
+        return _flow_bytes(record)
+    return orjson.dumps(to_ocsf(record))
+
+
 def ocsf_items(items: list[Item]) -> list[Item]:
     """`items` with their data as OCSF events (new Items; the given ones are shared)."""
-    dumps = orjson.dumps
     return [
-        Item(i.seq, i.weight, dumps(to_ocsf(i.obj)), i.key, i.born_ns, is_lost=i.is_lost)
+        Item(i.seq, i.weight, to_ocsf_bytes(i.obj), i.key, i.born_ns, is_lost=i.is_lost)
         for i in items
     ]

@@ -23,7 +23,7 @@ from streamer.agent.pressure import AlertChange
 from streamer.events.decode import FlowEvent
 from streamer.events.enrich import Enricher
 from streamer.events.fanout import Channel, make_item
-from streamer.events.ocsf import epoch_ms, ocsf_items, to_ocsf
+from streamer.events.ocsf import epoch_ms, ocsf_items, to_ocsf, to_ocsf_bytes
 from streamer.events.sinks.file import FileSink, FileSinkConfig
 from streamer.events.sinks.kafka import KafkaSinkConfig
 from streamer.policy.model import parse_policy_document
@@ -423,3 +423,24 @@ def test_event_format_flags(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> Non
     # The fleet's flows topic stays microseg: `fleet observe` and the fleet view read it.
     rc = main(["run", "--iface", "lo", "--fleet", "127.0.0.1:9", "--kafka-format", "ocsf"])
     assert rc == 2 and "--kafka-format ocsf with --fleet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host", "no-host"])
+def test_the_serialized_event_is_to_ocsfs_whatever_the_path(host: bool) -> None:
+    """`to_ocsf_bytes` (what the sinks write: templates for TCP and UDP flows) is byte for byte
+    `orjson.dumps(to_ocsf(record))`, for every record kind, also once its template exists."""
+    en = enricher()
+    records = [
+        en.enrich(event(proto, **FLOWS[outcome], src_port=1000 + n, packets=n))
+        for n, (proto, outcome) in enumerate(
+            (p, o) for p in PROTOCOLS for o in FLOWS for _ in range(2)
+        )
+    ]
+    en.add_interfaces({3: "v%d"})  # a '%' in the template's text stays as it is
+    records += [en.enrich(event("udp", direction="egress", ifindex=3))]
+    records += [en.lost_record(3, "kernel"), *alert_records(en).values()]
+    for record in records:
+        record = record if host else without_host(record)
+        text = to_ocsf_bytes(record)
+        assert text == orjson.dumps(to_ocsf(record)), record
+        ocsf_valid(json.loads(text))
