@@ -23,7 +23,8 @@ of another type is a Base Event with the whole record under `unmapped` (never dr
 
 `ocsf_items` is what a sink whose format is `ocsf` applies to each batch it takes: new Items
 (same seq, weight, key), the input left as it is (the fan-out shares Items between sinks).
-`to_ocsf` never changes the record; the event it returns may share nested objects with it.
+`to_ocsf` never changes the record; the event it returns may share nested objects with it and
+with other events (read them, do not change them).
 """
 
 from __future__ import annotations
