@@ -92,6 +92,17 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}"
 fi
 
+# --- the alert rules' tests -------------------------------------------------------------
+# Debian's prometheus gives promtool (`promtool check rules` / `test rules` on
+# deploy/prometheus/) and the server a test runs against a real agent
+# (tests/test_deploy_prometheus.py; it listens on a port of its own, not the package's 9090).
+if [ "${SETUP_IMAGE:-0}" != 1 ]; then
+    mapfile -t missing < <(missing_packages prometheus)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        apt_install "${missing[@]}"
+    fi
+fi
+
 # --- Java and Maven, for the local Kafka (make kafka, tests) -------------------------------
 if [ "${SETUP_IMAGE:-0}" != 1 ]; then  # (not in an image: compose runs Kafka's own)
 # Usually preinstalled. Kafka 4 needs Java 17 or newer; scripts/kafka.sh also finds a JDK 17

@@ -84,6 +84,9 @@ async def test_kernel_failure_is_503_and_changes_nothing(make_api: Factory) -> N
     assert api.store.generation == gen == api.dp.active()[0]
     assert api.store.path.read_bytes() == disk
     assert [r.rule_id for r in api.store.policy.policies] == [95]
+    # Both refusals are counted on /metrics (the alert MicrosegPolicyApplyFailures).
+    _, text, _ = await api.call("GET", "/metrics", auth=False)
+    assert "\nmicroseg_policy_apply_failures_total 2.0\n" in text, text
 
 
 async def test_a_write_whose_request_is_cancelled_is_awaited_as_the_api_closes(

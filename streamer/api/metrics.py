@@ -186,6 +186,12 @@ class MicrosegCollector(Collector):
         yield GaugeMetricFamily(
             "microseg_policy_generation", "Generation of the applied policy set", value=generation
         )
+        yield CounterMetricFamily(
+            "microseg_policy_apply_failures",
+            "Policy changes the kernel, the classifier's compiler or the disk refused (nothing "
+            "changed); requests refused as invalid are not counted",
+            value=self._store.apply_failures,
+        )
         events = CounterMetricFamily(
             "microseg_events", "Flow events, sent or lost anywhere", labels=["result"]
         )

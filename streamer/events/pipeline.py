@@ -286,6 +286,12 @@ class PipelineCollector:
             yield GaugeMetricFamily(
                 "microseg_kafka_spool_bytes", "Bytes in the Kafka spool", value=k["spool_bytes"]
             )
+            # The spool's bound (--kafka-spool-max-bytes): what "spool filling" is measured to.
+            yield GaugeMetricFamily(
+                "microseg_kafka_spool_capacity_bytes",
+                "Size the Kafka spool may grow to before its oldest records are dropped",
+                value=k["spool_max_bytes"],
+            )
             yield GaugeMetricFamily(
                 "microseg_kafka_spool_records",
                 "Records in the Kafka spool",

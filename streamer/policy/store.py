@@ -401,6 +401,9 @@ class PolicyStore:
         self.pending_changed = asyncio.Event()
         # In fleet mode: what decides the policy (local writes are refused with it).
         self.managed_by: str | None = None
+        # Changes the kernel (or the classifier's compiler) or the disk refused since start
+        # (`microseg_policy_apply_failures_total`); refusals of a bad request are not counted.
+        self.apply_failures = 0
 
     @property
     def path(self) -> Path:
@@ -840,8 +843,11 @@ class PolicyStore:
             else:
                 gen = self._apply(state.after(e), None)
         except StoreError:
+            # The applier's own refusal (a set the classifier cannot hold): still a failure.
+            self.apply_failures += 1
             raise
         except Exception as exc:
+            self.apply_failures += 1
             raise ApplyFailed(f"the kernel refused the policy, nothing changed: {exc}") from exc
         try:
             if pend is not None:
@@ -853,6 +859,7 @@ class PolicyStore:
                 self.journal.append(dict(e.record, generation=gen))
         except OSError as exc:
             # The disk said no: put the kernel back so both stay on the old set.
+            self.apply_failures += 1
             self._apply(state.policy_set(), None)
             if pend is not None:
                 with contextlib.suppress(OSError):
@@ -895,6 +902,7 @@ class PolicyStore:
             try:
                 await asyncio.to_thread(clear_pending, self.state_dir)
             except OSError as exc:
+                self.apply_failures += 1
                 raise ApplyFailed(
                     f"recording the confirmation failed; generation {generation} is still "
                     f"pending: {exc}"
