@@ -63,14 +63,16 @@ def _anchors(markdown: str) -> set[str]:
     return out
 
 
-def dashboard_exprs() -> list[str]:
-    """Every query of the dashboard: the panels' targets and the template variables'."""
+def dashboard_exprs(variables: bool = True) -> list[str]:
+    """Every PromQL query of the dashboard's panels, and (`variables`) its template variables'
+    queries (Grafana's `label_values(...)`, not PromQL)."""
     doc = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
-    for var in doc["templating"]["list"]:
-        if var.get("type") == "query":
-            q = var["query"]
-            exprs.append(q["query"] if isinstance(q, dict) else q)
+    if variables:
+        for var in doc["templating"]["list"]:
+            if var.get("type") == "query":
+                q = var["query"]
+                exprs.append(q["query"] if isinstance(q, dict) else q)
     return exprs
 
 
@@ -185,6 +187,13 @@ def test_a_real_prometheus_scraping_a_real_agent_fires_the_alerts(
         prom.wait_evaluations(3)
         assert prom.firing("MicrosegAgentDown") == []
         assert prom.firing("MicrosegPolicyApplyFailures") == []
+        # Every dashboard query parses and evaluates here, as Grafana would send it.
+        for expr in dashboard_exprs(variables=False):
+            grafana = {"$instance": ".*", "$host": ".*", "$__rate_interval": "5s"}
+            for var, value in grafana.items():
+                expr = expr.replace(var, value)
+            prom.query(expr)
+        assert prom.query("microseg_packets_total")["result"], "the agent's series are not in"
 
         r = api.call("PUT", "/policies", TOO_MANY_SHAPES)
         assert r.status == 400 and "rule shapes" in r.body["message"], str(r)

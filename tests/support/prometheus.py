@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -124,6 +125,18 @@ class PrometheusServer:
         with urllib.request.urlopen(f"{self.url}/api/v1/{path}", timeout=5) as r:
             body = json.load(r)
         assert body.get("status") == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> Any:
+        """An instant query's `data` (AssertionError, with the server's error, when it does not
+        parse or evaluate)."""
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                body = json.load(r)
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"{expr}: {e.read().decode(errors='replace')}") from None
+        assert body.get("status") == "success", (expr, body)
         return body["data"]
 
     def alerts(self) -> list[dict[str, Any]]:
