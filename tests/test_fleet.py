@@ -17,6 +17,7 @@ runs it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from support.fleet import HEARTBEAT_S, Fleet
 from support.netutil import echo_server, expect_ports, wait_until
 
 from bench.kafkabroker import KafkaBroker, kcat_produce
+from streamer.fleet.topic import PolicyWriter
 from streamer.lab.lab import Lab
 
 PORTS = (P1, P2, P3)
@@ -319,6 +321,27 @@ def test_bad_documents_and_bad_records(
         ), fleet.agents()
         expect_ports(lab1, {P1: False, P2: True}, "a after the bad record: generation 1 stays")
         expect_ports(lab2, {P1: False, P2: True}, "b after the bad record: generation 1 stays")
+
+        # A generation no agent can take (a writer that skipped validation): refused by each,
+        # reported, nothing changes.
+        async def publish_invalid() -> int:
+            async with PolicyWriter(
+                fleet.bootstrap, fleet.policy_topic, agents_topic=fleet.agents_topic
+            ) as w:
+                doc = {"policies": [{**rule, "src_group": "nowhere"}]}
+                return (await w.publish(doc, base=None, actor="test")).generation
+
+        bad_gen = asyncio.run(publish_invalid())
+        for agent in (a, b):
+            agent.wait_log(rf"fleet generation {bad_gen}: .*nowhere", timeout=15)
+        assert wait_until(
+            lambda: all(
+                x["generation"] == g1 and x["state"] == "error" and "nowhere" in (x["error"] or "")
+                for x in fleet.agents().values()
+            ),
+            timeout=10,
+        ), fleet.agents()
+        expect_ports(lab2, {P1: False, P2: True}, "b after the invalid generation: 1 stays")
         # The next good generation clears it.
         g2 = fleet.apply({"default_action": "allow", "policies": [{**rule, "dst_port": P2}]})
         fleet.wait_converged(["a", "b"], g2)

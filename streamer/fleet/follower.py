@@ -109,6 +109,7 @@ class Follower:
         self._deadline_changed = asyncio.Event()
         self._stopping = False
         self._reverted = 0  # a generation this agent put back: not taken again unconfirmed
+        self._settled: PolicyRecord | None = None  # the record last taken (applied or not)
 
     # ---- state dir --------------------------------------------------------------------------
 
@@ -279,11 +280,17 @@ class Follower:
             self._wake.clear()
             record = self._latest
             if record is not None and self._is_news(record):
+                # Taken once, whatever comes of it: a generation refused here waits for the
+                # next one, and meanwhile members' changes still apply to the one in force.
+                self._settled = record
+                self._members_dirty = False  # the take scopes with the members as they are
                 await self._take(record)
             elif self._members_dirty:
                 await self._rescope()
 
     def _is_news(self, record: PolicyRecord) -> bool:
+        if record is self._settled:
+            return False
         gen = self.applied.generation
         if record.generation == self._reverted and not record.confirmed:
             return False
