@@ -1,6 +1,7 @@
 """`python -m bench`: the datapath micro-benchmarks (bench.datapath), the admin API benchmarks
 against a real agent (bench.api), flow events to Kafka (bench.events), then microseg side by
-side with nftables and with no filter on real traffic (bench.compare); `--only SUITE` runs one.
+side with nftables and with no filter on real traffic (bench.compare), a fleet of agents
+following one policy through Kafka (bench.fleet); `--only SUITE` runs one.
 
 In: argv (options in bench.common). Out: each suite's table on stdout, progress on stderr, the
 results of every suite run in one JSON file (--out); the exit status.
@@ -57,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return rc
     if args.only in (None, "compare"):
         rc = _run_compare(args, res)
+        if rc:
+            return rc
+    if args.only in (None, "fleet"):
+        rc = _run_fleet(args, res)
         if rc:
             return rc
     if args.only is not None:
@@ -159,9 +164,17 @@ def _run_compare(args: argparse.Namespace, res: dict[str, Any]) -> int:
     return 0
 
 
+def _run_fleet(args: argparse.Namespace, res: dict[str, Any]) -> int:
+    """The fleet suite (bench.fleet): prints its table, fills res["fleet"]; 0 or the status."""
+    from bench.fleet import render_fleet, run_fleet_bench, settings_for
+
+    settings = settings_for(args.quick, args.fleet_counts, args.fleet_changes, args.seed)
+    return _suite(res, "fleet", lambda: run_fleet_bench(settings, _progress), render_fleet, ())
+
+
 def _suite_of(key: str) -> str:
     """Which suite wrote a top-level key of the results file."""
-    return key if key in ("api", "events", "compare") else "datapath"
+    return key if key in ("api", "events", "compare", "fleet") else "datapath"
 
 
 def _keep_other_suite(out: Path, res: dict[str, Any], only: str) -> None:

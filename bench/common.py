@@ -3,8 +3,8 @@
 In: argv (`parser().parse_args`). Out: the options of every suite (--quick, --only, --out and
 each suite's own), and `BenchError`, which a suite raises when it cannot run or measured
 something other than what it meant to. This module imports no other bench module: the suites
-(bench.datapath, bench.api, bench.events, bench.compare) import it, and bench.__main__ imports
-them, so imports go one way.
+(bench.datapath, bench.api, bench.events, bench.compare, bench.fleet) import it, and
+bench.__main__ imports them, so imports go one way.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ RESULTS = Path(__file__).resolve().parent / "results.json"
 # A deny verdict's event per new flow must fit the ring buffer (1 MiB, 88 bytes a record)
 # between two drains, or the bench would time the cheaper "event lost" path.
 MAX_PACKETS = 10_000
-SUITES = ("datapath", "api", "events", "compare")
+SUITES = ("datapath", "api", "events", "compare", "fleet")
 
 
 class BenchError(RuntimeError):
@@ -121,4 +121,27 @@ def parser() -> argparse.ArgumentParser:
         help="rules in the whole-set PUT, the memory and start-up measurements of the API"
         " suite (default 100,000; --quick 1,000)",
     )
+    p.add_argument(
+        "--fleet-counts",
+        type=int_list(1, 50),
+        help="agent counts of the fleet suite's one-rule rows, comma-separated (default"
+        " 1,5,10,20; --quick 1,5); its big-set and label-group rows use at most the largest",
+    )
+    p.add_argument(
+        "--fleet-changes",
+        type=int_in(1, 1000),
+        help="one-rule changes per agent count in the fleet suite (default 20; --quick 5)",
+    )
     return p
+
+
+def int_list(lo: int, hi: int) -> Callable[[str], tuple[int, ...]]:
+    one = int_in(lo, hi)
+
+    def parse(text: str) -> tuple[int, ...]:
+        values = tuple(one(t.strip()) for t in text.split(",") if t.strip())
+        if not values:
+            raise argparse.ArgumentTypeError("give at least one number")
+        return values
+
+    return parse
