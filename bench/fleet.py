@@ -178,7 +178,7 @@ class FleetAgent:
         self.host = host
         self.labels = labels
         self.side = side
-        self.instance = f"bf{os.getpid()}x{FleetAgent._n}"
+        self.instance = f"bench-fleet-{os.getpid()}-{FleetAgent._n}"
         self.workdir = workdir / self.instance
         self.workdir.mkdir(parents=True)
         self.log_file = self.workdir / "agent.log"
@@ -451,6 +451,7 @@ class FleetBench:
         while len(self.agents) < count:
             lab = Lab.create()
             self.labs.append(lab)
+            self.progress(f"fleet: lab {lab.name} for db-{len(self.agents)}")
             self.echoes.append(EchoServer(lab.host_ns, [PORT]).start())
             i = len(self.agents)
             agent = FleetAgent(

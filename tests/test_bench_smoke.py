@@ -2,9 +2,11 @@
 
 Checks that it runs end to end on the real kernel, prints its tables (datapath, then the admin
 API against a real agent in a lab of its own, then flow events through the pipeline to a Kafka
-broker of its own, then microseg side by side with nftables and no filter on real traffic),
-writes its JSON and plot where --out says, removes its pinned maps, its labs and its broker,
-keeps the other suites' results on `--only`, and refuses bad options without a traceback.
+broker of its own, then microseg side by side with nftables and no filter on real traffic,
+then a fleet of agents following one policy through Kafka), writes its JSON and plot where
+--out says, removes its pinned maps, its labs and its broker, keeps the other suites' results
+on `--only`, and refuses bad options without a traceback. The fleet suite also runs alone
+with one agent and two changes.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def test_quick_run_prints_table_and_writes_json(tmp_path: Path) -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=420,
+        timeout=600,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -191,6 +193,10 @@ def test_quick_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     # Side by side on real traffic; the quick plot goes next to --out, not to docs/.
     _check_compare_results(res["compare"], proc.stdout, proc.stderr, out.with_suffix(".png"))
 
+    # The fleet: its quick rows (1 and 5 agents).
+    assert [r["agents"] for r in res["fleet"]["rows"]] == [1, 5]
+    assert "microseg fleet benchmarks" in proc.stdout
+
     # --only api: a new API section, the datapath results kept as they were.
     again = tmp_path / "again.json"
     shutil.copy(out, again)
@@ -203,12 +209,62 @@ def test_quick_run_prints_table_and_writes_json(tmp_path: Path) -> None:
     assert "Floor:" not in proc.stdout and "kept the datapath results" in proc.stdout
     assert "kept the events results" in proc.stdout
     assert "kept the compare results" in proc.stdout
+    assert "kept the fleet results" in proc.stdout
     res2 = json.loads(again.read_text())
     _check_api_results(res2["api"], proc.stdout, 5, 200)
     assert {k: v for k, v in res2.items() if k != "api"} == {
         k: v for k, v in res.items() if k != "api"
     }
     assert _bench_pins() <= pins_before
+
+
+def _check_fleet_results(fl: dict[str, Any], stdout: str, changes: int) -> None:
+    """A fleet section: every row, the big set, the group change, every target marked."""
+    for heading in (
+        "microseg fleet benchmarks",
+        "One-rule change",
+        "rules to 1 agent(s)",
+        "Label-group change at 1 agents",
+        "Targets",
+    ):
+        assert heading in stdout, f"{heading!r} missing from:\n{stdout}"
+    assert [r["agents"] for r in fl["rows"]] == [1]
+    row = fl["rows"][0]
+    assert row["convergence"]["n"] == changes and len(row["convergence_s"]) == changes
+    assert 0 <= row["convergence"]["p50_ms"] <= row["convergence"]["max_ms"]
+    assert row["agent_reported"]["n"] == changes
+    assert row["rss"]["max_mib"] > 0 and len(row["rss"]["each_mib"]) == 1
+    assert fl["big"]["agents"] == 1 and fl["big"]["converged_s"] >= 0
+    assert fl["big"]["rss"]["max_mib"] > 0
+    g = fl["group"]
+    for key in ("join_from_status", "join_from_start", "leave_from_tombstone"):
+        assert g[key]["n"] == 1, g
+    assert len(fl["targets"]) == 4
+    assert all(("met" if t["met"] else "NOT met") in stdout for t in fl["targets"])
+
+
+def test_fleet_suite_with_one_agent(tmp_path: Path) -> None:
+    """`--only fleet` with one agent and two changes: the table, the JSON, nothing left."""
+    out = tmp_path / "fleet.json"
+    pins_before = _bench_pins()
+    kafka_before = _kafka_dirs()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "fleet", "--fleet-counts", "1",
+         "--fleet-changes", "2", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    res = json.loads(out.read_text())
+    assert set(res) == {"fleet"} and res["fleet"]["meta"]["quick"] is True
+    _check_fleet_results(res["fleet"], proc.stdout, 2)
+    assert _bench_pins() <= pins_before, "the fleet bench left pins behind"
+    assert _kafka_dirs() <= kafka_before, "the fleet bench left its Kafka broker behind"
+    labs = re.findall(r"fleet: lab (\S+) for ", proc.stderr)
+    assert labs, proc.stderr[-2000:]
+    for lab in labs:
+        assert not Path(f"/run/netns/{lab}-host").exists(), f"lab {lab} left behind"
+    assert not list(Path(tempfile.gettempdir()).glob("microseg-bench-fleet-*"))
 
 
 def test_bad_option_is_a_clean_usage_error(tmp_path: Path) -> None:
