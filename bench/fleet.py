@@ -82,6 +82,7 @@ SETTLE_S = 0.3  # between a converged change and the next publication
 TARGET_P99_S = 1.0
 TARGET_BIG_S = 10.0
 TARGET_RSS_MIB = 250.0
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 _ENFORCED_RE = re.compile(r"fleet generation (\d+) enforced \(([\d.]+) s after its publication\)")
 
 
@@ -245,6 +246,16 @@ class FleetAgent:
             if line.startswith("VmRSS:"):
                 return round(int(line.split()[1]) / 1024, 1)
         raise BenchError(f"/proc/{self.proc.pid}/status has no VmRSS")
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the agent process has used so far (0 when gone)."""
+        if self.proc is None:
+            return 0.0
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM (a clean stop: its tombstone) and wait; SIGKILL after `timeout`."""
@@ -577,13 +588,16 @@ class FleetBench:
                 f"fleet: {n} agent(s): {self.s.big_rules:,} rules, run {run + 1}/{self.s.big_runs}"
                 " ..."
             )
+            cpu0 = sum(a.cpu_s() for a in self.agents[:n])
             c = await self.change(targets, one_rule_doc(big, self.deny), not self.deny)
             own = self._own(c["generation"], n, timeout=60)
+            cpu = sum(a.cpu_s() for a in self.agents[:n]) - cpu0
             runs.append({
                 "converged_s": round(c["converged_s"], 3),
                 "publish_s": c["publish_s"],
                 "per_lab_s": {k: round(v, 3) for k, v in sorted(c["per_lab_s"].items())},
                 "agent_reported_s": [round(x, 3) for x in own],
+                "agents_cpu_s": round(cpu, 1),
             })  # fmt: skip
         rss = _rss(self.agents[:n])
         return {
@@ -815,7 +829,8 @@ def render_fleet(res: dict[str, Any]) -> str:
         lines.append(
             f"  run {i + 1}: every agent enforcing {run['converged_s']:.2f} s after publish()"
             f" returned (publish {run['publish_s']:.2f} s); agents' own"
-            f" {min(own, default=0):.2f}-{max(own, default=0):.2f} s after publication"
+            f" {min(own, default=0):.2f}-{max(own, default=0):.2f} s after publication;"
+            f" the agents' CPU {run.get('agents_cpu_s', 0):.1f} s in all"
         )
     lines.append(f"  RSS max {b['rss']['max_mib']:.0f} MiB, median {b['rss']['median_mib']:.0f}")
     g = res["group"]
