@@ -62,8 +62,9 @@ run: setup
 	$(MICROSEG) run --netns "$$host_ns" --iface "$$host_if" --failsafe none $(RUN_ARGS)
 
 # Every suite (datapath micro-benchmarks, admin API, flow events to Kafka, side by side with
-# nftables on real traffic): tables on stdout, bench/results.json, docs/bench.png. About 21
-# minutes on 2 cores. BENCH_ARGS='--only compare' (or --quick, --compare-runs N, ...).
+# nftables on real traffic, a fleet of agents through Kafka): tables on stdout,
+# bench/results.json, docs/bench.png. About 26 minutes on 2 cores.
+# BENCH_ARGS='--only compare' (or --only fleet, --quick, --compare-runs N, ...).
 BENCH_ARGS ?=
 bench: setup
 	@exec $(PY) -m bench $(BENCH_ARGS)

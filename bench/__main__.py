@@ -31,8 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmarks; returns the exit status (0 done, 1 error, 2 usage, 130 interrupted).
 
     Every suite by default (the datapath's, the admin API's: bench.api, the flow events' to
-    Kafka: bench.events); `--only` picks one and keeps the others' sections of an existing
-    --out file.
+    Kafka: bench.events, side by side: bench.compare, the fleet: bench.fleet); `--only` picks
+    one and keeps the others' sections of an existing --out file.
     """
     args = parser().parse_args(argv)
     if os.geteuid() != 0:
