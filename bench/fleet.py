@@ -58,6 +58,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -83,6 +84,9 @@ TARGET_P99_S = 1.0
 TARGET_BIG_S = 10.0
 TARGET_RSS_MIB = 250.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Set when the run is interrupted (Ctrl-C, SIGTERM, an error): the waits in worker threads
+# (probes, agents starting) end at once, so asyncio.run's executor shutdown does not wait.
+_STOP = threading.Event()
 _ENFORCED_RE = re.compile(r"fleet generation (\d+) enforced \(([\d.]+) s after its publication\)")
 
 
@@ -291,6 +295,8 @@ def wait_enforcing(agents: Sequence[FleetAgent], timeout: float = START_TIMEOUT_
     deadline = time.monotonic() + timeout
     pending = list(agents)
     while pending:
+        if _STOP.is_set():
+            raise BenchError("interrupted")
         pending = [a for a in pending if not a.enforcing()]
         if not pending:
             return
@@ -340,6 +346,8 @@ def probe_until(
     try:
         while len(done) < len(targets):
             now = time.monotonic()
+            if _STOP.is_set():
+                raise BenchError("interrupted")
             if now > deadline:
                 missing = sorted(set(by_name) - set(done))
                 raise BenchError(
@@ -697,6 +705,13 @@ class FleetBench:
         }
 
     async def run(self) -> dict[str, Any]:
+        try:
+            return await self._run()
+        except BaseException:
+            _STOP.set()
+            raise
+
+    async def _run(self) -> dict[str, Any]:
         from streamer.fleet.topic import PolicyWriter
 
         async with PolicyWriter(
@@ -765,6 +780,7 @@ def run_fleet_bench(settings: FleetSettings, progress: Callable[[str], None]) ->
     pyroute2_config.disable_mp_signal = True
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
+    _STOP.clear()
     bench = FleetBench(settings, progress)
     try:
         bench.start_broker()
