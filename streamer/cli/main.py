@@ -18,6 +18,7 @@ from typing import cast
 from streamer import __version__
 from streamer.agent.pressure import PressureConfig
 from streamer.cli import argtypes
+from streamer.cli.config import ConfigError, RunConfig, config_path_in, load_run_config
 from streamer.cli.fleet import add_fleet_parsers
 from streamer.cli.group import add_group_parser
 from streamer.cli.lab import add_lab_parser
@@ -39,6 +40,13 @@ _TIMEOUT_CLASSES = [f.name for f in dataclasses.fields(Timeouts)]
 
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run the agent in the foreground")
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help='TOML file of these flags without -- (policy-file = "...", iface = ["eth0"]);'
+        " flags given here replace its keys (see examples/microseg.toml)",
+    )
     p.add_argument(
         "--iface",
         action="append",
@@ -483,9 +491,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    raise KeyError(name)
+
+
+def parse_command_line(argv: Sequence[str]) -> argparse.Namespace:
+    """`microseg` arguments -> the namespace its command runs with. `run --config FILE`: the
+    file's keys become run's defaults before the command line is parsed, so the flags given
+    replace them and the file satisfies required ones (--iface). ConfigError for a bad file;
+    argparse's SystemExit for bad flags."""
     parser = build_parser()
+    run_config: RunConfig | None = None
+    config_file = config_path_in(argv)
+    if config_file is not None:
+        run_config = load_run_config(config_file, _subparser(parser, "run"))
+        run_config.apply(_subparser(parser, "run"))
     args = parser.parse_args(argv)
+    if run_config is not None:
+        run_config.fill(args)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parse_command_line(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as e:
+        print(f"microseg run: --config {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
