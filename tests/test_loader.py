@@ -264,7 +264,7 @@ def test_the_build_leaves_nothing_behind(tmp_path: Path) -> None:
     assert {m.name: m.pin for m in built.maps}["sessions"] == "sessions"
     assert {m.name: m.inner for m in built.maps}["barrier"] == "barrier_inner"
     assert not list(Path("/tmp").glob(f"microseg-build-{proc.pid}-*"))
-    assert not list(Path("/sys/fs/bpf").glob(f".microseg-build-{proc.pid}-*"))
+    assert not list(Path("/sys/fs/bpf").glob(f"microseg-build-{proc.pid}-*"))
     mounts = Path("/proc/self/mounts").read_text()
     assert f"microseg-build-{proc.pid}-" not in mounts
     # the relocations patch every map reference: no instruction keeps a map fd of the build

@@ -83,7 +83,8 @@ def _private_bpffs() -> Iterator[Path]:
                 libc.umount2(str(tmp).encode(), _MNT_DETACH)
             return
         ensure_bpffs()
-        shared = Path("/sys/fs/bpf") / f".microseg-build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # bpffs refuses names with a dot (reserved by the kernel): no hidden-file name here.
+        shared = Path("/sys/fs/bpf") / f"microseg-build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         shared.mkdir()
         try:
             yield shared
