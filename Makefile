@@ -4,6 +4,7 @@
 #   make test [PYTEST_ARGS=…]  the whole suite, real kernel and real traffic
 #   make run [IFACE=eth0] [KAFKA=host:port] [STATE=dir] [POLICY=file]
 #   make bench | lint | clean
+#   make install [DESTDIR=root] [PREFIX=/opt/microseg] [WHEEL=file] | rollback | uninstall [PURGE=1]
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -23,10 +24,10 @@ TRAFFIC_LOG ?= $(STATE)/lab-traffic.log
 RUN_ARGS = --policy-file $(POLICY) --events-file $(STATE)/events.jsonl \
            --state-dir $(STATE) --stats-interval 5 --print-events $(if $(KAFKA),--kafka $(KAFKA))
 
-.PHONY: help setup test run bench lint clean
+.PHONY: help setup test run bench lint clean install rollback uninstall
 
 help:
-	@sed -n '1,8s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '1,9s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 setup:
 	@scripts/setup.sh
@@ -91,6 +92,24 @@ kafka: setup
 
 kafka-stop:
 	@scripts/kafka.sh stop $(KAFKA_WHERE)
+
+# The agent as a systemd service on this host (scripts/install.sh says what goes where):
+# the wheel in a venv of its own under $(PREFIX)/<version>, /etc/microseg (kept on upgrade),
+# /var/lib/microseg, /etc/systemd/system/microseg.service. DESTDIR= stages into a root.
+# Not after `setup`: a host needs only Debian's python3-venv, python3-bpfcc and headers.
+PREFIX ?= /opt/microseg
+WHEEL ?=
+PURGE ?=
+INSTALL_ARGS = --prefix $(PREFIX)
+
+install:
+	@DESTDIR="$(DESTDIR)" scripts/install.sh $(INSTALL_ARGS) $(if $(WHEEL),--wheel $(WHEEL))
+
+rollback:
+	@DESTDIR="$(DESTDIR)" scripts/install.sh $(INSTALL_ARGS) --rollback
+
+uninstall:
+	@DESTDIR="$(DESTDIR)" scripts/install.sh $(INSTALL_ARGS) --uninstall $(if $(PURGE),--purge)
 
 clean:
 	@rm -rf .pytest_cache .mypy_cache .ruff_cache build dist
