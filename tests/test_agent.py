@@ -23,7 +23,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +43,7 @@ from support.agentproc import (
 from support.netutil import (
     FAMILIES,
     NEG_TIMEOUT,
+    DeniedHammer,
     TcpConn,
     echo_server,
     host,
@@ -364,30 +364,6 @@ def test_bad_reload_keeps_live_set(
 
 
 # ---- 5. kill -9 keeps enforcing; a restart adopts ---------------------------------------------
-
-
-class DeniedHammer(threading.Thread):
-    """Sends a UDP datagram (a new flow each time) to a denied port every ~20 ms, for at most
-    `limit` seconds or until stopped; counts attempts and echoes."""
-
-    def __init__(self, ns: str, targets: list[str], port: int, limit: float = 30.0) -> None:
-        super().__init__(name="denied-hammer", daemon=True)
-        self.ns, self.targets, self.port, self.limit = ns, targets, port, limit
-        self.halt = threading.Event()
-        self.attempts = 0
-        self.echoes: list[str] = []
-
-    def run(self) -> None:
-        deadline = time.monotonic() + self.limit
-        while not self.halt.is_set() and time.monotonic() < deadline:
-            for dst in self.targets:
-                self.attempts += 1
-                if udp_exchange(self.ns, dst, self.port, timeout=0.02):
-                    self.echoes.append(f"{dst} at {time.monotonic():.3f}")
-
-    def finish(self) -> None:
-        self.halt.set()
-        self.join(5.0)
 
 
 def test_kill9_keeps_enforcing_and_restart_adopts(
