@@ -103,6 +103,17 @@ if [ "${SETUP_IMAGE:-0}" != 1 ]; then
     fi
 fi
 
+# --- tests/test_install.py: the unit and the installed agent ------------------------------
+# systemd-analyze verifies microseg.service offline (systemd need not be PID 1; installing the
+# package in a container does not make it so); nsenter and setpriv run the installed agent in
+# a lab's namespace with the unit's capabilities only; the venvs come from python3-venv above.
+if [ "${SETUP_IMAGE:-0}" != 1 ]; then
+    mapfile -t missing < <(missing_packages systemd util-linux)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        apt_install "${missing[@]}"
+    fi
+fi
+
 # --- Java and Maven, for the local Kafka (make kafka, tests) -------------------------------
 if [ "${SETUP_IMAGE:-0}" != 1 ]; then  # (not in an image: compose runs Kafka's own)
 # Usually preinstalled. Kafka 4 needs Java 17 or newer; scripts/kafka.sh also finds a JDK 17
