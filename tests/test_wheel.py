@@ -28,6 +28,7 @@ import pytest
 from support.agentproc import AgentProcess, free_port, write_policy
 from support.netutil import echo_server, tcp_connect, wait_until
 
+import streamer
 from streamer.lab.lab import Lab
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,6 +176,16 @@ def test_venv_imports_its_own_streamer(venv: Path, workdir: Path) -> None:
     site = venv / "lib"
     assert Path(module).is_relative_to(site), module
     assert Path(bpf_dir).is_relative_to(site) and has_source, bpf_dir
+
+
+def test_installed_version_and_policy_check(venv: Path, workdir: Path) -> None:
+    """The installed console script, outside the checkout: --version and an offline check."""
+    microseg = str(venv / "bin" / "microseg")
+    out = _run([microseg, "--version"], timeout=60, cwd=workdir, env=_clean_env())
+    assert out.stdout.strip() == f"microseg {streamer.__version__}", out.stdout
+    example = shutil.copy(ROOT / "examples" / "policies.json", workdir / "policies.json")
+    out = _run([microseg, "policy-check", str(example)], timeout=60, cwd=workdir, env=_clean_env())
+    assert "rules" in out.stdout and "table entries" in out.stdout, out.stdout
 
 
 def test_installed_microseg_run_enforces(
