@@ -199,7 +199,9 @@ do_install() {
     chmod 0700 "$STATE"
     install -D -m 0644 "$ROOT/deploy/systemd/microseg.service" "$UNIT"
     restart_if_active
-    say "microseg $version installed${old:+ (previous: $old)}"
+    local was=""
+    [ -z "$old" ] || [ "$old" = "$version" ] || was=" (previous: $old)"
+    say "microseg $version installed$was"
     if systemd_running && ! systemctl is-active --quiet microseg; then
         say "edit $ETC/microseg.toml (iface) and $ETC/policy.json, then:" \
             "systemctl enable --now microseg"
