@@ -30,7 +30,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +45,7 @@ from support.netutil import (
     host,
     udp_echo_server,
 )
+from support.wheels import NOT_SOURCE, clean_env, run_ok, scratch_dir
 
 from streamer import __version__
 from streamer.datapath import artifact
@@ -60,46 +60,16 @@ PIP_TIMEOUT = 600.0
 
 pytestmark = pytest.mark.timeout(1500)
 
-_NOT_SOURCE = shutil.ignore_patterns(
-    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache",
-    ".mypy_cache", ".ruff_cache", ".state", ".setup.lock", "artifacts", "results.json", "*.log",
-)  # fmt: skip
-
-
-def _clean_env() -> dict[str, str]:
-    """Our environment without what would let a venv import this checkout's code."""
-    drop = {"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "VIRTUAL_ENV"}
-    return {k: v for k, v in os.environ.items() if k not in drop}
-
-
-def _run(argv: list[str], *, timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
-        **kwargs,
-    )
-    assert proc.returncode == 0, (
-        f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    )
-    return proc
-
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="microseg-install-test-"))
-    try:
+    with scratch_dir("microseg-install-test-") as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _build_wheel(workdir: Path, version: str) -> Path:
     src = workdir / f"src-{version}"
-    shutil.copytree(ROOT, src, symlinks=True, ignore=_NOT_SOURCE)
+    shutil.copytree(ROOT, src, symlinks=True, ignore=NOT_SOURCE)
     for rel, pattern in (
         ("pyproject.toml", r'^version = "[^"]*"'),
         ("streamer/__init__.py", r'^__version__ = "[^"]*"'),
@@ -110,11 +80,11 @@ def _build_wheel(workdir: Path, version: str) -> Path:
         assert n == 1, rel
         f.write_text(text)
     dist = workdir / f"dist-{version}"
-    _run(
+    run_ok(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(src)],
         timeout=PIP_TIMEOUT,
         cwd=workdir,
-        env=_clean_env(),
+        env=clean_env(),
     )
     (whl,) = dist.glob("microseg-*.whl")
     return whl
@@ -134,11 +104,11 @@ def destdir(workdir: Path) -> Path:
 
 def install_sh(destdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """scripts/install.sh with DESTDIR=destdir, from outside the checkout."""
-    return _run(
+    return run_ok(
         [str(ROOT / "scripts" / "install.sh"), *args],
         timeout=PIP_TIMEOUT,
         cwd="/",
-        env={**_clean_env(), "DESTDIR": str(destdir)},
+        env={**clean_env(), "DESTDIR": str(destdir)},
     )
 
 
@@ -146,11 +116,11 @@ def microseg(destdir: Path, version: str, *args: str) -> subprocess.CompletedPro
     """The installed microseg of `version`, run by its venv's interpreter (its shebang names
     the final /opt path, which a staging root does not have)."""
     venv = destdir / PREFIX.lstrip("/") / version
-    return _run(
+    return run_ok(
         [str(venv / "bin" / "python"), str(venv / "bin" / "microseg"), *args],
         timeout=120,
         cwd="/",
-        env=_clean_env(),
+        env=clean_env(),
     )
 
 
@@ -189,7 +159,7 @@ def test_install_tree(installed_old: Path) -> None:
     out = microseg(d, OLD, "--version")
     assert out.stdout.strip() == f"microseg {OLD}"
     code = "import streamer; print(streamer.__file__)"
-    where = _run([str(venv / "bin/python"), "-c", code], timeout=60, cwd="/", env=_clean_env())
+    where = run_ok([str(venv / "bin/python"), "-c", code], timeout=60, cwd="/", env=clean_env())
     assert Path(where.stdout.strip()).is_relative_to(venv), where.stdout
     check = microseg(d, OLD, "policy-check", str(d / "etc/microseg/policy.json"))
     assert "2 rules" in check.stdout, check.stdout
@@ -261,11 +231,11 @@ def test_build_needs_no_cap_sys_admin(installed_old: Path, tmp_path: Path) -> No
     cfg = DatapathConfig(instance="unused", session_entries=4096 + os.getpid() % 4096)
     defines = artifact.size_defines(cfg)
     key = artifact.cache_key(defines)
-    done = _run(
+    done = run_ok(
         ["setpriv", "--bounding-set", _unit_caps(installed_old), "--inh-caps", "-all", "--",
          str(venv / "bin/python"), "-m", "streamer.datapath.build", "--cache-dir",
          str(tmp_path), "--key", key, "--", *defines],
-        timeout=600, cwd="/", env=_clean_env(),
+        timeout=600, cwd="/", env=clean_env(),
     )  # fmt: skip
     assert artifact.artifact_path(tmp_path, key).is_file(), done.stdout + done.stderr
     assert not list(Path("/sys/fs/bpf").glob("microseg-build-*")), "the build left its pins"

@@ -15,18 +15,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from support.agentproc import AgentProcess, free_port, write_policy
 from support.netutil import echo_server, tcp_connect, wait_until
+from support.wheels import NOT_SOURCE, clean_env, run_ok, scratch_dir
 
 import streamer
 from streamer.lab.lab import Lab
@@ -38,56 +36,12 @@ PIP_TIMEOUT = 420.0
 
 pytestmark = pytest.mark.timeout(900)
 
-# Local state of a checkout that a source tree handed to the build does not contain.
-_NOT_SOURCE = shutil.ignore_patterns(
-    ".git",
-    ".venv",
-    "build",
-    "dist",
-    "*.egg-info",
-    "__pycache__",
-    "*.pyc",
-    ".pytest_cache",
-    ".mypy_cache",
-    ".ruff_cache",
-    ".state",
-    ".setup.lock",
-    "artifacts",
-    "results.json",
-    "*.log",
-)
-
-
-def _run(argv: list[str], *, timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
-        **kwargs,
-    )
-    assert proc.returncode == 0, (
-        f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    )
-    return proc
-
-
-def _clean_env() -> dict[str, str]:
-    """Our environment without what would let the venv import this checkout's code."""
-    drop = {"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "VIRTUAL_ENV"}
-    return {k: v for k, v in os.environ.items() if k not in drop}
-
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
     """One temporary directory for the source copy, the wheel and the venv; always removed."""
-    d = Path(tempfile.mkdtemp(prefix="microseg-wheel-test-"))
-    try:
+    with scratch_dir("microseg-wheel-test-") as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +50,13 @@ def wheel(workdir: Path) -> Path:
     next to the sources, and a stale build/lib of an earlier build would end up in the wheel."""
     src = workdir / "src"
     # symlinks=True: streamer/datapath/bpf stays the link to bpf/ it is in the repository.
-    shutil.copytree(ROOT, src, symlinks=True, ignore=_NOT_SOURCE)
+    shutil.copytree(ROOT, src, symlinks=True, ignore=NOT_SOURCE)
     dist = workdir / "dist"
-    _run(
+    run_ok(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(dist), str(src)],
         timeout=PIP_TIMEOUT,
         cwd=workdir,
-        env=_clean_env(),
+        env=clean_env(),
     )
     (whl,) = dist.glob("microseg-*.whl")
     return whl
@@ -112,24 +66,24 @@ def wheel(workdir: Path) -> Path:
 def venv(workdir: Path, wheel: Path) -> Path:
     """A fresh venv (system site-packages for bcc) with the wheel installed; its directory."""
     env = workdir / "venv"
-    _run(
+    run_ok(
         [SYSTEM_PYTHON, "-m", "venv", "--system-site-packages", str(env)],
         timeout=120,
         cwd=workdir,
-        env=_clean_env(),
+        env=clean_env(),
     )
     python = str(env / "bin" / "python")
     probe = "import importlib.util as u; print(u.find_spec('streamer') is None)"
-    before = _run([python, "-c", probe], timeout=30, cwd=workdir, env=_clean_env())
+    before = run_ok([python, "-c", probe], timeout=30, cwd=workdir, env=clean_env())
     assert before.stdout.strip() == "True", (
         "a streamer package is already importable in a fresh venv (system or user "
         "site-packages): the test could not tell it from the wheel's"
     )
-    _run(
+    run_ok(
         [python, "-m", "pip", "install", str(wheel)],
         timeout=PIP_TIMEOUT,
         cwd=workdir,
-        env=_clean_env(),
+        env=clean_env(),
     )
     return env
 
@@ -169,8 +123,8 @@ def test_venv_imports_its_own_streamer(venv: Path, workdir: Path) -> None:
         "print(json.dumps([streamer.__file__, str(d.BPF_DIR), "
         "(d.BPF_DIR / 'classifier.c').is_file()]))"
     )
-    out = _run(
-        [str(venv / "bin" / "python"), "-c", code], timeout=60, cwd=workdir, env=_clean_env()
+    out = run_ok(
+        [str(venv / "bin" / "python"), "-c", code], timeout=60, cwd=workdir, env=clean_env()
     )
     module, bpf_dir, has_source = json.loads(out.stdout)
     site = venv / "lib"
@@ -181,10 +135,10 @@ def test_venv_imports_its_own_streamer(venv: Path, workdir: Path) -> None:
 def test_installed_version_and_policy_check(venv: Path, workdir: Path) -> None:
     """The installed console script, outside the checkout: --version and an offline check."""
     microseg = str(venv / "bin" / "microseg")
-    out = _run([microseg, "--version"], timeout=60, cwd=workdir, env=_clean_env())
+    out = run_ok([microseg, "--version"], timeout=60, cwd=workdir, env=clean_env())
     assert out.stdout.strip() == f"microseg {streamer.__version__}", out.stdout
     example = shutil.copy(ROOT / "examples" / "policies.json", workdir / "policies.json")
-    out = _run([microseg, "policy-check", str(example)], timeout=60, cwd=workdir, env=_clean_env())
+    out = run_ok([microseg, "policy-check", str(example)], timeout=60, cwd=workdir, env=clean_env())
     assert "rules" in out.stdout and "table entries" in out.stdout, out.stdout
 
 
@@ -221,7 +175,7 @@ def test_installed_microseg_run_enforces(
             policy,
             command=[str(microseg)],
             cwd=workdir,
-            env=_clean_env(),
+            env=clean_env(),
             api=f"127.0.0.1:{free_port()}",
             start_timeout=60.0,
         )
