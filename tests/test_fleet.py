@@ -134,6 +134,17 @@ def test_five_agents_enforce_their_part_and_select_groups_follow_the_members(
         expect_ports(lab2, {P1: True, P2: False, P3: False}, "web: P2 and P3 closed")
         expect_ports(lab3, {P1: True, P2: True, P3: False}, "cache: only P3 closed")
 
+        # A fleet dry run: per host the rules that would apply, the select group's members;
+        # nothing is published.
+        proc = fleet.cli("apply", str(fleet.write(_scoped_doc())), "--dry-run", "-o", "json")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        dry_fleet = json.loads(proc.stdout)
+        assert dry_fleet["dry_run"] and dry_fleet["newest"] == gen, dry_fleet
+        rules = {h["host"]: h["rules"] for h in dry_fleet["hosts"]}
+        assert rules["db-1"] == [10, 11, 30] and rules["web-1"] == [20, 30], rules
+        assert rules["cache-1"] == [30], rules
+        assert set(dry_fleet["select"]["clients"]) == {lab1.peer_v4, lab1.peer_v6}, dry_fleet
+        assert json.loads(fleet.cli("get", "-o", "json").stdout)["generation"] == gen
         # In fleet mode the local API reads but does not write.
         api = api_of(db)
         r = api.call("POST", "/policies", {"rule_id": 99, "protocol": "tcp", "action": "deny"})

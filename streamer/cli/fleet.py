@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,9 +34,9 @@ from streamer.fleet.records import (
     DEFAULT_AGENTS_TOPIC,
     DEFAULT_HEARTBEAT_S,
     DEFAULT_POLICY_TOPIC,
-    LOST_AFTER_HEARTBEATS,
     AgentStatus,
     PolicyRecord,
+    is_lost,
 )
 from streamer.policy.model import PolicyError, PolicySet, parse_policy_document
 
@@ -133,12 +134,17 @@ def add_fleet_parsers(subparsers: Any) -> None:
 # ---- running ----------------------------------------------------------------------------------
 
 
-def _run(args: argparse.Namespace, main: Any) -> int:
+def _run(args: argparse.Namespace, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     if not args.fleet:
         print(f"microseg fleet: --fleet BOOTSTRAP is needed (or ${FLEET_ENV})", file=sys.stderr)
         return 2
+    from streamer.fleet.topic import FleetError
+
     try:
-        return int(asyncio.run(main))
+        return int(asyncio.run(main()))
+    except FleetError as e:
+        print(f"microseg fleet: {e}", file=sys.stderr)
+        return 1
     except ClientError as e:
         print(f"microseg fleet: {e}", file=sys.stderr)
         return e.exit_status
@@ -170,29 +176,31 @@ def _read_fleet_document(path: Path) -> tuple[PolicySet, int | None]:
 
 
 def cmd_fleet_apply(args: argparse.Namespace) -> int:
-    return _run(args, _apply(args))
+    return _run(args, lambda: _apply(args))
 
 
 async def _apply(args: argparse.Namespace) -> int:
-    from streamer.fleet.topic import FleetView, PolicyWriter, StaleError
+    from streamer.fleet.topic import PolicyWriter, StaleError, read_newest
 
     policy, carried = _read_fleet_document(args.file)
-    try:
-        async with asyncio.timeout(args.timeout):
-            writer = PolicyWriter(
-                args.fleet, args.fleet_topic, agents_topic=args.fleet_agents_topic
-            )
-            await writer.__aenter__()
-    except Exception as e:
-        raise _unreachable(args, e) from None
-    try:
-        newest = await asyncio.wait_for(writer.newest(), args.timeout)
-        base = args.base if args.base is not None else carried
-        if base is None:
-            base = newest.generation if newest is not None else 0
+    if args.dry_run:
+        # A dry run only reads: no writer, so no in-flight apply of someone else is fenced.
+        newest = await read_newest(args.fleet, args.fleet_topic, args.timeout)
         agents = await _live_agents(args, DEFAULT_HEARTBEAT_S)
-        if args.dry_run:
-            return _dry_run(args, policy, newest, base, agents)
+        return _dry_run(args, policy, newest, _base(args, carried, newest), agents)
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            writer = await asyncio.wait_for(
+                stack.enter_async_context(
+                    PolicyWriter(args.fleet, args.fleet_topic, agents_topic=args.fleet_agents_topic)
+                ),
+                args.timeout,
+            )
+        except Exception as e:
+            raise _unreachable(args, e) from None
+        newest = await asyncio.wait_for(writer.newest(), args.timeout)
+        base = _base(args, carried, newest)
+        agents = await _live_agents(args, DEFAULT_HEARTBEAT_S)
         try:
             record = await writer.publish(
                 policy.to_api(),
@@ -208,9 +216,16 @@ async def _apply(args: argparse.Namespace) -> int:
         _say_published(args, record, base, agents)
         if not args.confirm:
             return 0
-        return await _confirm(args, writer, FleetView, record, newest, agents)
-    finally:
-        await writer.__aexit__(None, None, None)
+        return await _confirm(args, writer, record, newest, agents)
+
+
+def _base(args: argparse.Namespace, carried: int | None, newest: PolicyRecord | None) -> int:
+    """--base, else the generation the document came with, else the newest now."""
+    if args.base is not None:
+        return int(args.base)
+    if carried is not None:
+        return carried
+    return newest.generation if newest is not None else 0
 
 
 def _actor() -> str:
@@ -223,8 +238,7 @@ async def _live_agents(args: argparse.Namespace, heartbeat: float) -> dict[str, 
 
     agents = await snapshot(args.fleet, args.fleet_agents_topic, args.timeout)
     now = time.time()
-    lost = LOST_AFTER_HEARTBEATS * heartbeat
-    return {h: s for h, s in agents.items() if now - s.heartbeat_at <= lost}
+    return {h: s for h, s in agents.items() if not is_lost(s, now, heartbeat)}
 
 
 def _say_published(
@@ -249,16 +263,17 @@ def _say_published(
 async def _confirm(
     args: argparse.Namespace,
     writer: Any,
-    view_type: Any,
     record: PolicyRecord,
     previous: PolicyRecord | None,
     agents: Mapping[str, AgentStatus],
 ) -> int:
     """Confirm `record` once every agent that was live at publication reports it; else publish
     the previous generation's document again (each agent also reverts by itself)."""
+    from streamer.fleet.topic import FleetView
+
     targeted = set(agents)
     deadline = record.published_at + record.confirm_within - _CONFIRM_MARGIN_S  # type: ignore[operator]
-    async with view_type(args.fleet, args.fleet_agents_topic) as view:
+    async with FleetView(args.fleet, args.fleet_agents_topic) as view:
         task = asyncio.create_task(view.run())
         try:
             while True:
@@ -359,7 +374,7 @@ def _dry_run(
 
 
 def cmd_fleet_get(args: argparse.Namespace) -> int:
-    return _run(args, _get(args))
+    return _run(args, lambda: _get(args))
 
 
 async def _get(args: argparse.Namespace) -> int:
@@ -406,7 +421,7 @@ def agents_report(
     rows = []
     for host in sorted(agents):
         s = agents[host]
-        lost = now - s.heartbeat_at > LOST_AFTER_HEARTBEATS * heartbeat
+        lost = is_lost(s, now, heartbeat)
         behind = s.generation < newest_gen
         lag = round(max(0.0, now - newest.published_at), 3) if behind and newest else 0.0
         rows.append(
@@ -433,7 +448,7 @@ def converged(report: Mapping[str, Any]) -> bool:
 
 
 def cmd_fleet_status(args: argparse.Namespace) -> int:
-    return _run(args, _status(args))
+    return _run(args, lambda: _status(args))
 
 
 async def _status(args: argparse.Namespace) -> int:

@@ -338,3 +338,8 @@ def _kind(v: Any) -> str:
         int: "a number",
         float: "a number",
     }.get(type(v), "null" if v is None else type(v).__name__)
+
+
+def is_lost(status: AgentStatus, now: float, heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> bool:
+    """Silent for more than LOST_AFTER_HEARTBEATS heartbeats at `now` (wall clock)."""
+    return now - status.heartbeat_at > LOST_AFTER_HEARTBEATS * heartbeat_s

@@ -55,6 +55,7 @@ from streamer.fleet.records import (
     decode_status,
     encode_policy,
     encode_status,
+    is_lost,
 )
 
 log = logging.getLogger("microseg.fleet")
@@ -361,6 +362,16 @@ class _Closing:
 
     async def close(self) -> None:
         raise NotImplementedError
+
+
+async def _pause_after(client: _Closing, what: str, e: BaseException, failures: int) -> int:
+    """After the `failures`-th failure in a row of a following client: log it, close the
+    client (the next round connects afresh), wait the backoff; the failures now."""
+    delay = _BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)]
+    log.warning("%s: %s; again in %.1fs", what, _describe(e), delay)
+    await client.close()
+    await asyncio.sleep(delay)
+    return failures + 1
 
 
 class PolicyWriter:
@@ -673,17 +684,9 @@ class PolicyReader(_Closing):
                         assert self._yielded is not None
                         yield self._yielded
             except (KafkaError, OSError) as e:
-                delay = _BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)]
-                failures += 1
-                log.warning(
-                    "policy topic %s on %s: %s; again in %.1fs",
-                    self.topic,
-                    self.bootstrap,
-                    _describe(e),
-                    delay,
+                failures = await _pause_after(
+                    self, f"policy topic {self.topic} on {self.bootstrap}", e, failures
                 )
-                await self.close()
-                await asyncio.sleep(delay)
 
     async def _connect(self) -> list[TopicPartition]:
         """A started consumer assigned to every partition at our positions (the beginning
@@ -820,11 +823,6 @@ class StatusPublisher(_Closing):
                 raise
             self._producer = producer
         return self._producer
-
-
-def is_lost(status: AgentStatus, now: float, heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> bool:
-    """Silent for more than LOST_AFTER_HEARTBEATS heartbeats at `now` (wall clock)."""
-    return now - status.heartbeat_at > LOST_AFTER_HEARTBEATS * heartbeat_s
 
 
 class FleetView(_Closing):
@@ -970,17 +968,9 @@ class FleetView(_Closing):
                         self.caught_up.set()
                     self._check_change()
             except (KafkaError, OSError) as e:
-                delay = _BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)]
-                failures += 1
-                log.warning(
-                    "agents topic %s on %s: %s; again in %.1fs",
-                    self.topic,
-                    self.bootstrap,
-                    _describe(e),
-                    delay,
+                failures = await _pause_after(
+                    self, f"agents topic {self.topic} on {self.bootstrap}", e, failures
                 )
-                await self.close()
-                await asyncio.sleep(delay)
                 if self.caught_up.is_set():
                     self._check_change()
 
